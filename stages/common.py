@@ -1,0 +1,99 @@
+"""Helpers every stage shares: logging, atomic writes, reading hand-off tables, and cost records."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from stages.schema import Column, SchemaError, validate_frame
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it onto ``path`` (file or directory).
+
+    A failure or a kill leaves the previous ``path`` untouched and only a ``.tmp-*`` sibling behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".old-{path.name}-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def write_table(frame: pd.DataFrame, path: str | Path, columns: tuple[Column, ...], key: tuple[str, ...] = ()) -> None:
+    """Validate ``frame`` against its schema, then write it as parquet atomically."""
+    validate_frame(frame, columns, path, key)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    log.info("wrote %s: %d rows x %d columns", path, len(frame), frame.shape[1])
+
+
+def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a parquet hand-off and validate it; name the file and the stage that writes it when absent."""
+    path = Path(path)
+    if not path.exists():
+        raise SchemaError(f"{path}: not found; run the stage that writes it (`dvc repro`)")
+    frame = pd.read_parquet(path)
+    validate_frame(frame, columns, path, key)
+    log.info("read %s: %d rows", path, len(frame))
+    return frame
+
+
+@contextlib.contextmanager
+def cost_record(metrics_dir: str | Path, stage: str) -> Iterator[dict]:
+    """Time a stage and write ``<metrics_dir>/cost/<stage>.json`` with wall seconds and the counters it adds.
+
+    The stage fills the yielded dict (tokens generated, forward passes, equivalence checks ...).
+    """
+    counters: dict[str, Any] = {}
+    start = time.perf_counter()
+    yield counters
+    record = {"stage": stage, "wall_seconds": round(time.perf_counter() - start, 3), **counters}
+    write_json(record, Path(metrics_dir) / "cost" / f"{stage}.json")
+    log.info("cost of %s: %s", stage, record)
+
+
+def resolve_model_path(name: str, toy_model_dir: str | Path) -> str:
+    """``toy`` means the model trained by the toy_model stage; anything else is passed to from_pretrained."""
+    return str(toy_model_dir) if name == "toy" else name

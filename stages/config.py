@@ -1,0 +1,249 @@
+"""Typed view of params.yaml: one dataclass per group, validated when a stage starts.
+
+A stage calls ``load_params()`` and reads only the groups it declares in dvc.yaml. A bad value raises
+``ParamsError`` naming the key (``sampling.temp``), the value and what was expected, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+GENERATION_BACKENDS = ("hf",)
+TRACE_BACKENDS = ("hf",)
+SE_METHODS = ("math",)
+TRACE_POSITIONS = ("tbg", "think_end", "slt")
+THRESHOLD_METHODS = ("best_split", "median")
+
+
+class ParamsError(ValueError):
+    """A parameter in params.yaml has a missing or invalid value."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage writes; dvc.yaml uses the same values through ``${paths.*}``."""
+
+    toy_model: str
+    questions: str
+    runs: str
+    semantic_entropy: str
+    hidden: str
+    probes: str
+    metrics: str
+    plots: str
+    analysis: str
+
+
+@dataclass(frozen=True)
+class ToyParams:
+    layers: int
+    """Transformer blocks of the embedded default model."""
+    hidden_size: int
+    heads: int
+    steps: int
+    """Optimiser steps; training time grows linearly with it."""
+    batch_size: int
+    learning_rate: float
+    min_terms: int
+    """Fewest operands in a training chain (in-distribution questions use the same range)."""
+    max_terms: int
+    max_operand: int
+    """Largest operand in training chains and in-distribution questions."""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str
+    """``toy`` (the model trained by the toy_model stage), a Hugging Face repo id, or a local directory."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    """``arithmetic`` or ``jsonl:<path>``."""
+    n_questions: int
+    ood_source: str
+    """``arithmetic`` (harder chains), ``jsonl:<path>`` or ``none``."""
+    n_ood_questions: int
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    backend: str
+    runs: int
+    """K: sampled answers per question (>= 2, or semantic entropy is undefined)."""
+    temp: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
+    """Sequences per generate() call; questions are batched together, K runs each."""
+
+
+@dataclass(frozen=True)
+class SemanticEntropyParams:
+    method: str
+
+
+@dataclass(frozen=True)
+class TraceParams:
+    backend: str
+    positions: tuple[str, ...]
+    layers: str | tuple[int, ...]
+    """``all`` or hidden-state indices (0 = embedding output, i = output of block i)."""
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    train_fraction: float
+    val_fraction: float
+    cv_folds: int
+    c_grid: tuple[float, ...]
+    high_se_threshold: str
+    max_iter: int
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    bootstrap: int
+    permutations: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    umap_neighbors: int
+    umap_min_dist: float
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    paths: Paths
+    toy: ToyParams
+    model: ModelParams
+    data: DataParams
+    sampling: SamplingParams
+    semantic_entropy: SemanticEntropyParams
+    trace: TraceParams
+    probes: ProbeParams
+    evaluate: EvaluateParams
+    analysis: AnalysisParams = field(repr=False)
+
+
+def _build(cls, raw: Any, prefix: str):
+    """Instantiate dataclass ``cls`` from mapping ``raw``, naming ``prefix.key`` on any missing key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml: `{prefix}` must be a mapping, got {raw!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ParamsError(f"params.yaml: missing key `{prefix}.{sorted(missing)[0]}`")
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key `{prefix}.{unknown[0]}` (known: {sorted(names)})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = raw[f.name]
+        if isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _check(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ParamsError(f"params.yaml: `{key}` = {value!r} is invalid; expected {expected}")
+
+
+def _is_source(value: Any, allowed: tuple[str, ...]) -> bool:
+    return isinstance(value, str) and (value in allowed or (value.startswith("jsonl:") and len(value) > 6))
+
+
+def validate(params: Params) -> Params:
+    """Raise ParamsError naming the first invalid key; return ``params`` unchanged otherwise."""
+    p = params
+    _check(isinstance(p.seed, int), "seed", p.seed, "an integer")
+    for name in ("layers", "hidden_size", "heads", "steps", "batch_size", "max_operand"):
+        _check(getattr(p.toy, name) >= 1, f"toy.{name}", getattr(p.toy, name), "an integer >= 1")
+    _check(p.toy.hidden_size % p.toy.heads == 0, "toy.heads", p.toy.heads, "a divisor of toy.hidden_size")
+    _check(2 <= p.toy.min_terms <= p.toy.max_terms, "toy.min_terms", p.toy.min_terms,
+           "2 <= toy.min_terms <= toy.max_terms")
+    _check(isinstance(p.model.name, str) and p.model.name != "", "model.name", p.model.name,
+           "`toy`, a Hugging Face repo id or a local directory")
+    _check(_is_source(p.data.source, ("arithmetic",)), "data.source", p.data.source,
+           "`arithmetic` or `jsonl:<path>`")
+    _check(_is_source(p.data.ood_source, ("arithmetic", "none")), "data.ood_source", p.data.ood_source,
+           "`arithmetic`, `jsonl:<path>` or `none`")
+    _check(p.data.n_questions >= 1, "data.n_questions", p.data.n_questions, "an integer >= 1")
+    _check(p.data.n_ood_questions >= 0, "data.n_ood_questions", p.data.n_ood_questions, "an integer >= 0")
+    _check(p.sampling.backend in GENERATION_BACKENDS, "sampling.backend", p.sampling.backend,
+           f"one of {GENERATION_BACKENDS}")
+    _check(isinstance(p.sampling.runs, int) and p.sampling.runs >= 2, "sampling.runs", p.sampling.runs,
+           "an integer >= 2 (semantic entropy needs several answers per question)")
+    _check(isinstance(p.sampling.temp, (int, float)) and p.sampling.temp >= 0, "sampling.temp",
+           p.sampling.temp, "a number >= 0 (0 means greedy)")
+    _check(isinstance(p.sampling.top_p, (int, float)) and 0 < p.sampling.top_p <= 1, "sampling.top_p",
+           p.sampling.top_p, "a number in (0, 1]")
+    _check(p.sampling.max_new_tokens >= 2, "sampling.max_new_tokens", p.sampling.max_new_tokens, "an integer >= 2")
+    _check(p.sampling.batch_size >= 1, "sampling.batch_size", p.sampling.batch_size, "an integer >= 1")
+    _check(p.semantic_entropy.method in SE_METHODS, "semantic_entropy.method", p.semantic_entropy.method,
+           f"one of {SE_METHODS}")
+    _check(p.trace.backend in TRACE_BACKENDS, "trace.backend", p.trace.backend, f"one of {TRACE_BACKENDS}")
+    _check(len(p.trace.positions) > 0 and all(x in TRACE_POSITIONS for x in p.trace.positions),
+           "trace.positions", p.trace.positions, f"a non-empty list drawn from {TRACE_POSITIONS}")
+    _check(p.trace.layers == "all" or (isinstance(p.trace.layers, tuple) and len(p.trace.layers) > 0
+                                       and all(isinstance(i, int) and i >= 0 for i in p.trace.layers)),
+           "trace.layers", p.trace.layers, "`all` or a non-empty list of hidden-state indices >= 0")
+    _check(p.trace.batch_size >= 1, "trace.batch_size", p.trace.batch_size, "an integer >= 1")
+    _check(0 < p.probes.train_fraction < 1, "probes.train_fraction", p.probes.train_fraction, "a fraction in (0, 1)")
+    _check(0 < p.probes.val_fraction < 1 - p.probes.train_fraction, "probes.val_fraction",
+           p.probes.val_fraction, "a fraction leaving room for a test split")
+    _check(p.probes.cv_folds >= 2, "probes.cv_folds", p.probes.cv_folds, "an integer >= 2")
+    _check(len(p.probes.c_grid) > 0 and all(c > 0 for c in p.probes.c_grid), "probes.c_grid", p.probes.c_grid,
+           "a non-empty list of positive numbers")
+    _check(p.probes.high_se_threshold in THRESHOLD_METHODS, "probes.high_se_threshold",
+           p.probes.high_se_threshold, f"one of {THRESHOLD_METHODS}")
+    _check(p.evaluate.bootstrap >= 10, "evaluate.bootstrap", p.evaluate.bootstrap, "an integer >= 10")
+    _check(p.evaluate.permutations >= 10, "evaluate.permutations", p.evaluate.permutations, "an integer >= 10")
+    _check(0 < p.evaluate.confidence < 1, "evaluate.confidence", p.evaluate.confidence, "a fraction in (0, 1)")
+    _check(p.analysis.umap_neighbors >= 2, "analysis.umap_neighbors", p.analysis.umap_neighbors, "an integer >= 2")
+    return params
+
+
+def parse_params(raw: dict) -> Params:
+    """Build and validate Params from the parsed params.yaml mapping."""
+    if not isinstance(raw, dict):
+        raise ParamsError("params.yaml: top level must be a mapping")
+    groups = {f.name: f.type for f in dataclasses.fields(Params)}
+    if "seed" not in raw:
+        raise ParamsError("params.yaml: missing key `seed`")
+    built = {"seed": raw["seed"]}
+    classes = {
+        "paths": Paths, "toy": ToyParams, "model": ModelParams, "data": DataParams, "sampling": SamplingParams,
+        "semantic_entropy": SemanticEntropyParams, "trace": TraceParams, "probes": ProbeParams,
+        "evaluate": EvaluateParams, "analysis": AnalysisParams,
+    }
+    assert set(classes) | {"seed"} == set(groups)
+    for name, cls in classes.items():
+        if name not in raw:
+            raise ParamsError(f"params.yaml: missing group `{name}`")
+        built[name] = _build(cls, raw[name], name)
+    return validate(Params(**built))
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml (DVC runs stages from the repository root)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run stages from the repository root") from None
+    return parse_params(raw)

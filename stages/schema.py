@@ -1,0 +1,177 @@
+"""The one definition of every hand-off between stages: file names, columns, dtypes, keys and array shapes.
+
+Writers call ``validate_frame`` before writing and readers call it after reading, so a mismatch fails
+loudly with the file and column named instead of surfacing later as a KeyError or a silent NaN.
+
+Keys: a question is identified by ``question_id`` (unique within a dataset); a run by
+(``question_id``, ``run_id``) with ``run_id`` in ``0..K-1``. ``dataset`` is ``id`` (in-distribution) or ``ood``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DATASETS = ("id", "ood")
+SPLITS = ("train", "val", "test", "ood")
+
+
+class SchemaError(ValueError):
+    """A table or array does not match its contract."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # one of: str, int, float, bool, list
+    nullable: bool = False
+    doc: str = ""
+
+
+def _kind_ok(series: pd.Series, kind: str) -> bool:
+    values = series.dropna()
+    if kind == "str":
+        return pd.api.types.is_string_dtype(series) or pd.api.types.is_object_dtype(series) and all(
+            isinstance(v, str) for v in values)
+    if kind == "int":
+        return pd.api.types.is_integer_dtype(series) or (len(values) == 0) or (
+            pd.api.types.is_float_dtype(series) and bool(np.all(np.mod(values, 1) == 0)))
+    if kind == "float":
+        return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+    if kind == "bool":
+        return pd.api.types.is_bool_dtype(series) or (len(values) == 0)
+    if kind == "list":
+        return all(isinstance(v, (list, tuple, np.ndarray)) for v in values)
+    raise ValueError(f"unknown column kind {kind!r}")
+
+
+def validate_frame(frame: pd.DataFrame, columns: tuple[Column, ...], source: str | Path,
+                   key: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Check that ``frame`` has every column with the right kind, no unexpected nulls, and a unique key.
+
+    ``source`` names the file (or stage output) in the error message.
+    """
+    for col in columns:
+        if col.name not in frame.columns:
+            raise SchemaError(f"{source}: missing column `{col.name}` ({col.kind}{': ' + col.doc if col.doc else ''})")
+        series = frame[col.name]
+        if not col.nullable and series.isna().any():
+            row = int(np.flatnonzero(series.isna().to_numpy())[0])
+            raise SchemaError(f"{source}: column `{col.name}` has a null at row {row}; expected {col.kind}")
+        if not _kind_ok(series, col.kind):
+            raise SchemaError(f"{source}: column `{col.name}` has dtype {series.dtype}; expected {col.kind}")
+    if key and frame.duplicated(list(key)).any():
+        row = int(np.flatnonzero(frame.duplicated(list(key)).to_numpy())[0])
+        raise SchemaError(f"{source}: duplicate key {tuple(frame.iloc[row][list(key)])} for {key}")
+    return frame
+
+
+# ---- questions: data/questions/{id,ood}.jsonl -------------------------------------------------------
+QUESTION_COLUMNS = (
+    Column("question_id", "str"),
+    Column("dataset", "str", doc="`id` or `ood`"),
+    Column("question", "str", doc="the text shown to the model (before any chat template)"),
+    Column("gold", "str", doc="the reference final answer"),
+)
+QUESTION_KEY = ("question_id",)
+
+# ---- runs: data/runs/{id,ood}.parquet, one row per sampled run --------------------------------------
+RUN_COLUMNS = (
+    Column("question_id", "str"),
+    Column("run_id", "int"),
+    Column("dataset", "str"),
+    Column("prompt_ids", "list", doc="token ids fed to the model (chat template applied)"),
+    Column("generated_ids", "list", doc="sampled token ids, EOS excluded"),
+    Column("text", "str", doc="decoded generated text, special tokens kept"),
+    Column("think_start_index", "int", nullable=True, doc="index of <think> in generated_ids"),
+    Column("think_end_index", "int", nullable=True, doc="index of </think> in generated_ids"),
+    Column("think_missing", "bool", doc="no complete <think>...</think> span was generated"),
+    Column("truncated", "bool", doc="generation hit max_new_tokens before EOS"),
+    Column("answer", "str", doc="extracted final answer (last \\boxed{}, else last number; '' if none)"),
+    Column("token_logprobs", "list", doc="log p(chosen token) under the model's untempered distribution"),
+    Column("token_entropies", "list", doc="entropy (nats) of the model's untempered next-token distribution"),
+    Column("sequence_loglik", "float", doc="sum of token_logprobs"),
+    Column("mean_token_entropy", "float", doc="mean token entropy over the think span (all tokens if none)"),
+    Column("n_generated", "int"),
+    Column("correct", "bool", doc="math-verify equivalence of answer and gold"),
+)
+RUN_KEY = ("question_id", "run_id")
+
+# ---- semantic entropy: data/semantic_entropy/{id,ood}.parquet, one row per run ------------------------
+SE_COLUMNS = (
+    Column("question_id", "str"),
+    Column("run_id", "int"),
+    Column("cluster_id", "int", doc="semantic cluster of this run's answer within its question (0-based)"),
+    Column("n_clusters", "int"),
+    Column("semantic_entropy", "float", doc="discrete SE from cluster frequencies (nats)"),
+    Column("semantic_entropy_weighted", "float", doc="likelihood-weighted SE (Farquhar et al. 2024, nats)"),
+    Column("naive_entropy", "float", doc="mean over runs of the length-normalised negative log-likelihood"),
+)
+SE_KEY = RUN_KEY
+
+# ---- hidden states: artifacts/hidden/{id,ood}.npy + {id,ood}_index.parquet + {id,ood}_meta.json --------
+# The array is float16, shape (runs, positions, layers, hidden); row i belongs to index row i.
+HIDDEN_INDEX_COLUMNS = (
+    Column("row", "int"),
+    Column("question_id", "str"),
+    Column("run_id", "int"),
+    Column("sequence_length", "int", doc="prompt + generated tokens fed to the teacher-forced pass"),
+    Column("think_end_fallback", "bool", doc="no </think>: the think_end position holds the slt vector"),
+)
+
+
+def hidden_files(directory: str | Path, dataset: str) -> tuple[Path, Path, Path]:
+    """(array .npy, index .parquet, meta .json) for one dataset's hidden states."""
+    directory = Path(directory)
+    return directory / f"{dataset}.npy", directory / f"{dataset}_index.parquet", directory / f"{dataset}_meta.json"
+
+
+def validate_hidden(array: np.ndarray, index: pd.DataFrame, meta: dict, source: str | Path) -> None:
+    validate_frame(index, HIDDEN_INDEX_COLUMNS, source, key=RUN_KEY)
+    expected = (len(index), len(meta["positions"]), len(meta["layers"]), meta["hidden_size"])
+    if array.shape != expected:
+        raise SchemaError(f"{source}: array shape {array.shape}; expected (runs, positions, layers, hidden) = {expected}")
+    if array.dtype != np.float16:
+        raise SchemaError(f"{source}: array dtype {array.dtype}; expected float16")
+
+
+# ---- splits: artifacts/probes/splits.parquet, one row per question -----------------------------------
+SPLIT_COLUMNS = (
+    Column("question_id", "str"),
+    Column("dataset", "str"),
+    Column("split", "str", doc="train / val / test for in-distribution questions, ood for the OOD set"),
+)
+SPLIT_KEY = ("dataset", "question_id")
+
+# ---- analysis: artifacts/analysis/analysis.parquet, one row per run -----------------------------------
+ANALYSIS_COLUMNS = (
+    Column("question_id", "str"),
+    Column("run_id", "int"),
+    Column("dataset", "str"),
+    Column("split", "str"),
+    Column("question", "str"),
+    Column("gold", "str"),
+    Column("text", "str"),
+    Column("answer", "str"),
+    Column("cluster_id", "int"),
+    Column("n_clusters", "int"),
+    Column("correct", "bool"),
+    Column("semantic_entropy", "float"),
+    Column("semantic_entropy_weighted", "float"),
+    Column("naive_entropy", "float"),
+    Column("mean_token_entropy", "float"),
+    Column("sequence_loglik", "float"),
+    Column("accuracy_probe_prob", "float", doc="P(correct) from the accuracy probe"),
+    Column("accuracy_probe_margin", "float", doc="decision function / ||w||: signed distance to the boundary"),
+    Column("se_probe_prob", "float", doc="P(high SE) from the SE probe"),
+    Column("se_probe_margin", "float"),
+    Column("high_se", "bool", doc="question's SE above the threshold fitted on train"),
+    Column("umap_x", "float"),
+    Column("umap_y", "float"),
+    Column("think_length", "int", nullable=True, doc="tokens between <think> and </think>"),
+    Column("truncated", "bool"),
+)
+ANALYSIS_KEY = ("dataset", "question_id", "run_id")
