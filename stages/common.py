@@ -93,7 +93,3 @@ def cost_record(metrics_dir: str | Path, stage: str) -> Iterator[dict]:
     write_json(record, Path(metrics_dir) / "cost" / f"{stage}.json")
     log.info("cost of %s: %s", stage, record)
 
-
-def resolve_model_path(name: str, toy_model_dir: str | Path) -> str:
-    """``toy`` means the model trained by the toy_model stage; anything else is passed to from_pretrained."""
-    return str(toy_model_dir) if name == "toy" else name
