@@ -1,0 +1,165 @@
+"""Final-answer extraction and math-verify equivalence, shared by the generate and semantic_entropy stages.
+
+Pure helpers, no I/O:
+
+- ``extract_final_answer(text)``: the answer a reasoning model committed to (last ``\\boxed{...}``, else last number).
+- ``answers_equivalent(a, b)``: do two sampled answers mean the same mathematical object? (semantic clustering)
+- ``is_correct(answer, gold)``: does a sampled answer match the reference answer? (the ``correct`` label)
+
+math-verify guards each parse and comparison with a ``signal.alarm`` timeout (math-verify 0.9 raises
+``ValueError`` when that is used outside the main thread). These helpers keep the timeout, because sympy can
+hang on adversarial model output, so they must be called from the main thread: no thread pools. A
+process pool is fine (each worker has its own main thread). math-verify's own switch,
+``parsing_timeout=None`` / ``timeout_seconds=None``, would make them thread-safe but unguarded.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from math_verify import parse, verify
+
+# Seconds before math-verify gives up on one parse or one comparison (and treats it as a failure).
+PARSE_TIMEOUT_SECONDS = 5
+VERIFY_TIMEOUT_SECONDS = 5
+
+THINK_END_TAG = "</think>"
+BOXED_COMMAND = "\\boxed"
+
+# A number: thousands-grouped (1,234,567.5), plain (1234, 3.5) or a bare decimal (.5), with an optional minus.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+# A minus right after one of these is a binary minus ("5-3", "x-2", "(a)-1"), not a sign.
+_OPERAND_END = re.compile(r"[\w)\]}.]")
+
+
+def extract_final_answer(text: str) -> str:
+    """The final answer in a generated text, or ``''`` if there is none.
+
+    Rules, in order:
+
+    1. A reasoning model states its answer after ``</think>``; numbers inside the think span are partial
+       results. So if the text has a ``</think>``, search the text after the last one first.
+    2. In that region, the content of the last complete ``\\boxed{...}`` (nested braces balanced, content
+       stripped; an empty ``\\boxed{}`` or one cut off before its closing brace is skipped).
+    3. Else the last number in the region (integer, decimal or negative; thousands commas removed).
+    4. If the region after ``</think>`` gives nothing (e.g. the model stopped right after it), apply 2-3
+       to the whole text, so an answer boxed inside the think span is still found.
+    """
+    think_end = text.rfind(THINK_END_TAG)
+    if think_end >= 0:
+        answer = _answer_in(text[think_end + len(THINK_END_TAG):])
+        if answer:
+            return answer
+    return _answer_in(text)
+
+
+def _answer_in(text: str) -> str:
+    boxed = last_boxed_content(text)
+    if boxed:
+        return boxed
+    return last_number(text)
+
+
+def last_boxed_content(text: str) -> str:
+    """Content of the last complete, non-empty ``\\boxed{...}`` in ``text`` (braces balanced), else ``''``."""
+    start = text.rfind(BOXED_COMMAND)
+    while start >= 0:
+        content = _braced_content(text, start + len(BOXED_COMMAND))
+        if content:
+            return content
+        start = text.rfind(BOXED_COMMAND, 0, start)
+    return ""
+
+
+def _braced_content(text: str, position: int) -> str | None:
+    """The stripped content of the ``{...}`` group opening at ``position`` (after spaces); None if unbalanced."""
+    while position < len(text) and text[position] == " ":
+        position += 1
+    if position >= len(text) or text[position] != "{":
+        return None
+    depth = 0
+    for index in range(position, len(text)):
+        char = text[index]
+        # An escaped brace (\{ in a set like \boxed{\{1,2\}}) is content, not grouping.
+        if char in "{}" and index > 0 and text[index - 1] == "\\":
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[position + 1:index].strip()
+    return None
+
+
+def last_number(text: str) -> str:
+    """The last number in ``text`` with thousands commas removed (``'1,234'`` -> ``'1234'``), else ``''``."""
+    match = None
+    for match in _NUMBER.finditer(text):
+        pass
+    if match is None:
+        return ""
+    number = match.group()
+    if number.startswith("-") and match.start() > 0 and _OPERAND_END.match(text[match.start() - 1]):
+        number = number[1:]
+    return number.replace(",", "")
+
+
+@functools.lru_cache(maxsize=65536)
+def parse_answer(answer: str) -> tuple:
+    """math-verify's parse of one final answer (sympy objects plus the matched string), cached per string.
+
+    The answer is wrapped in ``$...$`` so math-verify reads it as LaTeX: bare ``x+1``, ``\\pi``, ``3\\sqrt{2}``
+    or ``\\dfrac{14}{3}`` parse only inside math delimiters, and numbers still parse (``17``, ``72.0``,
+    ``0.5`` as 1/2, ``1,000`` as 1000, ``18\\%`` as 18). ``\\boxed{}`` is not used as the wrapper because it
+    fails on ``18\\%``. Returns a tuple (immutable, so the cached value cannot be altered by a caller).
+    """
+    answer = answer.strip()
+    if not answer:
+        return ()
+    return tuple(parse(f"${answer}$", parsing_timeout=PARSE_TIMEOUT_SECONDS))
+
+
+@functools.lru_cache(maxsize=65536)
+def answers_equivalent(first: str, second: str) -> bool:
+    """True if two final answers denote the same mathematical object, by math-verify in both directions.
+
+    - Identical strings (after stripping whitespace) are equivalent without calling math-verify, so the
+      relation is reflexive, ``''`` included; an empty answer is never equivalent to a non-empty one.
+    - ``verify`` is not symmetric (gold and prediction play different roles for equations and intervals);
+      clustering needs a symmetric relation, so both directions must agree, as bidirectional entailment does
+      for text in Farquhar et al. (2024).
+    - Answers math-verify cannot parse are equivalent only to identical strings.
+    """
+    first, second = first.strip(), second.strip()
+    if first == second:
+        return True
+    if not first or not second:
+        return False
+    parsed_first, parsed_second = parse_answer(first), parse_answer(second)
+    if not parsed_first or not parsed_second:
+        return False
+    return _verify(parsed_first, parsed_second) and _verify(parsed_second, parsed_first)
+
+
+def is_correct(answer: str, gold: str) -> bool:
+    """True if ``answer`` matches the reference ``gold`` by math-verify (gold in the gold role).
+
+    An empty answer is never correct. An empty gold is a data error and raises ``ValueError``.
+    """
+    if not gold.strip():
+        raise ValueError(f"is_correct: empty gold answer (answer was {answer!r}); every question needs a gold")
+    answer = answer.strip()
+    if not answer:
+        return False
+    if answer == gold.strip():
+        return True
+    parsed_gold, parsed_answer = parse_answer(gold), parse_answer(answer)
+    if not parsed_gold or not parsed_answer:
+        return False
+    return _verify(parsed_gold, parsed_answer)
+
+
+def _verify(gold: tuple, prediction: tuple) -> bool:
+    return bool(verify(list(gold), list(prediction), timeout_seconds=VERIFY_TIMEOUT_SECONDS))

@@ -1,0 +1,143 @@
+"""Final-answer extraction and math-verify equivalence (stages/answers.py), on hand cases and real datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.answers import answers_equivalent, extract_final_answer, is_correct, last_boxed_content, last_number
+
+# The datasets every checkout has beside it (../shared/data, see shared/README.md); tests skip without them.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MATH500 = SHARED_DATA / "math500_test.jsonl"
+GSM8K = SHARED_DATA / "gsm8k_test.jsonl"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("text, expected", [
+    # the embedded toy model's format: think span, then the boxed answer
+    ("<think>3+4=7 7*2=14</think>\\boxed{14}", "14"),
+    ("<think>3+4=7</think>\\boxed{-3}", "-3"),
+    # nested and escaped braces
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("\\boxed {x^{2}}", "x^{2}"),
+    # the LAST boxed wins; an empty or unclosed one is skipped
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{5} and \\boxed{}", "5"),
+    ("\\boxed{5} and \\boxed{6", "5"),
+    # after </think> is preferred over numbers or boxes inside the think span
+    ("<think>\\boxed{4} 9</think> The answer is 12.", "12"),
+    # nothing after </think>: fall back to the whole text
+    ("<think>1+2=3</think>", "3"),
+    ("<think>\\boxed{4} then 9</think>  ", "4"),
+    # unfinished think span (truncated): the last number anywhere
+    ("<think>5+6=11 11*2=", "2"),
+    # last-number fallback: negatives, decimals, thousands commas, binary minus
+    ("The total is 1,234,567.5 dollars", "1234567.5"),
+    ("x is -3", "-3"),
+    ("so 5-3", "3"),
+    ("It costs 2.50.", "2.50"),
+    ("no digits here", ""),
+    ("", ""),
+])
+def test_extract_final_answer(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+def test_helpers_return_empty_when_nothing_found():
+    assert last_boxed_content("\\boxed{unclosed") == ""
+    assert last_number("none") == ""
+
+
+@pytest.mark.parametrize("first, second", [
+    ("72", "72.0"),
+    ("0.5", "\\frac{1}{2}"),
+    ("\\dfrac{14}{3}", "\\frac{14}{3}"),
+    ("1,000", "1000"),
+    ("18\\%", "18"),
+    ("x=5", "5"),
+    ("3\\sqrt{2}", "\\sqrt{18}"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("", ""),
+])
+def test_equivalent_answers(first, second):
+    assert answers_equivalent(first, second)
+    assert answers_equivalent(second, first)
+
+
+@pytest.mark.parametrize("first, second", [
+    ("2", "-2"),
+    ("18", "0.18"),
+    ("3", "3.001"),
+    ("x+1", "x+2"),
+    ("", "0"),
+    ("0", ""),
+    ("not math }{", "also not math }{"),
+])
+def test_different_answers(first, second):
+    assert not answers_equivalent(first, second)
+    assert not answers_equivalent(second, first)
+
+
+def test_is_correct():
+    assert is_correct("72.0", "72")
+    assert is_correct("1000", "1,000")
+    assert is_correct("\\frac{1}{2}", "0.5")
+    assert not is_correct("73", "72")
+    assert not is_correct("", "72")
+    assert not is_correct("  ", "0")
+
+
+def test_is_correct_rejects_an_empty_gold():
+    with pytest.raises(ValueError, match="empty gold"):
+        is_correct("5", "")
+
+
+def test_math500_solutions_agree_with_their_answers():
+    """Extracting from each MATH-500 solution and grading against its `answer` must agree on nearly all rows.
+
+    Measured: 500/500. Identical strings short-circuit math-verify, so a second pass grades cosmetic variants
+    (\\dfrac -> \\frac, no \\left/\\right, no spaces) that only math-verify can match.
+    """
+    rows = _read_jsonl(MATH500)
+    extracted = [extract_final_answer(row["solution"]) for row in rows]
+    agreement = sum(is_correct(answer, row["answer"]) for answer, row in zip(extracted, rows)) / len(rows)
+    assert agreement >= 0.98, f"MATH-500 extraction agreement {agreement:.3f}"
+
+    def cosmetic(answer: str) -> str:
+        return answer.replace("\\dfrac", "\\frac").replace("\\left", "").replace("\\right", "").replace(" ", "")
+
+    variants = [(cosmetic(answer), row["answer"]) for answer, row in zip(extracted, rows)
+                if cosmetic(answer) != row["answer"]]
+    assert len(variants) >= 20, "the cosmetic pass must exercise math-verify, not string equality"
+    variant_agreement = sum(is_correct(answer, gold) for answer, gold in variants) / len(variants)
+    assert variant_agreement >= 0.95, f"MATH-500 cosmetic-variant agreement {variant_agreement:.3f}"
+
+
+def test_math500_wrong_answers_are_rejected():
+    """Each solution graded against the NEXT row's gold: almost all must be wrong (guards a verify that says yes)."""
+    rows = _read_jsonl(MATH500)[:100]
+    shifted = rows[1:] + rows[:1]
+    false_positives = sum(is_correct(extract_final_answer(row["solution"]), other["answer"])
+                          for row, other in zip(rows, shifted)
+                          if row["answer"] != other["answer"])
+    assert false_positives <= 3
+
+
+def test_gsm8k_golds_parse_and_grade():
+    """Every GSM8K gold (after `####`, thousands commas included) is recovered by extraction and graded correct."""
+    rows = _read_jsonl(GSM8K)
+    golds = [row["answer"].split("####")[-1].strip() for row in rows]
+    assert all(golds)
+    recovered = [extract_final_answer(row["answer"]) for row in rows]
+    assert all(is_correct(answer, gold) for answer, gold in zip(recovered, golds))
+    assert all(is_correct(gold.replace(",", ""), gold) for gold in golds if "," in gold)
+    assert not is_correct(str(int(golds[0].replace(",", "")) + 1), golds[0])

@@ -1,0 +1,234 @@
+"""Semantic clustering and entropy math (hand values and properties), and the semantic_entropy stage on a tiny table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import hypothesis.strategies as st
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import given
+
+from stages import semantic_entropy as stage
+from stages.common import read_table, write_table
+from stages.schema import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
+from stages.semantic_entropy import (
+    cluster_answers,
+    discrete_semantic_entropy,
+    length_normalised_loglik,
+    naive_entropy,
+    semantic_entropy_table,
+    weighted_semantic_entropy,
+)
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def same_residue_mod_3(first: str, second: str) -> bool:
+    """A true equivalence relation on digit strings; refuses the calls cluster_answers must never make."""
+    assert first and second, "empty answers must not reach the equivalence relation"
+    assert first != second, "identical strings must be deduplicated before the equivalence relation"
+    return int(first) % 3 == int(second) % 3
+
+
+# ---- hand-computed values ---------------------------------------------------------------------------
+
+def test_discrete_se_hand_value():
+    # cluster sizes [2, 1, 1] of K = 4: -(0.5 ln 0.5 + 2 * 0.25 ln 0.25) = 1.0397...
+    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert discrete_semantic_entropy(np.array([0, 0, 1, 2])) == pytest.approx(expected)
+    assert expected == pytest.approx(1.0397207708)
+
+
+def test_weighted_se_hand_value():
+    # run probabilities 0.5, 0.3, 0.2 (they already sum to 1); clusters {0, 1} and {2}: p = 0.8, 0.2
+    log_likelihoods = np.log([0.5, 0.3, 0.2])
+    expected = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
+    assert weighted_semantic_entropy(np.array([0, 0, 1]), log_likelihoods) == pytest.approx(expected)
+    assert expected == pytest.approx(0.5004024235)
+
+
+def test_weighted_se_normalises_over_runs():
+    # unnormalised masses 2, 1, 1 with clusters {0} and {1, 2}: p = 2/4, 2/4 -> ln 2
+    log_likelihoods = np.log([2.0, 1.0, 1.0])
+    assert weighted_semantic_entropy(np.array([0, 1, 1]), log_likelihoods) == pytest.approx(math.log(2))
+    # shifting every log-likelihood by a constant changes nothing (and very negative values stay stable)
+    assert weighted_semantic_entropy(np.array([0, 1, 1]), log_likelihoods - 1000.0) == pytest.approx(math.log(2))
+
+
+def test_length_normalisation_and_naive_entropy():
+    # sequence log-likelihoods -6 over 3 tokens and -1 over 2 tokens; an empty run (0 tokens) counts as 0
+    normalised = length_normalised_loglik(np.array([-6.0, -1.0, 0.0]), np.array([3, 2, 0]))
+    np.testing.assert_allclose(normalised, [-2.0, -0.5, 0.0])
+    assert naive_entropy(normalised) == pytest.approx((2.0 + 0.5 + 0.0) / 3)
+
+
+def test_cluster_answers_hand_case():
+    answers = ["14", "14.0", "15", "", "15", "", "\\frac{28}{2}"]
+    assert cluster_answers(answers).tolist() == [0, 0, 1, 2, 1, 2, 0]
+
+
+def test_all_empty_answers_form_one_cluster_with_zero_entropy():
+    cluster_ids = cluster_answers(["", "", "", ""], equivalent=same_residue_mod_3)
+    assert cluster_ids.tolist() == [0, 0, 0, 0]
+    assert discrete_semantic_entropy(cluster_ids) == 0.0
+    assert weighted_semantic_entropy(cluster_ids, np.array([-1.0, -2.0, -3.0, -0.5])) == 0.0
+
+
+def test_invalid_inputs_raise():
+    with pytest.raises(ValueError):
+        discrete_semantic_entropy(np.array([], dtype=int))
+    with pytest.raises(ValueError):
+        weighted_semantic_entropy(np.array([0, 1]), np.array([-1.0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        weighted_semantic_entropy(np.array([0, 1]), np.array([-1.0, np.nan]))
+    with pytest.raises(ValueError):
+        naive_entropy(np.array([]))
+
+
+# ---- properties -------------------------------------------------------------------------------------
+
+digit_answers = st.lists(st.sampled_from(["", "0", "1", "2", "3", "4", "5", "6"]), min_size=1, max_size=12)
+
+
+@st.composite
+def runs_with_logliks(draw):
+    answers = draw(digit_answers)
+    log_likelihoods = draw(st.lists(st.floats(-30.0, 0.0), min_size=len(answers), max_size=len(answers)))
+    return answers, np.array(log_likelihoods)
+
+
+@given(digit_answers)
+def test_clustering_is_the_partition_of_an_equivalence_oracle(answers):
+    cluster_ids = cluster_answers(answers, equivalent=same_residue_mod_3)
+    # same cluster <=> same meaning ('' is its own meaning, "no answer")
+    meaning = ["none" if answer == "" else int(answer) % 3 for answer in answers]
+    for i in range(len(answers)):
+        for j in range(len(answers)):
+            assert (cluster_ids[i] == cluster_ids[j]) == (meaning[i] == meaning[j])
+    # ids are 0..C-1, numbered in order of first appearance
+    first_appearance = list(dict.fromkeys(cluster_ids.tolist()))
+    assert first_appearance == list(range(len(first_appearance)))
+
+
+@given(runs_with_logliks())
+def test_entropies_are_bounded(runs):
+    answers, log_likelihoods = runs
+    cluster_ids = cluster_answers(answers, equivalent=same_residue_mod_3)
+    n_runs, n_clusters = len(answers), int(cluster_ids.max()) + 1
+    discrete = discrete_semantic_entropy(cluster_ids)
+    weighted = weighted_semantic_entropy(cluster_ids, log_likelihoods)
+    assert 0.0 <= discrete <= math.log(n_clusters) + 1e-12 <= math.log(n_runs) + 1e-12
+    assert 0.0 <= weighted <= math.log(n_clusters) + 1e-9
+    assert naive_entropy(log_likelihoods) >= 0.0  # log-likelihoods <= 0
+
+
+@given(runs_with_logliks(), st.randoms(use_true_random=False))
+def test_entropies_are_invariant_to_permuting_runs(runs, random):
+    answers, log_likelihoods = runs
+    order = list(range(len(answers)))
+    random.shuffle(order)
+    cluster_ids = cluster_answers(answers, equivalent=same_residue_mod_3)
+    permuted_ids = cluster_answers([answers[i] for i in order], equivalent=same_residue_mod_3)
+    assert discrete_semantic_entropy(permuted_ids) == pytest.approx(discrete_semantic_entropy(cluster_ids))
+    assert weighted_semantic_entropy(permuted_ids, log_likelihoods[order]) == pytest.approx(
+        weighted_semantic_entropy(cluster_ids, log_likelihoods), abs=1e-9)
+    assert naive_entropy(log_likelihoods[order]) == pytest.approx(naive_entropy(log_likelihoods))
+
+
+@given(st.sampled_from(["", "3", "x"]), st.integers(1, 12), st.floats(-20.0, 0.0))
+def test_identical_answers_have_zero_entropy(answer, n_runs, log_likelihood):
+    cluster_ids = cluster_answers([answer] * n_runs, equivalent=same_residue_mod_3)
+    assert cluster_ids.tolist() == [0] * n_runs
+    assert discrete_semantic_entropy(cluster_ids) == 0.0
+    assert weighted_semantic_entropy(cluster_ids, np.full(n_runs, log_likelihood)) == 0.0
+
+
+@given(digit_answers, st.floats(-20.0, 0.0))
+def test_equal_likelihoods_make_weighted_equal_discrete(answers, log_likelihood):
+    cluster_ids = cluster_answers(answers, equivalent=same_residue_mod_3)
+    assert weighted_semantic_entropy(cluster_ids, np.full(len(answers), log_likelihood)) == pytest.approx(
+        discrete_semantic_entropy(cluster_ids), abs=1e-9)
+
+
+# ---- the stage on a tiny runs table -----------------------------------------------------------------
+
+def make_runs(dataset: str, answers_by_question: dict[str, list[str]]) -> pd.DataFrame:
+    """A RUN_COLUMNS table with the given answers; token-level columns are small but consistent."""
+    rows = []
+    for question_id, answers in answers_by_question.items():
+        for run_id, answer in enumerate(answers):
+            token_logprobs = [-0.1 * (run_id + 1)] * (run_id + 2)
+            rows.append({
+                "question_id": question_id, "run_id": run_id, "dataset": dataset,
+                "prompt_ids": [1, 2, 3], "generated_ids": list(range(len(token_logprobs))),
+                "text": f"<think>...</think>\\boxed{{{answer}}}", "think_start_index": 0, "think_end_index": 1,
+                "think_missing": False, "truncated": answer == "", "answer": answer,
+                "token_logprobs": token_logprobs, "token_entropies": [0.5] * len(token_logprobs),
+                "sequence_loglik": float(sum(token_logprobs)), "mean_token_entropy": 0.5,
+                "n_generated": len(token_logprobs), "correct": answer == "14",
+            })
+    frame = pd.DataFrame(rows)
+    return frame.astype({"think_start_index": "Int64", "think_end_index": "Int64"})
+
+
+ID_ANSWERS = {"q0": ["14", "14.0", "15", ""], "q1": ["", "", "", ""]}
+
+
+def test_semantic_entropy_table_values_and_row_order():
+    runs = make_runs("id", ID_ANSWERS).sample(frac=1.0, random_state=0)  # rows out of order
+    table = semantic_entropy_table(runs, stage.answers_equivalent)
+    assert table[["question_id", "run_id"]].values.tolist() == runs[["question_id", "run_id"]].values.tolist()
+    by_run = table.set_index(["question_id", "run_id"]).sort_index()
+    assert by_run.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 2]
+    assert by_run.loc["q0", "n_clusters"].tolist() == [3] * 4
+    assert by_run.loc["q0", "semantic_entropy"].tolist() == pytest.approx([1.0397207708] * 4)
+    assert by_run.loc["q1", "cluster_id"].tolist() == [0] * 4
+    assert by_run.loc["q1", "semantic_entropy"].tolist() == [0.0] * 4
+    assert by_run.loc["q1", "semantic_entropy_weighted"].tolist() == [0.0] * 4
+    # run r has mean token log-prob -0.1 (r + 1); naive entropy is minus their mean
+    assert by_run.loc["q0", "naive_entropy"].iloc[0] == pytest.approx(0.25)
+
+
+def test_semantic_entropy_table_rejects_a_single_run_question():
+    with pytest.raises(ValueError, match="q0"):
+        semantic_entropy_table(make_runs("id", {"q0": ["1"]}), stage.answers_equivalent)
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    """A tmp working directory with the repository's params.yaml, every path pointed inside it."""
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    params["paths"] = {name: f"out/{name}" for name in params["paths"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_stage_writes_schema_valid_tables_and_cost(stage_dir):
+    id_runs = make_runs("id", ID_ANSWERS)
+    write_table(id_runs, "out/runs/id.parquet", RUN_COLUMNS, RUN_KEY)
+    write_table(id_runs.iloc[0:0], "out/runs/ood.parquet", RUN_COLUMNS, RUN_KEY)  # no OOD questions
+
+    stage.main()
+
+    id_table = read_table("out/semantic_entropy/id.parquet", SE_COLUMNS, SE_KEY)
+    ood_table = read_table("out/semantic_entropy/ood.parquet", SE_COLUMNS, SE_KEY)
+    assert len(id_table) == len(id_runs) and len(ood_table) == 0
+    assert list(id_table.columns) == [column.name for column in SE_COLUMNS]
+    assert sorted(path.name for path in (stage_dir / "out").iterdir()) == ["metrics", "runs", "semantic_entropy"]
+
+    cost = json.loads((stage_dir / "out/metrics/cost/semantic_entropy.json").read_text())
+    # q0's distinct non-empty answers: '14.0' vs '14' (joins), '15' vs '14' (new); q1 is all empty
+    assert cost["equivalence_checks"] == 2
+    assert cost["runs"] == 8 and cost["questions"] == 2 and cost["wall_seconds"] >= 0
+
+
+def test_stage_names_a_missing_runs_file(stage_dir):
+    with pytest.raises(SchemaError, match="runs/id.parquet"):
+        stage.main()
+    assert not (stage_dir / "out/semantic_entropy").exists()
