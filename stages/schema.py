@@ -175,3 +175,24 @@ ANALYSIS_COLUMNS = (
     Column("truncated", "bool"),
 )
 ANALYSIS_KEY = ("dataset", "question_id", "run_id")
+
+# ---- probes: artifacts/probes/ (written by train_probes, read by evaluate and analysis) ------------------
+# Each probe file is ``stages.probes.LinearProbe.to_dict()`` as JSON (load with ``stages.probes.load_probe``).
+PROBE_FILES = {"accuracy": "accuracy_probe.json", "se": "se_probe.json", "entropy_baseline": "entropy_baseline.json"}
+SPLITS_FILE = "splits.parquet"  # SPLIT_COLUMNS
+SELECTION_FILE = "selection.json"  # chosen (position, layer) per probe, val AUROC per location, high-SE threshold
+
+# ---- plots: artifacts/plots/*.csv (written by evaluate) ----------------------------------------------
+AUROC_BY_LAYER_COLUMNS = (
+    Column("probe", "str", doc="`accuracy` (label: correct) or `se` (label: high_se)"),
+    Column("position", "str"),
+    Column("layer", "int", doc="hidden-state index (0 = embedding output)"),
+    Column("split", "str", doc="val, test or ood"),
+    Column("auroc", "float", nullable=True, doc="probe fitted on train, scored for its own label; null if one class"),
+)
+ROC_COLUMNS = (
+    Column("score", "str", doc="a key of stages.evaluate.SCORES; positive class = incorrect run"),
+    Column("split", "str", doc="test or ood"),
+    Column("fpr", "float"),
+    Column("tpr", "float"),
+)

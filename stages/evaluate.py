@@ -1,0 +1,276 @@
+"""Stage evaluate: how well each uncertainty score flags incorrect runs, on the test and OOD splits.
+
+Run from the repository root: ``python -m stages.evaluate`` (or ``dvc repro evaluate``).
+
+Positive class = an INCORRECT run; every score is oriented so that higher = more likely incorrect (see
+``SCORES``). For each split and score: AUROC and AUPRC, each with a percentile CI from resampling questions
+(``evaluate.bootstrap``, ``evaluate.confidence``) and a one-sided permutation p-value
+(``evaluate.permutations``). The SE probe is also scored on its own target (high-SE questions, threshold
+from train). A split with one class, or no runs (``data.ood_source: none``), gets null metrics and a note.
+
+Writes
+- ``{paths.metrics}/evaluate.json``: ``{split: {score: {auroc, auroc_ci_low, ...}}}`` plus ``summary`` (counts,
+  accuracy and mean probe confidence per split) and ``settings``;
+- ``{paths.plots}/auroc_by_layer.csv``: AUROC of a probe fitted on train at every (position, layer), on val,
+  test and ood, refitted through ``train_probes.fit_probes_on_train`` (the same code that trained them);
+- ``{paths.plots}/roc.csv``: ROC curves of every score on test and ood;
+- ``{paths.metrics}/cost/evaluate.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from stages.common import atomic_path, cost_record, setup_logging, write_json
+from stages.config import EvaluateParams, Params, load_params
+from stages.metrics import (auprc, auroc, bootstrap_ci, permutation_p_value, roc_curve_table,
+                            single_class_reason)
+from stages.probes import LinearProbe, load_probe, location_features, score_location_probes
+from stages.schema import (AUROC_BY_LAYER_COLUMNS, PROBE_FILES, ROC_COLUMNS, SELECTION_FILE, SPLIT_COLUMNS,
+                           SPLIT_KEY, SPLITS_FILE, SchemaError, validate_frame)
+from stages.train_probes import (PROBE_LABEL, DatasetRuns, attach_splits, fit_probes_on_train, load_dataset,
+                                 probe_labels, require_same_locations)
+
+log = logging.getLogger(__name__)
+
+EVALUATED_SPLITS = ("test", "ood")
+# score name -> how it is computed; every one is oriented so that higher = more likely incorrect
+SCORES = {
+    "accuracy_probe": "1 - P(correct) from the accuracy probe",
+    "se_probe": "P(high semantic entropy) from the SE probe",
+    "semantic_entropy": "discrete semantic entropy of the run's question",
+    "semantic_entropy_weighted": "likelihood-weighted semantic entropy of the run's question",
+    "naive_entropy": "naive (length-normalised) predictive entropy of the run's question",
+    "mean_token_entropy": "mean token entropy over the run's think span",
+    "entropy_baseline": "1 - P(correct) from logistic regression on mean_token_entropy",
+    "negative_sequence_loglik": "-sequence_loglik of the run",
+}
+# the SE probe scored on the label it was trained for
+SE_PROBE_ON_HIGH_SE = "se_probe_high_se"
+
+
+# ---- compute ---------------------------------------------------------------------------------------------
+def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe]) -> pd.DataFrame:
+    """Every score in ``SCORES`` for each run, plus ``accuracy_probe_p_correct``; one row per row of ``runs``.
+
+    Parameters
+    ----------
+    runs : (n runs) frame with hidden_row and the run / SE columns of ``train_probes.load_dataset``
+    hidden : (rows, positions, layers, hidden) float16 array the hidden_row values index
+    probes : ``accuracy``, ``se`` and ``entropy_baseline`` probes (train_probes.PROBE_FILES)
+    """
+    rows = runs["hidden_row"].to_numpy()
+
+    def hidden_probe_features(probe: LinearProbe) -> np.ndarray:
+        return location_features(hidden, rows, list(positions).index(probe.position), list(layers).index(probe.layer))
+
+    p_correct = probes["accuracy"].predict_proba(hidden_probe_features(probes["accuracy"]))
+    baseline_p_correct = probes["entropy_baseline"].predict_proba(runs[["mean_token_entropy"]].to_numpy(float))
+    return pd.DataFrame({
+        "accuracy_probe": 1 - p_correct,
+        "se_probe": probes["se"].predict_proba(hidden_probe_features(probes["se"])),
+        "semantic_entropy": runs["semantic_entropy"].to_numpy(float),
+        "semantic_entropy_weighted": runs["semantic_entropy_weighted"].to_numpy(float),
+        "naive_entropy": runs["naive_entropy"].to_numpy(float),
+        "mean_token_entropy": runs["mean_token_entropy"].to_numpy(float),
+        "entropy_baseline": 1 - baseline_p_correct,
+        "negative_sequence_loglik": -runs["sequence_loglik"].to_numpy(float),
+        "accuracy_probe_p_correct": p_correct,
+    }, index=runs.index)
+
+
+def metric_record(labels, scores, groups, label_name: str, settings: EvaluateParams, seed: list[int],
+                  empty_note: str) -> dict[str, Any]:
+    """AUROC and AUPRC of ``scores`` (n,) for ``labels`` (n,) bool, with CIs and p-values; nulls + note if undefined.
+
+    The bootstrap and the permutations of both metrics reuse one seed, so they see the same resamples
+    (``bootstrap_resamples_used`` holds for both).
+    """
+    labels = np.asarray(labels, dtype=bool)
+    record: dict[str, Any] = {
+        "label": label_name, "n_runs": int(len(labels)), "n_questions": int(len(np.unique(groups))),
+        "n_positive": int(labels.sum()), "auroc": None, "auroc_ci_low": None, "auroc_ci_high": None,
+        "auroc_p_value": None, "auprc": None, "auprc_ci_low": None, "auprc_ci_high": None, "auprc_p_value": None,
+        "auprc_chance": float(labels.mean()) if len(labels) else None, "bootstrap_resamples_used": 0, "note": None,
+    }
+    reason = single_class_reason(labels, label_name)
+    if reason is not None:
+        record["note"] = empty_note if len(labels) == 0 else f"{reason}: metrics undefined"
+        return record
+    for name, metric in (("auroc", auroc), ("auprc", auprc)):
+        interval = bootstrap_ci(labels, scores, groups, metric, settings.bootstrap, settings.confidence,
+                                np.random.default_rng(seed + [0]))
+        record.update({
+            name: metric(labels, scores),
+            f"{name}_ci_low": interval.low,
+            f"{name}_ci_high": interval.high,
+            f"{name}_p_value": permutation_p_value(labels, scores, metric, settings.permutations,
+                                                   np.random.default_rng(seed + [1])),
+        })
+        record["bootstrap_resamples_used"] = interval.n_used
+    if record["bootstrap_resamples_used"] < settings.bootstrap:
+        record["note"] = (f"{settings.bootstrap - record['bootstrap_resamples_used']} of {settings.bootstrap} "
+                          "bootstrap resamples had a single class and were skipped")
+    return record
+
+
+def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se: np.ndarray, split: str,
+                  settings: EvaluateParams, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics of every score on one split's runs, and the split's summary (counts, accuracy, confidence).
+
+    Parameters
+    ----------
+    runs : the split's runs (question_id, correct)
+    scores : output of ``score_runs`` for those runs
+    high_se : (n,) bool, the high-SE label of each run
+    """
+    empty_note = f"no runs in split `{split}` (e.g. data.ood_source is none)"
+    incorrect = ~runs["correct"].to_numpy(bool)
+    groups = runs["question_id"].to_numpy()
+    split_index = EVALUATED_SPLITS.index(split)  # part of each metric's seed: independent of the other splits
+    by_score = {}
+    for score_index, score_name in enumerate(SCORES):
+        by_score[score_name] = metric_record(incorrect, scores[score_name].to_numpy(float), groups, "incorrect",
+                                             settings, [seed, split_index, score_index], empty_note)
+        log.info("%s %s: AUROC %s", split, score_name, _fmt(by_score[score_name]["auroc"]))
+    by_score[SE_PROBE_ON_HIGH_SE] = metric_record(high_se, scores["se_probe"].to_numpy(float), groups, "high_se",
+                                                  settings, [seed, split_index, len(SCORES)], empty_note)
+
+    p_correct = scores["accuracy_probe_p_correct"].to_numpy(float)
+    summary = {
+        "n_runs": int(len(runs)), "n_questions": int(runs["question_id"].nunique()),
+        "n_correct": int((~incorrect).sum()), "n_incorrect": int(incorrect.sum()),
+        "accuracy": float((~incorrect).mean()) if len(runs) else None,
+        "n_high_se_questions": int(runs.loc[high_se, "question_id"].nunique()),
+        "mean_p_correct_on_correct": float(p_correct[~incorrect].mean()) if (~incorrect).any() else None,
+        "mean_p_correct_on_incorrect": float(p_correct[incorrect].mean()) if incorrect.any() else None,
+        "note": empty_note if len(runs) == 0 else single_class_reason(incorrect, "incorrect"),
+    }
+    return by_score, summary
+
+
+def roc_table(labels, scores: pd.DataFrame, split: str) -> pd.DataFrame:
+    """ROC_COLUMNS rows (score, split, fpr, tpr) for every score in SCORES; empty for a single-class split."""
+    frames = [roc_curve_table(labels, scores[name].to_numpy(float)).assign(score=name, split=split)
+              for name in SCORES]
+    return pd.concat(frames, ignore_index=True)[[c.name for c in ROC_COLUMNS]]
+
+
+def auroc_by_layer(location_probes, datasets: Mapping[str, tuple[pd.DataFrame, Any]], positions, layers,
+                   high_se_threshold: float) -> pd.DataFrame:
+    """AUROC_BY_LAYER_COLUMNS rows: each train-fitted (probe, position, layer) scored on each split.
+
+    ``datasets`` maps split -> (its runs, the hidden array their hidden_row indexes); empty splits are skipped.
+    The accuracy probe is scored for ``correct``, the SE probe for ``high_se`` (their training labels).
+    """
+    probe_of_label = {label: probe for probe, label in PROBE_LABEL.items()}
+    frames = []
+    for split, (runs, hidden) in datasets.items():
+        if len(runs) == 0:
+            log.info("auroc_by_layer: split `%s` has no runs; no rows", split)
+            continue
+        table = score_location_probes(location_probes, hidden, runs["hidden_row"].to_numpy(), positions, layers,
+                                      probe_labels(runs, high_se_threshold))
+        frames.append(table.assign(probe=table["label"].map(probe_of_label), split=split))
+    return pd.concat(frames, ignore_index=True)[[c.name for c in AUROC_BY_LAYER_COLUMNS]]
+
+
+def check_refit_matches(location_probes, probes: Mapping[str, LinearProbe]) -> None:
+    """Warn when the refitted probe at a selected location differs from the saved one (stale probes dir)."""
+    for probe_name, label_name in PROBE_LABEL.items():
+        saved = probes[probe_name]
+        refit = location_probes[(label_name, saved.position, saved.layer)]
+        if not (np.allclose(saved.coef_, refit.coef_, rtol=1e-4, atol=1e-6) and saved.C_ == refit.C_):
+            log.warning("%s probe refitted at (%s, %d) differs from %s: auroc_by_layer.csv may not match the "
+                        "saved probes; rerun train_probes", probe_name, saved.position, saved.layer,
+                        PROBE_FILES[probe_name])
+
+
+def _fmt(value) -> str:
+    return "null" if value is None else f"{value:.3f}"
+
+
+# ---- load / write ----------------------------------------------------------------------------------------
+def load_probes(directory: str | Path) -> tuple[dict[str, LinearProbe], dict[str, Any], pd.DataFrame]:
+    """The saved probes, selection.json and splits.parquet of ``{paths.probes}``."""
+    directory = Path(directory)
+    probes = {name: load_probe(directory / file_name) for name, file_name in PROBE_FILES.items()}
+    selection_path = directory / SELECTION_FILE
+    if not selection_path.exists():
+        raise SchemaError(f"{selection_path}: not found; run the train_probes stage")
+    selection = json.loads(selection_path.read_text())
+    splits_path = directory / SPLITS_FILE
+    if not splits_path.exists():
+        raise SchemaError(f"{splits_path}: not found; run the train_probes stage")
+    splits = validate_frame(pd.read_parquet(splits_path), SPLIT_COLUMNS, splits_path, SPLIT_KEY)
+    return probes, selection, splits
+
+
+def write_csv(frame: pd.DataFrame, path: Path, columns) -> None:
+    validate_frame(frame, columns, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    log.info("wrote %s: %d rows", path, len(frame))
+
+
+def run(params: Params) -> dict[str, Any]:
+    with cost_record(params.paths.metrics, "evaluate") as cost:
+        probes, selection, splits = load_probes(params.paths.probes)
+        id_data: DatasetRuns = load_dataset(params, "id")
+        ood_data: DatasetRuns = load_dataset(params, "ood")
+        require_same_locations(id_data, ood_data)
+        id_runs = attach_splits(id_data.runs, splits, "id")
+        ood_runs = attach_splits(ood_data.runs, splits, "ood")
+        high_se_threshold = float(selection["high_se_threshold"])
+        evaluated = {"test": (id_runs[id_runs["split"] == "test"], id_data.hidden), "ood": (ood_runs, ood_data.hidden)}
+
+        report: dict[str, Any] = {}
+        summaries: dict[str, Any] = {}
+        roc_frames = []
+        for split, (runs, hidden) in evaluated.items():
+            scores = score_runs(runs, hidden, id_data.positions, id_data.layers, probes)
+            high_se = probe_labels(runs, high_se_threshold)["high_se"]
+            report[split], summaries[split] = split_metrics(runs, scores, high_se, split, params.evaluate,
+                                                            params.seed)
+            roc_frames.append(roc_table(~runs["correct"].to_numpy(bool), scores, split))
+        report["summary"] = summaries
+        report["settings"] = {
+            "positive_class": "incorrect run", "scores": SCORES,
+            SE_PROBE_ON_HIGH_SE: "P(high semantic entropy) from the SE probe, for the high_se label",
+            "bootstrap": params.evaluate.bootstrap, "permutations": params.evaluate.permutations,
+            "confidence": params.evaluate.confidence, "high_se_threshold": high_se_threshold,
+            "high_se_threshold_method": selection["high_se_threshold_method"],
+            "accuracy_probe": {"position": probes["accuracy"].position, "layer": probes["accuracy"].layer},
+            "se_probe": {"position": probes["se"].position, "layer": probes["se"].layer},
+        }
+
+        location_probes = fit_probes_on_train(id_runs, id_data.hidden, id_data.positions, id_data.layers,
+                                              high_se_threshold, params.probes, params.seed)
+        check_refit_matches(location_probes, probes)
+        by_layer = auroc_by_layer(location_probes, {"val": (id_runs[id_runs["split"] == "val"], id_data.hidden),
+                                                    **evaluated}, id_data.positions, id_data.layers,
+                                  high_se_threshold)
+        roc = pd.concat(roc_frames, ignore_index=True)
+
+        write_json(report, Path(params.paths.metrics) / "evaluate.json")
+        write_csv(by_layer, Path(params.paths.plots) / "auroc_by_layer.csv", AUROC_BY_LAYER_COLUMNS)
+        write_csv(roc, Path(params.paths.plots) / "roc.csv", ROC_COLUMNS)
+        cost.update({"probes_fitted": len(location_probes),
+                     "runs_scored": int(sum(len(runs) for runs, _ in evaluated.values())),
+                     "bootstrap_resamples": params.evaluate.bootstrap, "permutations": params.evaluate.permutations})
+    return report
+
+
+def main() -> None:
+    setup_logging()
+    run(load_params())
+
+
+if __name__ == "__main__":
+    main()

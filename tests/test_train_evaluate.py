@@ -1,0 +1,242 @@
+"""train_probes and evaluate on synthetic fixtures in tmp_path.
+
+The hidden array is noise except at (think_end, layer 2), where dimension 0 is shifted for correct runs,
+and (slt, layer 1), where dimension 1 follows the question's semantic entropy. Hidden rows are stored in a
+shuffled order, so a wrong row mapping would erase the signal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from stages import evaluate, train_probes
+from stages.config import parse_params
+from stages.probes import SingleClassError, load_probe
+from stages.schema import (AUROC_BY_LAYER_COLUMNS, ROC_COLUMNS, SPLIT_COLUMNS, SchemaError, hidden_files,
+                           validate_frame)
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+POSITIONS = ["tbg", "think_end", "slt"]
+LAYERS = [0, 1, 2]
+HIDDEN_SIZE = 6
+RUNS_PER_QUESTION = 4
+
+
+def make_params(root: Path, **probe_overrides):
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    raw["paths"] = {name: str(root / name) for name in raw["paths"]}
+    raw["probes"].update({"c_grid": [0.1, 1.0], "cv_folds": 3, "max_iter": 500, **probe_overrides})
+    raw["evaluate"].update({"bootstrap": 50, "permutations": 50})
+    return parse_params(raw)
+
+
+def make_dataset(n_questions: int, dataset: str, seed: int):
+    """(runs, semantic entropy, hidden array, hidden index) for one dataset, one row per run."""
+    rng = np.random.default_rng(seed)
+    question_ids = [f"{dataset}-{i:03d}" for i in range(n_questions)]
+    difficulty = rng.uniform(0.1, 0.9, n_questions)  # P(correct) of each question
+    semantic_entropy_per_question = np.round(rng.uniform(0, 1.4, n_questions), 3)
+    question_id = np.repeat(np.array(question_ids, dtype=object), RUNS_PER_QUESTION)
+    question_index = np.repeat(np.arange(n_questions), RUNS_PER_QUESTION)
+    n_runs = len(question_id)
+    correct = rng.random(n_runs) < difficulty[question_index]
+    semantic_entropy = semantic_entropy_per_question[question_index]
+    runs = pd.DataFrame({
+        "question_id": question_id, "run_id": np.tile(np.arange(RUNS_PER_QUESTION), n_questions),
+        "dataset": dataset, "correct": correct,
+        "mean_token_entropy": rng.normal(1.0, 0.3, n_runs) - 0.3 * correct,
+        "sequence_loglik": rng.normal(-20, 3, n_runs) + 3 * correct,
+        "n_generated": rng.integers(10, 40, n_runs),
+    })
+    entropy = pd.DataFrame({
+        "question_id": question_id, "run_id": runs["run_id"], "cluster_id": rng.integers(0, 2, n_runs),
+        "n_clusters": 2, "semantic_entropy": semantic_entropy,
+        "semantic_entropy_weighted": semantic_entropy + rng.normal(0, 0.05, n_runs),
+        "naive_entropy": rng.normal(1, 0.2, n_runs),
+    })
+    hidden = rng.normal(0, 1, (n_runs, len(POSITIONS), len(LAYERS), HIDDEN_SIZE))
+    hidden[:, 1, 2, 0] += 3.0 * correct        # (think_end, layer 2) knows correctness
+    hidden[:, 2, 1, 1] += 4.0 * semantic_entropy  # (slt, layer 1) knows semantic entropy
+    order = rng.permutation(n_runs)  # hidden row of run i is position of i in `order`
+    index = pd.DataFrame({"row": np.arange(n_runs), "question_id": question_id[order],
+                          "run_id": runs["run_id"].to_numpy()[order], "sequence_length": 50,
+                          "think_end_fallback": False})
+    return runs, entropy, hidden[order].astype(np.float16), index
+
+
+def write_fixture(params, n_id=60, n_ood=20, edit_id=None):
+    """Write runs, SE and hidden files for id and ood; ``edit_id(runs, entropy)`` may change the id tables."""
+    for dataset, n_questions, seed in (("id", n_id, 0), ("ood", n_ood, 1)):
+        runs, entropy, hidden, index = make_dataset(n_questions, dataset, seed)
+        if dataset == "id" and edit_id is not None:
+            edit_id(runs, entropy)
+        for directory, frame in ((params.paths.runs, runs), (params.paths.semantic_entropy, entropy)):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(Path(directory) / f"{dataset}.parquet", index=False)
+        array_path, index_path, meta_path = hidden_files(params.paths.hidden, dataset)
+        array_path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(array_path, hidden)
+        index.to_parquet(index_path, index=False)
+        meta_path.write_text(json.dumps({"positions": POSITIONS, "layers": LAYERS, "hidden_size": HIDDEN_SIZE}))
+
+
+def test_questions_are_split_not_runs():
+    splits = train_probes.split_questions([f"q{i}" for i in range(50)] * 3, ["o1", "o2"], 0.6, 0.2, seed=0)
+    validate_frame(splits, SPLIT_COLUMNS, "splits")
+    assert splits["question_id"].is_unique
+    assert splits["split"].value_counts().to_dict() == {"train": 30, "val": 10, "test": 10, "ood": 2}
+    again = train_probes.split_questions([f"q{i}" for i in reversed(range(50))], ["o2", "o1"], 0.6, 0.2, seed=0)
+    pd.testing.assert_frame_equal(splits, again)  # depends on the set of questions and the seed only
+    other_seed = train_probes.split_questions([f"q{i}" for i in range(50)], [], 0.6, 0.2, seed=1)
+    assert set(other_seed.query("split == 'train'").question_id) != set(splits.query("split == 'train'").question_id)
+    with pytest.raises(ValueError, match="empty `val` split"):
+        train_probes.split_questions(["a", "b", "c"], [], 0.6, 0.1, seed=0)
+
+
+def test_train_probes_selects_the_signal_location_on_val(tmp_path):
+    params = make_params(tmp_path)
+    write_fixture(params)
+    train_probes.run(params)
+    probes_dir = Path(params.paths.probes)
+    selection = json.loads((probes_dir / "selection.json").read_text())
+    assert (selection["accuracy_probe"]["position"], selection["accuracy_probe"]["layer"]) == ("think_end", 2)
+    assert (selection["se_probe"]["position"], selection["se_probe"]["layer"]) == ("slt", 1)
+    assert len(selection["val_auroc"]) == 2 * len(POSITIONS) * len(LAYERS)
+    assert selection["high_se_threshold_method"] == "best_split"
+
+    splits = pd.read_parquet(probes_dir / "splits.parquet")
+    assert splits.groupby("question_id")["split"].nunique().max() == 1  # no question in two splits
+    assert set(splits.query("dataset == 'ood'")["split"]) == {"ood"}
+    assert splits.query("dataset == 'id'")["split"].value_counts().to_dict() == {"train": 36, "val": 12, "test": 12}
+
+    accuracy_probe = load_probe(probes_dir / "accuracy_probe.json")
+    assert (accuracy_probe.label_name, accuracy_probe.position, accuracy_probe.layer) == ("correct", "think_end", 2)
+    baseline = load_probe(probes_dir / "entropy_baseline.json")
+    assert baseline.feature == "mean_token_entropy" and baseline.n_features_in_ == 1
+    assert baseline.coef_[0] < 0  # higher token entropy, less likely correct (as built)
+    cost = json.loads((Path(params.paths.metrics) / "cost" / "train_probes.json").read_text())
+    assert cost["probes_fitted"] == 2 * len(POSITIONS) * len(LAYERS) + 1 and cost["wall_seconds"] >= 0
+
+
+def test_high_se_threshold_uses_train_questions_only(tmp_path):
+    params = make_params(tmp_path)
+    write_fixture(params)
+    data = train_probes.load_dataset(params, "id")
+    splits = train_probes.split_questions(data.runs["question_id"], [], 0.6, 0.2, params.seed)
+    runs = train_probes.attach_splits(data.runs, splits, "id")
+    kwargs = dict(hidden=data.hidden, positions=data.positions, layers=data.layers,
+                  probe_params=params.probes, seed=params.seed)
+    baseline = train_probes.train(runs, **kwargs).selection["high_se_threshold"]
+
+    is_test = runs["split"] == "test"
+    shifted = runs.assign(semantic_entropy=np.where(is_test, runs["semantic_entropy"] * 3 + 5,
+                                                    runs["semantic_entropy"]))
+    assert train_probes.train(shifted, **kwargs).selection["high_se_threshold"] == baseline
+    train_only = runs.assign(semantic_entropy=np.where(runs["split"] == "train", runs["semantic_entropy"] + 1,
+                                                       runs["semantic_entropy"]))
+    assert train_probes.fit_high_se_threshold(train_only.query("split == 'train'")["question_id"],
+                                              train_only.query("split == 'train'")["semantic_entropy"],
+                                              "best_split") == pytest.approx(baseline + 1)
+
+
+def test_evaluate_writes_metrics_and_plots(tmp_path):
+    params = make_params(tmp_path)
+    write_fixture(params)
+    train_probes.run(params)
+    report = evaluate.run(params)
+    written = json.loads((Path(params.paths.metrics) / "evaluate.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert set(written) == {"test", "ood", "summary", "settings"}
+    for split in ("test", "ood"):
+        assert set(written[split]) == set(evaluate.SCORES) | {evaluate.SE_PROBE_ON_HIGH_SE}
+        for score, record in written[split].items():
+            assert 0 <= record["auroc"] <= 1 and 0 < record["auprc"] <= 1
+            assert record["auroc_ci_low"] <= record["auroc"] <= record["auroc_ci_high"]
+            assert record["auprc_ci_low"] <= record["auprc"] <= record["auprc_ci_high"]
+            assert 1 / 51 <= record["auroc_p_value"] <= 1
+            assert record["label"] == ("high_se" if score == evaluate.SE_PROBE_ON_HIGH_SE else "incorrect")
+    assert written["test"]["accuracy_probe"]["auroc"] > 0.8  # the built-in signal flags incorrect runs
+    assert written["test"]["accuracy_probe"]["auroc_p_value"] < 0.05
+    assert written["test"]["accuracy_probe"]["n_runs"] == 12 * RUNS_PER_QUESTION
+    summary = written["summary"]["test"]
+    assert summary["n_correct"] + summary["n_incorrect"] == summary["n_runs"]
+    assert summary["mean_p_correct_on_correct"] > summary["mean_p_correct_on_incorrect"]
+    assert written["settings"]["accuracy_probe"] == {"position": "think_end", "layer": 2}
+
+    by_layer = pd.read_csv(Path(params.paths.plots) / "auroc_by_layer.csv")
+    validate_frame(by_layer, AUROC_BY_LAYER_COLUMNS, "auroc_by_layer.csv")
+    assert len(by_layer) == 2 * len(POSITIONS) * len(LAYERS) * 3
+    assert set(by_layer["split"]) == {"val", "test", "ood"} and set(by_layer["probe"]) == {"accuracy", "se"}
+    # the refitted per-layer probes are the ones train_probes selected from: same val AUROC
+    selection = json.loads((Path(params.paths.probes) / "selection.json").read_text())
+    chosen = by_layer.query("probe == 'accuracy' and split == 'val' and position == 'think_end' and layer == 2")
+    assert chosen["auroc"].item() == pytest.approx(selection["accuracy_probe"]["val_auroc"])
+
+    roc = pd.read_csv(Path(params.paths.plots) / "roc.csv")
+    validate_frame(roc, ROC_COLUMNS, "roc.csv")
+    assert set(roc["score"]) == set(evaluate.SCORES) and set(roc["split"]) == {"test", "ood"}
+    assert (Path(params.paths.metrics) / "cost" / "evaluate.json").exists()
+
+
+def test_single_class_test_split_and_missing_ood_give_null_metrics_with_notes(tmp_path):
+    params = make_params(tmp_path)
+    ids = [f"id-{i:03d}" for i in range(60)]
+    splits = train_probes.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
+                                          params.seed)
+    test_questions = set(splits.query("split == 'test'")["question_id"])
+
+    def all_test_runs_correct(runs, entropy):
+        runs.loc[runs["question_id"].isin(test_questions), "correct"] = True
+
+    write_fixture(params, n_ood=0, edit_id=all_test_runs_correct)
+    train_probes.run(params)
+    report = evaluate.run(params)
+
+    test_record = report["test"]["accuracy_probe"]
+    assert test_record["auroc"] is None and test_record["auroc_p_value"] is None and test_record["auprc"] is None
+    assert "`incorrect` = False" in test_record["note"]
+    assert report["summary"]["test"]["accuracy"] == 1.0
+    assert report["test"][evaluate.SE_PROBE_ON_HIGH_SE]["auroc"] is not None  # high-SE labels still vary
+
+    for record in report["ood"].values():
+        assert record["auroc"] is None and "no runs in split `ood`" in record["note"]
+    assert report["summary"]["ood"]["n_runs"] == 0 and report["summary"]["ood"]["accuracy"] is None
+    by_layer = pd.read_csv(Path(params.paths.plots) / "auroc_by_layer.csv")
+    assert "ood" not in set(by_layer["split"])
+    # the test split is single-class for the accuracy probe only: null there, defined for the SE probe
+    test_rows = by_layer.query("split == 'test'")
+    assert test_rows.query("probe == 'accuracy'")["auroc"].isna().all()
+    assert test_rows.query("probe == 'se'")["auroc"].notna().all()
+
+
+def test_single_class_val_labels_fail_naming_split_and_label(tmp_path):
+    params = make_params(tmp_path)
+    ids = [f"id-{i:03d}" for i in range(60)]
+    splits = train_probes.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
+                                          params.seed)
+    val_questions = set(splits.query("split == 'val'")["question_id"])
+
+    def all_val_runs_correct(runs, entropy):
+        runs.loc[runs["question_id"].isin(val_questions), "correct"] = True
+
+    write_fixture(params, edit_id=all_val_runs_correct)
+    with pytest.raises(SingleClassError, match=r"label `correct` in split `val`"):
+        train_probes.run(params)
+    assert not Path(params.paths.probes).exists()
+
+
+def test_mismatched_inputs_fail_naming_the_files(tmp_path):
+    params = make_params(tmp_path)
+
+    def drop_a_run(runs, entropy):
+        entropy.drop(index=entropy.index[0], inplace=True)
+
+    write_fixture(params, edit_id=drop_a_run)
+    with pytest.raises(SchemaError, match=r"runs/id.parquet: 1 runs absent from .*semantic_entropy/id.parquet"):
+        train_probes.run(params)
