@@ -11,8 +11,8 @@ from train). A split with one class, or no runs (``data.ood_source: none``), get
 Writes
 - ``{paths.metrics}/evaluate.json``: ``{split: {score: {auroc, auroc_ci_low, ...}}}`` plus ``summary`` (counts,
   accuracy and mean probe confidence per split) and ``settings``;
-- ``{paths.plots}/auroc_by_layer.csv``: AUROC of a probe fitted on train at every (position, layer), on val,
-  test and ood, refitted through ``train_probes.fit_probes_on_train`` (the same code that trained them);
+- ``{paths.plots}/auroc_by_layer.csv``: AUROC of the probe train_probes fitted on train at every
+  (position, layer) (``location_probes.json``), on val, test and ood;
 - ``{paths.plots}/roc.csv``: ROC curves of every score on test and ood;
 - ``{paths.metrics}/cost/evaluate.json``.
 """
@@ -31,10 +31,11 @@ from stages.common import atomic_path, cost_record, setup_logging, write_json
 from stages.config import EvaluateParams, Params, load_params
 from stages.metrics import (auprc, auroc, bootstrap_ci, permutation_p_value, roc_curve_table,
                             single_class_reason)
-from stages.probes import LinearProbe, load_probe, location_features, score_location_probes
-from stages.schema import (AUROC_BY_LAYER_COLUMNS, PROBE_FILES, ROC_COLUMNS, SELECTION_FILE, SPLIT_COLUMNS,
+from stages.probes import (LinearProbe, load_location_probes, load_probe, location_features,
+                           score_location_probes)
+from stages.schema import (AUROC_BY_LAYER_COLUMNS, LOCATION_PROBES_FILE, PROBE_FILES, ROC_COLUMNS, SELECTION_FILE, SPLIT_COLUMNS,
                            SPLIT_KEY, SPLITS_FILE, SchemaError, validate_frame)
-from stages.train_probes import (PROBE_LABEL, DatasetRuns, attach_splits, fit_probes_on_train, load_dataset,
+from stages.train_probes import (PROBE_LABEL, DatasetRuns, attach_splits, load_dataset,
                                  probe_labels, require_same_locations)
 
 log = logging.getLogger(__name__)
@@ -181,17 +182,6 @@ def auroc_by_layer(location_probes, datasets: Mapping[str, tuple[pd.DataFrame, A
     return pd.concat(frames, ignore_index=True)[[c.name for c in AUROC_BY_LAYER_COLUMNS]]
 
 
-def check_refit_matches(location_probes, probes: Mapping[str, LinearProbe]) -> None:
-    """Warn when the refitted probe at a selected location differs from the saved one (stale probes dir)."""
-    for probe_name, label_name in PROBE_LABEL.items():
-        saved = probes[probe_name]
-        refit = location_probes[(label_name, saved.position, saved.layer)]
-        if not (np.allclose(saved.coef_, refit.coef_, rtol=1e-4, atol=1e-6) and saved.C_ == refit.C_):
-            log.warning("%s probe refitted at (%s, %d) differs from %s: auroc_by_layer.csv may not match the "
-                        "saved probes; rerun train_probes", probe_name, saved.position, saved.layer,
-                        PROBE_FILES[probe_name])
-
-
 def _fmt(value) -> str:
     return "null" if value is None else f"{value:.3f}"
 
@@ -250,9 +240,7 @@ def run(params: Params) -> dict[str, Any]:
             "se_probe": {"position": probes["se"].position, "layer": probes["se"].layer},
         }
 
-        location_probes = fit_probes_on_train(id_runs, id_data.hidden, id_data.positions, id_data.layers,
-                                              high_se_threshold, params.probes, params.seed)
-        check_refit_matches(location_probes, probes)
+        location_probes = load_location_probes(Path(params.paths.probes) / LOCATION_PROBES_FILE)
         by_layer = auroc_by_layer(location_probes, {"val": (id_runs[id_runs["split"] == "val"], id_data.hidden),
                                                     **evaluated}, id_data.positions, id_data.layers,
                                   high_se_threshold)
@@ -261,7 +249,7 @@ def run(params: Params) -> dict[str, Any]:
         write_json(report, Path(params.paths.metrics) / "evaluate.json")
         write_csv(by_layer, Path(params.paths.plots) / "auroc_by_layer.csv", AUROC_BY_LAYER_COLUMNS)
         write_csv(roc, Path(params.paths.plots) / "roc.csv", ROC_COLUMNS)
-        cost.update({"probes_fitted": len(location_probes),
+        cost.update({"location_probes_scored": len(location_probes),
                      "runs_scored": int(sum(len(runs) for runs, _ in evaluated.values())),
                      "bootstrap_resamples": params.evaluate.bootstrap, "permutations": params.evaluate.permutations})
     return report

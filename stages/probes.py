@@ -229,6 +229,23 @@ def load_probe(path: str | Path) -> LinearProbe:
         raise ValueError(f"{path}: {error}") from error
 
 
+def save_location_probes(probes: Mapping[tuple[str, str, int], LinearProbe], path: str | Path) -> None:
+    """Write every per-location probe as one JSON list of ``to_dict`` records (inside an atomic directory)."""
+    Path(path).write_text(json.dumps([probe.to_dict() for probe in probes.values()]) + "\n")
+
+
+def load_location_probes(path: str | Path) -> dict[tuple[str, str, int], LinearProbe]:
+    """Read ``save_location_probes`` output, keyed (label name, position, layer) like ``fit_location_probes``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run the train_probes stage (`dvc repro train_probes`)")
+    try:
+        probes = [LinearProbe.from_dict(record) for record in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: {error}") from error
+    return {(probe.label_name, probe.position, int(probe.layer)): probe for probe in probes}
+
+
 def _as_features(features) -> np.ndarray:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2:

@@ -180,6 +180,7 @@ ANALYSIS_KEY = ("dataset", "question_id", "run_id")
 # Each probe file is ``stages.probes.LinearProbe.to_dict()`` as JSON (load with ``stages.probes.load_probe``).
 PROBE_FILES = {"accuracy": "accuracy_probe.json", "se": "se_probe.json", "entropy_baseline": "entropy_baseline.json"}
 SPLITS_FILE = "splits.parquet"  # SPLIT_COLUMNS
+LOCATION_PROBES_FILE = "location_probes.json"  # every (label, position, layer) probe fitted on train
 SELECTION_FILE = "selection.json"  # chosen (position, layer) per probe, val AUROC per location, high-SE threshold
 
 # ---- plots: artifacts/plots/*.csv (written by evaluate) ----------------------------------------------

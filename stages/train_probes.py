@@ -28,10 +28,11 @@ import pandas as pd
 
 from stages.common import atomic_path, cost_record, setup_logging
 from stages.config import ProbeParams, Params, load_params
-from stages.probes import (THRESHOLD_FUNCTIONS, LinearProbe, fit_location_probes, require_two_classes, save_probe,
-                           score_location_probes)
-from stages.schema import (PROBE_FILES, RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SELECTION_FILE, SPLIT_COLUMNS,
-                           SPLIT_KEY, SPLITS_FILE, SchemaError, hidden_files, validate_frame, validate_hidden)
+from stages.probes import (THRESHOLD_FUNCTIONS, LinearProbe, fit_location_probes, require_two_classes,
+                           save_location_probes, save_probe, score_location_probes)
+from stages.schema import (LOCATION_PROBES_FILE, PROBE_FILES, RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY,
+                           SELECTION_FILE, SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, SchemaError, hidden_files,
+                           validate_frame, validate_hidden)
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,13 @@ class TrainedProbes:
     """``accuracy``, ``se`` (at their selected locations) and ``entropy_baseline``."""
     selection: dict[str, Any]
     """Contents of selection.json."""
-    n_fitted: int
-    """Final fits (excluding the cross-validation fits inside each)."""
+    location_probes: dict[tuple[str, str, int], LinearProbe]
+    """Every (label, position, layer) probe fitted on train; evaluate scores them per layer without refitting."""
+
+    @property
+    def n_fitted(self) -> int:
+        """Final fits (excluding the cross-validation fits inside each): every location plus the baseline."""
+        return len(self.location_probes) + 1
 
 
 def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbeParams, seed: int) -> TrainedProbes:
@@ -254,7 +260,7 @@ def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbePara
                       for probe_name, label_name in PROBE_LABEL.items()
                       for row in val_auroc[val_auroc["label"] == label_name].itertuples()],
     })
-    return TrainedProbes(selected, selection, n_fitted=len(location_probes) + 1)
+    return TrainedProbes(selected, selection, location_probes)
 
 
 # ---- write -----------------------------------------------------------------------------------------------
@@ -266,8 +272,10 @@ def write_probes(directory: str | Path, splits: pd.DataFrame, trained: TrainedPr
         splits.to_parquet(tmp / SPLITS_FILE, index=False)
         for name, file_name in PROBE_FILES.items():
             save_probe(trained.probes[name], tmp / file_name)
+        save_location_probes(trained.location_probes, tmp / LOCATION_PROBES_FILE)
         (tmp / SELECTION_FILE).write_text(json.dumps(trained.selection, indent=2) + "\n")
-    log.info("wrote %s: %s, %s, %s", directory, SPLITS_FILE, ", ".join(PROBE_FILES.values()), SELECTION_FILE)
+    log.info("wrote %s: %s, %s, %s, %s", directory, SPLITS_FILE, ", ".join(PROBE_FILES.values()), SELECTION_FILE,
+             LOCATION_PROBES_FILE)
 
 
 def run(params: Params) -> TrainedProbes:

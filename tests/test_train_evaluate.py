@@ -173,7 +173,7 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     validate_frame(by_layer, AUROC_BY_LAYER_COLUMNS, "auroc_by_layer.csv")
     assert len(by_layer) == 2 * len(POSITIONS) * len(LAYERS) * 3
     assert set(by_layer["split"]) == {"val", "test", "ood"} and set(by_layer["probe"]) == {"accuracy", "se"}
-    # the refitted per-layer probes are the ones train_probes selected from: same val AUROC
+    # the per-layer probes are the ones train_probes selected from: same val AUROC
     selection = json.loads((Path(params.paths.probes) / "selection.json").read_text())
     chosen = by_layer.query("probe == 'accuracy' and split == 'val' and position == 'think_end' and layer == 2")
     assert chosen["auroc"].item() == pytest.approx(selection["accuracy_probe"]["val_auroc"])
