@@ -46,16 +46,29 @@ class ToyParams:
     layers: int
     """Transformer blocks of the embedded default model."""
     hidden_size: int
+    """Width of the residual stream (and of the tied embedding)."""
     heads: int
+    """Attention heads per block (head width = hidden_size / heads)."""
+    intermediate_size: int
+    """Width of each block's MLP."""
     steps: int
-    """Optimiser steps; training time grows linearly with it."""
+    """Optimiser steps; training time grows linearly with it, and so does accuracy: the default stops the model
+    mid-way, where sampling still gives a mix of right and wrong answers."""
     batch_size: int
+    """Chains per optimiser step (fresh chains every step)."""
     learning_rate: float
+    """Peak AdamW learning rate (short linear warm-up, then cosine decay to a tenth of it)."""
     min_terms: int
     """Fewest operands in a training chain (in-distribution questions use the same range)."""
     max_terms: int
     max_operand: int
     """Largest operand in training chains and in-distribution questions."""
+    ood_max_terms: int
+    """Out-of-distribution (tail) chains have ``max_terms+1..ood_max_terms`` operands."""
+    ood_max_operand: int
+    """Largest operand in tail chains (>= ``max_operand``)."""
+    ood_train_fraction: float
+    """Share of training chains drawn from the tail: the knob between an impossible and an easy OOD set."""
 
 
 @dataclass(frozen=True)
@@ -103,18 +116,27 @@ class TraceParams:
 @dataclass(frozen=True)
 class ProbeParams:
     train_fraction: float
+    """Share of in-distribution questions (not runs) used to fit probes."""
     val_fraction: float
+    """Share of questions used to choose each probe's (position, layer); the rest is test."""
     cv_folds: int
+    """Folds of the question-grouped cross-validation that picks C on train (clamped to the train questions)."""
     c_grid: tuple[float, ...]
+    """Inverse L2 strengths tried for each probe; one value skips the cross-validation."""
     high_se_threshold: str
+    """How the high-SE label's threshold is fitted on train questions: ``best_split`` (SEP paper) or ``median``."""
     max_iter: int
+    """lbfgs iterations per logistic-regression fit."""
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     bootstrap: int
+    """Question-level bootstrap resamples per confidence interval."""
     permutations: int
+    """Label permutations per p-value (the smallest reachable p is 1 / (1 + permutations))."""
     confidence: float
+    """Level of the percentile bootstrap intervals, e.g. 0.95."""
 
 
 @dataclass(frozen=True)
@@ -171,11 +193,19 @@ def validate(params: Params) -> Params:
     """Raise ParamsError naming the first invalid key; return ``params`` unchanged otherwise."""
     p = params
     _check(isinstance(p.seed, int), "seed", p.seed, "an integer")
-    for name in ("layers", "hidden_size", "heads", "steps", "batch_size", "max_operand"):
+    for name in ("layers", "hidden_size", "heads", "intermediate_size", "steps", "batch_size", "max_operand"):
         _check(getattr(p.toy, name) >= 1, f"toy.{name}", getattr(p.toy, name), "an integer >= 1")
     _check(p.toy.hidden_size % p.toy.heads == 0, "toy.heads", p.toy.heads, "a divisor of toy.hidden_size")
     _check(2 <= p.toy.min_terms <= p.toy.max_terms, "toy.min_terms", p.toy.min_terms,
            "2 <= toy.min_terms <= toy.max_terms")
+    _check(isinstance(p.toy.learning_rate, (int, float)) and p.toy.learning_rate > 0, "toy.learning_rate",
+           p.toy.learning_rate, "a number > 0")
+    _check(p.toy.ood_max_terms > p.toy.max_terms, "toy.ood_max_terms", p.toy.ood_max_terms,
+           "an integer > toy.max_terms (tail chains are longer than in-distribution ones)")
+    _check(p.toy.ood_max_operand >= p.toy.max_operand, "toy.ood_max_operand", p.toy.ood_max_operand,
+           "an integer >= toy.max_operand")
+    _check(isinstance(p.toy.ood_train_fraction, (int, float)) and 0 <= p.toy.ood_train_fraction < 1,
+           "toy.ood_train_fraction", p.toy.ood_train_fraction, "a fraction in [0, 1)")
     _check(isinstance(p.model.name, str) and p.model.name != "", "model.name", p.model.name,
            "`toy`, a Hugging Face repo id or a local directory")
     _check(_is_source(p.data.source, ("arithmetic",)), "data.source", p.data.source,
@@ -206,13 +236,19 @@ def validate(params: Params) -> Params:
     _check(0 < p.probes.train_fraction < 1, "probes.train_fraction", p.probes.train_fraction, "a fraction in (0, 1)")
     _check(0 < p.probes.val_fraction < 1 - p.probes.train_fraction, "probes.val_fraction",
            p.probes.val_fraction, "a fraction leaving room for a test split")
-    _check(p.probes.cv_folds >= 2, "probes.cv_folds", p.probes.cv_folds, "an integer >= 2")
-    _check(len(p.probes.c_grid) > 0 and all(c > 0 for c in p.probes.c_grid), "probes.c_grid", p.probes.c_grid,
-           "a non-empty list of positive numbers")
+    _check(isinstance(p.probes.cv_folds, int) and p.probes.cv_folds >= 2, "probes.cv_folds", p.probes.cv_folds,
+           "an integer >= 2")
+    _check(isinstance(p.probes.c_grid, tuple) and len(p.probes.c_grid) > 0
+           and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in p.probes.c_grid),
+           "probes.c_grid", p.probes.c_grid, "a non-empty list of positive numbers")
+    _check(isinstance(p.probes.max_iter, int) and p.probes.max_iter >= 1, "probes.max_iter", p.probes.max_iter,
+           "an integer >= 1")
     _check(p.probes.high_se_threshold in THRESHOLD_METHODS, "probes.high_se_threshold",
            p.probes.high_se_threshold, f"one of {THRESHOLD_METHODS}")
-    _check(p.evaluate.bootstrap >= 10, "evaluate.bootstrap", p.evaluate.bootstrap, "an integer >= 10")
-    _check(p.evaluate.permutations >= 10, "evaluate.permutations", p.evaluate.permutations, "an integer >= 10")
+    _check(isinstance(p.evaluate.bootstrap, int) and p.evaluate.bootstrap >= 10, "evaluate.bootstrap",
+           p.evaluate.bootstrap, "an integer >= 10")
+    _check(isinstance(p.evaluate.permutations, int) and p.evaluate.permutations >= 10, "evaluate.permutations",
+           p.evaluate.permutations, "an integer >= 10")
     _check(0 < p.evaluate.confidence < 1, "evaluate.confidence", p.evaluate.confidence, "a fraction in (0, 1)")
     _check(p.analysis.umap_neighbors >= 2, "analysis.umap_neighbors", p.analysis.umap_neighbors, "an integer >= 2")
     return params

@@ -1,0 +1,171 @@
+"""Tests for stages/arithmetic.py and stages/toy_model.py: the task, the tokenizer, and a tiny trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages import arithmetic, toy_model
+from stages.config import ToyParams
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ToyParams(layers=1, hidden_size=16, heads=2, intermediate_size=32, steps=4, batch_size=4,
+                 learning_rate=0.003, min_terms=2, max_terms=3, max_operand=9, ood_max_terms=4, ood_max_operand=9,
+                 ood_train_fraction=0.25)
+
+
+# ---- the arithmetic task ------------------------------------------------------------------------------------
+def test_solution_text_hand_checked():
+    assert arithmetic.solution_text("12+7-5+3") == "<think>12+7=19\n19-5=14\n14+3=17</think>\\boxed{17}"
+    assert arithmetic.solution_text("5-5+2") == "<think>5-5=0\n0+2=2</think>\\boxed{2}"
+    assert arithmetic.solution_text("3+4") == "<think>3+4=7</think>\\boxed{7}"
+
+
+def test_parse_chain_rejects_anything_but_plus_and_minus_chains():
+    assert arithmetic.parse_chain("12+7-5") == [12, 7, -5]
+    for bad in ("12", "12*3", "1+", "-1+2", "", "x+1"):
+        with pytest.raises(ValueError, match="not an arithmetic chain"):
+            arithmetic.parse_chain(bad)
+
+
+def test_make_questions_is_seeded_distinct_and_within_range():
+    first = arithmetic.make_questions(200, np.random.default_rng(3), 2, 4, 20)
+    assert first == arithmetic.make_questions(200, np.random.default_rng(3), 2, 4, 20)
+    assert first != arithmetic.make_questions(200, np.random.default_rng(4), 2, 4, 20)
+    assert len({q for q, _ in first}) == 200
+    for question, gold in first:
+        operands = arithmetic.parse_chain(question)
+        assert 2 <= len(operands) <= 4 and all(1 <= abs(x) <= 20 for x in operands)
+        assert all(np.cumsum(operands) >= 0)  # partial results never go negative
+        assert gold == str(sum(operands))
+
+
+def test_make_questions_refuses_an_impossible_request():
+    with pytest.raises(ValueError, match="could not draw 50 distinct chains"):
+        arithmetic.make_questions(50, np.random.default_rng(0), 2, 2, 2)
+
+
+def test_ood_questions_are_the_longer_tail():
+    for question, _ in arithmetic.make_ood_questions(50, np.random.default_rng(0), 4, 6, 30):
+        operands = arithmetic.parse_chain(question)
+        assert 5 <= len(operands) <= 6 and max(abs(x) for x in operands) <= 30
+
+
+def test_training_chains_mix_in_the_requested_share_of_tail_chains():
+    chains = arithmetic.training_chains(2000, np.random.default_rng(0), 2, 4, 20, 5, 20, ood_fraction=0.1)
+    tail_share = np.mean([len(arithmetic.parse_chain(c)) == 5 for c in chains])
+    assert 0.07 < tail_share < 0.13
+    chains = arithmetic.training_chains(500, np.random.default_rng(0), 2, 4, 20, 5, 20, ood_fraction=0.0)
+    assert max(len(arithmetic.parse_chain(c)) for c in chains) == 4
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy_model.build_tokenizer()
+
+
+def test_think_markers_are_single_tokens_and_characters_are_one_token_each(tokenizer):
+    text = "<think>12+7=19\n</think>\\boxed{19}"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+    assert tokens == ["<think>", *"12+7=19\n", "</think>", *"\\boxed{19}"]
+    assert tokenizer.decode(tokenizer(text).input_ids) == text  # no BOS added, no spaces inserted
+
+
+def test_special_token_ids_and_unknown_characters(tokenizer):
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|pad|>", 0)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|endoftext|>", 1)
+    assert tokenizer.bos_token is None
+    assert tokenizer("é", add_special_tokens=False).input_ids == [tokenizer.unk_token_id]
+    ids = tokenizer("<think>1</think><|endoftext|>", add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>1</think>"  # like Qwen3, think stays
+
+
+def test_chat_template_renders_the_prompt_and_full_transcripts(tokenizer):
+    user = [{"role": "user", "content": "12+7"}]
+    assert tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False) == "<|user|>12+7<|assistant|>"
+    transcript = user + [{"role": "assistant", "content": "<think>12+7=19</think>\\boxed{19}"}]
+    assert tokenizer.apply_chat_template(transcript, tokenize=False) == \
+        "<|user|>12+7<|assistant|><think>12+7=19</think>\\boxed{19}<|endoftext|>"
+    with pytest.raises(Exception, match="only the user and assistant roles"):
+        tokenizer.apply_chat_template([{"role": "system", "content": "hi"}] + user, tokenize=False)
+
+
+def test_training_batch_puts_the_loss_on_the_completion_only(tokenizer):
+    input_ids, labels = toy_model.training_batch(tokenizer, ["1+2", "10+20-3"])
+    prompt_length = len(tokenizer("<|user|>1+2<|assistant|>", add_special_tokens=False).input_ids)
+    completion = tokenizer("<think>1+2=3</think>\\boxed{3}<|endoftext|>", add_special_tokens=False).input_ids
+    assert input_ids.shape == labels.shape and input_ids.shape[0] == 2
+    assert (labels[0, :prompt_length] == -100).all()
+    assert labels[0, prompt_length:prompt_length + len(completion)].tolist() == completion
+    assert (labels[0, prompt_length + len(completion):] == -100).all()  # padding
+    assert (input_ids[0, prompt_length + len(completion):] == tokenizer.pad_token_id).all()
+    assert labels[1, -1] == tokenizer.eos_token_id  # the longest row ends with EOS, unpadded
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    rates = [toy_model.learning_rate_at(step, 100, 1.0) for step in range(100)]
+    assert rates[0] < rates[4] == pytest.approx(1.0)
+    assert rates[-1] == pytest.approx(toy_model.FINAL_LR_FRACTION, abs=0.01)
+    assert all(a >= b for a, b in zip(rates[5:], rates[6:]))
+
+
+# ---- a tiny model, trained a few steps ----------------------------------------------------------------------
+def train_tiny(seed: int, toy: ToyParams = TINY):
+    torch.manual_seed(seed)
+    tokenizer = toy_model.build_tokenizer()
+    model = toy_model.build_model(toy, tokenizer)
+    counters = toy_model.train(model, tokenizer, toy, np.random.default_rng(seed), progress=False)
+    return model, tokenizer, counters
+
+
+def test_training_is_deterministic_given_the_seed():
+    first, _, counters = train_tiny(seed=5)
+    second, _, _ = train_tiny(seed=5)
+    other, _, _ = train_tiny(seed=6)
+    for (name, a), (_, b), (_, c) in zip(first.state_dict().items(), second.state_dict().items(),
+                                         other.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not all(torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values()))
+    assert counters["steps"] == TINY.steps and counters["train_completion_tokens"] > 0
+
+
+def test_saved_model_loads_through_the_auto_classes_and_generates(tmp_path):
+    model, tokenizer, _ = train_tiny(seed=0)
+    toy_model.save(tmp_path / "toy", model, tokenizer, TINY, seed=0)
+    toy_model.check_round_trip(tmp_path / "toy", model, tokenizer)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "toy")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "toy")
+    assert loaded.config.model_type == "qwen3" and loaded.config.num_hidden_layers == 1
+    assert loaded.generation_config.eos_token_id == loaded_tokenizer.eos_token_id == 1
+    assert loaded.generation_config.pad_token_id == loaded_tokenizer.pad_token_id == 0
+    assert len(loaded_tokenizer.tokenize("<think>")) == 1
+    prompts = [loaded_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    tokenize=False) for q in ("1+2", "10+20-3")]
+    batch = loaded_tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    assert batch.input_ids[0, 0] == loaded_tokenizer.pad_token_id  # left padding for batched generation
+    output = loaded.generate(**batch, do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=8)
+    assert output.shape[0] == 2 and output.shape[1] <= batch.input_ids.shape[1] + 8
+    assert json.loads((tmp_path / "toy" / "toy_params.json").read_text())["layers"] == 1
+
+
+def test_stage_main_writes_the_model_and_its_cost_record(tmp_path, monkeypatch):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["toy"] = dataclasses.asdict(dataclasses.replace(TINY, steps=2))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(toy_model, "VALIDATION_QUESTIONS", 4)
+    toy_model.main()
+    model_dir = tmp_path / raw["paths"]["toy_model"]
+    assert AutoModelForCausalLM.from_pretrained(model_dir).config.hidden_size == TINY.hidden_size
+    cost = json.loads((tmp_path / raw["paths"]["metrics"] / "cost" / "toy_model.json").read_text())
+    assert cost["stage"] == "toy_model" and cost["steps"] == 2 and cost["train_tokens"] > 0
+    assert 0.0 <= cost["greedy_accuracy_id"] <= 1.0
+    assert not list(model_dir.parent.glob(".tmp-*"))
