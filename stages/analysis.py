@@ -46,12 +46,18 @@ def probe_scores(probe: LinearProbe, data: DatasetRuns, prefix: str) -> pd.DataF
 
 def umap_coordinates(train_features: np.ndarray, all_features: np.ndarray, params: AnalysisParams,
                      seed: int) -> np.ndarray:
-    """Fit a 2-D UMAP on ``train_features`` (n_train, hidden) and embed ``all_features`` (n, hidden) -> (n, 2)."""
+    """Fit a 2-D UMAP on ``train_features`` (n_train, hidden) and embed ``all_features`` (n, hidden) -> (n, 2).
+
+    The fit sees each distinct training vector once: identical runs have identical hidden states, and the
+    ties they create in the neighbour graph made the embedding differ from run to run despite the seed
+    (measured: coordinates moved by up to ~40 units between two runs of the same stage).
+    """
     import umap  # imported here: numba compiles on import, which the other stages need not pay for
 
-    neighbors = min(params.umap_neighbors, len(train_features) - 1)
+    distinct = np.unique(train_features, axis=0)
+    neighbors = min(params.umap_neighbors, len(distinct) - 1)
     reducer = umap.UMAP(n_components=2, n_neighbors=neighbors, min_dist=params.umap_min_dist, random_state=seed)
-    reducer.fit(train_features)
+    reducer.fit(distinct)
     return reducer.transform(all_features).astype(np.float64)
 
 
