@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random-weight Qwen3 LM with the toy tokenizer, built locally (nothing downloads)."""
+"""Shared fixtures: a tiny random-weight Qwen3 LM with the toy tokenizer, built locally (nothing downloads), and
+the tiny DVC project the end-to-end tests share (tests/dvc_project.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+from dvc_project import tiny_project, tiny_run  # noqa: F401  (fixtures of the DVC end-to-end tests)
 from stages.toy_model import build_tokenizer
 
 

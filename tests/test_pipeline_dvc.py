@@ -2,75 +2,32 @@
 
 Checks what a user relies on: every output appears and matches its schema, `dvc status` is then clean, a
 second `dvc repro` runs nothing, `dvc exp run -S sampling.temp=0.6` reruns exactly the stages downstream of
-sampling, and `dvc metrics diff` shows the AUROC changes.
+sampling, `dvc exp show --json` lists both runs with their params, `dvc metrics diff` shows the AUROC
+changes, and the README's `--queue` sweep queues one experiment per value. The tiny run itself is made once
+per session by the `tiny_run` fixture (tests/dvc_project.py) and shared with tests/test_remote_s3.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from dvc_project import ENV, ROOT, STAGES, ran_stages, sh
 from stages.schema import ANALYSIS_COLUMNS, ANALYSIS_KEY, validate_frame
 
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["toy_model", "questions", "generate", "semantic_entropy", "trace", "train_probes", "evaluate", "analysis"]
 
-# Small enough to run in about a minute, large enough that every split holds both classes.
-TINY = {
-    "toy": dict(layers=2, hidden_size=64, heads=2, intermediate_size=128, steps=400, batch_size=64, min_terms=2,
-                max_terms=3, max_operand=12, ood_max_terms=4, ood_max_operand=12, ood_train_fraction=0.1),
-    "data": dict(n_questions=40, n_ood_questions=12),
-    "sampling": dict(runs=4, temp=1.0, max_new_tokens=40),
-    "probes": dict(cv_folds=2, c_grid=[0.1, 1.0]),
-    "evaluate": dict(bootstrap=50, permutations=50),
-    "analysis": dict(umap_neighbors=5),
-}
-
-ENV = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-       "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com", "DVC_NO_ANALYTICS": "1"}
-
-
-def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def make_project(directory: Path) -> Path:
-    for name in ("stages", "dvc.yaml", "params.yaml"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, directory / name)
-    shutil.rmtree(directory / "stages" / "__pycache__", ignore_errors=True)
-    params = yaml.safe_load((directory / "params.yaml").read_text())
-    for group, values in TINY.items():
-        params[group].update(values)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=directory)
-    sh("dvc", "init", "-q", cwd=directory)
-    sh("dvc", "config", "core.autostage", "true", cwd=directory)
-    sh("git", "add", "-A", cwd=directory)
-    sh("git", "commit", "-qm", "tiny pipeline", cwd=directory)
-    return directory
-
-
-def ran_stages(output: str) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in output]
+def sampling_params(exp_show_entry: dict) -> dict:
+    return exp_show_entry["data"]["params"]["params.yaml"]["data"]["sampling"]
 
 
 @pytest.mark.slow
-def test_dvc_repro_exp_run_and_metrics_diff(tmp_path):
-    project = make_project(tmp_path / "project")
-
-    first = sh("dvc", "repro", cwd=project)
-    assert ran_stages(first.stdout) == STAGES
+def test_dvc_repro_exp_run_and_metrics_diff(tiny_run, tiny_project):
+    assert ran_stages(tiny_run.repro_stdout) == STAGES
+    project = tiny_project
 
     table = pd.read_parquet(project / "artifacts/analysis/analysis.parquet")
     validate_frame(table, ANALYSIS_COLUMNS, "analysis.parquet", ANALYSIS_KEY)
@@ -86,17 +43,35 @@ def test_dvc_repro_exp_run_and_metrics_diff(tmp_path):
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert ran_stages(sh("dvc", "repro", cwd=project).stdout) == []
 
-    sh("git", "add", "-A", cwd=project)
-    sh("git", "commit", "-qm", "default run", cwd=project)
     experiment = sh("dvc", "exp", "run", "-S", "sampling.temp=0.6", cwd=project)
     assert ran_stages(experiment.stdout) == STAGES[2:]
     assert yaml.safe_load((project / "params.yaml").read_text())["sampling"]["temp"] == 0.6
+
+    head = sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout)
+    baseline = next(entry for entry in shown if entry["rev"] == head)
+    assert sampling_params(baseline)["temp"] == 1.0
+    runs = [rev for experiment in baseline["experiments"] or [] for rev in experiment["revs"]]
+    assert [sampling_params(run)["temp"] for run in runs] == [0.6], "`dvc exp show` does not list the experiment"
+    assert "artifacts/metrics/evaluate.json" in runs[0]["data"]["metrics"]
 
     diff = sh("dvc", "metrics", "diff", "--json", cwd=project)
     changes = json.loads(diff.stdout)["artifacts/metrics/evaluate.json"]
     auroc_changes = {key: value for key, value in changes.items() if key.endswith(".auroc")}
     assert auroc_changes, f"no AUROC in `dvc metrics diff`: {sorted(changes)[:10]}"
     assert any(value.get("diff") not in (None, 0) for value in auroc_changes.values())
+
+
+@pytest.mark.slow
+def test_a_queued_temperature_sweep_is_one_experiment_per_value(tiny_project):
+    """The README's sweep, queued but not started (running it takes a pipeline run per value; done by hand)."""
+    sh("dvc", "exp", "run", "--queue", "-S", "sampling.temp=0.3,0.6", cwd=tiny_project)
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=tiny_project).stdout)
+    queued = [(experiment["executor"]["state"], sampling_params(rev)["temp"])
+              for entry in shown for experiment in entry["experiments"] or [] for rev in experiment["revs"]]
+    assert sorted(queued) == [("queued", 0.3), ("queued", 0.6)]
+    assert yaml.safe_load((tiny_project / "params.yaml").read_text())["sampling"]["temp"] == 1.0
+    assert "Queued" in sh("dvc", "queue", "status", cwd=tiny_project).stdout
 
 
 def test_a_bad_parameter_fails_at_stage_start_naming_the_key(tmp_path):

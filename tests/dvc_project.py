@@ -1,0 +1,100 @@
+"""A fresh git + DVC copy of this repository on a tiny configuration, for the end-to-end tests.
+
+`make_project` copies what a user clones (stages/, dvc.yaml, params.yaml, .dvc/config and the plot templates
+in .dvc/plots/), shrinks params.yaml to TINY and commits. The `tiny_run` fixture runs `dvc repro` on it once
+per session and commits the result; `tiny_project` hands each test its own copy (git history, DVC cache and
+workspace), so tests can change it freely without running the pipeline again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["toy_model", "questions", "generate", "semantic_entropy", "trace", "train_probes", "evaluate", "analysis"]
+
+# Small enough to run in about a minute, large enough that every split holds both classes.
+TINY = {
+    "toy": dict(layers=2, hidden_size=64, heads=2, intermediate_size=128, steps=400, batch_size=64, min_terms=2,
+                max_terms=3, max_operand=12, ood_max_terms=4, ood_max_operand=12, ood_train_fraction=0.1),
+    "data": dict(n_questions=40, n_ood_questions=12),
+    "sampling": dict(runs=4, temp=1.0, max_new_tokens=40),
+    "probes": dict(cv_folds=2, c_grid=[0.1, 1.0]),
+    "evaluate": dict(bootstrap=50, permutations=50),
+    "analysis": dict(umap_neighbors=5),
+}
+
+# No AWS setting of this machine (variables, ~/.aws) reaches the tests: credentials reach DVC only where a test
+# passes them, and botocore never asks the EC2 metadata service (a network call) for any.
+_NO_FILE = "/nonexistent/aws-config"
+ENV = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+ENV.update({"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+            "GIT_COMMITTER_EMAIL": "test@example.com", "DVC_NO_ANALYTICS": "1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": _NO_FILE, "AWS_SHARED_CREDENTIALS_FILE": _NO_FILE})
+
+
+def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=900, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(directory: Path) -> Path:
+    for name in ("stages", "dvc.yaml", "params.yaml"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, directory / name)
+    shutil.rmtree(directory / "stages" / "__pycache__", ignore_errors=True)
+    params = yaml.safe_load((directory / "params.yaml").read_text())
+    for group, values in TINY.items():
+        params[group].update(values)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=directory)
+    sh("dvc", "init", "-q", cwd=directory)
+    # The repository's own DVC settings: default remote, core.autostage, offline plot templates.
+    shutil.copy(ROOT / ".dvc/config", directory / ".dvc/config")
+    shutil.copytree(ROOT / ".dvc/plots", directory / ".dvc/plots")
+    sh("git", "add", "-A", cwd=directory)
+    sh("git", "commit", "-qm", "tiny pipeline", cwd=directory)
+    return directory
+
+
+def ran_stages(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def copy_project(source: Path, destination: Path) -> Path:
+    """A copy of a project with its git history, DVC cache and workspace (DVC's lock and temp files left out)."""
+    shutil.copytree(source, destination, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    return destination
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """The tiny pipeline after one `dvc repro`, committed as "default run"."""
+
+    project: Path
+    repro_stdout: str
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    project = make_project(tmp_path_factory.mktemp("tiny_run"))
+    first = sh("dvc", "repro", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "default run", cwd=project)
+    return TinyRun(project, first.stdout)
+
+
+@pytest.fixture
+def tiny_project(tiny_run, tmp_path) -> Path:
+    """This test's own copy of the committed tiny run."""
+    return copy_project(tiny_run.project, tmp_path / "project")
