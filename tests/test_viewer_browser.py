@@ -1,0 +1,210 @@
+"""The served viewer in a real headless Chromium (Debian's `chromium`, driven by Playwright; `.ci/run` installs it).
+
+One server (`panel serve`, the deployment command, on 127.0.0.1) over a synthetic project of 40 questions x 5 runs
+whose question 0 has ``<script>alert(1)</script>`` in its text, answers and think text. One page walks through what
+a user does: load, filter, box-select, open a question, open the other tabs. Everything the page requests must stay
+on 127.0.0.1, the console must stay free of errors, and no dialog may open. The server and the browser are always
+stopped, so pytest exits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from viewer_support import SCRIPT_ANSWER, ViewerServer, launch_chromium, synthetic_analysis, write_viewer_project
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+if not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"):
+    pytest.skip("Debian's chromium is not installed (.ci/run installs it)", allow_module_level=True)
+
+N_QUESTIONS, RUNS = 40, 5
+TIMEOUT_MS = 20_000
+
+# Row counts of the plots' data sources, read from the page's Bokeh document: `*_points` are the raw runs drawn,
+# `*_selected` the selection ringed on top (no hover columns). Tables' sources are told apart by their `run_id`.
+PLOT_ROWS_JS = """() => {
+  const rows = {};
+  for (const model of Bokeh.documents[0].all_models) {
+    if (model.constructor.__name__ !== "ColumnDataSource") continue;
+    const data = model.data;
+    const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
+    if (keys.includes("run_id") || keys.length === 0) continue;
+    const plot = keys.includes("umap_x") ? "umap" : keys.some(k => k.endsWith("_probe_margin")) ? "scatter" : null;
+    if (plot === null) continue;
+    const kind = plot + (keys.includes("question") ? "_points" : "_selected");
+    const first = data instanceof Map ? data.get(keys[0]) : data[keys[0]];
+    rows[kind] = (rows[kind] || 0) + first.length;
+  }
+  return rows;
+}"""
+
+# The plot frames (inside the axes) in page coordinates, by plot title.
+FRAMES_JS = """() => {
+  const frames = {}; const seen = new Set();
+  const walk = (view) => {
+    if (!view || seen.has(view)) return; seen.add(view);
+    if (view.frame && view.frame.bbox && view.canvas_view && view.model.title) {
+      const canvas = view.canvas_view.el.getBoundingClientRect(); const box = view.frame.bbox;
+      frames[view.model.title.text] = [canvas.left + box.left, canvas.top + box.top, box.width, box.height];
+    }
+    for (const child of (view.child_views ?? [])) walk(child);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
+  return frames;
+}"""
+
+# Any <script> element anywhere in the page (shadow roots included) whose text runs the payload.
+INJECTED_SCRIPTS_JS = """() => {
+  let found = 0;
+  const walk = (root) => {
+    for (const element of root.querySelectorAll("*")) {
+      if (element.tagName === "SCRIPT" && element.textContent.includes("alert(1)")) found += 1;
+      if (element.shadowRoot) walk(element.shadowRoot);
+    }
+  };
+  walk(document);
+  return found;
+}"""
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    return synthetic_analysis(N_QUESTIONS, RUNS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, analysis):
+    root = write_viewer_project(tmp_path_factory.mktemp("served_project"), analysis)
+    with ViewerServer(root) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _count(page) -> tuple[int, int]:
+    """(runs in view, runs selected) as the sidebar shows them."""
+    text = page.locator("div.run-count").inner_text()
+    in_view = int(text.split(" of ")[0].replace(",", ""))
+    selected = int(page.locator("div.run-count .selected-count").inner_text().replace(",", ""))
+    return in_view, selected
+
+
+def _wait_for_rows(page, **expected):
+    try:
+        page.wait_for_function(f"() => {{ const rows = ({PLOT_ROWS_JS})(); const want = {expected!r};"
+                               " return Object.entries(want).every(([k, v]) => (rows[k] || 0) === v); }",
+                               timeout=TIMEOUT_MS)
+    except sync_api.TimeoutError:
+        raise AssertionError(f"plots show {page.evaluate(PLOT_ROWS_JS)}, expected {expected}") from None
+
+
+def _box_select(page, title: str, inset: float = 6):
+    """Drag a box-select over the frame of the plot titled ``title``, ``inset`` pixels inside its edges.
+
+    The axes are padded by 5% of the data's range, so every run lies inside such a box.
+    """
+    left, top, width, height = page.evaluate(FRAMES_JS)[title]
+    page.mouse.move(left + inset, top + inset)
+    page.mouse.down()
+    page.mouse.move(left + width / 2, top + height / 2, steps=4)
+    page.mouse.move(left + width - inset, top + height - inset, steps=4)
+    page.mouse.up()
+
+
+def test_served_viewer_in_chromium(server, browser, analysis):
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    requests, console_errors, dialogs = [], [], []
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: console_errors.append(str(error)))
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    total = len(analysis)
+    try:
+        # Load (URL parameters naming other paths change nothing), and wait until both plots have drawn every run.
+        page.goto(f"{server.url}?root=/etc&analysis=/etc/passwd&path=..%2F..%2Fetc", timeout=TIMEOUT_MS)
+        page.wait_for_selector("div.run-count", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                               timeout=TIMEOUT_MS)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        assert _count(page) == (total, 0)
+        assert page.locator(".scatter-plot canvas").count() > 0 and page.locator(".umap-plot canvas").count() > 0
+
+        # A filter changes the count and both plots.
+        incorrect = int((~analysis["correct"]).sum())
+        assert 0 < incorrect < total
+        page.get_by_role("button", name="incorrect", exact=True).click()
+        _wait_for_rows(page, scatter_points=incorrect, umap_points=incorrect)
+        assert _count(page)[0] == incorrect
+
+        # Box-select in the scatter: the selection shows in the UMAP and fills the table.
+        _box_select(page, "Probe margin vs entropy")
+        _wait_for_rows(page, scatter_selected=incorrect, umap_selected=incorrect)
+        assert _count(page) == (incorrect, incorrect)
+        page.locator(".selection-caption", has_text=f"{incorrect} selected runs").wait_for(timeout=TIMEOUT_MS)
+        assert page.locator(".selection-table .tabulator-row").count() > 0
+
+        # Back to all runs, search the question whose text carries the payload, select it in the UMAP.
+        page.get_by_role("button", name="all", exact=True).click()
+        search = page.get_by_placeholder("text or id, Enter")
+        search.fill("alert(1)")
+        search.press("Enter")
+        _wait_for_rows(page, scatter_points=RUNS, umap_points=RUNS)
+        _box_select(page, "UMAP of hidden states")
+        _wait_for_rows(page, scatter_selected=RUNS, umap_selected=RUNS)
+        page.locator(".selection-caption", has_text=f"{RUNS} selected runs").wait_for(timeout=TIMEOUT_MS)
+        table_rows = page.locator(".selection-table .tabulator-row")
+        assert table_rows.count() == RUNS
+        assert SCRIPT_ANSWER in table_rows.first.inner_text()  # shown as text, not run
+
+        # Open the question: its K runs grouped by semantic cluster, the payload as text everywhere.
+        table_rows.first.locator(".tabulator-cell").nth(4).click()
+        details = page.locator(".question-runs")
+        details.locator(".tabulator-group").first.wait_for(timeout=TIMEOUT_MS)
+        assert details.locator(".tabulator-group").count() == 2
+        question_text = page.locator(".question-text").inner_text()
+        assert SCRIPT_ANSWER in question_text
+        cells = details.locator(".tabulator-cell")
+        assert cells.filter(has_text="alert(1)").count() == RUNS // 2 + RUNS  # the answers, and every think text
+        assert cells.get_by_text(SCRIPT_ANSWER, exact=True).count() == RUNS // 2  # the answer cells, verbatim
+        gold = analysis.loc[analysis["question_id"] == "id-00000", "gold"].iloc[0]
+        assert page.locator(".question-header .gold").inner_text() == gold
+        assert page.evaluate(INJECTED_SCRIPTS_JS) == 0
+
+        # The other tabs render: evaluate's table, and experiments (no DVC repo here: the fallback and why).
+        page.locator(".bk-tab", has_text="Results").click()
+        page.locator(".metrics-table .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
+        assert page.locator(".metrics-table .tabulator-cell", has_text="0.600 (0.550-0.650)").count() >= 1
+        page.locator(".bk-tab", has_text="Experiments").click()
+        page.locator(".experiments-message").wait_for(timeout=TIMEOUT_MS)
+        assert page.locator(".experiments-message", has_text="dvc exp show").count() == 1
+    finally:
+        page.close()
+
+    assert dialogs == []
+    assert console_errors == []
+    local = (f"http://127.0.0.1:{server.port}/", f"ws://127.0.0.1:{server.port}/", "blob:", "data:")
+    assert requests and [url for url in requests if not url.startswith(local)] == []
+
+
+def test_viewer_works_inside_an_iframe(server, browser, analysis):
+    """The README's embedding: another page frames the served app, and the app still connects and draws."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.set_content(f'<iframe src="{server.url}" style="width:1400px;height:900px;border:0"></iframe>')
+        frame = page.frame_locator("iframe")
+        frame.locator("div.run-count .count").wait_for(timeout=TIMEOUT_MS)
+        assert frame.locator("div.run-count .count").inner_text() == f"{len(analysis):,}"
+        assert frame.locator(".umap-plot canvas").count() > 0
+    finally:
+        page.close()

@@ -1,0 +1,303 @@
+"""The viewer's data layer with plain pytest: loaders, the store's filters and derived frames, the
+`dvc exp show` parser, and the views' plots rendered to Bokeh models (no browser; see test_viewer_browser.py).
+
+tests/data/dvc_exp_show.json is real `dvc exp show --json` (DVC 3.67) output, captured from a throwaway repo with
+a one-stage dvc.yaml writing evaluate.json from `sampling.temp`: two commits (temp 0.7, then 0.3) and three
+`dvc exp run -S sampling.temp=...` experiments, workspace at temp 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from bokeh.models import GlyphRenderer, ImageRGBA
+from viewer_support import PATHS, SCRIPT_ANSWER, synthetic_analysis, write_viewer_project
+
+from viewer import data as viewer_data
+from viewer.data import (MissingArtifact, RunStore, headline_metric_columns, load_analysis, load_experiments,
+                         metrics_table, parse_exp_show, run_files, varying_params)
+
+EXP_SHOW_SAMPLE = Path(__file__).parent / "data" / "dvc_exp_show.json"
+METRICS_FILE = "artifacts/metrics/evaluate.json"
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    return synthetic_analysis(n_questions=30, runs_per_question=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, table) -> Path:
+    return write_viewer_project(tmp_path_factory.mktemp("viewer_project"), table)
+
+
+@pytest.fixture
+def store(project) -> RunStore:
+    return RunStore(load_analysis(project))
+
+
+# ---- loaders ---------------------------------------------------------------------------------------------------
+
+
+def test_load_analysis_adds_outcome_and_keeps_every_run(project, table):
+    loaded = load_analysis(project)
+    assert len(loaded) == len(table) == 120
+    assert (loaded["outcome"] == np.where(table["correct"], "correct", "incorrect")).all()
+    assert list(loaded["question"]) == list(table["question"])
+
+
+def test_missing_run_says_what_to_run(tmp_path):
+    root = write_viewer_project(tmp_path, analysis=None, metrics=False)
+    with pytest.raises(MissingArtifact, match=r"dvc repro.*dvc pull"):
+        load_analysis(root)
+    with pytest.raises(MissingArtifact, match="params.yaml"):
+        load_analysis(tmp_path / "elsewhere")
+
+
+def test_paths_outside_the_project_are_refused(tmp_path):
+    root = write_viewer_project(tmp_path, analysis=None, metrics=False)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["paths"]["analysis"] = "../../etc"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(MissingArtifact, match="outside the project"):
+        run_files(root)
+
+
+def test_schema_mismatch_names_the_column(tmp_path, table):
+    root = write_viewer_project(tmp_path, table.drop(columns=["umap_x"]), metrics=False)
+    with pytest.raises(MissingArtifact, match="umap_x"):
+        load_analysis(root)
+
+
+def test_loader_rereads_a_rewritten_file(tmp_path, table):
+    root = write_viewer_project(tmp_path, table, metrics=False)
+    assert len(load_analysis(root)) == 120
+    path = root / PATHS["analysis"] / "analysis.parquet"
+    table.head(8).to_parquet(path, index=False)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert len(load_analysis(root)) == 8
+
+
+def test_metrics_table_formats_value_and_ci(project):
+    frame = metrics_table(viewer_data.load_metrics(project))
+    first = frame.iloc[0]
+    assert first["score"] == "accuracy_probe"
+    assert first["test AUROC (CI)"] == "0.600 (0.550-0.650)"
+    assert first["OOD AUROC (CI)"] == "0.550 (0.500-0.600)"
+    assert first["test AUPRC chance"] == "0.400"
+    assert len(frame) == 8
+
+
+# ---- the store -------------------------------------------------------------------------------------------------
+
+
+def test_store_starts_with_everything_in_view(store, table):
+    assert len(store.filtered) == len(table)
+    assert store.count_text() == "120 of 120 runs in view"
+    assert store.param.se_range.bounds == (table["semantic_entropy"].min(), table["semantic_entropy"].max())
+    assert store.param.n_clusters.bounds == (table["n_clusters"].min(), table["n_clusters"].max())
+    assert store.selected.empty and store.question_runs.empty
+
+
+def test_each_filter_matches_a_hand_written_mask(store, table):
+    store.datasets = ["ood"]
+    assert (store.filtered["dataset"] == "ood").all()
+    assert len(store.filtered) == (table["dataset"] == "ood").sum()
+    store.datasets = ["id", "ood"]
+    store.splits = ["val", "test"]
+    assert len(store.filtered) == table["split"].isin(["val", "test"]).sum()
+    store.splits = list(store.param.splits.objects)
+    store.correctness = "incorrect"
+    assert len(store.filtered) == (~table["correct"]).sum() and not store.filtered["correct"].any()
+    store.correctness = "all"
+    low, high = 0.3, 0.8
+    store.se_range = (low, high)
+    expected = table["semantic_entropy"].between(low, high)
+    assert len(store.filtered) == expected.sum()
+    store.se_range = store.param.se_range.bounds
+    store.n_clusters = (2, 2)
+    assert len(store.filtered) == (table["n_clusters"] == 2).sum()
+
+
+def test_filters_combine(store, table):
+    store.param.update(datasets=["id"], correctness="correct", n_clusters=(1, 2))
+    expected = (table["dataset"] == "id") & table["correct"] & (table["n_clusters"] <= 2)
+    assert list(store.filtered.index) == list(table.index[expected])
+    store.reset_filters()
+    assert len(store.filtered) == len(table)
+
+
+def test_search_is_literal_and_case_insensitive(store, table):
+    store.search = "<SCRIPT>"
+    assert len(store.filtered) == 4 and (store.filtered["question"].str.contains(SCRIPT_ANSWER, regex=False)).all()
+    store.search = "+("  # regex metacharacters are plain text
+    assert store.filtered.empty
+    store.search = "ood-"
+    assert len(store.filtered) == (table["dataset"] == "ood").sum()
+    store.search = "  "
+    assert len(store.filtered) == len(table)
+
+
+def test_box_selection_is_inclusive_and_follows_filters(store, table):
+    x, y = "umap_x", "umap_y"
+    x0, x1 = table[x].quantile([0.2, 0.7])
+    y0, y1 = table[y].min(), table[y].max()  # the bounds themselves are inside
+    store.select_box(x, y, (x0, y0, x1, y1))
+    inside = table[x].between(x0, x1) & table[y].between(y0, y1)
+    assert sorted(store.selection) == list(table.index[inside])
+    assert list(store.selected.index) == list(table.index[inside])
+    store.correctness = "correct"  # a filter shrinks the selection to what is in view, and widening restores it
+    assert list(store.selected.index) == list(table.index[inside & table["correct"]])
+    store.correctness = "all"
+    assert len(store.selected) == inside.sum()
+    store.select_box(x, y, (x1, y1, x0, y0))  # a box dragged the other way selects the same runs
+    assert len(store.selected) == inside.sum()
+    store.clear_selection()
+    assert store.selected.empty
+
+
+def test_selection_made_under_a_filter_selects_only_filtered_runs(store, table):
+    store.datasets = ["ood"]
+    store.select_box("umap_x", "umap_y", (-1e9, -1e9, 1e9, 1e9))
+    assert len(store.selected) == (table["dataset"] == "ood").sum()
+    store.datasets = ["id", "ood"]
+    assert (store.selected["dataset"] == "ood").all()
+
+
+def test_open_question_lists_all_its_runs_by_cluster(store, table):
+    store.correctness = "correct"  # the question's runs ignore the filters
+    store.open_question("id", "id-00000")
+    runs = store.question_runs
+    assert len(runs) == 4 and set(runs["question_id"]) == {"id-00000"}
+    assert list(zip(runs["cluster_id"], runs["run_id"])) == sorted(zip(runs["cluster_id"], runs["run_id"]))
+    assert SCRIPT_ANSWER in set(runs["answer"])
+    store.question = None
+    assert store.question_runs.empty
+
+
+def test_everything_filtered_out_leaves_empty_frames(store):
+    store.search = "no question has this text"
+    assert store.filtered.empty and store.selected.empty
+    assert store.count_text() == "0 of 120 runs in view"
+
+
+# ---- views rendered to Bokeh (no browser) --------------------------------------------------------------------------
+
+
+def _render(view) -> list[GlyphRenderer]:
+    figure = hv.render(view._plot().object)
+    return list(figure.select(GlyphRenderer))
+
+
+def _raw_points(renderers, column: str) -> int:
+    return sum(len(r.data_source.data[column]) for r in renderers if "question" in r.data_source.data
+               and column in r.data_source.data)
+
+
+@pytest.mark.parametrize("view_name", ["MarginEntropyScatter", "UmapExplorer"])
+def test_plots_draw_raw_points_then_raster_above_the_threshold(store, view_name):
+    from viewer import views
+
+    hv.extension("bokeh")
+    view = getattr(views, view_name)(store=store)
+    x = view.axes()[0]
+    assert _raw_points(_render(view), x) == 120
+    view.rasterize_above = 50  # 120 runs in view: datashaded, no raw points
+    renderers = _render(view)
+    assert _raw_points(renderers, x) == 0
+    assert any(isinstance(r.glyph, ImageRGBA) for r in renderers)
+    store.search = "no question has this text"  # empty views still draw
+    assert _raw_points(_render(view), x) == 0
+
+
+def test_views_follow_probe_and_colour_choices(store):
+    from viewer import views
+
+    hv.extension("bokeh")
+    scatter, umap = views.MarginEntropyScatter(store=store), views.UmapExplorer(store=store)
+    assert scatter.axes() == ("accuracy_probe_margin", "semantic_entropy")
+    store.probe = "se"
+    scatter.entropy = "naive_entropy"
+    assert scatter.axes() == ("se_probe_margin", "naive_entropy")
+    umap.colour_by = "probe"
+    assert umap.colour() == "se_probe_prob"
+    assert _raw_points(_render(umap), "umap_x") == 120
+
+
+def test_escaped_html_never_passes_markup():
+    from viewer.views import escaped_html
+
+    assert escaped_html(SCRIPT_ANSWER, "pre", "x") == '<pre class="x">&lt;script&gt;alert(1)&lt;/script&gt;</pre>'
+
+
+def test_app_without_a_run_says_what_to_run(tmp_path):
+    from viewer.app import create_app
+
+    page = create_app(write_viewer_project(tmp_path, analysis=None, metrics=False))
+    text = " ".join(str(getattr(obj, "object", "")) for column in page.main for obj in column)
+    assert "dvc repro" in text and "dvc pull" in text
+
+
+# ---- experiments -------------------------------------------------------------------------------------------------
+
+
+def test_parse_exp_show_sample():
+    frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
+    assert list(frame["kind"]) == ["workspace", "commit", "experiment", "experiment", "commit", "experiment"]
+    assert list(frame["name"]) == ["workspace", "master", "terse-farl", "eight-wins", "708e939", "risen-mush"]
+    assert list(frame["baseline"].iloc[2:4]) == ["master", "master"] and frame["baseline"].iloc[5] == "708e939"
+    assert list(frame["param:sampling.temp"]) == [0.5, 0.3, 0.5, 1.0, 0.7, 0.3]
+    # the sample's stage wrote auroc = 0.7 + temp / 10
+    assert np.allclose(frame["metric:test.accuracy_probe.auroc"], 0.7 + frame["param:sampling.temp"] / 10)
+    assert varying_params(frame) == ["param:sampling.temp"]
+    assert headline_metric_columns(frame) == ["metric:test.accuracy_probe.auroc", "metric:test.semantic_entropy.auroc",
+                                              "metric:ood.accuracy_probe.auroc", "metric:summary.test.accuracy"]
+    assert frame["error"].isna().all()
+
+
+def test_parse_exp_show_survives_errors_and_junk():
+    records = json.loads(EXP_SHOW_SAMPLE.read_text())
+    records[1]["experiments"][0]["revs"][0]["error"] = {"type": "ReproductionError", "msg": "stage failed"}
+    records[2]["data"]["metrics"][METRICS_FILE] = {"error": {"type": "FileNotFoundError", "msg": "gone"}}
+    records.append("junk")
+    records.append({"rev": "abc", "data": None, "experiments": [None, {"revs": [None]}]})
+    frame = parse_exp_show(records, METRICS_FILE)
+    assert frame.loc[frame["name"] == "terse-farl", "error"].item() == "ReproductionError: stage failed"
+    assert "not at this revision" in frame.loc[frame["name"] == "708e939", "error"].item()
+    assert np.isnan(frame.loc[frame["name"] == "708e939", "metric:test.accuracy_probe.auroc"].item())
+    assert parse_exp_show({"not": "a list"}, METRICS_FILE).empty
+
+
+def test_experiments_fall_back_to_the_workspace_metrics(project, monkeypatch):
+    result = load_experiments(project)  # a temporary directory is no DVC repository
+    assert not result.from_dvc and "dvc exp show" in result.message and "workspace" in result.message
+    assert result.table["metric:test.accuracy_probe.auroc"].item() == pytest.approx(0.6)
+
+    def missing_dvc(*args, **kwargs):
+        raise FileNotFoundError("dvc")
+
+    monkeypatch.setattr(subprocess, "run", missing_dvc)
+    assert "not installed" in load_experiments(project).message
+
+    def slow_dvc(*args, **kwargs):
+        raise subprocess.TimeoutExpired("dvc", 1)
+
+    monkeypatch.setattr(subprocess, "run", slow_dvc)
+    assert "longer than" in load_experiments(project, timeout_s=1).message
+
+
+def test_experiments_from_dvc_output(project, monkeypatch):
+    sample = EXP_SHOW_SAMPLE.read_text()
+    monkeypatch.setattr(subprocess, "run",
+                        lambda *args, **kwargs: subprocess.CompletedProcess(args, 0, stdout=sample, stderr=""))
+    result = load_experiments(project)
+    assert result.from_dvc and len(result.table) == 6
+    assert result.message.startswith("2 commit(s) and 3 experiment(s)")

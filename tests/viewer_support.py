@@ -1,0 +1,226 @@
+"""Helpers shared by the viewer tests and tests/benchmarks/bench_viewer.py (not a test module).
+
+``write_viewer_project`` lays out a project directory the viewer can read (params.yaml with `paths:`, a synthetic
+analysis.parquet matching ANALYSIS_COLUMNS, evaluate.json and the plots CSVs); ``ViewerServer`` serves
+``viewer.app.create_app(root)`` for it in a subprocess on 127.0.0.1 and always stops it; ``launch_chromium``
+starts Debian's headless Chromium through Playwright.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from stages.schema import ANALYSIS_COLUMNS, validate_frame
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCRIPT_ANSWER = "<script>alert(1)</script>"
+SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
+          "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik")
+PATHS = {"toy_model": "artifacts/toy_model", "questions": "data/questions", "runs": "data/runs",
+         "semantic_entropy": "data/semantic_entropy", "hidden": "artifacts/hidden", "probes": "artifacts/probes",
+         "metrics": "artifacts/metrics", "plots": "artifacts/plots", "analysis": "artifacts/analysis"}
+
+
+def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int = 0,
+                       script_question: bool = True) -> pd.DataFrame:
+    """An analysis table with ``n_questions * runs_per_question`` runs, shaped like the real one.
+
+    A fifth of the questions are OOD; in-distribution questions are split 60/20/20. Answers cluster by value,
+    correctness, SE and probe scores are consistent with each other. With ``script_question``, question 0's text,
+    answers and think text contain ``<script>alert(1)</script>`` (and its cluster-0 answer is exactly that).
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    n_ood = max(1, n_questions // 5)
+    for q in range(n_questions):
+        dataset = "ood" if q >= n_questions - n_ood else "id"
+        position = q / max(1, n_questions - n_ood)
+        split = "ood" if dataset == "ood" else ("train" if position < 0.6 else "val" if position < 0.8 else "test")
+        a, b, c = rng.integers(1, 20, size=3)
+        question = f"{a}+{b}-{c}"
+        gold = str(a + b - c)
+        difficulty = rng.uniform(0.05, 0.9 if dataset == "id" else 1.0)
+        wrong = rng.random(runs_per_question) < difficulty
+        answers = [str(int(gold) + int(rng.choice([-2, -1, 1, 2]))) if w else gold for w in wrong]
+        if script_question and q == 0:
+            question = f"{question} {SCRIPT_ANSWER}"
+            answers = [SCRIPT_ANSWER] * (runs_per_question // 2) + [gold] * (runs_per_question - runs_per_question // 2)
+            wrong = np.array([answer != gold for answer in answers])
+        values, cluster_ids, counts = np.unique(answers, return_inverse=True, return_counts=True)
+        frequencies = counts / counts.sum()
+        se = float(-(frequencies * np.log(frequencies)).sum())
+        centre = rng.normal(0, 8, size=2)
+        for run in range(runs_per_question):
+            correct = not wrong[run]
+            margin = rng.normal(1.5 if correct else -1.5, 2.0)
+            se_margin = rng.normal(se * 2 - 1, 1.0)
+            loglik = float(-rng.gamma(2.0, 0.5 if correct else 1.5))
+            rows.append({
+                "question_id": f"{dataset}-{q:05d}", "run_id": run, "dataset": dataset, "split": split,
+                "question": question, "gold": gold,
+                "text": f"<think>{question}={answers[run]}</think>\\boxed{{{answers[run]}}}",
+                "answer": answers[run], "cluster_id": int(cluster_ids[run]), "n_clusters": len(values),
+                "correct": bool(correct), "semantic_entropy": se,
+                "semantic_entropy_weighted": max(0.0, se + rng.normal(0, 0.05)),
+                "naive_entropy": float(abs(rng.normal(0.2 + se / 3, 0.05))),
+                "mean_token_entropy": float(abs(rng.normal(0.1 + se / 5, 0.05))),
+                "sequence_loglik": loglik,
+                "accuracy_probe_prob": float(1 / (1 + np.exp(-margin))), "accuracy_probe_margin": float(margin),
+                "se_probe_prob": float(1 / (1 + np.exp(-se_margin))), "se_probe_margin": float(se_margin),
+                "high_se": se > 0.5,
+                "umap_x": float(centre[0] + rng.normal(0, 0.6) + (3 if correct else -3)),
+                "umap_y": float(centre[1] + rng.normal(0, 0.6)),
+                "think_length": int(rng.integers(5, 40)), "truncated": False,
+            })
+    frame = pd.DataFrame(rows)
+    frame["think_length"] = frame["think_length"].astype("Int64")
+    return validate_frame(frame, ANALYSIS_COLUMNS, "synthetic analysis")
+
+
+def synthetic_metrics() -> dict:
+    """An evaluate.json with the real file's structure and plausible numbers."""
+    def entry(auroc: float) -> dict:
+        return {"label": "incorrect", "n_runs": 100, "n_questions": 10, "n_positive": 40, "auroc": auroc,
+                "auroc_ci_low": auroc - 0.05, "auroc_ci_high": auroc + 0.05, "auroc_p_value": 0.001,
+                "auprc": auroc - 0.1, "auprc_ci_low": auroc - 0.15, "auprc_ci_high": auroc - 0.05,
+                "auprc_p_value": 0.001, "auprc_chance": 0.4, "bootstrap_resamples_used": 100, "note": None}
+    report = {split: {score: entry(0.6 + 0.03 * i + (0.0 if split == "test" else -0.05))
+                      for i, score in enumerate(SCORES)} for split in ("test", "ood")}
+    report["summary"] = {split: {"n_runs": 100, "n_questions": 10, "n_correct": 60, "n_incorrect": 40,
+                                 "accuracy": 0.6, "note": None} for split in ("test", "ood")}
+    report["settings"] = {"positive_class": "incorrect run", "scores": {score: f"score {score}" for score in SCORES},
+                          "accuracy_probe": {"position": "think_end", "layer": 2},
+                          "se_probe": {"position": "slt", "layer": 1}}
+    return report
+
+
+def synthetic_plots(layers: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(auroc_by_layer, roc) tables with the columns evaluate writes."""
+    by_layer = pd.DataFrame([
+        {"probe": probe, "position": position, "layer": layer, "split": split,
+         "auroc": 0.5 + 0.1 * layer / layers + (0.05 if split == "val" else 0.0)}
+        for probe in ("accuracy", "se") for position in ("tbg", "think_end", "slt")
+        for layer in range(layers + 1) for split in ("val", "test", "ood")])
+    grid = np.linspace(0, 1, 11)
+    roc = pd.DataFrame([{"score": score, "split": split, "fpr": x, "tpr": min(1.0, x ** 0.5)}
+                        for score in SCORES for split in ("test", "ood") for x in grid])
+    return by_layer, roc
+
+
+def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metrics: bool = True) -> Path:
+    """A project directory at ``root`` with what the viewer reads; ``analysis=None`` leaves the run out."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "paths": PATHS}))
+    if analysis is not None:
+        (root / PATHS["analysis"]).mkdir(parents=True, exist_ok=True)
+        analysis.to_parquet(root / PATHS["analysis"] / "analysis.parquet", index=False)
+    if metrics:
+        (root / PATHS["metrics"]).mkdir(parents=True, exist_ok=True)
+        (root / PATHS["metrics"] / "evaluate.json").write_text(json.dumps(synthetic_metrics()))
+        (root / PATHS["plots"]).mkdir(parents=True, exist_ok=True)
+        by_layer, roc = synthetic_plots()
+        by_layer.to_csv(root / PATHS["plots"] / "auroc_by_layer.csv", index=False)
+        roc.to_csv(root / PATHS["plots"] / "roc.csv", index=False)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The page the server subprocess serves: viewer.app.create_app for the project given by `--args`, through the
+# same `panel serve` command as a deployment (only the root differs).
+_LAUNCHER = f"""
+import sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from pathlib import Path
+from viewer.app import create_app, warm_up
+root = Path(sys.argv[1])
+warm_up(root)
+create_app(root).servable()
+"""
+
+
+class ViewerServer:
+    """``with ViewerServer(root) as server:`` serves the viewer for ``root`` at ``server.url``; always stopped."""
+
+    def __init__(self, root: Path, ready_timeout_s: float = 60.0, warm: bool = True):
+        self.root = Path(root)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/app"
+        self.ready_timeout_s = ready_timeout_s
+        self.warm = warm  # `panel serve --warm`: load the run and render one page before accepting sessions
+        self.process: subprocess.Popen | None = None
+        self.log = ""
+        self.ready_s: float | None = None  # seconds from spawn to the first successful HTTP response
+
+    def __enter__(self) -> Self:
+        started = time.perf_counter()
+        self._workdir = tempfile.TemporaryDirectory(prefix="viewer-server-")
+        launcher = Path(self._workdir.name) / "app.py"
+        launcher.write_text(_LAUNCHER)
+        # Output goes to a file, not a pipe: an unread pipe would fill and block the server.
+        self._output = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, "-m", "panel", "serve", str(launcher), "--address", "127.0.0.1",
+                   "--port", str(self.port), "--allow-websocket-origin", f"127.0.0.1:{self.port}",
+                   *(["--warm"] if self.warm else []), "--liveness", "--args", str(self.root)]
+        self.process = subprocess.Popen(command, cwd=self._workdir.name, stdout=self._output,
+                                        stderr=subprocess.STDOUT, text=True)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"viewer server exited:\n{self.stop()}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/liveness", timeout=1):
+                        break
+                except OSError:
+                    if time.perf_counter() - started > self.ready_timeout_s:
+                        raise TimeoutError(f"viewer server not ready after {self.ready_timeout_s} s") from None
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_s = time.perf_counter() - started
+        return self
+
+    def stop(self) -> str:
+        """Terminate (then kill) the server; returns what it printed."""
+        if self.process is None:
+            return ""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+        self._output.seek(0)
+        output = self._output.read()
+        self._output.close()
+        self._workdir.cleanup()
+        return output
+
+    def __exit__(self, *exc) -> None:
+        self.log = self.stop()
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -1,0 +1,492 @@
+"""Data for the viewer: cached loaders for one run's artifacts, and the one store every view follows.
+
+The viewer reads only what the `evaluate` and `analysis` stages wrote (DESIGN.md), found through the project's
+own ``params.yaml`` ``paths:``; it never recomputes the pipeline. Every loader takes the project root as an
+argument (``viewer/app.py`` passes the checkout it lives in, tests pass a temporary project), and no path comes
+from a URL, a widget or an environment variable.
+
+``RunStore`` holds the filters and the frames derived from them (Panel's structure_data_store pattern):
+
+    table     every run (ANALYSIS_COLUMNS + ``outcome``), shared read-only by all sessions
+    filtered  the runs passing the sidebar filters            -> both plots, the count
+    selected  the filtered runs inside the last box selection -> both plots' highlight, the selection table
+    question_runs  all K runs of the chosen question (unfiltered), for the question details
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+import yaml
+
+from stages.config import Paths
+from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_KEY, AUROC_BY_LAYER_COLUMNS, ROC_COLUMNS, SchemaError,
+                           validate_frame)
+
+log = logging.getLogger(__name__)
+
+# File names inside the `paths:` directories, as the stages write them (stages/analysis.py, stages/evaluate.py).
+ANALYSIS_FILE = "analysis.parquet"
+METRICS_FILE = "evaluate.json"
+AUROC_BY_LAYER_FILE = "auroc_by_layer.csv"
+ROC_FILE = "roc.csv"
+
+HOW_TO_GET_A_RUN = "Run `dvc repro` to compute it, or `dvc pull` to fetch a shared run."
+
+# What the sidebar offers, as {label shown: value stored}.
+DATASET_CHOICES = {"in-distribution": "id", "OOD": "ood"}
+SPLIT_ORDER = ("train", "val", "test", "ood")
+CORRECTNESS_CHOICES = {"all": "all", "correct": "correct", "incorrect": "incorrect"}
+PROBE_CHOICES = {"accuracy probe": "accuracy", "SE probe": "se"}
+ENTROPY_CHOICES = {
+    "semantic entropy": "semantic_entropy",
+    "likelihood-weighted SE": "semantic_entropy_weighted",
+    "naive entropy": "naive_entropy",
+    "mean token entropy": "mean_token_entropy",
+}
+OUTCOMES = ("correct", "incorrect")
+
+# Headline columns of the Experiments view: (split, score) AUROCs from evaluate.json.
+HEADLINE_SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
+                   "negative_sequence_loglik")
+EXPERIMENT_TIMEOUT_S = 30.0
+
+
+class MissingArtifact(FileNotFoundError):
+    """An artifact the viewer needs is absent or unreadable; the message says what to run."""
+
+
+# ---- where the run lives ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The artifact files of one project checkout, resolved from its params.yaml ``paths:``."""
+
+    root: Path
+    analysis: Path
+    metrics: Path
+    auroc_by_layer: Path
+    roc: Path
+
+    @property
+    def metrics_relative(self) -> str:
+        """evaluate.json relative to the root, as `dvc exp show --json` keys it."""
+        return self.metrics.relative_to(self.root).as_posix()
+
+
+def run_files(root: str | Path) -> RunFiles:
+    """Resolve the viewer's input files from ``<root>/params.yaml``.
+
+    Paths must stay inside ``root``: a params.yaml pointing elsewhere is refused rather than followed.
+    """
+    root = Path(root).resolve()
+    params_path = root / "params.yaml"
+    try:
+        raw = yaml.safe_load(params_path.read_text())
+        paths = Paths(**raw["paths"])
+    except FileNotFoundError:
+        raise MissingArtifact(f"{params_path} not found: the viewer needs the project's params.yaml.") from None
+    except (TypeError, KeyError, yaml.YAMLError) as error:
+        raise MissingArtifact(f"{params_path}: cannot read `paths:` ({error}).") from None
+
+    def inside(relative: str, name: str) -> Path:
+        path = (root / relative / name).resolve()
+        if not path.is_relative_to(root):
+            raise MissingArtifact(f"{params_path}: `{relative}` points outside the project; the viewer reads only "
+                                  "the project's own artifacts.")
+        return path
+
+    return RunFiles(root=root, analysis=inside(paths.analysis, ANALYSIS_FILE),
+                    metrics=inside(paths.metrics, METRICS_FILE),
+                    auroc_by_layer=inside(paths.plots, AUROC_BY_LAYER_FILE), roc=inside(paths.plots, ROC_FILE))
+
+
+def _modified(path: Path) -> int:
+    """mtime in ns, the cache key that makes a re-run pipeline show up without restarting the server."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise MissingArtifact(f"No `{path.name}` at {path}. {HOW_TO_GET_A_RUN}") from None
+
+
+# ---- cached loaders (one copy per server process, shared read-only by every session) -----------------------
+
+
+@pn.cache(max_items=4)
+def _read_analysis(path: str, modified_ns: int) -> pd.DataFrame:
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as error:  # noqa: BLE001 - a half-synced or foreign file: say so instead of a traceback
+        raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
+    try:
+        validate_frame(frame, ANALYSIS_COLUMNS, path, key=ANALYSIS_KEY)
+    except SchemaError as error:
+        raise MissingArtifact(f"{error}. Rerun `dvc repro analysis` to rebuild it.") from None
+    frame = frame.reset_index(drop=True)
+    # Categorical columns: filters compare small integer codes, and datashader's count_cat needs a category.
+    for column in ("dataset", "split"):
+        frame[column] = frame[column].astype("category")
+    frame["outcome"] = pd.Categorical(np.where(frame["correct"], "correct", "incorrect"), categories=OUTCOMES)
+    log.info("read %s: %d runs, %d questions", path, len(frame), frame.groupby(["dataset", "question_id"]).ngroups)
+    return frame
+
+
+def load_analysis(root: str | Path) -> pd.DataFrame:
+    """Every run of the project at ``root`` (ANALYSIS_COLUMNS plus ``outcome``), cached until the file changes.
+
+    The frame is shared by all sessions: treat it as read-only.
+    """
+    path = run_files(root).analysis
+    return _read_analysis(str(path), _modified(path))
+
+
+@pn.cache(max_items=4)
+def _read_metrics(path: str, modified_ns: int) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
+
+
+def load_metrics(root: str | Path) -> dict:
+    """``evaluate.json``: per split (test, ood), per score, AUROC/AUPRC with CIs and p-values."""
+    path = run_files(root).metrics
+    return _read_metrics(str(path), _modified(path))
+
+
+@pn.cache(max_items=8)
+def _read_plot_table(path: str, modified_ns: int, kind: str) -> pd.DataFrame:
+    columns = {"auroc_by_layer": AUROC_BY_LAYER_COLUMNS, "roc": ROC_COLUMNS}[kind]
+    try:
+        return validate_frame(pd.read_csv(path), columns, path)
+    except (OSError, ValueError) as error:
+        raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
+
+
+def load_auroc_by_layer(root: str | Path) -> pd.DataFrame:
+    """AUROC of every per-location probe: columns probe, position, layer, split, auroc."""
+    path = run_files(root).auroc_by_layer
+    return _read_plot_table(str(path), _modified(path), "auroc_by_layer")
+
+
+def load_roc(root: str | Path) -> pd.DataFrame:
+    """ROC curves of every score on test and ood: columns score, split, fpr, tpr."""
+    path = run_files(root).roc
+    return _read_plot_table(str(path), _modified(path), "roc")
+
+
+# ---- derived tables for the Results view ------------------------------------------------------------------
+
+
+def _interval(value: Any, low: Any, high: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if low is None or high is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
+def metrics_table(metrics: dict) -> pd.DataFrame:
+    """One row per score: AUROC and AUPRC with their CIs, AUPRC chance and p-values, for test and OOD.
+
+    Scores keep evaluate.json's order; higher always means "this run is more likely wrong".
+    """
+    splits = [split for split in ("test", "ood") if isinstance(metrics.get(split), dict)]
+    scores = list(dict.fromkeys(score for split in splits for score in metrics[split]))
+    descriptions = metrics.get("settings", {}).get("scores", {})
+    rows = []
+    for score in scores:
+        row = {"score": score, "meaning": descriptions.get(score, "")}
+        for split in splits:
+            entry = metrics[split].get(score) or {}
+            label = "OOD" if split == "ood" else split
+            row[f"{label} AUROC (CI)"] = _interval(entry.get("auroc"), entry.get("auroc_ci_low"),
+                                                   entry.get("auroc_ci_high"))
+            row[f"{label} AUPRC (CI)"] = _interval(entry.get("auprc"), entry.get("auprc_ci_low"),
+                                                   entry.get("auprc_ci_high"))
+            chance = entry.get("auprc_chance")
+            row[f"{label} AUPRC chance"] = f"{chance:.3f}" if chance is not None else "n/a"
+            p_value = entry.get("auroc_p_value")
+            row[f"{label} AUROC p"] = f"{p_value:.4f}" if p_value is not None else "n/a"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---- experiments: `dvc exp show --json` --------------------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and other leaves are kept as they are."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _error_text(error: Any) -> str:
+    """DVC's {"type", "msg"} error as one short line."""
+    if isinstance(error, dict):
+        if error.get("type") == "FileNotFoundError":
+            return "not at this revision"
+        return f"{error.get('type', 'error')}: {error.get('msg', '')}".strip(": ")[:200]
+    return str(error)[:200]
+
+
+def _exp_row(record: dict, kind: str, baseline: str | None, metrics_file: str) -> dict[str, Any]:
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    rev = str(record.get("rev") or data.get("rev") or "")
+    row: dict[str, Any] = {
+        "name": record.get("name") or (rev if rev == "workspace" else rev[:7]),
+        "kind": kind,
+        "rev": rev if rev == "workspace" else rev[:7],
+        "baseline": baseline,
+        "timestamp": data.get("timestamp"),
+        "error": None,
+    }
+    errors = [_error_text(record["error"])] if record.get("error") else []
+    for content in (data.get("params") or {}).values():
+        if isinstance(content, dict) and isinstance(content.get("data"), dict):
+            row.update({f"param:{key}": value for key, value in _flatten(content["data"]).items()
+                        if not isinstance(value, (list, dict))})
+    metrics = (data.get("metrics") or {}).get(metrics_file)
+    if isinstance(metrics, dict) and isinstance(metrics.get("data"), dict):
+        row.update({f"metric:{key}": value for key, value in _flatten(metrics["data"]).items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    elif isinstance(metrics, dict) and metrics.get("error"):
+        errors.append(f"{metrics_file}: {_error_text(metrics['error'])}")
+    row["error"] = "; ".join(errors) or None
+    return row
+
+
+def parse_exp_show(records: Any, metrics_file: str) -> pd.DataFrame:
+    """Flatten `dvc exp show --json` into one row per workspace / commit / experiment.
+
+    Columns: name, kind (``workspace``, ``commit`` or ``experiment``), rev (7 characters), baseline (the
+    commit an experiment branched from), timestamp, error, then ``param:<dotted key>`` for every scalar in every
+    params file and ``metric:<dotted key>`` for every number in ``metrics_file`` (e.g.
+    ``metric:test.accuracy_probe.auroc``). Unknown or malformed entries are skipped, never raised.
+    """
+    rows = []
+    for record in records if isinstance(records, list) else []:
+        if not isinstance(record, dict):
+            continue
+        rev = str(record.get("rev") or "")
+        kind = "workspace" if rev == "workspace" else "commit"
+        rows.append(_exp_row(record, kind, None, metrics_file))
+        baseline = rows[-1]["name"]
+        for experiment in record.get("experiments") or []:
+            if not isinstance(experiment, dict):
+                continue
+            for revision in experiment.get("revs") or []:
+                if isinstance(revision, dict):
+                    row = _exp_row(revision, "experiment", baseline, metrics_file)
+                    row["name"] = revision.get("name") or experiment.get("name") or row["name"]
+                    rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["name", "kind", "rev", "baseline", "timestamp", "error"])
+
+
+def varying_params(experiments: pd.DataFrame) -> list[str]:
+    """The ``param:`` columns whose value differs between rows (what an experiment changed)."""
+    columns = [column for column in experiments.columns if column.startswith("param:")]
+    return [column for column in columns if experiments[column].astype(str).nunique(dropna=False) > 1]
+
+
+def headline_metric_columns(experiments: pd.DataFrame) -> list[str]:
+    """Test and OOD AUROC of the headline scores, then accuracy, where the frame has them."""
+    wanted = [f"metric:{split}.{score}.auroc" for split in ("test", "ood") for score in HEADLINE_SCORES]
+    wanted += [f"metric:summary.{split}.accuracy" for split in ("test", "ood")]
+    return [column for column in wanted if column in experiments.columns]
+
+
+@dataclass(frozen=True)
+class Experiments:
+    """What the Experiments view shows: a table, and a sentence on where it came from."""
+
+    table: pd.DataFrame
+    message: str
+    from_dvc: bool
+
+
+def committed_metrics_row(root: str | Path) -> pd.DataFrame:
+    """The workspace's own evaluate.json as a one-row experiments table (the fallback without DVC)."""
+    metrics = load_metrics(root)
+    row = {"name": "workspace", "kind": "workspace", "rev": "workspace", "baseline": None, "timestamp": None,
+           "error": None}
+    row.update({f"metric:{key}": value for key, value in _flatten(metrics).items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    return pd.DataFrame([row])
+
+
+def load_experiments(root: str | Path, num_commits: int = 10, timeout_s: float = EXPERIMENT_TIMEOUT_S) -> Experiments:
+    """Metrics across the last ``num_commits`` commits and their DVC experiments, from `dvc exp show --json`.
+
+    When DVC is missing, fails, times out or lists nothing, falls back to the workspace's evaluate.json and says
+    why; raises only MissingArtifact (no evaluate.json either).
+    """
+    files = run_files(root)
+    command = ["dvc", "exp", "show", "--json", "--num", str(num_commits)]
+    reason = None
+    try:
+        done = subprocess.run(command, cwd=files.root, capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
+        if done.returncode != 0:
+            last_line = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            reason = f"`dvc exp show` failed: {last_line}"
+        else:
+            table = parse_exp_show(json.loads(done.stdout or "[]"), files.metrics_relative)
+            if len(table) and headline_metric_columns(table):
+                n_experiments = int((table["kind"] == "experiment").sum())
+                n_commits = int((table["kind"] == "commit").sum())
+                return Experiments(table, f"{n_commits} commit(s) and {n_experiments} experiment(s) from "
+                                          f"`dvc exp show` (last {num_commits} commits).", from_dvc=True)
+            reason = "`dvc exp show` listed no commits or experiments with metrics"
+    except FileNotFoundError:
+        reason = "`dvc` is not installed"
+    except subprocess.TimeoutExpired:
+        reason = f"`dvc exp show` took longer than {timeout_s:.0f} s"
+    except ValueError as error:
+        reason = f"`dvc exp show` printed something other than JSON ({error})"
+    log.info("experiments: %s", reason)
+    return Experiments(committed_metrics_row(root), f"{reason}; showing this workspace's metrics only. "
+                       "Run `dvc exp run -S sampling.temp=0.6` to add an experiment.", from_dvc=False)
+
+
+# ---- the store ---------------------------------------------------------------------------------------------
+
+
+class RunStore(param.Parameterized):
+    """The filters every view follows, and the frames derived from them.
+
+    Filtering never copies more than the rows in view; ``table`` is shared and never modified.
+    """
+
+    table = param.DataFrame(precedence=-1, doc="Every run: ANALYSIS_COLUMNS plus `outcome`.")
+
+    datasets = param.ListSelector(default=["id", "ood"], objects=DATASET_CHOICES, doc="Question sets in view.")
+    splits = param.ListSelector(default=list(SPLIT_ORDER), objects=list(SPLIT_ORDER), doc="Question splits in view.")
+    correctness = param.Selector(default="all", objects=CORRECTNESS_CHOICES, doc="Keep all, correct or incorrect runs.")
+    se_range = param.Range(default=(0.0, 1.0), doc="Semantic entropy (nats) of the run's question, inclusive.")
+    n_clusters = param.Range(default=(1, 1), doc="Semantic clusters among the question's K answers, inclusive.")
+    search = param.String(default="", doc="Case-insensitive text in the question (or its id).")
+    probe = param.Selector(default="accuracy", objects=PROBE_CHOICES, doc="Probe whose margin and score are shown.")
+
+    selection = param.Array(default=np.empty(0, dtype=np.int64),
+                            doc="Row labels (of `table`) chosen by the last box selection.")
+    question = param.Tuple(default=None, length=2, allow_None=True, doc="(dataset, question_id) being read.")
+
+    filtered = param.DataFrame(precedence=-1, doc="Runs passing the filters.")
+    selected = param.DataFrame(precedence=-1, doc="Filtered runs inside the selection.")
+    # Bumped after `filtered` / `selected` change. Plots depend on these instead of the frames: HoloViews hashes
+    # every stream value to memoise, and hashing a 100k-run frame dozens of times per render costs seconds.
+    filtered_revision = param.Integer(default=0, precedence=-1)
+    selected_revision = param.Integer(default=0, precedence=-1)
+    question_runs = param.DataFrame(precedence=-1, doc="All K runs of `question`, by cluster then run.")
+
+    def __init__(self, table: pd.DataFrame, **params):
+        se = table["semantic_entropy"]
+        clusters = table["n_clusters"]
+        se_bounds = (float(se.min()), float(se.max())) if len(table) else (0.0, 1.0)
+        cluster_bounds = (int(clusters.min()), int(clusters.max())) if len(table) else (1, 1)
+        splits = {str(split) for split in table["split"].unique()}
+        present_splits = [split for split in SPLIT_ORDER if split in splits] + sorted(splits - set(SPLIT_ORDER))
+        super().__init__(table=table)
+        # Bounds come from the data, so they are set on this store's own copies of the parameters.
+        self.param.se_range.bounds = se_bounds
+        self.param.n_clusters.bounds = cluster_bounds
+        self.param.splits.objects = present_splits
+        with param.parameterized.discard_events(self):
+            self.param.update(**{"se_range": se_bounds, "n_clusters": cluster_bounds, "splits": present_splits,
+                                 **params})
+        self._apply_filters()
+        self._load_question()
+
+    # -- derived frames --
+    def filter_mask(self) -> np.ndarray:
+        """Boolean mask over ``table`` for the current filters."""
+        table = self.table
+        mask = table["dataset"].isin(self.datasets).to_numpy() & table["split"].isin(self.splits).to_numpy()
+        if self.correctness != "all":
+            mask &= table["correct"].to_numpy() == (self.correctness == "correct")
+        low, high = self.se_range
+        mask &= table["semantic_entropy"].between(low, high).to_numpy()
+        low, high = self.n_clusters
+        mask &= table["n_clusters"].between(low, high).to_numpy()
+        text = self.search.strip()
+        if text:
+            found = table["question"].str.contains(text, case=False, regex=False)
+            found |= table["question_id"].str.contains(text, case=False, regex=False)
+            mask &= found.fillna(False).to_numpy(dtype=bool)
+        return mask
+
+    @param.depends("datasets", "splits", "correctness", "se_range", "n_clusters", "search", watch=True)
+    def _apply_filters(self) -> None:
+        # One batch of page updates for the count, both plots and the table (a no-op outside a served session).
+        with pn.io.hold(freeze=True):
+            self.filtered = self.table[self.filter_mask()]
+            self._select()
+            self.filtered_revision += 1
+
+    @param.depends("selection", watch=True)
+    def _select(self) -> None:
+        before = self.selected
+        if len(self.selection) == 0:
+            self.selected = self.filtered.iloc[:0]
+        else:
+            self.selected = self.filtered[self.filtered.index.isin(self.selection)]
+        if before is None or not (before.empty and self.selected.empty):  # an empty selection stays drawn as is
+            self.selected_revision += 1
+
+    @param.depends("question", watch=True)
+    def _load_question(self) -> None:
+        table = self.table
+        if self.question is None:
+            self.question_runs = table.iloc[:0]
+            return
+        dataset, question_id = self.question
+        runs = table[(table["dataset"] == dataset).to_numpy() & (table["question_id"] == question_id).to_numpy()]
+        self.question_runs = runs.sort_values(["cluster_id", "run_id"])
+
+    # -- actions the views call --
+    def margin_column(self) -> str:
+        return f"{self.probe}_probe_margin"
+
+    def score_column(self) -> str:
+        return f"{self.probe}_probe_prob"
+
+    def select_box(self, x: str, y: str, bounds: tuple[float, float, float, float] | None) -> None:
+        """Select the filtered runs with ``x0 <= row[x] <= x1`` and ``y0 <= row[y] <= y1``; None clears."""
+        if bounds is None:
+            self.selection = np.empty(0, dtype=np.int64)
+            return
+        x0, y0, x1, y1 = bounds
+        frame = self.filtered
+        inside = frame[x].between(min(x0, x1), max(x0, x1)) & frame[y].between(min(y0, y1), max(y0, y1))
+        self.selection = frame.index[inside.to_numpy()].to_numpy(dtype=np.int64)
+
+    def clear_selection(self) -> None:
+        self.selection = np.empty(0, dtype=np.int64)
+
+    def open_question(self, dataset: str, question_id: str) -> None:
+        self.question = (str(dataset), str(question_id))
+
+    def reset_filters(self) -> None:
+        defaults = {name: self.param[name].default for name in ("correctness", "search", "probe")}
+        self.param.update(datasets=list(DATASET_CHOICES.values()), splits=list(self.param.splits.objects),
+                          se_range=self.param.se_range.bounds, n_clusters=self.param.n_clusters.bounds, **defaults)
+
+    # -- what the count says --
+    def count_text(self) -> str:
+        return f"{len(self.filtered):,} of {len(self.table):,} runs in view"

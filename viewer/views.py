@@ -1,0 +1,613 @@
+"""The viewer's views: each one a ``pn.viewable.Viewer`` that reads a ``RunStore`` and draws one thing.
+
+Model outputs (questions, answers, think text) are untrusted. They reach the page only through
+Tabulator cells (Tabulator's default formatters escape), Bokeh hover tooltips (``@{column}`` fields are inserted
+as text) or ``escaped_html`` (``html.escape`` first: Panel's ``Str``/``HTML``/``Markdown`` panes all end in
+innerHTML, so even ``pn.pane.Str`` renders ``<img onerror=...>`` as a live element in Panel 1.9).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import datashader as ds
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+from bokeh.models.widgets.tables import NumberFormatter
+from holoviews.operation import apply_when
+from holoviews.operation.datashader import datashade, rasterize
+
+from viewer.data import (DATASET_CHOICES, ENTROPY_CHOICES, OUTCOMES, MissingArtifact, RunStore,
+                         headline_metric_columns, load_auroc_by_layer, load_experiments, load_metrics, load_roc,
+                         metrics_table, varying_params)
+
+OUTCOME_COLOURS = {"correct": "#2b83ba", "incorrect": "#d7301f"}
+SELECTED_COLOUR = "#111111"
+RASTERIZE_ABOVE = 5_000  # points in the viewport above which a plot is rasterised with datashader
+RASTER_SHAPE = (300, 210)  # datashader raster (width, height); about half the plot's size in pixels
+SELECTION_TABLE_CAP = 200  # rows listed in the selection table
+PLOT_HEIGHT = 420
+
+LABELS = {
+    "semantic_entropy": "semantic entropy (nats)",
+    "semantic_entropy_weighted": "likelihood-weighted SE (nats)",
+    "naive_entropy": "naive entropy (nats)",
+    "mean_token_entropy": "mean token entropy (nats)",
+    "accuracy_probe_margin": "accuracy probe margin (+ = predicts correct)",
+    "se_probe_margin": "SE probe margin (+ = predicts high SE)",
+    "accuracy_probe_prob": "accuracy probe P(correct)",
+    "se_probe_prob": "SE probe P(high SE)",
+    "umap_x": "UMAP 1",
+    "umap_y": "UMAP 2",
+    "sequence_loglik": "sequence log-likelihood",
+}
+
+
+def escaped_html(text: object, tag: str = "span", css_class: str = "") -> str:
+    """``<tag>text</tag>`` with ``text`` escaped, for building HTML that shows untrusted text as text."""
+    attribute = f' class="{html.escape(css_class)}"' if css_class else ""
+    return f"<{tag}{attribute}>{html.escape(str(text))}</{tag}>"
+
+
+def notice(message: str) -> pn.pane.Alert:
+    """A visible message in place of a view (a missing artifact, an empty selection); the text is escaped."""
+    return pn.pane.Alert(html.escape(message), alert_type="warning", sizing_mode="stretch_width")
+
+
+class datashade_or_blank(datashade):
+    """``datashade`` that draws a transparent raster for no points.
+
+    HoloViews 1.23 fails to shade an empty categorical aggregate that is not square (xarray: "conflicting sizes
+    for dimension"), which every plot hits while its points are few enough to be drawn raw.
+    """
+
+    def _process(self, element, key=None):
+        if len(element):
+            return super()._process(element, key)
+        x_range = self.p.x_range or (0.0, 1.0)
+        y_range = self.p.y_range or (0.0, 1.0)
+        return hv.RGB(np.zeros((2, 2, 4), dtype=np.uint8), kdims=element.kdims,
+                      bounds=(x_range[0], y_range[0], x_range[1], y_range[1]))
+
+
+class apply_when_in_view(apply_when):
+    """``apply_when`` counting the runs inside the viewport with inclusive bounds.
+
+    HoloViews slices ``[low, high)``, so runs on the top and right edges of the viewport would vanish from the raw
+    plot; and before the browser reports a viewport the range can be NaN, which would hide everything.
+    """
+
+    def _apply(self, element, x_range, y_range, invert=False):
+        # The range streams can report None or NaN before the browser has sized the plot: count everything then.
+        known = x_range is not None and y_range is not None and np.isfinite([*x_range, *y_range]).all()
+        if known and len(element):
+            xs, ys = element.dimension_values(0), element.dimension_values(1)
+            inside = (xs >= x_range[0]) & (xs <= x_range[1]) & (ys >= y_range[0]) & (ys <= y_range[1])
+            if not inside.all():
+                element = element.iloc[np.flatnonzero(inside)]
+        return element if invert ^ self.predicate(element) else element.iloc[:0]
+
+
+def _padded_range(values: pd.Series) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if values.empty:
+        return (-1.0, 1.0)
+    low, high = float(values.min()), float(values.max())
+    pad = (high - low) * 0.05 or 0.5
+    return (low - pad, high + pad)
+
+
+# ---- the linked point plots -----------------------------------------------------------------------------------
+
+
+class LinkedPoints(pn.viewable.Viewer):
+    """A scatter of the filtered runs with the selection drawn on top; box-select sets the store's selection.
+
+    Raw Bokeh points (with hover) while the viewport holds at most ``rasterize_above`` runs, a datashader
+    raster above that, so 100k runs stay smooth. Axis ranges come from the whole table, so they stay put
+    while filters change. Subclasses say which columns are x, y and colour.
+    """
+
+    store = param.ClassSelector(class_=RunStore)
+    rasterize_above = param.Integer(default=RASTERIZE_ABOVE, bounds=(0, None))
+    title = param.String(default="")
+    redraw = param.Event(precedence=-1, doc="Rebuild the plot: its axes or colouring changed.")
+
+    _rebuild_on: tuple[str, ...] = ()  # parameters (own or `store.*`) that change axes or colouring
+    css_class = "points-plot"
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        own = [name for name in self._rebuild_on if not name.startswith("store.")]
+        stored = [name.split(".", 1)[1] for name in self._rebuild_on if name.startswith("store.")]
+        if own:
+            self.param.watch(lambda *_: self.param.trigger("redraw"), own)
+        if stored:
+            self.store.param.watch(lambda *_: self.param.trigger("redraw"), stored)
+
+    def axes(self) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def colour(self) -> str:
+        """Column to colour by: ``outcome`` (categorical) or a numeric column."""
+        return "outcome"
+
+    def hover_columns(self) -> list[str]:
+        x, y = self.axes()
+        return list(dict.fromkeys(["question", "answer", "gold", "outcome", x, y, "semantic_entropy",
+                                   self.store.score_column()]))
+
+    # -- element builders (plain functions of a frame, so the store's updates only swap data) --
+    def _points(self, frame: pd.DataFrame, x: str, y: str, vdims: list[str]) -> hv.Points:
+        kdims = [hv.Dimension(x, label=LABELS.get(x, x)), hv.Dimension(y, label=LABELS.get(y, y))]
+        return hv.Points(frame, kdims=kdims, vdims=vdims)
+
+    def _raster(self, colour: str, clim: tuple[float, float], raster: dict):
+        # A fixed raster (RASTER_SHAPE, stretched over the plot by the browser, re-aggregated on zoom) keeps single
+        # runs visible without dynspread, whose numba compile alone would cost ~2 s of the first render.
+        if colour == "outcome":
+            def operation(points):
+                return datashade_or_blank(points, aggregator=ds.count_cat("outcome"), color_key=OUTCOME_COLOURS,
+                                          min_alpha=180, **raster).opts(tools=["box_select"])
+        else:
+            def operation(points):
+                return rasterize(points, aggregator=ds.mean(colour), **raster).opts(
+                    cmap="viridis", clim=clim, colorbar=True, tools=["hover", "box_select"],
+                    clabel=LABELS.get(colour, colour))
+        return operation
+
+    @staticmethod
+    def _range_stream(raster: dict) -> hv.streams.RangeXY:
+        return hv.streams.RangeXY(x_range=raster["x_range"], y_range=raster["y_range"])
+
+    def _tooltips(self) -> list[tuple[str, str]]:
+        """Hover rows; Bokeh inserts ``@{column}`` values as text, so model outputs stay inert."""
+        numbers = [column for column in self.hover_columns() if column not in ("question", "answer", "gold", "outcome")]
+        return [("question", "@{question}"), ("answer", "@{answer}"), ("gold", "@{gold}"), ("outcome", "@{outcome}"),
+                *[(LABELS.get(column, column), f"@{{{column}}}{{0.000}}") for column in numbers]]
+
+    def _runs_layers(self, x: str, y: str, raster: dict):
+        """The filtered runs: raw points with hover at most ``rasterize_above`` in view, else a raster."""
+        store, colour = self.store, self.colour()
+        vdims = [column for column in dict.fromkeys([colour, *self.hover_columns()]) if column not in (x, y)]
+        clim = _padded_range(store.table[colour]) if colour != "outcome" else (0.0, 1.0)
+        runs = hv.DynamicMap(pn.bind(lambda _: self._points(store.filtered, x, y, vdims),
+                                     store.param.filtered_revision))
+        # Bokeh's own selection styling is off: the store's selection is drawn as a layer of its own.
+        style = {"size": 5, "alpha": 0.6, "tools": ["hover", "box_select"], "hover_tooltips": self._tooltips(),
+                 "nonselection_alpha": 0.6, "selection_alpha": 0.6}
+        if colour == "outcome":
+            style.update(color="outcome", cmap=OUTCOME_COLOURS, show_legend=False)
+        else:
+            style.update(color=colour, cmap="viridis", clim=clim, colorbar=True)
+        threshold = self.rasterize_above
+        # The range stream starts at the initial axes, so the first render and HoloViews' refresh right after it
+        # share one aggregation.
+        layers = apply_when_in_view(runs, operation=self._raster(colour, clim, raster),
+                                    predicate=lambda element: len(element) > threshold,
+                                    streams=[self._range_stream(raster)])
+        return runs, layers.opts(hv.opts.Points(**style))
+
+    def _selection_layers(self, x: str, y: str, raster: dict):
+        """The selected runs, ringed; a one-colour raster when more than ``rasterize_above`` are in view."""
+        store, threshold = self.store, self.rasterize_above
+        selected = hv.DynamicMap(pn.bind(lambda _: self._points(store.selected, x, y, ["outcome"]),
+                                         store.param.selected_revision))
+
+        def shade(points):  # the base layer's count_cat kernel (compiled once), every category in one colour
+            return datashade_or_blank(points, aggregator=ds.count_cat("outcome"), min_alpha=220,
+                                      color_key=dict.fromkeys(OUTCOMES, SELECTED_COLOUR), **raster).opts(
+                tools=["box_select"], show_legend=False)
+
+        layers = apply_when_in_view(selected, operation=shade, predicate=lambda element: len(element) > threshold,
+                                    streams=[self._range_stream(raster)])
+        return layers.opts(hv.opts.Points(size=8, fill_alpha=0, line_color=SELECTED_COLOUR, line_width=1.2,
+                                          nonselection_alpha=1, selection_alpha=1, tools=["box_select"],
+                                          show_legend=False))
+
+    @param.depends("redraw")
+    def _plot(self):
+        store, table = self.store, self.store.table
+        x, y = self.axes()
+        # Datashader's parameters; x_range / y_range (the initial axes) are its viewport until the browser sends one.
+        raster = {"x_range": _padded_range(table[x]), "y_range": _padded_range(table[y]),
+                  "width": RASTER_SHAPE[0], "height": RASTER_SHAPE[1], "streams": [hv.streams.RangeXY]}
+        runs, runs_layers = self._runs_layers(x, y, raster)
+        # Limits on every layer, not only the overlay: an empty layer's own extent is NaN, and HoloViews would
+        # hand that to the range streams (and so to datashader) as the first viewport.
+        limits = {"xlim": raster["x_range"], "ylim": raster["y_range"]}
+        overlay = (runs_layers * self._selection_layers(x, y, raster)).opts(
+            hv.opts.Points(**limits), hv.opts.RGB(**limits), hv.opts.Image(**limits),
+            hv.opts.Overlay(responsive=True, height=PLOT_HEIGHT, active_tools=["box_select", "wheel_zoom"],
+                            title=self.title, toolbar="right", show_grid=True,
+                            legend_opts={"background_fill_alpha": 0.5, "border_line_alpha": 0.3}, **limits))
+        bounds = hv.streams.BoundsXY(source=runs)
+        bounds.add_subscriber(lambda bounds: store.select_box(x, y, bounds))
+        self._bounds = bounds  # the stream lives as long as the plot it listens to
+        return pn.pane.HoloViews(overlay, sizing_mode="stretch_width", height=PLOT_HEIGHT, linked_axes=False,
+                                 css_classes=[self.css_class])
+
+    def hint(self) -> pn.pane.HTML:
+        return pn.pane.HTML(f"Drag to box-select (selected runs are ringed in both plots), wheel to zoom. Above "
+                            f"{self.rasterize_above:,} runs in view the plot is a datashader raster: zoom in for "
+                            "per-run hover.", sizing_mode="stretch_width", margin=(0, 10),
+                            styles={"color": "#555", "font-size": "0.85em"})
+
+
+class MarginEntropyScatter(LinkedPoints):
+    """x: the chosen probe's normalised margin; y: a chosen entropy; colour: correct / incorrect."""
+
+    entropy = param.Selector(default="semantic_entropy", objects=ENTROPY_CHOICES, label="y axis")
+    title = param.String(default="Probe margin vs entropy")
+    css_class = "scatter-plot"
+    _rebuild_on = ("entropy", "store.probe")
+
+    def axes(self) -> tuple[str, str]:
+        return self.store.margin_column(), self.entropy
+
+    def __panel__(self):
+        controls = pn.widgets.Select.from_param(self.param.entropy, width=220, margin=(0, 10))
+        return pn.Column(controls, self._plot, self.hint(), sizing_mode="stretch_width")
+
+
+UMAP_COLOURS = {"correctness": "outcome", "semantic entropy": "semantic_entropy", "probe score": "probe"}
+
+
+class UmapExplorer(LinkedPoints):
+    """The 2-D UMAP of hidden states (fitted by the analysis stage), coloured by correctness, SE or probe score."""
+
+    colour_by = param.Selector(default="outcome", objects=UMAP_COLOURS, label="colour by")
+    title = param.String(default="UMAP of hidden states")
+    css_class = "umap-plot"
+    _rebuild_on = ("colour_by", "store.probe")
+
+    def axes(self) -> tuple[str, str]:
+        return "umap_x", "umap_y"
+
+    def colour(self) -> str:
+        return self.store.score_column() if self.colour_by == "probe" else self.colour_by
+
+    def __panel__(self):
+        controls = pn.widgets.Select.from_param(self.param.colour_by, width=220, margin=(0, 10))
+        return pn.Column(controls, self._plot, self.hint(), sizing_mode="stretch_width")
+
+
+def warm_up_datashader(table: pd.DataFrame) -> None:
+    """Run the default plots' datashader aggregation once, so numba compiles it here and not in a first render.
+
+    (Colouring the UMAP by a number compiles ``ds.mean`` on first use, about half a second.)
+    """
+    points = hv.Points(table.head(50), ["umap_x", "umap_y"], ["outcome"])
+    datashade(points, aggregator=ds.count_cat("outcome"), color_key=OUTCOME_COLOURS, dynamic=False, width=20,
+              height=20)
+
+
+# ---- sidebar ---------------------------------------------------------------------------------------------------
+
+
+class FilterPanel(pn.viewable.Viewer):
+    """The sidebar: every filter of the store, and the count of runs in view."""
+
+    store = param.ClassSelector(class_=RunStore)
+
+    def __panel__(self):
+        store = self.store
+        se_low, se_high = store.param.se_range.bounds
+        cluster_low, cluster_high = store.param.n_clusters.bounds
+        count = pn.pane.HTML(pn.bind(self._count_html, store.param.filtered, store.param.selected),
+                             sizing_mode="stretch_width")
+        reset = pn.widgets.Button(name="Reset filters", button_type="light", sizing_mode="stretch_width")
+        reset.on_click(lambda _: store.reset_filters())
+        return pn.Column(
+            count,
+            pn.widgets.CheckButtonGroup.from_param(store.param.datasets, name="Dataset", button_type="primary",
+                                                   button_style="outline", sizing_mode="stretch_width"),
+            pn.widgets.CheckButtonGroup.from_param(store.param.splits, name="Split", button_type="primary",
+                                                   button_style="outline", sizing_mode="stretch_width"),
+            pn.widgets.RadioButtonGroup.from_param(store.param.correctness, name="Runs", button_type="primary",
+                                                   button_style="outline", sizing_mode="stretch_width"),
+            pn.widgets.RangeSlider.from_param(store.param.se_range, name="Semantic entropy (nats)", start=se_low,
+                                              end=max(se_high, se_low + 1e-9), step=max((se_high - se_low) / 100, 1e-3),
+                                              format="0.00", sizing_mode="stretch_width"),
+            pn.widgets.IntRangeSlider.from_param(store.param.n_clusters, name="Semantic clusters", start=cluster_low,
+                                                 end=max(cluster_high, cluster_low + 1), step=1,
+                                                 sizing_mode="stretch_width"),
+            pn.widgets.TextInput.from_param(store.param.search, name="Search questions",
+                                            placeholder="text or id, Enter", sizing_mode="stretch_width"),
+            pn.widgets.RadioButtonGroup.from_param(store.param.probe, name="Probe", button_type="primary",
+                                                   button_style="outline", sizing_mode="stretch_width"),
+            reset,
+            sizing_mode="stretch_width",
+        )
+
+    def _count_html(self, filtered: pd.DataFrame, selected: pd.DataFrame) -> str:
+        store = self.store
+        questions = filtered.groupby(["dataset", "question_id"], observed=True).ngroups if len(filtered) else 0
+        return (f"<div class='run-count'><b class='count'>{len(filtered):,}</b> of {len(store.table):,} runs in view "
+                f"({questions:,} questions)<br><b class='selected-count'>{len(selected):,}</b> selected</div>")
+
+
+# ---- selection table and question details ----------------------------------------------------------------------
+
+
+SELECTION_COLUMNS = ["dataset", "split", "question_id", "run_id", "question", "answer", "gold", "correct",
+                     "semantic_entropy", "n_clusters", "accuracy_probe_margin", "se_probe_margin"]
+NUMBER = NumberFormatter(format="0.000")  # numbers only, so Bokeh's HTML formatting is safe here
+
+
+class SelectionTable(pn.viewable.Viewer):
+    """The selected runs, at most ``cap`` of them; clicking a row opens its question."""
+
+    store = param.ClassSelector(class_=RunStore)
+    cap = param.Integer(default=SELECTION_TABLE_CAP, bounds=(1, None))
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._table = pn.widgets.Tabulator(
+            self._rows(self.store.selected), disabled=True, show_index=False, selectable=False, height=280,
+            sizing_mode="stretch_width", layout="fit_data_stretch", pagination=None,
+            formatters={column: NUMBER for column in ("semantic_entropy", "accuracy_probe_margin", "se_probe_margin")},
+            css_classes=["selection-table"])
+        self._table.on_click(self._open)
+        self._caption = pn.pane.HTML(self._caption_html(self.store.selected), sizing_mode="stretch_width",
+                                     css_classes=["selection-caption"])
+        self.store.param.watch(self._update, "selected")
+        self._clear = pn.widgets.Button(name="Clear selection", button_type="light", width=140)
+        self._clear.on_click(lambda _: self.store.clear_selection())
+
+    def _rows(self, selected: pd.DataFrame) -> pd.DataFrame:
+        rows = selected.head(self.cap)[SELECTION_COLUMNS].copy()
+        for column in ("dataset", "split"):
+            rows[column] = rows[column].astype(str)
+        return rows.reset_index(drop=True)
+
+    def _caption_html(self, selected: pd.DataFrame) -> str:
+        if selected.empty:
+            return "<i>Box-select runs in either plot to list them here; click a row to open its question.</i>"
+        shown = min(len(selected), self.cap)
+        return (f"<b>{len(selected):,}</b> selected runs; listing the first {shown:,} (at most {self.cap:,} are "
+                "listed). Click a row to open its question.")
+
+    def _update(self, event) -> None:
+        self._table.value = self._rows(event.new)
+        self._caption.object = self._caption_html(event.new)
+
+    def _open(self, event) -> None:
+        row = self._table.value.iloc[event.row]
+        self.store.open_question(row["dataset"], row["question_id"])
+
+    def __panel__(self):
+        return pn.Column(pn.Row(self._caption, self._clear), self._table, sizing_mode="stretch_width")
+
+
+QUESTION_CSS = """
+.question-text { white-space: pre-wrap; font-size: 1.1em; background: #f4f4f4; padding: 6px 8px; margin: 4px 0; }
+.gold { font-size: 1.1em; }
+"""
+QUESTION_RUN_COLUMNS = ["semantic cluster", "run_id", "answer", "correct", "text", "sequence_loglik",
+                        "accuracy_probe_prob", "accuracy_probe_margin", "se_probe_prob", "se_probe_margin",
+                        "think_length", "truncated"]
+
+
+class QuestionDetails(pn.viewable.Viewer):
+    """One question: its text and gold answer, and all K runs grouped by semantic cluster."""
+
+    store = param.ClassSelector(class_=RunStore)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._header = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["question-header"],
+                                    stylesheets=[QUESTION_CSS])
+        self._runs = pn.widgets.Tabulator(
+            pd.DataFrame(columns=QUESTION_RUN_COLUMNS), disabled=True, show_index=False, selectable=False,
+            groupby=["semantic cluster"], hidden_columns=["semantic cluster"], sizing_mode="stretch_width",
+            layout="fit_data_stretch", pagination=None,
+            formatters={"text": {"type": "textarea"},
+                        **{column: NUMBER for column in QUESTION_RUN_COLUMNS[5:10]}},
+            widths={"text": 360}, css_classes=["question-runs"], height=420)
+        self.store.param.watch(self._update, "question_runs")
+        self._update()
+
+    def _update(self, *_) -> None:
+        runs = self.store.question_runs
+        if runs.empty:
+            self._header.object = "<i>Open a question by clicking a row of the selection table.</i>"
+            self._runs.value = pd.DataFrame(columns=QUESTION_RUN_COLUMNS)
+            return
+        first = runs.iloc[0]
+        sizes = runs.groupby("cluster_id").size()
+        # The group label is built from numbers only: Tabulator writes group headers as HTML.
+        rows = runs.assign(**{"semantic cluster": [
+            f"{cluster}: {sizes[cluster]} of {len(runs)} runs, {'correct' if correct else 'incorrect'}"
+            for cluster, correct in zip(runs["cluster_id"], runs["correct"])]})
+        self._runs.value = rows[QUESTION_RUN_COLUMNS].reset_index(drop=True)
+        dataset = {value: label for label, value in DATASET_CHOICES.items()}.get(str(first["dataset"]), "")
+        self._header.object = (
+            f"<h4>Question {escaped_html(first['question_id'])} "
+            f"<small>({html.escape(dataset)}, {escaped_html(first['split'])} split)</small></h4>"
+            f"{escaped_html(first['question'], 'pre', 'question-text')}"
+            f"<p>gold answer: {escaped_html(first['gold'], 'code', 'gold')} &middot; {len(runs)} runs in "
+            f"{int(first['n_clusters'])} semantic clusters &middot; SE {first['semantic_entropy']:.3f} nats "
+            f"(weighted {first['semantic_entropy_weighted']:.3f}) &middot; "
+            f"{'high' if first['high_se'] else 'low'} SE</p>")
+
+    def __panel__(self):
+        return pn.Column(self._header, self._runs, sizing_mode="stretch_width")
+
+
+# ---- results --------------------------------------------------------------------------------------------------
+
+
+SPLIT_COLOURS = {"val": "#999999", "test": "#2b83ba", "ood": "#d7301f"}
+
+
+class ResultsView(pn.viewable.Viewer):
+    """evaluate's numbers: AUROC/AUPRC with CIs per score, AUROC per layer and position, ROC curves."""
+
+    root = param.ClassSelector(class_=Path)
+
+    def __panel__(self):
+        # Built when the tab is first shown, not with the page.
+        return pn.param.ParamMethod(self._content, lazy=True, sizing_mode="stretch_width")
+
+    def _content(self):
+        parts = [pn.pane.Markdown(
+            "Every score is oriented so that higher means *this run is more likely wrong*; the positive class is "
+            "an **incorrect** run. CIs are 95% bootstrap intervals over questions. These come from the `evaluate` "
+            "stage on the full test and OOD splits: the sidebar filters do not change them.",
+            sizing_mode="stretch_width")]
+        for builder in (self._metrics, self._by_layer, self._roc):
+            try:
+                parts.append(builder())
+            except MissingArtifact as missing:
+                parts.append(notice(str(missing)))
+        return pn.Column(*parts, sizing_mode="stretch_width")
+
+    def _metrics(self):
+        metrics = load_metrics(self.root)
+        summary = metrics.get("summary", {})
+        facts = []
+        for split, label in (("test", "test"), ("ood", "OOD")):
+            entry = summary.get(split) or {}
+            if "accuracy" in entry:
+                facts.append(f"{label}: {entry.get('n_runs', 0):,} runs of {entry.get('n_questions', 0):,} questions, "
+                             f"{entry['accuracy']:.1%} correct")
+        table = metrics_table(metrics)
+        return pn.Column(
+            pn.pane.HTML("<h4>AUROC / AUPRC for flagging incorrect runs</h4>" + html.escape("; ".join(facts))),
+            pn.widgets.Tabulator(table, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
+                                 layout="fit_data_table", frozen_columns=["score"], css_classes=["metrics-table"]),
+            sizing_mode="stretch_width")
+
+    def _by_layer(self):
+        frame = load_auroc_by_layer(self.root).dropna(subset=["auroc"])
+        try:
+            chosen = load_metrics(self.root).get("settings", {})  # the (position, layer) picked on val
+        except MissingArtifact:
+            chosen = {}
+        plots = []
+        for probe in ("accuracy", "se"):
+            for position in frame.loc[frame["probe"] == probe, "position"].unique():
+                part = frame[(frame["probe"] == probe) & (frame["position"] == position)]
+                curves = [hv.Curve(part[part["split"] == split], "layer", "auroc", label=split).opts(
+                              color=SPLIT_COLOURS.get(split, "black"))
+                          * hv.Scatter(part[part["split"] == split], "layer", "auroc", label=split).opts(
+                              color=SPLIT_COLOURS.get(split, "black"), size=5)
+                          for split in ("val", "test", "ood") if (part["split"] == split).any()]
+                overlay = hv.Overlay(curves)
+                picked = chosen.get(f"{probe}_probe", {})
+                if picked.get("position") == position and "layer" in picked:
+                    overlay = overlay * hv.VLine(picked["layer"]).opts(color="black", line_dash="dashed", line_width=1)
+                label = "accuracy probe" if probe == "accuracy" else "SE probe"
+                plots.append(overlay.opts(title=f"{label} @ {position}", ylim=(0.4, 1.0), width=330, height=250,
+                                          legend_position="bottom_right", show_grid=True, xlabel="layer",
+                                          ylabel="AUROC"))
+        layout = hv.Layout(plots).cols(3).opts(shared_axes=False)
+        return pn.Column(pn.pane.HTML("<h4>AUROC per layer and position</h4>A probe fitted on train at each "
+                                      "(position, layer), scored for its own label (accuracy probe: correct; SE "
+                                      "probe: high SE); dashed: the location chosen on val."),
+                         pn.pane.HoloViews(layout), sizing_mode="stretch_width")
+
+    def _roc(self):
+        frame = load_roc(self.root)
+        plots = []
+        for split in ("test", "ood"):
+            part = frame[frame["split"] == split]
+            curves = [hv.Curve(part[part["score"] == score], "fpr", "tpr", label=score)
+                      for score in part["score"].unique()]
+            diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
+            plots.append(hv.Overlay([diagonal, *curves]).opts(
+                title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
+                xlabel="false positive rate", ylabel="true positive rate", show_grid=True))
+        return pn.Column(pn.pane.HTML("<h4>ROC curves</h4>"), pn.pane.HoloViews(hv.Layout(plots).cols(2)),
+                         sizing_mode="stretch_width")
+
+
+# ---- experiments ----------------------------------------------------------------------------------------------
+
+
+class ExperimentsView(pn.viewable.Viewer):
+    """Headline metrics across commits and DVC experiments (`dvc exp show --json`), and a sweep plot.
+
+    DVC is asked only when ``load()`` is called (the app calls it when the tab is first opened), in a worker
+    thread, so neither the first page load nor other sessions wait for it.
+    """
+
+    root = param.ClassSelector(class_=Path)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._body = pn.Column(pn.pane.HTML("<i>Open this tab to ask DVC for experiments.</i>"),
+                               sizing_mode="stretch_width")
+        self._refresh = pn.widgets.Button(name="Refresh", button_type="light", width=100)
+        self._refresh.on_click(lambda _: self.load())
+        self._started = False
+
+    def load_once(self) -> None:
+        if not self._started:
+            self.load()
+
+    def load(self) -> None:
+        """(Re)read the experiments in the background and show them when they arrive."""
+        self._started = True
+        self._body.objects = [pn.indicators.LoadingSpinner(value=True, size=30, name="Asking DVC...")]
+        if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
+            self._show()  # no server (a script or a test): just do it
+        else:
+            pn.state.execute(self._show_async)
+
+    async def _show_async(self) -> None:
+        import asyncio
+
+        # `dvc exp show` takes seconds: off the event loop, so the page and other sessions stay responsive.
+        self._body.objects = await asyncio.to_thread(self._render)
+
+    def _show(self) -> None:
+        self._body.objects = self._render()
+
+    def _render(self) -> list:
+        try:
+            experiments = load_experiments(self.root)
+        except MissingArtifact as missing:
+            return [notice(str(missing))]
+        table = experiments.table
+        params = varying_params(table) if experiments.from_dvc else []
+        metrics = headline_metric_columns(table)
+        shown = table[["name", "kind", "rev", "baseline", "timestamp", *params, *metrics, "error"]].copy()
+        shown.columns = [column.removeprefix("param:").removeprefix("metric:") for column in shown.columns]
+        objects = [
+            pn.pane.Alert(html.escape(experiments.message), alert_type="info" if experiments.from_dvc else "warning",
+                          sizing_mode="stretch_width", css_classes=["experiments-message"]),
+            pn.widgets.Tabulator(shown, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
+                                 layout="fit_data_table", frozen_columns=["name"],
+                                 formatters={column.removeprefix("metric:"): NUMBER for column in metrics},
+                                 css_classes=["experiments-table"]),
+        ]
+        numeric = [column for column in params if pd.to_numeric(table[column], errors="coerce").notna().sum() > 1]
+        if numeric and metrics:
+            objects.append(self._sweep(table, numeric, metrics))
+        return objects
+
+    def _sweep(self, table: pd.DataFrame, params: list[str], metrics: list[str]):
+        choose = pn.widgets.Select(name="x axis (a parameter that varies)", options=params, value=params[0], width=300)
+
+        def plot(parameter: str):
+            frame = table.assign(x=pd.to_numeric(table[parameter], errors="coerce")).dropna(subset=["x"])
+            lines = []
+            for metric in [column for column in metrics if column.endswith(".auroc")]:
+                label = metric.removeprefix("metric:").removesuffix(".auroc")
+                points = frame.dropna(subset=[metric]).sort_values("x")
+                lines.append(hv.Curve(points, "x", metric, label=label)
+                             * hv.Scatter(points, "x", metric, label=label).opts(size=6, tools=["hover"]))
+            return hv.Overlay(lines).opts(width=760, height=380, legend_position="right", show_grid=True,
+                                          xlabel=parameter.removeprefix("param:"), ylabel="AUROC",
+                                          title="AUROC across commits and experiments")
+        return pn.Column(choose, pn.pane.HoloViews(pn.bind(plot, choose)))
+
+    def __panel__(self):
+        return pn.Column(pn.Row(pn.pane.HTML("<h4>Experiments</h4>"), self._refresh), self._body,
+                         sizing_mode="stretch_width")
