@@ -56,13 +56,18 @@ def make_project(directory: Path) -> Path:
     for group, values in TINY.items():
         params[group].update(values)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return init_repository(directory, "tiny pipeline")
+
+
+def init_repository(directory: Path, message: str) -> Path:
+    """git + DVC init ``directory`` with this repository's DVC settings, and commit what it holds."""
     sh("git", "init", "-q", cwd=directory)
     sh("dvc", "init", "-q", cwd=directory)
     # The repository's own DVC settings: default remote, core.autostage, offline plot templates.
     shutil.copy(ROOT / ".dvc/config", directory / ".dvc/config")
     shutil.copytree(ROOT / ".dvc/plots", directory / ".dvc/plots")
     sh("git", "add", "-A", cwd=directory)
-    sh("git", "commit", "-qm", "tiny pipeline", cwd=directory)
+    sh("git", "commit", "-qm", message, cwd=directory)
     return directory
 
 

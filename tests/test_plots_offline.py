@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
-from dvc_project import ROOT, sh
+from dvc_project import ROOT, init_repository, sh
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -38,13 +38,7 @@ def plots_project(tmp_path) -> Path:
     (project / "artifacts/plots").mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", *PLOTS):
         shutil.copy(ROOT / name, project / name)
-    sh("git", "init", "-q", cwd=project)
-    sh("dvc", "init", "-q", cwd=project)
-    shutil.copy(ROOT / ".dvc/config", project / ".dvc/config")
-    shutil.copytree(ROOT / ".dvc/plots", project / ".dvc/plots")
-    sh("git", "add", "-A", cwd=project)
-    sh("git", "commit", "-qm", "committed plots", cwd=project)
-    return project
+    return init_repository(project, "committed plots")
 
 
 def test_plots_diff_page_renders_offline(plots_project):
