@@ -20,8 +20,8 @@ from stages.common import atomic_path, cost_record, read_table, setup_logging
 from stages.config import AnalysisParams, Params, load_params
 from stages.probes import LinearProbe, load_probe, location_features
 from stages.questions import load_questions
-from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_KEY, DATASETS, PROBE_FILES, RUN_COLUMNS, SE_COLUMNS,
-                           SELECTION_FILE, SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, validate_frame)
+from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, DATASETS, PROBE_FILES, RUN_COLUMNS,
+                           SE_COLUMNS, SELECTION_FILE, SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, validate_frame)
 from stages.train_probes import DatasetRuns, load_dataset
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ def main() -> None:
         validate_frame(table, ANALYSIS_COLUMNS, "analysis table", ANALYSIS_KEY)
         with atomic_path(params.paths.analysis) as out_dir:
             out_dir.mkdir()
-            table.to_parquet(out_dir / "analysis.parquet", index=False)
-        log.info("wrote %s/analysis.parquet: %d rows", params.paths.analysis, len(table))
+            table.to_parquet(out_dir / ANALYSIS_FILE, index=False)
+        log.info("wrote %s/%s: %d rows", params.paths.analysis, ANALYSIS_FILE, len(table))
         cost["runs"] = len(table)
 
 

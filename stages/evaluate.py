@@ -33,8 +33,9 @@ from stages.metrics import (auprc, auroc, bootstrap_ci, permutation_p_value, roc
                             single_class_reason)
 from stages.probes import (LinearProbe, load_location_probes, load_probe, location_features,
                            score_location_probes)
-from stages.schema import (AUROC_BY_LAYER_COLUMNS, LOCATION_PROBES_FILE, PROBE_FILES, ROC_COLUMNS, SELECTION_FILE, SPLIT_COLUMNS,
-                           SPLIT_KEY, SPLITS_FILE, SchemaError, validate_frame)
+from stages.schema import (AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, EVALUATE_FILE, LOCATION_PROBES_FILE,
+                           PROBE_FILES, ROC_COLUMNS, ROC_FILE, SELECTION_FILE, SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE,
+                           SchemaError, validate_frame)
 from stages.train_probes import (PROBE_LABEL, DatasetRuns, attach_splits, load_dataset,
                                  probe_labels, require_same_locations)
 
@@ -246,9 +247,9 @@ def run(params: Params) -> dict[str, Any]:
                                   high_se_threshold)
         roc = pd.concat(roc_frames, ignore_index=True)
 
-        write_json(report, Path(params.paths.metrics) / "evaluate.json")
-        write_csv(by_layer, Path(params.paths.plots) / "auroc_by_layer.csv", AUROC_BY_LAYER_COLUMNS)
-        write_csv(roc, Path(params.paths.plots) / "roc.csv", ROC_COLUMNS)
+        write_json(report, Path(params.paths.metrics) / EVALUATE_FILE)
+        write_csv(by_layer, Path(params.paths.plots) / AUROC_BY_LAYER_FILE, AUROC_BY_LAYER_COLUMNS)
+        write_csv(roc, Path(params.paths.plots) / ROC_FILE, ROC_COLUMNS)
         cost.update({"location_probes_scored": len(location_probes),
                      "runs_scored": int(sum(len(runs) for runs, _ in evaluated.values())),
                      "bootstrap_resamples": params.evaluate.bootstrap, "permutations": params.evaluate.permutations})

@@ -197,3 +197,9 @@ ROC_COLUMNS = (
     Column("fpr", "float"),
     Column("tpr", "float"),
 )
+
+# ---- file names inside the `paths:` directories, shared by the stages that write them and the viewer ----
+ANALYSIS_FILE = "analysis.parquet"  # in paths.analysis; ANALYSIS_COLUMNS
+EVALUATE_FILE = "evaluate.json"  # in paths.metrics; {split: {score: {auroc, ...}}, summary, settings}
+AUROC_BY_LAYER_FILE = "auroc_by_layer.csv"  # in paths.plots; AUROC_BY_LAYER_COLUMNS
+ROC_FILE = "roc.csv"  # in paths.plots; ROC_COLUMNS

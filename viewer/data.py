@@ -30,16 +30,10 @@ import param
 import yaml
 
 from stages.config import Paths
-from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_KEY, AUROC_BY_LAYER_COLUMNS, ROC_COLUMNS, SchemaError,
-                           validate_frame)
+from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE,
+                           EVALUATE_FILE, ROC_COLUMNS, ROC_FILE, SchemaError, validate_frame)
 
 log = logging.getLogger(__name__)
-
-# File names inside the `paths:` directories, as the stages write them (stages/analysis.py, stages/evaluate.py).
-ANALYSIS_FILE = "analysis.parquet"
-METRICS_FILE = "evaluate.json"
-AUROC_BY_LAYER_FILE = "auroc_by_layer.csv"
-ROC_FILE = "roc.csv"
 
 HOW_TO_GET_A_RUN = "Run `dvc repro` to compute it, or `dvc pull` to fetch a shared run."
 
@@ -108,7 +102,7 @@ def run_files(root: str | Path) -> RunFiles:
         return path
 
     return RunFiles(root=root, analysis=inside(paths.analysis, ANALYSIS_FILE),
-                    metrics=inside(paths.metrics, METRICS_FILE),
+                    metrics=inside(paths.metrics, EVALUATE_FILE),
                     auroc_by_layer=inside(paths.plots, AUROC_BY_LAYER_FILE), roc=inside(paths.plots, ROC_FILE))
 
 
