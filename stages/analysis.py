@@ -74,8 +74,7 @@ def build_table(params: Params) -> pd.DataFrame:
         if not len(data.runs):
             continue
         runs_path = Path(params.paths.runs) / f"{dataset}.parquet"
-        text = pd.read_parquet(runs_path, columns=list(RUN_TEXT_FIELDS))
-        validate_frame(text, tuple(c for c in RUN_COLUMNS if c.name in RUN_TEXT_FIELDS), runs_path)
+        text = read_table(runs_path, RUN_COLUMNS, names=RUN_TEXT_FIELDS)
         clusters = read_table(Path(params.paths.semantic_entropy) / f"{dataset}.parquet", SE_COLUMNS)
         questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
         frame = (data.runs

@@ -69,12 +69,18 @@ def write_table(frame: pd.DataFrame, path: str | Path, columns: tuple[Column, ..
     log.info("wrote %s: %d rows x %d columns", path, len(frame), frame.shape[1])
 
 
-def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Read a parquet hand-off and validate it; name the file and the stage that writes it when absent."""
+def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ...] = (),
+               names: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Read a parquet hand-off and validate it; name the file and the stage that writes it when absent.
+
+    ``names`` reads (and validates) only those columns: runs carry token lists most readers do not need.
+    """
     path = Path(path)
     if not path.exists():
         raise SchemaError(f"{path}: not found; run the stage that writes it (`dvc repro`)")
-    frame = pd.read_parquet(path)
+    if names is not None:
+        columns = tuple(c for c in columns if c.name in names)
+    frame = pd.read_parquet(path, columns=None if names is None else list(names))
     validate_frame(frame, columns, path, key)
     log.info("read %s: %d rows", path, len(frame))
     return frame

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from stages.common import atomic_path, cost_record, setup_logging, write_json
+from stages.common import atomic_path, cost_record, read_table, setup_logging, write_json
 from stages.config import EvaluateParams, Params, load_params
 from stages.metrics import (auprc, auroc, bootstrap_ci, permutation_p_value, roc_curve_table,
                             single_class_reason)
@@ -196,10 +196,7 @@ def load_probes(directory: str | Path) -> tuple[dict[str, LinearProbe], dict[str
     if not selection_path.exists():
         raise SchemaError(f"{selection_path}: not found; run the train_probes stage")
     selection = json.loads(selection_path.read_text())
-    splits_path = directory / SPLITS_FILE
-    if not splits_path.exists():
-        raise SchemaError(f"{splits_path}: not found; run the train_probes stage")
-    splits = validate_frame(pd.read_parquet(splits_path), SPLIT_COLUMNS, splits_path, SPLIT_KEY)
+    splits = read_table(directory / SPLITS_FILE, SPLIT_COLUMNS, SPLIT_KEY)
     return probes, selection, splits
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.common import atomic_path, cost_record, setup_logging
+from stages.common import atomic_path, cost_record, read_table, setup_logging
 from stages.config import ProbeParams, Params, load_params
 from stages.probes import (THRESHOLD_FUNCTIONS, LinearProbe, fit_location_probes, require_two_classes,
                            save_location_probes, save_probe, score_location_probes)
@@ -56,16 +56,6 @@ class DatasetRuns:
 
 
 # ---- load ------------------------------------------------------------------------------------------------
-def _read_columns(path: Path, names: tuple[str, ...], schema, key) -> pd.DataFrame:
-    """Read only ``names`` from a parquet hand-off (runs carry token lists we do not need) and validate them."""
-    if not path.exists():
-        raise SchemaError(f"{path}: not found; run the stage that writes it (`dvc repro`)")
-    frame = pd.read_parquet(path, columns=list(names))
-    validate_frame(frame, tuple(c for c in schema if c.name in names), path, key)
-    log.info("read %s: %d rows", path, len(frame))
-    return frame
-
-
 def load_dataset(params: Params, dataset: str) -> DatasetRuns:
     """Join runs, semantic entropy and the hidden-state index of ``dataset`` (``id`` or ``ood``), one row per run.
 
@@ -73,8 +63,8 @@ def load_dataset(params: Params, dataset: str) -> DatasetRuns:
     """
     runs_path = Path(params.paths.runs) / f"{dataset}.parquet"
     se_path = Path(params.paths.semantic_entropy) / f"{dataset}.parquet"
-    runs = _read_columns(runs_path, RUN_FIELDS, RUN_COLUMNS, RUN_KEY)
-    entropy = _read_columns(se_path, SE_FIELDS, SE_COLUMNS, SE_KEY)
+    runs = read_table(runs_path, RUN_COLUMNS, RUN_KEY, names=RUN_FIELDS)
+    entropy = read_table(se_path, SE_COLUMNS, SE_KEY, names=SE_FIELDS)
     array_path, index_path, meta_path = hidden_files(params.paths.hidden, dataset)
     for path in (array_path, index_path, meta_path):
         if not path.exists():

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,6 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     params = load_params(ROOT / "params.yaml")
     model, tokenizer = load(args.model)
     eos_ids, pad_id = eos_and_pad(model, tokenizer)
@@ -74,7 +74,6 @@ def main() -> None:
     traced = [{"question_id": str(q), "run_id": k, "prompt_ids": prompts[q], "generated_ids": r.generated_ids,
                "n_generated": len(r.generated_ids), "think_end_index": None}
               for q, question_runs in enumerate(runs) for k, r in enumerate(question_runs)]
-    import pandas as pd
     frame = pd.DataFrame(traced)
     layers = resolve_layers("all", model.config.num_hidden_layers + 1)
     positions = tuple(params.trace.positions)
