@@ -29,19 +29,24 @@ import pandas as pd
 
 from stages.common import atomic_path, cost_record, read_table, setup_logging, write_json
 from stages.config import EvaluateParams, Params, load_params
-from stages.metrics import (auprc, auroc, bootstrap_ci, permutation_p_value, roc_curve_table,
-                            single_class_reason)
-from stages.probes import (LinearProbe, load_location_probes, load_probe, location_features,
-                           score_location_probes)
-from stages.schema import (AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, EVALUATE_FILE, LOCATION_PROBES_FILE,
-                           PROBE_FILES, ROC_COLUMNS, ROC_FILE, SELECTION_FILE, SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE,
-                           SchemaError, validate_frame)
-from stages.train_probes import (PROBE_LABEL, DatasetRuns, attach_splits, load_dataset,
+from scipy.special import expit
+
+from stages.metrics import (auprc, aurac, aurc, auroc, bootstrap_ci, brier_score, expected_calibration_error,
+                            permutation_p_value, prediction_rejection_ratio, reliability_table, risk_coverage_curve,
+                            roc_curve_table, single_class_reason, spearman)
+from stages.probes import LinearProbe, load_location_probes, load_probe, probe_features, score_location_probes
+from stages.schema import (AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE,
+                           EVALUATE_FILE, LOCATION_PROBES_FILE, PROBE_FILES, RELIABILITY_COLUMNS, RELIABILITY_FILE,
+                           RISK_COVERAGE_COLUMNS, RISK_COVERAGE_FILE, ROC_COLUMNS, ROC_FILE, SELECTION_FILE,
+                           SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, SchemaError, empty_frame, validate_frame)
+from stages.trace import prefix_fraction
+from stages.train_probes import (BINARY_LABELS, PROBE_LABEL, DatasetRuns, attach_splits, load_dataset,
                                  probe_labels, require_same_locations)
 
 log = logging.getLogger(__name__)
 
 EVALUATED_SPLITS = ("test", "ood")
+BINARY_PROBES = tuple(name for name, label in PROBE_LABEL.items() if label in BINARY_LABELS)
 # score name -> how it is computed; every one is oriented so that higher = more likely incorrect
 SCORES = {
     "accuracy_probe": "1 - P(correct) from the accuracy probe",
@@ -52,38 +57,49 @@ SCORES = {
     "mean_token_entropy": "mean token entropy over the run's think span",
     "entropy_baseline": "1 - P(correct) from logistic regression on mean_token_entropy",
     "negative_sequence_loglik": "-sequence_loglik of the run",
+    "se_regression_probe": "semantic entropy predicted by the ridge SE probe",
+    "accuracy_range_probe": "1 - P(correct) from the accuracy probe on its best layer range",
+    "se_range_probe": "P(high semantic entropy) from the SE probe on its best layer range",
 }
+# the accuracy probes' P(correct), whose calibration is measured
+CALIBRATED = {"accuracy_probe": "accuracy_probe_p_correct", "accuracy_range_probe": "accuracy_range_probe_p_correct"}
 # the SE probe scored on the label it was trained for
 SE_PROBE_ON_HIGH_SE = "se_probe_high_se"
 
 
 # ---- compute ---------------------------------------------------------------------------------------------
 def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe]) -> pd.DataFrame:
-    """Every score in ``SCORES`` for each run, plus ``accuracy_probe_p_correct``; one row per row of ``runs``.
+    """Every score in ``SCORES`` for each run, plus the P(correct) columns of CALIBRATED; one row per row of ``runs``.
 
     Parameters
     ----------
     runs : (n runs) frame with hidden_row and the run / SE columns of ``train_probes.load_dataset``
     hidden : (rows, positions, layers, hidden) float16 array the hidden_row values index
-    probes : ``accuracy``, ``se`` and ``entropy_baseline`` probes (train_probes.PROBE_FILES)
+    probes : every probe of PROBE_FILES (train_probes writes them)
     """
     rows = runs["hidden_row"].to_numpy()
 
-    def hidden_probe_features(probe: LinearProbe) -> np.ndarray:
-        return location_features(hidden, rows, list(positions).index(probe.position), list(layers).index(probe.layer))
+    def decision(name: str) -> np.ndarray:
+        probe = probes[name]
+        return probe.decision_function(probe_features(probe, hidden, rows, positions, layers))
 
-    p_correct = probes["accuracy"].predict_proba(hidden_probe_features(probes["accuracy"]))
+    p_correct = expit(decision("accuracy"))
+    range_p_correct = expit(decision("accuracy_range"))
     baseline_p_correct = probes["entropy_baseline"].predict_proba(runs[["mean_token_entropy"]].to_numpy(float))
     return pd.DataFrame({
         "accuracy_probe": 1 - p_correct,
-        "se_probe": probes["se"].predict_proba(hidden_probe_features(probes["se"])),
+        "se_probe": expit(decision("se")),
         "semantic_entropy": runs["semantic_entropy"].to_numpy(float),
         "semantic_entropy_weighted": runs["semantic_entropy_weighted"].to_numpy(float),
         "naive_entropy": runs["naive_entropy"].to_numpy(float),
         "mean_token_entropy": runs["mean_token_entropy"].to_numpy(float),
         "entropy_baseline": 1 - baseline_p_correct,
         "negative_sequence_loglik": -runs["sequence_loglik"].to_numpy(float),
+        "se_regression_probe": decision("se_regression"),
+        "accuracy_range_probe": 1 - range_p_correct,
+        "se_range_probe": expit(decision("se_range")),
         "accuracy_probe_p_correct": p_correct,
+        "accuracy_range_probe_p_correct": range_p_correct,
     }, index=runs.index)
 
 
@@ -140,6 +156,7 @@ def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se: np.ndarray,
     for score_index, score_name in enumerate(SCORES):
         by_score[score_name] = metric_record(incorrect, scores[score_name].to_numpy(float), groups, "incorrect",
                                              settings, [seed, split_index, score_index], empty_note)
+        by_score[score_name].update(selective_metrics(~incorrect, scores[score_name].to_numpy(float)))
         log.info("%s %s: AUROC %s", split, score_name, _fmt(by_score[score_name]["auroc"]))
     by_score[SE_PROBE_ON_HIGH_SE] = metric_record(high_se, scores["se_probe"].to_numpy(float), groups, "high_se",
                                                   settings, [seed, split_index, len(SCORES)], empty_note)
@@ -155,6 +172,81 @@ def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se: np.ndarray,
         "note": empty_note if len(runs) == 0 else single_class_reason(incorrect, "incorrect"),
     }
     return by_score, summary
+
+
+def selective_metrics(correct, uncertainty) -> dict[str, float | None]:
+    """Selective prediction with one score: AURAC (higher = better), AURC (lower = better) and PRR (1 = oracle,
+    0 = random); None for an empty split, PRR None when every run is right or every run is wrong."""
+    if len(correct) == 0:
+        return {"aurac": None, "aurc": None, "prr": None}
+    return {"aurac": aurac(correct, uncertainty), "aurc": aurc(correct, uncertainty),
+            "prr": prediction_rejection_ratio(correct, uncertainty)}
+
+
+def calibration(correct, scores: pd.DataFrame, split: str, n_bins: int) -> tuple[dict[str, Any], pd.DataFrame]:
+    """ECE and Brier score of each CALIBRATED probe's P(correct) on one split, and its reliability rows
+    (RELIABILITY_COLUMNS); nulls and no rows for an empty split."""
+    summary, frames = {}, []
+    for probe_name, column in CALIBRATED.items():
+        p_correct = scores[column].to_numpy(float)
+        summary[probe_name] = {"ece": expected_calibration_error(correct, p_correct, n_bins) if len(p_correct) else None,
+                               "brier": brier_score(correct, p_correct) if len(p_correct) else None,
+                               "n_bins": n_bins, "n_runs": int(len(p_correct))}
+        if len(p_correct):
+            frames.append(reliability_table(correct, p_correct, n_bins).assign(probe=probe_name, split=split))
+    columns = [c.name for c in RELIABILITY_COLUMNS]
+    return summary, (pd.concat(frames, ignore_index=True)[columns] if frames else empty_frame(RELIABILITY_COLUMNS))
+
+
+def regression_metrics(runs: pd.DataFrame, scores: pd.DataFrame) -> dict[str, Any]:
+    """How well the ridge probe's predicted SE tracks the real SE: Spearman over runs, and over questions
+    (each question's mean prediction against its SE, which all its runs share)."""
+    predicted = scores["se_regression_probe"].to_numpy(float)
+    entropy = runs["semantic_entropy"].to_numpy(float)
+    per_question = pd.DataFrame({"q": runs["question_id"].to_numpy(), "predicted": predicted, "se": entropy})
+    per_question = per_question.groupby("q").mean()
+    return {"spearman_runs": spearman(entropy, predicted) if len(runs) else None,
+            "spearman_questions": spearman(per_question["se"], per_question["predicted"]) if len(runs) else None,
+            "n_runs": int(len(runs)), "n_questions": int(len(per_question))}
+
+
+def early_warning(selection: Mapping[str, Any], location_probes, datasets: Mapping[str, tuple[pd.DataFrame, Any]],
+                  positions, layers, high_se_threshold: float, settings: EvaluateParams,
+                  seed: int) -> pd.DataFrame:
+    """EARLY_WARNING_COLUMNS rows: at each traced position, the probe at the layer chosen on val for that
+    position (selection.json ``by_position``), scored for its own label on each split with a bootstrap CI.
+
+    Only the binary probes (accuracy, se); ``fraction`` is the share of the reasoning seen at the position.
+    """
+    rows = []
+    for choice_index, choice in enumerate(selection["by_position"]):
+        if choice["probe"] not in BINARY_PROBES:
+            continue
+        label_name = PROBE_LABEL[choice["probe"]]
+        probe = location_probes[(label_name, choice["position"], int(choice["layer"]))]
+        for split_index, (split, (runs, hidden)) in enumerate(datasets.items()):
+            record = {"probe": choice["probe"], "position": choice["position"],
+                      "fraction": prefix_fraction(choice["position"]), "layer": int(choice["layer"]), "split": split,
+                      "auroc": None, "auroc_ci_low": None, "auroc_ci_high": None}
+            labels = probe_labels(runs, high_se_threshold)[label_name]
+            if single_class_reason(labels, label_name) is None:
+                decision = probe.decision_function(probe_features(probe, hidden, runs["hidden_row"].to_numpy(),
+                                                                  positions, layers))
+                interval = bootstrap_ci(labels, decision, runs["question_id"].to_numpy(), auroc, settings.bootstrap,
+                                        settings.confidence,
+                                        np.random.default_rng([seed, 7, choice_index, split_index]))
+                record.update(auroc=auroc(labels, decision), auroc_ci_low=interval.low, auroc_ci_high=interval.high)
+            rows.append(record)
+    return pd.DataFrame.from_records(rows, columns=[c.name for c in EARLY_WARNING_COLUMNS])
+
+
+def risk_coverage_table(correct, scores: pd.DataFrame, split: str) -> pd.DataFrame:
+    """RISK_COVERAGE_COLUMNS rows for every score in SCORES on one split (none for an empty split)."""
+    if len(correct) == 0:
+        return empty_frame(RISK_COVERAGE_COLUMNS)
+    frames = [risk_coverage_curve(correct, scores[name].to_numpy(float)).assign(score=name, split=split)
+              for name in SCORES]
+    return pd.concat(frames, ignore_index=True)[[c.name for c in RISK_COVERAGE_COLUMNS]]
 
 
 def roc_table(labels, scores: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -177,10 +269,17 @@ def auroc_by_layer(location_probes, datasets: Mapping[str, tuple[pd.DataFrame, A
         if len(runs) == 0:
             log.info("auroc_by_layer: split `%s` has no runs; no rows", split)
             continue
+        labels = probe_labels(runs, high_se_threshold)
         table = score_location_probes(location_probes, hidden, runs["hidden_row"].to_numpy(), positions, layers,
-                                      probe_labels(runs, high_se_threshold))
-        frames.append(table.assign(probe=table["label"].map(probe_of_label), split=split))
+                                      {name: labels[name] for name in BINARY_LABELS})
+        frames.append(table.assign(probe=table["label"].map(probe_of_label), split=split, auroc=table["score"]))
     return pd.concat(frames, ignore_index=True)[[c.name for c in AUROC_BY_LAYER_COLUMNS]]
+
+
+def concat_rows(frames: list[pd.DataFrame], columns) -> pd.DataFrame:
+    """Concatenate the non-empty frames (empty ones would turn numeric columns into objects)."""
+    frames = [frame for frame in frames if len(frame)]
+    return pd.concat(frames, ignore_index=True) if frames else empty_frame(columns)
 
 
 def _fmt(value) -> str:
@@ -219,23 +318,31 @@ def run(params: Params) -> dict[str, Any]:
         evaluated = {"test": (id_runs[id_runs["split"] == "test"], id_data.hidden), "ood": (ood_runs, ood_data.hidden)}
 
         report: dict[str, Any] = {}
-        summaries: dict[str, Any] = {}
-        roc_frames = []
+        summaries, calibrations, regressions = {}, {}, {}
+        roc_frames, risk_frames, reliability_frames = [], [], []
         for split, (runs, hidden) in evaluated.items():
             scores = score_runs(runs, hidden, id_data.positions, id_data.layers, probes)
             high_se = probe_labels(runs, high_se_threshold)["high_se"]
             report[split], summaries[split] = split_metrics(runs, scores, high_se, split, params.evaluate,
                                                             params.seed)
-            roc_frames.append(roc_table(~runs["correct"].to_numpy(bool), scores, split))
+            correct = runs["correct"].to_numpy(bool)
+            roc_frames.append(roc_table(~correct, scores, split))
+            risk_frames.append(risk_coverage_table(correct, scores, split))
+            calibrations[split], reliability = calibration(correct, scores, split, params.evaluate.calibration_bins)
+            reliability_frames.append(reliability)
+            regressions[split] = regression_metrics(runs, scores)
         report["summary"] = summaries
+        report["calibration"] = calibrations
+        report["se_regression"] = regressions
         report["settings"] = {
             "positive_class": "incorrect run", "scores": SCORES,
             SE_PROBE_ON_HIGH_SE: "P(high semantic entropy) from the SE probe, for the high_se label",
             "bootstrap": params.evaluate.bootstrap, "permutations": params.evaluate.permutations,
             "confidence": params.evaluate.confidence, "high_se_threshold": high_se_threshold,
             "high_se_threshold_method": selection["high_se_threshold_method"],
-            "accuracy_probe": {"position": probes["accuracy"].position, "layer": probes["accuracy"].layer},
-            "se_probe": {"position": probes["se"].position, "layer": probes["se"].layer},
+            **{f"{name}_probe": {"position": probe.position, "layer": probe.layer, "layer_end": probe.layer_end}
+               for name, probe in probes.items() if name != "entropy_baseline"},
+            "calibration_bins": params.evaluate.calibration_bins,
         }
 
         location_probes = load_location_probes(Path(params.paths.probes) / LOCATION_PROBES_FILE)
@@ -243,10 +350,18 @@ def run(params: Params) -> dict[str, Any]:
                                                     **evaluated}, id_data.positions, id_data.layers,
                                   high_se_threshold)
         roc = pd.concat(roc_frames, ignore_index=True)
+        warning = early_warning(selection, location_probes, evaluated, id_data.positions, id_data.layers,
+                                high_se_threshold, params.evaluate, params.seed)
+        report["early_warning"] = warning.replace({np.nan: None}).to_dict("records")
 
         write_json(report, Path(params.paths.metrics) / EVALUATE_FILE)
         write_csv(by_layer, Path(params.paths.plots) / AUROC_BY_LAYER_FILE, AUROC_BY_LAYER_COLUMNS)
         write_csv(roc, Path(params.paths.plots) / ROC_FILE, ROC_COLUMNS)
+        write_csv(warning, Path(params.paths.plots) / EARLY_WARNING_FILE, EARLY_WARNING_COLUMNS)
+        write_csv(concat_rows(risk_frames, RISK_COVERAGE_COLUMNS), Path(params.paths.plots) / RISK_COVERAGE_FILE,
+                  RISK_COVERAGE_COLUMNS)
+        write_csv(concat_rows(reliability_frames, RELIABILITY_COLUMNS), Path(params.paths.plots) / RELIABILITY_FILE,
+                  RELIABILITY_COLUMNS)
         cost.update({"location_probes_scored": len(location_probes),
                      "runs_scored": int(sum(len(runs) for runs, _ in evaluated.values())),
                      "bootstrap_resamples": params.evaluate.bootstrap, "permutations": params.evaluate.permutations})

@@ -6,6 +6,9 @@ Each generate() call holds many questions x K runs, left-padded, never one quest
 entropy and the chosen token's log-prob are recorded step by step by a logits processor that sees the
 model's raw logits (before temperature and top-p), so they describe the model, not the sampling knobs, and
 no (batch, steps, vocab) score tensor is ever kept.
+
+``sampling.backend: vllm`` (or ``auto`` on a CUDA host with vLLM installed) samples with vLLM instead
+(stages/vllm_backend.py); both backends return SampledRun lists, so ``build_run_records`` writes the same schema.
 """
 
 from __future__ import annotations
@@ -186,7 +189,12 @@ def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: l
 
 def eos_and_pad(model, tokenizer) -> tuple[set[int], int]:
     """Every id that ends a run (the tokenizer's and the generation config's), and the padding id."""
-    eos = model.generation_config.eos_token_id
+    return stop_and_pad_ids(model.generation_config, tokenizer)
+
+
+def stop_and_pad_ids(generation_config, tokenizer) -> tuple[set[int], int]:
+    """As ``eos_and_pad``, from a GenerationConfig (the vllm backend has no transformers model to ask)."""
+    eos = generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
@@ -197,20 +205,32 @@ def eos_and_pad(model, tokenizer) -> tuple[set[int], int]:
 
 
 def main() -> None:
+    from stages.vllm_backend import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
+
     setup_logging()
     params = load_params()
-    model, tokenizer = load_model(params.model.name, params.paths.toy_model)
+    backend = resolve_backend(params.sampling.backend)
+    if backend == "vllm":
+        vllm = VllmGenerator.open(params)
+        tokenizer, eos_ids = vllm.tokenizer, vllm.eos_ids
+    else:
+        model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device,
+                                      params.model.dtype)
+        eos_ids, pad_id = eos_and_pad(model, tokenizer)
     think = think_tokens(tokenizer)
     if think.end_id is None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
-    eos_ids, pad_id = eos_and_pad(model, tokenizer)
     with cost_record(params.paths.metrics, "generate") as cost, atomic_path(params.paths.runs) as out_dir:
         out_dir.mkdir()
         cost.update(sequences=0, tokens_generated=0, generate_calls=0)
         for offset, dataset in enumerate(DATASETS):
             questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
             prompts = [prompt_ids(tokenizer, q) for q in questions["question"]]
-            runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, params.seed + 1_000_003 * offset)
+            seed = params.seed + 1_000_003 * offset
+            if backend == "vllm":
+                runs = vllm.sample(prompts, seed)
+            else:
+                runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed)
             frame = build_run_records(questions, prompts, runs, tokenizer, think)
             write_table(frame, out_dir / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
             if len(frame):
@@ -218,7 +238,8 @@ def main() -> None:
                          frame["correct"].mean(), frame["think_missing"].mean(), frame["truncated"].mean())
             cost["sequences"] += len(frame)
             cost["tokens_generated"] += int(frame["n_generated"].sum())
-            cost["generate_calls"] += -(-len(prompts) // questions_per_call(params.sampling))
+            cost["generate_calls"] += (int(len(prompts) > 0) if backend == "vllm"
+                                       else -(-len(prompts) // questions_per_call(params.sampling)))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,24 @@
 """Loading a causal LM and its tokenizer, and turning questions into prompt token ids.
 
 Shared by the generation and trace stages so both see exactly the same model, prompt and think tokens.
-``model.name`` may be ``toy`` (the embedded default), a local directory, or a Hugging Face repo id; nothing
-here assumes the Hub is reachable, and a failed load says which of these it tried.
+``model.name`` may be ``toy`` (the embedded default), a local directory, a Hugging Face repo id, or a local
+``.gguf`` file; nothing here assumes the Hub is reachable, and a failed load says which of these it tried.
+
+A GGUF file is converted once (transformers dequantises it; needs the ``gguf`` and ``accelerate`` packages) into
+a safetensors copy in ``$SEP_GGUF_CACHE`` (default ``~/.cache/sep-pipeline/gguf``), in a folder named by the sha256
+of the file's bytes; every later load (generate, trace, the next experiment) reads that folder. The location is a
+machine setting like ``HF_HOME``, not a param: moving the cache must not rerun the pipeline.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,24 +40,132 @@ class ThinkTokens:
 
 
 def resolve_model_path(name: str, toy_model_dir: str | Path) -> str:
-    """``toy`` means the model trained by the toy_model stage; anything else goes to from_pretrained."""
-    return str(toy_model_dir) if name == "toy" else name
+    """What from_pretrained loads for ``model.name``.
+
+    ``toy`` is the model trained by the toy_model stage; a name ending in ``.gguf`` is a local GGUF file, replaced
+    by its converted copy (converted on first use, see ``converted_gguf``); anything else (a local directory or a
+    Hub repo id) goes to from_pretrained as it is.
+    """
+    if name == "toy":
+        return str(toy_model_dir)
+    if name.endswith(".gguf"):
+        return str(converted_gguf(name))
+    return name
 
 
-def load_model(name: str, toy_model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) in eval mode, with a clear error when the weights cannot be found."""
+GGUF_CACHE_ENV = "SEP_GGUF_CACHE"
+"""Environment variable naming the folder of converted GGUF checkpoints."""
+GGUF_SOURCE_FILE = "gguf_source.json"
+"""Written last into each converted copy: the file it came from and its sha256."""
+
+
+def gguf_cache_root() -> Path:
+    """``$SEP_GGUF_CACHE`` when set, else ``~/.cache/sep-pipeline/gguf``."""
+    return Path(os.environ.get(GGUF_CACHE_ENV) or Path.home() / ".cache" / "sep-pipeline" / "gguf").expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (about 0.3 s for a 100 MB checkpoint)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_gguf(gguf_file: str | Path, cache_root: str | Path | None = None) -> Path:
+    """The safetensors copy of a local GGUF checkpoint, converting it on first use.
+
+    The copy lives in ``cache_root / <sha256 of the file>`` (``cache_root`` defaults to ``gguf_cache_root()``), so
+    a renamed file reuses it and a changed file gets a new one. It is written in a temporary folder beside it and
+    renamed into place when complete: a killed conversion leaves no folder under the final name, only a hidden
+    ``.<sha256>.*`` one that the next conversion does not read.
+    """
+    gguf_file = Path(gguf_file).expanduser()
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"model.name={str(gguf_file)!r}: GGUF file not found (a name ending in .gguf must "
+                                f"be a local file)")
+    cache_root = Path(cache_root) if cache_root is not None else gguf_cache_root()
+    digest = file_sha256(gguf_file)
+    directory = cache_root / digest
+    if directory.is_dir():
+        log.info("%s: reusing its converted copy %s", gguf_file, directory)
+        return directory
+    log.info("%s: converting to safetensors in %s (once per file content)", gguf_file, directory)
+    started = time.perf_counter()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=cache_root))
+    try:
+        convert_gguf(gguf_file, temporary)
+        (temporary / GGUF_SOURCE_FILE).write_text(json.dumps({"gguf_file": str(gguf_file.resolve()),
+                                                              "sha256": digest}, indent=1))
+        try:
+            temporary.rename(directory)
+        except OSError:
+            if not directory.is_dir():
+                raise
+            log.info("%s: another process converted it first; using its copy", gguf_file)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    log.info("%s: converted in %.1f s", gguf_file, time.perf_counter() - started)
+    return directory
+
+
+def convert_gguf(gguf_file: Path, destination: Path) -> None:
+    """Load a GGUF checkpoint with transformers, dequantised to a plain dense model, and save model and tokenizer
+    to ``destination`` with save_pretrained (safetensors)."""
+    from transformers import GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+
+
+def load_model(name: str, toy_model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """Load (model, tokenizer) in eval mode, with a clear error when the weights cannot be found.
+
+    ``device`` and ``dtype`` are the ``model.device`` / ``model.dtype`` params (``auto`` resolved here, logged).
+    """
+    device, torch_dtype = resolve_device(device), TORCH_DTYPES[dtype]
     path = resolve_model_path(name, toy_model_dir)
     if name == "toy" and not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: the toy model is missing; run `dvc repro toy_model` first")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as error:
         where = "a local directory" if Path(path).exists() else "a Hugging Face repo id (needs the Hub or its cache)"
         raise OSError(f"model.name={name!r}: could not load {path!r} as {where}: {error}") from error
     model.to(device).eval()
-    log.info("loaded %s: %d parameters, %d layers", path, model.num_parameters(), model.config.num_hidden_layers)
+    log.info("loaded %s: %d parameters, %d layers, %s on %s", path, model.num_parameters(),
+             model.config.num_hidden_layers, dtype, device)
     return model, tokenizer
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""``model.dtype`` names -> the dtype the weights (and so the hidden states) are computed in."""
+
+
+def resolve_device(device: str) -> str:
+    """``model.device`` -> a torch device string: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``.
+
+    A CUDA device on a machine without one fails here, before any weights are read, naming the param.
+    """
+    if device == "auto":
+        resolved = "cuda" if torch.cuda.is_available() else "cpu"
+        log.info("model.device=auto resolved to %s", resolved)
+        return resolved
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"params.yaml: `model.device` = {device!r}, but CUDA is not available to torch "
+                               f"{torch.__version__} here; use `cpu` or `auto`")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"params.yaml: `model.device` = {device!r}, but this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def think_tokens(tokenizer: PreTrainedTokenizerBase) -> ThinkTokens:

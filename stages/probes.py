@@ -2,13 +2,18 @@
 
 Used by the train_probes, evaluate and analysis stages; no stage logic lives here.
 
-- ``LinearProbe``: standardise, then L2 logistic regression with C chosen by cross-validation grouped by
-  question (runs of one question never sit on both sides of a fold).
+- ``LinearProbe``: standardise, then L2 logistic regression (``kind="logistic"``, binary labels) or ridge
+  regression (``kind="ridge"``, a continuous target such as semantic entropy itself), with C chosen by
+  cross-validation grouped by question (runs of one question never sit on both sides of a fold). Its features
+  are one (position, layer) of the hidden states, or a contiguous range of layers at one position, concatenated
+  (``layer_end``), as in the SEP paper.
 - ``LinearProbe.to_dict`` / ``from_dict``, ``save_probe`` / ``load_probe``: plain JSON (numbers only), safe
   to read from a shared remote, unlike pickle or joblib which run code on load.
 - ``best_split_threshold`` / ``median_threshold``: turn semantic entropy into a binary high-SE label.
 - ``fit_location_probes`` / ``score_location_probes``: one probe per (position, layer) of a hidden-state
   array; the single code path both train_probes and evaluate use, so their probes are identical.
+- ``probe_features`` / ``fit_probe`` / ``probe_score``: the features a probe reads from a hidden-state array,
+  fitting one probe there, and its own metric (AUROC for logistic, Spearman for ridge).
 """
 
 from __future__ import annotations
@@ -21,17 +26,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from scipy.special import expit
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from stages.metrics import auroc, single_class_reason
+from stages.metrics import auroc, single_class_reason, spearman
 
 log = logging.getLogger(__name__)
 
 PROBE_FORMAT = "sep-linear-probe"
 PROBE_FORMAT_VERSION = 1
+PROBE_KINDS = ("logistic", "ridge")
 
 
 class SingleClassError(ValueError):
@@ -46,7 +52,7 @@ def require_two_classes(labels, label_name: str, split: str) -> None:
 
 
 class LinearProbe:
-    """Standardised L2 logistic regression, with C chosen by question-grouped cross-validation.
+    """Standardised L2 logistic (or ridge) regression, with C chosen by question-grouped cross-validation.
 
     Parameters
     ----------
@@ -59,6 +65,9 @@ class LinearProbe:
     random_state : int or None
         Seeds the fold shuffling and the solver.
     label_name, position, layer, feature : metadata saved with the probe (what it predicts, from where).
+    kind : ``logistic`` (binary label, scored by AUROC) or ``ridge`` (continuous target, alpha = 1 / C, scored
+        by Spearman correlation in the cross-validation).
+    layer_end : last layer (inclusive) of a concatenated layer range starting at ``layer``; None for one layer.
 
     Attributes
     ----------
@@ -66,13 +75,16 @@ class LinearProbe:
     coef_ : (n_features,) weights in the standardised space
     intercept_ : float
     C_ : float, the chosen C
-    cv_auroc_ : dict C -> mean held-out AUROC over folds (None when no fold had both classes)
+    cv_auroc_ : dict C -> mean held-out AUROC (Spearman for ridge) over folds (None when no fold was usable)
     n_features_in_ : int
     """
 
     def __init__(self, c_grid: Sequence[float] = (1.0,), cv_folds: int = 5, max_iter: int = 1000,
                  random_state: int | None = None, label_name: str = "label", position: str | None = None,
-                 layer: int | None = None, feature: str = "hidden_state"):
+                 layer: int | None = None, feature: str = "hidden_state", kind: str = "logistic",
+                 layer_end: int | None = None):
+        if kind not in PROBE_KINDS:
+            raise ValueError(f"probe kind {kind!r}; expected one of {PROBE_KINDS}")
         self.c_grid = c_grid
         self.cv_folds = cv_folds
         self.max_iter = max_iter
@@ -81,18 +93,20 @@ class LinearProbe:
         self.position = position
         self.layer = layer
         self.feature = feature
+        self.kind = kind
+        self.layer_end = layer_end
 
     # ---- fitting ---------------------------------------------------------------------------------
     def fit(self, features, labels, groups=None, split: str = "train") -> "LinearProbe":
-        """Fit on ``features`` (n, n_features) and ``labels`` (n,) bool; ``groups`` (n,) are question ids.
+        """Fit on ``features`` (n, n_features) and ``labels`` (n,) (bool; float targets for ridge);
+        ``groups`` (n,) are question ids.
 
         Without groups every row is its own group. ``split`` only names the data in error messages.
         """
         features = _as_features(features)
-        labels = np.asarray(labels).astype(bool)
+        labels = self._targets(labels, split)
         if len(labels) != len(features):
             raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
-        require_two_classes(labels, self.label_name, split)
         groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
         c_grid = sorted(float(c) for c in self.c_grid)
         if len(c_grid) == 1:
@@ -102,16 +116,32 @@ class LinearProbe:
             self.cv_auroc_ = self._cross_validate(features, labels, groups, c_grid, split)
             self.C_ = _best_c(self.cv_auroc_, self.label_name, split)
         scaler = StandardScaler().fit(features)
-        model = self._logistic_regression(self.C_).fit(scaler.transform(features), labels)
+        model = self._regression(self.C_).fit(scaler.transform(features), labels)
         self.scaler_mean_ = scaler.mean_.astype(np.float64)
         self.scaler_scale_ = scaler.scale_.astype(np.float64)
-        self.coef_ = model.coef_[0].astype(np.float64)
-        self.intercept_ = float(model.intercept_[0])
+        self.coef_ = np.ravel(model.coef_).astype(np.float64)
+        self.intercept_ = float(np.ravel(model.intercept_)[0])
         self.n_features_in_ = features.shape[1]
         return self
 
-    def _logistic_regression(self, c: float) -> LogisticRegression:
+    def _targets(self, labels, split: str) -> np.ndarray:
+        if self.kind == "logistic":
+            labels = np.asarray(labels).astype(bool)
+            require_two_classes(labels, self.label_name, split)
+            return labels
+        labels = np.asarray(labels, dtype=np.float64)
+        if not np.all(np.isfinite(labels)) or len(np.unique(labels)) < 2:
+            raise SingleClassError(f"target `{self.label_name}` in split `{split}`: a ridge probe needs finite, "
+                                   "non-constant values")
+        return labels
+
+    def _regression(self, c: float):
+        if self.kind == "ridge":
+            return Ridge(alpha=1.0 / c)
         return LogisticRegression(C=c, max_iter=self.max_iter, random_state=self.random_state)
+
+    def _held_out_score(self, targets: np.ndarray, decision: np.ndarray) -> float | None:
+        return auroc(targets, decision) if self.kind == "logistic" else spearman(targets, decision)
 
     def _cross_validate(self, features, labels, groups, c_grid, split) -> dict[float, float | None]:
         n_groups = len(np.unique(groups))
@@ -122,18 +152,21 @@ class LinearProbe:
         fold_scores: dict[float, list[float]] = {c: [] for c in c_grid}
         for fit_rows, held_out_rows in folds.split(features, labels, groups):
             # a fold whose training part or held-out part has one class says nothing about C: skip it
-            if single_class_reason(labels[fit_rows]) or single_class_reason(labels[held_out_rows]):
+            if self.kind == "logistic" and (single_class_reason(labels[fit_rows])
+                                            or single_class_reason(labels[held_out_rows])):
                 continue
             scaler = StandardScaler().fit(features[fit_rows])  # refitted per fold: no held-out leakage
             fit_x, held_out_x = scaler.transform(features[fit_rows]), scaler.transform(features[held_out_rows])
             for c in c_grid:
-                model = self._logistic_regression(c).fit(fit_x, labels[fit_rows])
-                fold_scores[c].append(auroc(labels[held_out_rows], model.decision_function(held_out_x)))
+                model = self._regression(c).fit(fit_x, labels[fit_rows])
+                score = self._held_out_score(labels[held_out_rows], _decision(model, held_out_x))
+                if score is not None:
+                    fold_scores[c].append(score)
         return {c: (float(np.mean(s)) if s else None) for c, s in fold_scores.items()}
 
     # ---- prediction ------------------------------------------------------------------------------
     def decision_function(self, features) -> np.ndarray:
-        """Log-odds of the positive class, shape (n,)."""
+        """Log-odds of the positive class (the predicted value for ridge), shape (n,)."""
         self._check_fitted()
         features = _as_features(features)
         if features.shape[1] != self.n_features_in_:
@@ -142,6 +175,8 @@ class LinearProbe:
 
     def predict_proba(self, features) -> np.ndarray:
         """P(positive class), shape (n,) (one column, unlike scikit-learn's (n, 2): the label is binary)."""
+        if self.kind != "logistic":
+            raise ValueError(f"{self!r} is a ridge regression: use decision_function for its predicted value")
         return expit(self.decision_function(features))
 
     def predict(self, features) -> np.ndarray:
@@ -172,6 +207,8 @@ class LinearProbe:
             "position": self.position,
             "layer": self.layer,
             "feature": self.feature,
+            "kind": self.kind,
+            "layer_end": self.layer_end,
             "c_grid": [float(c) for c in self.c_grid],
             "cv_folds": int(self.cv_folds),
             "max_iter": int(self.max_iter),
@@ -193,7 +230,8 @@ class LinearProbe:
                              f"{data.get('format')!r} version={data.get('format_version')!r}")
         probe = cls(c_grid=tuple(data["c_grid"]), cv_folds=data["cv_folds"], max_iter=data["max_iter"],
                     random_state=data["random_state"], label_name=data["label_name"], position=data["position"],
-                    layer=data["layer"], feature=data["feature"])
+                    layer=data["layer"], feature=data["feature"], kind=data.get("kind", "logistic"),
+                    layer_end=data.get("layer_end"))
         probe.C_ = float(data["C"])
         probe.cv_auroc_ = {float(row["C"]): row["auroc"] for row in data["cv_auroc"]}
         probe.n_features_in_ = int(data["n_features"])
@@ -209,8 +247,9 @@ class LinearProbe:
 
     def __repr__(self) -> str:
         fitted = f", C_={self.C_}" if hasattr(self, "C_") else ""
-        return (f"LinearProbe(label_name={self.label_name!r}, position={self.position!r}, "
-                f"layer={self.layer!r}{fitted})")
+        layers = f", layer_end={self.layer_end!r}" if self.layer_end is not None else ""
+        return (f"LinearProbe(kind={self.kind!r}, label_name={self.label_name!r}, position={self.position!r}, "
+                f"layer={self.layer!r}{layers}{fitted})")
 
 
 def save_probe(probe: LinearProbe, path: str | Path) -> None:
@@ -244,6 +283,10 @@ def load_location_probes(path: str | Path) -> dict[tuple[str, str, int], LinearP
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: {error}") from error
     return {(probe.label_name, probe.position, int(probe.layer)): probe for probe in probes}
+
+
+def _decision(model, features: np.ndarray) -> np.ndarray:
+    return model.decision_function(features) if hasattr(model, "decision_function") else model.predict(features)
 
 
 def _as_features(features) -> np.ndarray:
@@ -316,6 +359,45 @@ def location_features(hidden, rows, position_index: int, layer_index: int) -> np
     return np.asarray(hidden[rows, position_index, layer_index, :], dtype=np.float32)
 
 
+def probe_features(probe: LinearProbe, hidden, rows, positions: Sequence[str], layers: Sequence[int]) -> np.ndarray:
+    """The features ``probe`` reads: its (position, layer), or its layers ``layer..layer_end`` concatenated in
+    the array's layer order, shape (len(rows), hidden * n_layers) float32."""
+    position_index = list(positions).index(probe.position)
+    first = list(layers).index(probe.layer)
+    last = first if probe.layer_end is None else list(layers).index(probe.layer_end)
+    if last == first:
+        return location_features(hidden, rows, position_index, first)
+    rows = np.asarray(rows, dtype=np.int64)
+    block = np.asarray(hidden[rows, position_index, first:last + 1, :], dtype=np.float32)
+    return block.reshape(len(rows), block.shape[1] * block.shape[2])
+
+
+def target_kind(values) -> str:
+    """``logistic`` for a boolean label, ``ridge`` for a continuous target."""
+    return "logistic" if np.asarray(values).dtype == bool else "ridge"
+
+
+def probe_score(probe: LinearProbe, features, targets) -> float | None:
+    """The probe's own metric on (features, targets): AUROC of its log-odds for a logistic probe, Spearman
+    correlation of its prediction for a ridge probe; None when undefined (one class, constant, no rows)."""
+    targets = np.asarray(targets)
+    if len(targets) == 0:
+        return None
+    return probe._held_out_score(targets, probe.decision_function(features))
+
+
+def fit_probe(hidden, rows, positions: Sequence[str], layers: Sequence[int], label_name: str, targets, groups,
+              position: str, layer: int, layer_end: int | None = None, split: str = "train",
+              **estimator) -> LinearProbe:
+    """Fit one probe for ``targets`` (n,) on the given rows at ``position`` and ``layer`` (..``layer_end``).
+
+    ``estimator`` holds c_grid, cv_folds, max_iter and random_state; the kind follows the targets' dtype.
+    """
+    probe = LinearProbe(label_name=label_name, position=position, layer=int(layer), kind=target_kind(targets),
+                        layer_end=None if layer_end is None else int(layer_end), **estimator)
+    return probe.fit(probe_features(probe, hidden, rows, positions, layers), targets, groups, split=split)
+
+
 def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence[int],
                         labels: Mapping[str, np.ndarray], groups, *, c_grid: Sequence[float], cv_folds: int,
                         max_iter: int, random_state: int | None,
@@ -327,7 +409,7 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
     hidden : (runs, positions, layers, hidden) array, float16 memmap
     rows : (n,) int, the array rows of the training runs
     positions, layers : names / hidden-state indices of the array's axes 1 and 2 (from the meta JSON)
-    labels : label name -> (n,) bool, aligned with ``rows``
+    labels : label name -> (n,) targets aligned with ``rows``: bool for a logistic probe, float for ridge
     groups : (n,) question ids, for the grouped cross-validation of C
     c_grid, cv_folds, max_iter, random_state : passed to each LinearProbe
 
@@ -336,7 +418,8 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
     dict (label name, position, layer) -> fitted LinearProbe
     """
     for label_name, values in labels.items():
-        require_two_classes(values, label_name, split)
+        if target_kind(values) == "logistic":
+            require_two_classes(values, label_name, split)
     probes = {}
     locations = [(p, pos, l, layer) for p, pos in enumerate(positions) for l, layer in enumerate(layers)]
     for position_index, position, layer_index, layer in tqdm(locations, desc="probes per (position, layer)",
@@ -344,7 +427,8 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
         features = location_features(hidden, rows, position_index, layer_index)
         for label_name, values in labels.items():
             probe = LinearProbe(c_grid=c_grid, cv_folds=cv_folds, max_iter=max_iter, random_state=random_state,
-                                label_name=label_name, position=position, layer=int(layer))
+                                label_name=label_name, position=position, layer=int(layer),
+                                kind=target_kind(values))
             probes[(label_name, position, int(layer))] = probe.fit(features, values, groups, split=split)
     log.info("fitted %d probes (%d labels x %d positions x %d layers) on %d runs",
              len(probes), len(labels), len(positions), len(layers), len(np.asarray(rows)))
@@ -354,17 +438,18 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
 def score_location_probes(probes: Mapping[tuple[str, str, int], LinearProbe], hidden, rows,
                           positions: Sequence[str], layers: Sequence[int],
                           labels: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """AUROC of each probe for its own label on the given rows.
+    """Each probe's own metric for its own label on the given rows (``probe_score``).
 
     Parameters
     ----------
     probes : output of ``fit_location_probes``
     hidden, rows, positions, layers : as in ``fit_location_probes`` (rows of the evaluated runs)
-    labels : label name -> (n,) bool aligned with ``rows``
+    labels : label name -> (n,) targets aligned with ``rows``
 
     Returns
     -------
-    DataFrame with columns label, position, layer, auroc (NaN when the labels hold a single class or n = 0)
+    DataFrame with columns label, position, layer, metric (``auroc`` or ``spearman``), score (NaN when
+    undefined: a single class, a constant target, or n = 0)
     """
     records = []
     for position_index, position in enumerate(positions):
@@ -372,7 +457,8 @@ def score_location_probes(probes: Mapping[tuple[str, str, int], LinearProbe], hi
             features = location_features(hidden, rows, position_index, layer_index)
             for label_name, values in labels.items():
                 probe = probes[(label_name, position, int(layer))]
-                value = auroc(values, probe.decision_function(features)) if len(values) else None
+                value = probe_score(probe, features, values)
                 records.append({"label": label_name, "position": position, "layer": int(layer),
-                                "auroc": np.nan if value is None else value})
-    return pd.DataFrame.from_records(records, columns=["label", "position", "layer", "auroc"])
+                                "metric": "auroc" if probe.kind == "logistic" else "spearman",
+                                "score": np.nan if value is None else value})
+    return pd.DataFrame.from_records(records, columns=["label", "position", "layer", "metric", "score"])

@@ -21,6 +21,11 @@ Sources (``data.source`` for in-distribution, ``data.ood_source`` for out-of-dis
     last ``\\boxed{}`` in ``solution`` (nested braces kept).
 
   The question id is the record's ``id`` (or ``unique_id``), else its 1-based line number.
+- ``hf:gsm8k`` (openai/gsm8k, config main, split test) and ``hf:math500`` (HuggingFaceH4/MATH-500, split test):
+  the first ``n`` rows loaded with ``datasets`` (from its cache under ``HF_HUB_OFFLINE=1``), parsed exactly as the
+  JSONL formats above (row ``i`` counts as line ``i``), so a local copy read as ``jsonl:<path>`` gives the same
+  questions. When the Hub cannot be reached the stage fails at once, naming the dataset and suggesting a local
+  copy, instead of waiting through the Hub client's retries.
 - ``none`` (out of distribution only): an empty ood.jsonl.
 """
 
@@ -29,7 +34,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -37,7 +45,7 @@ import pandas as pd
 from stages import arithmetic
 from stages.answers import last_boxed_content
 from stages.common import atomic_path, setup_logging
-from stages.config import load_params
+from stages.config import HUB_SOURCES, load_params
 from stages.schema import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,24 @@ class QuestionSourceError(ValueError):
     """A question source is missing, malformed or lacks a field; the message names the file and line."""
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """Where a ``hf:<name>`` source lives on the Hugging Face Hub."""
+
+    repo_id: str
+    config: str | None
+    split: str
+
+
+HUB_DATASETS = {
+    "hf:gsm8k": HubDataset("openai/gsm8k", "main", "test"),
+    "hf:math500": HubDataset("HuggingFaceH4/MATH-500", None, "test"),
+}
+assert set(HUB_DATASETS) == set(HUB_SOURCES), "stages/config.py HUB_SOURCES and HUB_DATASETS disagree"
+HUB_CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for a TCP connection to the Hub before calling it unreachable."""
+
+
 # ---- answers ------------------------------------------------------------------------------------------------
 def gsm8k_gold(answer: str) -> str:
     """The final answer after the last ``####`` of a GSM8K solution, with thousands commas removed."""
@@ -59,13 +85,17 @@ def gsm8k_gold(answer: str) -> str:
 
 
 # ---- sources ------------------------------------------------------------------------------------------------
-def parse_source(spec: str) -> tuple[str, Path | None]:
-    """``"arithmetic"`` -> ("arithmetic", None); ``"jsonl:data/x.jsonl"`` -> ("jsonl", Path); ``"none"``."""
+def parse_source(spec: str) -> tuple[str, Path | HubDataset | None]:
+    """``"arithmetic"`` -> ("arithmetic", None); ``"jsonl:data/x.jsonl"`` -> ("jsonl", Path);
+    ``"hf:gsm8k"`` -> ("hf", HubDataset); ``"none"`` -> ("none", None)."""
     if spec in ("arithmetic", "none"):
         return spec, None
     if spec.startswith("jsonl:") and len(spec) > len("jsonl:"):
         return "jsonl", Path(spec[len("jsonl:"):])
-    raise QuestionSourceError(f"unknown question source {spec!r}; expected `arithmetic`, `jsonl:<path>` or `none`")
+    if spec in HUB_DATASETS:
+        return "hf", HUB_DATASETS[spec]
+    raise QuestionSourceError(f"unknown question source {spec!r}; expected `arithmetic`, `jsonl:<path>`, "
+                              f"{', '.join(f'`{s}`' for s in HUB_DATASETS)} or `none`")
 
 
 def read_jsonl_records(path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
@@ -123,9 +153,64 @@ def jsonl_questions(path: Path, n: int) -> list[tuple[str, str, str]]:
     return [question_from_record(record, str(path), line_number) for line_number, record in records]
 
 
+def hub_rows_questions(rows, spec: str, n: int) -> list[tuple[str, str, str]]:
+    """The first ``n`` dataset rows (mappings in the GSM8K or MATH format) as ``(question_id, question, gold)``.
+
+    Row ``i`` (1-based) is parsed as line ``i`` of a JSONL copy would be, so ids and golds agree with ``jsonl:``.
+    """
+    parsed = []
+    for row_number, row in enumerate(rows, start=1):
+        if row_number > n:
+            break
+        parsed.append(question_from_record(dict(row), spec, row_number))
+    if len(parsed) < n:
+        log.warning("%s: asked for %d questions, the dataset holds %d", spec, n, len(parsed))
+    return parsed
+
+
+def hub_unreachable_error(spec: str, dataset: HubDataset, reason: str) -> QuestionSourceError:
+    return QuestionSourceError(
+        f"data source `{spec}`: cannot load {dataset.repo_id} (split {dataset.split}) because the Hugging Face Hub "
+        f"is unreachable or offline ({reason}). Use a local copy instead: save its rows as JSON lines and set "
+        f"`jsonl:<path>` (the GSM8K and MATH formats are understood), or set HF_HUB_OFFLINE=1 to read a copy "
+        f"already in the datasets cache.")
+
+
+def hub_unreachable_reason(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why no TCP connection to the Hub endpoint opened within ``timeout`` seconds; None when one did."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{url.hostname}:{port}: {error}"
+    return None
+
+
+def hub_questions(spec: str, dataset: HubDataset, n: int) -> list[tuple[str, str, str]]:
+    """The first ``n`` questions of a ``hf:`` source, loaded with ``datasets``.
+
+    The Hub client retries a failed connection for about 25 s; a quick connection test first makes an unreachable
+    Hub fail at once. Under ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) the test is skipped and
+    ``datasets`` reads only its cache.
+    """
+    import datasets  # imported here: a second of start-up that the arithmetic and jsonl sources do not need
+    from huggingface_hub import constants
+
+    if not datasets.config.HF_HUB_OFFLINE and (reason := hub_unreachable_reason(constants.ENDPOINT)) is not None:
+        raise hub_unreachable_error(spec, dataset, reason)
+    try:
+        rows = datasets.load_dataset(dataset.repo_id, dataset.config, split=dataset.split)
+    except ConnectionError as error:  # what datasets raises offline: "Couldn't reach '<repo>' on the Hub (...)"
+        raise hub_unreachable_error(spec, dataset, str(error)) from error
+    log.info("%s: loaded %s (split %s): %d rows", spec, dataset.repo_id, dataset.split, len(rows))
+    return hub_rows_questions(rows, spec, n)
+
+
 def arithmetic_questions(dataset: str, n: int, seed: int, min_terms: int, max_terms: int, max_operand: int,
                          ood_max_terms: int, ood_max_operand: int) -> list[tuple[str, str, str]]:
-    """``n`` seeded chains as ``(question_id, question, gold)``: training-range ones for ``id``, tail ones for ``ood``."""
+    """``n`` seeded chains as ``(question_id, question, gold)``: training-range ones for ``id``, tail ones for
+    ``ood``."""
     if dataset == "id":
         pairs = arithmetic.make_questions(n, np.random.default_rng([seed, ID_STREAM]), min_terms, max_terms,
                                           max_operand)
@@ -166,7 +251,7 @@ def load_questions(path: str | Path) -> pd.DataFrame:
 
 def build_dataset(dataset: str, spec: str, n: int, seed: int, toy) -> pd.DataFrame:
     """Questions of one dataset (``id`` or ``ood``) from source ``spec``."""
-    kind, path = parse_source(spec)
+    kind, where = parse_source(spec)  # where: the JSONL file, or the HubDataset of a `hf:` source
     if kind == "none":
         if dataset == "id":
             raise QuestionSourceError("data.source cannot be `none`: the in-distribution set is required")
@@ -174,8 +259,10 @@ def build_dataset(dataset: str, spec: str, n: int, seed: int, toy) -> pd.DataFra
     elif kind == "arithmetic":
         rows = arithmetic_questions(dataset, n, seed, toy.min_terms, toy.max_terms, toy.max_operand,
                                     toy.ood_max_terms, toy.ood_max_operand)
+    elif kind == "hf":
+        rows = hub_questions(spec, where, n)
     else:
-        rows = jsonl_questions(path, n)
+        rows = jsonl_questions(where, n)
     if dataset == "id" and not rows:
         raise QuestionSourceError(f"{spec}: no in-distribution questions")
     return questions_frame(rows, dataset, spec)

@@ -48,6 +48,14 @@ def _kind_ok(series: pd.Series, kind: str) -> bool:
     raise ValueError(f"unknown column kind {kind!r}")
 
 
+_EMPTY_DTYPES = {"str": object, "int": "int64", "float": "float64", "bool": bool, "list": object}
+
+
+def empty_frame(columns: tuple[Column, ...]) -> pd.DataFrame:
+    """A frame with no rows and the columns' dtypes (so it validates and concatenates cleanly)."""
+    return pd.DataFrame({col.name: pd.Series(dtype=_EMPTY_DTYPES[col.kind]) for col in columns})
+
+
 def validate_frame(frame: pd.DataFrame, columns: tuple[Column, ...], source: str | Path,
                    key: tuple[str, ...] = ()) -> pd.DataFrame:
     """Check that ``frame`` has every column with the right kind, no unexpected nulls, and a unique key.
@@ -178,7 +186,9 @@ ANALYSIS_KEY = ("dataset", "question_id", "run_id")
 
 # ---- probes: artifacts/probes/ (written by train_probes, read by evaluate and analysis) ------------------
 # Each probe file is ``stages.probes.LinearProbe.to_dict()`` as JSON (load with ``stages.probes.load_probe``).
-PROBE_FILES = {"accuracy": "accuracy_probe.json", "se": "se_probe.json", "entropy_baseline": "entropy_baseline.json"}
+PROBE_FILES = {"accuracy": "accuracy_probe.json", "se": "se_probe.json", "se_regression": "se_regression_probe.json",
+               "accuracy_range": "accuracy_range_probe.json", "se_range": "se_range_probe.json",
+               "entropy_baseline": "entropy_baseline.json"}
 SPLITS_FILE = "splits.parquet"  # SPLIT_COLUMNS
 LOCATION_PROBES_FILE = "location_probes.json"  # every (label, position, layer) probe fitted on train
 SELECTION_FILE = "selection.json"  # chosen (position, layer) per probe, val AUROC per location, high-SE threshold
@@ -198,8 +208,49 @@ ROC_COLUMNS = (
     Column("tpr", "float"),
 )
 
+EARLY_WARNING_COLUMNS = (
+    Column("probe", "str", doc="`accuracy` (label: correct) or `se` (label: high_se)"),
+    Column("position", "str"),
+    Column("fraction", "float", nullable=True, doc="share of the reasoning seen (tbg 0, think_<p> p/100, "
+                                                   "think_end 1); null for slt, which has also seen the answer"),
+    Column("layer", "int", doc="the best layer at this position, chosen on val"),
+    Column("split", "str", doc="test or ood"),
+    Column("auroc", "float", nullable=True, doc="for the probe's own label; null if one class"),
+    Column("auroc_ci_low", "float", nullable=True),
+    Column("auroc_ci_high", "float", nullable=True),
+)
+RISK_COVERAGE_COLUMNS = (
+    Column("score", "str", doc="a key of stages.evaluate.SCORES; runs kept from the lowest score up"),
+    Column("split", "str", doc="test or ood"),
+    Column("coverage", "float", doc="fraction of runs kept"),
+    Column("risk", "float", doc="error rate of the kept runs"),
+)
+RELIABILITY_COLUMNS = (
+    Column("probe", "str", doc="accuracy_probe or accuracy_range_probe: P(correct)"),
+    Column("split", "str", doc="test or ood"),
+    Column("bin", "int"),
+    Column("lower", "float"),
+    Column("upper", "float"),
+    Column("n", "int"),
+    Column("mean_predicted", "float", nullable=True, doc="mean P(correct) in the bin; null if empty"),
+    Column("observed_frequency", "float", nullable=True, doc="fraction correct in the bin; null if empty"),
+)
+
+STABILITY_COLUMNS = (
+    Column("seed", "int", doc="seed of the question split and the probe fits"),
+    Column("split", "str", doc="test or ood"),
+    Column("score", "str", doc="a key of stages.evaluate.SCORES"),
+    Column("auroc", "float", nullable=True, doc="for flagging incorrect runs; null if one class"),
+)
+
 # ---- file names inside the `paths:` directories, shared by the stages that write them and the viewer ----
 ANALYSIS_FILE = "analysis.parquet"  # in paths.analysis; ANALYSIS_COLUMNS
 EVALUATE_FILE = "evaluate.json"  # in paths.metrics; {split: {score: {auroc, ...}}, summary, settings}
 AUROC_BY_LAYER_FILE = "auroc_by_layer.csv"  # in paths.plots; AUROC_BY_LAYER_COLUMNS
 ROC_FILE = "roc.csv"  # in paths.plots; ROC_COLUMNS
+EARLY_WARNING_FILE = "early_warning.csv"  # in paths.plots; EARLY_WARNING_COLUMNS
+RISK_COVERAGE_FILE = "risk_coverage.csv"  # in paths.plots; RISK_COVERAGE_COLUMNS
+RELIABILITY_FILE = "reliability.csv"  # in paths.plots; RELIABILITY_COLUMNS
+STABILITY_FILE = "stability.json"  # in paths.metrics; {split: {score: {mean, std, min, max, values}}, settings}
+STABILITY_PLOT_FILE = "stability.csv"  # in paths.plots; STABILITY_COLUMNS
+COST_RATIO_FILE = "cost_ratio.json"  # in paths.metrics; written by stages.cost_ratio

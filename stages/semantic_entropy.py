@@ -4,13 +4,22 @@ Run from the repository root: ``python -m stages.semantic_entropy`` (or ``dvc re
 
 Reads ``{paths.runs}/{id,ood}.parquet`` (schema RUN_COLUMNS; the ood table may be empty) and writes
 ``{paths.semantic_entropy}/{id,ood}.parquet`` (schema SE_COLUMNS, one row per run; the question-level values
-are repeated on each of its runs), plus ``{paths.metrics}/cost/semantic_entropy.json`` (wall seconds and the
-number of equivalence checks).
+are repeated on each of its runs), plus ``{paths.metrics}/cost/semantic_entropy.json`` (wall seconds, the
+number of equivalence checks and, for a model method, its forward passes).
 
-Method ``math`` (``semantic_entropy.method``): two runs share a meaning when their extracted final answers
-(column ``answer``) are equivalent by math-verify (``stages.answers.answers_equivalent``). Clustering is greedy
-against each cluster's first member, as in Farquhar et al., "Detecting hallucinations in large language models
-using semantic entropy", Nature 2024.
+``semantic_entropy.method`` decides when two runs share a meaning, always from their extracted final answers
+(column ``answer``):
+
+- ``math`` (default): equivalent by math-verify (``stages.answers.answers_equivalent``); clustering is greedy
+  against each cluster's first member (``cluster_answers``). Loads no model.
+- ``nli``: bidirectional entailment by an MNLI classifier (``semantic_entropy.nli_model``), optionally with the
+  question prepended to each answer (then ``{paths.questions}/{id,ood}.jsonl`` are read);
+- ``cosine``: cosine similarity of sentence embeddings >= ``semantic_entropy.cosine_threshold``;
+- ``math+nli``: math-verify when both answers are math, NLI otherwise.
+
+The model methods cluster with ``stages.equivalence.greedy_reference_clusters``: the greedy algorithm of Farquhar
+et al., "Detecting hallucinations in large language models using semantic entropy", Nature 2024, exactly as their
+reference code (an answer joins the last earlier representative it is equivalent to), batched and deduplicated.
 
 Notation below: a question has K runs i = 1..K, run i has answer a_i, T_i generated tokens and sequence
 log-likelihood log p(s_i) = sum_t log p(token_t | prefix); clusters c = 1..C with n_c runs each.
@@ -30,16 +39,15 @@ from tqdm import tqdm
 from stages.answers import answers_equivalent
 from stages.common import atomic_path, cost_record, read_table, setup_logging, write_table
 from stages.config import load_params
+from stages.equivalence import NO_ANSWER, PairJudge, build_judge, greedy_reference_clusters
+from stages.questions import load_questions
 from stages.schema import DATASETS, RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, validate_frame
 
 log = logging.getLogger(__name__)
 
 Equivalence = Callable[[str, str], bool]
-
-# semantic_entropy.method -> the relation that decides whether two final answers mean the same thing.
-EQUIVALENCE_BY_METHOD: dict[str, Equivalence] = {"math": answers_equivalent}
-
-NO_ANSWER = ""
+# (question_id, the question's answers in run order) -> cluster ids, shape (K,)
+Clusterer = Callable[[str, list[str]], np.ndarray]
 
 
 # ---- the math: pure functions on arrays -------------------------------------------------------------
@@ -51,7 +59,10 @@ def cluster_answers(answers: list[str], equivalent: Equivalence = answers_equiva
     representative (its first member) it is ``equivalent`` to, else founds a new cluster. Identical strings
     are deduplicated first, so ``equivalent`` is called only between distinct strings (at most once per
     pair of distinct answer and cluster representative). For a true equivalence relation the result is its
-    partition; for a non-transitive one it depends on the order, as in the reference implementation.
+    partition; for a non-transitive one it depends on the order. The reference implementation instead puts
+    an answer in the LAST matching cluster and compares it with every representative; that is what the model
+    methods use (``stages.equivalence.greedy_reference_clusters``). math-verify equivalence is transitive in
+    practice, where both give the same clusters and this one stops at the first match (fewer checks).
 
     Empty answers (no ``\\boxed{}`` and no number was found) form one shared "no answer" cluster and are
     never passed to ``equivalent``. Why shared, not one singleton per empty run: the empty string is one
@@ -166,11 +177,12 @@ def _clip_rounding(entropy: float) -> float:
 
 # ---- one table: runs -> semantic entropy rows (no I/O) -----------------------------------------------
 
-def semantic_entropy_table(runs: pd.DataFrame, equivalent: Equivalence, source: str = "runs") -> pd.DataFrame:
+def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str = "runs") -> pd.DataFrame:
     """One SE_COLUMNS row per run of ``runs`` (RUN_COLUMNS), in the same row order.
 
-    Each question's runs are taken in ``run_id`` order, so cluster ids follow the order in which runs
-    first gave each meaning. A question needs at least 2 runs (SE of one sample is meaningless).
+    Each question's runs are taken in ``run_id`` order and ``cluster(question_id, answers)`` gives their cluster
+    ids, so ids follow the order in which runs first gave each meaning. A question needs at least 2 runs (SE of
+    one sample is meaningless).
     """
     if runs.empty:
         return _empty_se_table()
@@ -182,7 +194,7 @@ def semantic_entropy_table(runs: pd.DataFrame, equivalent: Equivalence, source: 
             raise ValueError(f"{source}: question {question_id!r} has {len(question_runs)} run; semantic "
                              "entropy needs >= 2 (sampling.runs)")
         question_runs = question_runs.sort_values("run_id")
-        cluster_ids = cluster_answers(question_runs["answer"].tolist(), equivalent)
+        cluster_ids = cluster(question_id, question_runs["answer"].tolist())
         log_likelihoods = length_normalised_loglik(question_runs["sequence_loglik"].to_numpy(),
                                                    question_runs["n_generated"].to_numpy())
         question_frames.append(pd.DataFrame({
@@ -215,6 +227,28 @@ class CountingEquivalence:
         return self.equivalent(first, second)
 
 
+def math_clusterer(equivalent: Equivalence = answers_equivalent) -> Clusterer:
+    """Method ``math``: ``cluster_answers`` with ``equivalent``, whatever the question."""
+    return lambda _question_id, answers: cluster_answers(answers, equivalent)
+
+
+def judge_clusterer(judge: PairJudge, question_text: dict[str, str] | None = None) -> Clusterer:
+    """A model method: ``greedy_reference_clusters`` with ``judge``, given each question's text when it uses it.
+
+    ``question_text`` maps question_id -> question; needed (and checked) only if ``judge.uses_question``.
+    """
+    def cluster(question_id: str, answers: list[str]) -> np.ndarray:
+        question = ""
+        if judge.uses_question:
+            if question_text is None or question_id not in question_text:
+                raise ValueError(f"question {question_id!r}: its text is needed (semantic_entropy.prepend_question)"
+                                 " but it is not in the questions files")
+            question = question_text[question_id]
+        return greedy_reference_clusters(answers, lambda pairs: judge(pairs, question))
+
+    return cluster
+
+
 # ---- the stage ----------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -227,11 +261,24 @@ def main() -> None:
         if runs_by_dataset["id"].empty:
             raise ValueError(f"{runs_dir / 'id.parquet'}: no rows; the in-distribution runs must not be empty")
 
-        equivalent = CountingEquivalence(EQUIVALENCE_BY_METHOD[params.semantic_entropy.method])
+        method = params.semantic_entropy.method
+        equivalent, judge = None, None
+        if method == "math":
+            equivalent = CountingEquivalence(answers_equivalent)
+        else:
+            judge = build_judge(params.semantic_entropy)
         tables = {}
         for dataset, runs in runs_by_dataset.items():
             source = runs_dir / f"{dataset}.parquet"
-            tables[dataset] = validate_frame(semantic_entropy_table(runs, equivalent, str(source)), SE_COLUMNS,
+            if judge is None:
+                cluster = math_clusterer(equivalent)
+            else:
+                question_text = None
+                if judge.uses_question and not runs.empty:
+                    questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
+                    question_text = dict(zip(questions["question_id"], questions["question"]))
+                cluster = judge_clusterer(judge, question_text)
+            tables[dataset] = validate_frame(semantic_entropy_table(runs, cluster, str(source)), SE_COLUMNS,
                                              f"semantic_entropy output for {source}", SE_KEY)
             if not runs.empty:
                 per_question = tables[dataset].drop_duplicates("question_id")
@@ -245,8 +292,14 @@ def main() -> None:
                 write_table(table, tmp_dir / f"{dataset}.parquet", SE_COLUMNS, SE_KEY)
         log.info("wrote %s: %s", output_dir, {dataset: len(table) for dataset, table in tables.items()})
 
-        cost["method"] = params.semantic_entropy.method
-        cost["equivalence_checks"] = equivalent.calls
+        cost["method"] = method
+        if judge is None:
+            cost["equivalence_checks"] = equivalent.calls
+        else:
+            counts = judge.counts()
+            cost["equivalence_checks"] = counts.pop("pairs_judged")
+            cost.update(counts)
+            log.info("%s: %s", method, {"equivalence_checks": cost["equivalence_checks"], **counts})
         cost["questions"] = int(sum(runs["question_id"].nunique() for runs in runs_by_dataset.values()))
         cost["runs"] = int(sum(len(runs) for runs in runs_by_dataset.values()))
 

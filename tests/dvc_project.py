@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["toy_model", "questions", "generate", "semantic_entropy", "trace", "train_probes", "evaluate", "analysis"]
+STAGES = ["toy_model", "questions", "generate", "semantic_entropy", "trace", "train_probes", "evaluate", "analysis",
+          "stability", "cost_ratio"]
 
 # Small enough to run in about a minute, large enough that every split holds both classes.
 TINY = {
@@ -28,6 +29,7 @@ TINY = {
     "sampling": dict(runs=4, temp=1.0, max_new_tokens=40),
     "probes": dict(cv_folds=2, c_grid=[0.1, 1.0]),
     "evaluate": dict(bootstrap=50, permutations=50),
+    "stability": dict(seeds=2, c_grid=[1.0]),
     "analysis": dict(umap_neighbors=5),
 }
 

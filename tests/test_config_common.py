@@ -38,6 +38,8 @@ def test_the_repository_params_are_valid():
     ("data.source", "csv:questions.csv"), ("data.ood_source", "jsonl:"), ("semantic_entropy.method", "vibes"),
     ("trace.backend", "jax"), ("trace.positions", ["tbg", "middle"]), ("trace.layers", "some"),
     ("probes.high_se_threshold", "mean"), ("probes.val_fraction", 0.5), ("evaluate.confidence", 95),
+    ("trace.positions", ["think_0"]), ("trace.positions", ["think_100"]), ("trace.positions", ["slt", "slt"]),
+    ("probes.max_layer_range", -1), ("evaluate.calibration_bins", 0), ("stability.seeds", 0),
 ])
 def test_a_bad_value_names_its_key(dotted, value):
     with pytest.raises(ParamsError, match=f"`{dotted}` = "):

@@ -7,18 +7,19 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.config import SamplingParams
+from stages.config import SamplingParams, VllmParams
 from stages.generate import (SampledRun, build_run_records, eos_and_pad, mean_think_entropy, sample_runs,
                              think_span)
 from stages.models import ThinkTokens, load_model, prompt_ids, think_tokens
 from stages.schema import RUN_COLUMNS, RUN_KEY, validate_frame
-from stages.trace import hidden_at_positions, resolve_layers, token_positions, trace_runs
+from stages.trace import hidden_at_positions, prefix_fraction, resolve_layers, token_positions, trace_runs
 
 QUESTIONS = ["1+2", "12+7-5+3", "3-1", "20+20-7"]
 
 
 def sampling(**overrides) -> SamplingParams:
-    values = dict(backend="hf", runs=3, temp=1.0, top_p=1.0, max_new_tokens=12, batch_size=12)
+    values = dict(backend="hf", runs=3, temp=1.0, top_p=1.0, max_new_tokens=12, batch_size=12,
+                  vllm=VllmParams(0.9, 256, False, 1, None, "auto", 20))  # read by the vllm backend only
     values.update(overrides)
     return SamplingParams(**values)
 
@@ -123,6 +124,20 @@ def test_token_positions_by_hand():
     assert token_positions(5, 0, None, ("slt", "tbg")) == ([4, 4], True)
 
 
+def test_early_warning_positions_by_hand():
+    # prompt of 5 tokens; generated: <think> r r r r r r r r </think> answer (11 tokens): <think> at index 0,
+    # </think> at 9, 8 reasoning tokens at generated indices 1..8 (absolute 6..13)
+    positions = ("think_25", "think_50", "think_75", "think_99", "think_end")
+    # 25% of 8 = 2 tokens seen -> the second reasoning token, absolute 5 + 1 + 2 - 1 = 7
+    assert token_positions(5, 11, 9, positions, think_start_index=0) == ([7, 9, 11, 13, 14], False)
+    # no <think>: reasoning starts at the first generated token; no </think>: it runs to the last generated token
+    assert token_positions(5, 8, None, ("think_50",), think_start_index=None) == ([8], True)
+    # an empty think span: every prefix is the <think> token itself
+    assert token_positions(5, 3, 1, ("think_25", "think_75"), think_start_index=0) == ([5, 5], False)
+    assert prefix_fraction("think_25") == 0.25 and prefix_fraction("tbg") == 0.0
+    assert prefix_fraction("think_end") == 1.0 and prefix_fraction("slt") is None
+
+
 def test_resolve_layers_names_the_key_on_a_bad_index():
     assert resolve_layers("all", 3) == [0, 1, 2]
     assert resolve_layers((0, 2), 3) == [0, 2]
@@ -138,27 +153,30 @@ def test_batched_trace_equals_unbatched_forward_at_each_position(lm):
     rows = []
     for i, length in enumerate([3, 11, 6, 1, 9, 4, 14]):
         generated = rng.integers(10, len(tokenizer), size=length).tolist()
-        think_end = None
+        think_start, think_end = None, None
         if length > 3 and i % 2 == 0:
-            think_end = length // 2
-            generated[think_end] = think.end_id
+            think_start, think_end = 0, length // 2
+            generated[0], generated[think_end] = think.start_id, think.end_id
         rows.append({"question_id": f"q{i // 2}", "run_id": i % 2, "prompt_ids": rng.integers(10, 30, 2 + i).tolist(),
-                     "generated_ids": generated, "n_generated": length, "think_end_index": think_end})
+                     "generated_ids": generated, "n_generated": length, "think_start_index": think_start,
+                     "think_end_index": think_end})
     runs = pd.DataFrame(rows)
-    runs["think_end_index"] = runs["think_end_index"].astype("Int64")
-    positions = ("tbg", "think_end", "slt")
+    for column in ("think_start_index", "think_end_index"):
+        runs[column] = runs[column].astype("Int64")
+    positions = ("tbg", "think_50", "think_end", "slt")
     layers = resolve_layers("all", model.config.num_hidden_layers + 1)
-    out = np.zeros((len(runs), 3, len(layers), model.config.hidden_size), np.float16)
+    out = np.zeros((len(runs), len(positions), len(layers), model.config.hidden_size), np.float16)
     index, passes = trace_runs(model, runs, positions, layers, batch_size=3, pad_id=tokenizer.pad_token_id,
                                out=out, progress=False)
     assert passes == 3
     assert index["think_end_fallback"].tolist() == [r["think_end_index"] is None for r in rows]
     for row, run in enumerate(rows):
         sequence = run["prompt_ids"] + run["generated_ids"]
-        wanted, _ = token_positions(len(run["prompt_ids"]), run["n_generated"], run["think_end_index"], positions)
+        wanted, _ = token_positions(len(run["prompt_ids"]), run["n_generated"], run["think_end_index"], positions,
+                                    run["think_start_index"])
         alone = hidden_at_positions(model, [sequence], [wanted], layers, tokenizer.pad_token_id)[0]
         np.testing.assert_allclose(out[row].astype(np.float32), alone, rtol=2e-3, atol=2e-3)
         with torch.no_grad():
             states = model(torch.tensor([sequence]), output_hidden_states=True).hidden_states
-        direct = states[-1][0, wanted[1]].numpy()  # last layer at think_end, straight from the model
-        np.testing.assert_allclose(out[row, 1, -1].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+        direct = states[-1][0, wanted[2]].numpy()  # last layer at think_end, straight from the model
+        np.testing.assert_allclose(out[row, 2, -1].astype(np.float32), direct, rtol=2e-3, atol=2e-3)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.metrics import auroc
 from stages.probes import (LinearProbe, SingleClassError, best_split_threshold, fit_location_probes, load_probe,
-                           median_threshold, save_probe, score_location_probes)
+                           median_threshold, probe_features, probe_score, save_probe, score_location_probes)
+from stages.train_probes import layer_ranges, select_layer_range
 
 
 def signal_data(n_questions=30, runs=4, dims=5, seed=0):
@@ -109,8 +111,9 @@ def test_location_probes_find_the_signal_location():
     assert set(probes) == {("correct", p, l) for p in ("tbg", "slt") for l in (0, 5, 7)}
     table = score_location_probes(probes, hidden, np.arange(80, n), ["tbg", "slt"], [0, 5, 7],
                                   {"correct": labels[80:]})
-    best = table.loc[table["auroc"].idxmax()]
-    assert (best["position"], best["layer"]) == ("slt", 7) and best["auroc"] > 0.9
+    assert set(table["metric"]) == {"auroc"}
+    best = table.loc[table["score"].idxmax()]
+    assert (best["position"], best["layer"]) == ("slt", 7) and best["score"] > 0.9
 
 
 # ---- thresholds --------------------------------------------------------------------------------------
@@ -154,3 +157,73 @@ def test_median_threshold():
     assert median_threshold([0, 0, 0, 1.5]) == 0
     with pytest.raises(ValueError):
         median_threshold([])
+
+
+# ---- ridge probes and layer ranges -------------------------------------------------------------------
+def test_ridge_probe_predicts_a_continuous_target_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(0, 1, (200, 5))
+    target = 2.0 * features[:, 3] + rng.normal(0, 0.3, 200)
+    groups = np.repeat(np.arange(50), 4)
+    probe = LinearProbe(c_grid=(0.01, 1.0), cv_folds=3, random_state=0, label_name="semantic_entropy",
+                        kind="ridge").fit(features, target, groups)
+    assert probe.cv_auroc_[1.0] > 0.9  # CV scores are Spearman correlations for a ridge probe
+    assert probe_score(probe, features, target) > 0.95
+    assert np.argmax(np.abs(probe.coef_)) == 3
+    with pytest.raises(ValueError, match="ridge regression"):
+        probe.predict_proba(features)
+    save_probe(probe, tmp_path / "ridge.json")
+    again = load_probe(tmp_path / "ridge.json")
+    assert again.kind == "ridge" and again.layer_end is None
+    np.testing.assert_array_equal(again.decision_function(features), probe.decision_function(features))
+    with pytest.raises(SingleClassError, match="non-constant"):
+        LinearProbe(kind="ridge").fit(features, np.ones(200))
+
+
+def test_a_v1_probe_file_without_kind_loads_as_logistic():
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(0, 1, (40, 2)), np.arange(40) % 2 == 0
+    record = LinearProbe().fit(features, labels).to_dict()
+    del record["kind"], record["layer_end"]
+    probe = LinearProbe.from_dict(record)
+    assert probe.kind == "logistic" and probe.layer_end is None
+
+
+def test_range_features_concatenate_layers_in_order():
+    hidden = np.arange(2 * 1 * 3 * 2, dtype=np.float16).reshape(2, 1, 3, 2)  # (runs, positions, layers, hidden)
+    probe = LinearProbe(position="slt", layer=5, layer_end=7)
+    features = probe_features(probe, hidden, [1, 0], ["slt"], [0, 5, 7])
+    # run 1, layers 5 and 7 (indices 1, 2): [8, 9] then [10, 11]
+    np.testing.assert_array_equal(features, [[8, 9, 10, 11], [2, 3, 4, 5]])
+    single = probe_features(LinearProbe(position="slt", layer=0), hidden, [1], ["slt"], [0, 5, 7])
+    np.testing.assert_array_equal(single, [[6, 7]])
+
+
+def test_layer_ranges_by_hand():
+    assert layer_ranges(3, 0) == [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)]
+    assert layer_ranges(3, 2) == [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2)]
+    assert layer_ranges(1, 0) == [(0, 0)]
+
+
+def test_a_signal_split_over_two_layers_is_found_by_the_range_probe():
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = rng.random(n) < 0.5
+    hidden = rng.normal(0, 1, (n, 1, 4, 3)).astype(np.float16)
+    # each of layers 1 and 2 carries half the signal with its own noise: together they separate better
+    hidden[:, 0, 1, 0] += (1.2 * labels).astype(np.float16)
+    hidden[:, 0, 2, 0] += (1.2 * labels).astype(np.float16)
+    runs = pd.DataFrame({"split": np.where(np.arange(n) < 240, "train", "val"), "hidden_row": np.arange(n),
+                         "question_id": np.arange(n) // 4})
+    estimator = dict(c_grid=(1.0,), cv_folds=3, max_iter=500, random_state=0)
+    train_rows = np.arange(240)
+    location = fit_location_probes(hidden, train_rows, ["slt"], [0, 1, 2, 3], {"correct": labels[:240]},
+                                   runs["question_id"][:240], **estimator)
+    single = location[("correct", "slt", 1)]
+    params = type("P", (), {"max_layer_range": 0, **estimator})
+    probe, candidates, fitted = select_layer_range(runs, hidden, ["slt"], [0, 1, 2, 3], single, location,
+                                                   {"train": labels[:240], "val": labels[240:]}, params, seed=0)
+    assert fitted == 6 and len(candidates) == 10
+    assert (probe.layer, probe.layer_end) == (1, 2)
+    by_range = {(c["layer"], c["layer_end"]): c["val_score"] for c in candidates}
+    assert by_range[(1, 2)] > max(by_range[(1, 1)], by_range[(2, 2)])

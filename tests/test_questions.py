@@ -93,8 +93,10 @@ def test_jsonl_takes_the_first_n_records_skipping_blank_lines(tmp_path):
 def test_parse_source():
     assert parse_source("arithmetic") == ("arithmetic", None)
     assert parse_source("jsonl:data/x.jsonl") == ("jsonl", Path("data/x.jsonl"))
-    with pytest.raises(QuestionSourceError, match="unknown question source"):
-        parse_source("hf:math500")
+    assert parse_source("hf:math500") == ("hf", questions.HubDataset("HuggingFaceH4/MATH-500", None, "test"))
+    assert parse_source("hf:gsm8k") == ("hf", questions.HubDataset("openai/gsm8k", "main", "test"))
+    with pytest.raises(QuestionSourceError, match="unknown question source 'hf:aime'.*`hf:gsm8k`, `hf:math500`"):
+        parse_source("hf:aime")
 
 
 # ---- arithmetic source --------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ ID_ANSWERS = {"q0": ["14", "14.0", "15", ""], "q1": ["", "", "", ""]}
 
 def test_semantic_entropy_table_values_and_row_order():
     runs = make_runs("id", ID_ANSWERS).sample(frac=1.0, random_state=0)  # rows out of order
-    table = semantic_entropy_table(runs, stage.answers_equivalent)
+    table = semantic_entropy_table(runs, stage.math_clusterer())
     assert table[["question_id", "run_id"]].values.tolist() == runs[["question_id", "run_id"]].values.tolist()
     by_run = table.set_index(["question_id", "run_id"]).sort_index()
     assert by_run.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 2]
@@ -196,7 +196,7 @@ def test_semantic_entropy_table_values_and_row_order():
 
 def test_semantic_entropy_table_rejects_a_single_run_question():
     with pytest.raises(ValueError, match="q0"):
-        semantic_entropy_table(make_runs("id", {"q0": ["1"]}), stage.answers_equivalent)
+        semantic_entropy_table(make_runs("id", {"q0": ["1"]}), stage.math_clusterer())
 
 
 @pytest.fixture
@@ -232,3 +232,92 @@ def test_stage_names_a_missing_runs_file(stage_dir):
     with pytest.raises(SchemaError, match="runs/id.parquet"):
         stage.main()
     assert not (stage_dir / "out/semantic_entropy").exists()
+
+
+# ---- the stage with model-based equivalence (stages/equivalence.py) ----------------------------------
+
+def write_stage_inputs(answers_by_question: dict[str, list[str]], questions: dict[str, str] | None = None) -> None:
+    id_runs = make_runs("id", answers_by_question)
+    write_table(id_runs, "out/runs/id.parquet", RUN_COLUMNS, RUN_KEY)
+    write_table(id_runs.iloc[0:0], "out/runs/ood.parquet", RUN_COLUMNS, RUN_KEY)
+    if questions is not None:
+        Path("out/questions").mkdir(parents=True)
+        Path("out/questions/id.jsonl").write_text("".join(
+            json.dumps({"question_id": qid, "dataset": "id", "question": text, "gold": "14"}) + "\n"
+            for qid, text in questions.items()))
+        Path("out/questions/ood.jsonl").write_text("")
+
+
+def set_semantic_entropy(stage_dir: Path, **values) -> None:
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    params["semantic_entropy"].update(values)
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def stage_outputs(stage_dir: Path) -> tuple[pd.DataFrame, dict]:
+    table = read_table("out/semantic_entropy/id.parquet", SE_COLUMNS, SE_KEY)
+    cost = json.loads((stage_dir / "out/metrics/cost/semantic_entropy.json").read_text())
+    return table.set_index(["question_id", "run_id"]).sort_index(), cost
+
+
+def test_math_method_loads_no_model(stage_dir):
+    # model keys pointing nowhere: the default method must not touch them (it runs offline, model-free)
+    set_semantic_entropy(stage_dir, nli_model="no/such-nli-model", cosine_model=str(stage_dir / "missing"))
+    write_stage_inputs(ID_ANSWERS)
+    stage.main()
+    table, cost = stage_outputs(stage_dir)
+    assert table.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 2]
+    assert cost["method"] == "math" and cost["equivalence_checks"] == 2 and "forward_passes" not in cost
+
+
+@pytest.fixture(scope="module")
+def tiny_nli_dir(tmp_path_factory):
+    from test_equivalence import save_tiny_nli_model
+    return save_tiny_nli_model(tmp_path_factory.mktemp("tiny_nli"))
+
+
+def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
+    from stages.equivalence import NliClassifier, NliJudge, greedy_reference_clusters
+
+    answers = {"q0": ["42", "forty two", "42", "24", ""], "q1": ["paris", "the capital of france", "paris"]}
+    questions = {"q0": "x + 1", "q1": "the capital of france"}
+    set_semantic_entropy(stage_dir, method="nli", nli_model=str(tiny_nli_dir), strict_entailment=False,
+                         prepend_question=True, batch_size=4)
+    write_stage_inputs(answers, questions)
+    stage.main()
+    table, cost = stage_outputs(stage_dir)
+
+    judge = NliJudge(NliClassifier(str(tiny_nli_dir)), strict_entailment=False, prepend_question=True, batch_size=4)
+    for question_id, question_answers in answers.items():
+        expected = greedy_reference_clusters(question_answers, lambda pairs: judge(pairs, questions[question_id]))
+        assert table.loc[question_id, "cluster_id"].tolist() == expected.tolist()
+        assert table.loc[question_id, "n_clusters"].iloc[0] == expected.max() + 1
+    assert {key: cost[key] for key in ("equivalence_checks", "forward_passes", "nli_pair_evaluations")} == {
+        "equivalence_checks": judge.pairs_judged, "forward_passes": judge.forward_passes,
+        "nli_pair_evaluations": judge.pair_evaluations}
+    assert cost["method"] == "nli" and cost["nli_pair_evaluations"] == 2 * cost["equivalence_checks"]
+
+    # a question missing from the questions file is named
+    Path("out/questions/id.jsonl").write_text(json.dumps(
+        {"question_id": "q0", "dataset": "id", "question": "x + 1", "gold": "14"}) + "\n")
+    with pytest.raises(ValueError, match="'q1'.*prepend_question"):
+        stage.main()
+
+
+def test_math_plus_nli_keeps_math_answers_on_math_verify(stage_dir, tiny_nli_dir):
+    set_semantic_entropy(stage_dir, method="math+nli", nli_model=str(tiny_nli_dir), prepend_question=False)
+    write_stage_inputs(ID_ANSWERS)  # math answers only: no NLI forward pass, the math clusters
+    stage.main()
+    table, cost = stage_outputs(stage_dir)
+    assert table.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 2]
+    assert cost["forward_passes"] == 0 and cost["math_checks"] == cost["equivalence_checks"] == 2
+
+
+def test_cosine_method_with_the_packaged_model(stage_dir):
+    set_semantic_entropy(stage_dir, method="cosine", cosine_threshold=0.5)
+    write_stage_inputs({"q0": ["42", "forty-two", "the capital of France", "42"], "q1": ["", "", "7", "7"]})
+    stage.main()
+    table, cost = stage_outputs(stage_dir)
+    assert table.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 0]
+    assert table.loc["q1", "cluster_id"].tolist() == [0, 0, 1, 1]
+    assert cost["method"] == "cosine" and cost["texts_embedded"] == 3 and cost["equivalence_checks"] == 2

@@ -7,6 +7,7 @@ shuffled order, so a wrong row mapping would erase the signal.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,11 +16,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import evaluate, train_probes
+from stages import cost_ratio, evaluate, stability, train_probes
 from stages.config import parse_params
 from stages.probes import SingleClassError, load_probe
-from stages.schema import (AUROC_BY_LAYER_COLUMNS, ROC_COLUMNS, SPLIT_COLUMNS, SchemaError, hidden_files,
-                           validate_frame)
+from stages.schema import (AUROC_BY_LAYER_COLUMNS, EARLY_WARNING_COLUMNS, RELIABILITY_COLUMNS, RISK_COVERAGE_COLUMNS,
+                           ROC_COLUMNS, SPLIT_COLUMNS, STABILITY_COLUMNS, SchemaError, hidden_files, validate_frame)
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 POSITIONS = ["tbg", "think_end", "slt"]
@@ -107,8 +108,21 @@ def test_train_probes_selects_the_signal_location_on_val(tmp_path):
     selection = json.loads((probes_dir / "selection.json").read_text())
     assert (selection["accuracy_probe"]["position"], selection["accuracy_probe"]["layer"]) == ("think_end", 2)
     assert (selection["se_probe"]["position"], selection["se_probe"]["layer"]) == ("slt", 1)
-    assert len(selection["val_auroc"]) == 2 * len(POSITIONS) * len(LAYERS)
+    assert len(selection["val_scores"]) == 3 * len(POSITIONS) * len(LAYERS)
     assert selection["high_se_threshold_method"] == "best_split"
+    regression = selection["se_regression_probe"]  # ridge on SE itself, chosen by val Spearman
+    assert (regression["position"], regression["layer"], regression["metric"]) == ("slt", 1, "spearman")
+    assert regression["val_score"] > 0.5
+    # early warning: the best layer at every position, per probe; the signal's layer where there is one
+    by_position = {(row["probe"], row["position"]): row for row in selection["by_position"]}
+    assert len(by_position) == 3 * len(POSITIONS)
+    assert by_position[("accuracy", "think_end")]["layer"] == 2 and by_position[("se", "slt")]["layer"] == 1
+    # layer ranges at the single-layer probe's position: every contiguous range of the 3 layers was a candidate
+    accuracy_range = selection["accuracy_range_probe"]
+    assert accuracy_range["position"] == "think_end" and accuracy_range["layer"] <= 2 <= accuracy_range["layer_end"]
+    assert {(c["layer"], c["layer_end"]) for c in accuracy_range["candidates"]} == {
+        (0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)}
+    assert accuracy_range["val_score"] == max(c["val_score"] for c in accuracy_range["candidates"])
 
     splits = pd.read_parquet(probes_dir / "splits.parquet")
     assert splits.groupby("question_id")["split"].nunique().max() == 1  # no question in two splits
@@ -121,7 +135,10 @@ def test_train_probes_selects_the_signal_location_on_val(tmp_path):
     assert baseline.feature == "mean_token_entropy" and baseline.n_features_in_ == 1
     assert baseline.coef_[0] < 0  # higher token entropy, less likely correct (as built)
     cost = json.loads((Path(params.paths.metrics) / "cost" / "train_probes.json").read_text())
-    assert cost["probes_fitted"] == 2 * len(POSITIONS) * len(LAYERS) + 1 and cost["wall_seconds"] >= 0
+    n_ranges = 2 * 3  # accuracy and SE range probes, each over (0,1), (1,2), (0,2); single layers are reused
+    assert cost["probes_fitted"] == 3 * len(POSITIONS) * len(LAYERS) + n_ranges + 1 and cost["wall_seconds"] >= 0
+    ranged = load_probe(probes_dir / "accuracy_range_probe.json")
+    assert ranged.n_features_in_ == HIDDEN_SIZE * (ranged.layer_end - ranged.layer + 1)
 
 
 def test_high_se_threshold_uses_train_questions_only(tmp_path):
@@ -152,7 +169,7 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     report = evaluate.run(params)
     written = json.loads((Path(params.paths.metrics) / "evaluate.json").read_text())
     assert written == json.loads(json.dumps(report))
-    assert set(written) == {"test", "ood", "summary", "settings"}
+    assert set(written) == {"test", "ood", "summary", "settings", "calibration", "se_regression", "early_warning"}
     for split in ("test", "ood"):
         assert set(written[split]) == set(evaluate.SCORES) | {evaluate.SE_PROBE_ON_HIGH_SE}
         for score, record in written[split].items():
@@ -161,13 +178,21 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
             assert record["auprc_ci_low"] <= record["auprc"] <= record["auprc_ci_high"]
             assert 1 / 51 <= record["auroc_p_value"] <= 1
             assert record["label"] == ("high_se" if score == evaluate.SE_PROBE_ON_HIGH_SE else "incorrect")
+            if score != evaluate.SE_PROBE_ON_HIGH_SE:
+                assert record["aurac"] == pytest.approx(1 - record["aurc"]) and record["prr"] <= 1
+        assert written["calibration"][split]["accuracy_probe"]["n_runs"] == written[split]["accuracy_probe"]["n_runs"]
+        assert 0 <= written["calibration"][split]["accuracy_probe"]["ece"] <= 1
+    # the built-in signal: the probe ranks incorrect runs first, so it beats random rejection
+    assert written["test"]["accuracy_probe"]["prr"] > 0.3
+    assert written["test"]["se_regression_probe"]["aurac"] is not None
+    assert written["se_regression"]["test"]["spearman_questions"] > 0.5
     assert written["test"]["accuracy_probe"]["auroc"] > 0.8  # the built-in signal flags incorrect runs
     assert written["test"]["accuracy_probe"]["auroc_p_value"] < 0.05
     assert written["test"]["accuracy_probe"]["n_runs"] == 12 * RUNS_PER_QUESTION
     summary = written["summary"]["test"]
     assert summary["n_correct"] + summary["n_incorrect"] == summary["n_runs"]
     assert summary["mean_p_correct_on_correct"] > summary["mean_p_correct_on_incorrect"]
-    assert written["settings"]["accuracy_probe"] == {"position": "think_end", "layer": 2}
+    assert written["settings"]["accuracy_probe"] == {"position": "think_end", "layer": 2, "layer_end": None}
 
     by_layer = pd.read_csv(Path(params.paths.plots) / "auroc_by_layer.csv")
     validate_frame(by_layer, AUROC_BY_LAYER_COLUMNS, "auroc_by_layer.csv")
@@ -176,7 +201,20 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     # the per-layer probes are the ones train_probes selected from: same val AUROC
     selection = json.loads((Path(params.paths.probes) / "selection.json").read_text())
     chosen = by_layer.query("probe == 'accuracy' and split == 'val' and position == 'think_end' and layer == 2")
-    assert chosen["auroc"].item() == pytest.approx(selection["accuracy_probe"]["val_auroc"])
+    assert chosen["auroc"].item() == pytest.approx(selection["accuracy_probe"]["val_score"])
+
+    warning = pd.read_csv(Path(params.paths.plots) / "early_warning.csv")
+    validate_frame(warning, EARLY_WARNING_COLUMNS, "early_warning.csv")
+    assert len(warning) == 2 * len(POSITIONS) * 2  # accuracy and SE probes x positions x (test, ood)
+    think_end = warning.query("probe == 'accuracy' and position == 'think_end' and split == 'test'").iloc[0]
+    assert think_end["fraction"] == 1.0 and think_end["layer"] == 2 and think_end["auroc"] > 0.8
+    assert warning.query("position == 'slt'")["fraction"].isna().all()
+    risk = pd.read_csv(Path(params.paths.plots) / "risk_coverage.csv")
+    validate_frame(risk, RISK_COVERAGE_COLUMNS, "risk_coverage.csv")
+    assert set(risk["score"]) == set(evaluate.SCORES) and risk["coverage"].max() == 1.0
+    reliability = pd.read_csv(Path(params.paths.plots) / "reliability.csv")
+    validate_frame(reliability, RELIABILITY_COLUMNS, "reliability.csv")
+    assert len(reliability) == 2 * 2 * params.evaluate.calibration_bins  # 2 probes x (test, ood) x bins
 
     roc = pd.read_csv(Path(params.paths.plots) / "roc.csv")
     validate_frame(roc, ROC_COLUMNS, "roc.csv")
@@ -207,6 +245,9 @@ def test_single_class_test_split_and_missing_ood_give_null_metrics_with_notes(tm
     for record in report["ood"].values():
         assert record["auroc"] is None and "no runs in split `ood`" in record["note"]
     assert report["summary"]["ood"]["n_runs"] == 0 and report["summary"]["ood"]["accuracy"] is None
+    assert report["calibration"]["ood"]["accuracy_probe"]["ece"] is None
+    assert report["se_regression"]["ood"]["spearman_runs"] is None
+    assert report["test"]["accuracy_probe"]["aurac"] == 1.0 and report["test"]["accuracy_probe"]["prr"] is None
     by_layer = pd.read_csv(Path(params.paths.plots) / "auroc_by_layer.csv")
     assert "ood" not in set(by_layer["split"])
     # the test split is single-class for the accuracy probe only: null there, defined for the SE probe
@@ -240,3 +281,45 @@ def test_mismatched_inputs_fail_naming_the_files(tmp_path):
     write_fixture(params, edit_id=drop_a_run)
     with pytest.raises(SchemaError, match=r"runs/id.parquet: 1 runs absent from .*semantic_entropy/id.parquet"):
         train_probes.run(params)
+
+
+def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
+    params = make_params(tmp_path)
+    params = dataclasses.replace(params, stability=dataclasses.replace(params.stability, seeds=3, c_grid=(1.0,)))
+    write_fixture(params)
+    report = stability.run(params)
+    table = pd.read_csv(Path(params.paths.plots) / "stability.csv")
+    validate_frame(table, STABILITY_COLUMNS, "stability.csv")
+    assert sorted(set(table["seed"])) == [params.seed, params.seed + 1, params.seed + 2]
+    assert len(table) == 3 * 2 * len(evaluate.SCORES)  # seeds x (test, ood) x scores
+    record = report["test"]["accuracy_probe"]
+    values = table.query("split == 'test' and score == 'accuracy_probe'")["auroc"].to_numpy()
+    assert record["values"] == pytest.approx(list(values)) and record["n_seeds"] == 3
+    assert record["mean"] == pytest.approx(values.mean()) and record["std"] == pytest.approx(values.std(ddof=1))
+    assert record["min"] <= record["mean"] <= record["max"] and record["mean"] > 0.8  # the built-in signal
+    # different splits give different test sets: the spread is real, not one number repeated
+    assert record["std"] > 0
+    # OOD runs are the same for every seed, so a fixed score's OOD AUROC does not move
+    assert report["ood"]["semantic_entropy"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert json.loads((Path(params.paths.metrics) / "stability.json").read_text()) == json.loads(json.dumps(report))
+
+
+def test_cost_ratio_by_hand(tmp_path):
+    params = make_params(tmp_path)
+    cost_dir = Path(params.paths.metrics) / "cost"
+    cost_dir.mkdir(parents=True)
+    records = {"generate": {"wall_seconds": 20.0, "sequences": 100, "tokens_generated": 3000},
+               "semantic_entropy": {"wall_seconds": 5.0, "questions": 10, "equivalence_checks": 40},
+               "trace": {"wall_seconds": 2.0, "sequences": 100, "tokens_processed": 5000}}
+    for stage, record in records.items():
+        (cost_dir / f"{stage}.json").write_text(json.dumps(record))
+    report = cost_ratio.run(params)
+    # SE: (20 + 5) s / 10 questions = 2.5 s; probe: 2 s / 100 runs = 0.02 s -> 125x; tokens 300 vs 50 -> 6x
+    assert report["se_seconds_per_question"] == pytest.approx(2.5)
+    assert report["probe_seconds_per_question"] == pytest.approx(0.02)
+    assert report["seconds_ratio"] == pytest.approx(125.0) and report["tokens_ratio"] == pytest.approx(6.0)
+    assert report["equivalence_checks_per_question"] == pytest.approx(4.0)
+    assert json.loads((Path(params.paths.metrics) / "cost_ratio.json").read_text()) == json.loads(json.dumps(report))
+    (cost_dir / "trace.json").write_text(json.dumps({"wall_seconds": 1.0}))
+    with pytest.raises(SchemaError, match=r"cost/trace.json: missing field `sequences`"):
+        cost_ratio.run(params)

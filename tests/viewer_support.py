@@ -147,22 +147,30 @@ def free_port() -> int:
 
 # The page the server subprocess serves: viewer.app.create_app for the project given by `--args`, through the
 # same `panel serve` command as a deployment (only the root differs).
-_LAUNCHER = f"""
+# Each step prints "viewer-phase <name> <epoch seconds>" for the benchmark's breakdown (the script runs once per
+# session, so later sessions print create_app again, after cached imports).
+_LAUNCHER = """
 import sys
-sys.path.insert(0, {str(REPO_ROOT)!r})
+import time
+print("viewer-phase script", time.time(), flush=True)
+sys.path[:0] = [{code_root!r}, {repo_root!r}]
 from pathlib import Path
 from viewer.app import create_app, warm_up
+print("viewer-phase imports", time.time(), flush=True)
 root = Path(sys.argv[1])
 warm_up(root)
+print("viewer-phase warm_up", time.time(), flush=True)
 create_app(root).servable()
+print("viewer-phase create_app", time.time(), flush=True)
 """
 
 
 class ViewerServer:
     """``with ViewerServer(root) as server:`` serves the viewer for ``root`` at ``server.url``; always stopped."""
 
-    def __init__(self, root: Path, ready_timeout_s: float = 60.0, warm: bool = True):
+    def __init__(self, root: Path, ready_timeout_s: float = 60.0, warm: bool = True, code_root: Path = REPO_ROOT):
         self.root = Path(root)
+        self.code_root = Path(code_root)  # the checkout whose `viewer` package is served (the benchmark compares two)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/app"
         self.ready_timeout_s = ready_timeout_s
@@ -170,17 +178,19 @@ class ViewerServer:
         self.process: subprocess.Popen | None = None
         self.log = ""
         self.ready_s: float | None = None  # seconds from spawn to the first successful HTTP response
+        self.started_at: float | None = None  # time.time() just before the spawn
 
     def __enter__(self) -> Self:
         started = time.perf_counter()
         self._workdir = tempfile.TemporaryDirectory(prefix="viewer-server-")
         launcher = Path(self._workdir.name) / "app.py"
-        launcher.write_text(_LAUNCHER)
+        launcher.write_text(_LAUNCHER.format(code_root=str(self.code_root), repo_root=str(REPO_ROOT)))
         # Output goes to a file, not a pipe: an unread pipe would fill and block the server.
         self._output = tempfile.TemporaryFile(mode="w+")
         command = [sys.executable, "-m", "panel", "serve", str(launcher), "--address", "127.0.0.1",
                    "--port", str(self.port), "--allow-websocket-origin", f"127.0.0.1:{self.port}",
                    *(["--warm"] if self.warm else []), "--liveness", "--args", str(self.root)]
+        self.started_at = time.time()
         self.process = subprocess.Popen(command, cwd=self._workdir.name, stdout=self._output,
                                         stderr=subprocess.STDOUT, text=True)
         try:
@@ -199,6 +209,17 @@ class ViewerServer:
             raise
         self.ready_s = time.perf_counter() - started
         return self
+
+    def phases(self) -> list[tuple[str, float]]:
+        """The launcher's "viewer-phase" lines so far, as (name, seconds since the spawn), in order."""
+        self._output.flush()
+        self._output.seek(0)
+        found = []
+        for line in self._output.read().splitlines():
+            if line.startswith("viewer-phase "):
+                _, name, stamp = line.split()
+                found.append((name, float(stamp) - self.started_at))
+        return found
 
     def stop(self) -> str:
         """Terminate (then kill) the server; returns what it printed."""

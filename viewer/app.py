@@ -22,7 +22,7 @@ import panel as pn
 
 from viewer.data import MissingArtifact, RunStore, load_analysis
 from viewer.views import (ExperimentsView, FilterPanel, MarginEntropyScatter, QuestionDetails, ResultsView,
-                          SelectionTable, UmapExplorer, notice, warm_up_datashader)
+                          SelectionTable, UmapExplorer, notice)
 
 # The Bootstrap template, Tabulator and Bokeh are all served by this server (the Fast templates would fetch a
 # Google font): the page loads with no internet, which the browser test checks.
@@ -62,9 +62,9 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
 
 
 def warm_up(root: Path = PROJECT_ROOT) -> None:
-    """Load the run and compile datashader's kernels once per process (`panel serve --warm` does it at start)."""
+    """Read the run into the loader's cache once per process (`panel serve --warm` does it before serving)."""
     try:
-        warm_up_datashader(load_analysis(root))
+        load_analysis(root)
     except MissingArtifact:
         pass  # the page will say what to run
 

@@ -9,7 +9,7 @@ from a URL, a widget or an environment variable.
 
     table     every run (ANALYSIS_COLUMNS + ``outcome``), shared read-only by all sessions
     filtered  the runs passing the sidebar filters            -> both plots, the count
-    selected  the filtered runs inside the last box selection -> both plots' highlight, the selection table
+    selected  the filtered runs inside the last box or lasso selection -> both plots' ring, the selection table
     question_runs  all K runs of the chosen question (unfiltered), for the question details
 """
 
@@ -30,6 +30,7 @@ import param
 import yaml
 
 from stages.config import Paths
+from viewer.raster import points_in_polygon
 from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE,
                            EVALUATE_FILE, ROC_COLUMNS, ROC_FILE, SchemaError, validate_frame)
 
@@ -128,7 +129,7 @@ def _read_analysis(path: str, modified_ns: int) -> pd.DataFrame:
     except SchemaError as error:
         raise MissingArtifact(f"{error}. Rerun `dvc repro analysis` to rebuild it.") from None
     frame = frame.reset_index(drop=True)
-    # Categorical columns: filters compare small integer codes, and datashader's count_cat needs a category.
+    # Categorical columns: filters compare small integer codes, and the raster counts by `outcome`'s codes.
     for column in ("dataset", "split"):
         frame[column] = frame[column].astype("category")
     frame["outcome"] = pd.Categorical(np.where(frame["correct"], "correct", "incorrect"), categories=OUTCOMES)
@@ -378,7 +379,7 @@ class RunStore(param.Parameterized):
     probe = param.Selector(default="accuracy", objects=PROBE_CHOICES, doc="Probe whose margin and score are shown.")
 
     selection = param.Array(default=np.empty(0, dtype=np.int64),
-                            doc="Row labels (of `table`) chosen by the last box selection.")
+                            doc="Row labels (of `table`) chosen by the last box or lasso selection.")
     question = param.Tuple(default=None, length=2, allow_None=True, doc="(dataset, question_id) being read.")
 
     filtered = param.DataFrame(precedence=-1, doc="Runs passing the filters.")
@@ -427,21 +428,26 @@ class RunStore(param.Parameterized):
 
     @param.depends("datasets", "splits", "correctness", "se_range", "n_clusters", "search", watch=True)
     def _apply_filters(self) -> None:
-        # One batch of page updates for the count, both plots and the table (a no-op outside a served session).
+        # One batch of page updates for the count, both plots and the table (a no-op outside a served session),
+        # and one param.update, so that a view following both frames redraws once.
         with pn.io.hold(freeze=True):
-            self.filtered = self.table[self.filter_mask()]
-            self._select()
-            self.filtered_revision += 1
+            filtered = self.table[self.filter_mask()]
+            self.param.update(filtered=filtered, selected=self._selected_rows(filtered),
+                              filtered_revision=self.filtered_revision + 1,
+                              selected_revision=self.selected_revision + 1)
+
+    def _selected_rows(self, filtered: pd.DataFrame) -> pd.DataFrame:
+        if len(self.selection) == 0:
+            return filtered.iloc[:0]
+        return filtered[filtered.index.isin(self.selection)]
 
     @param.depends("selection", watch=True)
     def _select(self) -> None:
-        before = self.selected
-        if len(self.selection) == 0:
-            self.selected = self.filtered.iloc[:0]
-        else:
-            self.selected = self.filtered[self.filtered.index.isin(self.selection)]
-        if before is None or not (before.empty and self.selected.empty):  # an empty selection stays drawn as is
-            self.selected_revision += 1
+        before, selected = self.selected, self._selected_rows(self.filtered)
+        if before is not None and before.empty and selected.empty:
+            return  # an empty selection stays drawn as it is
+        with pn.io.hold(freeze=True):
+            self.param.update(selected=selected, selected_revision=self.selected_revision + 1)
 
     @param.depends("question", watch=True)
     def _load_question(self) -> None:
@@ -469,6 +475,15 @@ class RunStore(param.Parameterized):
         frame = self.filtered
         inside = frame[x].between(min(x0, x1), max(x0, x1)) & frame[y].between(min(y0, y1), max(y0, y1))
         self.selection = frame.index[inside.to_numpy()].to_numpy(dtype=np.int64)
+
+    def select_lasso(self, x: str, y: str, polygon: np.ndarray | None) -> None:
+        """Select the filtered runs whose ``(row[x], row[y])`` lies inside ``polygon`` (``(n, 2)`` vertices)."""
+        if polygon is None or len(polygon) < 3:
+            self.clear_selection()
+            return
+        frame = self.filtered
+        inside = points_in_polygon(frame[x].to_numpy(), frame[y].to_numpy(), np.asarray(polygon, dtype=float))
+        self.selection = frame.index[inside].to_numpy(dtype=np.int64)
 
     def clear_selection(self) -> None:
         self.selection = np.empty(0, dtype=np.int64)

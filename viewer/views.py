@@ -11,24 +11,24 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import datashader as ds
 import holoviews as hv
 import numpy as np
 import pandas as pd
 import panel as pn
 import param
 from bokeh.models.widgets.tables import NumberFormatter
-from holoviews.operation import apply_when
-from holoviews.operation.datashader import datashade, rasterize
+from bokeh.palettes import Viridis256
 
+from viewer import raster
 from viewer.data import (DATASET_CHOICES, ENTROPY_CHOICES, OUTCOMES, MissingArtifact, RunStore,
                          headline_metric_columns, load_auroc_by_layer, load_experiments, load_metrics, load_roc,
                          metrics_table, varying_params)
 
 OUTCOME_COLOURS = {"correct": "#2b83ba", "incorrect": "#d7301f"}
 SELECTED_COLOUR = "#111111"
-RASTERIZE_ABOVE = 5_000  # points in the viewport above which a plot is rasterised with datashader
-RASTER_SHAPE = (300, 210)  # datashader raster (width, height); about half the plot's size in pixels
+VIRIDIS = list(Viridis256)
+RASTERIZE_ABOVE = 5_000  # runs in the viewport above which a plot draws them as an image
+RASTER_SHAPE = (300, 210)  # that image's (width, height); about half the plot's size in pixels
 SELECTION_TABLE_CAP = 200  # rows listed in the selection table
 PLOT_HEIGHT = 420
 
@@ -58,40 +58,6 @@ def notice(message: str) -> pn.pane.Alert:
     return pn.pane.Alert(html.escape(message), alert_type="warning", sizing_mode="stretch_width")
 
 
-class datashade_or_blank(datashade):
-    """``datashade`` that draws a transparent raster for no points.
-
-    HoloViews 1.23 fails to shade an empty categorical aggregate that is not square (xarray: "conflicting sizes
-    for dimension"), which every plot hits while its points are few enough to be drawn raw.
-    """
-
-    def _process(self, element, key=None):
-        if len(element):
-            return super()._process(element, key)
-        x_range = self.p.x_range or (0.0, 1.0)
-        y_range = self.p.y_range or (0.0, 1.0)
-        return hv.RGB(np.zeros((2, 2, 4), dtype=np.uint8), kdims=element.kdims,
-                      bounds=(x_range[0], y_range[0], x_range[1], y_range[1]))
-
-
-class apply_when_in_view(apply_when):
-    """``apply_when`` counting the runs inside the viewport with inclusive bounds.
-
-    HoloViews slices ``[low, high)``, so runs on the top and right edges of the viewport would vanish from the raw
-    plot; and before the browser reports a viewport the range can be NaN, which would hide everything.
-    """
-
-    def _apply(self, element, x_range, y_range, invert=False):
-        # The range streams can report None or NaN before the browser has sized the plot: count everything then.
-        known = x_range is not None and y_range is not None and np.isfinite([*x_range, *y_range]).all()
-        if known and len(element):
-            xs, ys = element.dimension_values(0), element.dimension_values(1)
-            inside = (xs >= x_range[0]) & (xs <= x_range[1]) & (ys >= y_range[0]) & (ys <= y_range[1])
-            if not inside.all():
-                element = element.iloc[np.flatnonzero(inside)]
-        return element if invert ^ self.predicate(element) else element.iloc[:0]
-
-
 def _padded_range(values: pd.Series) -> tuple[float, float]:
     values = values[np.isfinite(values)]
     if values.empty:
@@ -101,15 +67,27 @@ def _padded_range(values: pd.Series) -> tuple[float, float]:
     return (low - pad, high + pad)
 
 
+def _viewport(requested, fallback: tuple[float, float]) -> tuple[float, float]:
+    """The range the browser reported, or ``fallback`` before it has (None or NaN while the plot is being sized)."""
+    if requested is None or not np.isfinite(requested).all():
+        return fallback
+    return float(requested[0]), float(requested[1])
+
+
 # ---- the linked point plots -----------------------------------------------------------------------------------
 
 
 class LinkedPoints(pn.viewable.Viewer):
-    """A scatter of the filtered runs with the selection drawn on top; box-select sets the store's selection.
+    """A scatter of the filtered runs with the selection ringed on top; box or lasso selection sets the store's
+    selection, which both plots draw.
 
-    Raw Bokeh points (with hover) while the viewport holds at most ``rasterize_above`` runs, a datashader
-    raster above that, so 100k runs stay smooth. Axis ranges come from the whole table, so they stay put
-    while filters change. Subclasses say which columns are x, y and colour.
+    Raw Bokeh points (with hover) while the viewport holds at most ``rasterize_above`` runs, above that an image
+    of them rasterised for the viewport (viewer/raster.py), so 100k runs stay smooth. Axis ranges come from the
+    whole table, so they stay put while filters change. Subclasses say which columns are x, y and colour.
+
+    One DynamicMap per plot returns four layers, always of the same types: runs as points, runs as an image,
+    selection as points, selection as an image; whichever of a pair is not drawn is empty. It follows the viewport
+    (RangeXY) and the store's revision counters, so a filter change or a zoom is one callback and one update.
     """
 
     store = param.ClassSelector(class_=RunStore)
@@ -141,100 +119,97 @@ class LinkedPoints(pn.viewable.Viewer):
         return list(dict.fromkeys(["question", "answer", "gold", "outcome", x, y, "semantic_entropy",
                                    self.store.score_column()]))
 
-    # -- element builders (plain functions of a frame, so the store's updates only swap data) --
-    def _points(self, frame: pd.DataFrame, x: str, y: str, vdims: list[str]) -> hv.Points:
-        kdims = [hv.Dimension(x, label=LABELS.get(x, x)), hv.Dimension(y, label=LABELS.get(y, y))]
-        return hv.Points(frame, kdims=kdims, vdims=vdims)
-
-    def _raster(self, colour: str, clim: tuple[float, float], raster: dict):
-        # A fixed raster (RASTER_SHAPE, stretched over the plot by the browser, re-aggregated on zoom) keeps single
-        # runs visible without dynspread, whose numba compile alone would cost ~2 s of the first render.
-        if colour == "outcome":
-            def operation(points):
-                return datashade_or_blank(points, aggregator=ds.count_cat("outcome"), color_key=OUTCOME_COLOURS,
-                                          min_alpha=180, **raster).opts(tools=["box_select"])
-        else:
-            def operation(points):
-                return rasterize(points, aggregator=ds.mean(colour), **raster).opts(
-                    cmap="viridis", clim=clim, colorbar=True, tools=["hover", "box_select"],
-                    clabel=LABELS.get(colour, colour))
-        return operation
-
-    @staticmethod
-    def _range_stream(raster: dict) -> hv.streams.RangeXY:
-        return hv.streams.RangeXY(x_range=raster["x_range"], y_range=raster["y_range"])
-
     def _tooltips(self) -> list[tuple[str, str]]:
         """Hover rows; Bokeh inserts ``@{column}`` values as text, so model outputs stay inert."""
         numbers = [column for column in self.hover_columns() if column not in ("question", "answer", "gold", "outcome")]
         return [("question", "@{question}"), ("answer", "@{answer}"), ("gold", "@{gold}"), ("outcome", "@{outcome}"),
                 *[(LABELS.get(column, column), f"@{{{column}}}{{0.000}}") for column in numbers]]
 
-    def _runs_layers(self, x: str, y: str, raster: dict):
-        """The filtered runs: raw points with hover at most ``rasterize_above`` in view, else a raster."""
-        store, colour = self.store, self.colour()
-        vdims = [column for column in dict.fromkeys([colour, *self.hover_columns()]) if column not in (x, y)]
-        clim = _padded_range(store.table[colour]) if colour != "outcome" else (0.0, 1.0)
-        runs = hv.DynamicMap(pn.bind(lambda _: self._points(store.filtered, x, y, vdims),
-                                     store.param.filtered_revision))
-        # Bokeh's own selection styling is off: the store's selection is drawn as a layer of its own.
-        style = {"size": 5, "alpha": 0.6, "tools": ["hover", "box_select"], "hover_tooltips": self._tooltips(),
-                 "nonselection_alpha": 0.6, "selection_alpha": 0.6}
-        if colour == "outcome":
-            style.update(color="outcome", cmap=OUTCOME_COLOURS, show_legend=False)
+    # -- one frame of the plot: plain functions of the store's frames and the viewport --
+    def _kdims(self) -> list[hv.Dimension]:
+        return [hv.Dimension(name, label=LABELS.get(name, name)) for name in self.axes()]
+
+    def _shade(self, frame: pd.DataFrame, x_range, y_range, colour: str | None, clim) -> np.ndarray:
+        """RGBA image of ``frame``'s runs over the viewport: by outcome, by the mean of ``colour``, or (None) all
+        in the selection colour."""
+        x, y = self.axes()
+        xs, ys = frame[x].to_numpy(), frame[y].to_numpy()
+        if colour is None or colour == "outcome":
+            codes = frame["outcome"].cat.codes.to_numpy()
+            counts = raster.count_by_category(xs, ys, codes, len(OUTCOMES), x_range, y_range, RASTER_SHAPE)
+            if colour is None:
+                return raster.shade_categories(counts.sum(axis=0, keepdims=True), [SELECTED_COLOUR], min_alpha=220)
+            return raster.shade_categories(counts, [OUTCOME_COLOURS[name] for name in OUTCOMES], min_alpha=180)
+        means, counts = raster.mean_per_pixel(xs, ys, frame[colour].to_numpy(), x_range, y_range, RASTER_SHAPE)
+        return raster.shade_values(means, counts, clim, VIRIDIS)
+
+    def _pair(self, frame: pd.DataFrame, vdims: list[str], x_range, y_range, colour: str | None, clim,
+              group: str) -> tuple[hv.Points, hv.RGB]:
+        """(points, image) of ``frame``'s runs in the viewport: the points when at most ``rasterize_above``, else
+        the image; the other one empty."""
+        x, y = self.axes()
+        inside = (frame[x].between(*x_range) & frame[y].between(*y_range)).to_numpy()
+        in_view = frame[inside] if not inside.all() else frame
+        kdims = self._kdims()
+        bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
+        if len(in_view) <= self.rasterize_above:
+            points, image = in_view, np.zeros((2, 2, 4), dtype=np.uint8)
         else:
-            style.update(color=colour, cmap="viridis", clim=clim, colorbar=True)
-        threshold = self.rasterize_above
-        # The range stream starts at the initial axes, so the first render and HoloViews' refresh right after it
-        # share one aggregation.
-        layers = apply_when_in_view(runs, operation=self._raster(colour, clim, raster),
-                                    predicate=lambda element: len(element) > threshold,
-                                    streams=[self._range_stream(raster)])
-        return runs, layers.opts(hv.opts.Points(**style))
+            points, image = in_view.iloc[:0], self._shade(in_view, x_range, y_range, colour, clim)
+        return (hv.Points(points, kdims=kdims, vdims=vdims, group=group),
+                hv.RGB(image, kdims=kdims, bounds=bounds, group=f"{group}Image"))
 
-    def _selection_layers(self, x: str, y: str, raster: dict):
-        """The selected runs, ringed; a one-colour raster when more than ``rasterize_above`` are in view."""
-        store, threshold = self.store, self.rasterize_above
-        selected = hv.DynamicMap(pn.bind(lambda _: self._points(store.selected, x, y, ["outcome"]),
-                                         store.param.selected_revision))
-
-        def shade(points):  # the base layer's count_cat kernel (compiled once), every category in one colour
-            return datashade_or_blank(points, aggregator=ds.count_cat("outcome"), min_alpha=220,
-                                      color_key=dict.fromkeys(OUTCOMES, SELECTED_COLOUR), **raster).opts(
-                tools=["box_select"], show_legend=False)
-
-        layers = apply_when_in_view(selected, operation=shade, predicate=lambda element: len(element) > threshold,
-                                    streams=[self._range_stream(raster)])
-        return layers.opts(hv.opts.Points(size=8, fill_alpha=0, line_color=SELECTED_COLOUR, line_width=1.2,
-                                          nonselection_alpha=1, selection_alpha=1, tools=["box_select"],
-                                          show_legend=False))
+    def frame(self, x_range=None, y_range=None) -> hv.Overlay:
+        """The plot's four layers for the store's current frames and the viewport (None: the whole table)."""
+        x, y = self.axes()
+        colour, table = self.colour(), self.store.table
+        x_range = _viewport(x_range, _padded_range(table[x]))
+        y_range = _viewport(y_range, _padded_range(table[y]))
+        clim = _padded_range(table[colour]) if colour != "outcome" else (0.0, 1.0)
+        vdims = [column for column in dict.fromkeys([colour, *self.hover_columns()]) if column not in (x, y)]
+        runs = self._pair(self.store.filtered, vdims, x_range, y_range, colour, clim, "Runs")
+        selected = self._pair(self.store.selected, ["outcome"], x_range, y_range, None, clim, "Selected")
+        return hv.Overlay([*runs, *selected])
 
     @param.depends("redraw")
     def _plot(self):
         store, table = self.store, self.store.table
         x, y = self.axes()
-        # Datashader's parameters; x_range / y_range (the initial axes) are its viewport until the browser sends one.
-        raster = {"x_range": _padded_range(table[x]), "y_range": _padded_range(table[y]),
-                  "width": RASTER_SHAPE[0], "height": RASTER_SHAPE[1], "streams": [hv.streams.RangeXY]}
-        runs, runs_layers = self._runs_layers(x, y, raster)
-        # Limits on every layer, not only the overlay: an empty layer's own extent is NaN, and HoloViews would
-        # hand that to the range streams (and so to datashader) as the first viewport.
-        limits = {"xlim": raster["x_range"], "ylim": raster["y_range"]}
-        overlay = (runs_layers * self._selection_layers(x, y, raster)).opts(
-            hv.opts.Points(**limits), hv.opts.RGB(**limits), hv.opts.Image(**limits),
+        colour = self.colour()
+        limits = {"xlim": _padded_range(table[x]), "ylim": _padded_range(table[y])}
+        viewport = hv.streams.RangeXY(x_range=limits["xlim"], y_range=limits["ylim"])
+        revisions = hv.streams.Params(store, ["filtered_revision", "selected_revision"])
+        plot = hv.DynamicMap(lambda x_range, y_range, **_: self.frame(x_range, y_range),
+                             streams=[viewport, revisions])
+        tools = ["box_select", "lasso_select"]
+        # Bokeh's own selection styling is off: the store's selection is drawn as layers of their own.
+        runs_style = {"size": 5, "alpha": 0.6, "tools": ["hover", *tools], "hover_tooltips": self._tooltips(),
+                      "nonselection_alpha": 0.6, "selection_alpha": 0.6}
+        if colour == "outcome":
+            runs_style.update(color="outcome", cmap=OUTCOME_COLOURS, show_legend=False)
+        else:
+            runs_style.update(color=colour, cmap="viridis", clim=_padded_range(table[colour]), colorbar=True,
+                              clabel=LABELS.get(colour, colour))
+        plot = plot.opts(
+            hv.opts.Points("Runs", **runs_style, **limits),
+            hv.opts.Points("Selected", size=8, fill_alpha=0, line_color=SELECTED_COLOUR, line_width=1.2,
+                           nonselection_alpha=1, selection_alpha=1, tools=tools, show_legend=False, **limits),
+            # Limits on every layer, not only the overlay: an empty layer's own extent is NaN.
+            hv.opts.RGB(tools=tools, **limits),
             hv.opts.Overlay(responsive=True, height=PLOT_HEIGHT, active_tools=["box_select", "wheel_zoom"],
-                            title=self.title, toolbar="right", show_grid=True,
-                            legend_opts={"background_fill_alpha": 0.5, "border_line_alpha": 0.3}, **limits))
-        bounds = hv.streams.BoundsXY(source=runs)
-        bounds.add_subscriber(lambda bounds: store.select_box(x, y, bounds))
-        self._bounds = bounds  # the stream lives as long as the plot it listens to
-        return pn.pane.HoloViews(overlay, sizing_mode="stretch_width", height=PLOT_HEIGHT, linked_axes=False,
+                            title=self.title, toolbar="right", show_grid=True, **limits))
+        box = hv.streams.BoundsXY(source=plot)
+        box.add_subscriber(lambda bounds: store.select_box(x, y, bounds))
+        lasso = hv.streams.Lasso(source=plot)
+        lasso.add_subscriber(lambda geometry: store.select_lasso(x, y, geometry))
+        self._selection_streams = (box, lasso)  # the streams live as long as the plot they listen to
+        return pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=PLOT_HEIGHT, linked_axes=False,
                                  css_classes=[self.css_class])
 
     def hint(self) -> pn.pane.HTML:
-        return pn.pane.HTML(f"Drag to box-select (selected runs are ringed in both plots), wheel to zoom. Above "
-                            f"{self.rasterize_above:,} runs in view the plot is a datashader raster: zoom in for "
-                            "per-run hover.", sizing_mode="stretch_width", margin=(0, 10),
+        return pn.pane.HTML(f"Drag a box (or pick the lasso in the toolbar) to select runs: they are ringed in both "
+                            f"plots. Wheel to zoom. Above {self.rasterize_above:,} runs in view the plot is an image "
+                            "of them: zoom in for per-run hover.", sizing_mode="stretch_width", margin=(0, 10),
                             styles={"color": "#555", "font-size": "0.85em"})
 
 
@@ -274,16 +249,6 @@ class UmapExplorer(LinkedPoints):
     def __panel__(self):
         controls = pn.widgets.Select.from_param(self.param.colour_by, width=220, margin=(0, 10))
         return pn.Column(controls, self._plot, self.hint(), sizing_mode="stretch_width")
-
-
-def warm_up_datashader(table: pd.DataFrame) -> None:
-    """Run the default plots' datashader aggregation once, so numba compiles it here and not in a first render.
-
-    (Colouring the UMAP by a number compiles ``ds.mean`` on first use, about half a second.)
-    """
-    points = hv.Points(table.head(50), ["umap_x", "umap_y"], ["outcome"])
-    datashade(points, aggregator=ds.count_cat("outcome"), color_key=OUTCOME_COLOURS, dynamic=False, width=20,
-              height=20)
 
 
 # ---- sidebar ---------------------------------------------------------------------------------------------------

@@ -1,19 +1,24 @@
-"""Benchmark: the served viewer in headless Chromium, on a synthetic 100k-run table against a default-size one.
+"""Benchmark: the served viewer in headless Chromium, on a synthetic 100k-run table and a default-size one.
 
-Run: ``python tests/benchmarks/bench_viewer.py [--runs 100000] [--baseline-runs 7000] [--repeats 5]``
+Run: ``python tests/benchmarks/bench_viewer.py [--sizes 7000,100000] [--repeats 5] [--compare DIR]``
 
 For each table size it starts the server ``--repeats`` times (``panel serve --warm``, as README deploys it) and
 measures, in one fresh browser page per start:
 
-- server ready: process start until the server answers (with ``--warm``, after loading the run, compiling
-  datashader's kernel and rendering one page; ``--no-warm`` starts serving at once and the first page pays);
-- first render: ``page.goto`` until both plots have drawn (Bokeh document idle, plot data on the page);
+- server ready: process start until the server answers (with ``--warm``, after loading the run and rendering one
+  page; ``--no-warm`` starts serving at once and the first page pays); split into the launcher's phases
+  (``panel serve`` start-up, the viewer's imports, its warm-up, the first ``create_app``, the rest of the page);
+- first render: ``page.goto`` until both plots have drawn (Bokeh document idle, both plots holding data), split
+  into the page's HTML arriving (the server builds the session), the scripts loaded (``load`` event) and the rest
+  (websocket, Bokeh building and drawing the views);
 - filter change: click "incorrect" / "all" in the sidebar until the last plot data source changed in the page
   (measured in the browser: a requestAnimationFrame loop timestamps every change of the plots' data);
-- server memory: RSS of the server process after the filter changes (psutil).
+- server memory: RSS of the server process after the filter changes (psutil), and the bytes the page downloaded.
 
-Prints medians and the ratio against the baseline size measured in the same run; asserts nothing about time
-(the machine is shared). Needs Debian's chromium (``apt-get install chromium``) and Playwright.
+``--compare DIR`` also serves the ``viewer`` package found in DIR (e.g. a copy of an earlier version), alternating
+the two start by start in the same run, so that a machine shared with other work slows both alike; it prints both
+medians and their ratio. Asserts nothing about time. Needs Debian's chromium (``apt-get install chromium``) and
+Playwright.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import psutil
@@ -35,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from viewer_support import ViewerServer, launch_chromium, synthetic_analysis, write_viewer_project  # noqa: E402
 
 TIMEOUT_MS = 60_000
+PLOT_TITLES = ("Probe margin vs entropy", "UMAP of hidden states")
 
 # Installs window.__lastPlotChange: the performance.now() of the last frame in which any plot source changed.
 WATCH_PLOTS_JS = """() => {
@@ -67,8 +74,32 @@ WATCH_PLOTS_JS = """() => {
   requestAnimationFrame(tick);
 }"""
 
-PLOTS_DRAWN_JS = """() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle &&
-  [...Bokeh.documents[0].all_models].filter(m => m.constructor.__name__ === "ColumnDataSource").length >= 8"""
+# True once the Bokeh document is idle and both point plots (found by title) draw a data source holding data.
+PLOTS_DRAWN_JS = """(titles) => {
+  if (!(window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle)) return false;
+  const filled = new Set(); const seen = new Set();
+  const rows = (source) => {
+    const data = source.data; const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
+    return keys.length ? (data instanceof Map ? data.get(keys[0]) : data[keys[0]]).length : 0;
+  };
+  const walk = (view) => {
+    if (!view || seen.has(view)) return; seen.add(view);
+    const title = view.model && view.model.title && view.model.title.text;
+    if (titles.includes(title) && view.model.renderers.some(r => r.data_source && rows(r.data_source) > 0)) {
+      filled.add(title);
+    }
+    for (const child of (view.child_views ?? [])) walk(child);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
+  return filled.size === titles.length;
+}"""
+
+PAGE_TIMES_JS = """() => {
+  const nav = performance.getEntriesByType("navigation")[0];
+  const bytes = performance.getEntriesByType("resource").reduce((sum, r) => sum + (r.encodedBodySize || 0),
+                                                                nav.encodedBodySize || 0);
+  return {html: nav.responseEnd, loaded: nav.loadEventEnd, now: performance.now(), bytes};
+}"""
 
 
 def in_view(page) -> int:
@@ -79,66 +110,107 @@ def measure_filter_change(page, button: str, expected: int) -> float:
     """Seconds from the click until the last plot update it caused reached the page."""
     start = page.evaluate("performance.now()")
     page.get_by_role("button", name=button, exact=True).click()
-    page.wait_for_function(f"() => window.__lastPlotChange > {start}",
-                           timeout=TIMEOUT_MS)
+    page.wait_for_function(f"() => window.__lastPlotChange > {start}", timeout=TIMEOUT_MS)
     # settled: no plot change for 400 ms, and the count shows the new number
     page.wait_for_function("() => performance.now() - window.__lastPlotChange > 400", timeout=TIMEOUT_MS)
     assert in_view(page) == expected, (in_view(page), expected)
     return (page.evaluate("window.__lastPlotChange") - start) / 1000
 
 
-def bench_size(browser, n_runs: int, repeats: int, changes: int, warm: bool) -> dict[str, list[float]]:
-    table = synthetic_analysis(n_questions=n_runs // 10, runs_per_question=10, seed=0)
-    incorrect, total = int((~table["correct"]).sum()), len(table)
-    results: dict[str, list[float]] = {"server ready s": [], "first render s": [], "ready + first render s": [],
-                                       "filter change s": [], "server RSS MiB": []}
-    with tempfile.TemporaryDirectory(prefix="bench-viewer-") as directory:
-        root = write_viewer_project(Path(directory), table)
-        for _ in range(repeats):
-            with ViewerServer(root, ready_timeout_s=120, warm=warm) as server:
-                page = browser.new_page(viewport={"width": 1500, "height": 1000})
-                start = time.perf_counter()
-                page.goto(server.url, timeout=TIMEOUT_MS)
-                page.wait_for_selector("div.run-count", timeout=TIMEOUT_MS)
-                page.wait_for_function(PLOTS_DRAWN_JS, timeout=TIMEOUT_MS)
-                page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-                first_render = time.perf_counter() - start
-                assert in_view(page) == total
-                page.evaluate(WATCH_PLOTS_JS)
-                for change in range(changes):
-                    button, expected = ("incorrect", incorrect) if change % 2 == 0 else ("all", total)
-                    results["filter change s"].append(measure_filter_change(page, button, expected))
-                results["server RSS MiB"].append(psutil.Process(server.process.pid).memory_info().rss / 2**20)
-                results["server ready s"].append(server.ready_s)
-                results["first render s"].append(first_render)
-                results["ready + first render s"].append(server.ready_s + first_render)
-                page.close()
+def server_phases(server: ViewerServer) -> dict[str, float]:
+    """Seconds per start-up phase, from the launcher's first "viewer-phase" lines and the ready time."""
+    first: dict[str, float] = {}
+    for name, at in server.phases():
+        first.setdefault(name, at)
+    marks = [("  panel serve start-up", "script"), ("  viewer imports", "imports"), ("  viewer warm_up", "warm_up"),
+             ("  create_app", "create_app")]
+    phases, before = {}, 0.0
+    for label, name in marks:
+        if name in first:
+            phases[label] = first[name] - before
+            before = first[name]
+    phases["  rest (page build, serve)"] = server.ready_s - before
+    return phases
+
+
+def one_start(browser, root: Path, code_root: Path, warm: bool, changes: int, total: int,
+              incorrect: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    with ViewerServer(root, ready_timeout_s=120, warm=warm, code_root=code_root) as server:
+        results["server ready s"] = server.ready_s
+        results.update(server_phases(server))
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        start = time.perf_counter()
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_selector("div.run-count", timeout=TIMEOUT_MS)
+        page.wait_for_function(PLOTS_DRAWN_JS, arg=list(PLOT_TITLES), timeout=TIMEOUT_MS)
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        first_render = time.perf_counter() - start
+        times = page.evaluate(PAGE_TIMES_JS)
+        results["first render s"] = first_render
+        results["  page HTML (server builds the session)"] = times["html"] / 1000
+        results["  scripts loaded"] = (times["loaded"] - times["html"]) / 1000
+        results["  websocket, Bokeh views, drawing"] = first_render - times["loaded"] / 1000
+        results["ready + first render s"] = server.ready_s + first_render
+        results["page download MB"] = times["bytes"] / 1e6
+        assert in_view(page) == total
+        page.evaluate(WATCH_PLOTS_JS)
+        filter_changes = []
+        for change in range(changes):
+            button, expected = ("incorrect", incorrect) if change % 2 == 0 else ("all", total)
+            filter_changes.append(measure_filter_change(page, button, expected))
+        results["filter change s"] = statistics.median(filter_changes)
+        results["server RSS MiB"] = psutil.Process(server.process.pid).memory_info().rss / 2**20
+        page.close()
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--baseline-runs", type=int, default=7_000, help="the default run's size")
-    parser.add_argument("--repeats", type=int, default=5, help="server starts per size")
+    parser.add_argument("--sizes", default="7000,100000", help="table sizes (runs), comma-separated")
+    parser.add_argument("--repeats", type=int, default=5, help="server starts per size (and per version)")
     parser.add_argument("--changes", type=int, default=6, help="filter changes per server start")
     parser.add_argument("--no-warm", action="store_true", help="serve without `panel serve --warm`")
+    parser.add_argument("--compare", type=Path, help="a directory holding another `viewer` package to compare")
     args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    versions = {"this": ROOT}
+    if args.compare:
+        versions = {"compared": args.compare.resolve(), "this": ROOT}
 
-    with sync_playwright() as playwright:
+    # results[size][version][metric] -> one value per start
+    results: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="bench-viewer-") as directory:
         browser = launch_chromium(playwright)
         try:
-            baseline = bench_size(browser, args.baseline_runs, args.repeats, args.changes, warm=not args.no_warm)
-            large = bench_size(browser, args.runs, args.repeats, args.changes, warm=not args.no_warm)
+            for size in sizes:
+                table = synthetic_analysis(n_questions=size // 10, runs_per_question=10, seed=0)
+                incorrect, total = int((~table["correct"]).sum()), len(table)
+                root = write_viewer_project(Path(directory) / str(size), table)
+                for repeat in range(args.repeats):
+                    for version, code_root in versions.items():
+                        start = one_start(browser, root, code_root, not args.no_warm, args.changes, total,
+                                          incorrect)
+                        for name, value in start.items():
+                            results[size][version][name].append(value)
+                        print(f"{size:,} runs, {version}, start {repeat + 1}: ready + first render "
+                              f"{start['ready + first render s']:.2f} s", flush=True)
         finally:
             browser.close()
 
-    print(f"\nviewer, medians ({args.repeats} server starts per size, {args.changes} filter changes each; "
+    print(f"\nviewer, medians ({args.repeats} server starts per size and version, {args.changes} filter changes each; "
           f"{'without' if args.no_warm else 'with'} --warm; {psutil.cpu_count()} CPUs)")
-    print(f"{'':26s} {f'{args.baseline_runs:,} runs':>12s} {f'{args.runs:,} runs':>12s} {'ratio':>7s}")
-    for name in baseline:
-        low, high = statistics.median(baseline[name]), statistics.median(large[name])
-        print(f"{name:26s} {low:12.3f} {high:12.3f} {high / low:7.2f}")
+    for size in sizes:
+        names = list(dict.fromkeys(name for version in versions for name in results[size][version]))
+        header = "".join(f"{version:>12s}" for version in versions) + ("   ratio" if len(versions) > 1 else "")
+        print(f"\n{f'{size:,} runs':42s}{header}")
+        for name in names:
+            medians = [statistics.median(results[size][version][name]) if results[size][version][name]
+                       else float("nan") for version in versions]
+            line = f"{name:42s}" + "".join(f"{value:12.3f}" for value in medians)
+            if len(medians) > 1 and medians[0]:
+                line += f"{medians[1] / medians[0]:8.2f}"
+            print(line)
 
 
 if __name__ == "__main__":

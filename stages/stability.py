@@ -1,0 +1,102 @@
+"""Stage stability: how much the probes' test AUROC moves when the split and the seed change.
+
+Run from the repository root: ``python -m stages.stability`` (or ``dvc repro stability``).
+
+One split is one draw: with a few hundred questions, which questions land in test moves AUROC by several
+points. For each of ``stability.seeds`` seeds (``seed``, ``seed + 1``, ...; the first is the main run's split)
+the in-distribution questions are split afresh, every probe is refitted on that split's train runs and its
+location re-chosen on that split's val runs (``train_probes.train``, the same procedure), and every score of
+``evaluate.SCORES`` is evaluated on that split's test runs and on the (fixed) OOD runs. To keep this cheap the
+C of every probe is ``stability.c_grid`` (one value skips the cross-validation) and layer ranges are not
+searched (the range probes fall back to the best single layer).
+
+Writes ``{paths.metrics}/stability.json`` (per split and score: mean, standard deviation, min and max of AUROC
+over the seeds, and each seed's value) and ``{paths.plots}/stability.csv`` (STABILITY_COLUMNS, one row per
+seed, split and score); cost in ``{paths.metrics}/cost/stability.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages.common import cost_record, setup_logging, write_json
+from stages.config import Params, load_params
+from stages.evaluate import SCORES, score_runs, write_csv
+from stages.metrics import auroc
+from stages.schema import STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE
+from stages.train_probes import attach_splits, load_dataset, require_same_locations, split_questions, train
+
+log = logging.getLogger(__name__)
+
+
+def seed_aurocs(params: Params) -> pd.DataFrame:
+    """STABILITY_COLUMNS rows: AUROC for flagging incorrect runs of every score, per seed and split."""
+    id_data, ood_data = load_dataset(params, "id"), load_dataset(params, "ood")
+    require_same_locations(id_data, ood_data)
+    probe_params = dataclasses.replace(params.probes, c_grid=params.stability.c_grid, max_layer_range=1)
+    rows = []
+    for seed in range(params.seed, params.seed + params.stability.seeds):
+        splits = split_questions(id_data.runs["question_id"], ood_data.runs["question_id"],
+                                 probe_params.train_fraction, probe_params.val_fraction, seed)
+        runs = attach_splits(id_data.runs, splits, "id")
+        trained = train(runs, id_data.hidden, id_data.positions, id_data.layers, probe_params, seed)
+        evaluated = {"test": (runs[runs["split"] == "test"], id_data.hidden),
+                     "ood": (attach_splits(ood_data.runs, splits, "ood"), ood_data.hidden)}
+        for split, (split_runs, hidden) in evaluated.items():
+            if len(split_runs) == 0:
+                continue
+            scores = score_runs(split_runs, hidden, id_data.positions, id_data.layers, trained.probes)
+            incorrect = ~split_runs["correct"].to_numpy(bool)
+            for name in SCORES:
+                rows.append({"seed": seed, "split": split, "score": name,
+                             "auroc": auroc(incorrect, scores[name].to_numpy(float))})
+        log.info("seed %d: test AUROC accuracy probe %s", seed,
+                 next((r["auroc"] for r in rows[::-1] if r["split"] == "test" and r["score"] == "accuracy_probe"),
+                      None))
+    return pd.DataFrame.from_records(rows, columns=[c.name for c in STABILITY_COLUMNS])
+
+
+def summarise(table: pd.DataFrame) -> dict[str, Any]:
+    """Per split and score: mean, sample standard deviation (ddof 1), min and max of AUROC over the seeds
+    where it is defined, the count of those seeds and every seed's value (null where undefined)."""
+    summary: dict[str, Any] = {}
+    for (split, score), group in table.groupby(["split", "score"], sort=False):
+        values = group["auroc"].to_numpy(float)
+        defined = values[~np.isnan(values)]
+        summary.setdefault(split, {})[score] = {
+            "mean": float(defined.mean()) if len(defined) else None,
+            "std": float(defined.std(ddof=1)) if len(defined) > 1 else None,
+            "min": float(defined.min()) if len(defined) else None,
+            "max": float(defined.max()) if len(defined) else None,
+            "n_seeds": int(len(defined)),
+            "values": [None if np.isnan(v) else float(v) for v in values],
+        }
+    return summary
+
+
+def run(params: Params) -> dict[str, Any]:
+    with cost_record(params.paths.metrics, "stability") as cost:
+        table = seed_aurocs(params)
+        report = {**summarise(table), "settings": {
+            "seeds": list(range(params.seed, params.seed + params.stability.seeds)),
+            "c_grid": list(params.stability.c_grid), "layer_ranges": "not searched (single layers)",
+            "positive_class": "incorrect run"}}
+        write_json(report, Path(params.paths.metrics) / STABILITY_FILE)
+        write_csv(table, Path(params.paths.plots) / STABILITY_PLOT_FILE, STABILITY_COLUMNS)
+        cost.update({"seeds": params.stability.seeds, "rows": len(table)})
+    return report
+
+
+def main() -> None:
+    setup_logging()
+    run(load_params())
+
+
+if __name__ == "__main__":
+    main()

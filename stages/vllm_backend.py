@@ -1,0 +1,285 @@
+"""The vLLM generation backend of the generate stage (``sampling.backend: vllm``, or ``auto`` on a CUDA host).
+
+Run through the stage: ``python -m stages.generate`` with ``sampling.backend`` set to ``vllm`` or ``auto``; the
+engine needs the optional ``[gpu]`` extra (``pip install -e ".[gpu]"``) and a CUDA device.
+
+One engine (``vllm.LLM``) serves the whole stage run. Every question of a dataset is one request with
+``n = K`` and all requests go to vLLM in a single ``generate()`` call, as token ids (the same prompt ids the hf
+backend feeds), so vLLM's scheduler does the batching. Each completion becomes a ``SampledRun`` and
+``generate.build_run_records`` turns them into rows, so both backends write the same schema.
+
+How the records relate to the hf backend's:
+
+- ``generated_ids`` stop before the first EOS (vLLM keeps the stop token in ``token_ids``; it is cut here);
+  ``truncated`` is set when vLLM finished with ``finish_reason == "length"`` and no EOS was generated.
+- ``token_logprobs`` are the chosen tokens' log-probs under the untempered distribution: the engine runs with
+  ``logprobs_mode="raw_logprobs"`` (log-softmax of the raw logits, before temperature and top-p), as the hf
+  backend's logits processor records them.
+- ``token_entropies`` are a LOWER BOUND, not the exact entropy: vLLM returns only the top-N log-probs per step
+  (N = ``sampling.vllm.entropy_top_n``, plus the sampled token), so the remaining mass is counted as one
+  bucket (see ``top_n_entropy``). The bound is exact when N covers the vocabulary and tight when the top N
+  hold nearly all the mass. ``stop_entropy`` is the same bound at the step that emitted EOS.
+- Seeds: question ``q`` (0-based, in file order) of a dataset whose base seed is ``s`` is sent with
+  ``seed = s + q * K``; vLLM seeds the k-th of the n samples with ``seed + k``, so every run has its own seed
+  ``s + q * K + k`` and reruns reproduce it whatever else is in the batch (up to the floating-point effects of
+  batch composition that vLLM does not rule out unless its batch-invariant mode is on).
+- Temperature 0 is greedy. vLLM refuses ``n > 1`` for greedy requests, so one completion is asked for and
+  used for all K runs (greedy runs are identical in the hf backend too).
+- top-k is off (``top_k=-1``), min-p 0 and every penalty neutral (repetition 1.0), so a model's own
+  generation_config cannot change the sampler, as in the hf backend.
+
+vLLM is imported only when this backend runs: the module imports on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from stages.config import Params, ParamsError, SamplingParams, VllmParams
+from stages.generate import SampledRun, stop_and_pad_ids
+from stages.models import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams rejects larger temperatures
+INSTALL_HINT = 'install the [gpu] extra on a CUDA host (`pip install -e ".[gpu]"`) or set `sampling.backend: hf`'
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested generation backend cannot run on this machine."""
+
+
+# ---- which backend ------------------------------------------------------------------------------------------
+
+def vllm_import_error() -> str | None:
+    """None when ``import vllm`` works, else why it does not (a broken install fails with more than ImportError)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any failure means the backend cannot run; the reason is reported
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_backend(requested: str) -> str:
+    """``hf`` or ``vllm`` for ``sampling.backend`` = ``requested``; ``auto`` logs which one it picked and why.
+
+    ``vllm`` without CUDA or without an importable vLLM raises BackendUnavailable before any model is loaded.
+    """
+    if requested == "hf":
+        return "hf"
+    if requested not in ("vllm", "auto"):
+        raise ParamsError(f"params.yaml: `sampling.backend` = {requested!r} is invalid; expected hf, vllm or auto")
+    # CUDA first: it is cheap, and without it there is no reason to pay for importing vLLM.
+    why_not = None if cuda_available() else "torch sees no CUDA device"
+    if why_not is None:
+        error = vllm_import_error()
+        why_not = None if error is None else f"vLLM does not import ({error})"
+    if requested == "vllm":
+        if why_not is not None:
+            raise BackendUnavailable(f"params.yaml: `sampling.backend` = 'vllm', but {why_not}; {INSTALL_HINT}")
+        log.info("generation backend: vllm")
+        return "vllm"
+    if why_not is None:
+        log.info("sampling.backend=auto: using vllm (vLLM imports and CUDA is available)")
+        return "vllm"
+    log.info("sampling.backend=auto: using hf, because %s", why_not)
+    return "hf"
+
+
+def import_vllm():
+    """The ``vllm`` module, or BackendUnavailable saying how to get it."""
+    try:
+        import vllm
+    except Exception as error:  # noqa: BLE001
+        raise BackendUnavailable(f"the vllm backend needs vLLM, which does not import here "
+                                 f"({type(error).__name__}: {error}); {INSTALL_HINT}") from error
+    return vllm
+
+
+# ---- requests -----------------------------------------------------------------------------------------------
+
+def engine_kwargs(model_path: str, engine: VllmParams, seed: int) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for one engine per stage run."""
+    return dict(
+        model=model_path, dtype=engine.dtype, seed=seed,
+        gpu_memory_utilization=float(engine.gpu_memory_utilization), max_num_seqs=engine.max_num_seqs,
+        enforce_eager=engine.enforce_eager, tensor_parallel_size=engine.tensor_parallel_size,
+        max_model_len=engine.max_model_len,
+        max_logprobs=engine.entropy_top_n,  # vLLM refuses requests for more log-probs than the engine allows
+        logprobs_mode="raw_logprobs",  # log-probs of the raw logits: before temperature and top-p, as hf records
+    )
+
+
+def question_seed(seed: int, question_index: int, runs: int) -> int:
+    """Seed of question ``question_index``'s request; vLLM gives its k-th sample ``seed + k``, so a stride of
+    ``runs`` gives every run of every question its own seed."""
+    return seed + question_index * runs
+
+
+def request_kwargs(sampling: SamplingParams, eos_ids: set[int], seed: int) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for one question (K runs)."""
+    if sampling.temp > VLLM_MAX_TEMPERATURE:
+        raise ParamsError(f"params.yaml: `sampling.temp` = {sampling.temp!r} is invalid for the vllm backend; "
+                          f"expected a number in [0, {VLLM_MAX_TEMPERATURE}]")
+    greedy = sampling.temp == 0
+    return dict(
+        n=1 if greedy else sampling.runs,  # vLLM refuses n > 1 for greedy requests; the one run is repeated
+        temperature=float(sampling.temp), top_p=1.0 if greedy else float(sampling.top_p),
+        top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        max_tokens=sampling.max_new_tokens, stop_token_ids=sorted(eos_ids),
+        logprobs=sampling.vllm.entropy_top_n, seed=seed,
+        detokenize=False,  # build_run_records decodes the ids itself
+    )
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------
+
+def top_n_entropy(step_logprobs: Mapping[int, Any]) -> float:
+    r"""Lower bound on the entropy of a next-token distribution known only through its top-N log-probs.
+
+    With :math:`S` the tokens whose log-probs were returned and :math:`r = 1 - \sum_{i \in S} p_i` the mass
+    of all the others, counted as one bucket,
+
+    .. math:: \hat H = -\sum_{i \in S} p_i \log p_i - r \log r \;\le\; H.
+
+    It is a lower bound because splitting the bucket into the tokens it holds can only add entropy (each
+    :math:`p_j \le r`, so :math:`-p_j \log p_j \ge -p_j \log r`); it equals :math:`H` when :math:`S` is the
+    whole vocabulary (:math:`r = 0`).
+
+    Parameters
+    ----------
+    step_logprobs : mapping token id -> object with a ``logprob`` attribute (vLLM's ``Logprob``), natural log
+
+    Returns
+    -------
+    float, in nats
+    """
+    logprobs = np.fromiter((entry.logprob for entry in step_logprobs.values()), dtype=np.float64)
+    probs = np.exp(logprobs)
+    covered = -np.sum(np.where(probs > 0, probs * logprobs, 0.0))
+    rest = max(0.0, 1.0 - float(probs.sum()))  # rounding can push the sum a hair above 1
+    return float(covered - (rest * np.log(rest) if rest > 0 else 0.0))
+
+
+def run_from_completion(completion, eos_ids: set[int]) -> SampledRun:
+    """One vLLM ``CompletionOutput`` (token_ids, logprobs, finish_reason) -> SampledRun, EOS cut off."""
+    if completion.finish_reason not in ("stop", "length"):
+        raise ValueError(f"vLLM completion {completion.index} finished with {completion.finish_reason!r}; "
+                         "expected 'stop' (EOS) or 'length' (max_new_tokens)")
+    tokens = list(completion.token_ids)
+    steps = completion.logprobs
+    if steps is None or len(steps) != len(tokens):
+        raise ValueError(f"vLLM completion {completion.index}: {0 if steps is None else len(steps)} log-prob steps "
+                         f"for {len(tokens)} tokens; the request must set `logprobs`")
+    chosen = np.empty(len(tokens), dtype=np.float32)
+    entropies = np.empty(len(tokens), dtype=np.float32)
+    for step, (token, step_logprobs) in enumerate(zip(tokens, steps)):
+        if token not in step_logprobs:
+            raise ValueError(f"vLLM completion {completion.index}, step {step}: the sampled token {token} has no "
+                             "log-prob (vLLM always returns it alongside the top N)")
+        chosen[step] = step_logprobs[token].logprob
+        entropies[step] = top_n_entropy(step_logprobs)
+    stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    n = len(tokens) if stop is None else stop
+    return SampledRun(
+        generated_ids=tokens[:n], token_logprobs=chosen[:n], token_entropies=entropies[:n],
+        stop_entropy=float("nan") if stop is None else float(entropies[stop]),
+        truncated=stop is None and completion.finish_reason == "length",
+    )
+
+
+def runs_from_output(output, prompt: Sequence[int], sampling: SamplingParams, eos_ids: set[int]) -> list[SampledRun]:
+    """One vLLM ``RequestOutput`` (one question) -> its K SampledRuns, in completion-index order."""
+    if output.prompt_token_ids is not None and list(output.prompt_token_ids) != list(prompt):
+        raise ValueError(f"vLLM output {output.request_id} answers a different prompt than the one sent")
+    completions = sorted(output.outputs, key=lambda completion: completion.index)
+    runs = [run_from_completion(completion, eos_ids) for completion in completions]
+    if sampling.temp == 0 and len(runs) == 1:
+        runs = runs * sampling.runs  # greedy: one completion stands for all K identical runs
+    if len(runs) != sampling.runs:
+        raise ValueError(f"vLLM output {output.request_id}: {len(runs)} completions, expected {sampling.runs}")
+    return runs
+
+
+def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], sampling: SamplingParams,
+                     eos_ids: set[int], seed: int, progress: bool = True) -> list[list[SampledRun]]:
+    """K runs for every prompt from one ``llm.generate`` call; returns runs[question][k] in prompt order.
+
+    ``llm`` is a ``vllm.LLM`` and ``sampling_params_cls`` is ``vllm.SamplingParams`` (or stand-ins with the same
+    interface, as in the tests).
+    """
+    if not prompts:
+        return []
+    requests = [sampling_params_cls(**request_kwargs(sampling, eos_ids, question_seed(seed, q, sampling.runs)))
+                for q in range(len(prompts))]
+    token_prompts = [{"prompt_token_ids": [int(t) for t in prompt]} for prompt in prompts]  # vllm.TokensPrompt
+    outputs = llm.generate(token_prompts, sampling_params=requests, use_tqdm=progress)
+    if len(outputs) != len(prompts):
+        raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    return [runs_from_output(output, prompt, sampling, eos_ids) for output, prompt in zip(outputs, prompts)]
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+
+def load_tokenizer(name: str, toy_model_dir: str | Path) -> tuple[str, PreTrainedTokenizerBase]:
+    """(model path, tokenizer) without loading weights: vLLM loads those itself, on the GPU."""
+    path = resolve_model_path(name, toy_model_dir)
+    if name == "toy" and not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: the toy model is missing; run `dvc repro toy_model` first")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        where = "a local directory" if Path(path).exists() else "a Hugging Face repo id (needs the Hub or its cache)"
+        raise OSError(f"model.name={name!r}: could not load the tokenizer of {path!r} as {where}: {error}") from error
+    return path, tokenizer
+
+
+def stop_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids that end a run, exactly as the hf backend computes them (tokenizer EOS + generation config's)."""
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        generation_config = GenerationConfig()
+    eos_ids, _ = stop_and_pad_ids(generation_config, tokenizer)
+    return eos_ids
+
+
+@dataclass
+class VllmGenerator:
+    """One vLLM engine for the whole stage run, and what turns its outputs into SampledRuns."""
+
+    llm: Any  # vllm.LLM
+    sampling_params_cls: Any  # vllm.SamplingParams
+    sampling: SamplingParams
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: set[int]
+    progress: bool = True
+
+    @classmethod
+    def open(cls, params: Params, vllm_module=None) -> VllmGenerator:
+        """Start the engine on ``model.name``; ``vllm_module`` defaults to the installed ``vllm``."""
+        vllm_module = vllm_module if vllm_module is not None else import_vllm()
+        path, tokenizer = load_tokenizer(params.model.name, params.paths.toy_model)
+        eos_ids = stop_ids(path, tokenizer)
+        kwargs = engine_kwargs(path, params.sampling.vllm, params.seed)
+        log.info("starting vLLM %s: %s", getattr(vllm_module, "__version__", "(version unknown)"), kwargs)
+        return cls(vllm_module.LLM(**kwargs), vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids)
+
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[SampledRun]]:
+        runs = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts, self.sampling, self.eos_ids, seed,
+                                self.progress)
+        log.info("vllm: %d questions x %d runs, entropy over the top %d log-probs (a lower bound)", len(runs),
+                 self.sampling.runs, self.sampling.vllm.entropy_top_n)
+        return runs

@@ -1,0 +1,84 @@
+"""Opt-in: the whole pipeline on a real small LM from a local GGUF file, e.g. SmolLM2-135M-Instruct.
+
+Skipped unless ``SEP_REAL_LM=/path/to/file.gguf`` is set (README, "Real models offline: SmolLM2 from a wheel").
+Runs ``dvc repro`` of this repository's dvc.yaml in a fresh git + DVC copy (tests/dvc_project.py) on easy
+arithmetic questions, then prints accuracy, semantic entropy and the probe AUROCs and writes them to
+``$SEP_REAL_LM_REPORT`` (default: real_lm_report.json in the pytest temporary folder). SmolLM2 has no think tags:
+every run is ``think_missing`` and the trace stage stores the ``slt`` vector at ``think_end``, which is checked.
+The GGUF file is converted once into the user's cache (``$SEP_GGUF_CACHE``); later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from dvc_project import make_project, sh
+from stages.schema import EVALUATE_FILE, hidden_files
+
+REAL_LM = os.environ.get("SEP_REAL_LM", "")
+
+# Easy questions, small K, short answers, few traced layers: about a quarter of an hour on two shared CPU cores.
+REAL = {
+    "toy": dict(steps=1, min_terms=2, max_terms=3, max_operand=30, ood_max_terms=4, ood_max_operand=30),
+    "data": dict(source="arithmetic", n_questions=24, ood_source="arithmetic", n_ood_questions=8),
+    "sampling": dict(backend="hf", runs=5, temp=0.7, max_new_tokens=128, batch_size=160),
+    "trace": dict(layers=[10, 20, 30]),
+    "probes": dict(cv_folds=2, c_grid=[0.1, 1.0]),
+    "evaluate": dict(bootstrap=100, permutations=100),
+    "stability": dict(seeds=2),
+    "analysis": dict(umap_neighbors=5),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_LM, reason="set SEP_REAL_LM=/path/to/model.gguf to run the pipeline on a real LM")
+def test_pipeline_on_a_real_gguf_model(tmp_path):
+    gguf_file = Path(REAL_LM).expanduser().resolve()
+    assert gguf_file.is_file(), f"SEP_REAL_LM={REAL_LM}: no such file"
+    project = make_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["name"] = str(gguf_file)
+    for group, values in REAL.items():
+        if group in params:  # a group this checkout does not have yet is left out
+            params[group].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    started = time.perf_counter()
+    sh("dvc", "repro", cwd=project)
+    wall_seconds = time.perf_counter() - started
+
+    paths = params["paths"]
+    runs = pd.read_parquet(Path(project, paths["runs"], "id.parquet"))
+    entropy = pd.read_parquet(Path(project, paths["semantic_entropy"], "id.parquet"))
+    metrics = json.loads(Path(project, paths["metrics"], EVALUATE_FILE).read_text())
+    assert len(runs) == 24 * 5
+    assert runs["think_missing"].all(), "SmolLM2 has no </think> token, so every run should be think_missing"
+
+    array_path, index_path, meta_path = hidden_files(Path(project, paths["hidden"]), "id")
+    hidden, index = np.load(array_path, mmap_mode="r"), pd.read_parquet(index_path)
+    positions = json.loads(meta_path.read_text())["positions"]
+    assert index["think_end_fallback"].all()
+    np.testing.assert_array_equal(hidden[:, positions.index("think_end")], hidden[:, positions.index("slt")])
+
+    report = {
+        "model": str(gguf_file), "wall_seconds": round(wall_seconds, 1),
+        "questions": int(runs["question_id"].nunique()), "runs": len(runs),
+        "accuracy": round(float(runs["correct"].mean()), 3),
+        "answer_found": round(float((runs["answer"] != "").mean()), 3),
+        "truncated": round(float(runs["truncated"].mean()), 3),
+        "semantic_entropy_mean": round(float(entropy.groupby("question_id")["semantic_entropy"].first().mean()), 3),
+        "auroc": {split: {score: values.get("auroc") for score, values in metrics[split].items()}
+                  for split in ("test", "ood") if split in metrics},
+    }
+    destination = Path(os.environ.get("SEP_REAL_LM_REPORT", tmp_path / "real_lm_report.json"))
+    destination.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    assert 0 <= report["accuracy"] <= 1 and report["auroc"]["test"]["accuracy_probe"] is not None
