@@ -28,7 +28,7 @@ from stages.common import atomic_path, cost_record, setup_logging, write_table
 from stages.config import SamplingParams, load_params
 from stages.models import ThinkTokens, load_model, prompt_ids, think_tokens
 from stages.questions import load_questions
-from stages.schema import DATASETS, RUN_COLUMNS, RUN_KEY
+from stages.schema import DATASETS, RUN_COLUMNS, RUN_KEY, empty_frame
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: l
                 "n_generated": len(run.generated_ids),
                 "correct": bool(answer) and is_correct(answer, question["gold"]),
             })
+    if not rows:  # e.g. data.ood_source: none; typed, so it validates and writes like any other table
+        return empty_frame(RUN_COLUMNS)
     frame = pd.DataFrame(rows, columns=[c.name for c in RUN_COLUMNS])
     for column in ("think_start_index", "think_end_index"):
         frame[column] = frame[column].astype("Int64")

@@ -141,7 +141,13 @@ class LinearProbe:
         return LogisticRegression(C=c, max_iter=self.max_iter, random_state=self.random_state)
 
     def _held_out_score(self, targets: np.ndarray, decision: np.ndarray) -> float | None:
-        return auroc(targets, decision) if self.kind == "logistic" else spearman(targets, decision)
+        """AUROC (logistic) or Spearman (ridge) of ``decision`` for ``targets``; a constant prediction of a
+        varying target ranks nothing, like AUROC's 0.5, so it scores 0 rather than undefined."""
+        if self.kind == "logistic":
+            return auroc(targets, decision)
+        if len(np.unique(targets)) > 1 and np.ptp(decision) == 0:
+            return 0.0
+        return spearman(targets, decision)
 
     def _cross_validate(self, features, labels, groups, c_grid, split) -> dict[float, float | None]:
         n_groups = len(np.unique(groups))

@@ -100,7 +100,8 @@ RUN_COLUMNS = (
     Column("truncated", "bool", doc="generation hit max_new_tokens before EOS"),
     Column("answer", "str", doc="extracted final answer (last \\boxed{}, else last number; '' if none)"),
     Column("token_logprobs", "list", doc="log p(chosen token) under the model's untempered distribution"),
-    Column("token_entropies", "list", doc="entropy (nats) of the model's untempered next-token distribution"),
+    Column("token_entropies", "list", doc="entropy (nats) of the model's untempered next-token distribution "
+                                          "(vLLM backend: a lower bound from the top-N log-probs)"),
     Column("sequence_loglik", "float", doc="sum of token_logprobs"),
     Column("mean_token_entropy", "float", doc="mean token entropy over the think span (all tokens if none)"),
     Column("n_generated", "int"),

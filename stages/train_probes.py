@@ -234,9 +234,13 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
                        location_probes, targets: Mapping[str, np.ndarray], probe_params: ProbeParams,
                        seed: int) -> tuple[LinearProbe, list[dict[str, Any]], int]:
     """The best contiguous layer range at ``single``'s position, chosen on val: every range of up to
-    ``probes.max_layer_range`` traced layers, concatenated, fitted on train (C by the same grouped CV).
+    ``probes.max_layer_range`` traced layers, concatenated, fitted on train.
 
-    Returns the chosen probe, every candidate's val score, and the number of range probes fitted.
+    Each range reuses the C that the grouped CV chose for ``single`` instead of its own CV: the wide
+    concatenated features make lbfgs slow at weak regularisation (tens of seconds per fit at 640 features and
+    C = 10), and a C chosen on train keeps the choice leak-free. Single-layer candidates are the location
+    probes themselves. Returns the chosen probe, every candidate's val score, and the number of range probes
+    fitted.
     """
     train_runs, val_runs = runs[runs["split"] == "train"], runs[runs["split"] == "val"]
     label_name = single.label_name
@@ -247,7 +251,7 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
         else:
             probe = fit_probe(hidden, train_runs["hidden_row"].to_numpy(), positions, layers, label_name,
                               targets["train"], train_runs["question_id"].to_numpy(), single.position,
-                              layers[first], layers[last], c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
+                              layers[first], layers[last], c_grid=(single.C_,), cv_folds=probe_params.cv_folds,
                               max_iter=probe_params.max_iter, random_state=seed)
             fitted += 1
         score = probe_score(probe, probe_features(probe, hidden, val_runs["hidden_row"].to_numpy(), positions, layers),

@@ -81,16 +81,21 @@ def resolve_backend(requested: str) -> str:
         return "hf"
     if requested not in ("vllm", "auto"):
         raise ParamsError(f"params.yaml: `sampling.backend` = {requested!r} is invalid; expected hf, vllm or auto")
-    # CUDA first: it is cheap, and without it there is no reason to pay for importing vLLM.
+    if requested == "vllm":
+        missing = [] if cuda_available() else ["torch sees no CUDA device"]
+        error = vllm_import_error()
+        if error is not None:
+            missing.append(f"vLLM does not import ({error})")
+        if missing:
+            raise BackendUnavailable(f"params.yaml: `sampling.backend` = 'vllm', but {' and '.join(missing)}; "
+                                     f"{INSTALL_HINT}")
+        log.info("generation backend: vllm")
+        return "vllm"
+    # auto: CUDA first, it is cheap, and without it there is no reason to pay for importing vLLM.
     why_not = None if cuda_available() else "torch sees no CUDA device"
     if why_not is None:
         error = vllm_import_error()
         why_not = None if error is None else f"vLLM does not import ({error})"
-    if requested == "vllm":
-        if why_not is not None:
-            raise BackendUnavailable(f"params.yaml: `sampling.backend` = 'vllm', but {why_not}; {INSTALL_HINT}")
-        log.info("generation backend: vllm")
-        return "vllm"
     if why_not is None:
         log.info("sampling.backend=auto: using vllm (vLLM imports and CUDA is available)")
         return "vllm"

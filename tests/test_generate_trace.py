@@ -180,3 +180,15 @@ def test_batched_trace_equals_unbatched_forward_at_each_position(lm):
             states = model(torch.tensor([sequence]), output_hidden_states=True).hidden_states
         direct = states[-1][0, wanted[2]].numpy()  # last layer at think_end, straight from the model
         np.testing.assert_allclose(out[row, 2, -1].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+
+
+def test_an_empty_question_set_writes_an_empty_valid_runs_table(tmp_path):
+    from stages.common import read_table, write_table
+    from stages.generate import build_run_records
+    from stages.models import ThinkTokens
+    from stages.schema import RUN_COLUMNS, RUN_KEY
+
+    questions = pd.DataFrame(columns=["question_id", "dataset", "question", "gold"])
+    frame = build_run_records(questions, [], [], tokenizer=None, think=ThinkTokens(None, None))
+    write_table(frame, tmp_path / "ood.parquet", RUN_COLUMNS, RUN_KEY)
+    assert len(read_table(tmp_path / "ood.parquet", RUN_COLUMNS, RUN_KEY)) == 0

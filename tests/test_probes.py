@@ -227,3 +227,11 @@ def test_a_signal_split_over_two_layers_is_found_by_the_range_probe():
     assert (probe.layer, probe.layer_end) == (1, 2)
     by_range = {(c["layer"], c["layer_end"]): c["val_score"] for c in candidates}
     assert by_range[(1, 2)] > max(by_range[(1, 1)], by_range[(2, 2)])
+
+
+def test_a_constant_feature_gives_a_ridge_probe_spearman_zero_not_a_crash():
+    rng = np.random.default_rng(2)
+    target = rng.normal(0, 1, 60)
+    probe = LinearProbe(c_grid=(0.1, 1.0), cv_folds=3, kind="ridge", random_state=0).fit(
+        np.ones((60, 3)), target, np.arange(60) // 3)  # e.g. the embedding of the same last prompt token
+    assert probe.cv_auroc_ == {0.1: 0.0, 1.0: 0.0} and probe_score(probe, np.ones((5, 3)), target[:5]) == 0.0

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from viewer_support import SCRIPT_ANSWER, ViewerServer, launch_chromium, synthetic_analysis, write_viewer_project
+from viewer_support import (IMG_ANSWER, SCRIPT_ANSWER, ViewerServer, launch_chromium, synthetic_analysis,
+                            write_viewer_project)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -23,20 +24,20 @@ if not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"):
 N_QUESTIONS, RUNS = 40, 5
 TIMEOUT_MS = 20_000
 
-# Row counts of the plots' data sources, read from the page's Bokeh document: `*_points` are the raw runs drawn,
-# `*_selected` the selection ringed on top (no hover columns). Tables' sources are told apart by their `run_id`.
+# Row counts of the plots' point sources, read from the page's Bokeh document: `*_points` are the raw runs drawn,
+# `*_selected` those of them ringed as selected (their `selected` column). Tables' sources have a `run_id`.
 PLOT_ROWS_JS = """() => {
   const rows = {};
   for (const model of Bokeh.documents[0].all_models) {
     if (model.constructor.__name__ !== "ColumnDataSource") continue;
     const data = model.data;
+    const get = (key) => data instanceof Map ? data.get(key) : data[key];
     const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
-    if (keys.includes("run_id") || keys.length === 0) continue;
+    if (keys.includes("run_id") || !keys.includes("question")) continue;
     const plot = keys.includes("umap_x") ? "umap" : keys.some(k => k.endsWith("_probe_margin")) ? "scatter" : null;
     if (plot === null) continue;
-    const kind = plot + (keys.includes("question") ? "_points" : "_selected");
-    const first = data instanceof Map ? data.get(keys[0]) : data[keys[0]];
-    rows[kind] = (rows[kind] || 0) + first.length;
+    rows[plot + "_points"] = (rows[plot + "_points"] || 0) + get("question").length;
+    rows[plot + "_selected"] = (rows[plot + "_selected"] || 0) + [...get("selected")].filter(Boolean).length;
   }
   return rows;
 }"""
@@ -54,6 +55,50 @@ FRAMES_JS = """() => {
   };
   for (const root of Bokeh.index.roots) walk(root);
   return frames;
+}"""
+
+# Page coordinates of the data point (x, y) in the plot titled `title`, through the plot's own scales.
+DATA_TO_PAGE_JS = """([title, x, y]) => {
+  const seen = new Set(); let found = null;
+  const walk = (view) => {
+    if (!view || seen.has(view) || found) return; seen.add(view);
+    if (view.frame && view.canvas_view && view.model.title && view.model.title.text === title) {
+      const canvas = view.canvas_view.el.getBoundingClientRect();
+      found = [canvas.left + view.frame.x_scale.compute(x), canvas.top + view.frame.y_scale.compute(y)];
+    }
+    for (const child of (view.child_views ?? [])) walk(child);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
+  return found;
+}"""
+
+# The text of every shown hover tooltip (Bokeh draws its content inside the tooltip's shadow root).
+TOOLTIP_TEXT_JS = """() => {
+  const deepText = (node) => node.nodeType === Node.TEXT_NODE ? node.textContent :
+    [...(node.shadowRoot ? node.shadowRoot.childNodes : []), ...node.childNodes].map(deepText).join(" ");
+  const texts = [];
+  const walk = (root) => {
+    for (const element of root.querySelectorAll("*")) {
+      if (element.classList.contains("bk-Tooltip") && element.checkVisibility()) texts.push(deepText(element));
+      if (element.shadowRoot) walk(element.shadowRoot);
+    }
+  };
+  walk(document);
+  return texts.join("\\n");
+}"""
+
+# Elements the payloads would create if they were ever inserted as markup, anywhere (shadow roots included).
+INJECTED_ELEMENTS_JS = """() => {
+  let found = 0;
+  const walk = (root) => {
+    for (const element of root.querySelectorAll("*")) {
+      if (element.tagName === "IMG" && element.getAttribute("src") === "x") found += 1;
+      if (element.tagName === "SCRIPT" && element.textContent.includes("alert(1)")) found += 1;
+      if (element.shadowRoot) walk(element.shadowRoot);
+    }
+  };
+  walk(document);
+  return found;
 }"""
 
 # Any <script> element anywhere in the page (shadow roots included) whose text runs the payload.
@@ -206,5 +251,61 @@ def test_viewer_works_inside_an_iframe(server, browser, analysis):
         frame.locator("div.run-count .count").wait_for(timeout=TIMEOUT_MS)
         assert frame.locator("div.run-count .count").inner_text() == f"{len(analysis):,}"
         assert frame.locator(".umap-plot canvas").count() > 0
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("payload", [IMG_ANSWER, SCRIPT_ANSWER], ids=["img-onerror", "script"])
+def test_hover_shows_model_output_as_text(server, browser, analysis, payload):
+    """Hovering a run whose question and answer are markup shows that markup as text, and none of it runs."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    errors, dialogs = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    run = analysis[analysis["answer"] == payload].iloc[0]
+    try:
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                               timeout=TIMEOUT_MS)
+        search = page.get_by_placeholder("text or id, Enter")  # only this question's runs in view
+        search.fill(run["question_id"])
+        search.press("Enter")
+        _wait_for_rows(page, scatter_points=RUNS)
+        left, top = page.evaluate(DATA_TO_PAGE_JS, ["Probe margin vs entropy", float(run["accuracy_probe_margin"]),
+                                                    float(run["semantic_entropy"])])
+        page.mouse.move(left - 20, top - 20)
+        page.mouse.move(left, top, steps=5)
+        page.wait_for_function(f"() => ({TOOLTIP_TEXT_JS})().includes('answer')", timeout=TIMEOUT_MS)
+        text = page.evaluate(TOOLTIP_TEXT_JS)
+        assert text.count(payload) >= 2, text  # in the question and as the answer, verbatim
+        assert page.evaluate(INJECTED_ELEMENTS_JS) == 0
+        assert page.evaluate("() => window.__pwned") is None
+    finally:
+        page.close()
+    assert dialogs == [] and errors == []
+
+
+def test_lasso_selection_is_linked(server, browser, analysis):
+    """The lasso (picked in the UMAP's toolbar) selects what it encloses; the scatter rings the same runs."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                               timeout=TIMEOUT_MS)
+        total = len(analysis)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        page.locator(".umap-plot .bk-tool-icon-lasso-select").click()
+        left, top, width, height = page.evaluate(FRAMES_JS)["UMAP of hidden states"]
+        # A triangle over the left half of the frame: the runs left of its centre, some of them.
+        corners = [(left + 4, top + 4), (left + width / 2, top + height / 2), (left + 4, top + height - 4)]
+        page.mouse.move(*corners[0])
+        page.mouse.down()
+        for corner in [*corners[1:], corners[0]]:
+            page.mouse.move(*corner, steps=8)
+        page.mouse.up()
+        page.locator(".selection-caption", has_text="selected runs").wait_for(timeout=TIMEOUT_MS)
+        selected = _count(page)[1]
+        assert 0 < selected < total
+        _wait_for_rows(page, scatter_selected=selected, umap_selected=selected)
     finally:
         page.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 import holoviews as hv
 import numpy as np
 import pandas as pd
+import panel as pn
 import pytest
 import yaml
 from bokeh.models import GlyphRenderer, ImageRGBA
@@ -23,7 +24,8 @@ from viewer_support import PATHS, SCRIPT_ANSWER, synthetic_analysis, write_viewe
 
 from viewer import data as viewer_data
 from viewer.data import (MissingArtifact, RunStore, headline_metric_columns, load_analysis, load_experiments,
-                         metrics_table, parse_exp_show, run_files, varying_params)
+                         load_plot_table, metrics_table, parse_exp_show, run_files, varying_params)
+from viewer.raster import count_by_category, mean_per_pixel, points_in_polygon, shade_categories, shade_values
 
 EXP_SHOW_SAMPLE = Path(__file__).parent / "data" / "dvc_exp_show.json"
 METRICS_FILE = "artifacts/metrics/evaluate.json"
@@ -96,6 +98,69 @@ def test_metrics_table_formats_value_and_ci(project):
     assert len(frame) == 8
 
 
+def test_plot_tables_are_read_and_checked(project, tmp_path):
+    roc = load_plot_table(project, "roc.csv")
+    assert list(roc.columns[:4]) == ["score", "split", "fpr", "tpr"] and len(roc) > 0
+    with pytest.raises(KeyError, match="not one of the viewer's plot tables"):
+        load_plot_table(project, "../params.yaml")  # only the tables the viewer knows, never a given path
+    root = write_viewer_project(tmp_path, analysis=None)
+    (root / PATHS["plots"] / "roc.csv").write_text("score,split,fpr\nx,test,0.1\n")
+    with pytest.raises(MissingArtifact, match="tpr"):
+        load_plot_table(root, "roc.csv")
+
+
+def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path):
+    from viewer.views import RESULT_PLOTS, ResultsView
+
+    assert {plot.table for plot in RESULT_PLOTS} == set(viewer_data.PLOT_TABLES)
+    hv.extension("bokeh")
+    for plot in RESULT_PLOTS:  # every registered plot draws its table to Bokeh
+        hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project)["settings"]))
+    root = write_viewer_project(tmp_path, analysis=None)
+    (root / PATHS["plots"] / "roc.csv").unlink()
+    sections = ResultsView(root=root)._content().objects
+    texts = [str(getattr(part, "object", "")) for section in sections for part in getattr(section, "objects", [])]
+    assert any("roc.csv" in text and "dvc repro" in text for text in texts)  # the missing file, in its section
+    assert any(isinstance(part, pn.pane.HoloViews) for section in sections for part in getattr(section, "objects", []))
+
+
+# ---- rasterising (viewer/raster.py) ------------------------------------------------------------------------------
+
+
+def test_count_by_category_puts_points_in_the_right_pixels():
+    xs, ys = np.array([0.0, 1.0, 1.0, 0.49, 2.0]), np.array([0.0, 1.0, 1.0, 0.51, 0.5])
+    counts = count_by_category(xs, ys, np.array([0, 1, 1, 0, 0]), 2, (0.0, 1.0), (0.0, 1.0), (2, 2))
+    assert counts.shape == (2, 2, 2)  # (category, row, column); row 0 is the top
+    assert counts[0].tolist() == [[1, 0], [1, 0]]  # (0.49, 0.51) top left, (0, 0) bottom left; x=2 is outside
+    assert counts[1].tolist() == [[0, 2], [0, 0]]  # the top right corner is inside (inclusive bounds)
+
+
+def test_shading_mixes_colours_by_count_and_leaves_empty_pixels_clear():
+    counts = np.zeros((2, 1, 3), dtype=int)
+    counts[0, 0, 0], counts[1, 0, 1], counts[:, 0, 2] = 1, 8, 2  # pure red, pure blue x8, half and half
+    image = shade_categories(counts, ["#ff0000", "#0000ff"], min_alpha=100)
+    assert image.shape == (1, 3, 4) and image.dtype == np.uint8
+    assert image[0, 0].tolist() == [255, 0, 0, 100]  # one point: min_alpha
+    assert image[0, 1].tolist() == [0, 0, 255, 255]  # the fullest pixel: opaque
+    assert image[0, 2, :3].tolist() == [128, 0, 128] and 100 < image[0, 2, 3] < 255
+    assert shade_categories(np.zeros((2, 2, 2), dtype=int), ["#ff0000", "#0000ff"])[..., 3].max() == 0
+    means, counts = mean_per_pixel(np.array([0.1, 0.2, 0.9]), np.array([0.5, 0.5, 0.5]), np.array([0.0, 1.0, 1.0]),
+                                   (0.0, 1.0), (0.0, 1.0), (2, 1))
+    assert means.tolist() == [[0.5, 1.0]] and counts.tolist() == [[2, 1]]
+    image = shade_values(means, counts, (0.0, 1.0), ["#000000", "#ffffff"])
+    assert image[0, 1, :3].tolist() == [255, 255, 255]
+
+
+def test_points_in_polygon_even_odd():
+    square = np.array([[0, 0], [2, 0], [2, 2], [0, 2]])
+    xs, ys = np.array([1.0, 3.0, 1.9, -0.1]), np.array([1.0, 1.0, 0.1, 1.0])
+    assert points_in_polygon(xs, ys, square).tolist() == [True, False, True, False]
+    notch = np.array([[0, 0], [4, 0], [4, 4], [3, 4], [3, 1], [1, 1], [1, 4], [0, 4]])  # a U shape
+    assert points_in_polygon(np.array([2.0, 0.5, 3.5]), np.array([3.0, 3.0, 3.0]), notch).tolist() == [False, True,
+                                                                                                      True]
+    assert not points_in_polygon(xs, ys, square[:2]).any()  # fewer than 3 vertices: nothing
+
+
 # ---- the store -------------------------------------------------------------------------------------------------
 
 
@@ -164,6 +229,17 @@ def test_box_selection_is_inclusive_and_follows_filters(store, table):
     assert store.selected.empty
 
 
+def test_lasso_selects_the_runs_inside_the_polygon(store, table):
+    x, y = "umap_x", "umap_y"
+    centre_x, centre_y = table[x].median(), table[y].median()
+    triangle = np.array([[centre_x - 50, centre_y - 50], [centre_x + 50, centre_y - 50], [centre_x, centre_y + 50]])
+    store.select_lasso(x, y, triangle)
+    inside = points_in_polygon(table[x].to_numpy(), table[y].to_numpy(), triangle)
+    assert 0 < inside.sum() and list(store.selected.index) == list(table.index[inside])
+    store.select_lasso(x, y, None)
+    assert store.selected.empty
+
+
 def test_selection_made_under_a_filter_selects_only_filtered_runs(store, table):
     store.datasets = ["ood"]
     store.select_box("umap_x", "umap_y", (-1e9, -1e9, 1e9, 1e9))
@@ -208,12 +284,16 @@ def test_plots_draw_raw_points_then_raster_above_the_threshold(store, view_name)
 
     hv.extension("bokeh")
     view = getattr(views, view_name)(store=store)
-    x = view.axes()[0]
+    x, y = view.axes()
     assert _raw_points(_render(view), x) == 120
-    view.rasterize_above = 50  # 120 runs in view: datashaded, no raw points
+    store.select_box(x, y, (store.table[x].min(), store.table[y].min(), store.table[x].median(), store.table[y].max()))
+    ringed = [r.data_source.data["selected"] for r in _render(view) if "selected" in r.data_source.data]
+    assert sum(int(np.sum(column)) for column in ringed) == len(store.selected) > 0
+    view.rasterize_above = 50  # 120 runs in view: an image, no raw points
     renderers = _render(view)
     assert _raw_points(renderers, x) == 0
-    assert any(isinstance(r.glyph, ImageRGBA) for r in renderers)
+    images = [r.data_source.data["image"][0] for r in renderers if isinstance(r.glyph, ImageRGBA)]
+    assert images and (images[0].view(np.uint8).reshape(-1, 4)[:, 3] > 0).sum() > 20  # runs drawn as pixels
     store.search = "no question has this text"  # empty views still draw
     assert _raw_points(_render(view), x) == 0
 

@@ -378,6 +378,8 @@ def test_auto_picks_vllm_only_with_cuda_and_an_importable_vllm_and_says_why(mach
 
 @pytest.mark.parametrize("cuda, import_error, reason", [
     (False, None, "torch sees no CUDA device"),
+    (False, "ModuleNotFoundError: vllm",
+     r"torch sees no CUDA device and vLLM does not import \(ModuleNotFoundError: vllm\)"),
     (True, "ImportError: libcudart.so.12", r"vLLM does not import \(ImportError: libcudart.so.12\)"),
 ])
 def test_vllm_without_what_it_needs_fails_at_stage_start(machine, cuda, import_error, reason):

@@ -29,6 +29,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 SCRIPT_ANSWER = "<script>alert(1)</script>"
+# Would set window.__pwned if it ever reached the page as markup (an <img> runs onerror without being in view).
+IMG_ANSWER = '<img src=x onerror="window.__pwned=1">'
 SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
           "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik")
 PATHS = {"toy_model": "artifacts/toy_model", "questions": "data/questions", "runs": "data/runs",
@@ -42,7 +44,8 @@ def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int 
 
     A fifth of the questions are OOD; in-distribution questions are split 60/20/20. Answers cluster by value,
     correctness, SE and probe scores are consistent with each other. With ``script_question``, question 0's text,
-    answers and think text contain ``<script>alert(1)</script>`` (and its cluster-0 answer is exactly that).
+    answers and think text contain ``<script>alert(1)</script>`` (and its cluster-0 answer is exactly that), and
+    question 1's contain ``IMG_ANSWER`` (``<img src=x onerror=...>``) the same way.
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -57,9 +60,10 @@ def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int 
         difficulty = rng.uniform(0.05, 0.9 if dataset == "id" else 1.0)
         wrong = rng.random(runs_per_question) < difficulty
         answers = [str(int(gold) + int(rng.choice([-2, -1, 1, 2]))) if w else gold for w in wrong]
-        if script_question and q == 0:
-            question = f"{question} {SCRIPT_ANSWER}"
-            answers = [SCRIPT_ANSWER] * (runs_per_question // 2) + [gold] * (runs_per_question - runs_per_question // 2)
+        if script_question and q in (0, 1):
+            payload = SCRIPT_ANSWER if q == 0 else IMG_ANSWER
+            question = f"{question} {payload}"
+            answers = [payload] * (runs_per_question // 2) + [gold] * (runs_per_question - runs_per_question // 2)
             wrong = np.array([answer != gold for answer in answers])
         values, cluster_ids, counts = np.unique(answers, return_inverse=True, return_counts=True)
         frequencies = counts / counts.sum()

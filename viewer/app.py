@@ -17,8 +17,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path[:1]:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+# ruff: noqa: E402 (imports after the sys.path line above, on purpose)
 import holoviews as hv
 import panel as pn
+import panel.io.resources as pn_resources
 
 from viewer.data import MissingArtifact, RunStore, load_analysis
 from viewer.views import (ExperimentsView, FilterPanel, MarginEntropyScatter, QuestionDetails, ResultsView,
@@ -28,6 +30,16 @@ from viewer.views import (ExperimentsView, FilterPanel, MarginEntropyScatter, Qu
 # Google font): the page loads with no internet, which the browser test checks.
 pn.extension("tabulator", sizing_mode="stretch_width")
 hv.extension("bokeh", logo=False)
+
+
+def _no_mathjax(roots) -> bool:
+    return False
+
+
+# Panel adds Bokeh's MathJax bundle (1.8 MB, the page's largest script) whenever any HTML pane is on the page, in
+# case it typesets TeX. Nothing here does (HTML panes default to `disable_math`, the Markdown is our own text), and
+# model output must never be typeset; Bokeh's own check (math text in axes, labels) still applies.
+pn_resources._panel_use_mathjax = _no_mathjax
 
 TITLE = "Semantic entropy probes: run viewer"
 

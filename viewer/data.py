@@ -51,6 +51,10 @@ ENTROPY_CHOICES = {
 }
 OUTCOMES = ("correct", "incorrect")
 
+# The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/schema.py); each is
+# drawn by an entry of viewer.views.RESULT_PLOTS.
+PLOT_TABLES = {AUROC_BY_LAYER_FILE: AUROC_BY_LAYER_COLUMNS, ROC_FILE: ROC_COLUMNS}
+
 # Headline columns of the Experiments view: (split, score) AUROCs from evaluate.json.
 HEADLINE_SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
                    "negative_sequence_loglik")
@@ -71,13 +75,18 @@ class RunFiles:
     root: Path
     analysis: Path
     metrics: Path
-    auroc_by_layer: Path
-    roc: Path
+    plots: Path  # the directory of evaluate's CSVs (PLOT_TABLES)
 
     @property
     def metrics_relative(self) -> str:
         """evaluate.json relative to the root, as `dvc exp show --json` keys it."""
         return self.metrics.relative_to(self.root).as_posix()
+
+    def plot_table(self, name: str) -> Path:
+        """The CSV ``name`` (a key of PLOT_TABLES) in the plots directory."""
+        if name not in PLOT_TABLES:
+            raise KeyError(f"{name!r} is not one of the viewer's plot tables {sorted(PLOT_TABLES)}")
+        return self.plots / name
 
 
 def run_files(root: str | Path) -> RunFiles:
@@ -103,8 +112,7 @@ def run_files(root: str | Path) -> RunFiles:
         return path
 
     return RunFiles(root=root, analysis=inside(paths.analysis, ANALYSIS_FILE),
-                    metrics=inside(paths.metrics, EVALUATE_FILE),
-                    auroc_by_layer=inside(paths.plots, AUROC_BY_LAYER_FILE), roc=inside(paths.plots, ROC_FILE))
+                    metrics=inside(paths.metrics, EVALUATE_FILE), plots=inside(paths.plots, ""))
 
 
 def _modified(path: Path) -> int:
@@ -160,25 +168,20 @@ def load_metrics(root: str | Path) -> dict:
     return _read_metrics(str(path), _modified(path))
 
 
-@pn.cache(max_items=8)
-def _read_plot_table(path: str, modified_ns: int, kind: str) -> pd.DataFrame:
-    columns = {"auroc_by_layer": AUROC_BY_LAYER_COLUMNS, "roc": ROC_COLUMNS}[kind]
+@pn.cache(max_items=16)
+def _read_plot_table(path: str, modified_ns: int, name: str) -> pd.DataFrame:
     try:
-        return validate_frame(pd.read_csv(path), columns, path)
+        return validate_frame(pd.read_csv(path), PLOT_TABLES[name], path)
     except (OSError, ValueError) as error:
         raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
 
 
-def load_auroc_by_layer(root: str | Path) -> pd.DataFrame:
-    """AUROC of every per-location probe: columns probe, position, layer, split, auroc."""
-    path = run_files(root).auroc_by_layer
-    return _read_plot_table(str(path), _modified(path), "auroc_by_layer")
-
-
-def load_roc(root: str | Path) -> pd.DataFrame:
-    """ROC curves of every score on test and ood: columns score, split, fpr, tpr."""
-    path = run_files(root).roc
-    return _read_plot_table(str(path), _modified(path), "roc")
+def load_plot_table(root: str | Path, name: str) -> pd.DataFrame:
+    """The CSV ``name`` of the plots directory (a key of PLOT_TABLES), checked against its schema columns and
+    cached until the file changes. E.g. ``auroc_by_layer.csv``: probe, position, layer, split, auroc;
+    ``roc.csv``: score, split, fpr, tpr."""
+    path = run_files(root).plot_table(name)
+    return _read_plot_table(str(path), _modified(path), name)
 
 
 # ---- derived tables for the Results view ------------------------------------------------------------------

@@ -140,3 +140,14 @@ def points_in_polygon(xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray) -> np
         crossing_x = xa + (ys - ya) * (xb - xa) / (yb - ya)
         inside ^= spans & (xs < crossing_x)
     return inside
+
+
+def grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (2-D) with every True pixel's 3x3 neighbourhood set too."""
+    padded = np.pad(mask, 1)
+    height, width = mask.shape
+    grown = np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= padded[dy:dy + height, dx:dx + width]
+    return grown

@@ -9,6 +9,8 @@ innerHTML, so even ``pn.pane.Str`` renders ``<img onerror=...>`` as a live eleme
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import holoviews as hv
@@ -20,9 +22,10 @@ from bokeh.models.widgets.tables import NumberFormatter
 from bokeh.palettes import Viridis256
 
 from viewer import raster
+from stages.schema import AUROC_BY_LAYER_FILE, ROC_FILE
 from viewer.data import (DATASET_CHOICES, ENTROPY_CHOICES, OUTCOMES, MissingArtifact, RunStore,
-                         headline_metric_columns, load_auroc_by_layer, load_experiments, load_metrics, load_roc,
-                         metrics_table, varying_params)
+                         headline_metric_columns, load_experiments, load_metrics, load_plot_table, metrics_table,
+                         varying_params)
 
 OUTCOME_COLOURS = {"correct": "#2b83ba", "incorrect": "#d7301f"}
 SELECTED_COLOUR = "#111111"
@@ -85,9 +88,8 @@ class LinkedPoints(pn.viewable.Viewer):
     of them rasterised for the viewport (viewer/raster.py), so 100k runs stay smooth. Axis ranges come from the
     whole table, so they stay put while filters change. Subclasses say which columns are x, y and colour.
 
-    One DynamicMap per plot returns four layers, always of the same types: runs as points, runs as an image,
-    selection as points, selection as an image; whichever of a pair is not drawn is empty. It follows the viewport
-    (RangeXY) and the store's revision counters, so a filter change or a zoom is one callback and one update.
+    One DynamicMap per plot (two layers, see ``frame``) follows the viewport (RangeXY) and the store's revision
+    counters, so a filter change, a selection or a zoom is one callback and one update of the page.
     """
 
     store = param.ClassSelector(class_=RunStore)
@@ -129,47 +131,50 @@ class LinkedPoints(pn.viewable.Viewer):
     def _kdims(self) -> list[hv.Dimension]:
         return [hv.Dimension(name, label=LABELS.get(name, name)) for name in self.axes()]
 
-    def _shade(self, frame: pd.DataFrame, x_range, y_range, colour: str | None, clim) -> np.ndarray:
-        """RGBA image of ``frame``'s runs over the viewport: by outcome, by the mean of ``colour``, or (None) all
-        in the selection colour."""
+    def _shade(self, frame: pd.DataFrame, selected: np.ndarray, x_range, y_range, colour: str, clim) -> np.ndarray:
+        """RGBA image of ``frame``'s runs over the viewport, by outcome or by the mean of ``colour``, with the
+        ``selected`` ones on top in the selection colour, each grown to 3x3 pixels so that a few stay visible."""
         x, y = self.axes()
         xs, ys = frame[x].to_numpy(), frame[y].to_numpy()
-        if colour is None or colour == "outcome":
+        if colour == "outcome":
             codes = frame["outcome"].cat.codes.to_numpy()
             counts = raster.count_by_category(xs, ys, codes, len(OUTCOMES), x_range, y_range, RASTER_SHAPE)
-            if colour is None:
-                return raster.shade_categories(counts.sum(axis=0, keepdims=True), [SELECTED_COLOUR], min_alpha=220)
-            return raster.shade_categories(counts, [OUTCOME_COLOURS[name] for name in OUTCOMES], min_alpha=180)
-        means, counts = raster.mean_per_pixel(xs, ys, frame[colour].to_numpy(), x_range, y_range, RASTER_SHAPE)
-        return raster.shade_values(means, counts, clim, VIRIDIS)
-
-    def _pair(self, frame: pd.DataFrame, vdims: list[str], x_range, y_range, colour: str | None, clim,
-              group: str) -> tuple[hv.Points, hv.RGB]:
-        """(points, image) of ``frame``'s runs in the viewport: the points when at most ``rasterize_above``, else
-        the image; the other one empty."""
-        x, y = self.axes()
-        inside = (frame[x].between(*x_range) & frame[y].between(*y_range)).to_numpy()
-        in_view = frame[inside] if not inside.all() else frame
-        kdims = self._kdims()
-        bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
-        if len(in_view) <= self.rasterize_above:
-            points, image = in_view, np.zeros((2, 2, 4), dtype=np.uint8)
+            image = raster.shade_categories(counts, [OUTCOME_COLOURS[name] for name in OUTCOMES], min_alpha=180)
         else:
-            points, image = in_view.iloc[:0], self._shade(in_view, x_range, y_range, colour, clim)
-        return (hv.Points(points, kdims=kdims, vdims=vdims, group=group),
-                hv.RGB(image, kdims=kdims, bounds=bounds, group=f"{group}Image"))
+            means, counts = raster.mean_per_pixel(xs, ys, frame[colour].to_numpy(), x_range, y_range, RASTER_SHAPE)
+            image = raster.shade_values(means, counts, clim, VIRIDIS)
+        if selected.any():
+            chosen = raster.count_by_category(xs[selected], ys[selected], np.zeros(int(selected.sum()), dtype=int), 1,
+                                              x_range, y_range, RASTER_SHAPE)[0] > 0
+            image[raster.grow(chosen)] = (*raster.hex_to_rgb(SELECTED_COLOUR), 230)
+        return image
 
     def frame(self, x_range=None, y_range=None) -> hv.Overlay:
-        """The plot's four layers for the store's current frames and the viewport (None: the whole table)."""
+        """What the plot draws for the store's current frames and the viewport (None: the whole table's extent).
+
+        Two layers: the runs in view as points (hover; ``selected`` marks the ones to ring) while there are at
+        most ``rasterize_above``, else as an image (viewer/raster.py) with the selection drawn into it; whichever
+        is not used is empty.
+        """
         x, y = self.axes()
         colour, table = self.colour(), self.store.table
         x_range = _viewport(x_range, _padded_range(table[x]))
         y_range = _viewport(y_range, _padded_range(table[y]))
         clim = _padded_range(table[colour]) if colour != "outcome" else (0.0, 1.0)
         vdims = [column for column in dict.fromkeys([colour, *self.hover_columns()]) if column not in (x, y)]
-        runs = self._pair(self.store.filtered, vdims, x_range, y_range, colour, clim, "Runs")
-        selected = self._pair(self.store.selected, ["outcome"], x_range, y_range, None, clim, "Selected")
-        return hv.Overlay([*runs, *selected])
+        frame = self.store.filtered
+        inside = (frame[x].between(*x_range) & frame[y].between(*y_range)).to_numpy()
+        in_view = frame if inside.all() else frame[inside]
+        selected = in_view.index.isin(self.store.selected.index)
+        kdims = self._kdims()
+        if len(in_view) <= self.rasterize_above:
+            points, image = in_view[[x, y, *vdims]].assign(selected=selected), np.zeros((2, 2, 4), dtype=np.uint8)
+        else:
+            points = frame[[x, y, *vdims]].iloc[:0].assign(selected=np.zeros(0, dtype=bool))
+            image = self._shade(in_view, selected, x_range, y_range, colour, clim)
+        return hv.Overlay([hv.Points(points, kdims=kdims, vdims=[*vdims, "selected"], group="Runs"),
+                           hv.RGB(image, kdims=kdims, bounds=(x_range[0], y_range[0], x_range[1], y_range[1]),
+                                  group="Raster")])
 
     @param.depends("redraw")
     def _plot(self):
@@ -182,18 +187,20 @@ class LinkedPoints(pn.viewable.Viewer):
         plot = hv.DynamicMap(lambda x_range, y_range, **_: self.frame(x_range, y_range),
                              streams=[viewport, revisions])
         tools = ["box_select", "lasso_select"]
-        # Bokeh's own selection styling is off: the store's selection is drawn as layers of their own.
-        runs_style = {"size": 5, "alpha": 0.6, "tools": ["hover", *tools], "hover_tooltips": self._tooltips(),
-                      "nonselection_alpha": 0.6, "selection_alpha": 0.6}
+        # Selected runs get a dark ring (line alpha 1, else 0). Bokeh's own selection state (its box and lasso
+        # tools mark the glyphs they cover) must not restyle anything: the store's selection is what is drawn.
+        ring = hv.dim("selected") * 1.0
+        runs_style = {"size": 5 + 2 * hv.dim("selected"), "line_color": SELECTED_COLOUR, "line_width": 1.5,
+                      "fill_alpha": 0.6, "selection_fill_alpha": 0.6, "nonselection_fill_alpha": 0.6,
+                      "line_alpha": ring, "selection_line_alpha": ring, "nonselection_line_alpha": ring,
+                      "tools": ["hover", *tools], "hover_tooltips": self._tooltips()}
         if colour == "outcome":
-            runs_style.update(color="outcome", cmap=OUTCOME_COLOURS, show_legend=False)
+            runs_style.update(fill_color="outcome", cmap=OUTCOME_COLOURS, show_legend=True, legend_position="top_right")
         else:
-            runs_style.update(color=colour, cmap="viridis", clim=_padded_range(table[colour]), colorbar=True,
+            runs_style.update(fill_color=colour, cmap="viridis", clim=_padded_range(table[colour]), colorbar=True,
                               clabel=LABELS.get(colour, colour))
         plot = plot.opts(
-            hv.opts.Points("Runs", **runs_style, **limits),
-            hv.opts.Points("Selected", size=8, fill_alpha=0, line_color=SELECTED_COLOUR, line_width=1.2,
-                           nonselection_alpha=1, selection_alpha=1, tools=tools, show_legend=False, **limits),
+            hv.opts.Points(**runs_style, **limits),
             # Limits on every layer, not only the overlay: an empty layer's own extent is NaN.
             hv.opts.RGB(tools=tools, **limits),
             hv.opts.Overlay(responsive=True, height=PLOT_HEIGHT, active_tools=["box_select", "wheel_zoom"],
@@ -305,24 +312,33 @@ NUMBER = NumberFormatter(format="0.000")  # numbers only, so Bokeh's HTML format
 
 
 class SelectionTable(pn.viewable.Viewer):
-    """The selected runs, at most ``cap`` of them; clicking a row opens its question."""
+    """The selected runs, at most ``cap`` of them; clicking a row opens its question.
+
+    The table is created with the first selection, not with the page (a first page load is the benchmark's
+    slowest step, and an empty table is a few hundred Bokeh and Tabulator objects for nothing).
+    """
 
     store = param.ClassSelector(class_=RunStore)
     cap = param.Integer(default=SELECTION_TABLE_CAP, bounds=(1, None))
 
     def __init__(self, **params):
         super().__init__(**params)
-        self._table = pn.widgets.Tabulator(
-            self._rows(self.store.selected), disabled=True, show_index=False, selectable=False, height=280,
-            sizing_mode="stretch_width", layout="fit_data_stretch", pagination=None,
-            formatters={column: NUMBER for column in ("semantic_entropy", "accuracy_probe_margin", "se_probe_margin")},
-            css_classes=["selection-table"])
-        self._table.on_click(self._open)
+        self._table: pn.widgets.Tabulator | None = None
         self._caption = pn.pane.HTML(self._caption_html(self.store.selected), sizing_mode="stretch_width",
                                      css_classes=["selection-caption"])
         self.store.param.watch(self._update, "selected")
         self._clear = pn.widgets.Button(name="Clear selection", button_type="light", width=140)
         self._clear.on_click(lambda _: self.store.clear_selection())
+        self._body = pn.Column(pn.Row(self._caption, self._clear), sizing_mode="stretch_width")
+
+    def _make_table(self, rows: pd.DataFrame) -> pn.widgets.Tabulator:
+        table = pn.widgets.Tabulator(
+            rows, disabled=True, show_index=False, selectable=False, height=280,
+            sizing_mode="stretch_width", layout="fit_data_stretch", pagination=None,
+            formatters={column: NUMBER for column in ("semantic_entropy", "accuracy_probe_margin", "se_probe_margin")},
+            css_classes=["selection-table"])
+        table.on_click(self._open)
+        return table
 
     def _rows(self, selected: pd.DataFrame) -> pd.DataFrame:
         rows = selected.head(self.cap)[SELECTION_COLUMNS].copy()
@@ -332,21 +348,26 @@ class SelectionTable(pn.viewable.Viewer):
 
     def _caption_html(self, selected: pd.DataFrame) -> str:
         if selected.empty:
-            return "<i>Box-select runs in either plot to list them here; click a row to open its question.</i>"
+            return ("<i>Select runs in either plot (drag a box, or use the lasso) to list them here; click a row to "
+                    "open its question.</i>")
         shown = min(len(selected), self.cap)
         return (f"<b>{len(selected):,}</b> selected runs; listing the first {shown:,} (at most {self.cap:,} are "
                 "listed). Click a row to open its question.")
 
     def _update(self, event) -> None:
-        self._table.value = self._rows(event.new)
         self._caption.object = self._caption_html(event.new)
+        if self._table is not None:
+            self._table.value = self._rows(event.new)
+        elif not event.new.empty:
+            self._table = self._make_table(self._rows(event.new))
+            self._body.append(self._table)
 
     def _open(self, event) -> None:
         row = self._table.value.iloc[event.row]
         self.store.open_question(row["dataset"], row["question_id"])
 
     def __panel__(self):
-        return pn.Column(pn.Row(self._caption, self._clear), self._table, sizing_mode="stretch_width")
+        return self._body
 
 
 QUESTION_CSS = """
@@ -359,7 +380,10 @@ QUESTION_RUN_COLUMNS = ["semantic cluster", "run_id", "answer", "correct", "text
 
 
 class QuestionDetails(pn.viewable.Viewer):
-    """One question: its text and gold answer, and all K runs grouped by semantic cluster."""
+    """One question: its text and gold answer, and all K runs grouped by semantic cluster.
+
+    The runs table is created when the first question is opened (see ``SelectionTable``).
+    """
 
     store = param.ClassSelector(class_=RunStore)
 
@@ -367,21 +391,29 @@ class QuestionDetails(pn.viewable.Viewer):
         super().__init__(**params)
         self._header = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["question-header"],
                                     stylesheets=[QUESTION_CSS])
-        self._runs = pn.widgets.Tabulator(
-            pd.DataFrame(columns=QUESTION_RUN_COLUMNS), disabled=True, show_index=False, selectable=False,
-            groupby=["semantic cluster"], hidden_columns=["semantic cluster"], sizing_mode="stretch_width",
-            layout="fit_data_stretch", pagination=None,
-            formatters={"text": {"type": "textarea"},
-                        **{column: NUMBER for column in QUESTION_RUN_COLUMNS[5:10]}},
-            widths={"text": 360}, css_classes=["question-runs"], height=420)
+        self._runs: pn.widgets.Tabulator | None = None
+        self._body = pn.Column(self._header, sizing_mode="stretch_width")
         self.store.param.watch(self._update, "question_runs")
         self._update()
+
+    def _table(self) -> pn.widgets.Tabulator:
+        if self._runs is None:
+            self._runs = pn.widgets.Tabulator(
+                pd.DataFrame(columns=QUESTION_RUN_COLUMNS), disabled=True, show_index=False, selectable=False,
+                groupby=["semantic cluster"], hidden_columns=["semantic cluster"], sizing_mode="stretch_width",
+                layout="fit_data_stretch", pagination=None,
+                formatters={"text": {"type": "textarea"},
+                            **{column: NUMBER for column in QUESTION_RUN_COLUMNS[5:10]}},
+                widths={"text": 360}, css_classes=["question-runs"], height=420)
+            self._body.append(self._runs)
+        return self._runs
 
     def _update(self, *_) -> None:
         runs = self.store.question_runs
         if runs.empty:
             self._header.object = "<i>Open a question by clicking a row of the selection table.</i>"
-            self._runs.value = pd.DataFrame(columns=QUESTION_RUN_COLUMNS)
+            if self._runs is not None:
+                self._runs.value = pd.DataFrame(columns=QUESTION_RUN_COLUMNS)
             return
         first = runs.iloc[0]
         sizes = runs.groupby("cluster_id").size()
@@ -389,7 +421,7 @@ class QuestionDetails(pn.viewable.Viewer):
         rows = runs.assign(**{"semantic cluster": [
             f"{cluster}: {sizes[cluster]} of {len(runs)} runs, {'correct' if correct else 'incorrect'}"
             for cluster, correct in zip(runs["cluster_id"], runs["correct"])]})
-        self._runs.value = rows[QUESTION_RUN_COLUMNS].reset_index(drop=True)
+        self._table().value = rows[QUESTION_RUN_COLUMNS].reset_index(drop=True)
         dataset = {value: label for label, value in DATASET_CHOICES.items()}.get(str(first["dataset"]), "")
         self._header.object = (
             f"<h4>Question {escaped_html(first['question_id'])} "
@@ -401,7 +433,7 @@ class QuestionDetails(pn.viewable.Viewer):
             f"{'high' if first['high_se'] else 'low'} SE</p>")
 
     def __panel__(self):
-        return pn.Column(self._header, self._runs, sizing_mode="stretch_width")
+        return self._body
 
 
 # ---- results --------------------------------------------------------------------------------------------------
@@ -410,10 +442,69 @@ class QuestionDetails(pn.viewable.Viewer):
 SPLIT_COLOURS = {"val": "#999999", "test": "#2b83ba", "ood": "#d7301f"}
 
 
+def draw_auroc_by_layer(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+    """One panel per (probe, position): AUROC against layer per split, the location chosen on val dashed."""
+    frame = frame.dropna(subset=["auroc"])
+    plots = []
+    for probe in ("accuracy", "se"):
+        for position in frame.loc[frame["probe"] == probe, "position"].unique():
+            part = frame[(frame["probe"] == probe) & (frame["position"] == position)]
+            curves = [hv.Curve(part[part["split"] == split], "layer", "auroc", label=split).opts(
+                          color=SPLIT_COLOURS.get(split, "black"))
+                      * hv.Scatter(part[part["split"] == split], "layer", "auroc", label=split).opts(
+                          color=SPLIT_COLOURS.get(split, "black"), size=5)
+                      for split in ("val", "test", "ood") if (part["split"] == split).any()]
+            overlay = hv.Overlay(curves)
+            picked = settings.get(f"{probe}_probe", {})
+            if picked.get("position") == position and "layer" in picked:
+                overlay = overlay * hv.VLine(picked["layer"]).opts(color="black", line_dash="dashed", line_width=1)
+            label = "accuracy probe" if probe == "accuracy" else "SE probe"
+            plots.append(overlay.opts(title=f"{label} @ {position}", ylim=(0.4, 1.0), width=330, height=250,
+                                      legend_position="bottom_right", show_grid=True, xlabel="layer", ylabel="AUROC"))
+    return hv.Layout(plots).cols(3).opts(shared_axes=False)
+
+
+def draw_roc(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+    """ROC curves of every score, one panel per split, with the chance diagonal."""
+    plots = []
+    for split in ("test", "ood"):
+        part = frame[frame["split"] == split]
+        curves = [hv.Curve(part[part["score"] == score], "fpr", "tpr", label=score) for score in part["score"].unique()]
+        diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
+        plots.append(hv.Overlay([diagonal, *curves]).opts(
+            title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
+            xlabel="false positive rate", ylabel="true positive rate", show_grid=True))
+    return hv.Layout(plots).cols(2)
+
+
+@dataclass(frozen=True)
+class ResultPlot:
+    """One section of the Results tab: a CSV of ``paths.plots`` drawn by a function.
+
+    To show another CSV that `evaluate` writes: add its name and schema columns to ``viewer.data.PLOT_TABLES``, write
+    ``draw(frame, settings)`` (the validated table, evaluate.json's ``settings``; return any HoloViews object) and
+    add an entry to ``RESULT_PLOTS``. A missing or malformed file shows as a notice in its section only.
+    """
+
+    table: str  # a key of viewer.data.PLOT_TABLES
+    title: str
+    caption: str
+    draw: Callable[[pd.DataFrame, dict], object]
+
+
+RESULT_PLOTS = (
+    ResultPlot(AUROC_BY_LAYER_FILE, "AUROC per layer and position",
+               "A probe fitted on train at each (position, layer), scored for its own label (accuracy probe: correct; "
+               "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer),
+    ResultPlot(ROC_FILE, "ROC curves", "", draw_roc),
+)
+
+
 class ResultsView(pn.viewable.Viewer):
-    """evaluate's numbers: AUROC/AUPRC with CIs per score, AUROC per layer and position, ROC curves."""
+    """evaluate's numbers: AUROC/AUPRC with CIs per score, then one section per entry of ``plots``."""
 
     root = param.ClassSelector(class_=Path)
+    plots = param.List(default=list(RESULT_PLOTS), item_type=ResultPlot)
 
     def __panel__(self):
         # Built when the tab is first shown, not with the page.
@@ -425,15 +516,17 @@ class ResultsView(pn.viewable.Viewer):
             "an **incorrect** run. CIs are 95% bootstrap intervals over questions. These come from the `evaluate` "
             "stage on the full test and OOD splits: the sidebar filters do not change them.",
             sizing_mode="stretch_width")]
-        for builder in (self._metrics, self._by_layer, self._roc):
-            try:
-                parts.append(builder())
-            except MissingArtifact as missing:
-                parts.append(notice(str(missing)))
+        try:
+            metrics = load_metrics(self.root)
+            parts.append(self._metrics(metrics))
+        except MissingArtifact as missing:
+            metrics = {}
+            parts.append(notice(str(missing)))
+        for plot in self.plots:
+            parts.append(self._section(plot, metrics.get("settings", {})))
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    def _metrics(self):
-        metrics = load_metrics(self.root)
+    def _metrics(self, metrics: dict):
         summary = metrics.get("summary", {})
         facts = []
         for split, label in (("test", "test"), ("ood", "OOD")):
@@ -448,48 +541,14 @@ class ResultsView(pn.viewable.Viewer):
                                  layout="fit_data_table", frozen_columns=["score"], css_classes=["metrics-table"]),
             sizing_mode="stretch_width")
 
-    def _by_layer(self):
-        frame = load_auroc_by_layer(self.root).dropna(subset=["auroc"])
+    def _section(self, plot: ResultPlot, settings: dict):
+        heading = pn.pane.HTML(f"<h4>{html.escape(plot.title)}</h4>{html.escape(plot.caption)}",
+                               sizing_mode="stretch_width")
         try:
-            chosen = load_metrics(self.root).get("settings", {})  # the (position, layer) picked on val
-        except MissingArtifact:
-            chosen = {}
-        plots = []
-        for probe in ("accuracy", "se"):
-            for position in frame.loc[frame["probe"] == probe, "position"].unique():
-                part = frame[(frame["probe"] == probe) & (frame["position"] == position)]
-                curves = [hv.Curve(part[part["split"] == split], "layer", "auroc", label=split).opts(
-                              color=SPLIT_COLOURS.get(split, "black"))
-                          * hv.Scatter(part[part["split"] == split], "layer", "auroc", label=split).opts(
-                              color=SPLIT_COLOURS.get(split, "black"), size=5)
-                          for split in ("val", "test", "ood") if (part["split"] == split).any()]
-                overlay = hv.Overlay(curves)
-                picked = chosen.get(f"{probe}_probe", {})
-                if picked.get("position") == position and "layer" in picked:
-                    overlay = overlay * hv.VLine(picked["layer"]).opts(color="black", line_dash="dashed", line_width=1)
-                label = "accuracy probe" if probe == "accuracy" else "SE probe"
-                plots.append(overlay.opts(title=f"{label} @ {position}", ylim=(0.4, 1.0), width=330, height=250,
-                                          legend_position="bottom_right", show_grid=True, xlabel="layer",
-                                          ylabel="AUROC"))
-        layout = hv.Layout(plots).cols(3).opts(shared_axes=False)
-        return pn.Column(pn.pane.HTML("<h4>AUROC per layer and position</h4>A probe fitted on train at each "
-                                      "(position, layer), scored for its own label (accuracy probe: correct; SE "
-                                      "probe: high SE); dashed: the location chosen on val."),
-                         pn.pane.HoloViews(layout), sizing_mode="stretch_width")
-
-    def _roc(self):
-        frame = load_roc(self.root)
-        plots = []
-        for split in ("test", "ood"):
-            part = frame[frame["split"] == split]
-            curves = [hv.Curve(part[part["score"] == score], "fpr", "tpr", label=score)
-                      for score in part["score"].unique()]
-            diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
-            plots.append(hv.Overlay([diagonal, *curves]).opts(
-                title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
-                xlabel="false positive rate", ylabel="true positive rate", show_grid=True))
-        return pn.Column(pn.pane.HTML("<h4>ROC curves</h4>"), pn.pane.HoloViews(hv.Layout(plots).cols(2)),
-                         sizing_mode="stretch_width")
+            drawn = pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings))
+        except MissingArtifact as missing:
+            drawn = notice(str(missing))
+        return pn.Column(heading, drawn, sizing_mode="stretch_width")
 
 
 # ---- experiments ----------------------------------------------------------------------------------------------

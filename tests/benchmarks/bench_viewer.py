@@ -123,13 +123,14 @@ def server_phases(server: ViewerServer) -> dict[str, float]:
     for name, at in server.phases():
         first.setdefault(name, at)
     marks = [("  panel serve start-up", "script"), ("  viewer imports", "imports"), ("  viewer warm_up", "warm_up"),
-             ("  create_app", "create_app")]
+             ("  create_app + page build", "create_app")]
     phases, before = {}, 0.0
     for label, name in marks:
         if name in first:
             phases[label] = first[name] - before
             before = first[name]
-    phases["  rest (page build, serve)"] = server.ready_s - before
+    if phases:
+        phases["  rest (serve)"] = server.ready_s - before
     return phases
 
 
@@ -172,11 +173,16 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=6, help="filter changes per server start")
     parser.add_argument("--no-warm", action="store_true", help="serve without `panel serve --warm`")
     parser.add_argument("--compare", type=Path, help="a directory holding another `viewer` package to compare")
+    parser.add_argument("--both-warm-modes", action="store_true",
+                        help="serve this checkout both with and without --warm (alternating)")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
-    versions = {"this": ROOT}
-    if args.compare:
-        versions = {"compared": args.compare.resolve(), "this": ROOT}
+    warm = not args.no_warm
+    # label -> (checkout holding `viewer`, serve with --warm); the first is the reference of the ratio column
+    versions = {"compared": (args.compare.resolve(), warm)} if args.compare else {}
+    versions["this"] = (ROOT, warm)
+    if args.both_warm_modes:
+        versions["this-other"] = (ROOT, not warm)
 
     # results[size][version][metric] -> one value per start
     results: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -188,9 +194,8 @@ def main() -> None:
                 incorrect, total = int((~table["correct"]).sum()), len(table)
                 root = write_viewer_project(Path(directory) / str(size), table)
                 for repeat in range(args.repeats):
-                    for version, code_root in versions.items():
-                        start = one_start(browser, root, code_root, not args.no_warm, args.changes, total,
-                                          incorrect)
+                    for version, (code_root, version_warm) in versions.items():
+                        start = one_start(browser, root, code_root, version_warm, args.changes, total, incorrect)
                         for name, value in start.items():
                             results[size][version][name].append(value)
                         print(f"{size:,} runs, {version}, start {repeat + 1}: ready + first render "
@@ -199,18 +204,19 @@ def main() -> None:
             browser.close()
 
     print(f"\nviewer, medians ({args.repeats} server starts per size and version, {args.changes} filter changes each; "
-          f"{'without' if args.no_warm else 'with'} --warm; {psutil.cpu_count()} CPUs)")
+          f"{psutil.cpu_count()} CPUs); ratio: each version / the first")
+    labels = {version: f"{version} ({'' if version_warm else 'no '}--warm)"
+              for version, (_, version_warm) in versions.items()}
     for size in sizes:
         names = list(dict.fromkeys(name for version in versions for name in results[size][version]))
-        header = "".join(f"{version:>12s}" for version in versions) + ("   ratio" if len(versions) > 1 else "")
+        header = "".join(f"{labels[version]:>24s}" for version in versions)
         print(f"\n{f'{size:,} runs':42s}{header}")
         for name in names:
             medians = [statistics.median(results[size][version][name]) if results[size][version][name]
                        else float("nan") for version in versions]
-            line = f"{name:42s}" + "".join(f"{value:12.3f}" for value in medians)
-            if len(medians) > 1 and medians[0]:
-                line += f"{medians[1] / medians[0]:8.2f}"
-            print(line)
+            cells = [f"{value:10.3f}" + (f" ({value / medians[0]:4.2f}x)" if index and medians[0] else " " * 8)
+                     for index, value in enumerate(medians)]
+            print(f"{name:42s}" + "".join(f"{cell:>24s}" for cell in cells))
 
 
 if __name__ == "__main__":
