@@ -2,10 +2,11 @@
 
 Skipped unless ``SEP_REAL_LM=/path/to/file.gguf`` is set (README, "Real models offline: SmolLM2 from a wheel").
 Runs ``dvc repro`` of this repository's dvc.yaml in a fresh git + DVC copy (tests/dvc_project.py) on easy
-arithmetic questions, then prints accuracy, semantic entropy and the probe AUROCs and writes them to
-``$SEP_REAL_LM_REPORT`` (default: real_lm_report.json in the pytest temporary folder). SmolLM2 has no think tags:
-every run is ``think_missing`` and the trace stage stores the ``slt`` vector at ``think_end``, which is checked.
-The GGUF file is converted once into the user's cache (``$SEP_GGUF_CACHE``); later runs reuse it.
+arithmetic chains asked in words (``What is 12+7-5? ...``, a ``jsonl:`` source: an instruct model asked a bare
+``12+7-5`` mostly chats about something else), then prints accuracy, semantic entropy and the probe AUROCs and
+writes them to ``$SEP_REAL_LM_REPORT`` (default: real_lm_report.json in the pytest temporary folder). SmolLM2 has no
+think tags: every run is ``think_missing`` and the trace stage stores the ``slt`` vector at ``think_end``, which is
+checked. The GGUF file is converted once into the user's cache (``$SEP_GGUF_CACHE``); later runs reuse it.
 """
 
 from __future__ import annotations
@@ -22,21 +23,32 @@ import pytest
 import yaml
 
 from dvc_project import ENV, make_project
+from stages import arithmetic
 from stages.schema import EVALUATE_FILE, hidden_files
 
 REAL_LM = os.environ.get("SEP_REAL_LM", "")
 
-# Easy questions, small K, short answers, few traced layers. The toy model is not used: one training step.
+N_QUESTIONS, N_OOD_QUESTIONS, RUNS = 40, 8, 5  # 40: fewer leave val/test splits of a single class
+# Small K, short answers, few traced layers. The toy model is not used: one training step.
 REAL = {
-    "toy": dict(steps=1, min_terms=2, max_terms=3, max_operand=30, ood_max_terms=4, ood_max_operand=30),
-    "data": dict(source="arithmetic", n_questions=20, ood_source="arithmetic", n_ood_questions=4),
-    "sampling": dict(backend="hf", runs=5, temp=0.7, max_new_tokens=128, batch_size=160),
+    "toy": dict(steps=1),
+    "data": dict(n_questions=N_QUESTIONS, n_ood_questions=N_OOD_QUESTIONS),
+    "sampling": dict(backend="hf", runs=RUNS, temp=0.7, max_new_tokens=128, batch_size=160),
     "trace": dict(layers=[10, 20, 30]),
     "probes": dict(cv_folds=2, c_grid=[0.1, 1.0]),
     "evaluate": dict(bootstrap=100, permutations=100),
     "stability": dict(seeds=2),
     "analysis": dict(umap_neighbors=5),
 }
+
+
+def write_worded_chains(path: Path, n: int, seed: int, min_terms: int, max_terms: int, max_operand: int) -> str:
+    """``n`` seeded chains as ``{id, question, answer}`` JSON lines, asked in words; the ``jsonl:`` source spec."""
+    chains = arithmetic.make_questions(n, np.random.default_rng(seed), min_terms, max_terms, max_operand)
+    path.write_text("".join(json.dumps({"id": f"{path.stem}-{i:04d}", "answer": gold,
+                                        "question": f"What is {chain}? Give the number."}) + "\n"
+                            for i, (chain, gold) in enumerate(chains)))
+    return f"jsonl:{path}"
 
 
 @pytest.mark.slow
@@ -47,6 +59,8 @@ def test_pipeline_on_a_real_gguf_model(tmp_path):
     project = make_project(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"]["name"] = str(gguf_file)
+    params["data"]["source"] = write_worded_chains(tmp_path / "id.jsonl", N_QUESTIONS, 1, 2, 3, 20)
+    params["data"]["ood_source"] = write_worded_chains(tmp_path / "ood.jsonl", N_OOD_QUESTIONS, 2, 4, 5, 50)
     for group, values in REAL.items():
         if group in params:  # a group this checkout does not have yet is left out
             params[group].update(values)
@@ -62,7 +76,7 @@ def test_pipeline_on_a_real_gguf_model(tmp_path):
     runs = pd.read_parquet(Path(project, paths["runs"], "id.parquet"))
     entropy = pd.read_parquet(Path(project, paths["semantic_entropy"], "id.parquet"))
     metrics = json.loads(Path(project, paths["metrics"], EVALUATE_FILE).read_text())
-    assert len(runs) == 20 * 5
+    assert len(runs) == N_QUESTIONS * RUNS
     assert runs["think_missing"].all(), "SmolLM2 has no </think> token, so every run should be think_missing"
 
     array_path, index_path, meta_path = hidden_files(Path(project, paths["hidden"]), "id")

@@ -226,10 +226,21 @@ def test_served_viewer_in_chromium(server, browser, analysis):
         assert page.locator(".question-header .gold").inner_text() == gold
         assert page.evaluate(INJECTED_SCRIPTS_JS) == 0
 
-        # The other tabs render: evaluate's table, and experiments (no DVC repo here: the fallback and why).
+        # The other tabs render: evaluate's table, the small tables and every plot of Results (each Bokeh plot drawn:
+        # its title is in the page's views), and experiments (no DVC repo here: the fallback and why).
         page.locator(".bk-tab", has_text="Results").click()
         page.locator(".metrics-table .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
         assert page.locator(".metrics-table .tabulator-cell", has_text="0.600 (0.550-0.650)").count() >= 1
+        assert page.locator(".metrics-table .tabulator-col", has_text="test AURAC").count() == 1
+        for heading in ("Calibration of the accuracy probes' P(correct)", "SE regression probe",
+                        "Stability: AUROC across seeds", "Early warning: AUROC against the share of the reasoning seen",
+                        "Risk-coverage curves", "Reliability of the accuracy probes' P(correct)"):
+            assert page.get_by_role("heading", name=heading, exact=True).count() == 1, heading
+        assert page.locator(".calibration-table .tabulator-row").count() == 4
+        assert page.locator(".cost-ratio", has_text="SE costs 125x a probe evaluation").count() == 1
+        titles = [f"{plot}, {split}" for plot in ("Early warning", "Risk-coverage", "Reliability", "AUROC over seeds")
+                  for split in ("test", "ood")]
+        page.wait_for_function(f"() => {titles!r}.every(title => title in ({FRAMES_JS})())", timeout=TIMEOUT_MS)
         page.locator(".bk-tab", has_text="Experiments").click()
         page.locator(".experiments-message").wait_for(timeout=TIMEOUT_MS)
         assert page.locator(".experiments-message", has_text="dvc exp show").count() == 1

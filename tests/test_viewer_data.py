@@ -20,11 +20,15 @@ import panel as pn
 import pytest
 import yaml
 from bokeh.models import GlyphRenderer, ImageRGBA
-from viewer_support import PATHS, SCRIPT_ANSWER, synthetic_analysis, write_viewer_project
+from viewer_support import (PATHS, SCORES, SCRIPT_ANSWER, synthetic_analysis, synthetic_early_warning,
+                            synthetic_metrics, write_viewer_project)
 
 from viewer import data as viewer_data
-from viewer.data import (MissingArtifact, RunStore, headline_metric_columns, load_analysis, load_experiments,
-                         load_plot_table, metrics_table, parse_exp_show, run_files, varying_params)
+from stages.schema import (COST_RATIO_FILE, EARLY_WARNING_FILE, EVALUATE_FILE, RELIABILITY_FILE, ROC_FILE,
+                           STABILITY_FILE, STABILITY_PLOT_FILE)
+from viewer.data import (MissingArtifact, RunStore, calibration_table, cost_ratio_text, headline_metric_columns,
+                         load_analysis, load_experiments, load_metrics, load_plot_table, metrics_table,
+                         parse_exp_show, run_files, se_regression_table, stability_table, varying_params)
 from viewer.raster import count_by_category, mean_per_pixel, points_in_polygon, shade_categories, shade_values
 
 EXP_SHOW_SAMPLE = Path(__file__).parent / "data" / "dvc_exp_show.json"
@@ -95,7 +99,72 @@ def test_metrics_table_formats_value_and_ci(project):
     assert first["test AUROC (CI)"] == "0.600 (0.550-0.650)"
     assert first["OOD AUROC (CI)"] == "0.550 (0.500-0.600)"
     assert first["test AUPRC chance"] == "0.400"
-    assert len(frame) == 8
+    # Selective prediction beside them (synthetic: AURAC 0.4 + AUROC / 4, AURC 0.6 - AUROC / 4, PRR 2 AUROC - 1).
+    assert (first["test AURAC"], first["test AURC"], first["test PRR"]) == ("0.550", "0.450", "0.200")
+    assert first["OOD PRR"] == "0.100"
+    assert list(frame["score"]) == [*SCORES, "se_probe_high_se"]  # evaluate.json's order, the new scores included
+    assert frame.iloc[-1]["test AURAC"] == "n/a"  # the SE probe on its own label has no selective metrics
+
+
+def test_metrics_table_of_an_older_file_has_no_selective_columns():
+    older = synthetic_metrics()
+    for split in ("test", "ood"):
+        for entry in older[split].values():
+            for key in ("aurac", "aurc", "prr"):
+                entry.pop(key, None)
+    columns = list(metrics_table(older).columns)
+    assert "test AUROC (CI)" in columns and not any(column.endswith(("AURAC", "AURC", "PRR")) for column in columns)
+
+
+def test_calibration_and_se_regression_tables(project):
+    metrics = load_metrics(project)
+    calibration = calibration_table(metrics)
+    assert list(calibration[["split", "probe"]].itertuples(index=False, name=None)) == [
+        ("test", "accuracy_probe"), ("test", "accuracy_range_probe"), ("OOD", "accuracy_probe"),
+        ("OOD", "accuracy_range_probe")]
+    assert list(calibration["ECE"]) == ["0.050", "0.060"] * 2 and list(calibration["Brier"]) == ["0.150", "0.160"] * 2
+    regression = se_regression_table(metrics)
+    assert regression.to_dict("records")[1] == {"split": "OOD", "Spearman (runs)": "0.620",
+                                                "Spearman (questions)": "0.710", "runs": 100, "questions": 10}
+    older = {key: value for key, value in metrics.items() if key not in ("calibration", "se_regression")}
+    assert calibration_table(older).empty and se_regression_table(older).empty
+
+
+def test_stability_table_summarises_the_seeds(project):
+    table = stability_table(load_metrics(project, STABILITY_FILE))
+    assert list(table["score"]) == list(SCORES)
+    seeds = load_plot_table(project, STABILITY_PLOT_FILE)  # the same run's per-seed values
+    values = seeds.loc[(seeds["split"] == "ood") & (seeds["score"] == "naive_entropy"), "auroc"]
+    row = table.set_index("score").loc["naive_entropy"]
+    assert row["OOD AUROC"] == (f"{values.mean():.3f} ± {values.std(ddof=1):.3f} "
+                                f"({values.min():.3f}-{values.max():.3f})")
+    assert row["seeds"] == "4"
+    by_hand = stability_table({"test": {"x": {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5, "n_seeds": 1}},
+                               "ood": {"x": {"mean": None, "std": None, "min": None, "max": None, "n_seeds": 0}},
+                               "settings": {"seeds": [0]}})
+    assert by_hand.to_dict("records") == [{"score": "x", "test AUROC": "0.500 (0.500-0.500)", "OOD AUROC": "n/a",
+                                           "seeds": "1/0"}]
+
+
+def test_cost_ratio_sentence(project):
+    assert cost_ratio_text(load_metrics(project, COST_RATIO_FILE)) == (
+        "SE costs 125x a probe evaluation in seconds (2.5 s vs 0.02 s per question) and 6.0x in tokens "
+        "(300 generated vs 50 in one pass), with K = 10 runs per question.")
+    assert cost_ratio_text({"seconds_ratio": None, "tokens_ratio": 3.25}) == (
+        "SE costs n/a a probe evaluation in seconds and 3.2x in tokens.")
+
+
+def test_metrics_files_are_only_the_known_ones(project, tmp_path):
+    assert load_metrics(project) == load_metrics(project, EVALUATE_FILE)
+    with pytest.raises(KeyError, match="not one of the viewer's metrics files"):
+        load_metrics(project, "../../params.yaml")
+    root = write_viewer_project(tmp_path, analysis=None)
+    (root / PATHS["metrics"] / STABILITY_FILE).unlink()
+    with pytest.raises(MissingArtifact, match=r"No `stability.json` at .*dvc repro"):
+        load_metrics(root, STABILITY_FILE)
+    (root / PATHS["metrics"] / COST_RATIO_FILE).write_text("[1, 2]")
+    with pytest.raises(MissingArtifact, match="expected a JSON object"):
+        load_metrics(root, COST_RATIO_FILE)
 
 
 def test_plot_tables_are_read_and_checked(project, tmp_path):
@@ -109,6 +178,21 @@ def test_plot_tables_are_read_and_checked(project, tmp_path):
         load_plot_table(root, "roc.csv")
 
 
+def _texts(viewable) -> list[str]:
+    """The text of every pane under ``viewable`` (its ``object`` as a string), depth first."""
+    found = [str(getattr(viewable, "object", ""))]
+    for child in getattr(viewable, "objects", []):
+        found += _texts(child)
+    return found
+
+
+def _panes(viewable, kind) -> list:
+    found = [viewable] if isinstance(viewable, kind) else []
+    for child in getattr(viewable, "objects", []):
+        found += _panes(child, kind)
+    return found
+
+
 def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path):
     from viewer.views import RESULT_PLOTS, ResultsView
 
@@ -116,12 +200,72 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     hv.extension("bokeh")
     for plot in RESULT_PLOTS:  # every registered plot draws its table to Bokeh
         hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project)["settings"]))
+    complete = ResultsView(root=project)._content()
+    assert len(_panes(complete, pn.pane.HoloViews)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
+    texts = " ".join(_texts(complete))
+    assert "SE costs 125x a probe evaluation" in texts and "AURAC higher is better" in texts
+    tables = {tuple(table.css_classes): table.value for table in _panes(complete, pn.widgets.Tabulator)}
+    assert len(tables[("calibration-table",)]) == 4 and len(tables[("stability-table",)]) == len(SCORES)
+
+    # An older run: no early warning, no stability or cost files, an evaluate.json without the new keys, and a
+    # missing roc.csv. Each shows as a notice in its own section; everything else still draws.
     root = write_viewer_project(tmp_path, analysis=None)
-    (root / PATHS["plots"] / "roc.csv").unlink()
+    for name in (ROC_FILE, EARLY_WARNING_FILE):
+        (root / PATHS["plots"] / name).unlink()
+    for name in (STABILITY_FILE, COST_RATIO_FILE):
+        (root / PATHS["metrics"] / name).unlink()
+    older = {key: value for key, value in synthetic_metrics().items() if key not in ("calibration", "se_regression")}
+    (root / PATHS["metrics"] / EVALUATE_FILE).write_text(json.dumps(older))
     sections = ResultsView(root=root)._content().objects
-    texts = [str(getattr(part, "object", "")) for section in sections for part in getattr(section, "objects", [])]
-    assert any("roc.csv" in text and "dvc repro" in text for text in texts)  # the missing file, in its section
-    assert any(isinstance(part, pn.pane.HoloViews) for section in sections for part in getattr(section, "objects", []))
+    texts = [" ".join(_texts(section)) for section in sections]
+    for name in (ROC_FILE, EARLY_WARNING_FILE, STABILITY_FILE, COST_RATIO_FILE):
+        holding = [text for text in texts if f"`{name}`" in text]
+        assert len(holding) == 1 and "dvc repro" in holding[0], name  # the missing file, in its section only
+    assert sum(text.count("Not in this evaluate.json") for text in texts) == 2  # calibration, SE regression
+    assert len(_panes(pn.Column(*sections), pn.pane.HoloViews)) == len(RESULT_PLOTS) - 2
+
+
+def test_early_warning_keeps_slt_apart_and_null_rows_become_a_notice(project, tmp_path):
+    from viewer.views import AFTER_ANSWER_X, NothingToDraw, ResultsView, draw_early_warning
+
+    frame = load_plot_table(project, EARLY_WARNING_FILE)
+    test_panel = draw_early_warning(frame, {}).values()[0]
+    lines = [element for element in test_panel.values() if type(element) is hv.Curve]
+    assert {line.label for line in lines} == {"accuracy probe", "SE probe"}
+    assert all(line.dframe()["x"].max() <= 1.01 for line in lines)  # the line ends at think_end
+    diamonds = [element.dframe() for element in test_panel.values()
+                if type(element) is hv.Scatter and (element.dframe()["position"] == "slt").all()]
+    expected = frame[(frame["split"] == "test") & (frame["position"] == "slt")]
+    assert len(diamonds) == 2 and all(abs(d["x"].iloc[0] - AFTER_ANSWER_X) < 0.01 for d in diamonds)
+    assert sorted(d["auroc"].iloc[0] for d in diamonds) == sorted(expected["auroc"])
+
+    with pytest.raises(NothingToDraw, match="no rows with values"):
+        draw_early_warning(frame.assign(auroc=np.nan), {})
+    root = write_viewer_project(tmp_path, analysis=None)
+    synthetic_early_warning().assign(auroc=None, auroc_ci_low=None, auroc_ci_high=None).to_csv(
+        root / PATHS["plots"] / EARLY_WARNING_FILE, index=False)
+    texts = [" ".join(_texts(section)) for section in ResultsView(root=root)._content().objects]
+    assert sum(f"`{EARLY_WARNING_FILE}` has no rows with values" in text for text in texts) == 1
+
+
+def test_reliability_skips_empty_bins_and_stability_bars_span_the_seeds(project):
+    from viewer.views import draw_reliability, draw_stability
+
+    reliability = load_plot_table(project, RELIABILITY_FILE)
+    assert (reliability["n"] == 0).any() and reliability["observed_frequency"].isna().any()
+    panel = draw_reliability(reliability, {}).values()[0]
+    curves = [element.dframe() for element in panel.values() if type(element) is hv.Curve and element.label]
+    test_rows = reliability[(reliability["split"] == "test") & (reliability["n"] > 0)]
+    assert [len(curve) for curve in curves] == [len(test_rows[test_rows["probe"] == probe])
+                                               for probe in ("accuracy_probe", "accuracy_range_probe")]
+
+    seeds = load_plot_table(project, STABILITY_PLOT_FILE)
+    ood_panel = draw_stability(seeds, {}).values()[1]
+    bars = next(element.dframe() for element in ood_panel.values() if isinstance(element, hv.ErrorBars))
+    values = seeds[seeds["split"] == "ood"].groupby("score")["auroc"]
+    bars = bars.set_index("score")
+    assert np.allclose(bars["mean"] - bars["neg"], values.min()[bars.index])
+    assert np.allclose(bars["mean"] + bars["pos"], values.max()[bars.index])
 
 
 # ---- rasterising (viewer/raster.py) ------------------------------------------------------------------------------

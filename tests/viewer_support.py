@@ -1,7 +1,8 @@
 """Helpers shared by the viewer tests and tests/benchmarks/bench_viewer.py (not a test module).
 
 ``write_viewer_project`` lays out a project directory the viewer can read (params.yaml with `paths:`, a synthetic
-analysis.parquet matching ANALYSIS_COLUMNS, evaluate.json and the plots CSVs); ``ViewerServer`` serves
+analysis.parquet matching ANALYSIS_COLUMNS, evaluate.json, stability.json, cost_ratio.json and every plots CSV,
+each checked against its schema columns); ``ViewerServer`` serves
 ``viewer.app.create_app(root)`` for it in a subprocess on 127.0.0.1 and always stops it; ``launch_chromium``
 starts Debian's headless Chromium through Playwright.
 """
@@ -22,7 +23,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.schema import ANALYSIS_COLUMNS, validate_frame
+from stages.schema import (ANALYSIS_COLUMNS, AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, COST_RATIO_FILE,
+                           EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE, EVALUATE_FILE, RELIABILITY_COLUMNS,
+                           RELIABILITY_FILE, RISK_COVERAGE_COLUMNS, RISK_COVERAGE_FILE, ROC_COLUMNS, ROC_FILE,
+                           STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE, validate_frame)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -31,8 +35,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCRIPT_ANSWER = "<script>alert(1)</script>"
 # Would set window.__pwned if it ever reached the page as markup (an <img> runs onerror without being in view).
 IMG_ANSWER = '<img src=x onerror="window.__pwned=1">'
+# stages.evaluate.SCORES' keys, in its order (importing stages.evaluate would load torch for a list of names).
 SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
-          "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik")
+          "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik", "se_regression_probe",
+          "accuracy_range_probe", "se_range_probe")
+CALIBRATED = ("accuracy_probe", "accuracy_range_probe")
+POSITIONS = {"tbg": 0.0, "think_50": 0.5, "think_end": 1.0, "slt": None}  # traced position -> share of reasoning
 PATHS = {"toy_model": "artifacts/toy_model", "questions": "data/questions", "runs": "data/runs",
          "semantic_entropy": "data/semantic_entropy", "hidden": "artifacts/hidden", "probes": "artifacts/probes",
          "metrics": "artifacts/metrics", "plots": "artifacts/plots", "analysis": "artifacts/analysis"}
@@ -96,50 +104,114 @@ def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int 
     return validate_frame(frame, ANALYSIS_COLUMNS, "synthetic analysis")
 
 
+def synthetic_early_warning() -> pd.DataFrame:
+    """early_warning.csv rows: AUROC rising with the share of the reasoning seen; slt has no fraction."""
+    rows = []
+    for probe in ("accuracy", "se"):
+        for position, fraction in POSITIONS.items():
+            for split in ("test", "ood"):
+                auroc = 0.55 + 0.3 * (1.0 if fraction is None else fraction) - (0.05 if split == "ood" else 0.0)
+                rows.append({"probe": probe, "position": position, "fraction": fraction, "layer": 2, "split": split,
+                             "auroc": auroc, "auroc_ci_low": auroc - 0.08, "auroc_ci_high": min(1.0, auroc + 0.08)})
+    frame = pd.DataFrame(rows, columns=[column.name for column in EARLY_WARNING_COLUMNS])
+    return validate_frame(frame, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE)
+
+
 def synthetic_metrics() -> dict:
     """An evaluate.json with the real file's structure and plausible numbers."""
-    def entry(auroc: float) -> dict:
-        return {"label": "incorrect", "n_runs": 100, "n_questions": 10, "n_positive": 40, "auroc": auroc,
-                "auroc_ci_low": auroc - 0.05, "auroc_ci_high": auroc + 0.05, "auroc_p_value": 0.001,
-                "auprc": auroc - 0.1, "auprc_ci_low": auroc - 0.15, "auprc_ci_high": auroc - 0.05,
-                "auprc_p_value": 0.001, "auprc_chance": 0.4, "bootstrap_resamples_used": 100, "note": None}
+    def entry(auroc: float, selective: bool = True) -> dict:
+        record = {"label": "incorrect", "n_runs": 100, "n_questions": 10, "n_positive": 40, "auroc": auroc,
+                  "auroc_ci_low": auroc - 0.05, "auroc_ci_high": auroc + 0.05, "auroc_p_value": 0.001,
+                  "auprc": auroc - 0.1, "auprc_ci_low": auroc - 0.15, "auprc_ci_high": auroc - 0.05,
+                  "auprc_p_value": 0.001, "auprc_chance": 0.4, "bootstrap_resamples_used": 100, "note": None}
+        if selective:
+            record.update(aurac=0.4 + auroc / 4, aurc=0.6 - auroc / 4, prr=2 * auroc - 1)
+        return record
     report = {split: {score: entry(0.6 + 0.03 * i + (0.0 if split == "test" else -0.05))
                       for i, score in enumerate(SCORES)} for split in ("test", "ood")}
+    for split in ("test", "ood"):  # the SE probe on its own label: no selective-prediction metrics
+        report[split]["se_probe_high_se"] = {**entry(0.9, selective=False), "label": "high_se"}
     report["summary"] = {split: {"n_runs": 100, "n_questions": 10, "n_correct": 60, "n_incorrect": 40,
                                  "accuracy": 0.6, "note": None} for split in ("test", "ood")}
+    report["calibration"] = {split: {probe: {"ece": 0.05 + 0.01 * i, "brier": 0.15 + 0.01 * i, "n_bins": 10,
+                                             "n_runs": 100} for i, probe in enumerate(CALIBRATED)}
+                             for split in ("test", "ood")}
+    report["se_regression"] = {split: {"spearman_runs": 0.62, "spearman_questions": 0.71, "n_runs": 100,
+                                       "n_questions": 10} for split in ("test", "ood")}
+    report["early_warning"] = synthetic_early_warning().replace({np.nan: None}).to_dict("records")
     report["settings"] = {"positive_class": "incorrect run", "scores": {score: f"score {score}" for score in SCORES},
                           "accuracy_probe": {"position": "think_end", "layer": 2},
                           "se_probe": {"position": "slt", "layer": 1}}
     return report
 
 
-def synthetic_plots(layers: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(auroc_by_layer, roc) tables with the columns evaluate writes."""
+def synthetic_stability(seeds: int = 4) -> tuple[dict, pd.DataFrame]:
+    """(stability.json, stability.csv): every score's AUROC per seed and split, and their summary."""
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame([{"seed": seed, "split": split, "score": score,
+                           "auroc": 0.6 + 0.03 * i + rng.normal(0, 0.02)}
+                          for seed in range(seeds) for split in ("test", "ood") for i, score in enumerate(SCORES)],
+                         columns=[column.name for column in STABILITY_COLUMNS])
+    summary: dict = {"settings": {"seeds": list(range(seeds)), "positive_class": "incorrect run"}}
+    for (split, score), group in frame.groupby(["split", "score"], sort=False):
+        values = group["auroc"].to_numpy(float)
+        summary.setdefault(split, {})[score] = {"mean": values.mean(), "std": values.std(ddof=1), "min": values.min(),
+                                                "max": values.max(), "n_seeds": len(values), "values": list(values)}
+    return summary, validate_frame(frame, STABILITY_COLUMNS, STABILITY_PLOT_FILE)
+
+
+def synthetic_cost_ratio() -> dict:
+    """A cost_ratio.json: SE 125x a probe in seconds (2.5 s vs 0.02 s), 6x in tokens (300 vs 50)."""
+    return {"runs_per_question": 10, "questions": 10, "se_seconds_per_question": 2.5,
+            "probe_seconds_per_question": 0.02, "seconds_ratio": 125.0, "se_generated_tokens_per_question": 300.0,
+            "probe_tokens_per_question": 50.0, "tokens_ratio": 6.0, "equivalence_checks_per_question": 4.0,
+            "note": "SE = K sampled runs + equivalence clustering; probe = one teacher-forced pass over one run"}
+
+
+def synthetic_plots(layers: int = 3) -> dict[str, pd.DataFrame]:
+    """Every CSV evaluate and stability write in ``paths.plots`` (file name -> table), checked against its columns."""
     by_layer = pd.DataFrame([
         {"probe": probe, "position": position, "layer": layer, "split": split,
          "auroc": 0.5 + 0.1 * layer / layers + (0.05 if split == "val" else 0.0)}
-        for probe in ("accuracy", "se") for position in ("tbg", "think_end", "slt")
+        for probe in ("accuracy", "se") for position in POSITIONS
         for layer in range(layers + 1) for split in ("val", "test", "ood")])
     grid = np.linspace(0, 1, 11)
     roc = pd.DataFrame([{"score": score, "split": split, "fpr": x, "tpr": min(1.0, x ** 0.5)}
                         for score in SCORES for split in ("test", "ood") for x in grid])
-    return by_layer, roc
+    coverage = np.arange(1, 21) / 20
+    risk_coverage = pd.DataFrame([{"score": score, "split": split, "coverage": c, "risk": 0.4 * c ** (1 + i / 5)}
+                                  for i, score in enumerate(SCORES) for split in ("test", "ood") for c in coverage])
+    edges = np.linspace(0, 1, 11)
+    reliability = pd.DataFrame([
+        {"probe": probe, "split": split, "bin": b, "lower": edges[b], "upper": edges[b + 1], "n": 0 if b == 4 else 10,
+         "mean_predicted": np.nan if b == 4 else (edges[b] + edges[b + 1]) / 2,
+         "observed_frequency": np.nan if b == 4 else min(1.0, (edges[b] + edges[b + 1]) / 2 * (1.1 - 0.1 * i))}
+        for i, probe in enumerate(CALIBRATED) for split in ("test", "ood") for b in range(10)])
+    tables = {AUROC_BY_LAYER_FILE: (by_layer, AUROC_BY_LAYER_COLUMNS), ROC_FILE: (roc, ROC_COLUMNS),
+              EARLY_WARNING_FILE: (synthetic_early_warning(), EARLY_WARNING_COLUMNS),
+              RISK_COVERAGE_FILE: (risk_coverage, RISK_COVERAGE_COLUMNS),
+              RELIABILITY_FILE: (reliability, RELIABILITY_COLUMNS),
+              STABILITY_PLOT_FILE: (synthetic_stability()[1], STABILITY_COLUMNS)}
+    return {name: validate_frame(frame, columns, name) for name, (frame, columns) in tables.items()}
 
 
 def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metrics: bool = True) -> Path:
-    """A project directory at ``root`` with what the viewer reads; ``analysis=None`` leaves the run out."""
+    """A project directory at ``root`` with what the viewer reads; ``analysis=None`` leaves the run out,
+    ``metrics=False`` the metrics JSONs and plot CSVs."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "paths": PATHS}))
     if analysis is not None:
         (root / PATHS["analysis"]).mkdir(parents=True, exist_ok=True)
         analysis.to_parquet(root / PATHS["analysis"] / "analysis.parquet", index=False)
     if metrics:
-        (root / PATHS["metrics"]).mkdir(parents=True, exist_ok=True)
-        (root / PATHS["metrics"] / "evaluate.json").write_text(json.dumps(synthetic_metrics()))
-        (root / PATHS["plots"]).mkdir(parents=True, exist_ok=True)
-        by_layer, roc = synthetic_plots()
-        by_layer.to_csv(root / PATHS["plots"] / "auroc_by_layer.csv", index=False)
-        roc.to_csv(root / PATHS["plots"] / "roc.csv", index=False)
+        metrics_dir, plots_dir = root / PATHS["metrics"], root / PATHS["plots"]
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        for name, content in ((EVALUATE_FILE, synthetic_metrics()), (STABILITY_FILE, synthetic_stability()[0]),
+                              (COST_RATIO_FILE, synthetic_cost_ratio())):
+            (metrics_dir / name).write_text(json.dumps(content))
+        for name, frame in synthetic_plots().items():
+            frame.to_csv(plots_dir / name, index=False)
     return root
 
 

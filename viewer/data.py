@@ -1,9 +1,9 @@
 """Data for the viewer: cached loaders for one run's artifacts, and the one store every view follows.
 
-The viewer reads only what the `evaluate` and `analysis` stages wrote (DESIGN.md), found through the project's
-own ``params.yaml`` ``paths:``; it never recomputes the pipeline. Every loader takes the project root as an
-argument (``viewer/app.py`` passes the checkout it lives in, tests pass a temporary project), and no path comes
-from a URL, a widget or an environment variable.
+The viewer reads only what the `evaluate`, `stability`, `cost_ratio` and `analysis` stages wrote (DESIGN.md),
+found through the project's own ``params.yaml`` ``paths:``; it never recomputes the pipeline. Every loader takes
+the project root as an argument (``viewer/app.py`` passes the checkout it lives in, tests pass a temporary
+project), and no path comes from a URL, a widget or an environment variable.
 
 ``RunStore`` holds the filters and the frames derived from them (Panel's structure_data_store pattern):
 
@@ -32,7 +32,10 @@ import yaml
 from stages.config import Paths
 from viewer.raster import points_in_polygon
 from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE,
-                           EVALUATE_FILE, ROC_COLUMNS, ROC_FILE, SchemaError, validate_frame)
+                           COST_RATIO_FILE, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE, EVALUATE_FILE,
+                           RELIABILITY_COLUMNS, RELIABILITY_FILE, RISK_COVERAGE_COLUMNS, RISK_COVERAGE_FILE,
+                           ROC_COLUMNS, ROC_FILE, STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE, SchemaError,
+                           validate_frame)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,15 @@ OUTCOMES = ("correct", "incorrect")
 
 # The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/schema.py); each is
 # drawn by an entry of viewer.views.RESULT_PLOTS.
-PLOT_TABLES = {AUROC_BY_LAYER_FILE: AUROC_BY_LAYER_COLUMNS, ROC_FILE: ROC_COLUMNS}
+PLOT_TABLES = {AUROC_BY_LAYER_FILE: AUROC_BY_LAYER_COLUMNS, ROC_FILE: ROC_COLUMNS,
+               EARLY_WARNING_FILE: EARLY_WARNING_COLUMNS, RISK_COVERAGE_FILE: RISK_COVERAGE_COLUMNS,
+               RELIABILITY_FILE: RELIABILITY_COLUMNS, STABILITY_PLOT_FILE: STABILITY_COLUMNS}
+# The JSON files of `paths.metrics` the viewer reads: evaluate's, stability's and cost_ratio's.
+METRICS_FILES = (EVALUATE_FILE, STABILITY_FILE, COST_RATIO_FILE)
+# Selective-prediction columns of the metrics table (evaluate.json key -> label), and what their values mean.
+SELECTIVE_METRICS = {"aurac": "AURAC", "aurc": "AURC", "prr": "PRR"}
+SELECTIVE_LEGEND = ("Selective prediction (answer only the runs a score finds least uncertain): AURAC higher is "
+                    "better, AURC lower is better, PRR 1 = oracle, 0 = random.")
 
 # Headline columns of the Experiments view: (split, score) AUROCs from evaluate.json.
 HEADLINE_SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
@@ -81,6 +92,12 @@ class RunFiles:
     def metrics_relative(self) -> str:
         """evaluate.json relative to the root, as `dvc exp show --json` keys it."""
         return self.metrics.relative_to(self.root).as_posix()
+
+    def metrics_file(self, name: str) -> Path:
+        """The JSON ``name`` (one of METRICS_FILES) in the metrics directory, beside evaluate.json."""
+        if name not in METRICS_FILES:
+            raise KeyError(f"{name!r} is not one of the viewer's metrics files {list(METRICS_FILES)}")
+        return self.metrics.parent / name
 
     def plot_table(self, name: str) -> Path:
         """The CSV ``name`` (a key of PLOT_TABLES) in the plots directory."""
@@ -157,14 +174,23 @@ def load_analysis(root: str | Path) -> pd.DataFrame:
 @pn.cache(max_items=4)
 def _read_metrics(path: str, modified_ns: int) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
+    if not isinstance(content, dict):
+        raise MissingArtifact(f"{path} holds a {type(content).__name__}, expected a JSON object. {HOW_TO_GET_A_RUN}")
+    return content
 
 
-def load_metrics(root: str | Path) -> dict:
-    """``evaluate.json``: per split (test, ood), per score, AUROC/AUPRC with CIs and p-values."""
-    path = run_files(root).metrics
+def load_metrics(root: str | Path, name: str = EVALUATE_FILE) -> dict:
+    """A JSON file of the metrics directory (one of METRICS_FILES), cached until the file changes.
+
+    ``evaluate.json`` (the default): per split (test, ood), per score, AUROC/AUPRC with CIs and p-values, the
+    selective-prediction areas, plus ``summary``, ``calibration``, ``se_regression``, ``early_warning`` and
+    ``settings``; ``stability.json``: per split and score the AUROC's mean, std, min and max over seeds;
+    ``cost_ratio.json``: SE's cost per question against one probe evaluation.
+    """
+    path = run_files(root).metrics_file(name)
     return _read_metrics(str(path), _modified(path))
 
 
@@ -196,19 +222,26 @@ def _interval(value: Any, low: Any, high: Any) -> str:
 
 
 def metrics_table(metrics: dict) -> pd.DataFrame:
-    """One row per score: AUROC and AUPRC with their CIs, AUPRC chance and p-values, for test and OOD.
+    """One row per score: AUROC and AUPRC with their CIs, AUPRC chance and p-values, and (where evaluate.json has
+    them) AURAC, AURC and PRR (SELECTIVE_METRICS), for test and OOD.
 
     Scores keep evaluate.json's order; higher always means "this run is more likely wrong".
     """
     splits = [split for split in ("test", "ood") if isinstance(metrics.get(split), dict)]
     scores = list(dict.fromkeys(score for split in splits for score in metrics[split]))
-    descriptions = metrics.get("settings", {}).get("scores", {})
+    settings = metrics.get("settings", {})
+    # Scores of SCORES are described in `scores`; the SE probe on its own label by its own key.
+    descriptions = {**{key: value for key, value in settings.items() if isinstance(value, str)},
+                    **settings.get("scores", {})}
+    # Files written before the selective-prediction metrics have none: no empty columns for them.
+    selective = {key for split in splits for entry in metrics[split].values() if isinstance(entry, dict)
+                 for key in SELECTIVE_METRICS if key in entry}
     rows = []
     for score in scores:
         row = {"score": score, "meaning": descriptions.get(score, "")}
         for split in splits:
             entry = metrics[split].get(score) or {}
-            label = "OOD" if split == "ood" else split
+            label = _split_label(split)
             row[f"{label} AUROC (CI)"] = _interval(entry.get("auroc"), entry.get("auroc_ci_low"),
                                                    entry.get("auroc_ci_high"))
             row[f"{label} AUPRC (CI)"] = _interval(entry.get("auprc"), entry.get("auprc_ci_low"),
@@ -217,8 +250,87 @@ def metrics_table(metrics: dict) -> pd.DataFrame:
             row[f"{label} AUPRC chance"] = f"{chance:.3f}" if chance is not None else "n/a"
             p_value = entry.get("auroc_p_value")
             row[f"{label} AUROC p"] = f"{p_value:.4f}" if p_value is not None else "n/a"
+            for key, name in SELECTIVE_METRICS.items():
+                if key in selective:
+                    row[f"{label} {name}"] = _number(entry.get(key))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _split_label(split: str) -> str:
+    return "OOD" if split == "ood" else split
+
+
+def calibration_table(metrics: dict) -> pd.DataFrame:
+    """evaluate.json's ``calibration``: one row per (split, probe) with ECE and Brier score (lower is better);
+    no rows when the file predates it."""
+    rows = [{"split": _split_label(split), "probe": probe, "ECE": _number(entry.get("ece")),
+             "Brier": _number(entry.get("brier")), "bins": entry.get("n_bins"), "runs": entry.get("n_runs")}
+            for split, by_probe in (metrics.get("calibration") or {}).items() if isinstance(by_probe, dict)
+            for probe, entry in by_probe.items() if isinstance(entry, dict)]
+    return pd.DataFrame(rows, columns=["split", "probe", "ECE", "Brier", "bins", "runs"])
+
+
+def se_regression_table(metrics: dict) -> pd.DataFrame:
+    """evaluate.json's ``se_regression``: per split, the Spearman correlation of the ridge probe's predicted SE
+    with the true SE over runs and over questions; no rows when the file predates it."""
+    rows = [{"split": _split_label(split), "Spearman (runs)": _number(entry.get("spearman_runs")),
+             "Spearman (questions)": _number(entry.get("spearman_questions")), "runs": entry.get("n_runs"),
+             "questions": entry.get("n_questions")}
+            for split, entry in (metrics.get("se_regression") or {}).items() if isinstance(entry, dict)]
+    return pd.DataFrame(rows, columns=["split", "Spearman (runs)", "Spearman (questions)", "runs", "questions"])
+
+
+def _spread(entry: dict) -> str:
+    """"mean ± std (min-max)" of one stability.json entry, with what is defined."""
+    mean, std, low, high = (entry.get(key) for key in ("mean", "std", "min", "max"))
+    if mean is None:
+        return "n/a"
+    text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    return text if low is None or high is None else f"{text} ({low:.3f}-{high:.3f})"
+
+
+def stability_table(stability: dict) -> pd.DataFrame:
+    """stability.json as one row per score: per split, AUROC mean ± sample std over the seeds (min-max), and the
+    number of seeds where AUROC was defined ("test/OOD" counts when they differ)."""
+    splits = [split for split in ("test", "ood") if isinstance(stability.get(split), dict)]
+    scores = list(dict.fromkeys(score for split in splits for score in stability[split]))
+    rows = []
+    for score in scores:
+        entries = [stability[split].get(score) or {} for split in splits]
+        row = {"score": score}
+        row.update({f"{_split_label(split)} AUROC": _spread(entry)
+                    for split, entry in zip(splits, entries)})
+        counts = list(dict.fromkeys(str(entry.get("n_seeds", "n/a")) for entry in entries))
+        row["seeds"] = "/".join(counts)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["score"])
+
+
+def _times(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}x" if value >= 100 else f"{value:.1f}x"
+
+
+def cost_ratio_text(cost: dict) -> str:
+    """cost_ratio.json as one sentence: what SE costs per question against one probe evaluation."""
+    seconds = (f" ({cost['se_seconds_per_question']:.3g} s vs {cost['probe_seconds_per_question']:.3g} s per "
+               "question)" if cost.get("se_seconds_per_question") is not None
+               and cost.get("probe_seconds_per_question") is not None else "")
+    tokens = (f" ({cost['se_generated_tokens_per_question']:,.0f} generated vs {cost['probe_tokens_per_question']:,.0f}"
+              " in one pass)" if cost.get("se_generated_tokens_per_question") is not None
+              and cost.get("probe_tokens_per_question") is not None else "")
+    runs = cost.get("runs_per_question")
+    return (f"SE costs {_times(cost.get('seconds_ratio'))} a probe evaluation in seconds{seconds} and "
+            f"{_times(cost.get('tokens_ratio'))} in tokens{tokens}"
+            + (f", with K = {runs} runs per question" if runs is not None else "") + ".")
 
 
 # ---- experiments: `dvc exp show --json` --------------------------------------------------------------------

@@ -18,14 +18,16 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
+from bokeh.models import TeeHead
 from bokeh.models.widgets.tables import NumberFormatter
-from bokeh.palettes import Viridis256
+from bokeh.palettes import Category20, Viridis256
 
 from viewer import raster
-from stages.schema import AUROC_BY_LAYER_FILE, ROC_FILE
-from viewer.data import (DATASET_CHOICES, ENTROPY_CHOICES, OUTCOMES, MissingArtifact, RunStore,
-                         headline_metric_columns, load_experiments, load_metrics, load_plot_table, metrics_table,
-                         varying_params)
+from stages.schema import (AUROC_BY_LAYER_FILE, COST_RATIO_FILE, EARLY_WARNING_FILE, RELIABILITY_FILE,
+                           RISK_COVERAGE_FILE, ROC_FILE, STABILITY_FILE, STABILITY_PLOT_FILE)
+from viewer.data import (DATASET_CHOICES, ENTROPY_CHOICES, OUTCOMES, SELECTIVE_LEGEND, MissingArtifact, RunStore,
+                         calibration_table, cost_ratio_text, headline_metric_columns, load_experiments, load_metrics,
+                         load_plot_table, metrics_table, se_regression_table, stability_table, varying_params)
 
 OUTCOME_COLOURS = {"correct": "#2b83ba", "incorrect": "#d7301f"}
 SELECTED_COLOUR = "#111111"
@@ -466,15 +468,141 @@ def draw_auroc_by_layer(frame: pd.DataFrame, settings: dict) -> hv.Layout:
 
 def draw_roc(frame: pd.DataFrame, settings: dict) -> hv.Layout:
     """ROC curves of every score, one panel per split, with the chance diagonal."""
-    plots = []
+    plots, colours = [], _score_colours(frame["score"].unique())
     for split in ("test", "ood"):
         part = frame[frame["split"] == split]
-        curves = [hv.Curve(part[part["score"] == score], "fpr", "tpr", label=score) for score in part["score"].unique()]
+        curves = [hv.Curve(part[part["score"] == score], "fpr", "tpr", label=score).opts(color=colours[score])
+                  for score in part["score"].unique()]
         diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
         plots.append(hv.Overlay([diagonal, *curves]).opts(
             title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
             xlabel="false positive rate", ylabel="true positive rate", show_grid=True))
     return hv.Layout(plots).cols(2)
+
+
+class NothingToDraw(ValueError):
+    """A plot table holds no drawable rows (e.g. every AUROC null); the message says why, shown as a notice."""
+
+
+PROBE_COLOURS = {"accuracy": "#2b83ba", "se": "#e66101"}
+PROBE_NAMES = {"accuracy": "accuracy probe", "se": "SE probe"}
+CALIBRATED_STYLES = {"accuracy_probe": ("#2b83ba", "circle", "solid"),
+                     "accuracy_range_probe": ("#e66101", "square", "dashed")}
+AFTER_ANSWER_X = 1.15  # where early_warning draws slt (no fraction: it has seen the whole reasoning and the answer)
+
+
+def _score_colours(scores) -> dict[str, str]:
+    """A distinct colour per score, in the order given (ROC's default cycle has 10 colours; there are 11 scores)."""
+    palette = Category20[20]
+    return {score: palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20] for i, score in enumerate(scores)}
+
+
+def _split_parts(frame: pd.DataFrame, file_name: str):
+    """(split, its rows) for test then OOD, skipping splits without rows; NothingToDraw if none has any."""
+    parts = [(split, frame[frame["split"] == split]) for split in ("test", "ood")]
+    parts = [(split, part) for split, part in parts if len(part)]
+    if not parts:
+        raise NothingToDraw(f"`{file_name}` has no rows with values for test or OOD (a split with one class, or "
+                            "no OOD questions, leaves them null).")
+    return parts
+
+
+def _whiskers(colour: str, **style) -> dict:
+    """ErrorBars style with the caps in the bars' colour (new Bokeh models per call: one per session's document)."""
+    return {"line_color": colour, "upper_head": TeeHead(line_color=colour, size=8),
+            "lower_head": TeeHead(line_color=colour, size=8), **style}
+
+
+def draw_early_warning(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+    """One panel per split: each probe's AUROC (for its own label) against the share of the reasoning it has
+    seen, at the layer chosen on val for each position, with CI bars. slt, which has also seen the answer, is a
+    diamond at the right, not joined to the line."""
+    frame = frame.dropna(subset=["auroc"]).assign(x=lambda rows: rows["fraction"].fillna(AFTER_ANSWER_X))
+    ticks = sorted(dict(zip(frame["x"], frame["position"])).items())
+    hover = ["auroc", "position", "layer", "auroc_ci_low", "auroc_ci_high"]
+    low = min(0.4, float(frame["auroc_ci_low"].min(skipna=True)) - 0.02) if frame["auroc_ci_low"].notna().any() else 0.4
+    plots = []
+    for split, part in _split_parts(frame, EARLY_WARNING_FILE):
+        layers = [hv.HLine(0.5).opts(color="#bbbbbb", line_dash="dotted", line_width=1)]
+        for offset, probe in zip((-0.008, 0.008), part["probe"].unique()):
+            rows = part[part["probe"] == probe].sort_values("x").assign(x=lambda rows: rows["x"] + offset)
+            colour, label = PROBE_COLOURS.get(probe, "black"), PROBE_NAMES.get(probe, probe)
+            reasoning, after = rows[rows["fraction"].notna()], rows[rows["fraction"].isna()]
+            bars = rows.dropna(subset=["auroc_ci_low", "auroc_ci_high"])
+            layers += [hv.ErrorBars(bars.assign(neg=bars["auroc"] - bars["auroc_ci_low"],
+                                                pos=bars["auroc_ci_high"] - bars["auroc"]),
+                                    "x", ["auroc", "neg", "pos"]).opts(**_whiskers(colour, alpha=0.7)),
+                       hv.Curve(reasoning, "x", "auroc", label=label).opts(color=colour),
+                       hv.Scatter(reasoning, "x", hover, label=label).opts(color=colour, size=7, tools=["hover"]),
+                       hv.Scatter(after, "x", hover).opts(color=colour, size=11, marker="diamond", tools=["hover"])]
+        plots.append(hv.Overlay(layers).opts(
+            title=f"Early warning, {split}", width=520, height=360, legend_position="top_left", show_grid=True,
+            xlabel="position: share of the reasoning seen (slt: after the answer)", ylabel="AUROC",
+            xticks=[(x, position) for x, position in ticks], xrotation=30 if len(ticks) > 6 else 0,
+            xlim=(-0.05, AFTER_ANSWER_X + 0.07 if (frame["fraction"].isna()).any() else 1.05), ylim=(low, 1.02)))
+    return hv.Layout(plots).cols(2).opts(shared_axes=False)
+
+
+def draw_risk_coverage(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+    """One panel per split: risk (error rate of the answered runs) against coverage (share answered, least
+    uncertain first), a step line per score; lower is better, and every line ends at the split's error rate."""
+    colours = _score_colours(frame["score"].unique())
+    parts = _split_parts(frame, RISK_COVERAGE_FILE)
+    plots = []
+    for index, (split, part) in enumerate(parts):
+        curves = [hv.Curve(part[part["score"] == score].sort_values("coverage"), "coverage", "risk", label=score)
+                  .opts(interpolation="steps-pre", color=colours[score], tools=["hover"])
+                  for score in part["score"].unique()]
+        # Eleven scores: one legend, right of the last panel, where it hides no curve.
+        last = index == len(parts) - 1
+        plots.append(hv.Overlay(curves).opts(
+            title=f"Risk-coverage, {split}", width=630 if last else 430, height=400, show_legend=last,
+            legend_position="right", show_grid=True, xlabel="coverage (share of runs answered)",
+            ylabel="risk (error rate of the answered runs)", xlim=(0, 1.01)))
+    return hv.Layout(plots).cols(2).opts(shared_axes=False)
+
+
+def draw_reliability(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+    """One panel per split: each accuracy probe's observed accuracy against its mean P(correct), per bin (empty
+    bins left out; hover for the count); a calibrated probe lies on the diagonal."""
+    frame = frame[frame["n"] > 0].dropna(subset=["mean_predicted", "observed_frequency"])
+    plots = []
+    for split, part in _split_parts(frame, RELIABILITY_FILE):
+        layers = [hv.Curve([(0, 0), (1, 1)], "mean_predicted", "observed_frequency").opts(
+            color="#bbbbbb", line_dash="dotted")]
+        for probe in part["probe"].unique():
+            rows = part[part["probe"] == probe].sort_values("bin")
+            colour, marker, dash = CALIBRATED_STYLES.get(probe, ("black", "circle", "solid"))
+            layers += [hv.Curve(rows, "mean_predicted", "observed_frequency", label=probe).opts(
+                           color=colour, line_dash=dash),
+                       hv.Scatter(rows, "mean_predicted", ["observed_frequency", "n", "lower", "upper"],
+                                  label=probe).opts(color=colour, marker=marker, size=7, tools=["hover"])]
+        plots.append(hv.Overlay(layers).opts(
+            title=f"Reliability, {split}", width=420, height=400, legend_position="top_left", show_grid=True,
+            xlabel="mean predicted P(correct) in the bin", ylabel="observed accuracy in the bin",
+            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02)))
+    return hv.Layout(plots).cols(2).opts(shared_axes=False)
+
+
+def draw_stability(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+    """One panel per split: every seed's AUROC per score (points), the min-max range over seeds (bar) and the
+    mean (dash)."""
+    frame = frame.dropna(subset=["auroc"])
+    plots = []
+    for split, part in _split_parts(frame, STABILITY_PLOT_FILE):
+        summary = (part.groupby("score", sort=False)["auroc"].agg(["mean", "min", "max"]).reset_index()
+                   .assign(neg=lambda rows: rows["mean"] - rows["min"], pos=lambda rows: rows["max"] - rows["mean"]))
+        colour = SPLIT_COLOURS.get(split, "black")
+        plots.append(hv.Overlay([
+            hv.HLine(0.5).opts(color="#bbbbbb", line_dash="dotted", line_width=1),
+            hv.ErrorBars(summary, "score", ["mean", "neg", "pos"]).opts(**_whiskers(colour, line_width=2)),
+            hv.Scatter(summary, "score", ["mean", "min", "max"]).opts(color="black", marker="dash", size=16,
+                                                                      tools=["hover"]),
+            hv.Scatter(part, "score", ["auroc", "seed"]).opts(color=colour, size=6, alpha=0.6, jitter=0.25,
+                                                              tools=["hover"]),
+        ]).opts(title=f"AUROC over seeds, {split}", width=520, height=400, show_grid=True, xrotation=45,
+                xlabel="", ylabel="AUROC (positive: incorrect run)"))
+    return hv.Layout(plots).cols(2).opts(shared_axes=False)
 
 
 @dataclass(frozen=True)
@@ -483,7 +611,8 @@ class ResultPlot:
 
     To show another CSV that `evaluate` writes: add its name and schema columns to ``viewer.data.PLOT_TABLES``, write
     ``draw(frame, settings)`` (the validated table, evaluate.json's ``settings``; return any HoloViews object) and
-    add an entry to ``RESULT_PLOTS``. A missing or malformed file shows as a notice in its section only.
+    add an entry to ``RESULT_PLOTS``. A missing or malformed file, or a ``draw`` raising ``NothingToDraw`` (no
+    rows to draw), shows as a notice in its section only.
     """
 
     table: str  # a key of viewer.data.PLOT_TABLES
@@ -496,12 +625,37 @@ RESULT_PLOTS = (
     ResultPlot(AUROC_BY_LAYER_FILE, "AUROC per layer and position",
                "A probe fitted on train at each (position, layer), scored for its own label (accuracy probe: correct; "
                "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer),
+    ResultPlot(EARLY_WARNING_FILE, "Early warning: AUROC against the share of the reasoning seen",
+               "Each probe at every traced position, on the layer chosen on val for that position, scored for its own "
+               "label with a 95% bootstrap CI; higher further left = the uncertainty shows earlier.",
+               draw_early_warning),
     ResultPlot(ROC_FILE, "ROC curves", "", draw_roc),
+    ResultPlot(RISK_COVERAGE_FILE, "Risk-coverage curves",
+               "Answer only the runs a score finds least uncertain: the error rate of those answered (lower is "
+               "better) against the share answered. AURAC / AURC / PRR in the table above summarise these curves.",
+               draw_risk_coverage),
+    ResultPlot(RELIABILITY_FILE, "Reliability of the accuracy probes' P(correct)",
+               "Per bin of predicted P(correct): observed accuracy against mean prediction; on the dotted diagonal "
+               "when calibrated (ECE and Brier in the calibration table above).", draw_reliability),
+    ResultPlot(STABILITY_PLOT_FILE, "AUROC across seeds (stability stage)",
+               "Each point is one seed's split of the questions with the probes refitted; bar: min-max, dash: mean.",
+               draw_stability),
 )
 
 
+def _small_table(frame: pd.DataFrame, css_class: str) -> pn.widgets.Tabulator:
+    return pn.widgets.Tabulator(frame, disabled=True, show_index=False, selectable=False, layout="fit_data_table",
+                                sizing_mode="stretch_width", css_classes=[css_class])
+
+
+def _subheading(title: str, caption: str = "") -> pn.pane.HTML:
+    return pn.pane.HTML(f"<h4>{html.escape(title)}</h4>{html.escape(caption)}", sizing_mode="stretch_width")
+
+
 class ResultsView(pn.viewable.Viewer):
-    """evaluate's numbers: AUROC/AUPRC with CIs per score, then one section per entry of ``plots``."""
+    """evaluate's numbers (AUROC/AUPRC with CIs and the selective-prediction areas per score, calibration, the
+    SE regression probe), stability's spread over seeds and cost_ratio's sentence, then one section per entry of
+    ``plots``. Each file missing (older runs lack the newer ones) is a notice in its own section only."""
 
     root = param.ClassSelector(class_=Path)
     plots = param.List(default=list(RESULT_PLOTS), item_type=ResultPlot)
@@ -522,9 +676,32 @@ class ResultsView(pn.viewable.Viewer):
         except MissingArtifact as missing:
             metrics = {}
             parts.append(notice(str(missing)))
+        parts += [self._stability(), self._cost()]
         for plot in self.plots:
             parts.append(self._section(plot, metrics.get("settings", {})))
         return pn.Column(*parts, sizing_mode="stretch_width")
+
+    def _stability(self):
+        heading = _subheading("Stability: AUROC across seeds",
+                              "AUROC for flagging incorrect runs as mean ± sample std (min-max) over seeds, each "
+                              "seed a new split of the questions with the probes refitted (the stability stage); a "
+                              "smaller spread = a single split's number can be trusted more.")
+        try:
+            body = _small_table(stability_table(load_metrics(self.root, STABILITY_FILE)), "stability-table")
+        except MissingArtifact as missing:
+            body = notice(str(missing))
+        return pn.Column(heading, body, sizing_mode="stretch_width")
+
+    def _cost(self):
+        heading = _subheading("Cost of semantic entropy against a probe")
+        try:
+            cost = load_metrics(self.root, COST_RATIO_FILE)
+            body = pn.pane.HTML(f"<p><b>{html.escape(cost_ratio_text(cost))}</b><br><small>"
+                                f"{html.escape(str(cost.get('note') or ''))}</small></p>",
+                                sizing_mode="stretch_width", css_classes=["cost-ratio"])
+        except MissingArtifact as missing:
+            body = notice(str(missing))
+        return pn.Column(heading, body, sizing_mode="stretch_width")
 
     def _metrics(self, metrics: dict):
         summary = metrics.get("summary", {})
@@ -535,10 +712,19 @@ class ResultsView(pn.viewable.Viewer):
                 facts.append(f"{label}: {entry.get('n_runs', 0):,} runs of {entry.get('n_questions', 0):,} questions, "
                              f"{entry['accuracy']:.1%} correct")
         table = metrics_table(metrics)
+        older = "Not in this evaluate.json (written before it was added): rerun `dvc repro evaluate`."
+        calibration, regression = calibration_table(metrics), se_regression_table(metrics)
         return pn.Column(
             pn.pane.HTML("<h4>AUROC / AUPRC for flagging incorrect runs</h4>" + html.escape("; ".join(facts))),
             pn.widgets.Tabulator(table, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
                                  layout="fit_data_table", frozen_columns=["score"], css_classes=["metrics-table"]),
+            pn.pane.HTML(f"<small>{html.escape(SELECTIVE_LEGEND)}</small>", sizing_mode="stretch_width"),
+            _subheading("Calibration of the accuracy probes' P(correct)",
+                        "ECE and Brier score: lower is better, 0 = perfect."),
+            _small_table(calibration, "calibration-table") if len(calibration) else notice(older),
+            _subheading("SE regression probe",
+                        "Spearman correlation of the predicted with the true SE: higher is better, 1 = same ranking."),
+            _small_table(regression, "se-regression-table") if len(regression) else notice(older),
             sizing_mode="stretch_width")
 
     def _section(self, plot: ResultPlot, settings: dict):
@@ -546,7 +732,7 @@ class ResultsView(pn.viewable.Viewer):
                                sizing_mode="stretch_width")
         try:
             drawn = pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings))
-        except MissingArtifact as missing:
+        except (MissingArtifact, NothingToDraw) as missing:
             drawn = notice(str(missing))
         return pn.Column(heading, drawn, sizing_mode="stretch_width")
 
