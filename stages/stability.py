@@ -6,7 +6,8 @@ One split is one draw: with a few hundred questions, which questions land in tes
 points. For each of ``stability.seeds`` seeds (``seed``, ``seed + 1``, ...; the first is the main run's split)
 the in-distribution questions are split afresh, every probe is refitted on that split's train runs and its
 location re-chosen on that split's val runs (``train_probes.train``, the same procedure), and every score of
-``evaluate.SCORES`` is evaluated on that split's test runs and on the (fixed) OOD runs. To keep this cheap the
+``evaluate.SCORES`` is evaluated on that split's test runs and on the (fixed) OOD runs. A seed whose split
+leaves a train or val label with one class (possible with few questions) is skipped and listed. To keep this cheap the
 C of every probe is ``stability.c_grid`` (one value skips the cross-validation) and layer ranges are not
 searched (the range probes fall back to the best single layer).
 
@@ -29,23 +30,30 @@ from stages.common import cost_record, setup_logging, write_json
 from stages.config import Params, load_params
 from stages.evaluate import SCORES, score_runs, write_csv
 from stages.metrics import auroc
+from stages.probes import SingleClassError
 from stages.schema import STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE
 from stages.train_probes import attach_splits, load_dataset, require_same_locations, split_questions, train
 
 log = logging.getLogger(__name__)
 
 
-def seed_aurocs(params: Params) -> pd.DataFrame:
-    """STABILITY_COLUMNS rows: AUROC for flagging incorrect runs of every score, per seed and split."""
+def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """STABILITY_COLUMNS rows: AUROC for flagging incorrect runs of every score, per seed and split; and the
+    seeds skipped because their split left a train or val label with one class (small question sets)."""
     id_data, ood_data = load_dataset(params, "id"), load_dataset(params, "ood")
     require_same_locations(id_data, ood_data)
     probe_params = dataclasses.replace(params.probes, c_grid=params.stability.c_grid, max_layer_range=1)
-    rows = []
+    rows, skipped = [], []
     for seed in range(params.seed, params.seed + params.stability.seeds):
         splits = split_questions(id_data.runs["question_id"], ood_data.runs["question_id"],
                                  probe_params.train_fraction, probe_params.val_fraction, seed)
         runs = attach_splits(id_data.runs, splits, "id")
-        trained = train(runs, id_data.hidden, id_data.positions, id_data.layers, probe_params, seed)
+        try:
+            trained = train(runs, id_data.hidden, id_data.positions, id_data.layers, probe_params, seed)
+        except SingleClassError as error:
+            log.warning("seed %d skipped: %s", seed, error)
+            skipped.append({"seed": seed, "reason": str(error)})
+            continue
         evaluated = {"test": (runs[runs["split"] == "test"], id_data.hidden),
                      "ood": (attach_splits(ood_data.runs, splits, "ood"), ood_data.hidden)}
         for split, (split_runs, hidden) in evaluated.items():
@@ -59,7 +67,10 @@ def seed_aurocs(params: Params) -> pd.DataFrame:
         log.info("seed %d: test AUROC accuracy probe %s", seed,
                  next((r["auroc"] for r in rows[::-1] if r["split"] == "test" and r["score"] == "accuracy_probe"),
                       None))
-    return pd.DataFrame.from_records(rows, columns=[c.name for c in STABILITY_COLUMNS])
+    if not rows:
+        raise SingleClassError(f"stability: every one of the {params.stability.seeds} seeds gave a split with a "
+                               f"single-class label; first: {skipped[0]['reason']}")
+    return pd.DataFrame.from_records(rows, columns=[c.name for c in STABILITY_COLUMNS]), skipped
 
 
 def summarise(table: pd.DataFrame) -> dict[str, Any]:
@@ -82,8 +93,8 @@ def summarise(table: pd.DataFrame) -> dict[str, Any]:
 
 def run(params: Params) -> dict[str, Any]:
     with cost_record(params.paths.metrics, "stability") as cost:
-        table = seed_aurocs(params)
-        report = {**summarise(table), "settings": {
+        table, skipped = seed_aurocs(params)
+        report = {**summarise(table), "skipped_seeds": skipped, "settings": {
             "seeds": list(range(params.seed, params.seed + params.stability.seeds)),
             "c_grid": list(params.stability.c_grid), "layer_ranges": "not searched (single layers)",
             "positive_class": "incorrect run"}}

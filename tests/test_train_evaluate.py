@@ -302,6 +302,25 @@ def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
     # OOD runs are the same for every seed, so a fixed score's OOD AUROC does not move
     assert report["ood"]["semantic_entropy"]["std"] == pytest.approx(0.0, abs=1e-12)
     assert json.loads((Path(params.paths.metrics) / "stability.json").read_text()) == json.loads(json.dumps(report))
+    assert report["skipped_seeds"] == []
+
+
+def test_stability_skips_a_seed_whose_split_has_a_single_class_val(tmp_path):
+    params = make_params(tmp_path)
+    params = dataclasses.replace(params, stability=dataclasses.replace(params.stability, seeds=2, c_grid=(1.0,)))
+    ids = [f"id-{i:03d}" for i in range(60)]
+    second = train_probes.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
+                                          params.seed + 1)
+    second_val = set(second.query("split == 'val'")["question_id"])
+
+    def all_second_val_runs_correct(runs, entropy):
+        runs.loc[runs["question_id"].isin(second_val), "correct"] = True
+
+    write_fixture(params, edit_id=all_second_val_runs_correct)
+    report = stability.run(params)
+    assert [s["seed"] for s in report["skipped_seeds"]] == [params.seed + 1]
+    assert "label `correct` in split `val`" in report["skipped_seeds"][0]["reason"]
+    assert report["test"]["accuracy_probe"]["n_seeds"] == 1
 
 
 def test_cost_ratio_by_hand(tmp_path):
