@@ -413,7 +413,7 @@ def test_everything_filtered_out_leaves_empty_frames(store):
 
 
 def _render(view) -> list[GlyphRenderer]:
-    figure = hv.render(view._plot().object)
+    figure = view._plot().object  # the Bokeh figure the page shows
     return list(figure.select(GlyphRenderer))
 
 
@@ -440,6 +440,20 @@ def test_plots_draw_raw_points_then_raster_above_the_threshold(store, view_name)
     assert images and (images[0].view(np.uint8).reshape(-1, 4)[:, 3] > 0).sum() > 20  # runs drawn as pixels
     store.search = "no question has this text"  # empty views still draw
     assert _raw_points(_render(view), x) == 0
+
+
+def test_raster_image_is_drawn_the_right_way_up(store):
+    """The image source holds Bokeh's orientation (row 0 at the bottom): its painted pixels are the runs' pixels."""
+    from viewer import views
+
+    view = views.UmapExplorer(store=store, rasterize_above=0)
+    (x0, x1), (y0, y1) = views._padded_range(store.table["umap_x"]), views._padded_range(store.table["umap_y"])
+    points, image = view.frame((x0, x1), (y0, y1))
+    assert len(points["question"]) == 0 and (image["x"], image["y"], image["dw"]) == ([x0], [y0], [x1 - x0])
+    alpha = image["image"][0].view(np.uint8).reshape(*image["image"][0].shape, 4)[..., 3]
+    counts = count_by_category(store.table["umap_x"], store.table["umap_y"], np.zeros(len(store.table), dtype=int), 1,
+                               (x0, x1), (y0, y1), views.RASTER_SHAPE)[0]  # row 0 on top
+    assert (alpha > 0).any() and np.array_equal(alpha > 0, counts[::-1] > 0)
 
 
 def test_views_follow_probe_and_colour_choices(store):

@@ -244,13 +244,16 @@ print("viewer-phase create_app", time.time(), flush=True)
 class ViewerServer:
     """``with ViewerServer(root) as server:`` serves the viewer for ``root`` at ``server.url``; always stopped."""
 
-    def __init__(self, root: Path, ready_timeout_s: float = 60.0, warm: bool = True, code_root: Path = REPO_ROOT):
+    def __init__(self, root: Path, ready_timeout_s: float = 60.0, warm: bool = False, code_root: Path = REPO_ROOT):
         self.root = Path(root)
         self.code_root = Path(code_root)  # the checkout whose `viewer` package is served (the benchmark compares two)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/app"
         self.ready_timeout_s = ready_timeout_s
-        self.warm = warm  # `panel serve --warm`: load the run and render one page before accepting sessions
+        # `panel serve --warm`: load the run and render one page before accepting sessions. README deploys without
+        # it: the first page then pays the imports and the read, but the sum (server start to first render) is
+        # ~0.7 s shorter, as the warm-up page is built for nobody (tests/benchmarks/bench_viewer.py).
+        self.warm = warm
         self.process: subprocess.Popen | None = None
         self.log = ""
         self.ready_s: float | None = None  # seconds from spawn to the first successful HTTP response

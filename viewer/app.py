@@ -18,7 +18,6 @@ if str(PROJECT_ROOT) not in sys.path[:1]:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 # ruff: noqa: E402 (imports after the sys.path line above, on purpose)
-import holoviews as hv
 import panel as pn
 import panel.io.resources as pn_resources
 
@@ -29,7 +28,6 @@ from viewer.views import (ExperimentsView, FilterPanel, MarginEntropyScatter, Qu
 # The Bootstrap template, Tabulator and Bokeh are all served by this server (the Fast templates would fetch a
 # Google font): the page loads with no internet, which the browser test checks.
 pn.extension("tabulator", sizing_mode="stretch_width")
-hv.extension("bokeh", logo=False)
 
 
 def _no_mathjax(roots) -> bool:

@@ -499,8 +499,8 @@ class RunStore(param.Parameterized):
 
     filtered = param.DataFrame(precedence=-1, doc="Runs passing the filters.")
     selected = param.DataFrame(precedence=-1, doc="Filtered runs inside the selection.")
-    # Bumped after `filtered` / `selected` change. Plots depend on these instead of the frames: HoloViews hashes
-    # every stream value to memoise, and hashing a 100k-run frame dozens of times per render costs seconds.
+    # Bumped after `filtered` / `selected` change. Plots watch these instead of the frames: a watcher of a
+    # DataFrame parameter compares the old and new 100k-run frames on every change.
     filtered_revision = param.Integer(default=0, precedence=-1)
     selected_revision = param.Integer(default=0, precedence=-1)
     question_runs = param.DataFrame(precedence=-1, doc="All K runs of `question`, by cluster then run.")

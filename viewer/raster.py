@@ -5,7 +5,8 @@ mixed by count, opacity growing with the count), computed with ``np.bincount`` i
 a few milliseconds and, unlike datashader, no import of ~1 s nor a numba compile of ~1 s per new pair of columns
 in every fresh server process (datashader's generated kernels cannot use numba's on-disk cache).
 
-Images follow HoloViews' orientation: row 0 is the top (highest y), column 0 the left (lowest x).
+Images are as on screen: row 0 is the top (highest y), column 0 the left (lowest x); Bokeh's ``image_rgba`` draws
+row 0 at the bottom, so the viewer flips them.
 """
 
 from __future__ import annotations

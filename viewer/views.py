@@ -9,18 +9,22 @@ innerHTML, so even ``pn.pane.Str`` renders ``<img onerror=...>`` as a live eleme
 from __future__ import annotations
 
 import html
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import holoviews as hv
 import numpy as np
 import pandas as pd
 import panel as pn
 import param
-from bokeh.models import TeeHead
+from bokeh.events import RangesUpdate, SelectionGeometry
+from bokeh.models import (BoxSelectTool, BoxZoomTool, ColorBar, ColumnDataSource, HoverTool, LassoSelectTool, Legend,
+                          LegendItem, PanTool, Range1d, ResetTool, SaveTool, TeeHead, WheelZoomTool)
 from bokeh.models.widgets.tables import NumberFormatter
 from bokeh.palettes import Category20, Viridis256
+from bokeh.plotting import figure
+from bokeh.transform import factor_cmap, linear_cmap
 
 from viewer import raster
 from stages.schema import (AUROC_BY_LAYER_FILE, COST_RATIO_FILE, EARLY_WARNING_FILE, RELIABILITY_FILE,
@@ -28,6 +32,20 @@ from stages.schema import (AUROC_BY_LAYER_FILE, COST_RATIO_FILE, EARLY_WARNING_F
 from viewer.data import (DATASET_CHOICES, ENTROPY_CHOICES, OUTCOMES, SELECTIVE_LEGEND, MissingArtifact, RunStore,
                          calibration_table, cost_ratio_text, headline_metric_columns, load_experiments, load_metrics,
                          load_plot_table, metrics_table, se_regression_table, stability_table, varying_params)
+
+
+class _HoloViews:
+    """``holoviews`` imported (with its Bokeh backend) on first use: only Results and Experiments draw with it, so
+    a server start and the first page (the run plots are plain Bokeh) skip its ~0.5 s import."""
+
+    def __getattr__(self, name: str):
+        module = importlib.import_module("holoviews")
+        if "bokeh" not in module.Store.renderers:
+            module.extension("bokeh", logo=False)
+        return getattr(module, name)
+
+
+hv = _HoloViews()
 
 OUTCOME_COLOURS = {"correct": "#2b83ba", "incorrect": "#d7301f"}
 SELECTED_COLOUR = "#111111"
@@ -90,8 +108,10 @@ class LinkedPoints(pn.viewable.Viewer):
     of them rasterised for the viewport (viewer/raster.py), so 100k runs stay smooth. Axis ranges come from the
     whole table, so they stay put while filters change. Subclasses say which columns are x, y and colour.
 
-    One DynamicMap per plot (two layers, see ``frame``) follows the viewport (RangeXY) and the store's revision
-    counters, so a filter change, a selection or a zoom is one callback and one update of the page.
+    A plain Bokeh figure (building HoloViews plots cost ~0.2 s per plot and page, and importing HoloViews ~0.5 s
+    per server start): two sources (points, image) refilled from ``frame`` when the store's revision counters
+    change or the viewport moves (Bokeh's ``RangesUpdate``, sent once a pan or zoom ends); box and lasso send
+    their geometry (``SelectionGeometry``) to the store.
     """
 
     store = param.ClassSelector(class_=RunStore)
@@ -110,6 +130,10 @@ class LinkedPoints(pn.viewable.Viewer):
             self.param.watch(lambda *_: self.param.trigger("redraw"), own)
         if stored:
             self.store.param.watch(lambda *_: self.param.trigger("redraw"), stored)
+        self._figure = None  # the figure drawn now, its two sources, and the viewport it shows
+        self._sources: tuple[ColumnDataSource, ColumnDataSource] | None = None
+        self._ranges: tuple[tuple[float, float], tuple[float, float]] | None = None
+        self.store.param.watch(lambda *_: self._refresh(), ["filtered_revision", "selected_revision"])
 
     def axes(self) -> tuple[str, str]:
         raise NotImplementedError
@@ -130,9 +154,6 @@ class LinkedPoints(pn.viewable.Viewer):
                 *[(LABELS.get(column, column), f"@{{{column}}}{{0.000}}") for column in numbers]]
 
     # -- one frame of the plot: plain functions of the store's frames and the viewport --
-    def _kdims(self) -> list[hv.Dimension]:
-        return [hv.Dimension(name, label=LABELS.get(name, name)) for name in self.axes()]
-
     def _shade(self, frame: pd.DataFrame, selected: np.ndarray, x_range, y_range, colour: str, clim) -> np.ndarray:
         """RGBA image of ``frame``'s runs over the viewport, by outcome or by the mean of ``colour``, with the
         ``selected`` ones on top in the selection colour, each grown to 3x3 pixels so that a few stay visible."""
@@ -151,69 +172,120 @@ class LinkedPoints(pn.viewable.Viewer):
             image[raster.grow(chosen)] = (*raster.hex_to_rgb(SELECTED_COLOUR), 230)
         return image
 
-    def frame(self, x_range=None, y_range=None) -> hv.Overlay:
-        """What the plot draws for the store's current frames and the viewport (None: the whole table's extent).
+    def _columns(self) -> list[str]:
+        """The points source's columns: x, y, the colour and the hover fields (no others reach the page)."""
+        return list(dict.fromkeys([*self.axes(), self.colour(), *self.hover_columns()]))
 
-        Two layers: the runs in view as points (hover; ``selected`` marks the ones to ring) while there are at
-        most ``rasterize_above``, else as an image (viewer/raster.py) with the selection drawn into it; whichever
-        is not used is empty.
+    def frame(self, x_range=None, y_range=None) -> tuple[dict, dict]:
+        """What the plot draws for the store's current frames and the viewport (None: the whole table's extent):
+        ``(points, image)``, the data of its two sources.
+
+        The runs in view as points (hover; ``selected`` marks the ones to ring, ``size`` and ``ring`` style them)
+        while there are at most ``rasterize_above``, else as an image (viewer/raster.py, as one packed RGBA value
+        per pixel with row 0 at the bottom, as Bokeh draws it) with the selection drawn into it; whichever is not
+        used is empty.
         """
         x, y = self.axes()
         colour, table = self.colour(), self.store.table
         x_range = _viewport(x_range, _padded_range(table[x]))
         y_range = _viewport(y_range, _padded_range(table[y]))
         clim = _padded_range(table[colour]) if colour != "outcome" else (0.0, 1.0)
-        vdims = [column for column in dict.fromkeys([colour, *self.hover_columns()]) if column not in (x, y)]
         frame = self.store.filtered
         inside = (frame[x].between(*x_range) & frame[y].between(*y_range)).to_numpy()
         in_view = frame if inside.all() else frame[inside]
         selected = in_view.index.isin(self.store.selected.index)
-        kdims = self._kdims()
-        if len(in_view) <= self.rasterize_above:
-            points, image = in_view[[x, y, *vdims]].assign(selected=selected), np.zeros((2, 2, 4), dtype=np.uint8)
-        else:
-            points = frame[[x, y, *vdims]].iloc[:0].assign(selected=np.zeros(0, dtype=bool))
-            image = self._shade(in_view, selected, x_range, y_range, colour, clim)
-        return hv.Overlay([hv.Points(points, kdims=kdims, vdims=[*vdims, "selected"], group="Runs"),
-                           hv.RGB(image, kdims=kdims, bounds=(x_range[0], y_range[0], x_range[1], y_range[1]),
-                                  group="Raster")])
+        no_image = {"image": [], "x": [], "y": [], "dw": [], "dh": []}
+        if len(in_view) > self.rasterize_above:
+            rgba = self._shade(in_view, selected, x_range, y_range, colour, clim)
+            packed = np.ascontiguousarray(rgba[::-1]).view(np.uint32).reshape(rgba.shape[:2])
+            image = {"image": [packed], "x": [x_range[0]], "y": [y_range[0]], "dw": [x_range[1] - x_range[0]],
+                     "dh": [y_range[1] - y_range[0]]}
+            return self._points(frame.iloc[:0], np.zeros(0, dtype=bool)), image
+        return self._points(in_view, selected), no_image
+
+    def _points(self, rows: pd.DataFrame, selected: np.ndarray) -> dict:
+        data = {column: rows[column].to_numpy() for column in self._columns()}
+        data["outcome"] = rows["outcome"].astype(str).to_numpy()  # Bokeh maps factors given as strings
+        data["selected"] = selected
+        data["size"] = np.where(selected, 7.0, 5.0)
+        data["ring"] = selected.astype(float)  # the ring's line alpha: 1 on selected runs, else 0
+        return data
+
+    def _refresh(self) -> None:
+        """Refill the drawn figure's sources for the store's frames and its viewport."""
+        if self._sources is None:
+            return
+        points, image = self.frame(*(self._ranges or (None, None)))
+        points_source, image_source = self._sources
+        with pn.io.hold():
+            points_source.selected.indices = []  # the store's selection is what is drawn, not Bokeh's
+            points_source.data = points
+            image_source.data = image
+
+    def _on_ranges(self, event) -> None:
+        ranges = ((event.x0, event.x1), (event.y0, event.y1))
+        if None in (*ranges[0], *ranges[1]) or ranges == self._ranges:
+            return
+        self._ranges = ranges
+        self._refresh()
+
+    def _on_selection(self, event) -> None:
+        """A box or lasso drawn (its last geometry, ``final``): select the runs inside it in the store."""
+        if not event.final:
+            return
+        x, y = self.axes()
+        geometry = event.geometry
+        if geometry.get("type") == "rect":
+            self.store.select_box(x, y, (geometry["x0"], geometry["y0"], geometry["x1"], geometry["y1"]))
+        elif geometry.get("type") == "poly":
+            self.store.select_lasso(x, y, np.column_stack([geometry["x"], geometry["y"]]))
+
+    def _figure_for(self, xlim, ylim) -> figure:
+        x, y = self.axes()
+        box, lasso = BoxSelectTool(), LassoSelectTool()
+        wheel = WheelZoomTool()
+        plot = figure(title=self.title, height=PLOT_HEIGHT, sizing_mode="stretch_width", toolbar_location="right",
+                      x_range=Range1d(*xlim), y_range=Range1d(*ylim), x_axis_label=LABELS.get(x, x),
+                      y_axis_label=LABELS.get(y, y), tools=[PanTool(), wheel, BoxZoomTool(), box, lasso, SaveTool(),
+                                                            ResetTool()],
+                      active_drag=box, active_scroll=wheel, css_classes=[self.css_class])
+        plot.toolbar.logo = None
+        return plot
 
     @param.depends("redraw")
     def _plot(self):
-        store, table = self.store, self.store.table
+        table = self.store.table
         x, y = self.axes()
         colour = self.colour()
-        limits = {"xlim": _padded_range(table[x]), "ylim": _padded_range(table[y])}
-        viewport = hv.streams.RangeXY(x_range=limits["xlim"], y_range=limits["ylim"])
-        revisions = hv.streams.Params(store, ["filtered_revision", "selected_revision"])
-        plot = hv.DynamicMap(lambda x_range, y_range, **_: self.frame(x_range, y_range),
-                             streams=[viewport, revisions])
-        tools = ["box_select", "lasso_select"]
+        xlim, ylim = _padded_range(table[x]), _padded_range(table[y])
+        self._ranges = (xlim, ylim)
+        points, image = self.frame(xlim, ylim)
+        points_source, image_source = ColumnDataSource(points), ColumnDataSource(image)
+        plot = self._figure_for(xlim, ylim)
+        plot.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=image_source)
+        if colour == "outcome":
+            fill = factor_cmap("outcome", [OUTCOME_COLOURS[name] for name in OUTCOMES], list(OUTCOMES))
+        else:
+            low, high = _padded_range(table[colour])
+            fill = linear_cmap(colour, VIRIDIS, low, high)
         # Selected runs get a dark ring (line alpha 1, else 0). Bokeh's own selection state (its box and lasso
         # tools mark the glyphs they cover) must not restyle anything: the store's selection is what is drawn.
-        ring = hv.dim("selected") * 1.0
-        runs_style = {"size": 5 + 2 * hv.dim("selected"), "line_color": SELECTED_COLOUR, "line_width": 1.5,
-                      "fill_alpha": 0.6, "selection_fill_alpha": 0.6, "nonselection_fill_alpha": 0.6,
-                      "line_alpha": ring, "selection_line_alpha": ring, "nonselection_line_alpha": ring,
-                      "tools": ["hover", *tools], "hover_tooltips": self._tooltips()}
-        if colour == "outcome":
-            runs_style.update(fill_color="outcome", cmap=OUTCOME_COLOURS, show_legend=True, legend_position="top_right")
+        ring = {f"{state}line_alpha": "ring" for state in ("", "selection_", "nonselection_")}
+        alpha = {f"{state}fill_alpha": 0.6 for state in ("", "selection_", "nonselection_")}
+        runs = plot.scatter(x=x, y=y, size="size", fill_color=fill, line_color=SELECTED_COLOUR, line_width=1.5,
+                            source=points_source, **ring, **alpha)
+        plot.add_tools(HoverTool(renderers=[runs], tooltips=self._tooltips()))
+        if colour == "outcome":  # legend entries that stay while the runs are an image
+            items = [LegendItem(label=name, renderers=[plot.scatter(x=[], y=[], size=8, line_color=None,
+                                                                    fill_color=OUTCOME_COLOURS[name], fill_alpha=0.6)])
+                     for name in OUTCOMES]
+            plot.add_layout(Legend(items=items, location="top_right"))
         else:
-            runs_style.update(fill_color=colour, cmap="viridis", clim=_padded_range(table[colour]), colorbar=True,
-                              clabel=LABELS.get(colour, colour))
-        plot = plot.opts(
-            hv.opts.Points(**runs_style, **limits),
-            # Limits on every layer, not only the overlay: an empty layer's own extent is NaN.
-            hv.opts.RGB(tools=tools, **limits),
-            hv.opts.Overlay(responsive=True, height=PLOT_HEIGHT, active_tools=["box_select", "wheel_zoom"],
-                            title=self.title, toolbar="right", show_grid=True, **limits))
-        box = hv.streams.BoundsXY(source=plot)
-        box.add_subscriber(lambda bounds: store.select_box(x, y, bounds))
-        lasso = hv.streams.Lasso(source=plot)
-        lasso.add_subscriber(lambda geometry: store.select_lasso(x, y, geometry))
-        self._selection_streams = (box, lasso)  # the streams live as long as the plot they listen to
-        return pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=PLOT_HEIGHT, linked_axes=False,
-                                 css_classes=[self.css_class])
+            plot.add_layout(ColorBar(color_mapper=fill["transform"], title=LABELS.get(colour, colour)), "right")
+        plot.on_event(RangesUpdate, self._on_ranges)
+        plot.on_event(SelectionGeometry, self._on_selection)
+        self._figure, self._sources = plot, (points_source, image_source)
+        return pn.pane.Bokeh(plot, sizing_mode="stretch_width", height=PLOT_HEIGHT)
 
     def hint(self) -> pn.pane.HTML:
         return pn.pane.HTML(f"Drag a box (or pick the lasso in the toolbar) to select runs: they are ringed in both "

@@ -2,22 +2,25 @@
 
 Run: ``python tests/benchmarks/bench_viewer.py [--sizes 7000,100000] [--repeats 5] [--compare DIR]``
 
-For each table size it starts the server ``--repeats`` times (``panel serve --warm``, as README deploys it) and
-measures, in one fresh browser page per start:
+For each table size it starts the server ``--repeats`` times (``panel serve``, as README deploys it; ``--warm``
+serves with ``panel serve --warm``) and measures, in one fresh browser page per start:
 
-- server ready: process start until the server answers (with ``--warm``, after loading the run and rendering one
-  page; ``--no-warm`` starts serving at once and the first page pays); split into the launcher's phases
+- server ready: process start until the server answers (without ``--warm`` it serves at once and the first page
+  pays the imports and the read; with ``--warm``, after loading the run and rendering one page for nobody); with
+  ``--warm``, split into the launcher's phases
   (``panel serve`` start-up, the viewer's imports, its warm-up, the first ``create_app``, the rest of the page);
 - first render: ``page.goto`` until both plots have drawn (Bokeh document idle, both plots holding data), split
-  into the page's HTML arriving (the server builds the session), the scripts loaded (``load`` event) and the rest
-  (websocket, Bokeh building and drawing the views);
+  into the page's HTML arriving (the server builds the session, and without ``--warm`` imports the viewer and reads
+  the run first), the scripts loaded (``load`` event) and the rest (websocket, Bokeh building and drawing the
+  views);
 - filter change: click "incorrect" / "all" in the sidebar until the last plot data source changed in the page
   (measured in the browser: a requestAnimationFrame loop timestamps every change of the plots' data);
 - server memory: RSS of the server process after the filter changes (psutil), and the bytes the page downloaded.
 
 ``--compare DIR`` also serves the ``viewer`` package found in DIR (e.g. a copy of an earlier version), alternating
 the two start by start in the same run, so that a machine shared with other work slows both alike; it prints both
-medians and their ratio. Asserts nothing about time. Needs Debian's chromium (``apt-get install chromium``) and
+medians and their ratio (``--compare-warm`` serves it with ``--warm``, as README deployed that version).
+Asserts nothing about time. Needs Debian's chromium (``apt-get install chromium``) and
 Playwright.
 """
 
@@ -134,6 +137,19 @@ def server_phases(server: ViewerServer) -> dict[str, float]:
     return phases
 
 
+def first_page_phases(server: ViewerServer) -> dict[str, float]:
+    """Without ``--warm``: seconds of the first page's HTML spent in the launcher's phases (the script runs first
+    for that page: the viewer's imports, reading the run, then ``create_app``; the rest is Panel's session)."""
+    first: dict[str, float] = {}
+    for name, at in server.phases():
+        first.setdefault(name, at)
+    if not {"script", "imports", "warm_up", "create_app"} <= first.keys():
+        return {}
+    return {"    viewer imports": first["imports"] - first["script"],
+            "    read the run (warm_up)": first["warm_up"] - first["imports"],
+            "    create_app + page build": first["create_app"] - first["warm_up"]}
+
+
 def one_start(browser, root: Path, code_root: Path, warm: bool, changes: int, total: int,
               incorrect: int) -> dict[str, float]:
     results: dict[str, float] = {}
@@ -150,6 +166,8 @@ def one_start(browser, root: Path, code_root: Path, warm: bool, changes: int, to
         times = page.evaluate(PAGE_TIMES_JS)
         results["first render s"] = first_render
         results["  page HTML (server builds the session)"] = times["html"] / 1000
+        if not warm:
+            results.update(first_page_phases(server))
         results["  scripts loaded"] = (times["loaded"] - times["html"]) / 1000
         results["  websocket, Bokeh views, drawing"] = first_render - times["loaded"] / 1000
         results["ready + first render s"] = server.ready_s + first_render
@@ -171,15 +189,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="7000,100000", help="table sizes (runs), comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="server starts per size (and per version)")
     parser.add_argument("--changes", type=int, default=6, help="filter changes per server start")
-    parser.add_argument("--no-warm", action="store_true", help="serve without `panel serve --warm`")
+    parser.add_argument("--warm", action="store_true", help="serve with `panel serve --warm`")
     parser.add_argument("--compare", type=Path, help="a directory holding another `viewer` package to compare")
+    parser.add_argument("--compare-warm", action="store_true", help="serve the compared version with `--warm`")
     parser.add_argument("--both-warm-modes", action="store_true",
                         help="serve this checkout both with and without --warm (alternating)")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
-    warm = not args.no_warm
+    warm = args.warm
     # label -> (checkout holding `viewer`, serve with --warm); the first is the reference of the ratio column
-    versions = {"compared": (args.compare.resolve(), warm)} if args.compare else {}
+    versions = {"compared": (args.compare.resolve(), warm or args.compare_warm)} if args.compare else {}
     versions["this"] = (ROOT, warm)
     if args.both_warm_modes:
         versions["this-other"] = (ROOT, not warm)
