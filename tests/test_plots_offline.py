@@ -23,7 +23,17 @@ from dvc_project import ROOT, init_repository, sh
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"]
-PLOTS = ["artifacts/plots/auroc_by_layer.csv", "artifacts/plots/roc.csv"]
+PLOTS = ["artifacts/plots/auroc_by_layer.csv", "artifacts/plots/roc.csv", "artifacts/plots/early_warning.csv",
+         "artifacts/plots/risk_coverage.csv", "artifacts/plots/reliability.csv", "artifacts/plots/stability.csv"]
+# chart title -> labels its legend / panel headers must show
+CHART_LABELS = {
+    "AUROC per layer": ("tbg", "think_end", "slt", "HEAD", "workspace", "val", "test", "ood"),
+    "ROC curves": ("accuracy_probe", "se_probe", "semantic_entropy", "HEAD", "workspace", "test", "ood"),
+    "How early": ("accuracy", "se", "test", "ood"),
+    "Risk-coverage": ("accuracy_probe", "negative_sequence_loglik", "test", "ood"),
+    "Reliability": ("accuracy_probe", "accuracy_range_probe", "test", "ood"),
+    "Stability": ("accuracy_probe", "semantic_entropy", "test", "ood"),
+}
 
 
 def is_local(url: str) -> bool:
@@ -74,10 +84,10 @@ def test_plots_diff_page_renders_offline(plots_project):
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(page_path.as_uri())
             try:
-                page.wait_for_function("document.querySelectorAll('.vega-embed svg.marks').length >= 2",
-                                       timeout=20_000)
+                page.wait_for_function(f"document.querySelectorAll('.vega-embed svg.marks').length >= {len(PLOTS)}",
+                                       timeout=30_000)
             except PlaywrightTimeout:
-                errors.append("fewer than two vega charts rendered within 20 s")
+                errors.append(f"fewer than {len(PLOTS)} vega charts rendered within 30 s")
             charts = page.locator(".vega-embed svg.marks")
             chart_text = [charts.nth(i).text_content() for i in range(charts.count())]
         finally:
@@ -86,11 +96,9 @@ def test_plots_diff_page_renders_offline(plots_project):
     assert not blocked, f"the page tried to reach the network: {blocked}"
     assert requests and all(is_local(url) for url in requests), requests
     assert not errors, f"console errors: {errors}"
-    auroc_chart = next((text for text in chart_text if "AUROC per layer" in text), None)
-    roc_chart = next((text for text in chart_text if "ROC curves" in text), None)
-    assert auroc_chart and roc_chart, f"expected the AUROC-per-layer and ROC charts: {[t[:60] for t in chart_text]}"
-    # Legends name every series and both revisions; panel headers name the splits.
-    for label in ("tbg", "think_end", "slt", "HEAD", "workspace", "val", "test", "ood"):
-        assert label in auroc_chart, f"{label!r} missing from the AUROC-per-layer chart"
-    for label in ("accuracy_probe", "se_probe", "semantic_entropy", "HEAD", "workspace", "test", "ood"):
-        assert label in roc_chart, f"{label!r} missing from the ROC chart"
+    # Legends name every series (and both revisions where they differ); panel headers name the splits.
+    for title, labels in CHART_LABELS.items():
+        chart = next((text for text in chart_text if title in text), None)
+        assert chart, f"no chart titled {title!r}: {[t[:60] for t in chart_text]}"
+        for label in labels:
+            assert label in chart, f"{label!r} missing from the {title!r} chart"
