@@ -40,8 +40,9 @@ class _HoloViews:
 
     def __getattr__(self, name: str):
         module = importlib.import_module("holoviews")
-        if "bokeh" not in module.Store.renderers:
-            module.extension("bokeh", logo=False)
+        # Registers the Bokeh renderer (what `hv.extension("bokeh")` does outside a notebook); a plain import, safe
+        # in the worker thread that renders Experiments.
+        importlib.import_module("holoviews.plotting.bokeh")
         return getattr(module, name)
 
 
@@ -130,7 +131,7 @@ class LinkedPoints(pn.viewable.Viewer):
             self.param.watch(lambda *_: self.param.trigger("redraw"), own)
         if stored:
             self.store.param.watch(lambda *_: self.param.trigger("redraw"), stored)
-        self._figure = None  # the figure drawn now, its two sources, and the viewport it shows
+        # the drawn figure's two sources (points, image) and the viewport it shows
         self._sources: tuple[ColumnDataSource, ColumnDataSource] | None = None
         self._ranges: tuple[tuple[float, float], tuple[float, float]] | None = None
         self.store.param.watch(lambda *_: self._refresh(), ["filtered_revision", "selected_revision"])
@@ -284,7 +285,7 @@ class LinkedPoints(pn.viewable.Viewer):
             plot.add_layout(ColorBar(color_mapper=fill["transform"], title=LABELS.get(colour, colour)), "right")
         plot.on_event(RangesUpdate, self._on_ranges)
         plot.on_event(SelectionGeometry, self._on_selection)
-        self._figure, self._sources = plot, (points_source, image_source)
+        self._sources = (points_source, image_source)
         return pn.pane.Bokeh(plot, sizing_mode="stretch_width", height=PLOT_HEIGHT)
 
     def hint(self) -> pn.pane.HTML:
