@@ -240,7 +240,7 @@ RELIABILITY_COLUMNS = (
 STABILITY_COLUMNS = (
     Column("seed", "int", doc="seed of the question split and the probe fits"),
     Column("split", "str", doc="test or ood"),
-    Column("score", "str", doc="a key of stages.evaluate.SCORES"),
+    Column("score", "str", doc="a key of stages.stability.STABLE_SCORES"),
     Column("auroc", "float", nullable=True, doc="for flagging incorrect runs; null if one class"),
 )
 

@@ -6,10 +6,10 @@ One split is one draw: with a few hundred questions, which questions land in tes
 points. For each of ``stability.seeds`` seeds (``seed``, ``seed + 1``, ...; the first is the main run's split)
 the in-distribution questions are split afresh, every probe is refitted on that split's train runs and its
 location re-chosen on that split's val runs (``train_probes.train``, the same procedure), and every score of
-``evaluate.SCORES`` is evaluated on that split's test runs and on the (fixed) OOD runs. A seed whose split
+``STABLE_SCORES`` is evaluated on that split's test runs and on the (fixed) OOD runs. A seed whose split
 leaves a train or val label with one class (possible with few questions) is skipped and listed. To keep this cheap the
 C of every probe is ``stability.c_grid`` (one value skips the cross-validation) and layer ranges are not
-searched (the range probes fall back to the best single layer).
+searched, so the range probes (which would equal the single-layer ones) are left out.
 
 Writes ``{paths.metrics}/stability.json`` (per split and score: mean, standard deviation, min and max of AUROC
 over the seeds, and each seed's value) and ``{paths.plots}/stability.csv`` (STABILITY_COLUMNS, one row per
@@ -36,6 +36,9 @@ from stages.train_probes import attach_splits, load_dataset, require_same_locati
 
 log = logging.getLogger(__name__)
 
+# every score of evaluate but the layer-range probes (ranges are not searched here)
+STABLE_SCORES = tuple(name for name in SCORES if not name.endswith("_range_probe"))
+
 
 def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """STABILITY_COLUMNS rows: AUROC for flagging incorrect runs of every score, per seed and split; and the
@@ -61,7 +64,7 @@ def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
                 continue
             scores = score_runs(split_runs, hidden, id_data.positions, id_data.layers, trained.probes)
             incorrect = ~split_runs["correct"].to_numpy(bool)
-            for name in SCORES:
+            for name in STABLE_SCORES:
                 rows.append({"seed": seed, "split": split, "score": name,
                              "auroc": auroc(incorrect, scores[name].to_numpy(float))})
         log.info("seed %d: test AUROC accuracy probe %s", seed,

@@ -291,7 +291,8 @@ def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
     table = pd.read_csv(Path(params.paths.plots) / "stability.csv")
     validate_frame(table, STABILITY_COLUMNS, "stability.csv")
     assert sorted(set(table["seed"])) == [params.seed, params.seed + 1, params.seed + 2]
-    assert len(table) == 3 * 2 * len(evaluate.SCORES)  # seeds x (test, ood) x scores
+    assert len(table) == 3 * 2 * len(stability.STABLE_SCORES)  # seeds x (test, ood) x scores
+    assert "accuracy_range_probe" not in set(table["score"])
     record = report["test"]["accuracy_probe"]
     values = table.query("split == 'test' and score == 'accuracy_probe'")["auroc"].to_numpy()
     assert record["values"] == pytest.approx(list(values)) and record["n_seeds"] == 3
