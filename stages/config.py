@@ -253,6 +253,11 @@ def _check(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ParamsError(f"params.yaml: `{key}` = {value!r} is invalid; expected {expected}")
 
 
+def _is_int(value: Any) -> bool:
+    """An integer and not a bool (YAML's `true` is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_source(value: Any, allowed: tuple[str, ...]) -> bool:
     """``value`` is one of ``allowed``, a Hub source (``hf:gsm8k``, ``hf:math500``) or ``jsonl:<path>``."""
     return isinstance(value, str) and (value in allowed + HUB_SOURCES
@@ -342,7 +347,7 @@ def validate(params: Params) -> Params:
            "probes.c_grid", p.probes.c_grid, "a non-empty list of positive numbers")
     _check(isinstance(p.probes.max_iter, int) and p.probes.max_iter >= 1, "probes.max_iter", p.probes.max_iter,
            "an integer >= 1")
-    _check(isinstance(p.probes.max_layer_range, int) and p.probes.max_layer_range >= 0, "probes.max_layer_range",
+    _check(_is_int(p.probes.max_layer_range) and p.probes.max_layer_range >= 0, "probes.max_layer_range",
            p.probes.max_layer_range, "an integer >= 0 (0 = ranges of any length)")
     _check(p.probes.high_se_threshold in THRESHOLD_METHODS, "probes.high_se_threshold",
            p.probes.high_se_threshold, f"one of {THRESHOLD_METHODS}")
@@ -350,10 +355,10 @@ def validate(params: Params) -> Params:
            p.evaluate.bootstrap, "an integer >= 10")
     _check(isinstance(p.evaluate.permutations, int) and p.evaluate.permutations >= 10, "evaluate.permutations",
            p.evaluate.permutations, "an integer >= 10")
-    _check(isinstance(p.evaluate.calibration_bins, int) and p.evaluate.calibration_bins >= 1,
+    _check(_is_int(p.evaluate.calibration_bins) and p.evaluate.calibration_bins >= 1,
            "evaluate.calibration_bins", p.evaluate.calibration_bins, "an integer >= 1")
     _check(0 < p.evaluate.confidence < 1, "evaluate.confidence", p.evaluate.confidence, "a fraction in (0, 1)")
-    _check(isinstance(p.stability.seeds, int) and p.stability.seeds >= 1, "stability.seeds", p.stability.seeds,
+    _check(_is_int(p.stability.seeds) and p.stability.seeds >= 1, "stability.seeds", p.stability.seeds,
            "an integer >= 1")
     _check(isinstance(p.stability.c_grid, tuple) and len(p.stability.c_grid) > 0
            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in p.stability.c_grid),

@@ -53,8 +53,10 @@ def cost_ratio(costs: dict[str, dict[str, Any]], runs_per_question: int) -> dict
     """Per-question cost of SE and of one probe evaluation, and their ratios (see the module docstring)."""
     generate, entropy, trace = costs["generate"], costs["semantic_entropy"], costs["trace"]
     questions = entropy["questions"]
-    if questions <= 0 or trace["sequences"] <= 0:
-        raise ValueError("cost records hold no questions or no traced sequences: nothing to compare")
+    if questions <= 0:
+        raise ValueError(f"cost/semantic_entropy.json: `questions` = {questions}; expected > 0 (nothing to compare)")
+    if trace["sequences"] <= 0:
+        raise ValueError(f"cost/trace.json: `sequences` = {trace['sequences']}; expected > 0 (nothing to compare)")
     se_seconds = (generate["wall_seconds"] + entropy["wall_seconds"]) / questions
     probe_seconds = trace["wall_seconds"] / trace["sequences"]
     se_tokens = generate["tokens_generated"] / questions

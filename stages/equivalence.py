@@ -114,26 +114,6 @@ def greedy_reference_clusters(answers: Sequence[str], judge: Callable[[list[Pair
     return np.array([renumber[raw] for raw in raw_ids], dtype=np.int64)
 
 
-def reference_classifier_calls(answers: Sequence[str], equivalent: Callable[[str, str], bool]) -> int:
-    """Classifier calls the reference ``get_semantic_ids`` makes on ``answers`` (no dedupe, no cache, no batch).
-
-    Each compared pair costs 2 calls (one per direction), one forward pass each. At K answers this is
-    2 (K - 1) (one meaning) to K (K - 1) (all different). ``equivalent`` stands in for the model's decisions.
-    """
-    cluster = [-1] * len(answers)
-    calls, next_id = 0, 0
-    for i, representative in enumerate(answers):
-        if cluster[i] != -1:
-            continue
-        cluster[i] = next_id
-        for j in range(i + 1, len(answers)):
-            calls += 2
-            if equivalent(representative, answers[j]):
-                cluster[j] = next_id
-        next_id += 1
-    return calls
-
-
 # ---- NLI -----------------------------------------------------------------------------------------------
 
 def nli_equivalent(forward: str, backward: str, strict_entailment: bool) -> bool:

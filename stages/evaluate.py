@@ -8,12 +8,18 @@ Positive class = an INCORRECT run; every score is oriented so that higher = more
 (``evaluate.permutations``). The SE probe is also scored on its own target (high-SE questions, threshold
 from train). A split with one class, or no runs (``data.ood_source: none``), gets null metrics and a note.
 
+Beyond AUROC/AUPRC each score gets AURAC, AURC and PRR (selective prediction); the accuracy probes' P(correct)
+gets ECE, Brier and a reliability table; the ridge SE probe its Spearman with SE; and the probe at each traced
+position (its layer chosen on val) its AUROC with CI against the share of the reasoning seen (early warning).
+
 Writes
-- ``{paths.metrics}/evaluate.json``: ``{split: {score: {auroc, auroc_ci_low, ...}}}`` plus ``summary`` (counts,
-  accuracy and mean probe confidence per split) and ``settings``;
+- ``{paths.metrics}/evaluate.json``: ``{split: {score: {auroc, auroc_ci_low, ..., aurac, aurc, prr}}}`` plus
+  ``summary`` (counts, accuracy and mean probe confidence per split), ``calibration``, ``se_regression``,
+  ``early_warning`` and ``settings``;
 - ``{paths.plots}/auroc_by_layer.csv``: AUROC of the probe train_probes fitted on train at every
   (position, layer) (``location_probes.json``), on val, test and ood;
-- ``{paths.plots}/roc.csv``: ROC curves of every score on test and ood;
+- ``{paths.plots}/roc.csv``, ``risk_coverage.csv``: ROC and risk-coverage curves of every score on test and ood;
+- ``{paths.plots}/reliability.csv``, ``early_warning.csv``: the reliability diagrams and the early-warning curve;
 - ``{paths.metrics}/cost/evaluate.json``.
 """
 
@@ -38,8 +44,8 @@ from stages.probes import LinearProbe, load_location_probes, load_probe, probe_f
 from stages.schema import (AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE,
                            EVALUATE_FILE, LOCATION_PROBES_FILE, PROBE_FILES, RELIABILITY_COLUMNS, RELIABILITY_FILE,
                            RISK_COVERAGE_COLUMNS, RISK_COVERAGE_FILE, ROC_COLUMNS, ROC_FILE, SELECTION_FILE,
-                           SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, SchemaError, empty_frame, validate_frame)
-from stages.trace import prefix_fraction
+                           SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, SchemaError, empty_frame, prefix_fraction,
+                           validate_frame)
 from stages.train_probes import (BINARY_LABELS, PROBE_LABEL, DatasetRuns, attach_splits, load_dataset,
                                  probe_labels, require_same_locations)
 
@@ -189,8 +195,9 @@ def calibration(correct, scores: pd.DataFrame, split: str, n_bins: int) -> tuple
     summary, frames = {}, []
     for probe_name, column in CALIBRATED.items():
         p_correct = scores[column].to_numpy(float)
-        summary[probe_name] = {"ece": expected_calibration_error(correct, p_correct, n_bins) if len(p_correct) else None,
-                               "brier": brier_score(correct, p_correct) if len(p_correct) else None,
+        empty = len(p_correct) == 0
+        summary[probe_name] = {"ece": None if empty else expected_calibration_error(correct, p_correct, n_bins),
+                               "brier": None if empty else brier_score(correct, p_correct),
                                "n_bins": n_bins, "n_runs": int(len(p_correct))}
         if len(p_correct):
             frames.append(reliability_table(correct, p_correct, n_bins).assign(probe=probe_name, split=split))

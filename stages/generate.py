@@ -224,7 +224,7 @@ def main() -> None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
     with cost_record(params.paths.metrics, "generate") as cost, atomic_path(params.paths.runs) as out_dir:
         out_dir.mkdir()
-        cost.update(sequences=0, tokens_generated=0, generate_calls=0)
+        cost.update(backend=backend, sequences=0, tokens_generated=0, generate_calls=0)
         for offset, dataset in enumerate(DATASETS):
             questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
             prompts = [prompt_ids(tokenizer, q) for q in questions["question"]]

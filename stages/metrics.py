@@ -1,8 +1,11 @@
 """Pure metric math for the evaluate stage: AUROC, AUPRC, question-level bootstrap CIs, permutation p-values.
 
-No file I/O. Every metric takes ``labels`` (positive class = True / 1) and ``scores`` (higher = more
+No file I/O. Every ranking metric takes ``labels`` (positive class = True / 1) and ``scores`` (higher = more
 likely positive) and returns ``None`` instead of raising when the labels hold a single class, because a
-test or OOD split where every run is correct is a legitimate outcome to report, not a crash.
+test or OOD split where every run is correct is a legitimate outcome to report, not a crash. The selective-
+prediction metrics (risk-coverage, AURC, AURAC, PRR) take ``correct`` and ``uncertainty``; they, the
+calibration metrics (Brier, ECE, reliability table) and ``spearman`` are documented one by one (AURAC, AURC,
+Brier and ECE stay defined for a single class; PRR and Spearman return None where undefined).
 ``single_class_reason`` says why in words, for the ``note`` field of the metrics JSON.
 
 AUROC is computed from ranks (the Mann-Whitney U statistic, ties counted as half) and AUPRC as

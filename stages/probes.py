@@ -181,12 +181,12 @@ class LinearProbe:
 
     def predict_proba(self, features) -> np.ndarray:
         """P(positive class), shape (n,) (one column, unlike scikit-learn's (n, 2): the label is binary)."""
-        if self.kind != "logistic":
-            raise ValueError(f"{self!r} is a ridge regression: use decision_function for its predicted value")
+        self._require_classifier("predict_proba")
         return expit(self.decision_function(features))
 
     def predict(self, features) -> np.ndarray:
         """Boolean prediction at P = 0.5, shape (n,)."""
+        self._require_classifier("predict")
         return self.decision_function(features) > 0
 
     def margin(self, features) -> np.ndarray:
@@ -194,9 +194,15 @@ class LinearProbe:
 
         0 for every row when all weights are 0 (no boundary to measure from).
         """
+        self._require_classifier("margin")
         norm = float(np.linalg.norm(self.coef_))
         decision = self.decision_function(features)
         return decision / norm if norm > 0 else np.zeros_like(decision)
+
+    def _require_classifier(self, method: str) -> None:
+        if self.kind != "logistic":
+            raise ValueError(f"{self!r} is a ridge regression: {method} has no meaning for it; use decision_function "
+                             "for its predicted value")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
@@ -427,7 +433,7 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
         if target_kind(values) == "logistic":
             require_two_classes(values, label_name, split)
     probes = {}
-    locations = [(p, pos, l, layer) for p, pos in enumerate(positions) for l, layer in enumerate(layers)]
+    locations = [(p, pos, i, layer) for p, pos in enumerate(positions) for i, layer in enumerate(layers)]
     for position_index, position, layer_index, layer in tqdm(locations, desc="probes per (position, layer)",
                                                            leave=False):
         features = location_features(hidden, rows, position_index, layer_index)

@@ -9,6 +9,7 @@ Keys: a question is identified by ``question_id`` (unique within a dataset); a r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,21 @@ SE_COLUMNS = (
 )
 SE_KEY = RUN_KEY
 
+# ---- trace positions: tbg, think_<p> (early warning), think_end, slt ---------------------------------------
+PREFIX_PATTERN = re.compile(r"think_([1-9][0-9]?)")  # early-warning positions think_1 .. think_99
+
+
+def prefix_fraction(position: str) -> float | None:
+    """Share of the reasoning seen at a position: ``think_25`` -> 0.25, ``tbg`` -> 0, ``think_end`` -> 1;
+    None for ``slt`` (it has also seen the answer) and for names that are not positions."""
+    if position == "tbg":
+        return 0.0
+    if position == "think_end":
+        return 1.0
+    match = PREFIX_PATTERN.fullmatch(position)
+    return int(match.group(1)) / 100 if match else None
+
+
 # ---- hidden states: artifacts/hidden/{id,ood}.npy + {id,ood}_index.parquet + {id,ood}_meta.json --------
 # The array is float16, shape (runs, positions, layers, hidden); row i belongs to index row i.
 HIDDEN_INDEX_COLUMNS = (
@@ -142,7 +158,8 @@ def validate_hidden(array: np.ndarray, index: pd.DataFrame, meta: dict, source: 
     validate_frame(index, HIDDEN_INDEX_COLUMNS, source, key=RUN_KEY)
     expected = (len(index), len(meta["positions"]), len(meta["layers"]), meta["hidden_size"])
     if array.shape != expected:
-        raise SchemaError(f"{source}: array shape {array.shape}; expected (runs, positions, layers, hidden) = {expected}")
+        raise SchemaError(f"{source}: array shape {array.shape}; expected (runs, positions, layers, hidden) = "
+                          f"{expected}")
     if array.dtype != np.float16:
         raise SchemaError(f"{source}: array dtype {array.dtype}; expected float16")
 

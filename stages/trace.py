@@ -21,7 +21,6 @@ and positions stay 0..n-1 exactly as in an unbatched pass.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -33,23 +32,9 @@ from tqdm import tqdm
 from stages.common import atomic_path, cost_record, read_table, setup_logging, write_json, write_table
 from stages.config import load_params
 from stages.models import load_model
-from stages.schema import DATASETS, HIDDEN_INDEX_COLUMNS, RUN_COLUMNS, RUN_KEY, hidden_files
+from stages.schema import DATASETS, HIDDEN_INDEX_COLUMNS, RUN_COLUMNS, RUN_KEY, hidden_files, prefix_fraction
 
 log = logging.getLogger(__name__)
-
-PREFIX_PATTERN = re.compile(r"think_([1-9][0-9]?)")  # early-warning positions think_1 .. think_99
-
-
-def prefix_fraction(position: str) -> float | None:
-    """Share of the reasoning seen at a position: ``think_25`` -> 0.25, ``tbg`` -> 0, ``think_end`` -> 1;
-    None for ``slt`` (it has also seen the answer) and for names that are not positions."""
-    if position == "tbg":
-        return 0.0
-    if position == "think_end":
-        return 1.0
-    match = PREFIX_PATTERN.fullmatch(position)
-    return int(match.group(1)) / 100 if match else None
-
 
 def token_positions(prompt_length: int, n_generated: int, think_end_index: int | None,
                     positions: tuple[str, ...], think_start_index: int | None = None) -> tuple[list[int], bool]:
@@ -84,7 +69,8 @@ def resolve_layers(layers: str | tuple[int, ...], n_hidden_states: int) -> list[
         return list(range(n_hidden_states))
     bad = [i for i in layers if i >= n_hidden_states]
     if bad:
-        raise ValueError(f"params.yaml: `trace.layers` has {bad}; this model has hidden states 0..{n_hidden_states - 1}")
+        raise ValueError(f"params.yaml: `trace.layers` has {bad}; this model has hidden states "
+                         f"0..{n_hidden_states - 1}")
     return list(layers)
 
 

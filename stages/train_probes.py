@@ -245,7 +245,10 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
     train_runs, val_runs = runs[runs["split"] == "train"], runs[runs["split"] == "val"]
     label_name = single.label_name
     candidates, probes, fitted = [], [], 0
-    for first, last in layer_ranges(len(layers), probe_params.max_layer_range):
+    ranges = layer_ranges(len(layers), probe_params.max_layer_range)
+    log.info("%s: %d layer ranges of up to %s layers at %s", label_name, len(ranges),
+             probe_params.max_layer_range or "any number of", single.position)
+    for first, last in ranges:
         if first == last:
             probe = location_probes[(label_name, single.position, int(layers[first]))]
         else:

@@ -107,7 +107,8 @@ def start_seaweedfs(directory: Path, bucket: str) -> S3Server:
     # setpriv (util-linux) execs weed with a parent-death signal: it gets SIGTERM if the test process dies.
     die_with_parent = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
     # -logtostderr keeps weed's glog files out of /tmp: everything goes to weed.log in `directory`.
-    command = [*die_with_parent, weed, "-logtostderr", "mini", f"-dir={directory / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
+    command = [*die_with_parent, weed, "-logtostderr", "mini", f"-dir={directory / 'data'}", f"-ip={HOST}",
+               f"-ip.bind={HOST}",
                *(f"-{flag}={port}" for flag, port in ports.items()),
                f"-s3.config={directory / 's3.json'}", f"-bucket={bucket}",
                f"-filer.localSocket={directory / 'filer.sock'}", f"-s3.localSocket={directory / 's3.sock'}",

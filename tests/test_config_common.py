@@ -40,6 +40,7 @@ def test_the_repository_params_are_valid():
     ("probes.high_se_threshold", "mean"), ("probes.val_fraction", 0.5), ("evaluate.confidence", 95),
     ("trace.positions", ["think_0"]), ("trace.positions", ["think_100"]), ("trace.positions", ["slt", "slt"]),
     ("probes.max_layer_range", -1), ("evaluate.calibration_bins", 0), ("stability.seeds", 0),
+    ("stability.seeds", True), ("evaluate.calibration_bins", True),
 ])
 def test_a_bad_value_names_its_key(dotted, value):
     with pytest.raises(ParamsError, match=f"`{dotted}` = "):

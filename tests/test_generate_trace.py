@@ -12,7 +12,8 @@ from stages.generate import (SampledRun, build_run_records, eos_and_pad, mean_th
                              think_span)
 from stages.models import ThinkTokens, load_model, prompt_ids, think_tokens
 from stages.schema import RUN_COLUMNS, RUN_KEY, validate_frame
-from stages.trace import hidden_at_positions, prefix_fraction, resolve_layers, token_positions, trace_runs
+from stages.schema import prefix_fraction
+from stages.trace import hidden_at_positions, resolve_layers, token_positions, trace_runs
 
 QUESTIONS = ["1+2", "12+7-5+3", "3-1", "20+20-7"]
 

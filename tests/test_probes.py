@@ -108,7 +108,7 @@ def test_location_probes_find_the_signal_location():
     train = np.arange(80)
     probes = fit_location_probes(hidden, train, ["tbg", "slt"], [0, 5, 7], {"correct": labels[train]}, groups[train],
                                  c_grid=(1.0,), cv_folds=3, max_iter=200, random_state=0)
-    assert set(probes) == {("correct", p, l) for p in ("tbg", "slt") for l in (0, 5, 7)}
+    assert set(probes) == {("correct", p, layer) for p in ("tbg", "slt") for layer in (0, 5, 7)}
     table = score_location_probes(probes, hidden, np.arange(80, n), ["tbg", "slt"], [0, 5, 7],
                                   {"correct": labels[80:]})
     assert set(table["metric"]) == {"auroc"}
@@ -170,8 +170,9 @@ def test_ridge_probe_predicts_a_continuous_target_and_round_trips(tmp_path):
     assert probe.cv_auroc_[1.0] > 0.9  # CV scores are Spearman correlations for a ridge probe
     assert probe_score(probe, features, target) > 0.95
     assert np.argmax(np.abs(probe.coef_)) == 3
-    with pytest.raises(ValueError, match="ridge regression"):
-        probe.predict_proba(features)
+    for method in (probe.predict_proba, probe.predict, probe.margin):
+        with pytest.raises(ValueError, match="ridge regression"):
+            method(features)
     save_probe(probe, tmp_path / "ridge.json")
     again = load_probe(tmp_path / "ridge.json")
     assert again.kind == "ridge" and again.layer_end is None

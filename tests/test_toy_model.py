@@ -90,7 +90,8 @@ def test_special_token_ids_and_unknown_characters(tokenizer):
 
 def test_chat_template_renders_the_prompt_and_full_transcripts(tokenizer):
     user = [{"role": "user", "content": "12+7"}]
-    assert tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False) == "<|user|>12+7<|assistant|>"
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|user|>12+7<|assistant|>"
     transcript = user + [{"role": "assistant", "content": "<think>12+7=19</think>\\boxed{19}"}]
     assert tokenizer.apply_chat_template(transcript, tokenize=False) == \
         "<|user|>12+7<|assistant|><think>12+7=19</think>\\boxed{19}<|endoftext|>"
