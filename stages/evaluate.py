@@ -44,8 +44,8 @@ from stages.probes import LinearProbe, load_location_probes, load_probe, probe_f
 from stages.schema import (AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE,
                            EVALUATE_FILE, LOCATION_PROBES_FILE, PROBE_FILES, RELIABILITY_COLUMNS, RELIABILITY_FILE,
                            RISK_COVERAGE_COLUMNS, RISK_COVERAGE_FILE, ROC_COLUMNS, ROC_FILE, SELECTION_FILE,
-                           SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, SchemaError, empty_frame, prefix_fraction,
-                           validate_frame)
+                           CALIBRATED, SCORES, SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, SchemaError, empty_frame,
+                           prefix_fraction, validate_frame)
 from stages.train_probes import (BINARY_LABELS, PROBE_LABEL, DatasetRuns, attach_splits, load_dataset,
                                  probe_labels, require_same_locations)
 
@@ -53,22 +53,6 @@ log = logging.getLogger(__name__)
 
 EVALUATED_SPLITS = ("test", "ood")
 BINARY_PROBES = tuple(name for name, label in PROBE_LABEL.items() if label in BINARY_LABELS)
-# score name -> how it is computed; every one is oriented so that higher = more likely incorrect
-SCORES = {
-    "accuracy_probe": "1 - P(correct) from the accuracy probe",
-    "se_probe": "P(high semantic entropy) from the SE probe",
-    "semantic_entropy": "discrete semantic entropy of the run's question",
-    "semantic_entropy_weighted": "likelihood-weighted semantic entropy of the run's question",
-    "naive_entropy": "naive (length-normalised) predictive entropy of the run's question",
-    "mean_token_entropy": "mean token entropy over the run's think span",
-    "entropy_baseline": "1 - P(correct) from logistic regression on mean_token_entropy",
-    "negative_sequence_loglik": "-sequence_loglik of the run",
-    "se_regression_probe": "semantic entropy predicted by the ridge SE probe",
-    "accuracy_range_probe": "1 - P(correct) from the accuracy probe on its best layer range",
-    "se_range_probe": "P(high semantic entropy) from the SE probe on its best layer range",
-}
-# the accuracy probes' P(correct), whose calibration is measured
-CALIBRATED = {"accuracy_probe": "accuracy_probe_p_correct", "accuracy_range_probe": "accuracy_range_probe_p_correct"}
 # the SE probe scored on the label it was trained for
 SE_PROBE_ON_HIGH_SE = "se_probe_high_se"
 

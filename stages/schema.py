@@ -220,7 +220,7 @@ AUROC_BY_LAYER_COLUMNS = (
     Column("auroc", "float", nullable=True, doc="probe fitted on train, scored for its own label; null if one class"),
 )
 ROC_COLUMNS = (
-    Column("score", "str", doc="a key of stages.evaluate.SCORES; positive class = incorrect run"),
+    Column("score", "str", doc="a key of SCORES; positive class = incorrect run"),
     Column("split", "str", doc="test or ood"),
     Column("fpr", "float"),
     Column("tpr", "float"),
@@ -238,7 +238,7 @@ EARLY_WARNING_COLUMNS = (
     Column("auroc_ci_high", "float", nullable=True),
 )
 RISK_COVERAGE_COLUMNS = (
-    Column("score", "str", doc="a key of stages.evaluate.SCORES; runs kept from the lowest score up"),
+    Column("score", "str", doc="a key of SCORES; runs kept from the lowest score up"),
     Column("split", "str", doc="test or ood"),
     Column("coverage", "float", doc="fraction of runs kept"),
     Column("risk", "float", doc="error rate of the kept runs"),
@@ -260,6 +260,25 @@ STABILITY_COLUMNS = (
     Column("score", "str", doc="a key of stages.stability.STABLE_SCORES"),
     Column("auroc", "float", nullable=True, doc="for flagging incorrect runs; null if one class"),
 )
+
+# ---- evaluate.json: the scores evaluated per split (written by stages.evaluate, read by the viewer) ----------
+# score name -> how it is computed (the keys of evaluate.json's splits); every one is oriented so that
+# higher = more likely incorrect
+SCORES = {
+    "accuracy_probe": "1 - P(correct) from the accuracy probe",
+    "se_probe": "P(high semantic entropy) from the SE probe",
+    "semantic_entropy": "discrete semantic entropy of the run's question",
+    "semantic_entropy_weighted": "likelihood-weighted semantic entropy of the run's question",
+    "naive_entropy": "naive (length-normalised) predictive entropy of the run's question",
+    "mean_token_entropy": "mean token entropy over the run's think span",
+    "entropy_baseline": "1 - P(correct) from logistic regression on mean_token_entropy",
+    "negative_sequence_loglik": "-sequence_loglik of the run",
+    "se_regression_probe": "semantic entropy predicted by the ridge SE probe",
+    "accuracy_range_probe": "1 - P(correct) from the accuracy probe on its best layer range",
+    "se_range_probe": "P(high semantic entropy) from the SE probe on its best layer range",
+}
+# the accuracy probes' P(correct), whose calibration is measured
+CALIBRATED = {"accuracy_probe": "accuracy_probe_p_correct", "accuracy_range_probe": "accuracy_range_probe_p_correct"}
 
 # ---- file names inside the `paths:` directories, shared by the stages that write them and the viewer ----
 ANALYSIS_FILE = "analysis.parquet"  # in paths.analysis; ANALYSIS_COLUMNS

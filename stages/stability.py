@@ -64,12 +64,10 @@ def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
                 continue
             scores = score_runs(split_runs, hidden, id_data.positions, id_data.layers, trained.probes)
             incorrect = ~split_runs["correct"].to_numpy(bool)
-            for name in STABLE_SCORES:
-                rows.append({"seed": seed, "split": split, "score": name,
-                             "auroc": auroc(incorrect, scores[name].to_numpy(float))})
-        log.info("seed %d: test AUROC accuracy probe %s", seed,
-                 next((r["auroc"] for r in rows[::-1] if r["split"] == "test" and r["score"] == "accuracy_probe"),
-                      None))
+            seed_rows = [{"seed": seed, "split": split, "score": name,
+                          "auroc": auroc(incorrect, scores[name].to_numpy(float))} for name in STABLE_SCORES]
+            rows.extend(seed_rows)
+            log.info("seed %d, %s: accuracy probe AUROC %s", seed, split, seed_rows[0]["auroc"])
     if not rows:
         raise SingleClassError(f"stability: every one of the {params.stability.seeds} seeds gave a split with a "
                                f"single-class label; first: {skipped[0]['reason']}")

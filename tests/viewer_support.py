@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.schema import (ANALYSIS_COLUMNS, AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, COST_RATIO_FILE,
+from stages.schema import (ANALYSIS_COLUMNS, AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE, CALIBRATED, COST_RATIO_FILE,
                            EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE, EVALUATE_FILE, RELIABILITY_COLUMNS,
                            RELIABILITY_FILE, RISK_COVERAGE_COLUMNS, RISK_COVERAGE_FILE, ROC_COLUMNS, ROC_FILE,
-                           STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE, validate_frame)
+                           SCORES, STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE, validate_frame)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -35,11 +35,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCRIPT_ANSWER = "<script>alert(1)</script>"
 # Would set window.__pwned if it ever reached the page as markup (an <img> runs onerror without being in view).
 IMG_ANSWER = '<img src=x onerror="window.__pwned=1">'
-# stages.evaluate.SCORES' keys, in its order (importing stages.evaluate would load torch for a list of names).
-SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
-          "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik", "se_regression_probe",
-          "accuracy_range_probe", "se_range_probe")
-CALIBRATED = ("accuracy_probe", "accuracy_range_probe")
 POSITIONS = {"tbg": 0.0, "think_50": 0.5, "think_end": 1.0, "slt": None}  # traced position -> share of reasoning
 PATHS = {"toy_model": "artifacts/toy_model", "questions": "data/questions", "runs": "data/runs",
          "semantic_entropy": "data/semantic_entropy", "hidden": "artifacts/hidden", "probes": "artifacts/probes",
