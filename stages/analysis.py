@@ -1,102 +1,18 @@
-"""Stage analysis: one compact row per run for the viewer, with entropies, probe scores and UMAP coordinates.
+"""Stage analysis: one row per run for the viewer (entropies, probe scores, UMAP coordinates).
 
-Run: ``python -m stages.analysis`` (writes ``{paths.analysis}/analysis.parquet``, ANALYSIS_COLUMNS).
-
-Probe probabilities and margins come from the probes train_probes saved, at the (position, layer) each
-was selected at on validation. The 2-D UMAP is fitted on TRAIN runs' hidden states at the accuracy probe's
-location and applied to every other run, so no test or OOD row shapes the embedding.
-"""
+Run with ``python -m stages.analysis``; writes ``{paths.analysis}/analysis.parquet`` (ANALYSIS_COLUMNS) and its
+cost record."""
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from stages.common import atomic_path, cost_record, read_table, setup_logging
-from stages.config import AnalysisParams, Params, load_params
-from stages.probes import LinearProbe, load_probe, location_features
-from stages.questions import load_questions
-from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, DATASETS, PROBE_FILES, RUN_COLUMNS,
-                           SE_COLUMNS, SELECTION_FILE, SPLIT_COLUMNS, SPLIT_KEY, SPLITS_FILE, validate_frame)
-from stages.train_probes import DatasetRuns, load_dataset
+from stages.lib.analysis import build_table
+from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage
+from stages.lib.params import load_params
+from stages.lib.schema import ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, validate_frame
 
 log = logging.getLogger(__name__)
-
-RUN_TEXT_FIELDS = ("question_id", "run_id", "dataset", "text", "answer", "truncated", "think_start_index",
-                   "think_end_index")
-
-
-def think_length(start: pd.Series, end: pd.Series) -> pd.Series:
-    """Tokens strictly between <think> and </think> (from the start of the generation when <think> is absent);
-    null when there is no </think>."""
-    begin = start.fillna(-1).astype("Int64") + 1
-    return (end.astype("Int64") - begin).astype("Int64")
-
-
-def probe_scores(probe: LinearProbe, data: DatasetRuns, prefix: str) -> pd.DataFrame:
-    """P(positive) and margin of ``probe`` for every run of ``data``, at the probe's own location."""
-    features = location_features(data.hidden, data.runs["hidden_row"].to_numpy(),
-                                 data.positions.index(probe.position), data.layers.index(probe.layer))
-    return pd.DataFrame({f"{prefix}_prob": probe.predict_proba(features), f"{prefix}_margin": probe.margin(features)})
-
-
-def umap_coordinates(train_features: np.ndarray, all_features: np.ndarray, params: AnalysisParams,
-                     seed: int) -> np.ndarray:
-    """Fit a 2-D UMAP on ``train_features`` (n_train, hidden) and embed ``all_features`` (n, hidden) -> (n, 2).
-
-    The fit sees each distinct training vector once: identical runs have identical hidden states, and the
-    ties they create in the neighbour graph made the embedding differ from run to run despite the seed
-    (measured: coordinates moved by up to ~40 units between two runs of the same stage).
-    """
-    import umap  # imported here: numba compiles on import, which the other stages need not pay for
-
-    distinct = np.unique(train_features, axis=0)
-    neighbors = min(params.umap_neighbors, len(distinct) - 1)
-    reducer = umap.UMAP(n_components=2, n_neighbors=neighbors, min_dist=params.umap_min_dist, random_state=seed)
-    reducer.fit(distinct)
-    return reducer.transform(all_features).astype(np.float64)
-
-
-def build_table(params: Params) -> pd.DataFrame:
-    probes_dir = Path(params.paths.probes)
-    accuracy_probe = load_probe(probes_dir / PROBE_FILES["accuracy"])
-    se_probe = load_probe(probes_dir / PROBE_FILES["se"])
-    high_se_threshold = json.loads((probes_dir / SELECTION_FILE).read_text())["high_se_threshold"]
-    splits = read_table(probes_dir / SPLITS_FILE, SPLIT_COLUMNS, SPLIT_KEY)
-
-    frames, features = [], []
-    for dataset in DATASETS:
-        data = load_dataset(params, dataset)
-        if not len(data.runs):
-            continue
-        runs_path = Path(params.paths.runs) / f"{dataset}.parquet"
-        text = read_table(runs_path, RUN_COLUMNS, names=RUN_TEXT_FIELDS)
-        clusters = read_table(Path(params.paths.semantic_entropy) / f"{dataset}.parquet", SE_COLUMNS)
-        questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
-        frame = (data.runs
-                 .merge(text, on=["question_id", "run_id"], validate="one_to_one")
-                 .merge(clusters[["question_id", "run_id", "n_clusters"]], on=["question_id", "run_id"])
-                 .merge(questions[["question_id", "question", "gold"]], on="question_id", validate="many_to_one")
-                 .merge(splits[splits["dataset"] == dataset][["question_id", "split"]], on="question_id",
-                        validate="many_to_one"))
-        frame = pd.concat([frame, probe_scores(accuracy_probe, data, "accuracy_probe"),
-                           probe_scores(se_probe, data, "se_probe")], axis=1)
-        features.append(location_features(data.hidden, data.runs["hidden_row"].to_numpy(),
-                                          data.positions.index(accuracy_probe.position),
-                                          data.layers.index(accuracy_probe.layer)))
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    all_features = np.concatenate(features)
-    coordinates = umap_coordinates(all_features[(table["split"] == "train").to_numpy()], all_features,
-                                   params.analysis, params.seed)
-    table["umap_x"], table["umap_y"] = coordinates[:, 0], coordinates[:, 1]
-    table["high_se"] = table["semantic_entropy"] > high_se_threshold
-    table["think_length"] = think_length(table["think_start_index"], table["think_end_index"])
-    return table[[c.name for c in ANALYSIS_COLUMNS]]
 
 
 def main() -> None:
@@ -113,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, __doc__)

@@ -1,95 +1,20 @@
-"""Stage stability: how much the probes' test AUROC moves when the split and the seed change.
+"""Stage stability: refit every probe on several question splits; the spread of test and OOD AUROC.
 
-Run from the repository root: ``python -m stages.stability`` (or ``dvc repro stability``).
-
-One split is one draw: with a few hundred questions, which questions land in test moves AUROC by several
-points. For each of ``stability.seeds`` seeds (``seed``, ``seed + 1``, ...; the first is the main run's split)
-the in-distribution questions are split afresh, every probe is refitted on that split's train runs and its
-location re-chosen on that split's val runs (``train_probes.train``, the same procedure), and every score of
-``STABLE_SCORES`` is evaluated on that split's test runs and on the (fixed) OOD runs. A seed whose split
-leaves a train or val label with one class (possible with few questions) is skipped and listed. To keep this cheap the
-C of every probe is ``stability.c_grid`` (one value skips the cross-validation) and layer ranges are not
-searched, so the range probes (which would equal the single-layer ones) are left out.
-
-Writes ``{paths.metrics}/stability.json`` (per split and score: mean, standard deviation, min and max of AUROC
-over the seeds, and each seed's value) and ``{paths.plots}/stability.csv`` (STABILITY_COLUMNS, one row per
-seed, split and score); cost in ``{paths.metrics}/cost/stability.json``.
-"""
+Run with ``python -m stages.stability``. Writes ``{paths.metrics}/stability.json``, ``{paths.plots}/stability.csv``
+and its cost record (stages/lib/stability.py does the refitting)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from stages.common import cost_record, setup_logging, write_json
-from stages.config import Params, load_params
-from stages.evaluate import SCORES, score_runs, write_csv
-from stages.metrics import auroc
-from stages.probes import SingleClassError
-from stages.schema import STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE
-from stages.train_probes import attach_splits, load_dataset, require_same_locations, split_questions, train
+from stages.lib.common import cost_record, setup_logging, run_stage, write_csv, write_json
+from stages.lib.params import Params, load_params
+from stages.lib.schema import STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE
+from stages.lib.stability import seed_aurocs, summarise
 
 log = logging.getLogger(__name__)
-
-# every score of evaluate but the layer-range probes (ranges are not searched here)
-STABLE_SCORES = tuple(name for name in SCORES if not name.endswith("_range_probe"))
-
-
-def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """STABILITY_COLUMNS rows: AUROC for flagging incorrect runs of every score, per seed and split; and the
-    seeds skipped because their split left a train or val label with one class (small question sets)."""
-    id_data, ood_data = load_dataset(params, "id"), load_dataset(params, "ood")
-    require_same_locations(id_data, ood_data)
-    probe_params = dataclasses.replace(params.probes, c_grid=params.stability.c_grid, max_layer_range=1)
-    rows, skipped = [], []
-    for seed in range(params.seed, params.seed + params.stability.seeds):
-        splits = split_questions(id_data.runs["question_id"], ood_data.runs["question_id"],
-                                 probe_params.train_fraction, probe_params.val_fraction, seed)
-        runs = attach_splits(id_data.runs, splits, "id")
-        try:
-            trained = train(runs, id_data.hidden, id_data.positions, id_data.layers, probe_params, seed)
-        except SingleClassError as error:
-            log.warning("seed %d skipped: %s", seed, error)
-            skipped.append({"seed": seed, "reason": str(error)})
-            continue
-        evaluated = {"test": (runs[runs["split"] == "test"], id_data.hidden),
-                     "ood": (attach_splits(ood_data.runs, splits, "ood"), ood_data.hidden)}
-        for split, (split_runs, hidden) in evaluated.items():
-            if len(split_runs) == 0:
-                continue
-            scores = score_runs(split_runs, hidden, id_data.positions, id_data.layers, trained.probes)
-            incorrect = ~split_runs["correct"].to_numpy(bool)
-            seed_rows = [{"seed": seed, "split": split, "score": name,
-                          "auroc": auroc(incorrect, scores[name].to_numpy(float))} for name in STABLE_SCORES]
-            rows.extend(seed_rows)
-            log.info("seed %d, %s: accuracy probe AUROC %s", seed, split, seed_rows[0]["auroc"])
-    if not rows:
-        raise SingleClassError(f"stability: every one of the {params.stability.seeds} seeds gave a split with a "
-                               f"single-class label; first: {skipped[0]['reason']}")
-    return pd.DataFrame.from_records(rows, columns=[c.name for c in STABILITY_COLUMNS]), skipped
-
-
-def summarise(table: pd.DataFrame) -> dict[str, Any]:
-    """Per split and score: mean, sample standard deviation (ddof 1), min and max of AUROC over the seeds
-    where it is defined, the count of those seeds and every seed's value (null where undefined)."""
-    summary: dict[str, Any] = {}
-    for (split, score), group in table.groupby(["split", "score"], sort=False):
-        values = group["auroc"].to_numpy(float)
-        defined = values[~np.isnan(values)]
-        summary.setdefault(split, {})[score] = {
-            "mean": float(defined.mean()) if len(defined) else None,
-            "std": float(defined.std(ddof=1)) if len(defined) > 1 else None,
-            "min": float(defined.min()) if len(defined) else None,
-            "max": float(defined.max()) if len(defined) else None,
-            "n_seeds": int(len(defined)),
-            "values": [None if np.isnan(v) else float(v) for v in values],
-        }
-    return summary
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -111,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, __doc__)

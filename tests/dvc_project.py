@@ -52,8 +52,10 @@ def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> su
 def make_project(directory: Path) -> Path:
     for name in ("stages", "dvc.yaml", "params.yaml"):
         source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, directory / name)
-    shutil.rmtree(directory / "stages" / "__pycache__", ignore_errors=True)
+        if source.is_dir():
+            shutil.copytree(source, directory / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, directory / name)
     params = yaml.safe_load((directory / "params.yaml").read_text())
     for group, values in TINY.items():
         params[group].update(values)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from stages.analysis import think_length, umap_coordinates
-from stages.config import AnalysisParams
+from stages.lib.analysis import think_length, umap_coordinates
+from stages.lib.params import AnalysisParams
 
 
 def test_think_length_counts_tokens_strictly_inside_the_span():

@@ -1,4 +1,4 @@
-"""Final-answer extraction and math-verify equivalence (stages/answers.py), on hand cases and real datasets."""
+"""Final-answer extraction and math-verify equivalence (stages/lib/answers.py), on hand cases and real datasets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.answers import answers_equivalent, extract_final_answer, is_correct, last_boxed_content, last_number
+from stages.lib.answers import answers_equivalent, extract_final_answer, is_correct, last_boxed_content, last_number
 
 # The datasets every checkout has beside it (../shared/data, see shared/README.md); tests skip without them.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

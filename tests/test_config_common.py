@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.common import atomic_path, cost_record, read_table, write_json, write_table
-from stages.config import ParamsError, load_params, parse_params
-from stages.schema import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
+from stages.lib.common import atomic_path, cost_record, read_table, write_json, write_table
+from stages.lib.params import ParamsError, load_params, parse_params
+from stages.lib.schema import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())

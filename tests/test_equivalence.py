@@ -1,4 +1,4 @@
-"""Model-based semantic equivalence (stages/equivalence.py): the greedy clustering against entailment oracles and
+"""Model-based semantic equivalence (stages/lib/equivalence.py): the greedy clustering against entailment oracles and
 Farquhar et al.'s reference algorithm, the NLI mechanics on a tiny random DeBERTa-v2 classifier built here, and
 cosine equivalence with the packaged all-MiniLM-L6-v2 model. Nothing downloads."""
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 from hypothesis import given, settings
 
-from stages.config import ParamsError, parse_params
-from stages.equivalence import (
+from stages.lib.entropy import cluster_answers
+from stages.lib.equivalence import (
     NLI_LABELS,
     CosineJudge,
     MathOrTextJudge,
@@ -26,7 +26,7 @@ from stages.equivalence import (
     nli_equivalent,
     nli_label_indices,
 )
-from stages.semantic_entropy import cluster_answers
+from stages.lib.params import ParamsError, parse_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.config import SamplingParams, VllmParams
-from stages.generate import (SampledRun, build_run_records, eos_and_pad, mean_think_entropy, sample_runs,
-                             think_span)
-from stages.models import ThinkTokens, load_model, prompt_ids, think_tokens
-from stages.schema import RUN_COLUMNS, RUN_KEY, validate_frame
-from stages.schema import prefix_fraction
-from stages.trace import hidden_at_positions, resolve_layers, token_positions, trace_runs
+from stages.lib.models import ThinkTokens, load_model, prompt_ids, think_tokens
+from stages.lib.params import SamplingParams, VllmParams
+from stages.lib.runs import SampledRun, build_run_records, mean_think_entropy, think_span
+from stages.lib.sampling_hf import eos_and_pad, sample_runs
+from stages.lib.schema import RUN_COLUMNS, RUN_KEY, prefix_fraction, validate_frame
+from stages.lib.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
 
 QUESTIONS = ["1+2", "12+7-5+3", "3-1", "20+20-7"]
 
@@ -184,10 +183,10 @@ def test_batched_trace_equals_unbatched_forward_at_each_position(lm):
 
 
 def test_an_empty_question_set_writes_an_empty_valid_runs_table(tmp_path):
-    from stages.common import read_table, write_table
-    from stages.generate import build_run_records
-    from stages.models import ThinkTokens
-    from stages.schema import RUN_COLUMNS, RUN_KEY
+    from stages.lib.common import read_table, write_table
+    from stages.lib.models import ThinkTokens
+    from stages.lib.runs import build_run_records
+    from stages.lib.schema import RUN_COLUMNS, RUN_KEY
 
     questions = pd.DataFrame(columns=["question_id", "dataset", "question", "gold"])
     frame = build_run_records(questions, [], [], tokenizer=None, think=ThinkTokens(None, None))

@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from stages.metrics import (auprc, auroc, bootstrap_ci, permutation_p_value, roc_curve_table,
-                            single_class_reason)
+from stages.lib.metrics import auprc, auroc, bootstrap_ci, permutation_p_value, roc_curve_table, single_class_reason
 
 LABELS = np.array([True, False, True, False])
 

@@ -13,8 +13,16 @@ from scipy.stats import spearmanr
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
-from stages.metrics import (aurac, aurc, brier_score, expected_calibration_error, prediction_rejection_ratio,
-                            reliability_table, risk_coverage_curve, spearman)
+from stages.lib.metrics import (
+    aurac,
+    aurc,
+    brier_score,
+    expected_calibration_error,
+    prediction_rejection_ratio,
+    reliability_table,
+    risk_coverage_curve,
+    spearman,
+)
 
 # Five runs; runs 1 and 3 tie at uncertainty 0.5 (one wrong, one right).
 # Ascending uncertainty: 0.1 (right), 0.2 (right), {0.5 wrong, 0.5 right}, 0.9 (wrong).

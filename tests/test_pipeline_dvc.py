@@ -15,9 +15,9 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
-
 from dvc_project import ENV, ROOT, STAGES, ran_stages, sh
-from stages.schema import ANALYSIS_COLUMNS, ANALYSIS_KEY, validate_frame
+
+from stages.lib.schema import ANALYSIS_COLUMNS, ANALYSIS_KEY, validate_frame
 
 
 def sampling_params(exp_show_entry: dict) -> dict:

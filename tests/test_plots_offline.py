@@ -15,10 +15,9 @@ from urllib.parse import urlparse
 
 import pandas as pd
 import pytest
+from dvc_project import ROOT, init_repository, sh
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
-
-from dvc_project import ROOT, init_repository, sh
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.metrics import auroc
-from stages.probes import (LinearProbe, SingleClassError, best_split_threshold, fit_location_probes, load_probe,
-                           median_threshold, probe_features, probe_score, save_probe, score_location_probes)
-from stages.train_probes import layer_ranges, select_layer_range
+from stages.lib.metrics import auroc
+from stages.lib.probes import (
+    LinearProbe,
+    SingleClassError,
+    best_split_threshold,
+    fit_location_probes,
+    load_probe,
+    median_threshold,
+    probe_features,
+    probe_score,
+    save_probe,
+    score_location_probes,
+)
+from stages.lib.selection import layer_ranges, select_layer_range
 
 
 def signal_data(n_questions=30, runs=4, dims=5, seed=0):

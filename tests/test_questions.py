@@ -8,10 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import arithmetic, questions
-from stages.questions import (QuestionSourceError, arithmetic_questions, gsm8k_gold, jsonl_questions, load_questions,
-                              parse_source, question_from_record)
-from stages.schema import SchemaError
+from stages import questions as questions_stage
+from stages.lib import arithmetic, questions
+from stages.lib.questions import (
+    QuestionSourceError,
+    arithmetic_questions,
+    gsm8k_gold,
+    jsonl_questions,
+    load_questions,
+    parse_source,
+    question_from_record,
+)
+from stages.lib.schema import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")
@@ -120,7 +128,7 @@ def run_stage(tmp_path: Path, monkeypatch, **data) -> Path:
     raw["data"].update(data)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    questions.main()
+    questions_stage.main()
     return tmp_path / raw["paths"]["questions"]
 
 

@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from dvc_project import ENV, make_project
-from stages import arithmetic
-from stages.schema import EVALUATE_FILE, hidden_files
+
+from stages.lib import arithmetic
+from stages.lib.schema import EVALUATE_FILE, hidden_files
 
 REAL_LM = os.environ.get("SEP_REAL_LM", "")
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from dvc_project import ENV, ROOT, ran_stages, sh
 from s3_server import anonymous_status, start_seaweedfs
 

@@ -14,9 +14,9 @@ import yaml
 from hypothesis import given
 
 from stages import semantic_entropy as stage
-from stages.common import read_table, write_table
-from stages.schema import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
-from stages.semantic_entropy import (
+from stages.lib.entropy import math_clusterer
+from stages.lib.common import read_table, write_table
+from stages.lib.entropy import (
     cluster_answers,
     discrete_semantic_entropy,
     length_normalised_loglik,
@@ -24,6 +24,7 @@ from stages.semantic_entropy import (
     semantic_entropy_table,
     weighted_semantic_entropy,
 )
+from stages.lib.schema import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -181,7 +182,7 @@ ID_ANSWERS = {"q0": ["14", "14.0", "15", ""], "q1": ["", "", "", ""]}
 
 def test_semantic_entropy_table_values_and_row_order():
     runs = make_runs("id", ID_ANSWERS).sample(frac=1.0, random_state=0)  # rows out of order
-    table = semantic_entropy_table(runs, stage.math_clusterer())
+    table = semantic_entropy_table(runs, math_clusterer())
     assert table[["question_id", "run_id"]].values.tolist() == runs[["question_id", "run_id"]].values.tolist()
     by_run = table.set_index(["question_id", "run_id"]).sort_index()
     assert by_run.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 2]
@@ -196,7 +197,7 @@ def test_semantic_entropy_table_values_and_row_order():
 
 def test_semantic_entropy_table_rejects_a_single_run_question():
     with pytest.raises(ValueError, match="q0"):
-        semantic_entropy_table(make_runs("id", {"q0": ["1"]}), stage.math_clusterer())
+        semantic_entropy_table(make_runs("id", {"q0": ["1"]}), math_clusterer())
 
 
 @pytest.fixture
@@ -234,7 +235,7 @@ def test_stage_names_a_missing_runs_file(stage_dir):
     assert not (stage_dir / "out/semantic_entropy").exists()
 
 
-# ---- the stage with model-based equivalence (stages/equivalence.py) ----------------------------------
+# ---- the stage with model-based equivalence (stages/lib/equivalence.py) ----------------------------------
 
 def write_stage_inputs(answers_by_question: dict[str, list[str]], questions: dict[str, str] | None = None) -> None:
     id_runs = make_runs("id", answers_by_question)
@@ -277,7 +278,7 @@ def tiny_nli_dir(tmp_path_factory):
 
 
 def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
-    from stages.equivalence import NliClassifier, NliJudge, greedy_reference_clusters
+    from stages.lib.equivalence import NliClassifier, NliJudge, greedy_reference_clusters
 
     answers = {"q0": ["42", "forty two", "42", "24", ""], "q1": ["paris", "the capital of france", "paris"]}
     questions = {"q0": "x + 1", "q1": "the capital of france"}

@@ -1,4 +1,4 @@
-"""Tests for stages/arithmetic.py and stages/toy_model.py: the task, the tokenizer, and a tiny trained model."""
+"""Tests for stages/lib/arithmetic.py and stages/lib/toy.py: the task, the tokenizer, and a tiny trained model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages import arithmetic, toy_model
-from stages.config import ToyParams
+from stages import toy_model
+from stages.lib import arithmetic, toy
+from stages.lib.params import ToyParams
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ToyParams(layers=1, hidden_size=16, heads=2, intermediate_size=32, steps=4, batch_size=4,
@@ -69,7 +70,7 @@ def test_training_chains_mix_in_the_requested_share_of_tail_chains():
 # ---- tokenizer ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer():
-    return toy_model.build_tokenizer()
+    return toy.build_tokenizer()
 
 
 def test_think_markers_are_single_tokens_and_characters_are_one_token_each(tokenizer):
@@ -100,7 +101,7 @@ def test_chat_template_renders_the_prompt_and_full_transcripts(tokenizer):
 
 
 def test_training_batch_puts_the_loss_on_the_completion_only(tokenizer):
-    input_ids, labels = toy_model.training_batch(tokenizer, ["1+2", "10+20-3"])
+    input_ids, labels = toy.training_batch(tokenizer, ["1+2", "10+20-3"])
     prompt_length = len(tokenizer("<|user|>1+2<|assistant|>", add_special_tokens=False).input_ids)
     completion = tokenizer("<think>1+2=3</think>\\boxed{3}<|endoftext|>", add_special_tokens=False).input_ids
     assert input_ids.shape == labels.shape and input_ids.shape[0] == 2
@@ -112,18 +113,18 @@ def test_training_batch_puts_the_loss_on_the_completion_only(tokenizer):
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    rates = [toy_model.learning_rate_at(step, 100, 1.0) for step in range(100)]
+    rates = [toy.learning_rate_at(step, 100, 1.0) for step in range(100)]
     assert rates[0] < rates[4] == pytest.approx(1.0)
-    assert rates[-1] == pytest.approx(toy_model.FINAL_LR_FRACTION, abs=0.01)
+    assert rates[-1] == pytest.approx(toy.FINAL_LR_FRACTION, abs=0.01)
     assert all(a >= b for a, b in zip(rates[5:], rates[6:]))
 
 
 # ---- a tiny model, trained a few steps ----------------------------------------------------------------------
 def train_tiny(seed: int, toy: ToyParams = TINY):
     torch.manual_seed(seed)
-    tokenizer = toy_model.build_tokenizer()
-    model = toy_model.build_model(toy, tokenizer)
-    counters = toy_model.train(model, tokenizer, toy, np.random.default_rng(seed), progress=False)
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(toy, tokenizer)
+    counters = toy.train(model, tokenizer, toy, np.random.default_rng(seed), progress=False)
     return model, tokenizer, counters
 
 
@@ -140,8 +141,8 @@ def test_training_is_deterministic_given_the_seed():
 
 def test_saved_model_loads_through_the_auto_classes_and_generates(tmp_path):
     model, tokenizer, _ = train_tiny(seed=0)
-    toy_model.save(tmp_path / "toy", model, tokenizer, TINY, seed=0)
-    toy_model.check_round_trip(tmp_path / "toy", model, tokenizer)
+    toy.save(tmp_path / "toy", model, tokenizer, TINY, seed=0)
+    toy.check_round_trip(tmp_path / "toy", model, tokenizer)
     loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "toy")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "toy")
     assert loaded.config.model_type == "qwen3" and loaded.config.num_hidden_layers == 1

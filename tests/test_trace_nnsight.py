@@ -12,11 +12,16 @@ import torch
 import yaml
 from conftest import tiny_qwen3
 
-from stages.config import ParamsError, parse_params
-from stages.models import TORCH_DTYPES, load_model, resolve_device
-from stages.toy_model import build_tokenizer
-from stages.trace import (hidden_at_positions, hidden_at_positions_nnsight, nnsight_model, resolve_layers,
-                          trace_runs)
+from stages.lib.models import TORCH_DTYPES, load_model, resolve_device
+from stages.lib.params import ParamsError, parse_params
+from stages.lib.toy import build_tokenizer
+from stages.lib.tracing import (
+    hidden_at_positions,
+    hidden_at_positions_nnsight,
+    nnsight_model,
+    resolve_layers,
+    trace_runs,
+)
 
 pytest.importorskip("nnsight")
 

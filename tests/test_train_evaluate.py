@@ -17,10 +17,25 @@ import pytest
 import yaml
 
 from stages import cost_ratio, evaluate, stability, train_probes
-from stages.config import parse_params
-from stages.probes import SingleClassError, load_probe
-from stages.schema import (AUROC_BY_LAYER_COLUMNS, EARLY_WARNING_COLUMNS, RELIABILITY_COLUMNS, RISK_COVERAGE_COLUMNS,
-                           ROC_COLUMNS, SPLIT_COLUMNS, STABILITY_COLUMNS, SchemaError, hidden_files, validate_frame)
+from stages.lib import dataset as dataset_lib
+from stages.lib import selection
+from stages.lib.evaluation import SE_PROBE_ON_HIGH_SE
+from stages.lib.stability import STABLE_SCORES
+from stages.lib.params import parse_params
+from stages.lib.probes import SingleClassError, load_probe
+from stages.lib.schema import (
+    SCORES,
+    AUROC_BY_LAYER_COLUMNS,
+    EARLY_WARNING_COLUMNS,
+    RELIABILITY_COLUMNS,
+    RISK_COVERAGE_COLUMNS,
+    ROC_COLUMNS,
+    SPLIT_COLUMNS,
+    STABILITY_COLUMNS,
+    SchemaError,
+    hidden_files,
+    validate_frame,
+)
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 POSITIONS = ["tbg", "think_end", "slt"]
@@ -88,16 +103,16 @@ def write_fixture(params, n_id=60, n_ood=20, edit_id=None):
 
 
 def test_questions_are_split_not_runs():
-    splits = train_probes.split_questions([f"q{i}" for i in range(50)] * 3, ["o1", "o2"], 0.6, 0.2, seed=0)
+    splits = dataset_lib.split_questions([f"q{i}" for i in range(50)] * 3, ["o1", "o2"], 0.6, 0.2, seed=0)
     validate_frame(splits, SPLIT_COLUMNS, "splits")
     assert splits["question_id"].is_unique
     assert splits["split"].value_counts().to_dict() == {"train": 30, "val": 10, "test": 10, "ood": 2}
-    again = train_probes.split_questions([f"q{i}" for i in reversed(range(50))], ["o2", "o1"], 0.6, 0.2, seed=0)
+    again = dataset_lib.split_questions([f"q{i}" for i in reversed(range(50))], ["o2", "o1"], 0.6, 0.2, seed=0)
     pd.testing.assert_frame_equal(splits, again)  # depends on the set of questions and the seed only
-    other_seed = train_probes.split_questions([f"q{i}" for i in range(50)], [], 0.6, 0.2, seed=1)
+    other_seed = dataset_lib.split_questions([f"q{i}" for i in range(50)], [], 0.6, 0.2, seed=1)
     assert set(other_seed.query("split == 'train'").question_id) != set(splits.query("split == 'train'").question_id)
     with pytest.raises(ValueError, match="empty `val` split"):
-        train_probes.split_questions(["a", "b", "c"], [], 0.6, 0.1, seed=0)
+        dataset_lib.split_questions(["a", "b", "c"], [], 0.6, 0.1, seed=0)
 
 
 def test_train_probes_selects_the_signal_location_on_val(tmp_path):
@@ -144,20 +159,20 @@ def test_train_probes_selects_the_signal_location_on_val(tmp_path):
 def test_high_se_threshold_uses_train_questions_only(tmp_path):
     params = make_params(tmp_path)
     write_fixture(params)
-    data = train_probes.load_dataset(params, "id")
-    splits = train_probes.split_questions(data.runs["question_id"], [], 0.6, 0.2, params.seed)
-    runs = train_probes.attach_splits(data.runs, splits, "id")
+    data = dataset_lib.load_dataset(params, "id")
+    splits = dataset_lib.split_questions(data.runs["question_id"], [], 0.6, 0.2, params.seed)
+    runs = dataset_lib.attach_splits(data.runs, splits, "id")
     kwargs = dict(hidden=data.hidden, positions=data.positions, layers=data.layers,
                   probe_params=params.probes, seed=params.seed)
-    baseline = train_probes.train(runs, **kwargs).selection["high_se_threshold"]
+    baseline = selection.train(runs, **kwargs).selection["high_se_threshold"]
 
     is_test = runs["split"] == "test"
     shifted = runs.assign(semantic_entropy=np.where(is_test, runs["semantic_entropy"] * 3 + 5,
                                                     runs["semantic_entropy"]))
-    assert train_probes.train(shifted, **kwargs).selection["high_se_threshold"] == baseline
+    assert selection.train(shifted, **kwargs).selection["high_se_threshold"] == baseline
     train_only = runs.assign(semantic_entropy=np.where(runs["split"] == "train", runs["semantic_entropy"] + 1,
                                                        runs["semantic_entropy"]))
-    assert train_probes.fit_high_se_threshold(train_only.query("split == 'train'")["question_id"],
+    assert selection.fit_high_se_threshold(train_only.query("split == 'train'")["question_id"],
                                               train_only.query("split == 'train'")["semantic_entropy"],
                                               "best_split") == pytest.approx(baseline + 1)
 
@@ -171,14 +186,14 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert written == json.loads(json.dumps(report))
     assert set(written) == {"test", "ood", "summary", "settings", "calibration", "se_regression", "early_warning"}
     for split in ("test", "ood"):
-        assert set(written[split]) == set(evaluate.SCORES) | {evaluate.SE_PROBE_ON_HIGH_SE}
+        assert set(written[split]) == set(SCORES) | {SE_PROBE_ON_HIGH_SE}
         for score, record in written[split].items():
             assert 0 <= record["auroc"] <= 1 and 0 < record["auprc"] <= 1
             assert record["auroc_ci_low"] <= record["auroc"] <= record["auroc_ci_high"]
             assert record["auprc_ci_low"] <= record["auprc"] <= record["auprc_ci_high"]
             assert 1 / 51 <= record["auroc_p_value"] <= 1
-            assert record["label"] == ("high_se" if score == evaluate.SE_PROBE_ON_HIGH_SE else "incorrect")
-            if score != evaluate.SE_PROBE_ON_HIGH_SE:
+            assert record["label"] == ("high_se" if score == SE_PROBE_ON_HIGH_SE else "incorrect")
+            if score != SE_PROBE_ON_HIGH_SE:
                 assert record["aurac"] == pytest.approx(1 - record["aurc"]) and record["prr"] <= 1
         assert written["calibration"][split]["accuracy_probe"]["n_runs"] == written[split]["accuracy_probe"]["n_runs"]
         assert 0 <= written["calibration"][split]["accuracy_probe"]["ece"] <= 1
@@ -211,21 +226,21 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert warning.query("position == 'slt'")["fraction"].isna().all()
     risk = pd.read_csv(Path(params.paths.plots) / "risk_coverage.csv")
     validate_frame(risk, RISK_COVERAGE_COLUMNS, "risk_coverage.csv")
-    assert set(risk["score"]) == set(evaluate.SCORES) and risk["coverage"].max() == 1.0
+    assert set(risk["score"]) == set(SCORES) and risk["coverage"].max() == 1.0
     reliability = pd.read_csv(Path(params.paths.plots) / "reliability.csv")
     validate_frame(reliability, RELIABILITY_COLUMNS, "reliability.csv")
     assert len(reliability) == 2 * 2 * params.evaluate.calibration_bins  # 2 probes x (test, ood) x bins
 
     roc = pd.read_csv(Path(params.paths.plots) / "roc.csv")
     validate_frame(roc, ROC_COLUMNS, "roc.csv")
-    assert set(roc["score"]) == set(evaluate.SCORES) and set(roc["split"]) == {"test", "ood"}
+    assert set(roc["score"]) == set(SCORES) and set(roc["split"]) == {"test", "ood"}
     assert (Path(params.paths.metrics) / "cost" / "evaluate.json").exists()
 
 
 def test_single_class_test_split_and_missing_ood_give_null_metrics_with_notes(tmp_path):
     params = make_params(tmp_path)
     ids = [f"id-{i:03d}" for i in range(60)]
-    splits = train_probes.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
+    splits = dataset_lib.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
                                           params.seed)
     test_questions = set(splits.query("split == 'test'")["question_id"])
 
@@ -240,7 +255,7 @@ def test_single_class_test_split_and_missing_ood_give_null_metrics_with_notes(tm
     assert test_record["auroc"] is None and test_record["auroc_p_value"] is None and test_record["auprc"] is None
     assert "`incorrect` = False" in test_record["note"]
     assert report["summary"]["test"]["accuracy"] == 1.0
-    assert report["test"][evaluate.SE_PROBE_ON_HIGH_SE]["auroc"] is not None  # high-SE labels still vary
+    assert report["test"][SE_PROBE_ON_HIGH_SE]["auroc"] is not None  # high-SE labels still vary
 
     for record in report["ood"].values():
         assert record["auroc"] is None and "no runs in split `ood`" in record["note"]
@@ -259,7 +274,7 @@ def test_single_class_test_split_and_missing_ood_give_null_metrics_with_notes(tm
 def test_single_class_val_labels_fail_naming_split_and_label(tmp_path):
     params = make_params(tmp_path)
     ids = [f"id-{i:03d}" for i in range(60)]
-    splits = train_probes.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
+    splits = dataset_lib.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
                                           params.seed)
     val_questions = set(splits.query("split == 'val'")["question_id"])
 
@@ -291,7 +306,7 @@ def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
     table = pd.read_csv(Path(params.paths.plots) / "stability.csv")
     validate_frame(table, STABILITY_COLUMNS, "stability.csv")
     assert sorted(set(table["seed"])) == [params.seed, params.seed + 1, params.seed + 2]
-    assert len(table) == 3 * 2 * len(stability.STABLE_SCORES)  # seeds x (test, ood) x scores
+    assert len(table) == 3 * 2 * len(STABLE_SCORES)  # seeds x (test, ood) x scores
     assert "accuracy_range_probe" not in set(table["score"])
     record = report["test"]["accuracy_probe"]
     values = table.query("split == 'test' and score == 'accuracy_probe'")["auroc"].to_numpy()
@@ -310,7 +325,7 @@ def test_stability_skips_a_seed_whose_split_has_a_single_class_val(tmp_path):
     params = make_params(tmp_path)
     params = dataclasses.replace(params, stability=dataclasses.replace(params.stability, seeds=2, c_grid=(1.0,)))
     ids = [f"id-{i:03d}" for i in range(60)]
-    second = train_probes.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
+    second = dataset_lib.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
                                           params.seed + 1)
     second_val = set(second.query("split == 'val'")["question_id"])
 

@@ -13,8 +13,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from viewer_support import (IMG_ANSWER, SCRIPT_ANSWER, ViewerServer, launch_chromium, synthetic_analysis,
-                            write_viewer_project)
+from viewer_support import (
+    IMG_ANSWER,
+    SCRIPT_ANSWER,
+    ViewerServer,
+    launch_chromium,
+    synthetic_analysis,
+    write_viewer_project,
+)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

@@ -20,15 +20,43 @@ import panel as pn
 import pytest
 import yaml
 from bokeh.models import GlyphRenderer, ImageRGBA
-from viewer_support import (PATHS, SCORES, SCRIPT_ANSWER, synthetic_analysis, synthetic_early_warning,
-                            synthetic_metrics, write_viewer_project)
+from viewer_support import (
+    PATHS,
+    SCORES,
+    SCRIPT_ANSWER,
+    synthetic_analysis,
+    synthetic_early_warning,
+    synthetic_metrics,
+    write_viewer_project,
+)
 
+from stages.lib.schema import (
+    COST_RATIO_FILE,
+    EARLY_WARNING_FILE,
+    EVALUATE_FILE,
+    RELIABILITY_FILE,
+    ROC_FILE,
+    STABILITY_FILE,
+    STABILITY_PLOT_FILE,
+)
 from viewer import data as viewer_data
-from stages.schema import (COST_RATIO_FILE, EARLY_WARNING_FILE, EVALUATE_FILE, RELIABILITY_FILE, ROC_FILE,
-                           STABILITY_FILE, STABILITY_PLOT_FILE)
-from viewer.data import (MissingArtifact, RunStore, calibration_table, cost_ratio_text, headline_metric_columns,
-                         load_analysis, load_experiments, load_metrics, load_plot_table, metrics_table,
-                         parse_exp_show, run_files, se_regression_table, stability_table, varying_params)
+from viewer.data import (
+    MissingArtifact,
+    RunStore,
+    calibration_table,
+    cost_ratio_text,
+    headline_metric_columns,
+    load_analysis,
+    load_experiments,
+    load_metrics,
+    load_plot_table,
+    metrics_table,
+    parse_exp_show,
+    run_files,
+    se_regression_table,
+    stability_table,
+    varying_params,
+)
 from viewer.raster import count_by_category, mean_per_pixel, points_in_polygon, shade_categories, shade_values
 
 EXP_SHOW_SAMPLE = Path(__file__).parent / "data" / "dvc_exp_show.json"

@@ -22,8 +22,16 @@ import panel as pn
 import panel.io.resources as pn_resources
 
 from viewer.data import MissingArtifact, RunStore, load_analysis
-from viewer.views import (ExperimentsView, FilterPanel, MarginEntropyScatter, QuestionDetails, ResultsView,
-                          SelectionTable, UmapExplorer, notice)
+from viewer.views import (
+    ExperimentsView,
+    FilterPanel,
+    MarginEntropyScatter,
+    QuestionDetails,
+    ResultsView,
+    SelectionTable,
+    UmapExplorer,
+    notice,
+)
 
 # The Bootstrap template, Tabulator and Bokeh are all served by this server (the Fast templates would fetch a
 # Google font): the page loads with no internet, which the browser test checks.

@@ -29,13 +29,30 @@ import panel as pn
 import param
 import yaml
 
-from stages.config import Paths
+from stages.lib.params import Paths
+from stages.lib.schema import (
+    ANALYSIS_COLUMNS,
+    ANALYSIS_FILE,
+    ANALYSIS_KEY,
+    AUROC_BY_LAYER_COLUMNS,
+    AUROC_BY_LAYER_FILE,
+    COST_RATIO_FILE,
+    EARLY_WARNING_COLUMNS,
+    EARLY_WARNING_FILE,
+    EVALUATE_FILE,
+    RELIABILITY_COLUMNS,
+    RELIABILITY_FILE,
+    RISK_COVERAGE_COLUMNS,
+    RISK_COVERAGE_FILE,
+    ROC_COLUMNS,
+    ROC_FILE,
+    STABILITY_COLUMNS,
+    STABILITY_FILE,
+    STABILITY_PLOT_FILE,
+    SchemaError,
+    validate_frame,
+)
 from viewer.raster import points_in_polygon
-from stages.schema import (ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, AUROC_BY_LAYER_COLUMNS, AUROC_BY_LAYER_FILE,
-                           COST_RATIO_FILE, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE, EVALUATE_FILE,
-                           RELIABILITY_COLUMNS, RELIABILITY_FILE, RISK_COVERAGE_COLUMNS, RISK_COVERAGE_FILE,
-                           ROC_COLUMNS, ROC_FILE, STABILITY_COLUMNS, STABILITY_FILE, STABILITY_PLOT_FILE, SchemaError,
-                           validate_frame)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +71,7 @@ ENTROPY_CHOICES = {
 }
 OUTCOMES = ("correct", "incorrect")
 
-# The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/schema.py); each is
+# The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/lib/schema.py); each is
 # drawn by an entry of viewer.views.RESULT_PLOTS.
 PLOT_TABLES = {AUROC_BY_LAYER_FILE: AUROC_BY_LAYER_COLUMNS, ROC_FILE: ROC_COLUMNS,
                EARLY_WARNING_FILE: EARLY_WARNING_COLUMNS, RISK_COVERAGE_FILE: RISK_COVERAGE_COLUMNS,

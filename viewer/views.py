@@ -19,19 +19,56 @@ import pandas as pd
 import panel as pn
 import param
 from bokeh.events import RangesUpdate, SelectionGeometry
-from bokeh.models import (BoxSelectTool, BoxZoomTool, ColorBar, ColumnDataSource, HoverTool, LassoSelectTool, Legend,
-                          LegendItem, PanTool, Range1d, ResetTool, SaveTool, TeeHead, WheelZoomTool)
+from bokeh.models import (
+    BoxSelectTool,
+    BoxZoomTool,
+    ColorBar,
+    ColumnDataSource,
+    HoverTool,
+    LassoSelectTool,
+    Legend,
+    LegendItem,
+    PanTool,
+    Range1d,
+    ResetTool,
+    SaveTool,
+    TeeHead,
+    WheelZoomTool,
+)
 from bokeh.models.widgets.tables import NumberFormatter
 from bokeh.palettes import Category20, Viridis256
 from bokeh.plotting import figure
 from bokeh.transform import factor_cmap, linear_cmap
 
+from stages.lib.schema import (
+    AUROC_BY_LAYER_FILE,
+    COST_RATIO_FILE,
+    EARLY_WARNING_FILE,
+    RELIABILITY_FILE,
+    RISK_COVERAGE_FILE,
+    ROC_FILE,
+    STABILITY_FILE,
+    STABILITY_PLOT_FILE,
+)
 from viewer import raster
-from stages.schema import (AUROC_BY_LAYER_FILE, COST_RATIO_FILE, EARLY_WARNING_FILE, RELIABILITY_FILE,
-                           RISK_COVERAGE_FILE, ROC_FILE, STABILITY_FILE, STABILITY_PLOT_FILE)
-from viewer.data import (DATASET_CHOICES, ENTROPY_CHOICES, OUTCOMES, SELECTIVE_LEGEND, MissingArtifact, RunStore,
-                         calibration_table, cost_ratio_text, headline_metric_columns, load_experiments, load_metrics,
-                         load_plot_table, metrics_table, se_regression_table, stability_table, varying_params)
+from viewer.data import (
+    DATASET_CHOICES,
+    ENTROPY_CHOICES,
+    OUTCOMES,
+    SELECTIVE_LEGEND,
+    MissingArtifact,
+    RunStore,
+    calibration_table,
+    cost_ratio_text,
+    headline_metric_columns,
+    load_experiments,
+    load_metrics,
+    load_plot_table,
+    metrics_table,
+    se_regression_table,
+    stability_table,
+    varying_params,
+)
 
 
 class _HoloViews:

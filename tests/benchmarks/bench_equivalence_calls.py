@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stages.answers import answers_equivalent  # noqa: E402
-from stages.equivalence import NliClassifier, NliJudge, greedy_reference_clusters, nli_equivalent  # noqa: E402
 from test_equivalence import reference_semantic_ids  # noqa: E402
+
+from stages.lib.answers import answers_equivalent  # noqa: E402
+from stages.lib.equivalence import NliClassifier, NliJudge, greedy_reference_clusters, nli_equivalent  # noqa: E402
 
 
 def oracle_classify(directed_pairs):

@@ -33,7 +33,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from stages.answers import answers_equivalent, parse_answer
+from stages.lib.answers import answers_equivalent, parse_answer
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from stages.config import Params, ParamsError, SamplingParams, VllmParams
-from stages.generate import SampledRun, stop_and_pad_ids
-from stages.models import resolve_model_path
+from stages.lib.models import resolve_model_path
+from stages.lib.params import Params, ParamsError, SamplingParams, VllmParams
+from stages.lib.runs import SampledRun, stop_and_pad_ids
+from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams rejects larger temperatures
 INSTALL_HINT = 'install the [gpu] extra on a CUDA host (`pip install -e ".[gpu]"`) or set `sampling.backend: hf`'
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError):
     """The requested generation backend cannot run on this machine."""
 
 

@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
-from stages.schema import Column, SchemaError, validate_frame
+from stages.lib.errors import UserError
+from stages.lib.schema import Column, SchemaError, validate_frame
 
 log = logging.getLogger(__name__)
+
+
+def stage_cli(doc: str | None) -> None:
+    """The command line of a stage: ``--help`` prints the stage's docstring and exits; no other arguments
+    (every setting comes from params.yaml)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
+
+
+def run_stage(main: Callable[[], Any], doc: str | None) -> None:
+    """Run a stage from the command line: ``--help`` prints ``doc``; a UserError (bad params, a malformed
+    input) prints its one-line message and exits with status 2, with no traceback."""
+    stage_cli(doc)
+    setup_logging()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def setup_logging() -> None:
@@ -99,3 +121,9 @@ def cost_record(metrics_dir: str | Path, stage: str) -> Iterator[dict]:
     write_json(record, Path(metrics_dir) / "cost" / f"{stage}.json")
     log.info("cost of %s: %s", stage, record)
 
+
+def write_csv(frame: pd.DataFrame, path: Path, columns) -> None:
+    validate_frame(frame, columns, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    log.info("wrote %s: %d rows", path, len(frame))

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from stages.lib.errors import UserError
 
 DATASETS = ("id", "ood")
 SPLITS = ("train", "val", "test", "ood")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A table or array does not match its contract."""
 
 
@@ -203,7 +204,7 @@ ANALYSIS_COLUMNS = (
 ANALYSIS_KEY = ("dataset", "question_id", "run_id")
 
 # ---- probes: artifacts/probes/ (written by train_probes, read by evaluate and analysis) ------------------
-# Each probe file is ``stages.probes.LinearProbe.to_dict()`` as JSON (load with ``stages.probes.load_probe``).
+# Each probe file is ``stages.lib.probes.LinearProbe.to_dict()`` as JSON (load with ``stages.lib.probes.load_probe``).
 PROBE_FILES = {"accuracy": "accuracy_probe.json", "se": "se_probe.json", "se_regression": "se_regression_probe.json",
                "accuracy_range": "accuracy_range_probe.json", "se_range": "se_range_probe.json",
                "entropy_baseline": "entropy_baseline.json"}

@@ -31,7 +31,8 @@ from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from stages.metrics import auroc, single_class_reason, spearman
+from stages.lib.metrics import auroc, single_class_reason, spearman
+from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PROBE_FORMAT_VERSION = 1
 PROBE_KINDS = ("logistic", "ridge")
 
 
-class SingleClassError(ValueError):
+class SingleClassError(UserError):
     """Training labels hold one class, so no classifier can be fitted."""
 
 

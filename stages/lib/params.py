@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from stages.lib.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -28,7 +29,7 @@ HUB_SOURCES = ("hf:gsm8k", "hf:math500")
 """Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/questions.py HUB_DATASETS)."""
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """A parameter in params.yaml has a missing or invalid value."""
 
 
@@ -81,7 +82,7 @@ class ToyParams:
 class ModelParams:
     name: str
     """``toy`` (the model trained by the toy_model stage), a Hugging Face repo id, a local directory, or a local
-    ``.gguf`` file (converted once to a cached safetensors copy; see stages/models.py)."""
+    ``.gguf`` file (converted once to a cached safetensors copy; see stages/lib/models.py)."""
     dtype: str
     """Weights and activations for generate and trace: ``float32``, ``float16`` or ``bfloat16`` (half the memory;
     bfloat16 is the usual choice on a GPU). Hidden states are stored as float16 either way."""

@@ -1,0 +1,248 @@
+"""Semantic entropy: cluster each question's sampled answers by meaning and measure their spread.
+
+Used by the stage ``python -m stages.semantic_entropy`` (or ``dvc repro semantic_entropy``).
+
+Reads ``{paths.runs}/{id,ood}.parquet`` (schema RUN_COLUMNS; the ood table may be empty) and writes
+``{paths.semantic_entropy}/{id,ood}.parquet`` (schema SE_COLUMNS, one row per run; the question-level values
+are repeated on each of its runs), plus ``{paths.metrics}/cost/semantic_entropy.json`` (wall seconds, the
+number of equivalence checks and, for a model method, its forward passes).
+
+``semantic_entropy.method`` decides when two runs share a meaning, always from their extracted final answers
+(column ``answer``):
+
+- ``math`` (default): equivalent by math-verify (``stages.lib.answers.answers_equivalent``); clustering is greedy
+  against each cluster's first member (``cluster_answers``). Loads no model.
+- ``nli``: bidirectional entailment by an MNLI classifier (``semantic_entropy.nli_model``), optionally with the
+  question prepended to each answer (then ``{paths.questions}/{id,ood}.jsonl`` are read);
+- ``cosine``: cosine similarity of sentence embeddings >= ``semantic_entropy.cosine_threshold``;
+- ``math+nli``: math-verify when both answers are math, NLI otherwise.
+
+The model methods cluster with ``stages.lib.equivalence.greedy_reference_clusters``: the greedy algorithm of Farquhar
+et al., "Detecting hallucinations in large language models using semantic entropy", Nature 2024, exactly as their
+reference code (an answer joins the last earlier representative it is equivalent to), batched and deduplicated.
+
+Notation below: a question has K runs i = 1..K, run i has answer a_i, T_i generated tokens and sequence
+log-likelihood log p(s_i) = sum_t log p(token_t | prefix); clusters c = 1..C with n_c runs each.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from scipy.special import logsumexp
+from tqdm import tqdm
+
+from stages.lib.answers import answers_equivalent
+from stages.lib.equivalence import NO_ANSWER, PairJudge, greedy_reference_clusters
+from stages.lib.schema import SE_COLUMNS
+
+log = logging.getLogger(__name__)
+
+Equivalence = Callable[[str, str], bool]
+# (question_id, the question's answers in run order) -> cluster ids, shape (K,)
+Clusterer = Callable[[str, list[str]], np.ndarray]
+
+
+# ---- the math: pure functions on arrays -------------------------------------------------------------
+
+def cluster_answers(answers: list[str], equivalent: Equivalence = answers_equivalent) -> np.ndarray:
+    """Greedy semantic clustering of one question's answers; cluster ids 0..C-1 in order of first appearance.
+
+    Each distinct answer, in order of first appearance, joins the first existing cluster whose
+    representative (its first member) it is ``equivalent`` to, else founds a new cluster. Identical strings
+    are deduplicated first, so ``equivalent`` is called only between distinct strings (at most once per
+    pair of distinct answer and cluster representative). For a true equivalence relation the result is its
+    partition; for a non-transitive one it depends on the order. The reference implementation instead puts
+    an answer in the LAST matching cluster and compares it with every representative; that is what the model
+    methods use (``stages.lib.equivalence.greedy_reference_clusters``). math-verify equivalence is transitive in
+    practice, where both give the same clusters and this one stops at the first match (fewer checks).
+
+    Empty answers (no ``\\boxed{}`` and no number was found) form one shared "no answer" cluster and are
+    never passed to ``equivalent``. Why shared, not one singleton per empty run: the empty string is one
+    identical output, deduplicated like any other; a model that repeatedly fails to commit to an answer
+    (typically truncated reasoning) is behaving consistently, and counting each failure as a distinct
+    meaning would inflate SE with a length-truncation artefact that an SE probe would then learn. It also
+    makes a question whose runs all gave no answer have SE 0, with one cluster. Truncation stays visible
+    through the runs table's ``truncated`` and ``answer`` columns.
+
+    Parameters
+    ----------
+    answers : list of str, shape (K,)
+    equivalent : callable (str, str) -> bool, called as ``equivalent(representative, candidate)``
+
+    Returns
+    -------
+    cluster_ids : ndarray of int64, shape (K,)
+    """
+    cluster_of_answer: dict[str, int] = {}
+    representatives: list[str] = []
+    for answer in answers:
+        if answer in cluster_of_answer:
+            continue
+        cluster = None
+        if answer != NO_ANSWER:
+            cluster = next((c for c, representative in enumerate(representatives)
+                            if representative != NO_ANSWER and equivalent(representative, answer)), None)
+        if cluster is None:
+            cluster = len(representatives)
+            representatives.append(answer)
+        cluster_of_answer[answer] = cluster
+    return np.array([cluster_of_answer[answer] for answer in answers], dtype=np.int64)
+
+
+def discrete_semantic_entropy(cluster_ids: np.ndarray) -> float:
+    """Semantic entropy from cluster frequencies, in nats.
+
+        SE_discrete = - sum_c (n_c / K) log(n_c / K)
+
+    Bounds: 0 (all runs in one cluster) <= SE_discrete <= log K (every run its own cluster).
+    """
+    cluster_ids = np.asarray(cluster_ids)
+    if cluster_ids.size == 0:
+        raise ValueError("discrete_semantic_entropy: no runs (cluster_ids is empty)")
+    _, counts = np.unique(cluster_ids, return_counts=True)
+    probabilities = counts / cluster_ids.size
+    return _clip_rounding(-float(np.sum(probabilities * np.log(probabilities))))
+
+
+def length_normalised_loglik(sequence_loglik: np.ndarray, n_generated: np.ndarray) -> np.ndarray:
+    """Mean token log-probability per run: log p(s_i) / T_i, with T_i = 0 counted as 1.
+
+    A run with no generated tokens has log p(s_i) = 0 (an empty sum), so the guard makes its value 0 rather
+    than 0/0. Shapes: (K,) -> (K,).
+    """
+    sequence_loglik = np.asarray(sequence_loglik, dtype=np.float64)
+    n_generated = np.asarray(n_generated, dtype=np.float64)
+    return sequence_loglik / np.maximum(n_generated, 1.0)
+
+
+def weighted_semantic_entropy(cluster_ids: np.ndarray, log_likelihoods: np.ndarray) -> float:
+    """Likelihood-weighted semantic entropy (Farquhar et al. 2024, "sum_normalized" variant), in nats.
+
+    With l_i the LENGTH-NORMALISED log-likelihood of run i (l_i = log p(s_i) / T_i, the mean token log-prob;
+    see ``length_normalised_loglik``), as the reference code (jlko/semantic_uncertainty) uses:
+
+        log p_c = logsumexp_{i in c} l_i - logsumexp_{i=1..K} l_i     (cluster mass, normalised over runs)
+        SE_weighted = - sum_c p_c log p_c
+
+    Length normalisation keeps one long run from dominating the weights (a raw sequence probability shrinks
+    geometrically with its length). The log-sum-exp form is stable for very negative l_i.
+    Bounds: 0 <= SE_weighted <= log C <= log K.
+
+    Parameters
+    ----------
+    cluster_ids : ndarray of int, shape (K,)
+    log_likelihoods : ndarray of float, shape (K,), finite (length-normalised, see above)
+    """
+    cluster_ids = np.asarray(cluster_ids)
+    log_likelihoods = np.asarray(log_likelihoods, dtype=np.float64)
+    if cluster_ids.size == 0 or cluster_ids.shape != log_likelihoods.shape:
+        raise ValueError(f"weighted_semantic_entropy: need K >= 1 runs with one log-likelihood each; got "
+                         f"cluster_ids {cluster_ids.shape} and log_likelihoods {log_likelihoods.shape}")
+    if not np.all(np.isfinite(log_likelihoods)):
+        raise ValueError(f"weighted_semantic_entropy: non-finite log-likelihoods {log_likelihoods.tolist()}")
+    log_total = logsumexp(log_likelihoods)
+    cluster_log_probabilities = np.array([logsumexp(log_likelihoods[cluster_ids == cluster]) - log_total
+                                          for cluster in np.unique(cluster_ids)])
+    # Clip at 0: rounding can push the dominant cluster's log-probability a hair above 0.
+    cluster_log_probabilities = np.minimum(cluster_log_probabilities, 0.0)
+    cluster_probabilities = np.exp(cluster_log_probabilities)
+    return _clip_rounding(-float(np.sum(cluster_probabilities * cluster_log_probabilities)))
+
+
+def naive_entropy(log_likelihoods: np.ndarray) -> float:
+    """Naive (predictive) entropy: the Monte Carlo estimate of -E[log p(s)] from the K runs, in nats.
+
+        H_naive = - (1/K) sum_i l_i,   l_i = log p(s_i) / T_i   (length-normalised, as in the reference code)
+
+    It ignores meaning: two phrasings of one answer count as different outcomes.
+    """
+    log_likelihoods = np.asarray(log_likelihoods, dtype=np.float64)
+    if log_likelihoods.size == 0:
+        raise ValueError("naive_entropy: no runs (log_likelihoods is empty)")
+    return -float(np.mean(log_likelihoods))
+
+
+def _clip_rounding(entropy: float) -> float:
+    # Entropies are >= 0; -0.0 or -1e-17 only come from floating-point rounding.
+    return max(entropy, 0.0)
+
+
+# ---- one table: runs -> semantic entropy rows (no I/O) -----------------------------------------------
+
+def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str = "runs") -> pd.DataFrame:
+    """One SE_COLUMNS row per run of ``runs`` (RUN_COLUMNS), in the same row order.
+
+    Each question's runs are taken in ``run_id`` order and ``cluster(question_id, answers)`` gives their cluster
+    ids, so ids follow the order in which runs first gave each meaning. A question needs at least 2 runs (SE of
+    one sample is meaningless).
+    """
+    if runs.empty:
+        return _empty_se_table()
+    question_frames = []
+    grouped = runs.groupby("question_id", sort=False)
+    for question_id, question_runs in tqdm(grouped, total=grouped.ngroups, desc=f"semantic entropy {source}",
+                                           disable=grouped.ngroups < 50):
+        if len(question_runs) < 2:
+            raise ValueError(f"{source}: question {question_id!r} has {len(question_runs)} run; semantic "
+                             "entropy needs >= 2 (sampling.runs)")
+        question_runs = question_runs.sort_values("run_id")
+        cluster_ids = cluster(question_id, question_runs["answer"].tolist())
+        log_likelihoods = length_normalised_loglik(question_runs["sequence_loglik"].to_numpy(),
+                                                   question_runs["n_generated"].to_numpy())
+        question_frames.append(pd.DataFrame({
+            "question_id": question_runs["question_id"].to_numpy(),
+            "run_id": question_runs["run_id"].to_numpy(dtype=np.int64),
+            "cluster_id": cluster_ids,
+            "n_clusters": np.int64(cluster_ids.max() + 1),
+            "semantic_entropy": discrete_semantic_entropy(cluster_ids),
+            "semantic_entropy_weighted": weighted_semantic_entropy(cluster_ids, log_likelihoods),
+            "naive_entropy": naive_entropy(log_likelihoods),
+        }, index=question_runs.index))
+    table = pd.concat(question_frames).loc[runs.index].reset_index(drop=True)
+    return table[[column.name for column in SE_COLUMNS]]
+
+
+def _empty_se_table() -> pd.DataFrame:
+    dtypes = {"str": object, "int": np.int64, "float": np.float64, "bool": bool}
+    return pd.DataFrame({column.name: pd.Series([], dtype=dtypes[column.kind]) for column in SE_COLUMNS})
+
+
+class CountingEquivalence:
+    """Wraps an equivalence relation and counts its calls (the stage's cost in math-verify checks)."""
+
+    def __init__(self, equivalent: Equivalence):
+        self.equivalent = equivalent
+        self.calls = 0
+
+    def __call__(self, first: str, second: str) -> bool:
+        self.calls += 1
+        return self.equivalent(first, second)
+
+
+def math_clusterer(equivalent: Equivalence = answers_equivalent) -> Clusterer:
+    """Method ``math``: ``cluster_answers`` with ``equivalent``, whatever the question."""
+    return lambda _question_id, answers: cluster_answers(answers, equivalent)
+
+
+def judge_clusterer(judge: PairJudge, question_text: dict[str, str] | None = None) -> Clusterer:
+    """A model method: ``greedy_reference_clusters`` with ``judge``, given each question's text when it uses it.
+
+    ``question_text`` maps question_id -> question; needed (and checked) only if ``judge.uses_question``.
+    """
+    def cluster(question_id: str, answers: list[str]) -> np.ndarray:
+        question = ""
+        if judge.uses_question:
+            if question_text is None or question_id not in question_text:
+                raise ValueError(f"question {question_id!r}: its text is needed (semantic_entropy.prepend_question)"
+                                 " but it is not in the questions files")
+            question = question_text[question_id]
+        return greedy_reference_clusters(answers, lambda pairs: judge(pairs, question))
+
+    return cluster
+
+
+# ---- the stage ----------------------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""Probe training and selection: split questions, fit the accuracy, SE and SE-regression probes and the entropy
+baseline on train, and choose each probe's location on val.
+
+Run from the repository root: ``python -m stages.train_probes`` (or ``dvc repro train_probes``).
+
+- In-distribution questions are split by question into train / val / test (``probes.train_fraction``,
+  ``probes.val_fraction``, the rest test; seeded with ``seed``); OOD questions get split ``ood``.
+- Accuracy probe: label = the run is correct. SE probe: label = the run's question has high semantic
+  entropy, the threshold fitted on train questions only (``probes.high_se_threshold``). SE regression probe:
+  ridge regression of the semantic entropy itself (continuous), scored by Spearman correlation.
+- For every (position, layer) one probe per label is fitted on train (C by question-grouped CV inside
+  train); the (position, layer) with the best val score is kept, and the best layer at each position is
+  recorded (the early-warning curve). Test and OOD are never looked at.
+- Layer ranges: at the accuracy and SE probes' positions, every contiguous range of up to
+  ``probes.max_layer_range`` layers, concatenated, is fitted on train; the best on val is kept.
+- Entropy baseline: logistic regression of correctness on ``mean_token_entropy`` alone, fitted on train.
+
+Writes ``{paths.probes}/`` atomically: splits.parquet, one JSON per PROBE_FILES entry
+(``LinearProbe.to_dict``), location_probes.json and selection.json; cost in
+``{paths.metrics}/cost/train_probes.json``. ``load_dataset`` and ``probe_labels`` are shared with evaluate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from stages.lib.params import ProbeParams
+from stages.lib.probes import (
+    THRESHOLD_FUNCTIONS,
+    LinearProbe,
+    fit_location_probes,
+    fit_probe,
+    probe_features,
+    probe_score,
+    require_two_classes,
+    score_location_probes,
+)
+
+log = logging.getLogger(__name__)
+
+# which label each hidden-state probe predicts (positive class; a continuous target for the ridge probe)
+PROBE_LABEL = {"accuracy": "correct", "se": "high_se", "se_regression": "semantic_entropy"}
+BINARY_LABELS = ("correct", "high_se")
+# layer-range probes: the best contiguous range of layers at the position of the named single-layer probe
+RANGE_PROBES = {"accuracy_range": "accuracy", "se_range": "se"}
+
+
+def fit_high_se_threshold(question_ids, semantic_entropy, method: str) -> float:
+    """Threshold on semantic entropy fitted on one value per question (SE is a property of the question).
+
+    Parameters
+    ----------
+    question_ids : (n,) the question of each TRAIN run
+    semantic_entropy : (n,) float, the SE of each train run (equal across a question's runs)
+    method : ``best_split`` or ``median``
+    """
+    per_question = pd.Series(np.asarray(semantic_entropy, dtype=float)).groupby(np.asarray(question_ids)).first()
+    return THRESHOLD_FUNCTIONS[method](per_question.to_numpy())
+
+
+def probe_labels(runs: pd.DataFrame, high_se_threshold: float) -> dict[str, np.ndarray]:
+    """The target of each probe per run, shape (n,): ``correct`` and ``high_se`` (SE > threshold) bool, and
+    ``semantic_entropy`` float (the ridge probe's continuous target)."""
+    entropy = runs["semantic_entropy"].to_numpy(float)
+    return {"correct": runs["correct"].to_numpy(bool), "high_se": entropy > high_se_threshold,
+            "semantic_entropy": entropy}
+
+
+def fit_probes_on_train(runs: pd.DataFrame, hidden, positions, layers, high_se_threshold: float,
+                        probe_params: ProbeParams, seed: int) -> dict[tuple[str, str, int], LinearProbe]:
+    """Every (label, position, layer) probe fitted on the train runs: the one code path train_probes and
+    evaluate share, so evaluate's per-layer curves come from exactly the probes selected here.
+
+    ``runs`` needs columns split, question_id, hidden_row, correct, semantic_entropy.
+    """
+    train = runs[runs["split"] == "train"]
+    return fit_location_probes(hidden, train["hidden_row"].to_numpy(), positions, layers,
+                               probe_labels(train, high_se_threshold), train["question_id"].to_numpy(),
+                               c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
+                               max_iter=probe_params.max_iter, random_state=seed)
+
+
+def fit_entropy_baseline(runs: pd.DataFrame, probe_params: ProbeParams, seed: int) -> LinearProbe:
+    """Logistic regression of ``correct`` on mean_token_entropy alone, fitted on the train runs."""
+    train = runs[runs["split"] == "train"]
+    baseline = LinearProbe(c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
+                           max_iter=probe_params.max_iter, random_state=seed, label_name="correct",
+                           feature="mean_token_entropy")
+    return baseline.fit(train[["mean_token_entropy"]].to_numpy(float), train["correct"].to_numpy(bool),
+                        train["question_id"].to_numpy())
+
+
+@dataclass(frozen=True)
+class TrainedProbes:
+    probes: dict[str, LinearProbe]
+    """Every key of PROBE_FILES: the hidden-state probes at their selected locations and the entropy baseline."""
+    selection: dict[str, Any]
+    """Contents of selection.json."""
+    location_probes: dict[tuple[str, str, int], LinearProbe]
+    """Every (label, position, layer) probe fitted on train; evaluate scores them per layer without refitting."""
+    n_range_fits: int = 0
+    """Layer-range probes fitted while searching the ranges (single layers reuse the location probes)."""
+
+    @property
+    def n_fitted(self) -> int:
+        """Final fits (excluding the cross-validation fits inside each): locations, ranges and the baseline."""
+        return len(self.location_probes) + self.n_range_fits + 1
+
+
+def first_best(scores) -> int:
+    """Index of the first maximum of ``scores`` (n,), ignoring NaN; ValueError when every score is NaN."""
+    scores = np.asarray(scores, dtype=float)
+    if np.all(np.isnan(scores)):
+        raise ValueError("no candidate has a defined validation score (single-class or constant val labels)")
+    return int(np.flatnonzero(scores == np.nanmax(scores))[0])
+
+
+def layer_ranges(n_layers: int, max_length: int) -> list[tuple[int, int]]:
+    """Contiguous (first, last) index ranges over ``n_layers`` traced layers, lengths 1..max_length
+    (0 = any length), in (length, first) order, so ties go to the shortest and then the earliest range."""
+    longest = n_layers if max_length == 0 else min(max_length, n_layers)
+    return [(first, first + length - 1) for length in range(1, longest + 1)
+            for first in range(n_layers - length + 1)]
+
+
+def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: LinearProbe,
+                       location_probes, targets: Mapping[str, np.ndarray], probe_params: ProbeParams,
+                       seed: int) -> tuple[LinearProbe, list[dict[str, Any]], int]:
+    """The best contiguous layer range at ``single``'s position, chosen on val: every range of up to
+    ``probes.max_layer_range`` traced layers, concatenated, fitted on train.
+
+    Each range reuses the C that the grouped CV chose for ``single`` instead of its own CV: the wide
+    concatenated features make lbfgs slow at weak regularisation (tens of seconds per fit at 640 features and
+    C = 10), and a C chosen on train keeps the choice leak-free. Single-layer candidates are the location
+    probes themselves. Returns the chosen probe, every candidate's val score, and the number of range probes
+    fitted.
+    """
+    train_runs, val_runs = runs[runs["split"] == "train"], runs[runs["split"] == "val"]
+    label_name = single.label_name
+    candidates, probes, fitted = [], [], 0
+    ranges = layer_ranges(len(layers), probe_params.max_layer_range)
+    log.info("%s: %d layer ranges of up to %s layers at %s", label_name, len(ranges),
+             probe_params.max_layer_range or "any number of", single.position)
+    for first, last in ranges:
+        if first == last:
+            probe = location_probes[(label_name, single.position, int(layers[first]))]
+        else:
+            probe = fit_probe(hidden, train_runs["hidden_row"].to_numpy(), positions, layers, label_name,
+                              targets["train"], train_runs["question_id"].to_numpy(), single.position,
+                              layers[first], layers[last], c_grid=(single.C_,), cv_folds=probe_params.cv_folds,
+                              max_iter=probe_params.max_iter, random_state=seed)
+            fitted += 1
+        score = probe_score(probe, probe_features(probe, hidden, val_runs["hidden_row"].to_numpy(), positions, layers),
+                            targets["val"])
+        probes.append(probe)
+        candidates.append({"layer": int(layers[first]), "layer_end": int(layers[last]),
+                           "val_score": None if score is None else float(score)})
+    best = first_best([np.nan if c["val_score"] is None else c["val_score"] for c in candidates])
+    chosen = probes[best]
+    if chosen.layer_end is None:  # a single layer won: record it as the range layer..layer
+        chosen = LinearProbe.from_dict({**chosen.to_dict(), "layer_end": chosen.layer})
+    return chosen, candidates, fitted
+
+
+def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbeParams, seed: int) -> TrainedProbes:
+    """Fit every probe on train and select each hidden-state probe's location on val.
+
+    Parameters
+    ----------
+    runs : one row per id run with columns split, question_id, hidden_row, correct, semantic_entropy,
+        mean_token_entropy
+    hidden : (rows, positions, layers, hidden) float16 array
+    positions, layers : the array's position names and hidden-state indices
+
+    For each probe of PROBE_LABEL: the (position, layer) with the best val score (AUROC; Spearman for the
+    ridge ``se_regression`` probe), and the best layer per position (``by_position``: the early-warning
+    curve). For each probe of RANGE_PROBES: the best contiguous layer range at its single-layer probe's position.
+    """
+    train_runs, val_runs = runs[runs["split"] == "train"], runs[runs["split"] == "val"]
+    high_se_threshold = fit_high_se_threshold(train_runs["question_id"], train_runs["semantic_entropy"],
+                                              probe_params.high_se_threshold)
+    log.info("high-SE threshold (%s, %d train questions): %.4f", probe_params.high_se_threshold,
+             train_runs["question_id"].nunique(), high_se_threshold)
+    labels = {split_name: probe_labels(split_runs, high_se_threshold)
+              for split_name, split_runs in (("train", train_runs), ("val", val_runs))}
+    for split_name, split_labels in labels.items():
+        for label_name in BINARY_LABELS:
+            require_two_classes(split_labels[label_name], label_name, split_name)
+
+    location_probes = fit_probes_on_train(runs, hidden, positions, layers, high_se_threshold, probe_params, seed)
+    val_scores = score_location_probes(location_probes, hidden, val_runs["hidden_row"].to_numpy(), positions,
+                                       layers, labels["val"])
+    selected: dict[str, LinearProbe] = {}
+    selection: dict[str, Any] = {}
+    by_position = []
+    for probe_name, label_name in PROBE_LABEL.items():
+        candidates = val_scores[val_scores["label"] == label_name].reset_index(drop=True)
+        best = candidates.iloc[first_best(candidates["score"])]  # first maximum in (position, layer) order
+        probe = location_probes[(label_name, best["position"], int(best["layer"]))]
+        selected[probe_name] = probe
+        selection[f"{probe_name}_probe"] = {"label": label_name, "position": best["position"],
+                                            "layer": int(best["layer"]), "metric": best["metric"],
+                                            "val_score": float(best["score"]), "C": probe.C_}
+        log.info("%s probe: position %s, layer %d, val %s %.3f, C %g", probe_name, best["position"],
+                 int(best["layer"]), best["metric"], best["score"], probe.C_)
+        for position, at_position in candidates.groupby("position", sort=False):
+            row = at_position.iloc[first_best(at_position["score"])]
+            by_position.append({"probe": probe_name, "position": position, "layer": int(row["layer"]),
+                                "metric": row["metric"], "val_score": float(row["score"])})
+
+    n_range_fits = 0
+    for range_name, probe_name in RANGE_PROBES.items():
+        label_name = PROBE_LABEL[probe_name]
+        probe, candidates, fitted = select_layer_range(
+            runs, hidden, positions, layers, selected[probe_name], location_probes,
+            {split_name: split_labels[label_name] for split_name, split_labels in labels.items()}, probe_params, seed)
+        n_range_fits += fitted
+        selected[range_name] = probe
+        chosen = next(c for c in candidates if (c["layer"], c["layer_end"]) == (probe.layer, probe.layer_end))
+        selection[f"{range_name}_probe"] = {"label": label_name, "position": probe.position, "layer": probe.layer,
+                                            "layer_end": probe.layer_end, "metric": "auroc",
+                                            "val_score": chosen["val_score"], "C": probe.C_,
+                                            "candidates": candidates}
+        log.info("%s probe: position %s, layers %d..%d, val AUROC %.3f", range_name, probe.position, probe.layer,
+                 probe.layer_end, chosen["val_score"])
+    selected["entropy_baseline"] = fit_entropy_baseline(runs, probe_params, seed)
+
+    selection.update({
+        "high_se_threshold": high_se_threshold,
+        "high_se_threshold_method": probe_params.high_se_threshold,
+        "n_questions": runs.groupby("split")["question_id"].nunique().to_dict(),
+        "n_runs": runs["split"].value_counts().to_dict(),
+        "by_position": by_position,
+        "val_scores": [{"probe": probe_name, "position": row.position, "layer": int(row.layer),
+                        "metric": row.metric, "score": None if np.isnan(row.score) else float(row.score)}
+                       for probe_name, label_name in PROBE_LABEL.items()
+                       for row in val_scores[val_scores["label"] == label_name].itertuples()],
+    })
+    return TrainedProbes(selected, selection, location_probes, n_range_fits)
+
+

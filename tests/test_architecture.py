@@ -1,0 +1,66 @@
+"""The house rules, checked from the source: thin stages over one library, and dvc.yaml deps complete by construction.
+
+- a stage module (``stages/<stage>.py``, one per dvc.yaml stage) never imports another stage; the library
+  (``stages/lib/``) never imports a stage; project imports have no cycle;
+- each dvc.yaml stage lists exactly its own module, every library module it can import (transitively) and the
+  package ``__init__`` files, so editing any module reruns exactly the stages that import it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.code_deps import ROOT, closure, find_cycle, import_graph, required_code_deps, stage_modules
+
+GRAPH = import_graph()
+STAGES = stage_modules()
+
+
+def test_every_stage_module_is_a_dvc_stage_and_named_like_it():
+    on_disk = {p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__"}
+    assert on_disk == set(STAGES), "stages/*.py must be exactly the dvc.yaml stages; library code goes in stages/lib/"
+    assert all(module == f"stages.{name}" for name, module in STAGES.items())
+
+
+def test_no_stage_imports_another_stage_and_the_library_imports_none():
+    stage_set = set(STAGES.values())
+    for module, imports in GRAPH.items():
+        offending = sorted((imports & stage_set) - {module})
+        assert not offending, f"{module} imports stage module(s) {offending}; move what they share to stages/lib/"
+
+
+def test_no_import_cycle():
+    assert find_cycle(GRAPH) is None, f"import cycle: {' -> '.join(find_cycle(GRAPH))}"
+
+
+def test_find_cycle_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_closure_follows_function_level_imports():
+    # generate imports the vLLM backend inside main(): still a dep
+    assert "stages.lib.sampling_vllm" in closure("stages.generate", GRAPH)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_dvc_yaml_code_deps_are_exactly_the_import_closure(stage):
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
+    listed = sorted(d for d in deps if d.startswith("stages/"))
+    required = required_code_deps(STAGES[stage], GRAPH)
+    missing, extra = sorted(set(required) - set(listed)), sorted(set(listed) - set(required))
+    assert not missing and not extra, (f"dvc.yaml stage `{stage}`: add deps {missing}, remove {extra} "
+                                       "(python tests/code_deps.py prints every stage's list)")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_help_exits_without_touching_outputs(stage, tmp_path):
+    result = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert f"stage {stage}" in result.stdout.lower()
+    assert list(tmp_path.iterdir()) == []  # no params.yaml read, nothing written
