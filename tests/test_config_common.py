@@ -1,17 +1,22 @@
-"""params.yaml validation and the atomic-write and schema helpers every stage relies on."""
+"""params.yaml validation (the typed models, their one-line errors, a stage stopping at start), and the
+atomic-write and schema helpers every stage relies on."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from stages.lib.common import atomic_path, cost_record, read_table, write_json, write_table
-from stages.lib.params import ParamsError, load_params, parse_params
+from stages.lib.params import Params, ParamsError, load_params, parse_params
 from stages.lib.schema import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,32 +33,159 @@ def with_value(dotted: str, value):
     return raw
 
 
+def error_line(raw) -> str:
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("params.yaml: ")
+    return message
+
+
 def test_the_repository_params_are_valid():
     params = load_params(ROOT / "params.yaml")
     assert params.sampling.runs >= 2 and params.model.name == "toy"
+    # YAML lists are held as tuples, as the callers (and hashing a frozen model) expect
+    assert isinstance(params.trace.positions, tuple) and isinstance(params.probes.c_grid, tuple)
+    assert params.trace.positions == tuple(RAW["trace"]["positions"])
+    assert params.sampling.vllm.dtype == RAW["sampling"]["vllm"]["dtype"] and hash(params)
 
 
-@pytest.mark.parametrize("dotted, value", [
+# accepted or crashing before the typed models, and every older check
+BAD_VALUES = [
+    ("data.n_questions", "500"), ("sampling.max_new_tokens", "96"), ("toy.steps", True), ("trace.batch_size", True),
+    ("trace.batch_size", 2.5), ("analysis.umap_min_dist", "x"),
     ("sampling.temp", -0.1), ("sampling.runs", 1), ("sampling.backend", "tgi"), ("sampling.top_p", 0),
     ("data.source", "csv:questions.csv"), ("data.ood_source", "jsonl:"), ("semantic_entropy.method", "vibes"),
     ("trace.backend", "jax"), ("trace.positions", ["tbg", "middle"]), ("trace.layers", "some"),
     ("probes.high_se_threshold", "mean"), ("probes.val_fraction", 0.5), ("evaluate.confidence", 95),
     ("trace.positions", ["think_0"]), ("trace.positions", ["think_100"]), ("trace.positions", ["slt", "slt"]),
+    ("trace.positions", []), ("trace.layers", [0, -1]), ("trace.layers", [0, 1.0]),
     ("probes.max_layer_range", -1), ("evaluate.calibration_bins", 0), ("stability.seeds", 0),
-    ("stability.seeds", True), ("evaluate.calibration_bins", True),
+    ("stability.seeds", True), ("evaluate.calibration_bins", True), ("stability.c_grid", []),
+    ("probes.c_grid", [0.1, 0]), ("probes.c_grid", [0.1, True]), ("probes.c_grid", 0.1), ("seed", "0"),
+    ("toy.heads", 3), ("toy.min_terms", 5), ("toy.ood_max_terms", 4), ("toy.ood_max_operand", 19),
+    ("toy.learning_rate", 0), ("sampling.temp", float("nan")), ("sampling.vllm.max_model_len", 1),
+    ("sampling.vllm.enforce_eager", 0), ("semantic_entropy.cosine_threshold", True), ("model.name", ""),
+    ("sampling", 3),
+]
+
+
+@pytest.mark.parametrize("dotted, value", BAD_VALUES)
+def test_a_bad_value_names_its_key_the_value_and_what_was_expected(dotted, value):
+    message = error_line(with_value(dotted, value))
+    assert message.startswith(f"params.yaml: `{dotted}` = {value!r} is invalid; expected ")
+    assert len(message.split("expected ", 1)[1]) > 5
+
+
+def test_the_messages_say_the_type_and_range():
+    assert error_line(with_value("sampling.temp", -1)) == \
+        "params.yaml: `sampling.temp` = -1 is invalid; expected a number >= 0 (0 means greedy)"
+    assert error_line(with_value("trace.batch_size", 2.5)).endswith("expected an integer >= 1")
+    assert error_line(with_value("sampling.top_p", 1.5)).endswith("expected a fraction in (0, 1]")
+    assert error_line(with_value("sampling.backend", "tgi")).endswith("expected one of ('hf', 'vllm', 'auto')")
+    assert error_line(with_value("sampling.vllm.enforce_eager", 1)).endswith("expected true or false")
+    assert error_line(with_value("toy.heads", 3)).endswith("expected a divisor of toy.hidden_size")
+    assert "leaving room for a test split" in error_line(with_value("probes.val_fraction", 0.5))
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("sampling.temp", 1), ("sampling.top_p", 1), ("toy.learning_rate", 1), ("probes.c_grid", [1, 10]),
+    ("semantic_entropy.cosine_threshold", -1), ("analysis.umap_min_dist", 0),
 ])
-def test_a_bad_value_names_its_key(dotted, value):
-    with pytest.raises(ParamsError, match=f"`{dotted}` = "):
-        parse_params(with_value(dotted, value))
+def test_a_number_field_takes_a_yaml_int_as_a_float(dotted, value):
+    params = parse_params(with_value(dotted, value))
+    *groups, key = dotted.split(".")
+    for group in groups:
+        params = getattr(params, group)
+    loaded = getattr(params, key)
+    assert loaded == (tuple(value) if isinstance(value, list) else value)
+    assert all(isinstance(x, float) for x in (loaded if isinstance(loaded, tuple) else (loaded,)))
 
 
-def test_missing_and_unknown_keys_are_named():
+@pytest.mark.parametrize("value", [64.0, 2.5, True, "64", None])
+def test_an_integer_field_takes_only_an_integer(value):
+    error_line(with_value("trace.batch_size", value))
+
+
+@pytest.mark.parametrize("value", [0, 1, "true", "yes", None])
+def test_a_true_or_false_field_takes_only_a_bool(value):
+    assert "expected true or false" in error_line(with_value("semantic_entropy.strict_entailment", value))
+
+
+def test_cross_field_checks_pass_on_consistent_values():
+    raw = with_value("toy.hidden_size", 96)
+    raw["toy"].update(heads=3, min_terms=4, max_terms=4, ood_max_terms=5, ood_max_operand=20)
+    raw["probes"].update(train_fraction=0.5, val_fraction=0.4)
+    params = parse_params(raw)
+    assert (params.toy.heads, params.probes.val_fraction) == (3, 0.4)
+
+
+GROUPS = ["paths", "toy", "model", "data", "sampling", "sampling.vllm", "semantic_entropy", "trace", "probes",
+          "evaluate", "stability", "analysis"]
+
+
+@pytest.mark.parametrize("group", GROUPS + [None])
+def test_an_unknown_key_is_named_with_the_known_ones(group):
+    dotted = f"{group}.temprature" if group else "temprature"
+    message = error_line(with_value(dotted, 0.7))
+    assert message.startswith(f"params.yaml: unknown key `{dotted}` (known: ")
+    target = RAW
+    for part in (group or "").split(".") if group else []:
+        target = target[part]
+    assert all(key in message for key in target)
+
+
+@pytest.mark.parametrize("dotted", ["sampling.temp", "sampling.vllm.dtype", "trace", "seed", "toy.heads"])
+def test_a_missing_key_is_named(dotted):
     raw = copy.deepcopy(RAW)
-    del raw["sampling"]["temp"]
-    with pytest.raises(ParamsError, match="missing key `sampling.temp`"):
-        parse_params(raw)
-    with pytest.raises(ParamsError, match="unknown key `sampling.temperature`"):
-        parse_params(with_value("sampling.temperature", 0.7))
+    *groups, key = dotted.split(".")
+    target = raw
+    for group in groups:
+        target = target[group]
+    del target[key]
+    assert error_line(raw) == f"params.yaml: missing key `{dotted}`"
+
+
+def test_not_a_mapping_and_not_yaml_are_one_line_errors(tmp_path):
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        parse_params(None)
+    broken = tmp_path / "params.yaml"
+    broken.write_text("seed: 0\nsampling: [1, 2\n")
+    with pytest.raises(ParamsError, match=r"params.yaml:\d+: not valid YAML") as caught:
+        load_params(broken)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_every_field_has_a_docstring_and_the_models_are_frozen():
+    params = load_params(ROOT / "params.yaml")
+    groups = [Params] + [type(getattr(params, name)) for name in Params.model_fields if name != "seed"]
+    groups.append(type(params.sampling.vllm))
+    for group in groups:
+        for name, field in group.model_fields.items():
+            assert field.description or group is Params, f"{group.__name__}.{name} has no docstring"
+    with pytest.raises(ValidationError, match="frozen"):
+        params.sampling.temp = 0.1
+    copied = params.probes.model_copy(update={"c_grid": (0.01,), "max_layer_range": 1})  # as stability does
+    assert copied.c_grid == (0.01,) and params.probes.c_grid == tuple(RAW["probes"]["c_grid"])
+
+
+@pytest.mark.parametrize("stage, dotted, value", [
+    ("questions", "data.n_questions", "500"), ("questions", "sampling.max_new_tokens", "96"),
+    ("questions", "sampling.vllm.temprature", 1), ("analysis", "analysis.umap_min_dist", "x"),
+    ("trace", "trace.batch_size", 2.5),
+])
+def test_a_stage_stops_at_start_with_the_one_line(tmp_path, stage, dotted, value):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_value(dotted, value)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: params.yaml: ") and f"`{dotted}`" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
 def test_atomic_path_replaces_files_and_directories_only_on_success(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -120,11 +119,11 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 # ---- a tiny model, trained a few steps ----------------------------------------------------------------------
-def train_tiny(seed: int, toy: ToyParams = TINY):
+def train_tiny(seed: int, config: ToyParams = TINY):
     torch.manual_seed(seed)
     tokenizer = toy.build_tokenizer()
-    model = toy.build_model(toy, tokenizer)
-    counters = toy.train(model, tokenizer, toy, np.random.default_rng(seed), progress=False)
+    model = toy.build_model(config, tokenizer)
+    counters = toy.train(model, tokenizer, config, np.random.default_rng(seed), progress=False)
     return model, tokenizer, counters
 
 
@@ -160,7 +159,7 @@ def test_saved_model_loads_through_the_auto_classes_and_generates(tmp_path):
 
 def test_stage_main_writes_the_model_and_its_cost_record(tmp_path, monkeypatch):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["toy"] = dataclasses.asdict(dataclasses.replace(TINY, steps=2))
+    raw["toy"] = TINY.model_copy(update={"steps": 2}).model_dump()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(toy_model, "VALIDATION_QUESTIONS", 4)

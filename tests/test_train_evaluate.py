@@ -7,7 +7,6 @@ shuffled order, so a wrong row mapping would erase the signal.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -300,7 +299,7 @@ def test_mismatched_inputs_fail_naming_the_files(tmp_path):
 
 def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
     params = make_params(tmp_path)
-    params = dataclasses.replace(params, stability=dataclasses.replace(params.stability, seeds=3, c_grid=(1.0,)))
+    params = params.model_copy(update={"stability": params.stability.model_copy(update={"seeds": 3, "c_grid": (1.0,)})})
     write_fixture(params)
     report = stability.run(params)
     table = pd.read_csv(Path(params.paths.plots) / "stability.csv")
@@ -323,7 +322,7 @@ def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
 
 def test_stability_skips_a_seed_whose_split_has_a_single_class_val(tmp_path):
     params = make_params(tmp_path)
-    params = dataclasses.replace(params, stability=dataclasses.replace(params.stability, seeds=2, c_grid=(1.0,)))
+    params = params.model_copy(update={"stability": params.stability.model_copy(update={"seeds": 2, "c_grid": (1.0,)})})
     ids = [f"id-{i:03d}" for i in range(60)]
     second = dataset_lib.split_questions(ids, [], params.probes.train_fraction, params.probes.val_fraction,
                                           params.seed + 1)

@@ -135,7 +135,7 @@ def run_files(root: str | Path) -> RunFiles:
         paths = Paths(**raw["paths"])
     except FileNotFoundError:
         raise MissingArtifact(f"{params_path} not found: the viewer needs the project's params.yaml.") from None
-    except (TypeError, KeyError, yaml.YAMLError) as error:
+    except (TypeError, KeyError, ValueError, yaml.YAMLError) as error:
         raise MissingArtifact(f"{params_path}: cannot read `paths:` ({error}).") from None
 
     def inside(relative: str, name: str) -> Path:

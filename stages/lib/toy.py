@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import string
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -210,4 +209,4 @@ def save(directory: Path, model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenize
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     # The run's own config beside its outputs, for a reader who finds the directory without params.yaml.
-    (directory / "toy_params.json").write_text(json.dumps({"seed": seed, **asdict(toy)}, indent=2) + "\n")
+    (directory / "toy_params.json").write_text(json.dumps({"seed": seed, **toy.model_dump()}, indent=2) + "\n")

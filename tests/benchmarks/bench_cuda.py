@@ -22,7 +22,6 @@ as JSON to ``--out``. Asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -106,7 +105,7 @@ def bench_generation(model, args, sampling, rng, device: str) -> list[dict]:
     ]
     rows = []
     for label, chosen, batch_size in modes:
-        config = dataclasses.replace(sampling, batch_size=batch_size)
+        config = sampling.model_copy(update={"batch_size": batch_size})
         times, runs, peak = timed(lambda: sample_runs(model, chosen, config, eos_ids, pad_id, 0, False),  # noqa: B023
                                   args.repeats, device)
         flat = [run for question_runs in runs for run in question_runs]
@@ -231,8 +230,8 @@ def main() -> None:
 
     device = resolve_device(args.device)
     model = build_model(SMALL if args.small else QWEN3_0_6B, device, TORCH_DTYPES[args.dtype], args.seed)
-    sampling = dataclasses.replace(params.sampling, backend="hf", runs=args.runs, max_new_tokens=args.max_new_tokens,
-                                   temp=0.7, top_p=0.95)
+    sampling = params.sampling.model_copy(update=dict(backend="hf", runs=args.runs,
+                                                         max_new_tokens=args.max_new_tokens, temp=0.7, top_p=0.95))
     rng = np.random.default_rng(args.seed)
     env = environment(device, args.dtype, args.small)
     print(f"{'small random' if args.small else 'Qwen3-0.6B-shaped random'} model, "
