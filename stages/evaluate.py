@@ -28,15 +28,13 @@ from stages.lib.evaluation import (
     split_metrics,
 )
 from stages.lib.params import Params, load_params
-from stages.lib.probe_store import load_probes
-from stages.lib.probes import load_location_probes
+from stages.lib.probe_store import load_location_probes, load_probes
 from stages.lib.schema import (
     AUROC_BY_LAYER_COLUMNS,
     AUROC_BY_LAYER_FILE,
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
     EVALUATE_FILE,
-    LOCATION_PROBES_FILE,
     RELIABILITY_COLUMNS,
     RELIABILITY_FILE,
     RISK_COVERAGE_COLUMNS,
@@ -89,7 +87,7 @@ def run(params: Params) -> dict[str, Any]:
             "calibration_bins": params.evaluate.calibration_bins,
         }
 
-        location_probes = load_location_probes(Path(params.paths.probes) / LOCATION_PROBES_FILE)
+        location_probes = load_location_probes(params.paths.probes)
         by_layer = auroc_by_layer(location_probes, {"val": (id_runs[id_runs["split"] == "val"], id_data.hidden),
                                                     **evaluated}, id_data.positions, id_data.layers,
                                   high_se_threshold)

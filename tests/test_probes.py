@@ -1,28 +1,39 @@
-"""LinearProbe (grouped CV, margin, JSON round trip) and the high-SE thresholds."""
+"""The probe estimators (scikit-learn API, grouped CV, margin), their files (JSON + npz, no pickle), and the
+high-SE thresholds."""
 
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import GroupKFold
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import check_estimator
 
 from stages.lib.metrics import auroc
+from stages.lib.probe_store import load_location_probes, load_probe, save_location_probes, save_probe
 from stages.lib.probes import (
     LinearProbe,
+    LogisticProbe,
+    RidgeProbe,
     SingleClassError,
     best_split_threshold,
     fit_location_probes,
-    load_probe,
+    held_out_score,
     median_threshold,
     probe_features,
     probe_score,
-    save_probe,
     score_location_probes,
 )
+from stages.lib.schema import SchemaError
 from stages.lib.selection import layer_ranges, select_layer_range
 
 
@@ -38,50 +49,178 @@ def signal_data(n_questions=30, runs=4, dims=5, seed=0):
 
 def test_fit_predict_and_margin():
     features, labels, groups = signal_data()
-    probe = LinearProbe(c_grid=(0.01, 1.0), cv_folds=3, max_iter=500, random_state=0).fit(features, labels, groups)
-    assert probe.C_ in (0.01, 1.0) and set(probe.cv_auroc_) == {0.01, 1.0}
-    assert probe.coef_.shape == (5,) and probe.n_features_in_ == 5
+    probe = LogisticProbe(c_grid=(0.01, 1.0), cv_folds=3, max_iter=500, random_state=0)
+    assert probe.fit(features, labels, groups) is probe
+    assert probe.C_ in (0.01, 1.0) and set(probe.cv_scores_) == {0.01, 1.0}
+    assert probe.coef_.shape == (5,) and probe.n_features_in_ == 5 and probe.classes_.tolist() == [False, True]
     probability = probe.predict_proba(features)
-    assert probability.shape == (len(labels),) and np.all((probability > 0) & (probability < 1))
-    assert auroc(labels, probability) > 0.8
+    assert probability.shape == (len(labels), 2) and np.all((probability > 0) & (probability < 1))
+    np.testing.assert_allclose(probability.sum(axis=1), 1.0)
+    assert auroc(labels, probability[:, 1]) > 0.8
     # margin: signed distance in the standardised space, same sign as the decision function
     decision = probe.decision_function(features)
+    assert decision.shape == (len(labels),)
     np.testing.assert_allclose(probe.margin(features), decision / np.linalg.norm(probe.coef_))
     standardised = (features - probe.scaler_mean_) / probe.scaler_scale_
     np.testing.assert_allclose(decision, standardised @ probe.coef_ + probe.intercept_)
-    np.testing.assert_array_equal(probe.predict(features), probability > 0.5)
+    np.testing.assert_array_equal(probe.predict(features), probability[:, 1] > 0.5)
+    assert probe.score(features, labels) == np.mean(probe.predict(features) == labels)  # ClassifierMixin
 
 
-def test_json_round_trip_gives_identical_predictions(tmp_path):
+def test_probes_follow_the_scikit_learn_estimator_api():
     features, labels, groups = signal_data()
-    probe = LinearProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=0, label_name="correct", position="slt",
-                        layer=3).fit(features, labels, groups)
-    text = json.dumps(probe.to_dict())  # plain JSON: no pickle anywhere
-    loaded = LinearProbe.from_dict(json.loads(text))
-    save_probe(probe, tmp_path / "probe.json")
-    from_file = load_probe(tmp_path / "probe.json")
-    for other in (loaded, from_file):
-        np.testing.assert_array_equal(other.predict_proba(features), probe.predict_proba(features))
-        np.testing.assert_array_equal(other.margin(features), probe.margin(features))
-        assert (other.label_name, other.position, other.layer, other.C_) == ("correct", "slt", 3, probe.C_)
-        assert other.cv_auroc_ == probe.cv_auroc_
+    probe = LogisticProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=7, label_name="correct", position="slt",
+                          layer=3)
+    params = probe.get_params()
+    assert params == {"c_grid": (0.1, 1.0), "cv_folds": 3, "max_iter": 1000, "random_state": 7,
+                      "label_name": "correct", "feature": "hidden_state", "position": "slt", "layer": 3,
+                      "layer_end": None}
+    assert not [name for name in vars(probe) if name.endswith("_")]  # the constructor only stores params
+    with pytest.raises(NotFittedError):
+        probe.predict_proba(features)
+    copy = clone(probe)
+    assert copy is not probe and copy.get_params() == params
+    assert LogisticProbe().set_params(**params).get_params() == params
+    assert probe.set_params(layer_end=4) is probe and probe.layer_end == 4
+    probe.fit(features, labels, groups)
+    np.testing.assert_array_equal(clone(probe).fit(features, labels, groups).coef_, probe.coef_)  # seeded
+    assert not hasattr(clone(probe), "coef_")  # clone copies params, never fitted state
+    ridge = RidgeProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=0)
+    assert ridge.fit(features, features[:, 0], groups) is ridge and ridge.predict(features).shape == (len(labels),)
+    assert not hasattr(ridge, "predict_proba") and not hasattr(ridge, "decision_function")  # a regressor
 
 
-def test_from_dict_rejects_foreign_or_inconsistent_dicts(tmp_path):
+def test_scikit_learn_check_estimator_passes():
+    """sklearn's own estimator checks (56 for the classifier); the ridge probe misses one, by design."""
+    check_estimator(LogisticProbe(random_state=0))
+    check_estimator(RidgeProbe(random_state=0), expected_failed_checks={
+        "check_non_transformer_estimators_n_iter": "max_iter bounds the logistic solver; ridge is solved in closed "
+                                                   "form and has no iteration count"})
+
+
+def hand_grouped_cv(features, targets, groups, c_grid, cv_folds, random_state, kind):
+    """The grouped CV of C written out by hand, as LinearProbe did it before GridSearchCV: per usable fold a
+    scaler fitted on the fold's training rows, one fit per C, the held-out score, the mean over folds; the
+    highest mean wins, ties to the smallest C; then one fit on all rows."""
+    def model(c):
+        if kind == "ridge":
+            return Ridge(alpha=1 / c)
+        return LogisticRegression(C=c, max_iter=1000, random_state=random_state)
+
+    folds = GroupKFold(n_splits=min(cv_folds, len(np.unique(groups))), shuffle=True, random_state=random_state)
+    scores = {c: [] for c in c_grid}
+    for fit_rows, held_out_rows in folds.split(features, targets, groups):
+        if kind == "logistic" and (len(set(targets[fit_rows])) < 2 or len(set(targets[held_out_rows])) < 2):
+            continue
+        if kind == "ridge" and len(set(targets[held_out_rows])) < 2:
+            continue
+        scaler = StandardScaler().fit(features[fit_rows])
+        for c in c_grid:
+            fitted = model(c).fit(scaler.transform(features[fit_rows]), targets[fit_rows])
+            held_out = scaler.transform(features[held_out_rows])
+            output = fitted.decision_function(held_out) if kind == "logistic" else fitted.predict(held_out)
+            scores[c].append(held_out_score(kind, targets[held_out_rows], output))
+    means = {c: float(np.mean(s)) for c, s in scores.items()}
+    best = min(c for c in c_grid if means[c] == max(means.values()))
+    scaler = StandardScaler().fit(features)
+    return best, means, np.ravel(model(best).fit(scaler.transform(features), targets).coef_)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "ridge"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grid_search_reproduces_the_hand_written_grouped_cv_exactly(kind, seed):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(40), 5)
+    features = rng.normal(0, 1, (200, 12)) * rng.uniform(0.1, 10, 12)
+    labels = features[:, 0] / features[:, 0].std() + rng.normal(0, 1.5, 200) > 0.5  # unbalanced, noisy
+    targets = labels if kind == "logistic" else features[:, 1] + rng.normal(0, 5, 200)
+    c_grid = (0.001, 0.01, 0.1, 1.0, 10.0)
+    probe = (LogisticProbe if kind == "logistic" else RidgeProbe)(c_grid=c_grid, cv_folds=5, random_state=seed)
+    probe.fit(features, targets, groups)
+    best, means, coef = hand_grouped_cv(features, targets, groups, c_grid, 5, seed, kind)
+    assert probe.C_ == best and probe.cv_scores_ == means  # bit for bit
+    np.testing.assert_array_equal(probe.coef_, coef)
+
+
+def test_round_trip_through_json_and_npz_gives_identical_predictions(tmp_path):
     features, labels, groups = signal_data()
-    data = LinearProbe(random_state=0).fit(features, labels, groups).to_dict()
-    with pytest.raises(ValueError, match="not a sep-linear-probe"):
-        LinearProbe.from_dict({**data, "format": "pickle"})
+    probe = LogisticProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=0, label_name="correct", position="slt",
+                          layer=3).fit(features, labels, groups)
+    save_probe(probe, tmp_path, "probe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.json", "probe.npz"]
+    metadata = json.loads((tmp_path / "probe.json").read_text())
+    assert metadata["kind"] == "logistic" and "coef" not in metadata  # weights live in the npz only
+    loaded = load_probe(tmp_path, "probe")
+    assert type(loaded) is LogisticProbe and loaded.get_params() == {**probe.get_params(), "c_grid": [0.1, 1.0]}
+    np.testing.assert_array_equal(loaded.decision_function(features), probe.decision_function(features))
+    np.testing.assert_array_equal(loaded.predict_proba(features), probe.predict_proba(features))
+    np.testing.assert_array_equal(loaded.margin(features), probe.margin(features))
+    assert (loaded.C_, loaded.cv_scores_, loaded.n_iter_) == (probe.C_, probe.cv_scores_, probe.n_iter_)
+    np.testing.assert_array_equal(loaded.classes_, probe.classes_)
+    first = (tmp_path / "probe.npz").read_bytes()
+    save_probe(loaded, tmp_path, "probe")  # equal probes, equal bytes: DVC sees no change
+    assert (tmp_path / "probe.npz").read_bytes() == first
+
+
+def test_location_probes_are_one_json_index_and_one_npz_of_stacked_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(0, 1, (60, 2, 3, 16)).astype(np.float16)
+    labels = {"correct": rng.random(60) < 0.5, "semantic_entropy": rng.normal(0, 1, 60)}
+    probes = fit_location_probes(hidden, np.arange(60), ["tbg", "slt"], [0, 5, 7], labels, np.arange(60) // 3,
+                                 c_grid=(0.1, 1.0), cv_folds=3, max_iter=200, random_state=0)
+    save_location_probes(probes, tmp_path)
+    with np.load(tmp_path / "location_probes.npz", allow_pickle=False) as archive:
+        assert archive["coef"].shape == (12, 16) and archive["intercept"].shape == (12,)
+    index = json.loads((tmp_path / "location_probes.json").read_text())
+    assert index["n_probes"] == 12 and all("coef" not in record for record in index["probes"])
+    loaded = load_location_probes(tmp_path)
+    assert list(loaded) == list(probes)
+    features = hidden[:, 1, 2, :].astype(np.float32)
+    for key, probe in probes.items():
+        assert type(loaded[key]) is type(probe) and loaded[key].C_ == probe.C_
+        np.testing.assert_array_equal(loaded[key].predict(features), probe.predict(features))
+    with pytest.raises(ValueError, match="different feature counts"):
+        save_location_probes({**probes, ("x", "slt", 9): LogisticProbe().fit(features[:, :3], labels["correct"])},
+                             tmp_path)
+
+
+def test_loading_never_unpickles(tmp_path):
+    features, labels, groups = signal_data()
+    save_probe(LogisticProbe(random_state=0).fit(features, labels, groups), tmp_path, "probe")
+    weights = dict(np.load(tmp_path / "probe.npz"))
+    np.savez(tmp_path / "probe.npz", **{**weights, "coef": np.array([object()] * 5, dtype=object)})
+    with pytest.raises(SchemaError, match=r"probe\.npz.*allow_pickle=False"):
+        load_probe(tmp_path, "probe")
+    (tmp_path / "probe.npz").write_bytes(pickle.dumps(weights))  # a pickle under the .npz name
+    with pytest.raises(SchemaError, match=r"probe\.npz: not a probe weights \.npz"):
+        load_probe(tmp_path, "probe")
+    np.savez(tmp_path / "probe.npz", **{**weights, "coef": weights["coef"].astype(np.float32)})
+    with pytest.raises(SchemaError, match="`coef` is float32"):
+        load_probe(tmp_path, "probe")
+
+
+def test_foreign_or_inconsistent_probe_files_are_refused(tmp_path):
+    features, labels, groups = signal_data()
+    probe = LogisticProbe(random_state=0).fit(features, labels, groups)
+    metadata, weights = probe.to_arrays()
+    with pytest.raises(ValueError, match="not a sep-linear-probe v2"):
+        LinearProbe.from_arrays({**metadata, "format_version": 1}, weights)
     with pytest.raises(ValueError, match="coef"):
-        LinearProbe.from_dict({**data, "coef": data["coef"][:-1]})
-    with pytest.raises(FileNotFoundError, match="train_probes"):
-        load_probe(tmp_path / "missing.json")
+        LinearProbe.from_arrays(metadata, {**weights, "coef": weights["coef"][:-1]})
+    with pytest.raises(ValueError, match="unknown probe params"):
+        LinearProbe.from_arrays({**metadata, "params": {**metadata["params"], "kernel": "rbf"}}, weights)
+    with pytest.raises(SchemaError, match="not found; run the train_probes stage"):
+        load_probe(tmp_path, "missing")
+    save_probe(probe, tmp_path, "probe")
+    (tmp_path / "probe.json").write_text("[1, 2")
+    with pytest.raises(SchemaError, match=r"probe\.json: not valid JSON"):
+        load_probe(tmp_path, "probe")
 
 
 def test_single_class_labels_name_the_label_and_split():
     features, _, groups = signal_data()
     with pytest.raises(SingleClassError, match=r"label `high_se` in split `train`.*= False"):
-        LinearProbe(label_name="high_se").fit(features, np.zeros(len(features), bool), groups)
+        LogisticProbe(label_name="high_se").fit(features, np.zeros(len(features), bool), groups)
 
 
 def test_cross_validation_is_grouped_by_question():
@@ -95,18 +234,18 @@ def test_cross_validation_is_grouped_by_question():
     groups = np.repeat(np.arange(n_questions), runs)
     features = question_features[groups] + rng.normal(0, 0.01, (len(groups), 20))
     labels = question_labels[groups]
-    grouped = LinearProbe(c_grid=(1.0, 100.0), cv_folds=5, random_state=0).fit(features, labels, groups)
-    per_run = LinearProbe(c_grid=(1.0, 100.0), cv_folds=5, random_state=0).fit(features, labels)
-    assert max(grouped.cv_auroc_.values()) < 0.8
-    assert min(per_run.cv_auroc_.values()) > 0.95
+    grouped = LogisticProbe(c_grid=(1.0, 100.0), cv_folds=5, random_state=0).fit(features, labels, groups)
+    per_run = LogisticProbe(c_grid=(1.0, 100.0), cv_folds=5, random_state=0).fit(features, labels)
+    assert max(grouped.cv_scores_.values()) < 0.8
+    assert min(per_run.cv_scores_.values()) > 0.95
 
 
 def test_folds_clamped_to_the_number_of_questions():
     features, labels, groups = signal_data(n_questions=3, runs=10)
-    probe = LinearProbe(c_grid=(0.1, 1.0), cv_folds=10, random_state=0).fit(features, labels, groups)
+    probe = LogisticProbe(c_grid=(0.1, 1.0), cv_folds=10, random_state=0).fit(features, labels, groups)
     assert probe.C_ in (0.1, 1.0)
     with pytest.raises(ValueError, match=">= 2 questions"):
-        LinearProbe(c_grid=(0.1, 1.0)).fit(features, labels, np.zeros(len(labels)))
+        LogisticProbe(c_grid=(0.1, 1.0)).fit(features, labels, np.zeros(len(labels)))
 
 
 def test_location_probes_find_the_signal_location():
@@ -176,38 +315,27 @@ def test_ridge_probe_predicts_a_continuous_target_and_round_trips(tmp_path):
     features = rng.normal(0, 1, (200, 5))
     target = 2.0 * features[:, 3] + rng.normal(0, 0.3, 200)
     groups = np.repeat(np.arange(50), 4)
-    probe = LinearProbe(c_grid=(0.01, 1.0), cv_folds=3, random_state=0, label_name="semantic_entropy",
-                        kind="ridge").fit(features, target, groups)
-    assert probe.cv_auroc_[1.0] > 0.9  # CV scores are Spearman correlations for a ridge probe
+    probe = RidgeProbe(c_grid=(0.01, 1.0), cv_folds=3, random_state=0,
+                       label_name="semantic_entropy").fit(features, target, groups)
+    assert probe.cv_scores_[1.0] > 0.9  # CV scores are Spearman correlations for a ridge probe
     assert probe_score(probe, features, target) > 0.95
     assert np.argmax(np.abs(probe.coef_)) == 3
-    for method in (probe.predict_proba, probe.predict, probe.margin):
-        with pytest.raises(ValueError, match="ridge regression"):
-            method(features)
-    save_probe(probe, tmp_path / "ridge.json")
-    again = load_probe(tmp_path / "ridge.json")
-    assert again.kind == "ridge" and again.layer_end is None
-    np.testing.assert_array_equal(again.decision_function(features), probe.decision_function(features))
+    assert probe.score(features, target) > 0.9  # RegressorMixin: R^2
+    save_probe(probe, tmp_path, "ridge")
+    again = load_probe(tmp_path, "ridge")
+    assert type(again) is RidgeProbe and again.kind == "ridge" and again.layer_end is None
+    np.testing.assert_array_equal(again.predict(features), probe.predict(features))
     with pytest.raises(SingleClassError, match="non-constant"):
-        LinearProbe(kind="ridge").fit(features, np.ones(200))
-
-
-def test_a_v1_probe_file_without_kind_loads_as_logistic():
-    rng = np.random.default_rng(1)
-    features, labels = rng.normal(0, 1, (40, 2)), np.arange(40) % 2 == 0
-    record = LinearProbe().fit(features, labels).to_dict()
-    del record["kind"], record["layer_end"]
-    probe = LinearProbe.from_dict(record)
-    assert probe.kind == "logistic" and probe.layer_end is None
+        RidgeProbe().fit(features, np.ones(200))
 
 
 def test_range_features_concatenate_layers_in_order():
     hidden = np.arange(2 * 1 * 3 * 2, dtype=np.float16).reshape(2, 1, 3, 2)  # (runs, positions, layers, hidden)
-    probe = LinearProbe(position="slt", layer=5, layer_end=7)
+    probe = LogisticProbe(position="slt", layer=5, layer_end=7)
     features = probe_features(probe, hidden, [1, 0], ["slt"], [0, 5, 7])
     # run 1, layers 5 and 7 (indices 1, 2): [8, 9] then [10, 11]
     np.testing.assert_array_equal(features, [[8, 9, 10, 11], [2, 3, 4, 5]])
-    single = probe_features(LinearProbe(position="slt", layer=0), hidden, [1], ["slt"], [0, 5, 7])
+    single = probe_features(LogisticProbe(position="slt", layer=0), hidden, [1], ["slt"], [0, 5, 7])
     np.testing.assert_array_equal(single, [[6, 7]])
 
 
@@ -244,6 +372,6 @@ def test_a_signal_split_over_two_layers_is_found_by_the_range_probe():
 def test_a_constant_feature_gives_a_ridge_probe_spearman_zero_not_a_crash():
     rng = np.random.default_rng(2)
     target = rng.normal(0, 1, 60)
-    probe = LinearProbe(c_grid=(0.1, 1.0), cv_folds=3, kind="ridge", random_state=0).fit(
+    probe = RidgeProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=0).fit(
         np.ones((60, 3)), target, np.arange(60) // 3)  # e.g. the embedding of the same last prompt token
-    assert probe.cv_auroc_ == {0.1: 0.0, 1.0: 0.0} and probe_score(probe, np.ones((5, 3)), target[:5]) == 0.0
+    assert probe.cv_scores_ == {0.1: 0.0, 1.0: 0.0} and probe_score(probe, np.ones((5, 3)), target[:5]) == 0.0

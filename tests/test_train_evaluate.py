@@ -21,7 +21,8 @@ from stages.lib import selection
 from stages.lib.evaluation import SE_PROBE_ON_HIGH_SE
 from stages.lib.stability import STABLE_SCORES
 from stages.lib.params import parse_params
-from stages.lib.probes import SingleClassError, load_probe
+from stages.lib.probe_store import load_location_probes, load_probes
+from stages.lib.probes import SingleClassError
 from stages.lib.schema import (
     SCORES,
     AUROC_BY_LAYER_COLUMNS,
@@ -143,16 +144,25 @@ def test_train_probes_selects_the_signal_location_on_val(tmp_path):
     assert set(splits.query("dataset == 'ood'")["split"]) == {"ood"}
     assert splits.query("dataset == 'id'")["split"].value_counts().to_dict() == {"train": 36, "val": 12, "test": 12}
 
-    accuracy_probe = load_probe(probes_dir / "accuracy_probe.json")
+    probes = load_probes(probes_dir)[0]
+    accuracy_probe = probes["accuracy"]
     assert (accuracy_probe.label_name, accuracy_probe.position, accuracy_probe.layer) == ("correct", "think_end", 2)
-    baseline = load_probe(probes_dir / "entropy_baseline.json")
+    baseline = probes["entropy_baseline"]
     assert baseline.feature == "mean_token_entropy" and baseline.n_features_in_ == 1
     assert baseline.coef_[0] < 0  # higher token entropy, less likely correct (as built)
     cost = json.loads((Path(params.paths.metrics) / "cost" / "train_probes.json").read_text())
     n_ranges = 2 * 3  # accuracy and SE range probes, each over (0,1), (1,2), (0,2); single layers are reused
     assert cost["probes_fitted"] == 3 * len(POSITIONS) * len(LAYERS) + n_ranges + 1 and cost["wall_seconds"] >= 0
-    ranged = load_probe(probes_dir / "accuracy_range_probe.json")
+    ranged = probes["accuracy_range"]
     assert ranged.n_features_in_ == HIDDEN_SIZE * (ranged.layer_end - ranged.layer + 1)
+    # every probe is a JSON + npz pair; the location probes share one pair
+    stems = ["accuracy_probe", "accuracy_range_probe", "entropy_baseline", "location_probes", "se_probe",
+             "se_range_probe", "se_regression_probe"]
+    assert sorted(p.name for p in probes_dir.iterdir()) == sorted(
+        [f"{stem}{suffix}" for stem in stems for suffix in (".json", ".npz")] + ["selection.json", "splits.parquet"])
+    location = load_location_probes(probes_dir)
+    assert len(location) == 3 * len(POSITIONS) * len(LAYERS)
+    assert location[("correct", "think_end", 2)].C_ == accuracy_probe.C_
 
 
 def test_high_se_threshold_uses_train_questions_only(tmp_path):

@@ -9,7 +9,6 @@ location and applied to every other run, so no test or OOD row shapes the embedd
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,18 +18,14 @@ import pandas as pd
 from stages.lib.common import read_table
 from stages.lib.dataset import DatasetRuns, load_dataset
 from stages.lib.params import AnalysisParams, Params
-from stages.lib.probes import LinearProbe, load_probe, location_features
+from stages.lib.probe_store import load_probes
+from stages.lib.probes import LogisticProbe, location_features
 from stages.lib.questions import load_questions
 from stages.lib.schema import (
     ANALYSIS_COLUMNS,
     DATASETS,
-    PROBE_FILES,
     RUN_COLUMNS,
     SE_COLUMNS,
-    SELECTION_FILE,
-    SPLIT_COLUMNS,
-    SPLIT_KEY,
-    SPLITS_FILE,
 )
 
 log = logging.getLogger(__name__)
@@ -46,11 +41,12 @@ def think_length(start: pd.Series, end: pd.Series) -> pd.Series:
     return (end.astype("Int64") - begin).astype("Int64")
 
 
-def probe_scores(probe: LinearProbe, data: DatasetRuns, prefix: str) -> pd.DataFrame:
+def probe_scores(probe: LogisticProbe, data: DatasetRuns, prefix: str) -> pd.DataFrame:
     """P(positive) and margin of ``probe`` for every run of ``data``, at the probe's own location."""
     features = location_features(data.hidden, data.runs["hidden_row"].to_numpy(),
                                  data.positions.index(probe.position), data.layers.index(probe.layer))
-    return pd.DataFrame({f"{prefix}_prob": probe.predict_proba(features), f"{prefix}_margin": probe.margin(features)})
+    return pd.DataFrame({f"{prefix}_prob": probe.predict_proba(features)[:, 1],
+                         f"{prefix}_margin": probe.margin(features)})
 
 
 def umap_coordinates(train_features: np.ndarray, all_features: np.ndarray, params: AnalysisParams,
@@ -71,11 +67,9 @@ def umap_coordinates(train_features: np.ndarray, all_features: np.ndarray, param
 
 
 def build_table(params: Params) -> pd.DataFrame:
-    probes_dir = Path(params.paths.probes)
-    accuracy_probe = load_probe(probes_dir / PROBE_FILES["accuracy"])
-    se_probe = load_probe(probes_dir / PROBE_FILES["se"])
-    high_se_threshold = json.loads((probes_dir / SELECTION_FILE).read_text())["high_se_threshold"]
-    splits = read_table(probes_dir / SPLITS_FILE, SPLIT_COLUMNS, SPLIT_KEY)
+    probes, selection, splits = load_probes(params.paths.probes)
+    accuracy_probe, se_probe = probes["accuracy"], probes["se"]
+    high_se_threshold = selection["high_se_threshold"]
 
     frames, features = [], []
     for dataset in DATASETS:

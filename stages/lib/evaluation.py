@@ -17,7 +17,7 @@ Writes
   ``summary`` (counts, accuracy and mean probe confidence per split), ``calibration``, ``se_regression``,
   ``early_warning`` and ``settings``;
 - ``{paths.plots}/auroc_by_layer.csv``: AUROC of the probe train_probes fitted on train at every
-  (position, layer) (``location_probes.json``), on val, test and ood;
+  (position, layer) (``location_probes``), on val, test and ood;
 - ``{paths.plots}/roc.csv``, ``risk_coverage.csv``: ROC and risk-coverage curves of every score on test and ood;
 - ``{paths.plots}/reliability.csv``, ``early_warning.csv``: the reliability diagrams and the early-warning curve;
 - ``{paths.metrics}/cost/evaluate.json``.
@@ -49,7 +49,7 @@ from stages.lib.metrics import (
     spearman,
 )
 from stages.lib.params import EvaluateParams
-from stages.lib.probes import LinearProbe, probe_features, score_location_probes
+from stages.lib.probes import LinearProbe, probe_features, probe_output, score_location_probes
 from stages.lib.schema import (
     AUROC_BY_LAYER_COLUMNS,
     CALIBRATED,
@@ -85,11 +85,11 @@ def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[st
 
     def decision(name: str) -> np.ndarray:
         probe = probes[name]
-        return probe.decision_function(probe_features(probe, hidden, rows, positions, layers))
+        return probe_output(probe, probe_features(probe, hidden, rows, positions, layers))
 
     p_correct = expit(decision("accuracy"))
     range_p_correct = expit(decision("accuracy_range"))
-    baseline_p_correct = probes["entropy_baseline"].predict_proba(runs[["mean_token_entropy"]].to_numpy(float))
+    baseline_p_correct = probes["entropy_baseline"].predict_proba(runs[["mean_token_entropy"]].to_numpy(float))[:, 1]
     return pd.DataFrame({
         "accuracy_probe": 1 - p_correct,
         "se_probe": expit(decision("se")),

@@ -1,34 +1,43 @@
-"""Linear probes on hidden states: the estimator, its JSON serialisation, SE thresholds, and the per-location fit.
+"""Linear probes on hidden states: the scikit-learn estimators, their weights as arrays, SE thresholds, and the
+per-location fit.
 
 Used by the train_probes, evaluate and analysis stages; no stage logic lives here.
 
-- ``LinearProbe``: standardise, then L2 logistic regression (``kind="logistic"``, binary labels) or ridge
-  regression (``kind="ridge"``, a continuous target such as semantic entropy itself), with C chosen by
-  cross-validation grouped by question (runs of one question never sit on both sides of a fold). Its features
-  are one (position, layer) of the hidden states, or a contiguous range of layers at one position, concatenated
-  (``layer_end``), as in the SEP paper.
-- ``LinearProbe.to_dict`` / ``from_dict``, ``save_probe`` / ``load_probe``: plain JSON (numbers only), safe
-  to read from a shared remote, unlike pickle or joblib which run code on load.
+- ``LogisticProbe`` (binary label) and ``RidgeProbe`` (a continuous target such as semantic entropy itself):
+  scikit-learn estimators sharing the base ``LinearProbe``. Each standardises, then fits an L2 linear model,
+  with C chosen by ``GridSearchCV`` over a ``StandardScaler`` + ``LogisticRegression`` / ``Ridge`` pipeline on
+  folds grouped by question (``GroupKFold``: runs of one question never sit on both sides of a fold). Their
+  features are one (position, layer) of the hidden states, or a contiguous range of layers at one position,
+  concatenated (``layer_end``), as in the SEP paper.
+- ``LinearProbe.to_arrays`` / ``LinearProbe.from_arrays``: one probe as (JSON-ready metadata, float64 weights),
+  so it can be stored without pickle; ``stages.lib.probe_store`` is the one writer and reader of the files.
 - ``best_split_threshold`` / ``median_threshold``: turn semantic entropy into a binary high-SE label.
 - ``fit_location_probes`` / ``score_location_probes``: one probe per (position, layer) of a hidden-state
   array; the single code path both train_probes and evaluate use, so their probes are identical.
 - ``probe_features`` / ``fit_probe`` / ``probe_score``: the features a probe reads from a hidden-state array,
   fitting one probe there, and its own metric (AUROC for logistic, Spearman for ridge).
+
+Where a probe reads its features (``label_name``, ``feature``, ``position``, ``layer``, ``layer_end``) are
+constructor params that ``fit`` never reads (``label_name`` only names the label in error messages): they travel
+with the estimator through ``get_params``, ``clone`` and the probe files, so a saved probe says what it is.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy.special import expit
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import GroupKFold
+from sklearn.metrics import make_scorer
+from sklearn.model_selection import GridSearchCV, GroupKFold
+from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm import tqdm
 
 from stages.lib.metrics import auroc, single_class_reason, spearman
@@ -37,8 +46,9 @@ from stages.lib.errors import UserError
 log = logging.getLogger(__name__)
 
 PROBE_FORMAT = "sep-linear-probe"
-PROBE_FORMAT_VERSION = 1
-PROBE_KINDS = ("logistic", "ridge")
+PROBE_FORMAT_VERSION = 2  # 2: weights as arrays beside the JSON metadata (1 held them in the JSON)
+WEIGHT_NAMES = ("scaler_mean", "scaler_scale", "coef", "intercept")
+"""The arrays ``to_arrays`` returns: (n_features,) float64 each, ``intercept`` of shape ()."""
 
 
 class SingleClassError(UserError):
@@ -52,8 +62,20 @@ def require_two_classes(labels, label_name: str, split: str) -> None:
         raise SingleClassError(f"label `{label_name}` in split `{split}`: {reason}; a probe needs both classes")
 
 
-class LinearProbe:
-    """Standardised L2 logistic (or ridge) regression, with C chosen by question-grouped cross-validation.
+def held_out_score(kind: str, targets, decision) -> float | None:
+    """A probe's own metric of ``decision`` (n,) for ``targets`` (n,): AUROC for ``logistic``, Spearman for
+    ``ridge``. A constant prediction of a varying target ranks nothing, like AUROC's 0.5, so it scores 0 rather
+    than undefined; None when the targets hold one class / one value."""
+    if kind == "logistic":
+        return auroc(targets, decision)
+    if len(np.unique(targets)) > 1 and np.ptp(decision) == 0:
+        return 0.0
+    return spearman(targets, decision)
+
+
+class LinearProbe(BaseEstimator):
+    """Standardised L2 linear model with C chosen by question-grouped cross-validation; the base of
+    ``LogisticProbe`` and ``RidgeProbe`` (use those).
 
     Parameters
     ----------
@@ -62,13 +84,12 @@ class LinearProbe:
     cv_folds : int
         Folds of the grouped CV, clamped to the number of distinct groups (questions) in the training data.
     max_iter : int
-        lbfgs iterations per fit.
+        lbfgs iterations per logistic fit.
     random_state : int or None
         Seeds the fold shuffling and the solver.
-    label_name, position, layer, feature : metadata saved with the probe (what it predicts, from where).
-    kind : ``logistic`` (binary label, scored by AUROC) or ``ridge`` (continuous target, alpha = 1 / C, scored
-        by Spearman correlation in the cross-validation).
-    layer_end : last layer (inclusive) of a concatenated layer range starting at ``layer``; None for one layer.
+    label_name, feature, position, layer, layer_end : where the probe reads and what it predicts; ``fit``
+        ignores them (``label_name`` names the label in errors). ``layer_end`` is the last layer (inclusive) of a
+        concatenated layer range starting at ``layer``; None for one layer.
 
     Attributes
     ----------
@@ -76,248 +97,306 @@ class LinearProbe:
     coef_ : (n_features,) weights in the standardised space
     intercept_ : float
     C_ : float, the chosen C
-    cv_auroc_ : dict C -> mean held-out AUROC (Spearman for ridge) over folds (None when no fold was usable)
+    cv_scores_ : dict C -> mean held-out score over the usable folds (AUROC for logistic, Spearman for ridge);
+        None for every C when ``c_grid`` holds one value (no cross-validation)
     n_features_in_ : int
     """
 
+    kind: ClassVar[str]
+    """``logistic`` or ``ridge``: which subclass, and which metric scores it."""
+
     def __init__(self, c_grid: Sequence[float] = (1.0,), cv_folds: int = 5, max_iter: int = 1000,
-                 random_state: int | None = None, label_name: str = "label", position: str | None = None,
-                 layer: int | None = None, feature: str = "hidden_state", kind: str = "logistic",
-                 layer_end: int | None = None):
-        if kind not in PROBE_KINDS:
-            raise ValueError(f"probe kind {kind!r}; expected one of {PROBE_KINDS}")
+                 random_state: int | None = None, label_name: str = "label", feature: str = "hidden_state",
+                 position: str | None = None, layer: int | None = None, layer_end: int | None = None):
         self.c_grid = c_grid
         self.cv_folds = cv_folds
         self.max_iter = max_iter
         self.random_state = random_state
         self.label_name = label_name
+        self.feature = feature
         self.position = position
         self.layer = layer
-        self.feature = feature
-        self.kind = kind
         self.layer_end = layer_end
 
-    # ---- fitting ---------------------------------------------------------------------------------
-    def fit(self, features, labels, groups=None, split: str = "train") -> "LinearProbe":
-        """Fit on ``features`` (n, n_features) and ``labels`` (n,) (bool; float targets for ridge);
-        ``groups`` (n,) are question ids.
+    # ---- what the subclasses define ---------------------------------------------------------------
+    def _targets(self, labels, split: str) -> np.ndarray:
+        raise NotImplementedError
 
-        Without groups every row is its own group. ``split`` only names the data in error messages.
+    def _pipeline(self, c: float) -> Pipeline:
+        raise NotImplementedError
+
+    def _c_search_grid(self, c_grid: list[float]) -> dict[str, list[float]]:
+        """The GridSearchCV parameter grid over the pipeline, one candidate per C of ``c_grid``, in its order."""
+        raise NotImplementedError
+
+    def _usable(self, labels: np.ndarray, fit_rows: np.ndarray, held_out_rows: np.ndarray) -> bool:
+        """Whether a fold's score is defined whatever C is (a fold that says nothing about C is skipped)."""
+        raise NotImplementedError
+
+    def _fold_score(self, targets, output) -> float:
+        """The held-out score of one fold (``held_out_score``), defined on every usable fold."""
+        raise NotImplementedError
+
+    def _set_extras(self, model) -> None:
+        """Fitted attributes beyond the weights, from the final fitted ``model`` (the pipeline's last step)."""
+
+    def _extras_metadata(self) -> dict[str, Any]:
+        """Those attributes as JSON-ready metadata (``to_arrays``)."""
+        return {}
+
+    def _restore_extras(self, metadata: Mapping[str, Any]) -> None:
+        """Set those attributes from the metadata (``from_arrays``)."""
+
+    # ---- fitting ---------------------------------------------------------------------------------
+    def fit(self, X, y, groups=None, split: str = "train") -> "LinearProbe":
+        """Fit on ``X`` (n, n_features) and ``y`` (n,) (bool; float targets for ridge); ``groups`` (n,) are
+        question ids. Without groups every row is its own group. ``split`` only names the data in error messages.
         """
-        features = _as_features(features)
-        labels = self._targets(labels, split)
-        if len(labels) != len(features):
-            raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
-        groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
-        c_grid = sorted(float(c) for c in self.c_grid)
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=self.kind == "ridge")
+        y = self._targets(y, split)
+        groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        if len(groups) != len(y):
+            raise ValueError(f"{len(y)} rows but {len(groups)} groups")
+        c_grid = sorted(float(c) for c in self.c_grid)  # ascending: GridSearchCV breaks ties by the first C
         if len(c_grid) == 1:
-            self.cv_auroc_ = {c_grid[0]: None}
-            self.C_ = c_grid[0]
+            self.C_, self.cv_scores_ = c_grid[0], {c_grid[0]: None}
+            pipeline = self._pipeline(self.C_).fit(X, y)
         else:
-            self.cv_auroc_ = self._cross_validate(features, labels, groups, c_grid, split)
-            self.C_ = _best_c(self.cv_auroc_, self.label_name, split)
-        scaler = StandardScaler().fit(features)
-        model = self._regression(self.C_).fit(scaler.transform(features), labels)
+            search = GridSearchCV(self._pipeline(c_grid[0]), self._c_search_grid(c_grid),
+                                  scoring=make_scorer(self._fold_score, response_method=self._response_method),
+                                  cv=self._folds(y, groups, split), refit=True, error_score="raise")
+            search.fit(X, y)
+            scores = search.cv_results_["mean_test_score"]
+            self.C_ = c_grid[int(search.best_index_)]  # highest mean score; ties go to the smallest C
+            self.cv_scores_ = {c: float(score) for c, score in zip(c_grid, scores)}
+            pipeline = search.best_estimator_
+        scaler, model = pipeline.named_steps["scale"], pipeline.named_steps["model"]
         self.scaler_mean_ = scaler.mean_.astype(np.float64)
         self.scaler_scale_ = scaler.scale_.astype(np.float64)
         self.coef_ = np.ravel(model.coef_).astype(np.float64)
         self.intercept_ = float(np.ravel(model.intercept_)[0])
-        self.n_features_in_ = features.shape[1]
+        self._set_extras(model)
         return self
 
-    def _targets(self, labels, split: str) -> np.ndarray:
-        if self.kind == "logistic":
-            labels = np.asarray(labels).astype(bool)
-            require_two_classes(labels, self.label_name, split)
-            return labels
-        labels = np.asarray(labels, dtype=np.float64)
-        if not np.all(np.isfinite(labels)) or len(np.unique(labels)) < 2:
-            raise SingleClassError(f"target `{self.label_name}` in split `{split}`: a ridge probe needs finite, "
-                                   "non-constant values")
-        return labels
-
-    def _regression(self, c: float):
-        if self.kind == "ridge":
-            return Ridge(alpha=1.0 / c)
-        return LogisticRegression(C=c, max_iter=self.max_iter, random_state=self.random_state)
-
-    def _held_out_score(self, targets: np.ndarray, decision: np.ndarray) -> float | None:
-        """AUROC (logistic) or Spearman (ridge) of ``decision`` for ``targets``; a constant prediction of a
-        varying target ranks nothing, like AUROC's 0.5, so it scores 0 rather than undefined."""
-        if self.kind == "logistic":
-            return auroc(targets, decision)
-        if len(np.unique(targets)) > 1 and np.ptp(decision) == 0:
-            return 0.0
-        return spearman(targets, decision)
-
-    def _cross_validate(self, features, labels, groups, c_grid, split) -> dict[float, float | None]:
+    def _folds(self, y: np.ndarray, groups: np.ndarray, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The usable folds of a shuffled GroupKFold over ``groups``, clamped to the number of groups."""
         n_groups = len(np.unique(groups))
         if n_groups < 2:
             raise ValueError(f"label `{self.label_name}` in split `{split}`: grouped cross-validation over "
                              f"c_grid needs >= 2 questions, got {n_groups}")
-        folds = GroupKFold(n_splits=min(self.cv_folds, n_groups), shuffle=True, random_state=self.random_state)
-        fold_scores: dict[float, list[float]] = {c: [] for c in c_grid}
-        for fit_rows, held_out_rows in folds.split(features, labels, groups):
-            # a fold whose training part or held-out part has one class says nothing about C: skip it
-            if self.kind == "logistic" and (single_class_reason(labels[fit_rows])
-                                            or single_class_reason(labels[held_out_rows])):
-                continue
-            scaler = StandardScaler().fit(features[fit_rows])  # refitted per fold: no held-out leakage
-            fit_x, held_out_x = scaler.transform(features[fit_rows]), scaler.transform(features[held_out_rows])
-            for c in c_grid:
-                model = self._regression(c).fit(fit_x, labels[fit_rows])
-                score = self._held_out_score(labels[held_out_rows], _decision(model, held_out_x))
-                if score is not None:
-                    fold_scores[c].append(score)
-        return {c: (float(np.mean(s)) if s else None) for c, s in fold_scores.items()}
+        splitter = GroupKFold(n_splits=min(self.cv_folds, n_groups), shuffle=True, random_state=self.random_state)
+        folds = [(fit_rows, held_out_rows) for fit_rows, held_out_rows in splitter.split(y, y, groups)
+                 if self._usable(y, fit_rows, held_out_rows)]
+        if not folds:
+            raise SingleClassError(f"label `{self.label_name}` in split `{split}`: no cross-validation fold had "
+                                   "both classes on both sides, so C cannot be chosen; use fewer probes.cv_folds "
+                                   "or more questions")
+        return folds
 
     # ---- prediction ------------------------------------------------------------------------------
-    def decision_function(self, features) -> np.ndarray:
-        """Log-odds of the positive class (the predicted value for ridge), shape (n,)."""
-        self._check_fitted()
-        features = _as_features(features)
-        if features.shape[1] != self.n_features_in_:
-            raise ValueError(f"probe expects {self.n_features_in_} features, got {features.shape[1]}")
-        return ((features - self.scaler_mean_) / self.scaler_scale_) @ self.coef_ + self.intercept_
+    def _linear_output(self, X) -> np.ndarray:
+        """The linear function of the standardised features, shape (n,): ``decision_function`` of the logistic
+        probe (log-odds of the positive class), ``predict`` of the ridge probe (the predicted value)."""
+        check_is_fitted(self)
+        # zero rows are fine here: an empty split (no OOD questions) scores nothing
+        X = validate_data(self, X, reset=False, dtype=np.float64, ensure_min_samples=0)
+        return ((X - self.scaler_mean_) / self.scaler_scale_) @ self.coef_ + self.intercept_
 
-    def predict_proba(self, features) -> np.ndarray:
-        """P(positive class), shape (n,) (one column, unlike scikit-learn's (n, 2): the label is binary)."""
-        self._require_classifier("predict_proba")
-        return expit(self.decision_function(features))
+    # ---- weights as arrays -----------------------------------------------------------------------
+    def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(metadata, weights): JSON-ready metadata (format, kind, ``get_params()``, chosen C, CV scores,
+        n_features) and the WEIGHT_NAMES float64 arrays; ``from_arrays`` rebuilds the probe exactly."""
+        check_is_fitted(self)
+        metadata = {
+            "format": PROBE_FORMAT,
+            "format_version": PROBE_FORMAT_VERSION,
+            "kind": self.kind,
+            "params": _json_params(self.get_params()),
+            "C": float(self.C_),
+            "cv_scores": [{"C": float(c), "score": score} for c, score in self.cv_scores_.items()],
+            "n_features": int(self.n_features_in_),
+            **self._extras_metadata(),
+        }
+        weights = {"scaler_mean": self.scaler_mean_, "scaler_scale": self.scaler_scale_, "coef": self.coef_,
+                   "intercept": np.asarray(self.intercept_, dtype=np.float64)}
+        return metadata, weights
 
-    def predict(self, features) -> np.ndarray:
-        """Boolean prediction at P = 0.5, shape (n,)."""
-        self._require_classifier("predict")
-        return self.decision_function(features) > 0
+    @classmethod
+    def from_arrays(cls, metadata: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> "LinearProbe":
+        """Rebuild a fitted probe (of the class its ``kind`` names) from ``to_arrays`` output; ValueError on a
+        foreign or inconsistent record."""
+        if metadata.get("format") != PROBE_FORMAT or metadata.get("format_version") != PROBE_FORMAT_VERSION:
+            raise ValueError(f"not a {PROBE_FORMAT} v{PROBE_FORMAT_VERSION} record: format="
+                             f"{metadata.get('format')!r} version={metadata.get('format_version')!r}; "
+                             "rerun train_probes")
+        probe_class = PROBE_CLASSES.get(metadata.get("kind"))
+        if probe_class is None:
+            raise ValueError(f"probe kind {metadata.get('kind')!r}; expected one of {PROBE_KINDS}")
+        params = dict(metadata["params"])
+        unknown = sorted(set(params) - set(probe_class().get_params()))
+        if unknown:
+            raise ValueError(f"unknown probe params {unknown}")
+        probe = probe_class(**params)
+        probe.C_ = float(metadata["C"])
+        probe.cv_scores_ = {float(row["C"]): row["score"] for row in metadata["cv_scores"]}
+        probe.n_features_in_ = int(metadata["n_features"])
+        for name in WEIGHT_NAMES:
+            if name not in weights:
+                raise ValueError(f"weights `{name}` missing")
+            array = np.asarray(weights[name])
+            expected = () if name == "intercept" else (probe.n_features_in_,)
+            if array.dtype != np.float64 or array.shape != expected:
+                raise ValueError(f"weights `{name}` are {array.dtype} of shape {array.shape}; expected float64 "
+                                 f"of shape {expected}")
+            setattr(probe, f"{name}_", array)
+        probe.intercept_ = float(probe.intercept_)
+        probe._restore_extras(metadata)
+        return probe
 
-    def margin(self, features) -> np.ndarray:
+
+class LogisticProbe(ClassifierMixin, LinearProbe):
+    """L2 logistic regression of a binary label on standardised features, scored by AUROC.
+
+    The project's labels are bool, so ``classes_`` = [False, True] and the positive class is True (any two
+    labels work: the positive class is ``classes_[1]``). ``predict_proba`` is (n, 2) in ``classes_`` order;
+    ``margin`` is the signed distance to the decision boundary. See ``LinearProbe`` for the parameters and the
+    shared fitted attributes; ``classes_`` (2,) and ``n_iter_`` (lbfgs iterations of the final fit) are its own.
+    """
+
+    kind = "logistic"
+    _response_method = "decision_function"
+
+    def _targets(self, labels, split: str) -> np.ndarray:
+        labels = np.asarray(labels)
+        target_type = type_of_target(labels, input_name="y", raise_unknown=True)
+        if target_type != "binary":
+            raise ValueError(f"label `{self.label_name}` in split `{split}`: Only binary classification is "
+                             f"supported. The type of the target is {target_type}.")
+        classes = np.unique(labels)
+        if len(classes) < 2:
+            raise SingleClassError(f"label `{self.label_name}` in split `{split}`: one class only: all "
+                                   f"{len(labels)} runs have `{self.label_name}` = {classes[0]}; a probe needs "
+                                   "both classes")
+        self.classes_ = classes  # set before the search: its scorer needs the positive class, classes_[1]
+        return labels
+
+    def _set_extras(self, model) -> None:
+        self.classes_ = model.classes_
+        self.n_iter_ = int(np.max(model.n_iter_))
+
+    def _extras_metadata(self) -> dict[str, Any]:
+        return {"classes": self.classes_.tolist(), "n_iter": self.n_iter_}
+
+    def _restore_extras(self, metadata: Mapping[str, Any]) -> None:
+        self.classes_ = np.asarray(metadata["classes"])
+        self.n_iter_ = int(metadata["n_iter"])
+        if self.classes_.shape != (2,):
+            raise ValueError(f"`classes` {metadata['classes']!r}; expected two labels")
+
+    def _fold_score(self, targets, output) -> float:
+        score = held_out_score(self.kind, np.asarray(targets) == self.classes_[1], output)
+        if score is None:  # _usable keeps only folds with both classes held out
+            raise ValueError(f"probe `{self.label_name}`: held-out AUROC undefined on a fold kept as usable")
+        return score
+
+    def _pipeline(self, c: float) -> Pipeline:
+        return Pipeline([("scale", StandardScaler()),
+                         ("model", LogisticRegression(C=c, max_iter=self.max_iter, random_state=self.random_state))])
+
+    def _c_search_grid(self, c_grid: list[float]) -> dict[str, list[float]]:
+        return {"model__C": c_grid}
+
+    def _usable(self, labels, fit_rows, held_out_rows) -> bool:
+        # one class on either side of a fold says nothing about C
+        return len(np.unique(labels[fit_rows])) == 2 and len(np.unique(labels[held_out_rows])) == 2
+
+    def decision_function(self, X) -> np.ndarray:
+        """Log-odds of the positive class ``classes_[1]``, shape (n,)."""
+        return self._linear_output(X)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """P(classes_[0]), P(classes_[1]) per row, shape (n, 2); rows sum to 1."""
+        probability = expit(self.decision_function(X))
+        return np.column_stack([1 - probability, probability])
+
+    def predict(self, X) -> np.ndarray:
+        """The more likely class (``classes_[1]`` when P > 0.5), shape (n,)."""
+        positive = self.decision_function(X) > 0
+        return self.classes_[positive.astype(int)]
+
+    def margin(self, X) -> np.ndarray:
         """Signed distance to the decision boundary in the standardised space: decision / ||w||, shape (n,).
 
         0 for every row when all weights are 0 (no boundary to measure from).
         """
-        self._require_classifier("margin")
         norm = float(np.linalg.norm(self.coef_))
-        decision = self.decision_function(features)
+        decision = self.decision_function(X)
         return decision / norm if norm > 0 else np.zeros_like(decision)
 
-    def _require_classifier(self, method: str) -> None:
-        if self.kind != "logistic":
-            raise ValueError(f"{self!r} is a ridge regression: {method} has no meaning for it; use decision_function "
-                             "for its predicted value")
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
-            raise RuntimeError("LinearProbe is not fitted; call fit() or from_dict() first")
-
-    # ---- serialisation ---------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of hyper-parameters, metadata and fitted numbers (floats survive JSON exactly)."""
-        self._check_fitted()
-        return {
-            "format": PROBE_FORMAT,
-            "format_version": PROBE_FORMAT_VERSION,
-            "label_name": self.label_name,
-            "position": self.position,
-            "layer": self.layer,
-            "feature": self.feature,
-            "kind": self.kind,
-            "layer_end": self.layer_end,
-            "c_grid": [float(c) for c in self.c_grid],
-            "cv_folds": int(self.cv_folds),
-            "max_iter": int(self.max_iter),
-            "random_state": self.random_state,
-            "C": self.C_,
-            "cv_auroc": [{"C": c, "auroc": a} for c, a in self.cv_auroc_.items()],
-            "n_features": int(self.n_features_in_),
-            "scaler_mean": self.scaler_mean_.tolist(),
-            "scaler_scale": self.scaler_scale_.tolist(),
-            "coef": self.coef_.tolist(),
-            "intercept": self.intercept_,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LinearProbe":
-        """Rebuild a fitted probe from ``to_dict`` output; raise ValueError on a foreign or inconsistent dict."""
-        if data.get("format") != PROBE_FORMAT or data.get("format_version") != PROBE_FORMAT_VERSION:
-            raise ValueError(f"not a {PROBE_FORMAT} v{PROBE_FORMAT_VERSION} dict: format="
-                             f"{data.get('format')!r} version={data.get('format_version')!r}")
-        probe = cls(c_grid=tuple(data["c_grid"]), cv_folds=data["cv_folds"], max_iter=data["max_iter"],
-                    random_state=data["random_state"], label_name=data["label_name"], position=data["position"],
-                    layer=data["layer"], feature=data["feature"], kind=data.get("kind", "logistic"),
-                    layer_end=data.get("layer_end"))
-        probe.C_ = float(data["C"])
-        probe.cv_auroc_ = {float(row["C"]): row["auroc"] for row in data["cv_auroc"]}
-        probe.n_features_in_ = int(data["n_features"])
-        probe.scaler_mean_ = np.asarray(data["scaler_mean"], dtype=np.float64)
-        probe.scaler_scale_ = np.asarray(data["scaler_scale"], dtype=np.float64)
-        probe.coef_ = np.asarray(data["coef"], dtype=np.float64)
-        probe.intercept_ = float(data["intercept"])
-        for name in ("scaler_mean_", "scaler_scale_", "coef_"):
-            if getattr(probe, name).shape != (probe.n_features_in_,):
-                raise ValueError(f"probe dict: `{name[:-1]}` has shape {getattr(probe, name).shape}; "
-                                 f"expected ({probe.n_features_in_},)")
-        return probe
-
-    def __repr__(self) -> str:
-        fitted = f", C_={self.C_}" if hasattr(self, "C_") else ""
-        layers = f", layer_end={self.layer_end!r}" if self.layer_end is not None else ""
-        return (f"LinearProbe(kind={self.kind!r}, label_name={self.label_name!r}, position={self.position!r}, "
-                f"layer={self.layer!r}{layers}{fitted})")
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False  # one binary label per probe
+        return tags
 
 
-def save_probe(probe: LinearProbe, path: str | Path) -> None:
-    """Write ``probe.to_dict()`` as JSON (not atomic on its own: write inside an atomic directory)."""
-    Path(path).write_text(json.dumps(probe.to_dict(), indent=1) + "\n")
+class RidgeProbe(RegressorMixin, LinearProbe):
+    """Ridge regression (alpha = 1 / C) of a continuous target on standardised features, scored by Spearman
+    correlation; ``predict`` is the predicted value. See ``LinearProbe``."""
+
+    kind = "ridge"
+    _response_method = "predict"
+
+    def _targets(self, labels, split: str) -> np.ndarray:
+        labels = np.asarray(labels, dtype=np.float64)
+        if not np.all(np.isfinite(labels)) or len(np.unique(labels)) < 2:
+            raise SingleClassError(f"target `{self.label_name}` in split `{split}`: a ridge probe needs finite, "
+                                   f"non-constant values; got n_samples = {len(labels)}, "
+                                   f"{len(np.unique(labels))} distinct")
+        return labels
+
+    def _pipeline(self, c: float) -> Pipeline:
+        return Pipeline([("scale", StandardScaler()), ("model", Ridge(alpha=1.0 / c))])
+
+    def _c_search_grid(self, c_grid: list[float]) -> dict[str, list[float]]:
+        return {"model__alpha": [1.0 / c for c in c_grid]}
+
+    def _usable(self, labels, fit_rows, held_out_rows) -> bool:
+        # Spearman is undefined for a constant held-out target, whatever the prediction
+        return len(np.unique(labels[held_out_rows])) > 1
+
+    def _fold_score(self, targets, output) -> float:
+        score = held_out_score(self.kind, targets, output)
+        if score is None:  # _usable keeps only folds with a varying held-out target
+            raise ValueError(f"probe `{self.label_name}`: held-out Spearman undefined on a fold kept as usable")
+        return score
+
+    def predict(self, X) -> np.ndarray:
+        """The predicted target, shape (n,)."""
+        return self._linear_output(X)
 
 
-def load_probe(path: str | Path) -> LinearProbe:
-    """Read a probe JSON written by ``save_probe``; names the file when it is missing or malformed."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run the train_probes stage (`dvc repro train_probes`)")
-    try:
-        return LinearProbe.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"{path}: {error}") from error
+PROBE_CLASSES: dict[str, type[LinearProbe]] = {"logistic": LogisticProbe, "ridge": RidgeProbe}
+PROBE_KINDS = tuple(PROBE_CLASSES)
 
 
-def save_location_probes(probes: Mapping[tuple[str, str, int], LinearProbe], path: str | Path) -> None:
-    """Write every per-location probe as one JSON list of ``to_dict`` records (inside an atomic directory)."""
-    Path(path).write_text(json.dumps([probe.to_dict() for probe in probes.values()]) + "\n")
+def probe_output(probe: LinearProbe, features) -> np.ndarray:
+    """What a probe's own metric ranks, shape (n,): the log-odds (``decision_function``) of a logistic probe,
+    the predicted value (``predict``) of a ridge probe."""
+    return probe.decision_function(features) if probe.kind == "logistic" else probe.predict(features)
 
 
-def load_location_probes(path: str | Path) -> dict[tuple[str, str, int], LinearProbe]:
-    """Read ``save_location_probes`` output, keyed (label name, position, layer) like ``fit_location_probes``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run the train_probes stage (`dvc repro train_probes`)")
-    try:
-        probes = [LinearProbe.from_dict(record) for record in json.loads(path.read_text())]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: {error}") from error
-    return {(probe.label_name, probe.position, int(probe.layer)): probe for probe in probes}
-
-
-def _decision(model, features: np.ndarray) -> np.ndarray:
-    return model.decision_function(features) if hasattr(model, "decision_function") else model.predict(features)
-
-
-def _as_features(features) -> np.ndarray:
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2:
-        raise ValueError(f"features must be 2-D (n, n_features); got shape {features.shape}")
-    return features
-
-
-def _best_c(cv_auroc: Mapping[float, float | None], label_name: str, split: str) -> float:
-    """Highest mean held-out AUROC; ties go to the smallest C (the strongest regularisation)."""
-    scored = [(score, c) for c, score in cv_auroc.items() if score is not None]
-    if not scored:
-        raise SingleClassError(f"label `{label_name}` in split `{split}`: no cross-validation fold had both "
-                               "classes on both sides, so C cannot be chosen; use fewer probes.cv_folds or more "
-                               "questions")
-    best_score = max(score for score, _ in scored)
-    return min(c for score, c in scored if score == best_score)
+def _json_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``get_params()`` as plain JSON values; ValueError for a param JSON cannot hold (a RandomState, ...)."""
+    out = {}
+    for name, value in params.items():
+        if name == "c_grid":
+            value = [float(c) for c in value]
+        elif isinstance(value, np.integer):
+            value = int(value)
+        if value is not None and not isinstance(value, (str, int, float, list)):
+            raise ValueError(f"probe param `{name}` = {value!r} cannot be stored as JSON")
+        out[name] = value
+    return out
 
 
 # ---- thresholds that turn semantic entropy into a high-SE label ---------------------------------------
@@ -396,7 +475,7 @@ def probe_score(probe: LinearProbe, features, targets) -> float | None:
     targets = np.asarray(targets)
     if len(targets) == 0:
         return None
-    return probe._held_out_score(targets, probe.decision_function(features))
+    return held_out_score(probe.kind, targets, probe_output(probe, features))
 
 
 def fit_probe(hidden, rows, positions: Sequence[str], layers: Sequence[int], label_name: str, targets, groups,
@@ -406,8 +485,8 @@ def fit_probe(hidden, rows, positions: Sequence[str], layers: Sequence[int], lab
 
     ``estimator`` holds c_grid, cv_folds, max_iter and random_state; the kind follows the targets' dtype.
     """
-    probe = LinearProbe(label_name=label_name, position=position, layer=int(layer), kind=target_kind(targets),
-                        layer_end=None if layer_end is None else int(layer_end), **estimator)
+    probe = PROBE_CLASSES[target_kind(targets)](label_name=label_name, position=position, layer=int(layer),
+                                                layer_end=None if layer_end is None else int(layer_end), **estimator)
     return probe.fit(probe_features(probe, hidden, rows, positions, layers), targets, groups, split=split)
 
 
@@ -424,7 +503,8 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
     positions, layers : names / hidden-state indices of the array's axes 1 and 2 (from the meta JSON)
     labels : label name -> (n,) targets aligned with ``rows``: bool for a logistic probe, float for ridge
     groups : (n,) question ids, for the grouped cross-validation of C
-    c_grid, cv_folds, max_iter, random_state : passed to each LinearProbe
+    c_grid, cv_folds, max_iter, random_state : passed to each probe (LogisticProbe for a bool label, RidgeProbe
+        for a float target)
 
     Returns
     -------
@@ -439,9 +519,9 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
                                                            leave=False):
         features = location_features(hidden, rows, position_index, layer_index)
         for label_name, values in labels.items():
-            probe = LinearProbe(c_grid=c_grid, cv_folds=cv_folds, max_iter=max_iter, random_state=random_state,
-                                label_name=label_name, position=position, layer=int(layer),
-                                kind=target_kind(values))
+            probe = PROBE_CLASSES[target_kind(values)](c_grid=c_grid, cv_folds=cv_folds, max_iter=max_iter,
+                                                       random_state=random_state, label_name=label_name,
+                                                       position=position, layer=int(layer))
             probes[(label_name, position, int(layer))] = probe.fit(features, values, groups, split=split)
     log.info("fitted %d probes (%d labels x %d positions x %d layers) on %d runs",
              len(probes), len(labels), len(positions), len(layers), len(np.asarray(rows)))

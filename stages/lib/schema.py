@@ -204,12 +204,15 @@ ANALYSIS_COLUMNS = (
 ANALYSIS_KEY = ("dataset", "question_id", "run_id")
 
 # ---- probes: artifacts/probes/ (written by train_probes, read by evaluate and analysis) ------------------
-# Each probe file is ``stages.lib.probes.LinearProbe.to_dict()`` as JSON (load with ``stages.lib.probes.load_probe``).
-PROBE_FILES = {"accuracy": "accuracy_probe.json", "se": "se_probe.json", "se_regression": "se_regression_probe.json",
-               "accuracy_range": "accuracy_range_probe.json", "se_range": "se_range_probe.json",
-               "entropy_baseline": "entropy_baseline.json"}
+# Written and read only by ``stages.lib.probe_store``. Each probe is two files named by a stem: ``<stem>.json``
+# (kind, params with its location, chosen C, CV scores) and ``<stem>.npz`` (float64 weights, read without pickle).
+PROBE_METADATA_SUFFIX, PROBE_WEIGHTS_SUFFIX = ".json", ".npz"
+PROBE_FILES = {"accuracy": "accuracy_probe", "se": "se_probe", "se_regression": "se_regression_probe",
+               "accuracy_range": "accuracy_range_probe", "se_range": "se_range_probe",
+               "entropy_baseline": "entropy_baseline"}  # probe name -> file stem
 SPLITS_FILE = "splits.parquet"  # SPLIT_COLUMNS
-LOCATION_PROBES_FILE = "location_probes.json"  # every (label, position, layer) probe fitted on train
+# stem: every (label, position, layer) probe fitted on train; a .json list of metadata + one .npz of stacked weights
+LOCATION_PROBES_FILE = "location_probes"
 SELECTION_FILE = "selection.json"  # chosen (position, layer) per probe, val AUROC per location, high-SE threshold
 
 # ---- plots: artifacts/plots/*.csv (written by evaluate) ----------------------------------------------

@@ -15,13 +15,14 @@ Run from the repository root: ``python -m stages.train_probes`` (or ``dvc repro 
   ``probes.max_layer_range`` layers, concatenated, is fitted on train; the best on val is kept.
 - Entropy baseline: logistic regression of correctness on ``mean_token_entropy`` alone, fitted on train.
 
-Writes ``{paths.probes}/`` atomically: splits.parquet, one JSON per PROBE_FILES entry
-(``LinearProbe.to_dict``), location_probes.json and selection.json; cost in
+Writes ``{paths.probes}/`` atomically (``stages.lib.probe_store``): splits.parquet, a JSON + npz pair per
+PROBE_FILES entry, location_probes.json + .npz and selection.json; cost in
 ``{paths.metrics}/cost/train_probes.json``. ``load_dataset`` and ``probe_labels`` are shared with evaluate.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -33,6 +34,7 @@ from stages.lib.params import ProbeParams
 from stages.lib.probes import (
     THRESHOLD_FUNCTIONS,
     LinearProbe,
+    LogisticProbe,
     fit_location_probes,
     fit_probe,
     probe_features,
@@ -85,12 +87,12 @@ def fit_probes_on_train(runs: pd.DataFrame, hidden, positions, layers, high_se_t
                                max_iter=probe_params.max_iter, random_state=seed)
 
 
-def fit_entropy_baseline(runs: pd.DataFrame, probe_params: ProbeParams, seed: int) -> LinearProbe:
+def fit_entropy_baseline(runs: pd.DataFrame, probe_params: ProbeParams, seed: int) -> LogisticProbe:
     """Logistic regression of ``correct`` on mean_token_entropy alone, fitted on the train runs."""
     train = runs[runs["split"] == "train"]
-    baseline = LinearProbe(c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
-                           max_iter=probe_params.max_iter, random_state=seed, label_name="correct",
-                           feature="mean_token_entropy")
+    baseline = LogisticProbe(c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
+                             max_iter=probe_params.max_iter, random_state=seed, label_name="correct",
+                             feature="mean_token_entropy")
     return baseline.fit(train[["mean_token_entropy"]].to_numpy(float), train["correct"].to_numpy(bool),
                         train["question_id"].to_numpy())
 
@@ -163,7 +165,7 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
     best = first_best([np.nan if c["val_score"] is None else c["val_score"] for c in candidates])
     chosen = probes[best]
     if chosen.layer_end is None:  # a single layer won: record it as the range layer..layer
-        chosen = LinearProbe.from_dict({**chosen.to_dict(), "layer_end": chosen.layer})
+        chosen = copy.deepcopy(chosen).set_params(layer_end=chosen.layer)
     return chosen, candidates, fitted
 
 
