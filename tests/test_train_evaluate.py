@@ -369,3 +369,25 @@ def test_cost_ratio_by_hand(tmp_path):
     (cost_dir / "generate.json").unlink()
     with pytest.raises(SchemaError, match=r"cost/generate.json: not found; run the generate stage"):
         cost_ratio.run(params)
+
+
+def test_a_new_score_is_one_registry_entry_and_one_function(tmp_path, monkeypatch):
+    """Appending a Score to the registry is all it takes for evaluate (every table and plot) and stability."""
+    def answer_length(inputs):  # longer answers: more likely wrong, in this fixture no more than chance
+        return inputs.column("n_generated")
+
+    entry = registry.Score("answer_length", "incorrect", "baseline", "answer length", "tokens the run generated",
+                           answer_length)
+    monkeypatch.setattr(registry, "SCORES", (*registry.SCORES, entry))
+    params = make_params(tmp_path)
+    params = dataclasses.replace(params, stability=dataclasses.replace(params.stability, seeds=2, c_grid=(1.0,)))
+    write_fixture(params)
+    train_probes.run(params)
+    report = evaluate.run(params)
+    for split in ("test", "ood"):
+        assert list(report.splits[split])[-1] == "answer_length"
+        assert 0 <= report.splits[split]["answer_length"].auroc <= 1
+    assert report.settings.scores["answer_length"] == "tokens the run generated"
+    for name in ("roc.csv", "risk_coverage.csv"):
+        assert "answer_length" in set(pd.read_csv(Path(params.paths.plots) / name)["score"])
+    assert "answer_length" in stability.run(params).splits["test"]

@@ -113,9 +113,10 @@ class ScoreInputs:
 
 
 def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe],
-               entries: Sequence[registry.Score] = registry.SCORES) -> pd.DataFrame:
-    """Every registry score for each run (higher = more likely its label), plus ``<name>_p_correct`` for the
-    calibrated ones; one row per row of ``runs`` (see ``ScoreInputs`` for the arguments)."""
+               entries: Sequence[registry.Score] | None = None) -> pd.DataFrame:
+    """Every registry score (or those of ``entries``) for each run, higher = more likely its label, plus
+    ``<name>_p_correct`` for the calibrated ones; one row per row of ``runs`` (see ``ScoreInputs`` for the rest)."""
+    entries = registry.SCORES if entries is None else entries
     inputs = ScoreInputs(runs, hidden, positions, layers, probes)
     columns = {}
     for entry in entries:
