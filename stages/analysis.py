@@ -10,7 +10,8 @@ import logging
 from stages.lib.analysis import build_table
 from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage
 from stages.lib.params import load_params
-from stages.lib.schema import ANALYSIS_COLUMNS, ANALYSIS_FILE, ANALYSIS_KEY, validate_frame
+from stages.lib.registry import ANALYSIS_COLUMNS
+from stages.lib.schema import ANALYSIS_FILE, ANALYSIS_KEY, validate_frame
 
 log = logging.getLogger(__name__)
 

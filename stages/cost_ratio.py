@@ -1,26 +1,25 @@
 """Stage cost_ratio: SE's measured cost per question against one probe evaluation, from the stages' cost records.
 
-Run with ``python -m stages.cost_ratio``; writes ``{paths.metrics}/cost_ratio.json``."""
+Run with ``python -m stages.cost_ratio``; writes ``{paths.metrics}/cost_ratio.json`` (``schema.CostRatio``)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
-from stages.lib.common import setup_logging, run_stage, write_json
+from stages.lib.common import run_stage, setup_logging, write_model
 from stages.lib.costs import cost_ratio, read_costs
 from stages.lib.params import Params, load_params
-from stages.lib.schema import COST_RATIO_FILE
+from stages.lib.schema import COST_RATIO_FILE, CostRatio
 
 log = logging.getLogger(__name__)
 
 
-def run(params: Params) -> dict[str, Any]:
+def run(params: Params) -> CostRatio:
     report = cost_ratio(read_costs(params.paths.metrics), params.sampling.runs)
-    write_json(report, Path(params.paths.metrics) / COST_RATIO_FILE)
-    log.info("SE costs %.1fx a probe evaluation in seconds, %.1fx in tokens", report["seconds_ratio"] or 0,
-             report["tokens_ratio"] or 0)
+    write_model(report, Path(params.paths.metrics) / COST_RATIO_FILE)
+    log.info("SE costs %.1fx a probe evaluation in seconds, %.1fx in tokens", report.seconds_ratio or 0,
+             report.tokens_ratio or 0)
     return report
 
 

@@ -1,26 +1,25 @@
 """Stage evaluate: how well each uncertainty score flags incorrect runs, on the test and OOD splits.
 
-Run with ``python -m stages.evaluate``. Writes ``{paths.metrics}/evaluate.json``, the plot CSVs of
-``{paths.plots}`` and its cost record;
-the metrics are computed by stages/lib/evaluation.py."""
+Run with ``python -m stages.evaluate``. Writes ``{paths.metrics}/evaluate.json`` (``schema.EvaluateReport``), the
+plot CSVs of ``{paths.plots}`` and its cost record; the scores are the registry's (stages/lib/registry.py) and the
+metrics are computed by stages/lib/evaluation.py."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stages.lib.common import cost_record, setup_logging, run_stage, write_csv, write_json
+from stages.lib.common import cost_record, run_stage, setup_logging, write_csv, write_model
 from stages.lib.dataset import DatasetRuns, attach_splits, load_dataset, require_same_locations
 from stages.lib.evaluation import (
-    SE_PROBE_ON_HIGH_SE,
     auroc_by_layer,
     calibration,
     concat_rows,
     early_warning,
+    evaluate_settings,
     regression_metrics,
     risk_coverage_table,
     roc_table,
@@ -41,14 +40,14 @@ from stages.lib.schema import (
     RISK_COVERAGE_FILE,
     ROC_COLUMNS,
     ROC_FILE,
-    SCORES,
+    EarlyWarningRow,
+    EvaluateReport,
 )
-from stages.lib.selection import probe_labels
 
 log = logging.getLogger(__name__)
 
 
-def run(params: Params) -> dict[str, Any]:
+def run(params: Params) -> EvaluateReport:
     with cost_record(params.paths.metrics, "evaluate") as cost:
         probes, selection, splits = load_probes(params.paths.probes)
         id_data: DatasetRuns = load_dataset(params, "id")
@@ -56,36 +55,21 @@ def run(params: Params) -> dict[str, Any]:
         require_same_locations(id_data, ood_data)
         id_runs = attach_splits(id_data.runs, splits, "id")
         ood_runs = attach_splits(ood_data.runs, splits, "ood")
-        high_se_threshold = float(selection["high_se_threshold"])
+        high_se_threshold = selection.high_se_threshold
         evaluated = {"test": (id_runs[id_runs["split"] == "test"], id_data.hidden), "ood": (ood_runs, ood_data.hidden)}
 
-        report: dict[str, Any] = {}
-        summaries, calibrations, regressions = {}, {}, {}
+        by_split, summaries, calibrations, regressions = {}, {}, {}, {}
         roc_frames, risk_frames, reliability_frames = [], [], []
         for split, (runs, hidden) in evaluated.items():
             scores = score_runs(runs, hidden, id_data.positions, id_data.layers, probes)
-            high_se = probe_labels(runs, high_se_threshold)["high_se"]
-            report[split], summaries[split] = split_metrics(runs, scores, high_se, split, params.evaluate,
-                                                            params.seed)
+            by_split[split], summaries[split] = split_metrics(runs, scores, high_se_threshold, split,
+                                                              params.evaluate, params.seed)
             correct = runs["correct"].to_numpy(bool)
             roc_frames.append(roc_table(~correct, scores, split))
             risk_frames.append(risk_coverage_table(correct, scores, split))
             calibrations[split], reliability = calibration(correct, scores, split, params.evaluate.calibration_bins)
             reliability_frames.append(reliability)
             regressions[split] = regression_metrics(runs, scores)
-        report["summary"] = summaries
-        report["calibration"] = calibrations
-        report["se_regression"] = regressions
-        report["settings"] = {
-            "positive_class": "incorrect run", "scores": SCORES,
-            SE_PROBE_ON_HIGH_SE: "P(high semantic entropy) from the SE probe, for the high_se label",
-            "bootstrap": params.evaluate.bootstrap, "permutations": params.evaluate.permutations,
-            "confidence": params.evaluate.confidence, "high_se_threshold": high_se_threshold,
-            "high_se_threshold_method": selection["high_se_threshold_method"],
-            **{f"{name}_probe": {"position": probe.position, "layer": probe.layer, "layer_end": probe.layer_end}
-               for name, probe in probes.items() if name != "entropy_baseline"},
-            "calibration_bins": params.evaluate.calibration_bins,
-        }
 
         location_probes = load_location_probes(params.paths.probes)
         by_layer = auroc_by_layer(location_probes, {"val": (id_runs[id_runs["split"] == "val"], id_data.hidden),
@@ -94,9 +78,12 @@ def run(params: Params) -> dict[str, Any]:
         roc = pd.concat(roc_frames, ignore_index=True)
         warning = early_warning(selection, location_probes, evaluated, id_data.positions, id_data.layers,
                                 high_se_threshold, params.evaluate, params.seed)
-        report["early_warning"] = warning.replace({np.nan: None}).to_dict("records")
+        report = EvaluateReport(
+            splits=by_split, summary=summaries, calibration=calibrations, se_regression=regressions,
+            settings=evaluate_settings(params.evaluate, selection, probes),
+            early_warning=[EarlyWarningRow(**row) for row in warning.replace({np.nan: None}).to_dict("records")])
 
-        write_json(report, Path(params.paths.metrics) / EVALUATE_FILE)
+        write_model(report, Path(params.paths.metrics) / EVALUATE_FILE)
         write_csv(by_layer, Path(params.paths.plots) / AUROC_BY_LAYER_FILE, AUROC_BY_LAYER_COLUMNS)
         write_csv(roc, Path(params.paths.plots) / ROC_FILE, ROC_COLUMNS)
         write_csv(warning, Path(params.paths.plots) / EARLY_WARNING_FILE, EARLY_WARNING_COLUMNS)

@@ -1,7 +1,8 @@
 """Stage trace: one teacher-forced pass per run; hidden states at the chosen positions and layers.
 
 Run with ``python -m stages.trace``. Reads the runs and the model; writes ``{paths.hidden}/`` (the arrays, their
-index and meta, see stages/lib/schema.py) and its cost record. The tracing itself is stages/lib/tracing.py."""
+index and ``HiddenMeta``, see stages/lib/schema.py; each array is checked against its meta before the directory is
+renamed into place) and its cost record. The tracing itself is stages/lib/tracing.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from stages.lib.common import atomic_path, cost_record, read_table, setup_logging, run_stage, write_json, write_table
+from stages.lib.common import atomic_path, cost_record, read_table, run_stage, setup_logging, write_model, write_table
 from stages.lib.models import load_model
 from stages.lib.params import load_params
-from stages.lib.schema import DATASETS, HIDDEN_INDEX_COLUMNS, RUN_COLUMNS, RUN_KEY, hidden_files
+from stages.lib.schema import (
+    DATASETS,
+    HIDDEN_INDEX_COLUMNS,
+    RUN_COLUMNS,
+    RUN_KEY,
+    HiddenMeta,
+    hidden_files,
+    require_finite_hidden,
+    validate_hidden,
+)
 from stages.lib.tracing import nnsight_model, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)
@@ -41,11 +51,15 @@ def main() -> None:
                                        backend=params.trace.backend)
             out.flush()
             del out
+            meta = HiddenMeta(positions=list(positions), layers=layers, hidden_size=model.config.hidden_size,
+                              dtype="float16", model=params.model.name)
+            # the array as written, checked against its meta and index before the directory is renamed into place
+            written = np.load(array_path, mmap_mode="r")
+            validate_hidden(written, index, meta, array_path)
+            require_finite_hidden(written, index, array_path)
+            del written
             write_table(index, index_path, HIDDEN_INDEX_COLUMNS, RUN_KEY)
-            write_json({"positions": list(positions), "layers": layers, "hidden_size": model.config.hidden_size,
-                        "dtype": "float16", "model": params.model.name,
-                        "layer_0": "embedding output", "layer_i": "output of block i (last: after final norm)"},
-                       meta_path)
+            write_model(meta, meta_path)
             log.info("%s: hidden states %s -> %s", dataset, shape, array_path)
             cost["sequences"] += len(runs)
             cost["tokens_processed"] += int(index["sequence_length"].sum())

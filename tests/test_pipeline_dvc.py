@@ -17,7 +17,8 @@ import pytest
 import yaml
 from dvc_project import ENV, ROOT, STAGES, ran_stages, sh
 
-from stages.lib.schema import ANALYSIS_COLUMNS, ANALYSIS_KEY, validate_frame
+from stages.lib.registry import ANALYSIS_COLUMNS
+from stages.lib.schema import ANALYSIS_KEY, validate_frame
 
 
 def sampling_params(exp_show_entry: dict) -> dict:

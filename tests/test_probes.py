@@ -365,7 +365,7 @@ def test_a_signal_split_over_two_layers_is_found_by_the_range_probe():
                                                    {"train": labels[:240], "val": labels[240:]}, params, seed=0)
     assert fitted == 6 and len(candidates) == 10
     assert (probe.layer, probe.layer_end) == (1, 2)
-    by_range = {(c["layer"], c["layer_end"]): c["val_score"] for c in candidates}
+    by_range = {(c.layer, c.layer_end): c.val_score for c in candidates}
     assert by_range[(1, 2)] > max(by_range[(1, 1)], by_range[(2, 2)])
 
 

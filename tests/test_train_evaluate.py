@@ -17,14 +17,11 @@ import yaml
 
 from stages import cost_ratio, evaluate, stability, train_probes
 from stages.lib import dataset as dataset_lib
-from stages.lib import selection
-from stages.lib.evaluation import SE_PROBE_ON_HIGH_SE
-from stages.lib.stability import STABLE_SCORES
+from stages.lib import registry, selection
 from stages.lib.params import parse_params
 from stages.lib.probe_store import load_location_probes, load_probes
 from stages.lib.probes import SingleClassError
 from stages.lib.schema import (
-    SCORES,
     AUROC_BY_LAYER_COLUMNS,
     EARLY_WARNING_COLUMNS,
     RELIABILITY_COLUMNS,
@@ -32,6 +29,8 @@ from stages.lib.schema import (
     ROC_COLUMNS,
     SPLIT_COLUMNS,
     STABILITY_COLUMNS,
+    CostRecord,
+    HiddenMeta,
     SchemaError,
     hidden_files,
     validate_frame,
@@ -99,7 +98,8 @@ def write_fixture(params, n_id=60, n_ood=20, edit_id=None):
         array_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(array_path, hidden)
         index.to_parquet(index_path, index=False)
-        meta_path.write_text(json.dumps({"positions": POSITIONS, "layers": LAYERS, "hidden_size": HIDDEN_SIZE}))
+        meta_path.write_text(HiddenMeta(positions=POSITIONS, layers=LAYERS, hidden_size=HIDDEN_SIZE, dtype="float16",
+                                        model="synthetic").to_json())
 
 
 def test_questions_are_split_not_runs():
@@ -173,12 +173,12 @@ def test_high_se_threshold_uses_train_questions_only(tmp_path):
     runs = dataset_lib.attach_splits(data.runs, splits, "id")
     kwargs = dict(hidden=data.hidden, positions=data.positions, layers=data.layers,
                   probe_params=params.probes, seed=params.seed)
-    baseline = selection.train(runs, **kwargs).selection["high_se_threshold"]
+    baseline = selection.train(runs, **kwargs).selection.high_se_threshold
 
     is_test = runs["split"] == "test"
     shifted = runs.assign(semantic_entropy=np.where(is_test, runs["semantic_entropy"] * 3 + 5,
                                                     runs["semantic_entropy"]))
-    assert selection.train(shifted, **kwargs).selection["high_se_threshold"] == baseline
+    assert selection.train(shifted, **kwargs).selection.high_se_threshold == baseline
     train_only = runs.assign(semantic_entropy=np.where(runs["split"] == "train", runs["semantic_entropy"] + 1,
                                                        runs["semantic_entropy"]))
     assert selection.fit_high_se_threshold(train_only.query("split == 'train'")["question_id"],
@@ -191,18 +191,19 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     write_fixture(params)
     train_probes.run(params)
     report = evaluate.run(params)
-    written = json.loads((Path(params.paths.metrics) / "evaluate.json").read_text())
-    assert written == json.loads(json.dumps(report))
-    assert set(written) == {"test", "ood", "summary", "settings", "calibration", "se_regression", "early_warning"}
+    text = (Path(params.paths.metrics) / "evaluate.json").read_text()
+    assert text == report.to_json()
+    written = json.loads(text)
+    assert list(written) == ["test", "ood", "summary", "calibration", "se_regression", "settings", "early_warning"]
     for split in ("test", "ood"):
-        assert set(written[split]) == set(SCORES) | {SE_PROBE_ON_HIGH_SE}
+        assert list(written[split]) == [score.name for score in registry.SCORES]  # registry order
         for score, record in written[split].items():
             assert 0 <= record["auroc"] <= 1 and 0 < record["auprc"] <= 1
             assert record["auroc_ci_low"] <= record["auroc"] <= record["auroc_ci_high"]
             assert record["auprc_ci_low"] <= record["auprc"] <= record["auprc_ci_high"]
             assert 1 / 51 <= record["auroc_p_value"] <= 1
-            assert record["label"] == ("high_se" if score == SE_PROBE_ON_HIGH_SE else "incorrect")
-            if score != SE_PROBE_ON_HIGH_SE:
+            assert record["label"] == registry.BY_NAME[score].label
+            if record["label"] == "incorrect":
                 assert record["aurac"] == pytest.approx(1 - record["aurc"]) and record["prr"] <= 1
         assert written["calibration"][split]["accuracy_probe"]["n_runs"] == written[split]["accuracy_probe"]["n_runs"]
         assert 0 <= written["calibration"][split]["accuracy_probe"]["ece"] <= 1
@@ -235,14 +236,15 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert warning.query("position == 'slt'")["fraction"].isna().all()
     risk = pd.read_csv(Path(params.paths.plots) / "risk_coverage.csv")
     validate_frame(risk, RISK_COVERAGE_COLUMNS, "risk_coverage.csv")
-    assert set(risk["score"]) == set(SCORES) and risk["coverage"].max() == 1.0
+    incorrect_scores = {score.name for score in registry.scores(label="incorrect")}
+    assert set(risk["score"]) == incorrect_scores and risk["coverage"].max() == 1.0
     reliability = pd.read_csv(Path(params.paths.plots) / "reliability.csv")
     validate_frame(reliability, RELIABILITY_COLUMNS, "reliability.csv")
     assert len(reliability) == 2 * 2 * params.evaluate.calibration_bins  # 2 probes x (test, ood) x bins
 
     roc = pd.read_csv(Path(params.paths.plots) / "roc.csv")
     validate_frame(roc, ROC_COLUMNS, "roc.csv")
-    assert set(roc["score"]) == set(SCORES) and set(roc["split"]) == {"test", "ood"}
+    assert set(roc["score"]) == incorrect_scores and set(roc["split"]) == {"test", "ood"}
     assert (Path(params.paths.metrics) / "cost" / "evaluate.json").exists()
 
 
@@ -260,18 +262,18 @@ def test_single_class_test_split_and_missing_ood_give_null_metrics_with_notes(tm
     train_probes.run(params)
     report = evaluate.run(params)
 
-    test_record = report["test"]["accuracy_probe"]
-    assert test_record["auroc"] is None and test_record["auroc_p_value"] is None and test_record["auprc"] is None
-    assert "`incorrect` = False" in test_record["note"]
-    assert report["summary"]["test"]["accuracy"] == 1.0
-    assert report["test"][SE_PROBE_ON_HIGH_SE]["auroc"] is not None  # high-SE labels still vary
+    test_record = report.splits["test"]["accuracy_probe"]
+    assert test_record.auroc is None and test_record.auroc_p_value is None and test_record.auprc is None
+    assert "`incorrect` = False" in test_record.note
+    assert report.summary["test"].accuracy == 1.0
+    assert report.splits["test"]["se_probe_high_se"].auroc is not None  # high-SE labels still vary
 
-    for record in report["ood"].values():
-        assert record["auroc"] is None and "no runs in split `ood`" in record["note"]
-    assert report["summary"]["ood"]["n_runs"] == 0 and report["summary"]["ood"]["accuracy"] is None
-    assert report["calibration"]["ood"]["accuracy_probe"]["ece"] is None
-    assert report["se_regression"]["ood"]["spearman_runs"] is None
-    assert report["test"]["accuracy_probe"]["aurac"] == 1.0 and report["test"]["accuracy_probe"]["prr"] is None
+    for record in report.splits["ood"].values():
+        assert record.auroc is None and "no runs in split `ood`" in record.note
+    assert report.summary["ood"].n_runs == 0 and report.summary["ood"].accuracy is None
+    assert report.calibration["ood"]["accuracy_probe"].ece is None
+    assert report.se_regression["ood"].spearman_runs is None
+    assert test_record.aurac == 1.0 and test_record.prr is None
     by_layer = pd.read_csv(Path(params.paths.plots) / "auroc_by_layer.csv")
     assert "ood" not in set(by_layer["split"])
     # the test split is single-class for the accuracy probe only: null there, defined for the SE probe
@@ -315,19 +317,20 @@ def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
     table = pd.read_csv(Path(params.paths.plots) / "stability.csv")
     validate_frame(table, STABILITY_COLUMNS, "stability.csv")
     assert sorted(set(table["seed"])) == [params.seed, params.seed + 1, params.seed + 2]
-    assert len(table) == 3 * 2 * len(STABLE_SCORES)  # seeds x (test, ood) x scores
-    assert "accuracy_range_probe" not in set(table["score"])
-    record = report["test"]["accuracy_probe"]
+    assert len(table) == 3 * 2 * len(registry.stable_scores())  # seeds x (test, ood) x scores
+    assert "accuracy_range_probe" not in set(table["score"]) and "se_probe_high_se" not in set(table["score"])
+    record = report.splits["test"]["accuracy_probe"]
     values = table.query("split == 'test' and score == 'accuracy_probe'")["auroc"].to_numpy()
-    assert record["values"] == pytest.approx(list(values)) and record["n_seeds"] == 3
-    assert record["mean"] == pytest.approx(values.mean()) and record["std"] == pytest.approx(values.std(ddof=1))
-    assert record["min"] <= record["mean"] <= record["max"] and record["mean"] > 0.8  # the built-in signal
+    assert record.values == pytest.approx(list(values)) and record.n_seeds == 3
+    assert record.mean == pytest.approx(values.mean()) and record.std == pytest.approx(values.std(ddof=1))
+    assert record.min <= record.mean <= record.max and record.mean > 0.8  # the built-in signal
     # different splits give different test sets: the spread is real, not one number repeated
-    assert record["std"] > 0
+    assert record.std > 0
     # OOD runs are the same for every seed, so a fixed score's OOD AUROC does not move
-    assert report["ood"]["semantic_entropy"]["std"] == pytest.approx(0.0, abs=1e-12)
-    assert json.loads((Path(params.paths.metrics) / "stability.json").read_text()) == json.loads(json.dumps(report))
-    assert report["skipped_seeds"] == []
+    assert report.splits["ood"]["semantic_entropy"].std == pytest.approx(0.0, abs=1e-12)
+    text = (Path(params.paths.metrics) / "stability.json").read_text()
+    assert text == report.to_json() and list(json.loads(text))[:2] == ["test", "ood"]
+    assert report.skipped_seeds == []
 
 
 def test_stability_skips_a_seed_whose_split_has_a_single_class_val(tmp_path):
@@ -343,27 +346,57 @@ def test_stability_skips_a_seed_whose_split_has_a_single_class_val(tmp_path):
 
     write_fixture(params, edit_id=all_second_val_runs_correct)
     report = stability.run(params)
-    assert [s["seed"] for s in report["skipped_seeds"]] == [params.seed + 1]
-    assert "label `correct` in split `val`" in report["skipped_seeds"][0]["reason"]
-    assert report["test"]["accuracy_probe"]["n_seeds"] == 1
+    assert [s.seed for s in report.skipped_seeds] == [params.seed + 1]
+    assert "label `correct` in split `val`" in report.skipped_seeds[0].reason
+    assert report.splits["test"]["accuracy_probe"].n_seeds == 1
 
 
 def test_cost_ratio_by_hand(tmp_path):
     params = make_params(tmp_path)
     cost_dir = Path(params.paths.metrics) / "cost"
     cost_dir.mkdir(parents=True)
-    records = {"generate": {"wall_seconds": 20.0, "sequences": 100, "tokens_generated": 3000},
-               "semantic_entropy": {"wall_seconds": 5.0, "questions": 10, "equivalence_checks": 40},
-               "trace": {"wall_seconds": 2.0, "sequences": 100, "tokens_processed": 5000}}
-    for stage, record in records.items():
-        (cost_dir / f"{stage}.json").write_text(json.dumps(record))
+    records = {"generate": (20.0, {"backend": "hf", "sequences": 100, "tokens_generated": 3000}),
+               "semantic_entropy": (5.0, {"method": "math", "questions": 10, "equivalence_checks": 40}),
+               "trace": (2.0, {"sequences": 100, "tokens_processed": 5000})}
+    for stage, (seconds, counters) in records.items():
+        (cost_dir / f"{stage}.json").write_text(CostRecord(stage=stage, wall_seconds=seconds,
+                                                           counters=counters).to_json())
     report = cost_ratio.run(params)
     # SE: (20 + 5) s / 10 questions = 2.5 s; probe: 2 s / 100 runs = 0.02 s -> 125x; tokens 300 vs 50 -> 6x
-    assert report["se_seconds_per_question"] == pytest.approx(2.5)
-    assert report["probe_seconds_per_question"] == pytest.approx(0.02)
-    assert report["seconds_ratio"] == pytest.approx(125.0) and report["tokens_ratio"] == pytest.approx(6.0)
-    assert report["equivalence_checks_per_question"] == pytest.approx(4.0)
-    assert json.loads((Path(params.paths.metrics) / "cost_ratio.json").read_text()) == json.loads(json.dumps(report))
-    (cost_dir / "trace.json").write_text(json.dumps({"wall_seconds": 1.0}))
+    assert report.se_seconds_per_question == pytest.approx(2.5)
+    assert report.probe_seconds_per_question == pytest.approx(0.02)
+    assert report.seconds_ratio == pytest.approx(125.0) and report.tokens_ratio == pytest.approx(6.0)
+    assert report.equivalence_checks_per_question == pytest.approx(4.0)
+    assert (Path(params.paths.metrics) / "cost_ratio.json").read_text() == report.to_json()
+    (cost_dir / "trace.json").write_text(json.dumps({"stage": "trace", "wall_seconds": 1.0}))
     with pytest.raises(SchemaError, match=r"cost/trace.json: missing field `sequences`"):
         cost_ratio.run(params)
+    (cost_dir / "trace.json").write_text(json.dumps({"stage": "trace", "wall_seconds": "1.0", "sequences": 1,
+                                                     "tokens_processed": 5}))
+    with pytest.raises(SchemaError, match=r"cost/trace.json: field `wall_seconds`: Input should be a valid number"):
+        cost_ratio.run(params)
+    (cost_dir / "generate.json").unlink()
+    with pytest.raises(SchemaError, match=r"cost/generate.json: not found; run the generate stage"):
+        cost_ratio.run(params)
+
+
+def test_a_new_score_is_one_registry_entry_and_one_function(tmp_path, monkeypatch):
+    """Appending a Score to the registry is all it takes for evaluate (every table and plot) and stability."""
+    def answer_length(inputs):  # longer answers: more likely wrong, in this fixture no more than chance
+        return inputs.column("n_generated")
+
+    entry = registry.Score("answer_length", "incorrect", "baseline", "answer length", "tokens the run generated",
+                           answer_length)
+    monkeypatch.setattr(registry, "SCORES", (*registry.SCORES, entry))
+    params = make_params(tmp_path)
+    params = params.model_copy(update={"stability": params.stability.model_copy(update={"seeds": 2, "c_grid": (1.0,)})})
+    write_fixture(params)
+    train_probes.run(params)
+    report = evaluate.run(params)
+    for split in ("test", "ood"):
+        assert list(report.splits[split])[-1] == "answer_length"
+        assert 0 <= report.splits[split]["answer_length"].auroc <= 1
+    assert report.settings.scores["answer_length"] == "tokens the run generated"
+    for name in ("roc.csv", "risk_coverage.csv"):
+        assert "answer_length" in set(pd.read_csv(Path(params.paths.plots) / name)["score"])
+    assert "answer_length" in stability.run(params).splits["test"]

@@ -22,14 +22,15 @@ import yaml
 from bokeh.models import GlyphRenderer, ImageRGBA
 from viewer_support import (
     PATHS,
-    SCORES,
     SCRIPT_ANSWER,
     synthetic_analysis,
+    synthetic_cost_ratio,
     synthetic_early_warning,
     synthetic_metrics,
     write_viewer_project,
 )
 
+from stages.lib import registry
 from stages.lib.schema import (
     COST_RATIO_FILE,
     EARLY_WARNING_FILE,
@@ -38,6 +39,7 @@ from stages.lib.schema import (
     ROC_FILE,
     STABILITY_FILE,
     STABILITY_PLOT_FILE,
+    StabilityReport,
 )
 from viewer import data as viewer_data
 from viewer.data import (
@@ -130,18 +132,16 @@ def test_metrics_table_formats_value_and_ci(project):
     # Selective prediction beside them (synthetic: AURAC 0.4 + AUROC / 4, AURC 0.6 - AUROC / 4, PRR 2 AUROC - 1).
     assert (first["test AURAC"], first["test AURC"], first["test PRR"]) == ("0.550", "0.450", "0.200")
     assert first["OOD PRR"] == "0.100"
-    assert list(frame["score"]) == [*SCORES, "se_probe_high_se"]  # evaluate.json's order, the new scores included
+    assert list(frame["score"]) == [score.name for score in registry.SCORES]  # evaluate.json's (registry) order
     assert frame.iloc[-1]["test AURAC"] == "n/a"  # the SE probe on its own label has no selective metrics
+    assert frame.iloc[-1]["meaning"] == "score se_probe_high_se"  # described under settings' other labels
 
 
-def test_metrics_table_of_an_older_file_has_no_selective_columns():
-    older = synthetic_metrics()
-    for split in ("test", "ood"):
-        for entry in older[split].values():
-            for key in ("aurac", "aurc", "prr"):
-                entry.pop(key, None)
-    columns = list(metrics_table(older).columns)
-    assert "test AUROC (CI)" in columns and not any(column.endswith(("AURAC", "AURC", "PRR")) for column in columns)
+def test_metrics_table_of_a_score_missing_from_a_split():
+    metrics = synthetic_metrics()
+    del metrics.splits["ood"]["naive_entropy"]
+    row = metrics_table(metrics).set_index("score").loc["naive_entropy"]
+    assert row["test AUROC (CI)"] != "n/a" and row["OOD AUROC (CI)"] == "n/a" and row["OOD AURAC"] == "n/a"
 
 
 def test_calibration_and_se_regression_tables(project):
@@ -154,22 +154,22 @@ def test_calibration_and_se_regression_tables(project):
     regression = se_regression_table(metrics)
     assert regression.to_dict("records")[1] == {"split": "OOD", "Spearman (runs)": "0.620",
                                                 "Spearman (questions)": "0.710", "runs": 100, "questions": 10}
-    older = {key: value for key, value in metrics.items() if key not in ("calibration", "se_regression")}
-    assert calibration_table(older).empty and se_regression_table(older).empty
 
 
 def test_stability_table_summarises_the_seeds(project):
     table = stability_table(load_metrics(project, STABILITY_FILE))
-    assert list(table["score"]) == list(SCORES)
+    assert list(table["score"]) == [score.name for score in registry.stable_scores()]
     seeds = load_plot_table(project, STABILITY_PLOT_FILE)  # the same run's per-seed values
     values = seeds.loc[(seeds["split"] == "ood") & (seeds["score"] == "naive_entropy"), "auroc"]
     row = table.set_index("score").loc["naive_entropy"]
     assert row["OOD AUROC"] == (f"{values.mean():.3f} ± {values.std(ddof=1):.3f} "
                                 f"({values.min():.3f}-{values.max():.3f})")
     assert row["seeds"] == "4"
-    by_hand = stability_table({"test": {"x": {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5, "n_seeds": 1}},
-                               "ood": {"x": {"mean": None, "std": None, "min": None, "max": None, "n_seeds": 0}},
-                               "settings": {"seeds": [0]}})
+    by_hand = stability_table(StabilityReport.parse(
+        {"test": {"x": {"mean": 0.5, "std": None, "min": 0.5, "max": 0.5, "n_seeds": 1, "values": [0.5]}},
+         "ood": {"x": {"mean": None, "std": None, "min": None, "max": None, "n_seeds": 0, "values": [None]}},
+         "skipped_seeds": [], "settings": {"seeds": [0], "c_grid": [1.0], "layer_ranges": "", "positive_class": ""}},
+        "by hand"))
     assert by_hand.to_dict("records") == [{"score": "x", "test AUROC": "0.500 (0.500-0.500)", "OOD AUROC": "n/a",
                                            "seeds": "1/0"}]
 
@@ -178,8 +178,10 @@ def test_cost_ratio_sentence(project):
     assert cost_ratio_text(load_metrics(project, COST_RATIO_FILE)) == (
         "SE costs 125x a probe evaluation in seconds (2.5 s vs 0.02 s per question) and 6.0x in tokens "
         "(300 generated vs 50 in one pass), with K = 10 runs per question.")
-    assert cost_ratio_text({"seconds_ratio": None, "tokens_ratio": 3.25}) == (
-        "SE costs n/a a probe evaluation in seconds and 3.2x in tokens.")
+    undefined = synthetic_cost_ratio().model_copy(update={"seconds_ratio": None, "tokens_ratio": 3.25})
+    assert cost_ratio_text(undefined) == (
+        "SE costs n/a a probe evaluation in seconds (2.5 s vs 0.02 s per question) and 3.2x in tokens "
+        "(300 generated vs 50 in one pass), with K = 10 runs per question.")
 
 
 def test_metrics_files_are_only_the_known_ones(project, tmp_path):
@@ -191,7 +193,10 @@ def test_metrics_files_are_only_the_known_ones(project, tmp_path):
     with pytest.raises(MissingArtifact, match=r"No `stability.json` at .*dvc repro"):
         load_metrics(root, STABILITY_FILE)
     (root / PATHS["metrics"] / COST_RATIO_FILE).write_text("[1, 2]")
-    with pytest.raises(MissingArtifact, match="expected a JSON object"):
+    with pytest.raises(MissingArtifact, match=r"cost_ratio.json: .*valid dictionary.*dvc repro cost_ratio"):
+        load_metrics(root, COST_RATIO_FILE)
+    (root / PATHS["metrics"] / COST_RATIO_FILE).write_text("{not json")
+    with pytest.raises(MissingArtifact, match="Cannot read"):
         load_metrics(root, COST_RATIO_FILE)
 
 
@@ -227,29 +232,33 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     assert {plot.table for plot in RESULT_PLOTS} == set(viewer_data.PLOT_TABLES)
     hv.extension("bokeh")
     for plot in RESULT_PLOTS:  # every registered plot draws its table to Bokeh
-        hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project)["settings"]))
+        hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project).settings))
     complete = ResultsView(root=project)._content()
     assert len(_panes(complete, pn.pane.HoloViews)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
     texts = " ".join(_texts(complete))
     assert "SE costs 125x a probe evaluation" in texts and "AURAC higher is better" in texts
     tables = {tuple(table.css_classes): table.value for table in _panes(complete, pn.widgets.Tabulator)}
-    assert len(tables[("calibration-table",)]) == 4 and len(tables[("stability-table",)]) == len(SCORES)
+    assert len(tables[("calibration-table",)]) == 4
+    assert len(tables[("stability-table",)]) == len(registry.stable_scores())
 
-    # An older run: no early warning, no stability or cost files, an evaluate.json without the new keys, and a
-    # missing roc.csv. Each shows as a notice in its own section; everything else still draws.
+    # An incomplete run: no early warning, no stability or cost files, a missing roc.csv, and an evaluate.json
+    # that does not match its schema (written before `calibration`). Each shows as a notice in its own section
+    # naming what to rerun; everything else still draws (without evaluate.json's settings).
     root = write_viewer_project(tmp_path, analysis=None)
     for name in (ROC_FILE, EARLY_WARNING_FILE):
         (root / PATHS["plots"] / name).unlink()
     for name in (STABILITY_FILE, COST_RATIO_FILE):
         (root / PATHS["metrics"] / name).unlink()
-    older = {key: value for key, value in synthetic_metrics().items() if key not in ("calibration", "se_regression")}
+    older = json.loads(synthetic_metrics().to_json())
+    del older["calibration"]
     (root / PATHS["metrics"] / EVALUATE_FILE).write_text(json.dumps(older))
     sections = ResultsView(root=root)._content().objects
     texts = [" ".join(_texts(section)) for section in sections]
     for name in (ROC_FILE, EARLY_WARNING_FILE, STABILITY_FILE, COST_RATIO_FILE):
         holding = [text for text in texts if f"`{name}`" in text]
         assert len(holding) == 1 and "dvc repro" in holding[0], name  # the missing file, in its section only
-    assert sum(text.count("Not in this evaluate.json") for text in texts) == 2  # calibration, SE regression
+    schema_notice = [text for text in texts if "evaluate.json: missing field `calibration`" in text]
+    assert len(schema_notice) == 1 and "Rerun `dvc repro evaluate`" in schema_notice[0]
     assert len(_panes(pn.Column(*sections), pn.pane.HoloViews)) == len(RESULT_PLOTS) - 2
 
 

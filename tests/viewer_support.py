@@ -9,7 +9,6 @@ starts Debian's headless Chromium through Playwright.
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -23,11 +22,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from stages.lib import registry
+from stages.lib.registry import ANALYSIS_COLUMNS
 from stages.lib.schema import (
-    ANALYSIS_COLUMNS,
     AUROC_BY_LAYER_COLUMNS,
     AUROC_BY_LAYER_FILE,
-    CALIBRATED,
     COST_RATIO_FILE,
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
@@ -38,10 +37,12 @@ from stages.lib.schema import (
     RISK_COVERAGE_FILE,
     ROC_COLUMNS,
     ROC_FILE,
-    SCORES,
     STABILITY_COLUMNS,
     STABILITY_FILE,
     STABILITY_PLOT_FILE,
+    CostRatio,
+    EvaluateReport,
+    StabilityReport,
     validate_frame,
 )
 
@@ -53,6 +54,9 @@ SCRIPT_ANSWER = "<script>alert(1)</script>"
 # Would set window.__pwned if it ever reached the page as markup (an <img> runs onerror without being in view).
 IMG_ANSWER = '<img src=x onerror="window.__pwned=1">'
 POSITIONS = {"tbg": 0.0, "think_50": 0.5, "think_end": 1.0, "slt": None}  # traced position -> share of reasoning
+# The registry's scores of incorrect runs (ROC, risk-coverage, stability rows) and its calibrated ones.
+INCORRECT_SCORES = tuple(score.name for score in registry.scores(label="incorrect"))
+CALIBRATED = tuple(score.name for score in registry.calibrated())
 PATHS = {"toy_model": "artifacts/toy_model", "questions": "data/questions", "runs": "data/runs",
          "semantic_entropy": "data/semantic_entropy", "hidden": "artifacts/hidden", "probes": "artifacts/probes",
          "metrics": "artifacts/metrics", "plots": "artifacts/plots", "analysis": "artifacts/analysis"}
@@ -129,55 +133,72 @@ def synthetic_early_warning() -> pd.DataFrame:
     return validate_frame(frame, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE)
 
 
-def synthetic_metrics() -> dict:
-    """An evaluate.json with the real file's structure and plausible numbers."""
-    def entry(auroc: float, selective: bool = True) -> dict:
-        record = {"label": "incorrect", "n_runs": 100, "n_questions": 10, "n_positive": 40, "auroc": auroc,
+def synthetic_metrics() -> EvaluateReport:
+    """An evaluate.json (its schema model) with every registry score, in registry order, and plausible numbers:
+    the i-th score has test AUROC 0.6 + 0.03 i (OOD 0.05 less); the SE probe on high SE 0.9."""
+    def entry(auroc: float, label: str) -> dict:
+        record = {"label": label, "n_runs": 100, "n_questions": 10, "n_positive": 40, "auroc": auroc,
                   "auroc_ci_low": auroc - 0.05, "auroc_ci_high": auroc + 0.05, "auroc_p_value": 0.001,
                   "auprc": auroc - 0.1, "auprc_ci_low": auroc - 0.15, "auprc_ci_high": auroc - 0.05,
                   "auprc_p_value": 0.001, "auprc_chance": 0.4, "bootstrap_resamples_used": 100, "note": None}
-        if selective:
+        if label == "incorrect":  # selective prediction only for the scores of incorrect runs
             record.update(aurac=0.4 + auroc / 4, aurc=0.6 - auroc / 4, prr=2 * auroc - 1)
         return record
-    report = {split: {score: entry(0.6 + 0.03 * i + (0.0 if split == "test" else -0.05))
-                      for i, score in enumerate(SCORES)} for split in ("test", "ood")}
-    for split in ("test", "ood"):  # the SE probe on its own label: no selective-prediction metrics
-        report[split]["se_probe_high_se"] = {**entry(0.9, selective=False), "label": "high_se"}
-    report["summary"] = {split: {"n_runs": 100, "n_questions": 10, "n_correct": 60, "n_incorrect": 40,
-                                 "accuracy": 0.6, "note": None} for split in ("test", "ood")}
-    report["calibration"] = {split: {probe: {"ece": 0.05 + 0.01 * i, "brier": 0.15 + 0.01 * i, "n_bins": 10,
-                                             "n_runs": 100} for i, probe in enumerate(CALIBRATED)}
-                             for split in ("test", "ood")}
-    report["se_regression"] = {split: {"spearman_runs": 0.62, "spearman_questions": 0.71, "n_runs": 100,
-                                       "n_questions": 10} for split in ("test", "ood")}
-    report["early_warning"] = synthetic_early_warning().replace({np.nan: None}).to_dict("records")
-    report["settings"] = {"positive_class": "incorrect run", "scores": {score: f"score {score}" for score in SCORES},
-                          "accuracy_probe": {"position": "think_end", "layer": 2},
-                          "se_probe": {"position": "slt", "layer": 1}}
-    return report
+    splits = {split: {score.name: entry(0.9 if score.label != "incorrect" else
+                                        0.6 + 0.03 * i + (0.0 if split == "test" else -0.05), score.label)
+                      for i, score in enumerate(registry.SCORES)} for split in ("test", "ood")}
+    return EvaluateReport.model_validate({
+        "splits": splits,
+        "summary": {split: {"n_runs": 100, "n_questions": 10, "n_correct": 60, "n_incorrect": 40, "accuracy": 0.6,
+                            "n_high_se_questions": 5, "mean_p_correct_on_correct": 0.7,
+                            "mean_p_correct_on_incorrect": 0.4, "note": None} for split in ("test", "ood")},
+        "calibration": {split: {probe: {"ece": 0.05 + 0.01 * i, "brier": 0.15 + 0.01 * i, "n_bins": 10,
+                                        "n_runs": 100} for i, probe in enumerate(CALIBRATED)}
+                        for split in ("test", "ood")},
+        "se_regression": {split: {"spearman_runs": 0.62, "spearman_questions": 0.71, "n_runs": 100,
+                                  "n_questions": 10} for split in ("test", "ood")},
+        "settings": {"positive_class": "incorrect run",
+                     "scores": {score: f"score {score}" for score in INCORRECT_SCORES},
+                     "other_labels": {score.name: f"score {score.name}" for score in registry.SCORES
+                                      if score.label != "incorrect"},
+                     "bootstrap": 100, "permutations": 100, "confidence": 0.95, "high_se_threshold": 0.5,
+                     "high_se_threshold_method": "best_split",
+                     "probes": {f"{probe.name}_probe": {"position": "think_end" if probe.target == "correct" else "slt",
+                                                        "layer": 2 if probe.target == "correct" else 1,
+                                                        "layer_end": 3 if probe.range_of else None}
+                                for probe in registry.located_probes()},
+                     "calibration_bins": 10},
+        "early_warning": synthetic_early_warning().replace({np.nan: None}).to_dict("records"),
+    })
 
 
-def synthetic_stability(seeds: int = 4) -> tuple[dict, pd.DataFrame]:
-    """(stability.json, stability.csv): every score's AUROC per seed and split, and their summary."""
+def synthetic_stability(seeds: int = 4) -> tuple[StabilityReport, pd.DataFrame]:
+    """(stability.json, stability.csv): every stable score's AUROC per seed and split, and their summary."""
     rng = np.random.default_rng(5)
-    frame = pd.DataFrame([{"seed": seed, "split": split, "score": score,
+    frame = pd.DataFrame([{"seed": seed, "split": split, "score": score.name,
                            "auroc": 0.6 + 0.03 * i + rng.normal(0, 0.02)}
-                          for seed in range(seeds) for split in ("test", "ood") for i, score in enumerate(SCORES)],
+                          for seed in range(seeds) for split in ("test", "ood")
+                          for i, score in enumerate(registry.stable_scores())],
                          columns=[column.name for column in STABILITY_COLUMNS])
-    summary: dict = {"settings": {"seeds": list(range(seeds)), "positive_class": "incorrect run"}}
+    splits: dict = {}
     for (split, score), group in frame.groupby(["split", "score"], sort=False):
         values = group["auroc"].to_numpy(float)
-        summary.setdefault(split, {})[score] = {"mean": values.mean(), "std": values.std(ddof=1), "min": values.min(),
-                                                "max": values.max(), "n_seeds": len(values), "values": list(values)}
-    return summary, validate_frame(frame, STABILITY_COLUMNS, STABILITY_PLOT_FILE)
+        splits.setdefault(split, {})[score] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)),
+                                               "min": float(values.min()), "max": float(values.max()),
+                                               "n_seeds": len(values), "values": [float(v) for v in values]}
+    report = StabilityReport.model_validate({
+        "splits": splits, "skipped_seeds": [],
+        "settings": {"seeds": list(range(seeds)), "c_grid": [0.01], "layer_ranges": "not searched (single layers)",
+                     "positive_class": "incorrect run"}})
+    return report, validate_frame(frame, STABILITY_COLUMNS, STABILITY_PLOT_FILE)
 
 
-def synthetic_cost_ratio() -> dict:
+def synthetic_cost_ratio() -> CostRatio:
     """A cost_ratio.json: SE 125x a probe in seconds (2.5 s vs 0.02 s), 6x in tokens (300 vs 50)."""
-    return {"runs_per_question": 10, "questions": 10, "se_seconds_per_question": 2.5,
-            "probe_seconds_per_question": 0.02, "seconds_ratio": 125.0, "se_generated_tokens_per_question": 300.0,
-            "probe_tokens_per_question": 50.0, "tokens_ratio": 6.0, "equivalence_checks_per_question": 4.0,
-            "note": "SE = K sampled runs + equivalence clustering; probe = one teacher-forced pass over one run"}
+    return CostRatio(runs_per_question=10, questions=10, se_seconds_per_question=2.5,
+                     probe_seconds_per_question=0.02, seconds_ratio=125.0, se_generated_tokens_per_question=300.0,
+                     probe_tokens_per_question=50.0, tokens_ratio=6.0, equivalence_checks_per_question=4.0,
+                     note="SE = K sampled runs + equivalence clustering; probe = one teacher-forced pass over one run")
 
 
 def synthetic_plots(layers: int = 3) -> dict[str, pd.DataFrame]:
@@ -189,10 +210,11 @@ def synthetic_plots(layers: int = 3) -> dict[str, pd.DataFrame]:
         for layer in range(layers + 1) for split in ("val", "test", "ood")])
     grid = np.linspace(0, 1, 11)
     roc = pd.DataFrame([{"score": score, "split": split, "fpr": x, "tpr": min(1.0, x ** 0.5)}
-                        for score in SCORES for split in ("test", "ood") for x in grid])
+                        for score in INCORRECT_SCORES for split in ("test", "ood") for x in grid])
     coverage = np.arange(1, 21) / 20
     risk_coverage = pd.DataFrame([{"score": score, "split": split, "coverage": c, "risk": 0.4 * c ** (1 + i / 5)}
-                                  for i, score in enumerate(SCORES) for split in ("test", "ood") for c in coverage])
+                                  for i, score in enumerate(INCORRECT_SCORES) for split in ("test", "ood")
+                                  for c in coverage])
     edges = np.linspace(0, 1, 11)
     reliability = pd.DataFrame([
         {"probe": probe, "split": split, "bin": b, "lower": edges[b], "upper": edges[b + 1], "n": 0 if b == 4 else 10,
@@ -221,7 +243,7 @@ def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metri
         plots_dir.mkdir(parents=True, exist_ok=True)
         for name, content in ((EVALUATE_FILE, synthetic_metrics()), (STABILITY_FILE, synthetic_stability()[0]),
                               (COST_RATIO_FILE, synthetic_cost_ratio())):
-            (metrics_dir / name).write_text(json.dumps(content))
+            (metrics_dir / name).write_text(content.to_json())
         for name, frame in synthetic_plots().items():
             frame.to_csv(plots_dir / name, index=False)
     return root

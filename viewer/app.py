@@ -1,26 +1,22 @@
-"""The run viewer: `panel serve viewer/app.py` (from anywhere), then open http://localhost:5006/app.
+"""The run viewer: `panel serve viewer/app.py` (from the repository root or anywhere else), then open
+http://localhost:5006/app.
 
 Read-only: it shows the artifacts of the checkout this file lives in (found through its params.yaml `paths:`),
 never a path from the URL. Behind a proxy or in an iframe:
 `panel serve viewer/app.py --address 0.0.0.0 --port $PORT --allow-websocket-origin=<host:port>`.
+The `viewer` and `stages` packages it imports are the installed ones: `pip install -e ".[viewer]"` in this checkout
+(the log warns when the installed copy is another checkout's).
 This module only assembles the views (viewer/views.py) around one store (viewer/data.py).
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# `panel serve` runs this file as a script: import this checkout's `viewer` and `stages`, not whatever copy an
-# editable install elsewhere points at.
-if str(PROJECT_ROOT) not in sys.path[:1]:
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-# ruff: noqa: E402 (imports after the sys.path line above, on purpose)
 import panel as pn
-import panel.io.resources as pn_resources
 
+import viewer
 from viewer.data import MissingArtifact, RunStore, load_analysis
 from viewer.views import (
     ExperimentsView,
@@ -33,19 +29,18 @@ from viewer.views import (
     notice,
 )
 
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if Path(viewer.__file__).resolve().parents[1] != PROJECT_ROOT:
+    log.warning("serving %s with the viewer code of %s (the installed copy); run `pip install -e .` in %s to serve "
+                "its own code", PROJECT_ROOT, Path(viewer.__file__).resolve().parents[1], PROJECT_ROOT)
+
 # The Bootstrap template, Tabulator and Bokeh are all served by this server (the Fast templates would fetch a
-# Google font): the page loads with no internet, which the browser test checks.
+# Google font): the page loads with no internet, which the browser test checks. Panel also serves Bokeh's MathJax
+# bundle whenever an HTML pane is on the page (it has no public setting to leave it out); every pane that could hold
+# model output keeps `disable_math` on, so nothing is typeset.
 pn.extension("tabulator", sizing_mode="stretch_width")
-
-
-def _no_mathjax(roots) -> bool:
-    return False
-
-
-# Panel adds Bokeh's MathJax bundle (1.8 MB, the page's largest script) whenever any HTML pane is on the page, in
-# case it typesets TeX. Nothing here does (HTML panes default to `disable_math`, the Markdown is our own text), and
-# model output must never be typeset; Bokeh's own check (math text in axes, labels) still applies.
-pn_resources._panel_use_mathjax = _no_mathjax
 
 TITLE = "Semantic entropy probes: run viewer"
 
@@ -58,7 +53,8 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
     except MissingArtifact as missing:
         template.main.append(pn.Column(
             notice(f"No run to show. {missing}"),
-            pn.pane.Markdown(f"This viewer reads the project at `{root}`; reload this page once the run is there.")))
+            pn.pane.Markdown(f"This viewer reads the project at `{root}`; reload this page once the run is there.",
+                             disable_math=True)))
         return template
 
     store = RunStore(table)

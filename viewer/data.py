@@ -29,9 +29,10 @@ import panel as pn
 import param
 import yaml
 
+from stages.lib import registry
 from stages.lib.params import Paths
+from stages.lib.registry import ANALYSIS_COLUMNS
 from stages.lib.schema import (
-    ANALYSIS_COLUMNS,
     ANALYSIS_FILE,
     ANALYSIS_KEY,
     AUROC_BY_LAYER_COLUMNS,
@@ -49,7 +50,13 @@ from stages.lib.schema import (
     STABILITY_COLUMNS,
     STABILITY_FILE,
     STABILITY_PLOT_FILE,
+    Contract,
+    CostRatio,
+    EvaluateReport,
+    IncorrectMetrics,
     SchemaError,
+    StabilityReport,
+    StabilitySpread,
     validate_frame,
 )
 from viewer.raster import points_in_polygon
@@ -62,13 +69,10 @@ HOW_TO_GET_A_RUN = "Run `dvc repro` to compute it, or `dvc pull` to fetch a shar
 DATASET_CHOICES = {"in-distribution": "id", "OOD": "ood"}
 SPLIT_ORDER = ("train", "val", "test", "ood")
 CORRECTNESS_CHOICES = {"all": "all", "correct": "correct", "incorrect": "incorrect"}
-PROBE_CHOICES = {"accuracy probe": "accuracy", "SE probe": "se"}
-ENTROPY_CHOICES = {
-    "semantic entropy": "semantic_entropy",
-    "likelihood-weighted SE": "semantic_entropy_weighted",
-    "naive entropy": "naive_entropy",
-    "mean token entropy": "mean_token_entropy",
-}
+# The registry's per-run probes (their margin and P columns of the analysis table) and its entropies (columns of the
+# same name).
+PROBE_CHOICES = {score.display_name: probe.name for score, probe in registry.per_run_probes()}
+ENTROPY_CHOICES = {score.display_name: score.name for score in registry.scores(kind="entropy")}
 OUTCOMES = ("correct", "incorrect")
 
 # The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/lib/schema.py); each is
@@ -76,16 +80,18 @@ OUTCOMES = ("correct", "incorrect")
 PLOT_TABLES = {AUROC_BY_LAYER_FILE: AUROC_BY_LAYER_COLUMNS, ROC_FILE: ROC_COLUMNS,
                EARLY_WARNING_FILE: EARLY_WARNING_COLUMNS, RISK_COVERAGE_FILE: RISK_COVERAGE_COLUMNS,
                RELIABILITY_FILE: RELIABILITY_COLUMNS, STABILITY_PLOT_FILE: STABILITY_COLUMNS}
-# The JSON files of `paths.metrics` the viewer reads: evaluate's, stability's and cost_ratio's.
-METRICS_FILES = (EVALUATE_FILE, STABILITY_FILE, COST_RATIO_FILE)
+# The JSON files of `paths.metrics` the viewer reads (evaluate's, stability's and cost_ratio's), each read through its
+# schema model; file name -> (model, the stage that writes it).
+METRICS_FILES: dict[str, tuple[type[Contract], str]] = {EVALUATE_FILE: (EvaluateReport, "evaluate"),
+                                                         STABILITY_FILE: (StabilityReport, "stability"),
+                                                         COST_RATIO_FILE: (CostRatio, "cost_ratio")}
 # Selective-prediction columns of the metrics table (evaluate.json key -> label), and what their values mean.
 SELECTIVE_METRICS = {"aurac": "AURAC", "aurc": "AURC", "prr": "PRR"}
 SELECTIVE_LEGEND = ("Selective prediction (answer only the runs a score finds least uncertain): AURAC higher is "
                     "better, AURC lower is better, PRR 1 = oracle, 0 = random.")
 
 # Headline columns of the Experiments view: (split, score) AUROCs from evaluate.json.
-HEADLINE_SCORES = ("accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
-                   "negative_sequence_loglik")
+HEADLINE_SCORES = tuple(score.name for score in registry.SCORES if score.headline)
 EXPERIMENT_TIMEOUT_S = 30.0
 
 
@@ -111,7 +117,7 @@ class RunFiles:
         return self.metrics.relative_to(self.root).as_posix()
 
     def metrics_file(self, name: str) -> Path:
-        """The JSON ``name`` (one of METRICS_FILES) in the metrics directory, beside evaluate.json."""
+        """The JSON ``name`` (a key of METRICS_FILES) in the metrics directory, beside evaluate.json."""
         if name not in METRICS_FILES:
             raise KeyError(f"{name!r} is not one of the viewer's metrics files {list(METRICS_FILES)}")
         return self.metrics.parent / name
@@ -188,27 +194,30 @@ def load_analysis(root: str | Path) -> pd.DataFrame:
     return _read_analysis(str(path), _modified(path))
 
 
-@pn.cache(max_items=4)
-def _read_metrics(path: str, modified_ns: int) -> dict:
+@pn.cache(max_items=8)
+def _read_metrics(path: str, modified_ns: int, name: str) -> Contract:
+    model, stage = METRICS_FILES[name]
     try:
         content = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
-    if not isinstance(content, dict):
-        raise MissingArtifact(f"{path} holds a {type(content).__name__}, expected a JSON object. {HOW_TO_GET_A_RUN}")
-    return content
+    try:
+        return model.parse(content, path)
+    except SchemaError as error:
+        raise MissingArtifact(f"{error}. Rerun `dvc repro {stage}` to rebuild it.") from None
 
 
-def load_metrics(root: str | Path, name: str = EVALUATE_FILE) -> dict:
-    """A JSON file of the metrics directory (one of METRICS_FILES), cached until the file changes.
+def load_metrics(root: str | Path, name: str = EVALUATE_FILE) -> Contract:
+    """A JSON file of the metrics directory (a key of METRICS_FILES) as its schema model, cached until the file
+    changes; a file that does not match its model is a MissingArtifact naming the field.
 
-    ``evaluate.json`` (the default): per split (test, ood), per score, AUROC/AUPRC with CIs and p-values, the
-    selective-prediction areas, plus ``summary``, ``calibration``, ``se_regression``, ``early_warning`` and
-    ``settings``; ``stability.json``: per split and score the AUROC's mean, std, min and max over seeds;
-    ``cost_ratio.json``: SE's cost per question against one probe evaluation.
+    ``evaluate.json`` (the default, ``EvaluateReport``): per split (test, ood), per score, AUROC/AUPRC with CIs and
+    p-values, the selective-prediction areas, plus ``summary``, ``calibration``, ``se_regression``, ``early_warning``
+    and ``settings``; ``stability.json`` (``StabilityReport``): per split and score the AUROC's mean, std, min and
+    max over seeds; ``cost_ratio.json`` (``CostRatio``): SE's cost per question against one probe evaluation.
     """
     path = run_files(root).metrics_file(name)
-    return _read_metrics(str(path), _modified(path))
+    return _read_metrics(str(path), _modified(path), name)
 
 
 @pn.cache(max_items=16)
@@ -238,38 +247,32 @@ def _interval(value: Any, low: Any, high: Any) -> str:
     return f"{value:.3f} ({low:.3f}-{high:.3f})"
 
 
-def metrics_table(metrics: dict) -> pd.DataFrame:
-    """One row per score: AUROC and AUPRC with their CIs, AUPRC chance and p-values, and (where evaluate.json has
-    them) AURAC, AURC and PRR (SELECTIVE_METRICS), for test and OOD.
+def metrics_table(metrics: EvaluateReport) -> pd.DataFrame:
+    """One row per score: AUROC and AUPRC with their CIs, AUPRC chance and p-values, and for scores of incorrect
+    runs AURAC, AURC and PRR (SELECTIVE_METRICS), for test and OOD.
 
-    Scores keep evaluate.json's order; higher always means "this run is more likely wrong".
+    Scores keep evaluate.json's order; higher always means "this run is more likely" its label (incorrect, or
+    high SE for the SE probe on its own label).
     """
-    splits = [split for split in ("test", "ood") if isinstance(metrics.get(split), dict)]
-    scores = list(dict.fromkeys(score for split in splits for score in metrics[split]))
-    settings = metrics.get("settings", {})
-    # Scores of SCORES are described in `scores`; the SE probe on its own label by its own key.
-    descriptions = {**{key: value for key, value in settings.items() if isinstance(value, str)},
-                    **settings.get("scores", {})}
-    # Files written before the selective-prediction metrics have none: no empty columns for them.
-    selective = {key for split in splits for entry in metrics[split].values() if isinstance(entry, dict)
-                 for key in SELECTIVE_METRICS if key in entry}
+    splits = [split for split in ("test", "ood") if split in metrics.splits]
+    scores = list(dict.fromkeys(score for split in splits for score in metrics.splits[split]))
+    descriptions = {**metrics.settings.other_labels, **metrics.settings.scores}
     rows = []
     for score in scores:
         row = {"score": score, "meaning": descriptions.get(score, "")}
         for split in splits:
-            entry = metrics[split].get(score) or {}
+            entry = metrics.splits[split].get(score)
             label = _split_label(split)
-            row[f"{label} AUROC (CI)"] = _interval(entry.get("auroc"), entry.get("auroc_ci_low"),
-                                                   entry.get("auroc_ci_high"))
-            row[f"{label} AUPRC (CI)"] = _interval(entry.get("auprc"), entry.get("auprc_ci_low"),
-                                                   entry.get("auprc_ci_high"))
-            chance = entry.get("auprc_chance")
-            row[f"{label} AUPRC chance"] = f"{chance:.3f}" if chance is not None else "n/a"
-            p_value = entry.get("auroc_p_value")
-            row[f"{label} AUROC p"] = f"{p_value:.4f}" if p_value is not None else "n/a"
+            if entry is None:  # not scored on this split
+                row.update({f"{label} {column}": "n/a" for column in ("AUROC (CI)", "AUPRC (CI)", "AUPRC chance",
+                                                                       "AUROC p", *SELECTIVE_METRICS.values())})
+                continue
+            row[f"{label} AUROC (CI)"] = _interval(entry.auroc, entry.auroc_ci_low, entry.auroc_ci_high)
+            row[f"{label} AUPRC (CI)"] = _interval(entry.auprc, entry.auprc_ci_low, entry.auprc_ci_high)
+            row[f"{label} AUPRC chance"] = _number(entry.auprc_chance)
+            row[f"{label} AUROC p"] = _number(entry.auroc_p_value, 4)
             for key, name in SELECTIVE_METRICS.items():
-                if key in selective:
-                    row[f"{label} {name}"] = _number(entry.get(key))
+                row[f"{label} {name}"] = _number(getattr(entry, key)) if isinstance(entry, IncorrectMetrics) else "n/a"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -284,47 +287,44 @@ def _split_label(split: str) -> str:
     return "OOD" if split == "ood" else split
 
 
-def calibration_table(metrics: dict) -> pd.DataFrame:
-    """evaluate.json's ``calibration``: one row per (split, probe) with ECE and Brier score (lower is better);
-    no rows when the file predates it."""
-    rows = [{"split": _split_label(split), "probe": probe, "ECE": _number(entry.get("ece")),
-             "Brier": _number(entry.get("brier")), "bins": entry.get("n_bins"), "runs": entry.get("n_runs")}
-            for split, by_probe in (metrics.get("calibration") or {}).items() if isinstance(by_probe, dict)
-            for probe, entry in by_probe.items() if isinstance(entry, dict)]
+def calibration_table(metrics: EvaluateReport) -> pd.DataFrame:
+    """evaluate.json's ``calibration``: one row per (split, calibrated score) with ECE and Brier score (lower is
+    better)."""
+    rows = [{"split": _split_label(split), "probe": probe, "ECE": _number(entry.ece), "Brier": _number(entry.brier),
+             "bins": entry.n_bins, "runs": entry.n_runs}
+            for split, by_probe in metrics.calibration.items() for probe, entry in by_probe.items()]
     return pd.DataFrame(rows, columns=["split", "probe", "ECE", "Brier", "bins", "runs"])
 
 
-def se_regression_table(metrics: dict) -> pd.DataFrame:
+def se_regression_table(metrics: EvaluateReport) -> pd.DataFrame:
     """evaluate.json's ``se_regression``: per split, the Spearman correlation of the ridge probe's predicted SE
-    with the true SE over runs and over questions; no rows when the file predates it."""
-    rows = [{"split": _split_label(split), "Spearman (runs)": _number(entry.get("spearman_runs")),
-             "Spearman (questions)": _number(entry.get("spearman_questions")), "runs": entry.get("n_runs"),
-             "questions": entry.get("n_questions")}
-            for split, entry in (metrics.get("se_regression") or {}).items() if isinstance(entry, dict)]
+    with the true SE over runs and over questions."""
+    rows = [{"split": _split_label(split), "Spearman (runs)": _number(entry.spearman_runs),
+             "Spearman (questions)": _number(entry.spearman_questions), "runs": entry.n_runs,
+             "questions": entry.n_questions}
+            for split, entry in metrics.se_regression.items()]
     return pd.DataFrame(rows, columns=["split", "Spearman (runs)", "Spearman (questions)", "runs", "questions"])
 
 
-def _spread(entry: dict) -> str:
+def _spread(entry: StabilitySpread | None) -> str:
     """"mean ± std (min-max)" of one stability.json entry, with what is defined."""
-    mean, std, low, high = (entry.get(key) for key in ("mean", "std", "min", "max"))
-    if mean is None:
+    if entry is None or entry.mean is None:
         return "n/a"
-    text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
-    return text if low is None or high is None else f"{text} ({low:.3f}-{high:.3f})"
+    text = f"{entry.mean:.3f}" if entry.std is None else f"{entry.mean:.3f} ± {entry.std:.3f}"
+    return text if entry.min is None or entry.max is None else f"{text} ({entry.min:.3f}-{entry.max:.3f})"
 
 
-def stability_table(stability: dict) -> pd.DataFrame:
+def stability_table(stability: StabilityReport) -> pd.DataFrame:
     """stability.json as one row per score: per split, AUROC mean ± sample std over the seeds (min-max), and the
     number of seeds where AUROC was defined ("test/OOD" counts when they differ)."""
-    splits = [split for split in ("test", "ood") if isinstance(stability.get(split), dict)]
-    scores = list(dict.fromkeys(score for split in splits for score in stability[split]))
+    splits = [split for split in ("test", "ood") if split in stability.splits]
+    scores = list(dict.fromkeys(score for split in splits for score in stability.splits[split]))
     rows = []
     for score in scores:
-        entries = [stability[split].get(score) or {} for split in splits]
+        entries = [stability.splits[split].get(score) for split in splits]
         row = {"score": score}
-        row.update({f"{_split_label(split)} AUROC": _spread(entry)
-                    for split, entry in zip(splits, entries)})
-        counts = list(dict.fromkeys(str(entry.get("n_seeds", "n/a")) for entry in entries))
+        row.update({f"{_split_label(split)} AUROC": _spread(entry) for split, entry in zip(splits, entries)})
+        counts = list(dict.fromkeys("n/a" if entry is None else str(entry.n_seeds) for entry in entries))
         row["seeds"] = "/".join(counts)
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else ["score"])
@@ -336,18 +336,12 @@ def _times(value: Any) -> str:
     return f"{value:,.0f}x" if value >= 100 else f"{value:.1f}x"
 
 
-def cost_ratio_text(cost: dict) -> str:
+def cost_ratio_text(cost: CostRatio) -> str:
     """cost_ratio.json as one sentence: what SE costs per question against one probe evaluation."""
-    seconds = (f" ({cost['se_seconds_per_question']:.3g} s vs {cost['probe_seconds_per_question']:.3g} s per "
-               "question)" if cost.get("se_seconds_per_question") is not None
-               and cost.get("probe_seconds_per_question") is not None else "")
-    tokens = (f" ({cost['se_generated_tokens_per_question']:,.0f} generated vs {cost['probe_tokens_per_question']:,.0f}"
-              " in one pass)" if cost.get("se_generated_tokens_per_question") is not None
-              and cost.get("probe_tokens_per_question") is not None else "")
-    runs = cost.get("runs_per_question")
-    return (f"SE costs {_times(cost.get('seconds_ratio'))} a probe evaluation in seconds{seconds} and "
-            f"{_times(cost.get('tokens_ratio'))} in tokens{tokens}"
-            + (f", with K = {runs} runs per question" if runs is not None else "") + ".")
+    return (f"SE costs {_times(cost.seconds_ratio)} a probe evaluation in seconds ({cost.se_seconds_per_question:.3g}"
+            f" s vs {cost.probe_seconds_per_question:.3g} s per question) and {_times(cost.tokens_ratio)} in tokens "
+            f"({cost.se_generated_tokens_per_question:,.0f} generated vs {cost.probe_tokens_per_question:,.0f} in one"
+            f" pass), with K = {cost.runs_per_question} runs per question.")
 
 
 # ---- experiments: `dvc exp show --json` --------------------------------------------------------------------
@@ -452,7 +446,7 @@ def committed_metrics_row(root: str | Path) -> pd.DataFrame:
     metrics = load_metrics(root)
     row = {"name": "workspace", "kind": "workspace", "rev": "workspace", "baseline": None, "timestamp": None,
            "error": None}
-    row.update({f"metric:{key}": value for key, value in _flatten(metrics).items()
+    row.update({f"metric:{key}": value for key, value in _flatten(metrics.model_dump()).items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)})
     return pd.DataFrame([row])
 

@@ -40,6 +40,7 @@ from bokeh.palettes import Category20, Viridis256
 from bokeh.plotting import figure
 from bokeh.transform import factor_cmap, linear_cmap
 
+from stages.lib import registry
 from stages.lib.schema import (
     AUROC_BY_LAYER_FILE,
     COST_RATIO_FILE,
@@ -49,6 +50,10 @@ from stages.lib.schema import (
     ROC_FILE,
     STABILITY_FILE,
     STABILITY_PLOT_FILE,
+    CostRatio,
+    EvaluateReport,
+    EvaluateSettings,
+    StabilityReport,
 )
 from viewer import raster
 from viewer.data import (
@@ -93,15 +98,16 @@ RASTER_SHAPE = (300, 210)  # that image's (width, height); about half the plot's
 SELECTION_TABLE_CAP = 200  # rows listed in the selection table
 PLOT_HEIGHT = 420
 
+# The registry's per-run probes: their analysis columns (margin, P(positive)) and what the columns are called.
+PROBE_MARGINS = [f"{probe.name}_probe_margin" for _, probe in registry.per_run_probes()]
+PROBE_COLUMNS = [column for _, probe in registry.per_run_probes()
+                 for column in (f"{probe.name}_probe_prob", f"{probe.name}_probe_margin")]
 LABELS = {
-    "semantic_entropy": "semantic entropy (nats)",
-    "semantic_entropy_weighted": "likelihood-weighted SE (nats)",
-    "naive_entropy": "naive entropy (nats)",
-    "mean_token_entropy": "mean token entropy (nats)",
-    "accuracy_probe_margin": "accuracy probe margin (+ = predicts correct)",
-    "se_probe_margin": "SE probe margin (+ = predicts high SE)",
-    "accuracy_probe_prob": "accuracy probe P(correct)",
-    "se_probe_prob": "SE probe P(high SE)",
+    **{score.name: f"{score.display_name} (nats)" for score in registry.scores(kind="entropy")},
+    **{column: label for score, probe in registry.per_run_probes() for column, label in (
+        (f"{probe.name}_probe_margin",
+         f"{score.display_name} margin (+ = predicts {registry.TARGETS[probe.target].display_name})"),
+        (f"{probe.name}_probe_prob", f"{score.display_name} P({registry.TARGETS[probe.target].display_name})"))},
     "umap_x": "UMAP 1",
     "umap_y": "UMAP 2",
     "sequence_loglik": "sequence log-likelihood",
@@ -116,7 +122,7 @@ def escaped_html(text: object, tag: str = "span", css_class: str = "") -> str:
 
 def notice(message: str) -> pn.pane.Alert:
     """A visible message in place of a view (a missing artifact, an empty selection); the text is escaped."""
-    return pn.pane.Alert(html.escape(message), alert_type="warning", sizing_mode="stretch_width")
+    return pn.pane.Alert(html.escape(message), alert_type="warning", sizing_mode="stretch_width", disable_math=True)
 
 
 def _padded_range(values: pd.Series) -> tuple[float, float]:
@@ -419,7 +425,7 @@ class FilterPanel(pn.viewable.Viewer):
 
 
 SELECTION_COLUMNS = ["dataset", "split", "question_id", "run_id", "question", "answer", "gold", "correct",
-                     "semantic_entropy", "n_clusters", "accuracy_probe_margin", "se_probe_margin"]
+                     "semantic_entropy", "n_clusters", *PROBE_MARGINS]
 NUMBER = NumberFormatter(format="0.000")  # numbers only, so Bokeh's HTML formatting is safe here
 
 
@@ -447,7 +453,7 @@ class SelectionTable(pn.viewable.Viewer):
         table = pn.widgets.Tabulator(
             rows, disabled=True, show_index=False, selectable=False, height=280,
             sizing_mode="stretch_width", layout="fit_data_stretch", pagination=None,
-            formatters={column: NUMBER for column in ("semantic_entropy", "accuracy_probe_margin", "se_probe_margin")},
+            formatters={column: NUMBER for column in ("semantic_entropy", *PROBE_MARGINS)},
             css_classes=["selection-table"])
         table.on_click(self._open)
         return table
@@ -486,8 +492,8 @@ QUESTION_CSS = """
 .question-text { white-space: pre-wrap; font-size: 1.1em; background: #f4f4f4; padding: 6px 8px; margin: 4px 0; }
 .gold { font-size: 1.1em; }
 """
-QUESTION_RUN_COLUMNS = ["semantic cluster", "run_id", "answer", "correct", "text", "sequence_loglik",
-                        "accuracy_probe_prob", "accuracy_probe_margin", "se_probe_prob", "se_probe_margin",
+QUESTION_NUMBER_COLUMNS = ["sequence_loglik", *PROBE_COLUMNS]
+QUESTION_RUN_COLUMNS = ["semantic cluster", "run_id", "answer", "correct", "text", *QUESTION_NUMBER_COLUMNS,
                         "think_length", "truncated"]
 
 
@@ -515,7 +521,7 @@ class QuestionDetails(pn.viewable.Viewer):
                 groupby=["semantic cluster"], hidden_columns=["semantic cluster"], sizing_mode="stretch_width",
                 layout="fit_data_stretch", pagination=None,
                 formatters={"text": {"type": "textarea"},
-                            **{column: NUMBER for column in QUESTION_RUN_COLUMNS[5:10]}},
+                            **{column: NUMBER for column in QUESTION_NUMBER_COLUMNS}},
                 widths={"text": 360}, css_classes=["question-runs"], height=420)
             self._body.append(self._runs)
         return self._runs
@@ -554,11 +560,11 @@ class QuestionDetails(pn.viewable.Viewer):
 SPLIT_COLOURS = {"val": "#999999", "test": "#2b83ba", "ood": "#d7301f"}
 
 
-def draw_auroc_by_layer(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+def draw_auroc_by_layer(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
     """One panel per (probe, position): AUROC against layer per split, the location chosen on val dashed."""
     frame = frame.dropna(subset=["auroc"])
     plots = []
-    for probe in ("accuracy", "se"):
+    for probe in PROBE_NAMES:
         for position in frame.loc[frame["probe"] == probe, "position"].unique():
             part = frame[(frame["probe"] == probe) & (frame["position"] == position)]
             curves = [hv.Curve(part[part["split"] == split], "layer", "auroc", label=split).opts(
@@ -567,16 +573,16 @@ def draw_auroc_by_layer(frame: pd.DataFrame, settings: dict) -> hv.Layout:
                           color=SPLIT_COLOURS.get(split, "black"), size=5)
                       for split in ("val", "test", "ood") if (part["split"] == split).any()]
             overlay = hv.Overlay(curves)
-            picked = settings.get(f"{probe}_probe", {})
-            if picked.get("position") == position and "layer" in picked:
-                overlay = overlay * hv.VLine(picked["layer"]).opts(color="black", line_dash="dashed", line_width=1)
-            label = "accuracy probe" if probe == "accuracy" else "SE probe"
-            plots.append(overlay.opts(title=f"{label} @ {position}", ylim=(0.4, 1.0), width=330, height=250,
-                                      legend_position="bottom_right", show_grid=True, xlabel="layer", ylabel="AUROC"))
+            picked = settings.probes.get(f"{probe}_probe") if settings is not None else None
+            if picked is not None and picked.position == position:
+                overlay = overlay * hv.VLine(picked.layer).opts(color="black", line_dash="dashed", line_width=1)
+            plots.append(overlay.opts(title=f"{PROBE_NAMES[probe]} @ {position}", ylim=(0.4, 1.0), width=330,
+                                      height=250, legend_position="bottom_right", show_grid=True, xlabel="layer",
+                                      ylabel="AUROC"))
     return hv.Layout(plots).cols(3).opts(shared_axes=False)
 
 
-def draw_roc(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+def draw_roc(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
     """ROC curves of every score, one panel per split, with the chance diagonal."""
     plots, colours = [], _score_colours(frame["score"].unique())
     for split in ("test", "ood"):
@@ -594,10 +600,15 @@ class NothingToDraw(ValueError):
     """A plot table holds no drawable rows (e.g. every AUROC null); the message says why, shown as a notice."""
 
 
-PROBE_COLOURS = {"accuracy": "#2b83ba", "se": "#e66101"}
-PROBE_NAMES = {"accuracy": "accuracy probe", "se": "SE probe"}
-CALIBRATED_STYLES = {"accuracy_probe": ("#2b83ba", "circle", "solid"),
-                     "accuracy_range_probe": ("#e66101", "square", "dashed")}
+# (colour, marker, dash) given in turn to the probes of a plot, in registry order
+STYLES = (("#2b83ba", "circle", "solid"), ("#e66101", "square", "dashed"), ("#1a9641", "triangle", "dotdash"),
+          ("#7b3294", "diamond", "dotted"))
+# The single-layer probes of a class label (the per-layer and early-warning curves), by the name of the score that
+# reads each one first; and the calibrated scores (the reliability diagram).
+PROBE_NAMES = {probe.name: next(score.display_name for score in registry.SCORES if score.probe == probe)
+               for probe in registry.layer_probes() if registry.TARGETS[probe.target].binary}
+PROBE_COLOURS = {probe: STYLES[i % len(STYLES)][0] for i, probe in enumerate(PROBE_NAMES)}
+CALIBRATED_STYLES = {score.name: STYLES[i % len(STYLES)] for i, score in enumerate(registry.calibrated())}
 AFTER_ANSWER_X = 1.15  # where early_warning draws slt (no fraction: it has seen the whole reasoning and the answer)
 
 
@@ -623,7 +634,7 @@ def _whiskers(colour: str, **style) -> dict:
             "lower_head": TeeHead(line_color=colour, size=8), **style}
 
 
-def draw_early_warning(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+def draw_early_warning(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
     """One panel per split: each probe's AUROC (for its own label) against the share of the reasoning it has
     seen, at the layer chosen on val for each position, with CI bars. slt, which has also seen the answer, is a
     diamond at the right, not joined to the line."""
@@ -653,7 +664,7 @@ def draw_early_warning(frame: pd.DataFrame, settings: dict) -> hv.Layout:
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
 
 
-def draw_risk_coverage(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+def draw_risk_coverage(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
     """One panel per split: risk (error rate of the answered runs) against coverage (share answered, least
     uncertain first), a step line per score; lower is better, and every line ends at the split's error rate."""
     colours = _score_colours(frame["score"].unique())
@@ -672,7 +683,7 @@ def draw_risk_coverage(frame: pd.DataFrame, settings: dict) -> hv.Layout:
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
 
 
-def draw_reliability(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+def draw_reliability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
     """One panel per split: each accuracy probe's observed accuracy against its mean P(correct), per bin (empty
     bins left out; hover for the count); a calibrated probe lies on the diagonal."""
     frame = frame[frame["n"] > 0].dropna(subset=["mean_predicted", "observed_frequency"])
@@ -694,7 +705,7 @@ def draw_reliability(frame: pd.DataFrame, settings: dict) -> hv.Layout:
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
 
 
-def draw_stability(frame: pd.DataFrame, settings: dict) -> hv.Layout:
+def draw_stability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
     """One panel per split: every seed's AUROC per score (points), the min-max range over seeds (bar) and the
     mean (dash)."""
     frame = frame.dropna(subset=["auroc"])
@@ -720,7 +731,8 @@ class ResultPlot:
     """One section of the Results tab: a CSV of ``paths.plots`` drawn by a function.
 
     To show another CSV that `evaluate` writes: add its name and schema columns to ``viewer.data.PLOT_TABLES``, write
-    ``draw(frame, settings)`` (the validated table, evaluate.json's ``settings``; return any HoloViews object) and
+    ``draw(frame, settings)`` (the validated table, evaluate.json's ``settings`` or None when evaluate.json is
+    missing; return any HoloViews object) and
     add an entry to ``RESULT_PLOTS``. A missing or malformed file, or a ``draw`` raising ``NothingToDraw`` (no
     rows to draw), shows as a notice in its section only.
     """
@@ -728,7 +740,7 @@ class ResultPlot:
     table: str  # a key of viewer.data.PLOT_TABLES
     title: str
     caption: str
-    draw: Callable[[pd.DataFrame, dict], object]
+    draw: Callable[[pd.DataFrame, EvaluateSettings | None], object]
 
 
 RESULT_PLOTS = (
@@ -751,6 +763,10 @@ RESULT_PLOTS = (
                "Each point is one seed's split of the questions with the probes refitted; bar: min-max, dash: mean.",
                draw_stability),
 )
+
+
+def _split_name(split: str) -> str:
+    return "OOD" if split == "ood" else split
 
 
 def _small_table(frame: pd.DataFrame, css_class: str) -> pn.widgets.Tabulator:
@@ -779,16 +795,17 @@ class ResultsView(pn.viewable.Viewer):
             "Every score is oriented so that higher means *this run is more likely wrong*; the positive class is "
             "an **incorrect** run. CIs are 95% bootstrap intervals over questions. These come from the `evaluate` "
             "stage on the full test and OOD splits: the sidebar filters do not change them.",
-            sizing_mode="stretch_width")]
+            sizing_mode="stretch_width", disable_math=True)]
+        settings = None
         try:
-            metrics = load_metrics(self.root)
+            metrics: EvaluateReport = load_metrics(self.root)
             parts.append(self._metrics(metrics))
+            settings = metrics.settings
         except MissingArtifact as missing:
-            metrics = {}
             parts.append(notice(str(missing)))
         parts += [self._stability(), self._cost()]
         for plot in self.plots:
-            parts.append(self._section(plot, metrics.get("settings", {})))
+            parts.append(self._section(plot, settings))
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     def _stability(self):
@@ -797,7 +814,8 @@ class ResultsView(pn.viewable.Viewer):
                               "seed a new split of the questions with the probes refitted (the stability stage); a "
                               "smaller spread = a single split's number can be trusted more.")
         try:
-            body = _small_table(stability_table(load_metrics(self.root, STABILITY_FILE)), "stability-table")
+            stability: StabilityReport = load_metrics(self.root, STABILITY_FILE)
+            body = _small_table(stability_table(stability), "stability-table")
         except MissingArtifact as missing:
             body = notice(str(missing))
         return pn.Column(heading, body, sizing_mode="stretch_width")
@@ -805,25 +823,19 @@ class ResultsView(pn.viewable.Viewer):
     def _cost(self):
         heading = _subheading("Cost of semantic entropy against a probe")
         try:
-            cost = load_metrics(self.root, COST_RATIO_FILE)
+            cost: CostRatio = load_metrics(self.root, COST_RATIO_FILE)
             body = pn.pane.HTML(f"<p><b>{html.escape(cost_ratio_text(cost))}</b><br><small>"
-                                f"{html.escape(str(cost.get('note') or ''))}</small></p>",
+                                f"{html.escape(cost.note)}</small></p>",
                                 sizing_mode="stretch_width", css_classes=["cost-ratio"])
         except MissingArtifact as missing:
             body = notice(str(missing))
         return pn.Column(heading, body, sizing_mode="stretch_width")
 
-    def _metrics(self, metrics: dict):
-        summary = metrics.get("summary", {})
-        facts = []
-        for split, label in (("test", "test"), ("ood", "OOD")):
-            entry = summary.get(split) or {}
-            if "accuracy" in entry:
-                facts.append(f"{label}: {entry.get('n_runs', 0):,} runs of {entry.get('n_questions', 0):,} questions, "
-                             f"{entry['accuracy']:.1%} correct")
+    def _metrics(self, metrics: EvaluateReport):
+        facts = [f"{_split_name(split)}: {entry.n_runs:,} runs of {entry.n_questions:,} questions, "
+                 f"{entry.accuracy:.1%} correct"
+                 for split, entry in metrics.summary.items() if entry.accuracy is not None]
         table = metrics_table(metrics)
-        older = "Not in this evaluate.json (written before it was added): rerun `dvc repro evaluate`."
-        calibration, regression = calibration_table(metrics), se_regression_table(metrics)
         return pn.Column(
             pn.pane.HTML("<h4>AUROC / AUPRC for flagging incorrect runs</h4>" + html.escape("; ".join(facts))),
             pn.widgets.Tabulator(table, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
@@ -831,13 +843,13 @@ class ResultsView(pn.viewable.Viewer):
             pn.pane.HTML(f"<small>{html.escape(SELECTIVE_LEGEND)}</small>", sizing_mode="stretch_width"),
             _subheading("Calibration of the accuracy probes' P(correct)",
                         "ECE and Brier score: lower is better, 0 = perfect."),
-            _small_table(calibration, "calibration-table") if len(calibration) else notice(older),
+            _small_table(calibration_table(metrics), "calibration-table"),
             _subheading("SE regression probe",
                         "Spearman correlation of the predicted with the true SE: higher is better, 1 = same ranking."),
-            _small_table(regression, "se-regression-table") if len(regression) else notice(older),
+            _small_table(se_regression_table(metrics), "se-regression-table"),
             sizing_mode="stretch_width")
 
-    def _section(self, plot: ResultPlot, settings: dict):
+    def _section(self, plot: ResultPlot, settings: EvaluateSettings | None):
         heading = pn.pane.HTML(f"<h4>{html.escape(plot.title)}</h4>{html.escape(plot.caption)}",
                                sizing_mode="stretch_width")
         try:
@@ -901,7 +913,7 @@ class ExperimentsView(pn.viewable.Viewer):
         shown.columns = [column.removeprefix("param:").removeprefix("metric:") for column in shown.columns]
         objects = [
             pn.pane.Alert(html.escape(experiments.message), alert_type="info" if experiments.from_dvc else "warning",
-                          sizing_mode="stretch_width", css_classes=["experiments-message"]),
+                          sizing_mode="stretch_width", css_classes=["experiments-message"], disable_math=True),
             pn.widgets.Tabulator(shown, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
                                  layout="fit_data_table", frozen_columns=["name"],
                                  formatters={column.removeprefix("metric:"): NUMBER for column in metrics},

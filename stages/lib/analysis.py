@@ -2,9 +2,10 @@
 
 Used by the stage ``python -m stages.analysis`` (writes ``{paths.analysis}/analysis.parquet``, ANALYSIS_COLUMNS).
 
-Probe probabilities and margins come from the probes train_probes saved, at the (position, layer) each
-was selected at on validation. The 2-D UMAP is fitted on TRAIN runs' hidden states at the accuracy probe's
-location and applied to every other run, so no test or OOD row shapes the embedding.
+Probe probabilities and margins (one pair of columns per ``registry.per_run_probes()``) come from the probes
+train_probes saved, at the (position, layer) each was selected at on validation. The 2-D UMAP is fitted on TRAIN
+runs' hidden states at the accuracy probe's location and applied to every other run, so no test or OOD row shapes
+the embedding.
 """
 
 from __future__ import annotations
@@ -15,21 +16,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.lib import registry
 from stages.lib.common import read_table
 from stages.lib.dataset import DatasetRuns, load_dataset
 from stages.lib.params import AnalysisParams, Params
 from stages.lib.probe_store import load_probes
 from stages.lib.probes import LogisticProbe, location_features
 from stages.lib.questions import load_questions
-from stages.lib.schema import (
-    ANALYSIS_COLUMNS,
-    DATASETS,
-    RUN_COLUMNS,
-    SE_COLUMNS,
-)
+from stages.lib.registry import ANALYSIS_COLUMNS
+from stages.lib.schema import DATASETS, RUN_COLUMNS, SE_COLUMNS
 
 log = logging.getLogger(__name__)
 
+UMAP_PROBE = registry.ACCURACY  # the embedding is of the hidden states at this probe's location
 RUN_TEXT_FIELDS = ("question_id", "run_id", "dataset", "text", "answer", "truncated", "think_start_index",
                    "think_end_index")
 
@@ -68,8 +67,7 @@ def umap_coordinates(train_features: np.ndarray, all_features: np.ndarray, param
 
 def build_table(params: Params) -> pd.DataFrame:
     probes, selection, splits = load_probes(params.paths.probes)
-    accuracy_probe, se_probe = probes["accuracy"], probes["se"]
-    high_se_threshold = selection["high_se_threshold"]
+    umap_probe = probes[UMAP_PROBE.name]
 
     frames, features = [], []
     for dataset in DATASETS:
@@ -86,17 +84,17 @@ def build_table(params: Params) -> pd.DataFrame:
                  .merge(questions[["question_id", "question", "gold"]], on="question_id", validate="many_to_one")
                  .merge(splits[splits["dataset"] == dataset][["question_id", "split"]], on="question_id",
                         validate="many_to_one"))
-        frame = pd.concat([frame, probe_scores(accuracy_probe, data, "accuracy_probe"),
-                           probe_scores(se_probe, data, "se_probe")], axis=1)
+        frame = pd.concat([frame, *(probe_scores(probes[probe.name], data, f"{probe.name}_probe")
+                                    for _, probe in registry.per_run_probes())], axis=1)
         features.append(location_features(data.hidden, data.runs["hidden_row"].to_numpy(),
-                                          data.positions.index(accuracy_probe.position),
-                                          data.layers.index(accuracy_probe.layer)))
+                                          data.positions.index(umap_probe.position),
+                                          data.layers.index(umap_probe.layer)))
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     all_features = np.concatenate(features)
     coordinates = umap_coordinates(all_features[(table["split"] == "train").to_numpy()], all_features,
                                    params.analysis, params.seed)
     table["umap_x"], table["umap_y"] = coordinates[:, 0], coordinates[:, 1]
-    table["high_se"] = table["semantic_entropy"] > high_se_threshold
+    table["high_se"] = registry.LABELS["high_se"](table, selection.high_se_threshold)
     table["think_length"] = think_length(table["think_start_index"], table["think_end_index"])
     return table[[c.name for c in ANALYSIS_COLUMNS]]

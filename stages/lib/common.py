@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.errors import UserError
-from stages.lib.schema import Column, SchemaError, validate_frame
+from stages.lib.schema import COST_COUNTERS, COST_DIR, Column, Contract, CostRecord, SchemaError, validate_frame
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ def write_json(data: Any, path: str | Path) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def write_model(model: Contract, path: str | Path) -> None:
+    """Write a JSON hand-off from its schema model, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(model.to_json())
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -110,16 +116,30 @@ def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ..
 
 @contextlib.contextmanager
 def cost_record(metrics_dir: str | Path, stage: str) -> Iterator[dict]:
-    """Time a stage and write ``<metrics_dir>/cost/<stage>.json`` with wall seconds and the counters it adds.
+    """Time a stage and write ``<metrics_dir>/cost/<stage>.json`` (CostRecord) with wall seconds and the counters
+    it adds.
 
-    The stage fills the yielded dict (tokens generated, forward passes, equivalence checks ...).
+    The stage fills the yielded dict (tokens generated, forward passes, equivalence checks ...) with numbers and
+    strings (numpy scalars are stored as Python ones); a stage listed in COST_COUNTERS must fill those counters.
     """
     counters: dict[str, Any] = {}
     start = time.perf_counter()
     yield counters
-    record = {"stage": stage, "wall_seconds": round(time.perf_counter() - start, 3), **counters}
-    write_json(record, Path(metrics_dir) / "cost" / f"{stage}.json")
-    log.info("cost of %s: %s", stage, record)
+    path = Path(metrics_dir) / COST_DIR / f"{stage}.json"
+    record = CostRecord(stage=stage, wall_seconds=round(time.perf_counter() - start, 3),
+                        counters={name: _python_scalar(value) for name, value in counters.items()})
+    if stage in COST_COUNTERS:
+        COST_COUNTERS[stage].parse(record.counters, f"{path} (as written by the {stage} stage)")
+    write_model(record, path)
+    log.info("cost of %s: %s", stage, record.model_dump())
+
+
+def _python_scalar(value: Any) -> Any:
+    """numpy scalars as Python ones (a NaN as None), as the cost records have always been written."""
+    if isinstance(value, np.generic):
+        value = value.item()
+        return None if isinstance(value, float) and np.isnan(value) else value
+    return value
 
 
 def write_csv(frame: pd.DataFrame, path: Path, columns) -> None:

@@ -18,57 +18,59 @@ specific to that machine and backend; the token ratio is not.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from stages.lib.schema import SchemaError
+from stages.lib.schema import (
+    COST_COUNTERS,
+    COST_DIR,
+    CostRatio,
+    CostRecord,
+    GenerateCounters,
+    SemanticEntropyCounters,
+    TraceCounters,
+)
 
 log = logging.getLogger(__name__)
 
-NEEDED = {"generate": ("wall_seconds", "sequences", "tokens_generated"),
-          "semantic_entropy": ("wall_seconds", "questions", "equivalence_checks"),
-          "trace": ("wall_seconds", "sequences", "tokens_processed")}
 
-
-def read_costs(metrics_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The cost records NEEDED, with a clear error naming a missing file or field."""
+def read_costs(metrics_dir: str | Path) -> dict[str, CostRecord]:
+    """The cost records of the stages in COST_COUNTERS (generate, semantic_entropy, trace), each checked for the
+    counters it must hold; a missing file or field is a SchemaError naming it."""
     costs = {}
-    for stage, fields in NEEDED.items():
-        path = Path(metrics_dir) / "cost" / f"{stage}.json"
-        if not path.exists():
-            raise SchemaError(f"{path}: not found; run the {stage} stage (`dvc repro {stage}`)")
-        record = json.loads(path.read_text())
-        missing = [name for name in fields if name not in record]
-        if missing:
-            raise SchemaError(f"{path}: missing field `{missing[0]}`; rerun the {stage} stage")
+    for stage, counters in COST_COUNTERS.items():
+        path = Path(metrics_dir) / COST_DIR / f"{stage}.json"
+        record = CostRecord.read(path, writer=stage)
+        counters.parse(record.counters, path)
         costs[stage] = record
     return costs
 
 
-def cost_ratio(costs: dict[str, dict[str, Any]], runs_per_question: int) -> dict[str, Any]:
+def cost_ratio(costs: dict[str, CostRecord], runs_per_question: int) -> CostRatio:
     """Per-question cost of SE and of one probe evaluation, and their ratios (see the module docstring)."""
     generate, entropy, trace = costs["generate"], costs["semantic_entropy"], costs["trace"]
-    questions = entropy["questions"]
+    generated = GenerateCounters.parse(generate.counters, "cost/generate.json")
+    clustered = SemanticEntropyCounters.parse(entropy.counters, "cost/semantic_entropy.json")
+    traced = TraceCounters.parse(trace.counters, "cost/trace.json")
+    questions = clustered.questions
     if questions <= 0:
         raise ValueError(f"cost/semantic_entropy.json: `questions` = {questions}; expected > 0 (nothing to compare)")
-    if trace["sequences"] <= 0:
-        raise ValueError(f"cost/trace.json: `sequences` = {trace['sequences']}; expected > 0 (nothing to compare)")
-    se_seconds = (generate["wall_seconds"] + entropy["wall_seconds"]) / questions
-    probe_seconds = trace["wall_seconds"] / trace["sequences"]
-    se_tokens = generate["tokens_generated"] / questions
-    probe_tokens = trace["tokens_processed"] / trace["sequences"]
-    return {
-        "runs_per_question": runs_per_question,
-        "questions": questions,
-        "se_seconds_per_question": se_seconds,
-        "probe_seconds_per_question": probe_seconds,
-        "seconds_ratio": se_seconds / probe_seconds if probe_seconds > 0 else None,
-        "se_generated_tokens_per_question": se_tokens,
-        "probe_tokens_per_question": probe_tokens,
-        "tokens_ratio": se_tokens / probe_tokens if probe_tokens > 0 else None,
-        "equivalence_checks_per_question": entropy["equivalence_checks"] / questions,
-        "note": "SE = K sampled runs + equivalence clustering; probe = one teacher-forced pass over one run "
-                "(wall seconds of whole stages on this machine, model loading included)",
-    }
+    if traced.sequences <= 0:
+        raise ValueError(f"cost/trace.json: `sequences` = {traced.sequences}; expected > 0 (nothing to compare)")
+    se_seconds = (generate.wall_seconds + entropy.wall_seconds) / questions
+    probe_seconds = trace.wall_seconds / traced.sequences
+    se_tokens = generated.tokens_generated / questions
+    probe_tokens = traced.tokens_processed / traced.sequences
+    return CostRatio(
+        runs_per_question=runs_per_question,
+        questions=questions,
+        se_seconds_per_question=se_seconds,
+        probe_seconds_per_question=probe_seconds,
+        seconds_ratio=se_seconds / probe_seconds if probe_seconds > 0 else None,
+        se_generated_tokens_per_question=se_tokens,
+        probe_tokens_per_question=probe_tokens,
+        tokens_ratio=se_tokens / probe_tokens if probe_tokens > 0 else None,
+        equivalence_checks_per_question=clustered.equivalence_checks / questions,
+        note="SE = K sampled runs + equivalence clustering; probe = one teacher-forced pass over one run "
+             "(wall seconds of whole stages on this machine, model loading included)",
+    )

@@ -5,7 +5,6 @@ Every stage that needs runs with their hidden states (train_probes, evaluate, st
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,16 @@ import pandas as pd
 
 from stages.lib.common import read_table
 from stages.lib.params import Params
-from stages.lib.schema import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError, hidden_files, validate_hidden
+from stages.lib.schema import (
+    RUN_COLUMNS,
+    RUN_KEY,
+    SE_COLUMNS,
+    SE_KEY,
+    HiddenMeta,
+    SchemaError,
+    hidden_files,
+    validate_hidden,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +62,7 @@ def load_dataset(params: Params, dataset: str) -> DatasetRuns:
             raise SchemaError(f"{path}: not found; run the trace stage (`dvc repro trace`)")
     hidden = np.load(array_path, mmap_mode="r")
     index = pd.read_parquet(index_path)
-    meta = json.loads(meta_path.read_text())
+    meta = HiddenMeta.read(meta_path, writer="trace")
     validate_hidden(hidden, index, meta, array_path)
     log.info("read %s: shape %s (runs, positions, layers, hidden)", array_path, hidden.shape)
 
@@ -71,7 +79,7 @@ def load_dataset(params: Params, dataset: str) -> DatasetRuns:
     joined["hidden_row"] = joined["hidden_row"].astype(np.int64)
     joined["correct"] = joined["correct"].astype(bool)
     joined = joined.sort_values(list(RUN_KEY), kind="mergesort").reset_index(drop=True)
-    return DatasetRuns(joined, hidden, tuple(meta["positions"]), tuple(int(x) for x in meta["layers"]))
+    return DatasetRuns(joined, hidden, tuple(meta.positions), tuple(meta.layers))
 
 
 def _require_same_runs(joined: pd.DataFrame, runs_path: Path, se_path: Path) -> None:

@@ -2,20 +2,22 @@
 
 Used by the stage ``python -m stages.evaluate`` (or ``dvc repro evaluate``).
 
-Positive class = an INCORRECT run; every score is oriented so that higher = more likely incorrect (see
-``SCORES``). For each split and score: AUROC and AUPRC, each with a percentile CI from resampling questions
-(``evaluate.bootstrap``, ``evaluate.confidence``) and a one-sided permutation p-value
-(``evaluate.permutations``). The SE probe is also scored on its own target (high-SE questions, threshold
-from train). A split with one class, or no runs (``data.ood_source: none``), gets null metrics and a note.
+Every score of the registry (``stages.lib.registry.SCORES``) is tested against its label: an INCORRECT run for all
+but the SE probe's second entry, which is tested on its own target (high-SE questions, threshold from train); every
+score is oriented so that higher = more likely its label. For each split and score: AUROC and AUPRC, each with a
+percentile CI from resampling questions (``evaluate.bootstrap``, ``evaluate.confidence``) and a one-sided
+permutation p-value (``evaluate.permutations``). A split with one class, or no runs (``data.ood_source: none``),
+gets null metrics and a note.
 
-Beyond AUROC/AUPRC each score gets AURAC, AURC and PRR (selective prediction); the accuracy probes' P(correct)
-gets ECE, Brier and a reliability table; the ridge SE probe its Spearman with SE; and the probe at each traced
-position (its layer chosen on val) its AUROC with CI against the share of the reasoning seen (early warning).
+Beyond AUROC/AUPRC each score of incorrect runs gets AURAC, AURC and PRR (selective prediction); each calibrated
+score's P(correct) gets ECE, Brier and a reliability table; the ridge SE probe its Spearman with SE; and the probe
+at each traced position (its layer chosen on val) its AUROC with CI against the share of the reasoning seen (early
+warning).
 
 Writes
-- ``{paths.metrics}/evaluate.json``: ``{split: {score: {auroc, auroc_ci_low, ..., aurac, aurc, prr}}}`` plus
-  ``summary`` (counts, accuracy and mean probe confidence per split), ``calibration``, ``se_regression``,
-  ``early_warning`` and ``settings``;
+- ``{paths.metrics}/evaluate.json`` (``schema.EvaluateReport``): ``{split: {score: {auroc, auroc_ci_low, ...,
+  aurac, aurc, prr}}}`` plus ``summary`` (counts, accuracy and mean probe confidence per split), ``calibration``,
+  ``se_regression``, ``settings`` and ``early_warning``;
 - ``{paths.plots}/auroc_by_layer.csv``: AUROC of the probe train_probes fitted on train at every
   (position, layer) (``location_probes``), on val, test and ood;
 - ``{paths.plots}/roc.csv``, ``risk_coverage.csv``: ROC and risk-coverage curves of every score on test and ood;
@@ -26,12 +28,12 @@ Writes
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit
 
+from stages.lib import registry
 from stages.lib.metrics import (
     auprc,
     aurac,
@@ -52,64 +54,84 @@ from stages.lib.params import EvaluateParams
 from stages.lib.probes import LinearProbe, probe_features, probe_output, score_location_probes
 from stages.lib.schema import (
     AUROC_BY_LAYER_COLUMNS,
-    CALIBRATED,
     EARLY_WARNING_COLUMNS,
     RELIABILITY_COLUMNS,
     RISK_COVERAGE_COLUMNS,
     ROC_COLUMNS,
-    SCORES,
+    CalibrationMetrics,
+    EvaluateSettings,
+    IncorrectMetrics,
+    LabelMetrics,
+    ProbeLocation,
+    RegressionMetrics,
+    ScoreMetrics,
+    Selection,
+    SplitSummary,
     empty_frame,
     prefix_fraction,
 )
-from stages.lib.selection import BINARY_LABELS, PROBE_LABEL, probe_labels
+from stages.lib.selection import probe_labels
 
 log = logging.getLogger(__name__)
 
 EVALUATED_SPLITS = ("test", "ood")
-BINARY_PROBES = tuple(name for name, label in PROBE_LABEL.items() if label in BINARY_LABELS)
-# the SE probe scored on the label it was trained for
-SE_PROBE_ON_HIGH_SE = "se_probe_high_se"
+# the summary's mean probe confidence, and the SE regression probe's own metrics
+CONFIDENCE_SCORE = "accuracy_probe"
+REGRESSION_SCORE = "se_regression_probe"
 
 
 # ---- compute ---------------------------------------------------------------------------------------------
-def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe]) -> pd.DataFrame:
-    """Every score in ``SCORES`` for each run, plus the P(correct) columns of CALIBRATED; one row per row of ``runs``.
+class ScoreInputs:
+    """What the registry's score functions read for a set of runs (``registry.ScoreInputs``).
 
     Parameters
     ----------
-    runs : (n runs) frame with hidden_row and the run / SE columns of ``train_probes.load_dataset``
+    runs : (n runs) frame with hidden_row and the run / SE columns of ``dataset.load_dataset``
     hidden : (rows, positions, layers, hidden) float16 array the hidden_row values index
-    probes : every probe of PROBE_FILES (train_probes writes them)
+    probes : every probe of ``registry.probes()`` by name (train_probes writes them)
     """
-    rows = runs["hidden_row"].to_numpy()
 
-    def decision(name: str) -> np.ndarray:
-        probe = probes[name]
-        return probe_output(probe, probe_features(probe, hidden, rows, positions, layers))
+    def __init__(self, runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe]):
+        self.runs, self.hidden, self.positions, self.layers, self.probes = runs, hidden, positions, layers, probes
+        self._decisions: dict[str, np.ndarray] = {}
 
-    p_correct = expit(decision("accuracy"))
-    range_p_correct = expit(decision("accuracy_range"))
-    baseline_p_correct = probes["entropy_baseline"].predict_proba(runs[["mean_token_entropy"]].to_numpy(float))[:, 1]
-    return pd.DataFrame({
-        "accuracy_probe": 1 - p_correct,
-        "se_probe": expit(decision("se")),
-        "semantic_entropy": runs["semantic_entropy"].to_numpy(float),
-        "semantic_entropy_weighted": runs["semantic_entropy_weighted"].to_numpy(float),
-        "naive_entropy": runs["naive_entropy"].to_numpy(float),
-        "mean_token_entropy": runs["mean_token_entropy"].to_numpy(float),
-        "entropy_baseline": 1 - baseline_p_correct,
-        "negative_sequence_loglik": -runs["sequence_loglik"].to_numpy(float),
-        "se_regression_probe": decision("se_regression"),
-        "accuracy_range_probe": 1 - range_p_correct,
-        "se_range_probe": expit(decision("se_range")),
-        "accuracy_probe_p_correct": p_correct,
-        "accuracy_range_probe_p_correct": range_p_correct,
-    }, index=runs.index)
+    def column(self, name: str) -> np.ndarray:
+        return self.runs[name].to_numpy(float)
+
+    def decision(self, probe: str) -> np.ndarray:
+        """Computed once per probe: two scores (a score and its P(correct), or one probe on two labels) share it."""
+        if probe not in self._decisions:
+            fitted = self.probes[probe]
+            features = probe_features(fitted, self.hidden, self.runs["hidden_row"].to_numpy(), self.positions,
+                                      self.layers)
+            self._decisions[probe] = probe_output(fitted, features)
+        return self._decisions[probe]
+
+    def feature_proba(self, probe: str) -> np.ndarray:
+        fitted = self.probes[probe]
+        return fitted.predict_proba(self.runs[[fitted.feature]].to_numpy(float))[:, 1]
+
+
+def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe],
+               entries: Sequence[registry.Score] | None = None) -> pd.DataFrame:
+    """Every registry score (or those of ``entries``) for each run, higher = more likely its label, plus
+    ``<name>_p_correct`` for the calibrated ones; one row per row of ``runs`` (see ``ScoreInputs`` for the rest)."""
+    entries = registry.SCORES if entries is None else entries
+    inputs = ScoreInputs(runs, hidden, positions, layers, probes)
+    columns = {}
+    for entry in entries:
+        values = entry.compute(inputs)
+        columns[entry.name] = values if entry.orientation == "higher" else -values
+    for entry in entries:
+        if entry.calibrated:
+            columns[entry.p_correct_column] = entry.p_correct(inputs)
+    return pd.DataFrame(columns, index=runs.index)
 
 
 def metric_record(labels, scores, groups, label_name: str, settings: EvaluateParams, seed: list[int],
                   empty_note: str) -> dict[str, Any]:
-    """AUROC and AUPRC of ``scores`` (n,) for ``labels`` (n,) bool, with CIs and p-values; nulls + note if undefined.
+    """AUROC and AUPRC of ``scores`` (n,) for ``labels`` (n,) bool, with CIs and p-values; nulls + note if undefined
+    (the fields of ``schema.LabelMetrics``).
 
     The bootstrap and the permutations of both metrics reuse one seed, so they see the same resamples
     (``bootstrap_resamples_used`` holds for both).
@@ -142,39 +164,43 @@ def metric_record(labels, scores, groups, label_name: str, settings: EvaluatePar
     return record
 
 
-def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se: np.ndarray, split: str,
-                  settings: EvaluateParams, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Metrics of every score on one split's runs, and the split's summary (counts, accuracy, confidence).
+def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se_threshold: float, split: str,
+                  settings: EvaluateParams, seed: int) -> tuple[dict[str, ScoreMetrics], SplitSummary]:
+    """Metrics of every registry score against its label on one split's runs, and the split's summary (counts,
+    accuracy, the accuracy probe's mean confidence).
 
     Parameters
     ----------
-    runs : the split's runs (question_id, correct)
+    runs : the split's runs (question_id, correct, semantic_entropy)
     scores : output of ``score_runs`` for those runs
-    high_se : (n,) bool, the high-SE label of each run
+    high_se_threshold : the SE above which a question is high-SE (fitted on train)
     """
     empty_note = f"no runs in split `{split}` (e.g. data.ood_source is none)"
-    incorrect = ~runs["correct"].to_numpy(bool)
+    incorrect = registry.LABELS["incorrect"](runs, high_se_threshold)
     groups = runs["question_id"].to_numpy()
     split_index = EVALUATED_SPLITS.index(split)  # part of each metric's seed: independent of the other splits
-    by_score = {}
-    for score_index, score_name in enumerate(SCORES):
-        by_score[score_name] = metric_record(incorrect, scores[score_name].to_numpy(float), groups, "incorrect",
-                                             settings, [seed, split_index, score_index], empty_note)
-        by_score[score_name].update(selective_metrics(~incorrect, scores[score_name].to_numpy(float)))
-        log.info("%s %s: AUROC %s", split, score_name, _fmt(by_score[score_name]["auroc"]))
-    by_score[SE_PROBE_ON_HIGH_SE] = metric_record(high_se, scores["se_probe"].to_numpy(float), groups, "high_se",
-                                                  settings, [seed, split_index, len(SCORES)], empty_note)
+    by_score: dict[str, ScoreMetrics] = {}
+    for score_index, entry in enumerate(registry.SCORES):
+        values = scores[entry.name].to_numpy(float)
+        record = metric_record(registry.LABELS[entry.label](runs, high_se_threshold), values, groups, entry.label,
+                               settings, [seed, split_index, score_index], empty_note)
+        if entry.label == "incorrect":
+            by_score[entry.name] = IncorrectMetrics(**record, **selective_metrics(~incorrect, values))
+        else:
+            by_score[entry.name] = LabelMetrics(**record)
+        log.info("%s %s (%s): AUROC %s", split, entry.name, entry.label, _fmt(record["auroc"]))
 
-    p_correct = scores["accuracy_probe_p_correct"].to_numpy(float)
-    summary = {
-        "n_runs": int(len(runs)), "n_questions": int(runs["question_id"].nunique()),
-        "n_correct": int((~incorrect).sum()), "n_incorrect": int(incorrect.sum()),
-        "accuracy": float((~incorrect).mean()) if len(runs) else None,
-        "n_high_se_questions": int(runs.loc[high_se, "question_id"].nunique()),
-        "mean_p_correct_on_correct": float(p_correct[~incorrect].mean()) if (~incorrect).any() else None,
-        "mean_p_correct_on_incorrect": float(p_correct[incorrect].mean()) if incorrect.any() else None,
-        "note": empty_note if len(runs) == 0 else single_class_reason(incorrect, "incorrect"),
-    }
+    high_se = registry.LABELS["high_se"](runs, high_se_threshold)
+    p_correct = scores[registry.BY_NAME[CONFIDENCE_SCORE].p_correct_column].to_numpy(float)
+    summary = SplitSummary(
+        n_runs=int(len(runs)), n_questions=int(runs["question_id"].nunique()),
+        n_correct=int((~incorrect).sum()), n_incorrect=int(incorrect.sum()),
+        accuracy=float((~incorrect).mean()) if len(runs) else None,
+        n_high_se_questions=int(runs.loc[high_se, "question_id"].nunique()),
+        mean_p_correct_on_correct=float(p_correct[~incorrect].mean()) if (~incorrect).any() else None,
+        mean_p_correct_on_incorrect=float(p_correct[incorrect].mean()) if incorrect.any() else None,
+        note=empty_note if len(runs) == 0 else single_class_reason(incorrect, "incorrect"),
+    )
     return by_score, summary
 
 
@@ -187,51 +213,73 @@ def selective_metrics(correct, uncertainty) -> dict[str, float | None]:
             "prr": prediction_rejection_ratio(correct, uncertainty)}
 
 
-def calibration(correct, scores: pd.DataFrame, split: str, n_bins: int) -> tuple[dict[str, Any], pd.DataFrame]:
-    """ECE and Brier score of each CALIBRATED probe's P(correct) on one split, and its reliability rows
+def calibration(correct, scores: pd.DataFrame, split: str,
+                n_bins: int) -> tuple[dict[str, CalibrationMetrics], pd.DataFrame]:
+    """ECE and Brier score of each calibrated registry score's P(correct) on one split, and its reliability rows
     (RELIABILITY_COLUMNS); nulls and no rows for an empty split."""
     summary, frames = {}, []
-    for probe_name, column in CALIBRATED.items():
-        p_correct = scores[column].to_numpy(float)
+    for entry in registry.calibrated():
+        p_correct = scores[entry.p_correct_column].to_numpy(float)
         empty = len(p_correct) == 0
-        summary[probe_name] = {"ece": None if empty else expected_calibration_error(correct, p_correct, n_bins),
-                               "brier": None if empty else brier_score(correct, p_correct),
-                               "n_bins": n_bins, "n_runs": int(len(p_correct))}
+        summary[entry.name] = CalibrationMetrics(
+            ece=None if empty else expected_calibration_error(correct, p_correct, n_bins),
+            brier=None if empty else brier_score(correct, p_correct), n_bins=n_bins, n_runs=int(len(p_correct)))
         if len(p_correct):
-            frames.append(reliability_table(correct, p_correct, n_bins).assign(probe=probe_name, split=split))
+            frames.append(reliability_table(correct, p_correct, n_bins).assign(probe=entry.name, split=split))
     columns = [c.name for c in RELIABILITY_COLUMNS]
     return summary, (pd.concat(frames, ignore_index=True)[columns] if frames else empty_frame(RELIABILITY_COLUMNS))
 
 
-def regression_metrics(runs: pd.DataFrame, scores: pd.DataFrame) -> dict[str, Any]:
+def regression_metrics(runs: pd.DataFrame, scores: pd.DataFrame) -> RegressionMetrics:
     """How well the ridge probe's predicted SE tracks the real SE: Spearman over runs, and over questions
     (each question's mean prediction against its SE, which all its runs share)."""
-    predicted = scores["se_regression_probe"].to_numpy(float)
+    predicted = scores[REGRESSION_SCORE].to_numpy(float)
     entropy = runs["semantic_entropy"].to_numpy(float)
     per_question = pd.DataFrame({"q": runs["question_id"].to_numpy(), "predicted": predicted, "se": entropy})
     per_question = per_question.groupby("q").mean()
-    return {"spearman_runs": spearman(entropy, predicted) if len(runs) else None,
-            "spearman_questions": spearman(per_question["se"], per_question["predicted"]) if len(runs) else None,
-            "n_runs": int(len(runs)), "n_questions": int(len(per_question))}
+    return RegressionMetrics(
+        spearman_runs=spearman(entropy, predicted) if len(runs) else None,
+        spearman_questions=spearman(per_question["se"], per_question["predicted"]) if len(runs) else None,
+        n_runs=int(len(runs)), n_questions=int(len(per_question)))
 
 
-def early_warning(selection: Mapping[str, Any], location_probes, datasets: Mapping[str, tuple[pd.DataFrame, Any]],
+def evaluate_settings(settings: EvaluateParams, selection: Selection,
+                      probes: Mapping[str, LinearProbe]) -> EvaluateSettings:
+    """evaluate.json's ``settings``: what every score is, the resampling settings, the high-SE threshold and where
+    each hidden-state probe reads."""
+    return EvaluateSettings(
+        positive_class="incorrect run",
+        scores={entry.name: entry.description for entry in registry.scores(label="incorrect")},
+        other_labels={entry.name: entry.description for entry in registry.SCORES if entry.label != "incorrect"},
+        bootstrap=settings.bootstrap, permutations=settings.permutations, confidence=settings.confidence,
+        high_se_threshold=selection.high_se_threshold,
+        high_se_threshold_method=selection.high_se_threshold_method,
+        probes={f"{probe.name}_probe": ProbeLocation(position=probes[probe.name].position,
+                                                     layer=probes[probe.name].layer,
+                                                     layer_end=probes[probe.name].layer_end)
+                for probe in registry.located_probes()},
+        calibration_bins=settings.calibration_bins,
+    )
+
+
+def early_warning(selection: Selection, location_probes, datasets: Mapping[str, tuple[pd.DataFrame, Any]],
                   positions, layers, high_se_threshold: float, settings: EvaluateParams,
                   seed: int) -> pd.DataFrame:
     """EARLY_WARNING_COLUMNS rows: at each traced position, the probe at the layer chosen on val for that
     position (selection.json ``by_position``), scored for its own label on each split with a bootstrap CI.
 
-    Only the binary probes (accuracy, se); ``fraction`` is the share of the reasoning seen at the position.
+    Only the probes of a class label (accuracy, se); ``fraction`` is the share of the reasoning seen at the position.
     """
+    binary = set(registry.binary_targets())
     rows = []
-    for choice_index, choice in enumerate(selection["by_position"]):
-        if choice["probe"] not in BINARY_PROBES:
+    for choice_index, choice in enumerate(selection.by_position):
+        label_name = registry.probe(choice.probe).target
+        if label_name not in binary:
             continue
-        label_name = PROBE_LABEL[choice["probe"]]
-        probe = location_probes[(label_name, choice["position"], int(choice["layer"]))]
+        probe = location_probes[(label_name, choice.position, choice.layer)]
         for split_index, (split, (runs, hidden)) in enumerate(datasets.items()):
-            record = {"probe": choice["probe"], "position": choice["position"],
-                      "fraction": prefix_fraction(choice["position"]), "layer": int(choice["layer"]), "split": split,
+            record = {"probe": choice.probe, "position": choice.position,
+                      "fraction": prefix_fraction(choice.position), "layer": choice.layer, "split": split,
                       "auroc": None, "auroc_ci_low": None, "auroc_ci_high": None}
             labels = probe_labels(runs, high_se_threshold)[label_name]
             if single_class_reason(labels, label_name) is None:
@@ -246,18 +294,20 @@ def early_warning(selection: Mapping[str, Any], location_probes, datasets: Mappi
 
 
 def risk_coverage_table(correct, scores: pd.DataFrame, split: str) -> pd.DataFrame:
-    """RISK_COVERAGE_COLUMNS rows for every score in SCORES on one split (none for an empty split)."""
+    """RISK_COVERAGE_COLUMNS rows for every registry score of incorrect runs on one split (none for an empty
+    split)."""
     if len(correct) == 0:
         return empty_frame(RISK_COVERAGE_COLUMNS)
-    frames = [risk_coverage_curve(correct, scores[name].to_numpy(float)).assign(score=name, split=split)
-              for name in SCORES]
+    frames = [risk_coverage_curve(correct, scores[entry.name].to_numpy(float)).assign(score=entry.name, split=split)
+              for entry in registry.scores(label="incorrect")]
     return pd.concat(frames, ignore_index=True)[[c.name for c in RISK_COVERAGE_COLUMNS]]
 
 
 def roc_table(labels, scores: pd.DataFrame, split: str) -> pd.DataFrame:
-    """ROC_COLUMNS rows (score, split, fpr, tpr) for every score in SCORES; empty for a single-class split."""
-    frames = [roc_curve_table(labels, scores[name].to_numpy(float)).assign(score=name, split=split)
-              for name in SCORES]
+    """ROC_COLUMNS rows (score, split, fpr, tpr) for every registry score of incorrect runs; empty for a
+    single-class split."""
+    frames = [roc_curve_table(labels, scores[entry.name].to_numpy(float)).assign(score=entry.name, split=split)
+              for entry in registry.scores(label="incorrect")]
     return pd.concat(frames, ignore_index=True)[[c.name for c in ROC_COLUMNS]]
 
 
@@ -266,9 +316,9 @@ def auroc_by_layer(location_probes, datasets: Mapping[str, tuple[pd.DataFrame, A
     """AUROC_BY_LAYER_COLUMNS rows: each train-fitted (probe, position, layer) scored on each split.
 
     ``datasets`` maps split -> (its runs, the hidden array their hidden_row indexes); empty splits are skipped.
-    The accuracy probe is scored for ``correct``, the SE probe for ``high_se`` (their training labels).
+    Only the single-layer probes of a class label (accuracy: correct; SE: high_se), each for its training label.
     """
-    probe_of_label = {label: probe for probe, label in PROBE_LABEL.items()}
+    probe_of_label = {probe.target: probe.name for probe in registry.layer_probes()}
     frames = []
     for split, (runs, hidden) in datasets.items():
         if len(runs) == 0:
@@ -276,7 +326,7 @@ def auroc_by_layer(location_probes, datasets: Mapping[str, tuple[pd.DataFrame, A
             continue
         labels = probe_labels(runs, high_se_threshold)
         table = score_location_probes(location_probes, hidden, runs["hidden_row"].to_numpy(), positions, layers,
-                                      {name: labels[name] for name in BINARY_LABELS})
+                                      {name: labels[name] for name in registry.binary_targets()})
         frames.append(table.assign(probe=table["label"].map(probe_of_label), split=split, auroc=table["score"]))
     return pd.concat(frames, ignore_index=True)[[c.name for c in AUROC_BY_LAYER_COLUMNS]]
 
@@ -289,5 +339,3 @@ def concat_rows(frames: list[pd.DataFrame], columns) -> pd.DataFrame:
 
 def _fmt(value) -> str:
     return "null" if value is None else f"{value:.3f}"
-
-

@@ -20,11 +20,11 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from stages.lib import registry
 from stages.lib.common import atomic_path, read_table
 from stages.lib.probes import WEIGHT_NAMES, LinearProbe
 from stages.lib.schema import (
     LOCATION_PROBES_FILE,
-    PROBE_FILES,
     PROBE_METADATA_SUFFIX,
     PROBE_WEIGHTS_SUFFIX,
     SELECTION_FILE,
@@ -32,6 +32,7 @@ from stages.lib.schema import (
     SPLIT_KEY,
     SPLITS_FILE,
     SchemaError,
+    Selection,
     validate_frame,
 )
 from stages.lib.selection import TrainedProbes
@@ -49,19 +50,20 @@ def write_probes(directory: str | Path, splits: pd.DataFrame, trained: TrainedPr
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         splits.to_parquet(tmp / SPLITS_FILE, index=False)
-        for name, stem in PROBE_FILES.items():
-            save_probe(trained.probes[name], tmp, stem)
+        for probe in registry.probes():
+            save_probe(trained.probes[probe.name], tmp, probe.file)
         save_location_probes(trained.location_probes, tmp)
-        (tmp / SELECTION_FILE).write_text(json.dumps(trained.selection, indent=2) + "\n")
-    log.info("wrote %s: %s, %d probes (%s), %d location probes (%s), %s", directory, SPLITS_FILE, len(PROBE_FILES),
-             ", ".join(PROBE_FILES.values()), len(trained.location_probes), LOCATION_PROBES_FILE, SELECTION_FILE)
+        (tmp / SELECTION_FILE).write_text(trained.selection.to_json())
+    log.info("wrote %s: %s, %d probes (%s), %d location probes (%s), %s", directory, SPLITS_FILE,
+             len(registry.probes()), ", ".join(p.file for p in registry.probes()), len(trained.location_probes),
+             LOCATION_PROBES_FILE, SELECTION_FILE)
 
 
-def load_probes(directory: str | Path) -> tuple[dict[str, LinearProbe], dict[str, Any], pd.DataFrame]:
-    """The saved probes (every PROBE_FILES name), selection.json and splits.parquet of ``{paths.probes}``."""
+def load_probes(directory: str | Path) -> tuple[dict[str, LinearProbe], Selection, pd.DataFrame]:
+    """The saved probes of ``registry.probes()`` (by name), selection.json and splits.parquet of ``{paths.probes}``."""
     directory = Path(directory)
-    probes = {name: load_probe(directory, stem) for name, stem in PROBE_FILES.items()}
-    selection = _read_json(directory / SELECTION_FILE)
+    probes = {probe.name: load_probe(directory, probe.file) for probe in registry.probes()}
+    selection = Selection.read(directory / SELECTION_FILE, writer="train_probes")
     splits = read_table(directory / SPLITS_FILE, SPLIT_COLUMNS, SPLIT_KEY)
     return probes, selection, splits
 

@@ -1,7 +1,10 @@
-"""The one definition of every hand-off between stages: file names, columns, dtypes, keys and array shapes.
+"""The one definition of every hand-off between stages: file names, columns, dtypes, keys, array shapes, and a
+typed model (pydantic) for every JSON file.
 
 Writers call ``validate_frame`` before writing and readers call it after reading, so a mismatch fails
-loudly with the file and column named instead of surfacing later as a KeyError or a silent NaN.
+loudly with the file and column named instead of surfacing later as a KeyError or a silent NaN. JSON files are
+written from a ``Contract`` model (``to_json``) and read back through it (``Contract.read``), so a malformed
+file fails with one line naming the file and the field.
 
 Keys: a question is identified by ``question_id`` (unique within a dataset); a run by
 (``question_id``, ``run_id``) with ``run_id`` in ``0..K-1``. ``dataset`` is ``id`` (in-distribution) or ``ood``.
@@ -9,12 +12,26 @@ Keys: a question is identified by ``question_id`` (unique within a dataset); a r
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Self, Sequence, Union
 
 import numpy as np
 import pandas as pd
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
 from stages.lib.errors import UserError
 
 DATASETS = ("id", "ood")
@@ -77,6 +94,105 @@ def validate_frame(frame: pd.DataFrame, columns: tuple[Column, ...], source: str
         row = int(np.flatnonzero(frame.duplicated(list(key)).to_numpy())[0])
         raise SchemaError(f"{source}: duplicate key {tuple(frame.iloc[row][list(key)])} for {key}")
     return frame
+
+
+# ---- JSON hand-offs: the base of every model ---------------------------------------------------------------
+class Contract(BaseModel):
+    """A JSON hand-off: strict types (no "1" for 1, no bool for an int), no unknown keys.
+
+    ``to_json`` writes it as every stage always has (``json.dumps(indent=2)`` plus a newline, keys in field
+    order, Python's float repr), so the files stay byte-identical for the same values. A dict field named in
+    ``_flattened`` is written as the model's own keys, in the field's place (evaluate.json's splits, the probes
+    of selection.json, a cost record's counters); reading gathers the keys that are not fields back into it
+    (``_route`` says into which).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _flattened: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _route(cls, key: str, value: Any) -> str:
+        """The flattened field an undeclared key belongs to (the only one, unless a model says otherwise)."""
+        return cls._flattened[0]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather(cls, data: Any) -> Any:
+        if not cls._flattened or not isinstance(data, dict) or any(name in data for name in cls._flattened):
+            return data  # built in code with the fields themselves
+        gathered: dict[str, Any] = {name: {} for name in cls._flattened}
+        for key, value in data.items():
+            if key in cls.model_fields:
+                gathered[key] = value
+            else:
+                gathered[cls._route(key, value)][key] = value
+        return gathered
+
+    @model_serializer(mode="wrap")
+    def _flatten(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if not self._flattened:
+            return data
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in self._flattened:
+                flat.update(value)
+            else:
+                flat[key] = value
+        return flat
+
+    def to_json(self) -> str:
+        """The file's text (write it atomically: ``stages.lib.common.write_model``)."""
+        return json.dumps(self.model_dump(), indent=2) + "\n"
+
+    @classmethod
+    def parse(cls, data: Any, source: str | Path) -> Self:
+        """Validate ``data`` (parsed JSON); a mismatch raises SchemaError naming ``source`` and the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise SchemaError(describe_error(error, data, source)) from None
+
+    @classmethod
+    def read(cls, path: str | Path, writer: str | None = None) -> Self:
+        """Read and validate the JSON file at ``path``; SchemaError (one line) when absent or malformed.
+        ``writer`` names the stage that writes it, for the message."""
+        path = Path(path)
+        if not path.exists():
+            rerun = f"run the {writer} stage (`dvc repro {writer}`)" if writer else "run the stage that writes it"
+            raise SchemaError(f"{path}: not found; {rerun}")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as error:
+            raise SchemaError(f"{path}: not valid JSON ({error})") from None
+        return cls.parse(data, path)
+
+
+def describe_error(error: ValidationError, data: Any, source: str | Path) -> str:
+    """One line for the first problem pydantic found: the file, the field's path as it is in the file (union tags
+    and flattened fields left out) and what was expected."""
+    first = error.errors()[0]
+    path, node = [], data
+    for item in first["loc"]:
+        if isinstance(node, dict) and item in node:
+            node = node[item]
+        elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+            node = node[item]
+        elif item != first["loc"][-1] or first["type"] not in ("missing", "extra_forbidden"):
+            continue  # a union tag or a flattened field: not a key of the file
+        path.append(f"[{item}]" if isinstance(item, int) else str(item))
+    field = ".".join(path).replace(".[", "[") or "(top level)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    if first["type"] == "missing":
+        return f"{source}: missing field `{field}`{more}"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown field `{field}`{more}"
+    if first["type"] == "value_error":
+        where = "" if field == "(top level)" else f"field `{field}`: "
+        return f"{source}: {where}{first['msg'].removeprefix('Value error, ')}{more}"
+    shown = repr(first["input"])
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"{source}: field `{field}`: {first['msg']}, got {shown}{more}"
 
 
 # ---- questions: data/questions/{id,ood}.jsonl -------------------------------------------------------
@@ -155,14 +271,51 @@ def hidden_files(directory: str | Path, dataset: str) -> tuple[Path, Path, Path]
     return directory / f"{dataset}.npy", directory / f"{dataset}_index.parquet", directory / f"{dataset}_meta.json"
 
 
-def validate_hidden(array: np.ndarray, index: pd.DataFrame, meta: dict, source: str | Path) -> None:
+class HiddenMeta(Contract):
+    """``{dataset}_meta.json``: what the axes of the hidden-state array are (written by the trace stage)."""
+
+    positions: list[str] = Field(min_length=1)
+    """Axis 1: the traced positions (tbg, think_<p>, think_end, slt), in trace.positions order."""
+    layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    """Axis 2: hidden-state indices (0 = embedding output)."""
+    hidden_size: int = Field(gt=0)
+    """Axis 3."""
+    dtype: Literal["float16"]
+    model: str
+    """``model.name`` of the traced model."""
+    layer_0: str = "embedding output"
+    layer_i: str = "output of block i (last: after final norm)"
+
+    @field_validator("positions", "layers")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"has a repeated entry: {values}")
+        return values
+
+
+def validate_hidden(array: np.ndarray, index: pd.DataFrame, meta: HiddenMeta, source: str | Path) -> None:
+    """The array must be float16 of shape (index rows, meta positions, meta layers, meta hidden_size); the index
+    must match HIDDEN_INDEX_COLUMNS with a unique run key. Called before the trace stage's rename and on every read."""
     validate_frame(index, HIDDEN_INDEX_COLUMNS, source, key=RUN_KEY)
-    expected = (len(index), len(meta["positions"]), len(meta["layers"]), meta["hidden_size"])
+    expected = (len(index), len(meta.positions), len(meta.layers), meta.hidden_size)
     if array.shape != expected:
         raise SchemaError(f"{source}: array shape {array.shape}; expected (runs, positions, layers, hidden) = "
                           f"{expected}")
-    if array.dtype != np.float16:
-        raise SchemaError(f"{source}: array dtype {array.dtype}; expected float16")
+    if array.dtype != np.dtype(meta.dtype):
+        raise SchemaError(f"{source}: array dtype {array.dtype}; expected {meta.dtype}")
+
+
+def require_finite_hidden(array: np.ndarray, index: pd.DataFrame, source: str | Path, chunk_rows: int = 1024) -> None:
+    """Every hidden state finite (a float16 overflow gives inf, and a probe fitted on it NaN); read in chunks of
+    rows so a memory-mapped array is never loaded whole. Called by the trace stage before its rename."""
+    for start in range(0, len(array), chunk_rows):
+        finite = np.isfinite(array[start:start + chunk_rows]).reshape(min(chunk_rows, len(array) - start), -1)
+        bad = np.flatnonzero(~finite.all(axis=1))
+        if len(bad):
+            row = index.iloc[start + int(bad[0])]
+            raise SchemaError(f"{source}: non-finite hidden state in row {start + int(bad[0])} (question_id="
+                              f"{row['question_id']!r} run_id={row['run_id']}); float16 overflow? check model.dtype")
 
 
 # ---- splits: artifacts/probes/splits.parquet, one row per question -----------------------------------
@@ -174,7 +327,8 @@ SPLIT_COLUMNS = (
 SPLIT_KEY = ("dataset", "question_id")
 
 # ---- analysis: artifacts/analysis/analysis.parquet, one row per run -----------------------------------
-ANALYSIS_COLUMNS = (
+# The columns are ``analysis_columns(...)`` of the registry's per-run probes: ``stages.lib.registry.ANALYSIS_COLUMNS``.
+ANALYSIS_RUN_COLUMNS = (
     Column("question_id", "str"),
     Column("run_id", "int"),
     Column("dataset", "str"),
@@ -191,10 +345,8 @@ ANALYSIS_COLUMNS = (
     Column("naive_entropy", "float"),
     Column("mean_token_entropy", "float"),
     Column("sequence_loglik", "float"),
-    Column("accuracy_probe_prob", "float", doc="P(correct) from the accuracy probe"),
-    Column("accuracy_probe_margin", "float", doc="decision function / ||w||: signed distance to the boundary"),
-    Column("se_probe_prob", "float", doc="P(high SE) from the SE probe"),
-    Column("se_probe_margin", "float"),
+)
+ANALYSIS_TAIL_COLUMNS = (
     Column("high_se", "bool", doc="question's SE above the threshold fitted on train"),
     Column("umap_x", "float"),
     Column("umap_y", "float"),
@@ -203,17 +355,104 @@ ANALYSIS_COLUMNS = (
 )
 ANALYSIS_KEY = ("dataset", "question_id", "run_id")
 
+
+def analysis_columns(probes: Sequence[tuple[str, str, str]]) -> tuple[Column, ...]:
+    """The analysis table's columns: the run's own, then ``<probe>_probe_prob`` (P(positive class)) and
+    ``<probe>_probe_margin`` (decision function / ||w||: signed distance to the boundary) for each
+    (probe name, display name, positive class) of ``probes``, then high_se, the UMAP coordinates and the rest."""
+    per_probe = tuple(column for name, display, positive in probes for column in (
+        Column(f"{name}_probe_prob", "float", doc=f"P({positive}) from the {display}"),
+        Column(f"{name}_probe_margin", "float", doc=f"the {display}'s margin (+ = predicts {positive})")))
+    return ANALYSIS_RUN_COLUMNS + per_probe + ANALYSIS_TAIL_COLUMNS
+
+
 # ---- probes: artifacts/probes/ (written by train_probes, read by evaluate and analysis) ------------------
-# Written and read only by ``stages.lib.probe_store``. Each probe is two files named by a stem: ``<stem>.json``
-# (kind, params with its location, chosen C, CV scores) and ``<stem>.npz`` (float64 weights, read without pickle).
+# Written and read only by ``stages.lib.probe_store``. Each probe of ``stages.lib.registry.probes()`` is two files
+# named by its ``file`` stem: ``<stem>.json`` (kind, params with its location, chosen C, CV scores) and
+# ``<stem>.npz`` (float64 weights, read without pickle).
 PROBE_METADATA_SUFFIX, PROBE_WEIGHTS_SUFFIX = ".json", ".npz"
-PROBE_FILES = {"accuracy": "accuracy_probe", "se": "se_probe", "se_regression": "se_regression_probe",
-               "accuracy_range": "accuracy_range_probe", "se_range": "se_range_probe",
-               "entropy_baseline": "entropy_baseline"}  # probe name -> file stem
 SPLITS_FILE = "splits.parquet"  # SPLIT_COLUMNS
 # stem: every (label, position, layer) probe fitted on train; a .json list of metadata + one .npz of stacked weights
 LOCATION_PROBES_FILE = "location_probes"
-SELECTION_FILE = "selection.json"  # chosen (position, layer) per probe, val AUROC per location, high-SE threshold
+SELECTION_FILE = "selection.json"  # Selection
+
+
+class LayerChoice(Contract):
+    """A single-layer probe's location, chosen on val (selection.json ``<probe>_probe``)."""
+
+    label: str
+    """The target it is fitted to predict (a key of registry.TARGETS)."""
+    position: str
+    layer: int
+    metric: Literal["auroc", "spearman"]
+    val_score: float
+    C: float
+
+
+class RangeCandidate(Contract):
+    layer: int
+    layer_end: int
+    val_score: float | None
+    """Null when val has one class (AUROC undefined)."""
+
+
+class RangeChoice(Contract):
+    """A layer-range probe's range at its single-layer probe's position, chosen on val, and every candidate."""
+
+    label: str
+    position: str
+    layer: int
+    layer_end: int
+    metric: Literal["auroc"]
+    val_score: float
+    C: float
+    candidates: list[RangeCandidate]
+
+
+def _choice_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "range" if "candidates" in value else "layer"
+    return "range" if isinstance(value, RangeChoice) else "layer"
+
+
+ProbeChoice = Annotated[Union[Annotated[LayerChoice, Tag("layer")], Annotated[RangeChoice, Tag("range")]],
+                        Discriminator(_choice_kind)]
+
+
+class PositionChoice(Contract):
+    """The best layer at one position for one probe (the early-warning curve)."""
+
+    probe: str
+    position: str
+    layer: int
+    metric: Literal["auroc", "spearman"]
+    val_score: float
+
+
+class ValScore(Contract):
+    """A train-fitted probe's own metric on val at one (position, layer); null when undefined."""
+
+    probe: str
+    position: str
+    layer: int
+    metric: Literal["auroc", "spearman"]
+    score: float | None
+
+
+class Selection(Contract):
+    """selection.json: what train_probes chose on val (``stages.lib.selection.train``)."""
+
+    probes: dict[str, ProbeChoice]
+    """``<probe>_probe`` -> its location; written as top-level keys, before the rest."""
+    high_se_threshold: float
+    high_se_threshold_method: Literal["best_split", "median"]
+    n_questions: dict[str, int]
+    """Questions per split."""
+    n_runs: dict[str, int]
+    by_position: list[PositionChoice]
+    val_scores: list[ValScore]
+    _flattened: ClassVar[tuple[str, ...]] = ("probes",)
+
 
 # ---- plots: artifacts/plots/*.csv (written by evaluate) ----------------------------------------------
 AUROC_BY_LAYER_COLUMNS = (
@@ -224,7 +463,7 @@ AUROC_BY_LAYER_COLUMNS = (
     Column("auroc", "float", nullable=True, doc="probe fitted on train, scored for its own label; null if one class"),
 )
 ROC_COLUMNS = (
-    Column("score", "str", doc="a key of SCORES; positive class = incorrect run"),
+    Column("score", "str", doc="a score of stages.lib.registry.SCORES flagging incorrect runs (the positive class)"),
     Column("split", "str", doc="test or ood"),
     Column("fpr", "float"),
     Column("tpr", "float"),
@@ -242,13 +481,13 @@ EARLY_WARNING_COLUMNS = (
     Column("auroc_ci_high", "float", nullable=True),
 )
 RISK_COVERAGE_COLUMNS = (
-    Column("score", "str", doc="a key of SCORES; runs kept from the lowest score up"),
+    Column("score", "str", doc="a registry score flagging incorrect runs; runs kept from the lowest score up"),
     Column("split", "str", doc="test or ood"),
     Column("coverage", "float", doc="fraction of runs kept"),
     Column("risk", "float", doc="error rate of the kept runs"),
 )
 RELIABILITY_COLUMNS = (
-    Column("probe", "str", doc="accuracy_probe or accuracy_range_probe: P(correct)"),
+    Column("probe", "str", doc="a calibrated registry score (accuracy_probe, accuracy_range_probe): its P(correct)"),
     Column("split", "str", doc="test or ood"),
     Column("bin", "int"),
     Column("lower", "float"),
@@ -261,37 +500,242 @@ RELIABILITY_COLUMNS = (
 STABILITY_COLUMNS = (
     Column("seed", "int", doc="seed of the question split and the probe fits"),
     Column("split", "str", doc="test or ood"),
-    Column("score", "str", doc="a key of stages.stability.STABLE_SCORES"),
+    Column("score", "str", doc="a score of stages.lib.registry.stable_scores()"),
     Column("auroc", "float", nullable=True, doc="for flagging incorrect runs; null if one class"),
 )
 
 # ---- evaluate.json: the scores evaluated per split (written by stages.evaluate, read by the viewer) ----------
-# score name -> how it is computed (the keys of evaluate.json's splits); every one is oriented so that
-# higher = more likely incorrect
-SCORES = {
-    "accuracy_probe": "1 - P(correct) from the accuracy probe",
-    "se_probe": "P(high semantic entropy) from the SE probe",
-    "semantic_entropy": "discrete semantic entropy of the run's question",
-    "semantic_entropy_weighted": "likelihood-weighted semantic entropy of the run's question",
-    "naive_entropy": "naive (length-normalised) predictive entropy of the run's question",
-    "mean_token_entropy": "mean token entropy over the run's think span",
-    "entropy_baseline": "1 - P(correct) from logistic regression on mean_token_entropy",
-    "negative_sequence_loglik": "-sequence_loglik of the run",
-    "se_regression_probe": "semantic entropy predicted by the ridge SE probe",
-    "accuracy_range_probe": "1 - P(correct) from the accuracy probe on its best layer range",
-    "se_range_probe": "P(high semantic entropy) from the SE probe on its best layer range",
-}
-# the accuracy probes' P(correct), whose calibration is measured
-CALIBRATED = {"accuracy_probe": "accuracy_probe_p_correct", "accuracy_range_probe": "accuracy_range_probe_p_correct"}
+class LabelMetrics(Contract):
+    """One score against one label on one split: AUROC and AUPRC with bootstrap CIs and permutation p-values;
+    nulls and a ``note`` when undefined (an empty or single-class split)."""
+
+    label: str
+    """The positive class: ``incorrect`` or ``high_se`` (registry.Label)."""
+    n_runs: int
+    n_questions: int
+    n_positive: int
+    auroc: float | None
+    auroc_ci_low: float | None
+    auroc_ci_high: float | None
+    auroc_p_value: float | None
+    auprc: float | None
+    auprc_ci_low: float | None
+    auprc_ci_high: float | None
+    auprc_p_value: float | None
+    auprc_chance: float | None
+    bootstrap_resamples_used: int
+    note: str | None
+
+
+class IncorrectMetrics(LabelMetrics):
+    """A score flagging incorrect runs, with its selective-prediction areas (AURAC higher is better, AURC lower,
+    PRR 1 = oracle, 0 = random; null for an empty split, PRR null when every run is right or every run wrong)."""
+
+    label: Literal["incorrect"]
+    aurac: float | None
+    aurc: float | None
+    prr: float | None
+
+
+def _metrics_kind(value: Any) -> str:
+    label = value.get("label") if isinstance(value, dict) else getattr(value, "label", None)
+    return "incorrect" if label == "incorrect" else "other"
+
+
+ScoreMetrics = Annotated[Union[Annotated[IncorrectMetrics, Tag("incorrect")], Annotated[LabelMetrics, Tag("other")]],
+                         Discriminator(_metrics_kind)]
+
+
+class SplitSummary(Contract):
+    n_runs: int
+    n_questions: int
+    n_correct: int
+    n_incorrect: int
+    accuracy: float | None
+    n_high_se_questions: int
+    mean_p_correct_on_correct: float | None
+    """Mean P(correct) of the accuracy probe over the correct runs."""
+    mean_p_correct_on_incorrect: float | None
+    note: str | None
+
+
+class CalibrationMetrics(Contract):
+    ece: float | None
+    brier: float | None
+    n_bins: int
+    n_runs: int
+
+
+class RegressionMetrics(Contract):
+    """The ridge SE probe's predicted SE against the real SE."""
+
+    spearman_runs: float | None
+    spearman_questions: float | None
+    n_runs: int
+    n_questions: int
+
+
+class ProbeLocation(Contract):
+    position: str
+    layer: int
+    layer_end: int | None
+    """Last layer of a range probe; null for a single-layer probe."""
+
+
+class EvaluateSettings(Contract):
+    positive_class: str
+    scores: dict[str, str]
+    """Score -> how it is computed, for the scores flagging incorrect runs (registry order)."""
+    other_labels: dict[str, str]
+    """The same for scores of another label (the SE probe on high_se); written as top-level keys."""
+    bootstrap: int
+    permutations: int
+    confidence: float
+    high_se_threshold: float
+    high_se_threshold_method: Literal["best_split", "median"]
+    probes: dict[str, ProbeLocation]
+    """``<probe>_probe`` -> where it reads the hidden states; written as top-level keys."""
+    calibration_bins: int
+    _flattened: ClassVar[tuple[str, ...]] = ("other_labels", "probes")
+
+    @classmethod
+    def _route(cls, key: str, value: Any) -> str:
+        return "other_labels" if isinstance(value, str) else "probes"
+
+
+class EarlyWarningRow(Contract):
+    """EARLY_WARNING_COLUMNS as a JSON record."""
+
+    probe: str
+    position: str
+    fraction: float | None
+    layer: int
+    split: str
+    auroc: float | None
+    auroc_ci_low: float | None
+    auroc_ci_high: float | None
+
+
+class EvaluateReport(Contract):
+    """evaluate.json. Per split (test, ood; top-level keys) and score (registry order): ``ScoreMetrics``."""
+
+    splits: dict[str, dict[str, ScoreMetrics]]
+    summary: dict[str, SplitSummary]
+    calibration: dict[str, dict[str, CalibrationMetrics]]
+    """Split -> calibrated score -> ECE and Brier score of its P(correct)."""
+    se_regression: dict[str, RegressionMetrics]
+    settings: EvaluateSettings
+    early_warning: list[EarlyWarningRow]
+    _flattened: ClassVar[tuple[str, ...]] = ("splits",)
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, splits: dict) -> dict:
+        return _known_splits(splits)
+
+
+def _known_splits(splits: dict) -> dict:
+    unknown = [name for name in splits if name not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown key `{unknown[0]}`: expected one of the fields or a split {SPLITS}")
+    return splits
+
+
+# ---- stability.json (written by stages.stability) -------------------------------------------------------------
+class StabilitySpread(Contract):
+    """AUROC over the seeds where it is defined: mean, sample std (ddof 1), min, max; every seed's value."""
+
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    n_seeds: int
+    values: list[float | None]
+
+
+class SkippedSeed(Contract):
+    seed: int
+    reason: str
+
+
+class StabilitySettings(Contract):
+    seeds: list[int]
+    c_grid: list[float]
+    layer_ranges: str
+    positive_class: str
+
+
+class StabilityReport(Contract):
+    """stability.json: per split with runs (top-level keys) and stable score, the AUROC's spread over seeds."""
+
+    splits: dict[str, dict[str, StabilitySpread]]
+    skipped_seeds: list[SkippedSeed]
+    settings: StabilitySettings
+    _flattened: ClassVar[tuple[str, ...]] = ("splits",)
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, splits: dict) -> dict:
+        return _known_splits(splits)
+
+
+# ---- cost records: {paths.metrics}/cost/<stage>.json (stages.lib.common.cost_record) --------------------------
+class CostRecord(Contract):
+    """What one stage run cost: wall seconds, then the counters the stage adds (written as top-level keys)."""
+
+    stage: str
+    wall_seconds: float
+    counters: dict[str, int | float | str | bool | None]
+    _flattened: ClassVar[tuple[str, ...]] = ("counters",)
+
+
+class _Counters(Contract):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class GenerateCounters(_Counters):
+    sequences: int
+    tokens_generated: int
+
+
+class SemanticEntropyCounters(_Counters):
+    questions: int
+    equivalence_checks: int
+
+
+class TraceCounters(_Counters):
+    sequences: int
+    tokens_processed: int
+
+
+COST_COUNTERS: dict[str, type[_Counters]] = {"generate": GenerateCounters, "semantic_entropy": SemanticEntropyCounters,
+                                             "trace": TraceCounters}
+"""The counters a stage's cost record must hold (checked when written; cost_ratio reads exactly these)."""
+
+
+# ---- cost_ratio.json (written by stages.cost_ratio) --------------------------------------------------------------
+class CostRatio(Contract):
+    runs_per_question: int
+    questions: int
+    se_seconds_per_question: float
+    probe_seconds_per_question: float
+    seconds_ratio: float | None
+    se_generated_tokens_per_question: float
+    probe_tokens_per_question: float
+    tokens_ratio: float | None
+    equivalence_checks_per_question: float
+    note: str
+
 
 # ---- file names inside the `paths:` directories, shared by the stages that write them and the viewer ----
 ANALYSIS_FILE = "analysis.parquet"  # in paths.analysis; ANALYSIS_COLUMNS
-EVALUATE_FILE = "evaluate.json"  # in paths.metrics; {split: {score: {auroc, ...}}, summary, settings}
+EVALUATE_FILE = "evaluate.json"  # in paths.metrics; EvaluateReport
 AUROC_BY_LAYER_FILE = "auroc_by_layer.csv"  # in paths.plots; AUROC_BY_LAYER_COLUMNS
 ROC_FILE = "roc.csv"  # in paths.plots; ROC_COLUMNS
 EARLY_WARNING_FILE = "early_warning.csv"  # in paths.plots; EARLY_WARNING_COLUMNS
 RISK_COVERAGE_FILE = "risk_coverage.csv"  # in paths.plots; RISK_COVERAGE_COLUMNS
 RELIABILITY_FILE = "reliability.csv"  # in paths.plots; RELIABILITY_COLUMNS
-STABILITY_FILE = "stability.json"  # in paths.metrics; {split: {score: {mean, std, min, max, values}}, settings}
+STABILITY_FILE = "stability.json"  # in paths.metrics; StabilityReport
 STABILITY_PLOT_FILE = "stability.csv"  # in paths.plots; STABILITY_COLUMNS
-COST_RATIO_FILE = "cost_ratio.json"  # in paths.metrics; written by stages.cost_ratio
+COST_RATIO_FILE = "cost_ratio.json"  # in paths.metrics; CostRatio
+COST_DIR = "cost"  # in paths.metrics: <stage>.json, CostRecord

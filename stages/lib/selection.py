@@ -15,9 +15,13 @@ Run from the repository root: ``python -m stages.train_probes`` (or ``dvc repro 
   ``probes.max_layer_range`` layers, concatenated, is fitted on train; the best on val is kept.
 - Entropy baseline: logistic regression of correctness on ``mean_token_entropy`` alone, fitted on train.
 
-Writes ``{paths.probes}/`` atomically (``stages.lib.probe_store``): splits.parquet, a JSON + npz pair per
-PROBE_FILES entry, location_probes.json + .npz and selection.json; cost in
-``{paths.metrics}/cost/train_probes.json``. ``load_dataset`` and ``probe_labels`` are shared with evaluate.
+The probes are those of the registry (``stages.lib.registry.probes()``): its single-layer probes, its layer-range
+probes and its feature probe (the entropy baseline); each probe's target is a ``registry.TARGETS`` entry.
+
+Writes ``{paths.probes}/`` atomically: splits.parquet, a JSON + npz pair per registry probe
+(``stages.lib.probe_store``), location_probes.json + .npz and selection.json (``schema.Selection``); cost in
+``{paths.metrics}/cost/train_probes.json``.
+``probe_labels`` is shared with evaluate.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
+from stages.lib import registry
 from stages.lib.params import ProbeParams
 from stages.lib.probes import (
     THRESHOLD_FUNCTIONS,
@@ -42,15 +47,9 @@ from stages.lib.probes import (
     require_two_classes,
     score_location_probes,
 )
+from stages.lib.schema import LayerChoice, PositionChoice, RangeCandidate, RangeChoice, Selection, ValScore
 
 log = logging.getLogger(__name__)
-
-# which label each hidden-state probe predicts (positive class; a continuous target for the ridge probe)
-PROBE_LABEL = {"accuracy": "correct", "se": "high_se", "se_regression": "semantic_entropy"}
-BINARY_LABELS = ("correct", "high_se")
-# layer-range probes: the best contiguous range of layers at the position of the named single-layer probe
-RANGE_PROBES = {"accuracy_range": "accuracy", "se_range": "se"}
-
 
 def fit_high_se_threshold(question_ids, semantic_entropy, method: str) -> float:
     """Threshold on semantic entropy fitted on one value per question (SE is a property of the question).
@@ -66,11 +65,9 @@ def fit_high_se_threshold(question_ids, semantic_entropy, method: str) -> float:
 
 
 def probe_labels(runs: pd.DataFrame, high_se_threshold: float) -> dict[str, np.ndarray]:
-    """The target of each probe per run, shape (n,): ``correct`` and ``high_se`` (SE > threshold) bool, and
-    ``semantic_entropy`` float (the ridge probe's continuous target)."""
-    entropy = runs["semantic_entropy"].to_numpy(float)
-    return {"correct": runs["correct"].to_numpy(bool), "high_se": entropy > high_se_threshold,
-            "semantic_entropy": entropy}
+    """Every target of ``registry.TARGETS`` per run, shape (n,): ``correct`` and ``high_se`` (SE > threshold) bool,
+    and ``semantic_entropy`` float (the ridge probe's continuous target)."""
+    return {name: target.values(runs, high_se_threshold) for name, target in registry.TARGETS.items()}
 
 
 def fit_probes_on_train(runs: pd.DataFrame, hidden, positions, layers, high_se_threshold: float,
@@ -100,8 +97,9 @@ def fit_entropy_baseline(runs: pd.DataFrame, probe_params: ProbeParams, seed: in
 @dataclass(frozen=True)
 class TrainedProbes:
     probes: dict[str, LinearProbe]
-    """Every key of PROBE_FILES: the hidden-state probes at their selected locations and the entropy baseline."""
-    selection: dict[str, Any]
+    """Every probe of ``registry.probes()`` by name: the hidden-state probes at their selected locations and the
+    entropy baseline."""
+    selection: Selection
     """Contents of selection.json."""
     location_probes: dict[tuple[str, str, int], LinearProbe]
     """Every (label, position, layer) probe fitted on train; evaluate scores them per layer without refitting."""
@@ -132,7 +130,7 @@ def layer_ranges(n_layers: int, max_length: int) -> list[tuple[int, int]]:
 
 def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: LinearProbe,
                        location_probes, targets: Mapping[str, np.ndarray], probe_params: ProbeParams,
-                       seed: int) -> tuple[LinearProbe, list[dict[str, Any]], int]:
+                       seed: int) -> tuple[LinearProbe, list[RangeCandidate], int]:
     """The best contiguous layer range at ``single``'s position, chosen on val: every range of up to
     ``probes.max_layer_range`` traced layers, concatenated, fitted on train.
 
@@ -160,9 +158,9 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
         score = probe_score(probe, probe_features(probe, hidden, val_runs["hidden_row"].to_numpy(), positions, layers),
                             targets["val"])
         probes.append(probe)
-        candidates.append({"layer": int(layers[first]), "layer_end": int(layers[last]),
-                           "val_score": None if score is None else float(score)})
-    best = first_best([np.nan if c["val_score"] is None else c["val_score"] for c in candidates])
+        candidates.append(RangeCandidate(layer=int(layers[first]), layer_end=int(layers[last]),
+                                         val_score=None if score is None else float(score)))
+    best = first_best([np.nan if c.val_score is None else c.val_score for c in candidates])
     chosen = probes[best]
     if chosen.layer_end is None:  # a single layer won: record it as the range layer..layer
         chosen = copy.deepcopy(chosen).set_params(layer_end=chosen.layer)
@@ -179,9 +177,10 @@ def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbePara
     hidden : (rows, positions, layers, hidden) float16 array
     positions, layers : the array's position names and hidden-state indices
 
-    For each probe of PROBE_LABEL: the (position, layer) with the best val score (AUROC; Spearman for the
-    ridge ``se_regression`` probe), and the best layer per position (``by_position``: the early-warning
-    curve). For each probe of RANGE_PROBES: the best contiguous layer range at its single-layer probe's position.
+    For each of ``registry.layer_probes()``: the (position, layer) with the best val score (AUROC; Spearman for
+    the ridge ``se_regression`` probe), and the best layer per position (``by_position``: the early-warning
+    curve). For each of ``registry.range_probes()``: the best contiguous layer range at its single-layer probe's
+    position.
     """
     train_runs, val_runs = runs[runs["split"] == "train"], runs[runs["split"] == "val"]
     high_se_threshold = fit_high_se_threshold(train_runs["question_id"], train_runs["semantic_entropy"],
@@ -191,58 +190,59 @@ def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbePara
     labels = {split_name: probe_labels(split_runs, high_se_threshold)
               for split_name, split_runs in (("train", train_runs), ("val", val_runs))}
     for split_name, split_labels in labels.items():
-        for label_name in BINARY_LABELS:
+        for label_name in registry.binary_targets():
             require_two_classes(split_labels[label_name], label_name, split_name)
 
     location_probes = fit_probes_on_train(runs, hidden, positions, layers, high_se_threshold, probe_params, seed)
     val_scores = score_location_probes(location_probes, hidden, val_runs["hidden_row"].to_numpy(), positions,
                                        layers, labels["val"])
     selected: dict[str, LinearProbe] = {}
-    selection: dict[str, Any] = {}
+    choices: dict[str, LayerChoice | RangeChoice] = {}
     by_position = []
-    for probe_name, label_name in PROBE_LABEL.items():
+    for spec in registry.layer_probes():
+        probe_name, label_name = spec.name, spec.target
         candidates = val_scores[val_scores["label"] == label_name].reset_index(drop=True)
         best = candidates.iloc[first_best(candidates["score"])]  # first maximum in (position, layer) order
         probe = location_probes[(label_name, best["position"], int(best["layer"]))]
         selected[probe_name] = probe
-        selection[f"{probe_name}_probe"] = {"label": label_name, "position": best["position"],
-                                            "layer": int(best["layer"]), "metric": best["metric"],
-                                            "val_score": float(best["score"]), "C": probe.C_}
+        choices[f"{probe_name}_probe"] = LayerChoice(label=label_name, position=best["position"],
+                                                     layer=int(best["layer"]), metric=best["metric"],
+                                                     val_score=float(best["score"]), C=probe.C_)
         log.info("%s probe: position %s, layer %d, val %s %.3f, C %g", probe_name, best["position"],
                  int(best["layer"]), best["metric"], best["score"], probe.C_)
         for position, at_position in candidates.groupby("position", sort=False):
             row = at_position.iloc[first_best(at_position["score"])]
-            by_position.append({"probe": probe_name, "position": position, "layer": int(row["layer"]),
-                                "metric": row["metric"], "val_score": float(row["score"])})
+            by_position.append(PositionChoice(probe=probe_name, position=position, layer=int(row["layer"]),
+                                              metric=row["metric"], val_score=float(row["score"])))
 
     n_range_fits = 0
-    for range_name, probe_name in RANGE_PROBES.items():
-        label_name = PROBE_LABEL[probe_name]
+    for spec in registry.range_probes():
+        range_name, probe_name, label_name = spec.name, spec.range_of, spec.target
         probe, candidates, fitted = select_layer_range(
             runs, hidden, positions, layers, selected[probe_name], location_probes,
             {split_name: split_labels[label_name] for split_name, split_labels in labels.items()}, probe_params, seed)
         n_range_fits += fitted
         selected[range_name] = probe
-        chosen = next(c for c in candidates if (c["layer"], c["layer_end"]) == (probe.layer, probe.layer_end))
-        selection[f"{range_name}_probe"] = {"label": label_name, "position": probe.position, "layer": probe.layer,
-                                            "layer_end": probe.layer_end, "metric": "auroc",
-                                            "val_score": chosen["val_score"], "C": probe.C_,
-                                            "candidates": candidates}
+        chosen = next(c for c in candidates if (c.layer, c.layer_end) == (probe.layer, probe.layer_end))
+        choices[f"{range_name}_probe"] = RangeChoice(label=label_name, position=probe.position, layer=probe.layer,
+                                                     layer_end=probe.layer_end, metric="auroc",
+                                                     val_score=chosen.val_score, C=probe.C_, candidates=candidates)
         log.info("%s probe: position %s, layers %d..%d, val AUROC %.3f", range_name, probe.position, probe.layer,
-                 probe.layer_end, chosen["val_score"])
-    selected["entropy_baseline"] = fit_entropy_baseline(runs, probe_params, seed)
+                 probe.layer_end, chosen.val_score)
+    selected[registry.ENTROPY_BASELINE.name] = fit_entropy_baseline(runs, probe_params, seed)
 
-    selection.update({
-        "high_se_threshold": high_se_threshold,
-        "high_se_threshold_method": probe_params.high_se_threshold,
-        "n_questions": runs.groupby("split")["question_id"].nunique().to_dict(),
-        "n_runs": runs["split"].value_counts().to_dict(),
-        "by_position": by_position,
-        "val_scores": [{"probe": probe_name, "position": row.position, "layer": int(row.layer),
-                        "metric": row.metric, "score": None if np.isnan(row.score) else float(row.score)}
-                       for probe_name, label_name in PROBE_LABEL.items()
-                       for row in val_scores[val_scores["label"] == label_name].itertuples()],
-    })
+    selection = Selection(
+        probes=choices,
+        high_se_threshold=high_se_threshold,
+        high_se_threshold_method=probe_params.high_se_threshold,
+        n_questions=runs.groupby("split")["question_id"].nunique().to_dict(),
+        n_runs=runs["split"].value_counts().to_dict(),
+        by_position=by_position,
+        val_scores=[ValScore(probe=spec.name, position=row.position, layer=int(row.layer), metric=row.metric,
+                             score=None if np.isnan(row.score) else float(row.score))
+                    for spec in registry.layer_probes()
+                    for row in val_scores[val_scores["label"] == spec.target].itertuples()],
+    )
     return TrainedProbes(selected, selection, location_probes, n_range_fits)
 
 
