@@ -10,8 +10,9 @@ number of equivalence checks and, for a model method, its forward passes).
 ``semantic_entropy.method`` decides when two runs share a meaning, always from their extracted final answers
 (column ``answer``):
 
-- ``math`` (default): equivalent by math-verify (``stages.lib.answers.answers_equivalent``); clustering is greedy
-  against each cluster's first member (``cluster_answers``). Loads no model.
+- ``math`` (default): equivalent by math-verify (``stages.lib.answers.answers_equivalent``); the clusters are the
+  connected components of the equivalence graph over the distinct answers (``cluster_answers``), the same in any
+  order of the runs. Loads no model.
 - ``nli``: bidirectional entailment by an MNLI classifier (``semantic_entropy.nli_model``), optionally with the
   question prepended to each answer (then ``{paths.questions}/{id,ood}.jsonl`` are read);
 - ``cosine``: cosine similarity of sentence embeddings >= ``semantic_entropy.cosine_threshold``;
@@ -19,7 +20,9 @@ number of equivalence checks and, for a model method, its forward passes).
 
 The model methods cluster with ``stages.lib.equivalence.greedy_reference_clusters``: the greedy algorithm of Farquhar
 et al., "Detecting hallucinations in large language models using semantic entropy", Nature 2024, exactly as their
-reference code (an answer joins the last earlier representative it is equivalent to), batched and deduplicated.
+reference code (an answer joins the last earlier representative it is equivalent to), batched and deduplicated. It
+is the reference's rule, kept so the model methods compare with the paper, and like the reference it depends on the
+order of the runs when the judge is not transitive (NLI and cosine are not); math's components do not.
 
 Notation below: a question has K runs i = 1..K, run i has answer a_i, T_i generated tokens and sequence
 log-likelihood log p(s_i) = sum_t log p(token_t | prefix); clusters c = 1..C with n_c runs each.
@@ -36,7 +39,13 @@ from scipy.special import logsumexp
 from tqdm import tqdm
 
 from stages.lib.answers import answers_equivalent
-from stages.lib.equivalence import NO_ANSWER, PairJudge, greedy_reference_clusters
+from stages.lib.equivalence import (
+    PairJudge,
+    answer_adjacency,
+    connected_clusters,
+    greedy_reference_clusters,
+    pairwise_judge,
+)
 from stages.lib.schema import SE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -49,48 +58,40 @@ Clusterer = Callable[[str, list[str]], np.ndarray]
 # ---- the math: pure functions on arrays -------------------------------------------------------------
 
 def cluster_answers(answers: list[str], equivalent: Equivalence = answers_equivalent) -> np.ndarray:
-    """Greedy semantic clustering of one question's answers; cluster ids 0..C-1 in order of first appearance.
+    """Semantic clusters of one question's answers: connected components of the equivalence graph; ids 0..C-1 in
+    order of first appearance.
 
-    Each distinct answer, in order of first appearance, joins the first existing cluster whose
-    representative (its first member) it is ``equivalent`` to, else founds a new cluster. Identical strings
-    are deduplicated first, so ``equivalent`` is called only between distinct strings (at most once per
-    pair of distinct answer and cluster representative). For a true equivalence relation the result is its
-    partition; for a non-transitive one it depends on the order. The reference implementation instead puts
-    an answer in the LAST matching cluster and compares it with every representative; that is what the model
-    methods use (``stages.lib.equivalence.greedy_reference_clusters``). math-verify equivalence is transitive in
-    practice, where both give the same clusters and this one stops at the first match (fewer checks).
+    Every pair of distinct answers is judged by ``equivalent`` (``stages.lib.equivalence.answer_adjacency``) and two
+    runs share a cluster iff a chain of equivalent answers joins them (``connected_clusters``). Why not the greedy
+    rule of the model methods: math-verify is NOT transitive (``x=5`` ~ ``5`` and ``y=5`` ~ ``5``, but ``x=5`` !~
+    ``y=5``), and a greedy pass then depends on the order of the runs (``[x=5, y=5, 5]`` gave two clusters,
+    ``[5, x=5, y=5]`` one). The components are the same in every order and are a partition by construction; the
+    cost is all D (D - 1) / 2 pairs of the D distinct answers (at most 45 for K = 10), which the graph measures
+    need anyway. Chaining is the price: answers joined only through a third (``x=5`` and ``y=5`` through ``5``)
+    share a cluster, which for math answers is the reading that they state the same value. For a transitive
+    relation (integers, the toy's answers) the clusters are those of any greedy pass, ids included.
+    Canonicalising answers first was the alternative; it would need its own notion of equality beside
+    math-verify's (equations against values, intervals, sets, tolerances) and could disagree with ``is_correct``.
 
-    Empty answers (no ``\\boxed{}`` and no number was found) form one shared "no answer" cluster and are
-    never passed to ``equivalent``. Why shared, not one singleton per empty run: the empty string is one
-    identical output, deduplicated like any other; a model that repeatedly fails to commit to an answer
-    (typically truncated reasoning) is behaving consistently, and counting each failure as a distinct
-    meaning would inflate SE with a length-truncation artefact that an SE probe would then learn. It also
-    makes a question whose runs all gave no answer have SE 0, with one cluster. Truncation stays visible
-    through the runs table's ``truncated`` and ``answer`` columns.
+    Identical strings are deduplicated first, so ``equivalent`` is called only between distinct strings, once
+    per unordered pair, as ``equivalent(earlier, later)``. Empty answers (no answer was extracted) form one
+    shared "no answer" cluster and are never passed to ``equivalent``. Why shared, not one singleton per empty
+    run: the empty string is one identical output, deduplicated like any other; a model that repeatedly fails to
+    commit to an answer (typically truncated reasoning) is behaving consistently, and counting each failure as a
+    distinct meaning would inflate SE with a length-truncation artefact that an SE probe would then learn. It also
+    makes a question whose runs all gave no answer have SE 0, with one cluster. Truncation stays visible through
+    the runs table's ``truncated`` and ``answer`` columns.
 
     Parameters
     ----------
     answers : list of str, shape (K,)
-    equivalent : callable (str, str) -> bool, called as ``equivalent(representative, candidate)``
+    equivalent : callable (str, str) -> bool, symmetric
 
     Returns
     -------
     cluster_ids : ndarray of int64, shape (K,)
     """
-    cluster_of_answer: dict[str, int] = {}
-    representatives: list[str] = []
-    for answer in answers:
-        if answer in cluster_of_answer:
-            continue
-        cluster = None
-        if answer != NO_ANSWER:
-            cluster = next((c for c, representative in enumerate(representatives)
-                            if representative != NO_ANSWER and equivalent(representative, answer)), None)
-        if cluster is None:
-            cluster = len(representatives)
-            representatives.append(answer)
-        cluster_of_answer[answer] = cluster
-    return np.array([cluster_of_answer[answer] for answer in answers], dtype=np.int64)
+    return connected_clusters(answer_adjacency(answers, pairwise_judge(equivalent)))
 
 
 def discrete_semantic_entropy(cluster_ids: np.ndarray) -> float:
