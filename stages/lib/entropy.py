@@ -167,6 +167,101 @@ def naive_entropy(log_likelihoods: np.ndarray) -> float:
     return -float(np.mean(log_likelihoods))
 
 
+# ---- graph measures of the K answers (Lin, Trivedi & Sun 2023, as IINemo/lm-polygraph computes them) ----------
+#
+# W is a question's (K, K) similarity over its runs. Here it is the 0/1 equivalence graph (``stages.lib.equivalence.
+# answer_adjacency``: 1 for equivalent answers, identical ones included, so the diagonal is 1); lm-polygraph's
+# estimators take the NLI entailment probabilities instead, and on a 0/1 graph they compute exactly what follows.
+# D = diag(W 1) is the degree matrix and L = I - D^{-1/2} W D^{-1/2} the symmetric normalised Laplacian.
+# lm-polygraph's measures are per QUESTION (one uncertainty for the K samples, repeated on each run as SE is); the
+# paper's per-run confidences (C_Deg, C_Ecc) are ``degree_per_run`` and ``eccentricity_per_run``. Higher = less
+# sure for every function here. For an equivalence relation (W a union of C cliques), NumSets = EigV = C,
+# Deg = 1 - sum_c n_c^2 / K^2 and Ecc = sqrt(C - 1).
+
+ECCENTRICITY_EIGENVALUE_THRESHOLD = 0.9
+"""lm-polygraph's default ``thres``: the spectral embedding keeps the eigenvectors of L with eigenvalue below it."""
+
+
+def _similarity(adjacency: np.ndarray) -> np.ndarray:
+    similarity = np.asarray(adjacency, dtype=np.float64)
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] == 0:
+        raise ValueError(f"adjacency must be a non-empty square matrix; got shape {similarity.shape}")
+    if not np.array_equal(similarity, similarity.T) or np.any(np.diag(similarity) <= 0):
+        raise ValueError("adjacency must be symmetric with a positive diagonal (every run is equivalent to itself)")
+    return similarity
+
+
+def normalised_laplacian(adjacency: np.ndarray) -> np.ndarray:
+    """L = I - D^{-1/2} W D^{-1/2}, shape (K, K), from W = ``adjacency`` (K, K), symmetric, diagonal > 0."""
+    similarity = _similarity(adjacency)
+    inverse_sqrt_degree = 1.0 / np.sqrt(similarity.sum(axis=1))
+    return np.eye(len(similarity)) - inverse_sqrt_degree[:, None] * similarity * inverse_sqrt_degree[None, :]
+
+
+def number_of_semantic_sets(adjacency: np.ndarray) -> int:
+    """NumSemSets: the number of connected components of the equivalence graph (lm-polygraph ``NumSemSets``).
+
+    For method ``math`` this is ``n_clusters`` (``cluster_answers`` takes the components); for the model methods,
+    whose clusters follow the reference's greedy rule, the two can differ.
+    """
+    return int(connected_clusters(_similarity(adjacency) > 0).max()) + 1
+
+
+def eigenvalue_sum_uncertainty(adjacency: np.ndarray) -> float:
+    """EigV = sum_k max(0, 1 - lambda_k) over the eigenvalues lambda_k of L (lm-polygraph ``EigValLaplacian``).
+
+    A continuous number of semantic sets: C for C disjoint cliques, fractional when equivalence is not transitive
+    (the path 1 ~ 2 ~ 3, one component, gives 1.5).
+    """
+    eigenvalues = np.linalg.eigvalsh(normalised_laplacian(adjacency))
+    return float(np.sum(np.maximum(0.0, 1.0 - eigenvalues)))
+
+
+def degree_uncertainty(adjacency: np.ndarray) -> float:
+    """Deg = trace(K I - D) / K^2 = 1 - sum_ij W_ij / K^2 (lm-polygraph ``DegMat``): 0 when all K runs agree."""
+    similarity = _similarity(adjacency)
+    return float(1.0 - similarity.sum() / len(similarity) ** 2)
+
+
+def degree_per_run(adjacency: np.ndarray) -> np.ndarray:
+    """Per run j, 1 - D_jj / K: one minus the paper's C_Deg(s_j), the share of the K runs run j agrees with. (K,)"""
+    similarity = _similarity(adjacency)
+    return 1.0 - similarity.sum(axis=1) / len(similarity)
+
+
+def _centred_spectral_embedding(adjacency: np.ndarray, eigenvalue_threshold: float) -> np.ndarray:
+    """Rows v_j - mean_j v_j of the embedding v_j = (u_1[j], ..., u_k[j]), u_m the eigenvectors of L with eigenvalue
+    < threshold, shape (K, k). Norms of its rows (and its Frobenius norm) do not depend on the eigenvector basis."""
+    eigenvalues, eigenvectors = np.linalg.eigh(normalised_laplacian(adjacency))
+    embedding = eigenvectors[:, eigenvalues < eigenvalue_threshold]  # (K, k), k >= 1: lambda_min = 0
+    return embedding - embedding.mean(axis=0, keepdims=True)
+
+
+def eccentricity_uncertainty(adjacency: np.ndarray,
+                             eigenvalue_threshold: float = ECCENTRICITY_EIGENVALUE_THRESHOLD) -> float:
+    """Ecc = || [v_1 - v_bar, ..., v_K - v_bar] ||_F over the spectral embedding (lm-polygraph ``Eccentricity``).
+
+    lm-polygraph centres each kept eigenvector over the K runs and takes the 2-norm of their norms, which is this
+    Frobenius norm. 0 when all runs agree; sqrt(C - 1) for C disjoint cliques.
+    """
+    return float(np.linalg.norm(_centred_spectral_embedding(adjacency, eigenvalue_threshold)))
+
+
+def eccentricity_per_run(adjacency: np.ndarray,
+                         eigenvalue_threshold: float = ECCENTRICITY_EIGENVALUE_THRESHOLD) -> np.ndarray:
+    """Per run j, ||v_j - v_bar||_2: minus the paper's C_Ecc(s_j), how far run j's answer sits from the centre. (K,)"""
+    return np.linalg.norm(_centred_spectral_embedding(adjacency, eigenvalue_threshold), axis=1)
+
+
+def graph_measures(adjacency: np.ndarray) -> dict[str, float]:
+    """The question-level measures of one (K, K) equivalence graph, by lm-polygraph's names: ``num_semantic_sets``,
+    ``eigv``, ``degree``, ``eccentricity`` (higher = less sure for all four)."""
+    return {"num_semantic_sets": float(number_of_semantic_sets(adjacency)),
+            "eigv": eigenvalue_sum_uncertainty(adjacency),
+            "degree": degree_uncertainty(adjacency),
+            "eccentricity": eccentricity_uncertainty(adjacency)}
+
+
 def _clip_rounding(entropy: float) -> float:
     # Entropies are >= 0; -0.0 or -1e-17 only come from floating-point rounding.
     return max(entropy, 0.0)
