@@ -7,10 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.answers import answers_equivalent, extract_final_answer, is_correct, last_boxed_content, last_number
+from stages.lib.answers import (
+    ANSWER_SOURCES,
+    ExtractedAnswer,
+    answers_equivalent,
+    extract_answer,
+    extract_final_answer,
+    is_correct,
+    last_boxed_content,
+    last_number,
+)
 
-# The datasets every checkout has beside it (../shared/data, see shared/README.md); tests skip without them.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The datasets every checkout has beside it (shared/data in a folder above the checkout, see shared/README.md; a
+# worktree sits one level deeper than the main checkout); tests skip without them.
+SHARED_DATA = next((parent / "shared" / "data" for parent in Path(__file__).resolve().parents[1:]
+                    if (parent / "shared" / "data").is_dir()), Path("shared") / "data")
 MATH500 = SHARED_DATA / "math500_test.jsonl"
 GSM8K = SHARED_DATA / "gsm8k_test.jsonl"
 
@@ -21,35 +32,48 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize("text, expected, source", [
     # the embedded toy model's format: think span, then the boxed answer
-    ("<think>3+4=7 7*2=14</think>\\boxed{14}", "14"),
-    ("<think>3+4=7</think>\\boxed{-3}", "-3"),
+    ("<think>3+4=7 7*2=14</think>\\boxed{14}", "14", "boxed"),
+    ("<think>3+4=7</think>\\boxed{-3}", "-3", "boxed"),
     # nested and escaped braces
-    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
-    ("\\boxed {x^{2}}", "x^{2}"),
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}", "boxed"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}", "boxed"),
+    ("\\boxed {x^{2}}", "x^{2}", "boxed"),
     # the LAST boxed wins; an empty or unclosed one is skipped
-    ("first \\boxed{1} then \\boxed{2}", "2"),
-    ("\\boxed{5} and \\boxed{}", "5"),
-    ("\\boxed{5} and \\boxed{6", "5"),
-    # after </think> is preferred over numbers or boxes inside the think span
-    ("<think>\\boxed{4} 9</think> The answer is 12.", "12"),
-    # nothing after </think>: fall back to the whole text
-    ("<think>1+2=3</think>", "3"),
-    ("<think>\\boxed{4} then 9</think>  ", "4"),
-    # unfinished think span (truncated): the last number anywhere
-    ("<think>5+6=11 11*2=", "2"),
-    # last-number fallback: negatives, decimals, thousands commas, binary minus
-    ("The total is 1,234,567.5 dollars", "1234567.5"),
-    ("x is -3", "-3"),
-    ("so 5-3", "3"),
-    ("It costs 2.50.", "2.50"),
-    ("no digits here", ""),
-    ("", ""),
+    ("first \\boxed{1} then \\boxed{2}", "2", "boxed"),
+    ("\\boxed{5} and \\boxed{}", "5", "boxed"),
+    ("\\boxed{5} and \\boxed{6", "5", "boxed"),
+    # only the answer part counts: boxes and numbers inside the think span are partial results
+    ("<think>\\boxed{4} 9</think> The answer is 12.", "12", "last_number_fallback"),
+    ("<think>\\boxed{4} 9</think> so \\boxed{12}, not 13", "12", "boxed"),
+    ("<think>1+2=3</think>", "", "none"),
+    ("<think>\\boxed{4} then 9</think>  ", "", "none"),
+    # an unfinished think span (truncated while reasoning): no answer, never an intermediate result
+    ("<think>5+6=11 11*2=", "", "truncated_in_think"),
+    ("<think>\\boxed{4}", "", "truncated_in_think"),
+    ("<think>a</think> \\boxed{1} <think>b 7", "", "truncated_in_think"),
+    # the answer part's last number is a fallback, flagged: it can misread an expression
+    ("<think>x^2-4 has roots 2, -2</think> The answer is x^2 - 4", "4", "last_number_fallback"),
+    # no think tags at all (a model that does not reason in tags): the whole text is the answer part
+    ("The total is 1,234,567.5 dollars", "1234567.5", "last_number_fallback"),
+    ("x is -3", "-3", "last_number_fallback"),
+    ("so 5-3", "3", "last_number_fallback"),
+    ("It costs 2.50.", "2.50", "last_number_fallback"),
+    ("no digits here", "", "none"),
+    ("", "", "none"),
 ])
-def test_extract_final_answer(text, expected):
+def test_extract_answer(text, expected, source):
+    assert extract_answer(text) == ExtractedAnswer(expected, source)
     assert extract_final_answer(text) == expected
+    assert source in ANSWER_SOURCES
+
+
+def test_a_think_span_opened_by_the_prompt():
+    # a chat template ending in <think> (DeepSeek-R1): the generation only closes it
+    assert extract_answer("2+2=4</think>\\boxed{4}", think_open_at_start=True) == ExtractedAnswer("4", "boxed")
+    assert extract_answer("2+2=4 so 4", think_open_at_start=True) == ExtractedAnswer("", "truncated_in_think")
+    assert extract_answer("2+2=4 so 4") == ExtractedAnswer("4", "last_number_fallback")
 
 
 def test_helpers_return_empty_when_nothing_found():
@@ -141,3 +165,26 @@ def test_gsm8k_golds_parse_and_grade():
     assert all(is_correct(answer, gold) for answer, gold in zip(recovered, golds))
     assert all(is_correct(gold.replace(",", ""), gold) for gold in golds if "," in gold)
     assert not is_correct(str(int(golds[0].replace(",", "")) + 1), golds[0])
+
+
+@pytest.mark.parametrize("path, solution, gold_of", [
+    (MATH500, "solution", lambda row: row["answer"]),
+    (GSM8K, "answer", lambda row: row["answer"].split("####")[-1].strip()),
+])
+def test_real_solutions_as_reasoning_traces(path, solution, gold_of):
+    """Each real solution shaped as a reasoning model's run: answered after ``</think>``, or cut off inside it.
+
+    Measured: MATH-500's 500 solutions are all ``boxed`` and GSM8K's 1319 all ``last_number_fallback`` (``#### 72``)
+    as plain text; wrapped as ``<think>solution</think> \\boxed{gold}`` all are ``boxed`` and correct, although the
+    reasoning holds boxes and numbers of its own; cut at 90% inside ``<think>`` all are ``truncated_in_think`` with
+    no answer, where the old last-number-anywhere rule answered 497 and 1319 of them and 118 and 525 were "correct".
+    """
+    rows = _read_jsonl(path)
+    plain = [extract_answer(row[solution]).source for row in rows]
+    assert set(plain) == ({"boxed"} if path == MATH500 else {"last_number_fallback"})
+    for row in rows:
+        gold = gold_of(row)
+        answered = extract_answer(f"<think>{row[solution]}</think> \\boxed{{{gold}}}")
+        assert answered.source == "boxed" and is_correct(answered.answer, gold)
+        cut = extract_answer("<think>" + row[solution][: int(0.9 * len(row[solution]))])
+        assert cut == ExtractedAnswer("", "truncated_in_think")

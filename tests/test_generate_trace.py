@@ -9,7 +9,7 @@ import torch
 
 from stages.lib.models import ThinkTokens, load_model, prompt_ids, think_tokens
 from stages.lib.params import SamplingParams, VllmParams
-from stages.lib.runs import SampledRun, build_run_records, mean_think_entropy, think_span
+from stages.lib.runs import SampledRun, build_run_records, mean_think_entropy, prompt_opens_think, think_span
 from stages.lib.sampling_hf import eos_and_pad, sample_runs
 from stages.lib.schema import RUN_COLUMNS, RUN_KEY, prefix_fraction, validate_frame
 from stages.lib.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
@@ -98,6 +98,14 @@ def test_think_span_and_think_entropy_by_hand():
     assert mean_think_entropy(np.array([]), None, None, 0.5) == 0.5  # nothing generated: the EOS step
 
 
+def test_prompt_opens_think_by_hand():
+    think = ThinkTokens(start_id=5, end_id=6)
+    assert prompt_opens_think([1, 2, 5], think)  # a template ending in <think> (DeepSeek-R1)
+    assert prompt_opens_think([5, 6, 1, 5], think)  # an earlier span closed, a new one open
+    assert not prompt_opens_think([1, 5, 6, 2], think) and not prompt_opens_think([1, 2], think)
+    assert not prompt_opens_think([5], ThinkTokens(None, None))
+
+
 def test_run_records_follow_the_schema_and_judge_answers(lm):
     _, tokenizer = lm
     think = think_tokens(tokenizer)
@@ -113,7 +121,7 @@ def test_run_records_follow_the_schema_and_judge_answers(lm):
     frame = build_run_records(questions, [[1, 2]], [[run(right, False), run(wrong, True)]], tokenizer, think)
     validate_frame(frame, RUN_COLUMNS, "records", RUN_KEY)
     assert frame["correct"].tolist() == [True, False]
-    assert frame["answer"].tolist() == ["3", "4"]
+    assert frame["answer"].tolist() == ["3", ""]  # truncated while reasoning: no answer
     assert frame["think_missing"].tolist() == [False, True]
     assert frame["think_end_index"].iloc[0] == right.index(think.end_id)
     assert frame["sequence_loglik"].iloc[0] == pytest.approx(-0.5 * len(right))

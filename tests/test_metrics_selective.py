@@ -15,6 +15,7 @@ from sklearn.metrics import brier_score_loss
 
 from stages.lib.metrics import (
     aurac,
+    aurac_all_n,
     aurc,
     brier_score,
     expected_calibration_error,
@@ -48,7 +49,7 @@ def test_risk_coverage_curve_by_hand():
 
 
 def test_aurc_and_aurac_by_hand():
-    assert aurac(CORRECT, UNCERTAINTY) == pytest.approx(AURAC_BY_HAND)
+    assert aurac_all_n(CORRECT, UNCERTAINTY) == pytest.approx(AURAC_BY_HAND)
     # kept risk for k = 1..5: 0, 0, 0.5/3, 1/4, 2/5 -> (0 + 0 + 10 + 15 + 24)/60 / 5 = 49/300 = 1 - 251/300
     assert aurc(CORRECT, UNCERTAINTY) == pytest.approx(49 / 300)
     assert aurc(CORRECT, UNCERTAINTY) == pytest.approx(1 - AURAC_BY_HAND)
@@ -59,10 +60,10 @@ def test_tie_averaging_is_the_mean_over_both_orders_of_the_tie():
     # right-first: 1, 1, 1, 3/4, 3/5. The mean of the two AURACs is the tie-aware one.
     wrong_first = (1 + 1 + 2 / 3 + 3 / 4 + 3 / 5) / 5
     right_first = (1 + 1 + 1 + 3 / 4 + 3 / 5) / 5
-    assert aurac(CORRECT, UNCERTAINTY) == pytest.approx((wrong_first + right_first) / 2)
+    assert aurac_all_n(CORRECT, UNCERTAINTY) == pytest.approx((wrong_first + right_first) / 2)
     # breaking the tie by hand reproduces each order exactly
-    assert aurac(CORRECT, [0.1, 0.5, 0.2, 0.6, 0.9]) == pytest.approx(wrong_first)
-    assert aurac(CORRECT, [0.1, 0.6, 0.2, 0.5, 0.9]) == pytest.approx(right_first)
+    assert aurac_all_n(CORRECT, [0.1, 0.5, 0.2, 0.6, 0.9]) == pytest.approx(wrong_first)
+    assert aurac_all_n(CORRECT, [0.1, 0.6, 0.2, 0.5, 0.9]) == pytest.approx(right_first)
 
 
 def test_prediction_rejection_ratio_by_hand():
@@ -79,14 +80,14 @@ def test_reversed_ordering_gives_negative_prr():
     # wrong runs first: kept accuracy 0, 0, 1/3, 2/4, 3/5 -> AR = (0 + 0 + 10 + 15 + 18)/30 / 5 = 43/150
     # PRR = (43/150 - 90/150) / (81/300) = -94/81
     reversed_uncertainty = np.where(CORRECT, 0.9, 0.1)
-    assert aurac(CORRECT, reversed_uncertainty) == pytest.approx(43 / 150)
+    assert aurac_all_n(CORRECT, reversed_uncertainty) == pytest.approx(43 / 150)
     assert prediction_rejection_ratio(CORRECT, reversed_uncertainty) == pytest.approx(-94 / 81)
 
 
 def test_constant_uncertainty_is_exactly_random():
     # one tie group: every k keeps the overall accuracy 3/5 in expectation
     constant = np.full(5, 0.4)
-    assert aurac(CORRECT, constant) == pytest.approx(0.6)
+    assert aurac_all_n(CORRECT, constant) == pytest.approx(0.6)
     assert prediction_rejection_ratio(CORRECT, constant) == pytest.approx(0.0)
     table = risk_coverage_curve(CORRECT, constant)
     assert table[["coverage", "risk"]].values.tolist() == [[1.0, pytest.approx(0.4)]]
@@ -105,15 +106,57 @@ def test_random_orderings_average_to_prr_zero():
 @pytest.mark.parametrize("correct, expected_aurac", [([True] * 4, 1.0), ([False] * 4, 0.0)])
 def test_single_class(correct, expected_aurac):
     uncertainty = [0.3, 0.1, 0.1, 0.7]
-    assert aurac(correct, uncertainty) == expected_aurac
+    assert aurac_all_n(correct, uncertainty) == expected_aurac
     assert aurc(correct, uncertainty) == 1 - expected_aurac
     assert prediction_rejection_ratio(correct, uncertainty) is None
     np.testing.assert_allclose(risk_coverage_curve(correct, uncertainty)["risk"], 1 - expected_aurac)
 
 
+# ---- the paper's AURAC (20 retention levels) -----------------------------------------------------------
+
+def reference_aurac(accuracies, uncertainties):
+    """jlko/semantic_uncertainty's ``area_under_thresholded_accuracy`` (uncertainty/utils/eval_utils.py)."""
+    quantiles = np.linspace(0.1, 1, 20)
+    select_accuracies = np.array([np.mean(accuracies[uncertainties <= np.quantile(uncertainties, q)])
+                                  for q in quantiles])
+    return (select_accuracies * (quantiles[1] - quantiles[0])).sum()
+
+
+def test_paper_aurac_by_hand():
+    # sorted uncertainty 0.1 (R), 0.2 (R), 0.5 (W), 0.5 (R), 0.9 (W); level q cuts at the linear quantile of
+    # position 4q, with q_i = 0.1 + 0.9 i / 19, so 4 q_i = 0.4 + 3.6 i / 19:
+    #   i = 0..3   (4 q < 1): keep {0.1}                 accuracy 1
+    #   i = 4..8   (4 q < 2): keep {0.1, 0.2}            accuracy 1
+    #   i = 9..18  (4 q < 4): keep all but 0.9 (tie kept whole) accuracy 3/4
+    #   i = 19     (q = 1):   keep all                    accuracy 3/5
+    # AURAC = (0.9 / 19) (4 + 5 + 10 * 3/4 + 3/5) = (0.9 / 19) 17.1 = 0.81
+    assert aurac(CORRECT, UNCERTAINTY) == pytest.approx(0.81)
+    assert reference_aurac(CORRECT, UNCERTAINTY) == pytest.approx(0.81)
+
+
+def test_paper_aurac_scale():
+    # 20 levels times the spacing of 19 intervals: all correct is 18/19, a constant score 18/19 x accuracy
+    uncertainty = np.array([0.3, 0.1, 0.1, 0.7, 0.2])
+    assert aurac([True] * 5, uncertainty) == pytest.approx(18 / 19)
+    assert aurac([False] * 5, uncertainty) == 0.0
+    assert aurac(CORRECT, np.full(5, 0.4)) == pytest.approx(18 / 19 * 0.6)
+    assert aurac([], []) is None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 30).flatmap(lambda n: st.tuples(
+    st.lists(st.booleans(), min_size=n, max_size=n),
+    st.lists(st.one_of(st.integers(0, 3).map(float), st.floats(-5, 5)), min_size=n, max_size=n))))
+def test_paper_aurac_matches_the_reference_code(pair):
+    correct, uncertainty = np.array(pair[0]), np.array(pair[1], dtype=float)
+    assert aurac(correct, uncertainty) == pytest.approx(reference_aurac(correct, uncertainty), abs=1e-12)
+    shuffle = np.random.default_rng(len(correct)).permutation(len(correct))
+    assert aurac(correct[shuffle], uncertainty[shuffle]) == pytest.approx(aurac(correct, uncertainty), abs=1e-12)
+
+
 def test_no_runs():
     assert aurc([], []) is None
-    assert aurac([], []) is None
+    assert aurac_all_n([], []) is None
     assert prediction_rejection_ratio([], []) is None
     empty = risk_coverage_curve([], [])
     assert empty.empty and empty.columns.tolist() == ["threshold", "coverage", "risk"]
@@ -128,20 +171,20 @@ def test_rejects_bad_selective_inputs():
     with pytest.raises(ValueError, match="non-finite"):
         prediction_rejection_ratio([True, False], [0.1, np.inf])
     with pytest.raises(ValueError, match="0/1"):
-        aurac([2, 0], [0.1, 0.2])
+        aurac_all_n([2, 0], [0.1, 0.2])
 
 
 def test_order_invariance_with_ties():
     rng = np.random.default_rng(5)
     correct = rng.random(40) < 0.6
     uncertainty = rng.integers(0, 4, 40).astype(float)  # four values: large tie groups
-    reference = (aurc(correct, uncertainty), aurac(correct, uncertainty),
+    reference = (aurc(correct, uncertainty), aurac_all_n(correct, uncertainty),
                  prediction_rejection_ratio(correct, uncertainty), risk_coverage_curve(correct, uncertainty))
     for _ in range(20):
         shuffle = rng.permutation(40)
         c, u = correct[shuffle], uncertainty[shuffle]
         assert aurc(c, u) == pytest.approx(reference[0], abs=1e-12)
-        assert aurac(c, u) == pytest.approx(reference[1], abs=1e-12)
+        assert aurac_all_n(c, u) == pytest.approx(reference[1], abs=1e-12)
         assert prediction_rejection_ratio(c, u) == pytest.approx(reference[2], abs=1e-12)
         pd.testing.assert_frame_equal(risk_coverage_curve(c, u), reference[3])
 
@@ -162,7 +205,7 @@ def test_tie_aware_areas_equal_the_mean_over_every_tie_order(pair):
     groups = [correct[uncertainty == value] for value in np.unique(uncertainty)]  # ascending uncertainty
     orders = itertools.product(*(itertools.permutations(group) for group in groups))
     brute_force = np.mean([_untied_aurac(np.concatenate(order).astype(float)) for order in orders])
-    assert aurac(correct, uncertainty) == pytest.approx(brute_force)
+    assert aurac_all_n(correct, uncertainty) == pytest.approx(brute_force)
     assert aurc(correct, uncertainty) == pytest.approx(1 - brute_force)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,11 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 
 from stages import semantic_entropy as stage
-from stages.lib.entropy import math_clusterer
+from stages.lib.answers import answers_equivalent
 from stages.lib.common import read_table, write_table
+from stages.lib.entropy import math_clusterer
 from stages.lib.entropy import (
     cluster_answers,
     discrete_semantic_entropy,
@@ -24,6 +26,7 @@ from stages.lib.entropy import (
     semantic_entropy_table,
     weighted_semantic_entropy,
 )
+from stages.lib.equivalence import answer_adjacency, connected_clusters, greedy_reference_clusters, pairwise_judge
 from stages.lib.schema import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -156,6 +159,83 @@ def test_equal_likelihoods_make_weighted_equal_discrete(answers, log_likelihood)
         discrete_semantic_entropy(cluster_ids), abs=1e-9)
 
 
+# ---- math clustering: connected components, the same in any order -----------------------------------------
+
+def test_math_clustering_does_not_depend_on_the_order_of_the_runs():
+    # math-verify is not transitive: x=5 ~ 5 and y=5 ~ 5 but x=5 !~ y=5; a greedy pass gave [0, 1, 0] for the first
+    # order and [0, 0, 0] for the second; the components join all three through 5 in both
+    assert answers_equivalent("x=5", "5") and answers_equivalent("y=5", "5") and not answers_equivalent("x=5", "y=5")
+    assert cluster_answers(["x=5", "y=5", "5"]).tolist() == [0, 0, 0]
+    assert cluster_answers(["5", "x=5", "y=5"]).tolist() == [0, 0, 0]
+    # without the bridge they stay apart
+    assert cluster_answers(["x=5", "y=5", "6"]).tolist() == [0, 1, 2]
+
+
+def test_answer_adjacency_by_hand():
+    calls = []
+
+    def judge(pairs):
+        calls.append(list(pairs))
+        return [same_residue_mod_3(first, second) for first, second in pairs]
+
+    adjacency = answer_adjacency(["1", "4", "", "1", "2", ""], judge)
+    # distinct non-empty answers 1, 4, 2: one call with their 3 pairs; '' never reaches the judge
+    assert calls == [[("1", "4"), ("1", "2"), ("4", "2")]]
+    expected = np.array([[1, 1, 0, 1, 0, 0],
+                         [1, 1, 0, 1, 0, 0],
+                         [0, 0, 1, 0, 0, 1],
+                         [1, 1, 0, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 0],
+                         [0, 0, 1, 0, 0, 1]], dtype=bool)
+    np.testing.assert_array_equal(adjacency, expected)
+    assert connected_clusters(adjacency).tolist() == [0, 0, 1, 0, 2, 1]
+    with pytest.raises(ValueError, match="2 decisions for 3 pairs"):
+        answer_adjacency(["1", "2", "3"], lambda pairs: [True, True])
+
+
+# A pool where math-verify's relation has transitivity failures (x=5 ~ 5 ~ y=5, x=1/2 ~ 0.5 ~ y=0.5), equal values
+# written differently, text it cannot parse, and empty answers.
+MATH_POOL = ["5", "x=5", "y=5", "5.0", "\\frac{10}{2}", "0.5", "\\frac{1}{2}", "x=\\frac{1}{2}", "y=0.5", "6", "-5",
+             "x+1", "1+x", "", "Paris"]
+
+
+def _same_partition(first: np.ndarray, second: np.ndarray) -> bool:
+    return all((first[i] == first[j]) == (second[i] == second[j])
+               for i in range(len(first)) for j in range(len(first)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(MATH_POOL), min_size=1, max_size=10), st.randoms(use_true_random=False))
+def test_math_clustering_is_an_order_invariant_partition(answers, random):
+    cluster_ids = cluster_answers(answers)
+    order = list(range(len(answers)))
+    random.shuffle(order)
+    permuted_ids = cluster_answers([answers[i] for i in order])
+    # permuting the runs permutes the partition and nothing else
+    assert _same_partition(permuted_ids, cluster_ids[order])
+    # a partition: ids 0..C-1 in order of first appearance; identical answers together; '' only with ''
+    assert list(dict.fromkeys(cluster_ids.tolist())) == list(range(int(cluster_ids.max()) + 1))
+    for i, j in itertools.combinations(range(len(answers)), 2):
+        if answers[i] == answers[j]:
+            assert cluster_ids[i] == cluster_ids[j]
+        if (answers[i] == "") != (answers[j] == ""):
+            assert cluster_ids[i] != cluster_ids[j]
+        # equivalent answers always share a cluster (the partition is at least as coarse as the relation)
+        if answers[i] and answers[j] and answers_equivalent(answers[i], answers[j]):
+            assert cluster_ids[i] == cluster_ids[j]
+    # discrete SE follows: the same in every order
+    assert discrete_semantic_entropy(permuted_ids) == pytest.approx(discrete_semantic_entropy(cluster_ids))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.integers(-20, 20).map(str), st.integers(0, 20).map(lambda n: f"{n}.0"), st.just("")),
+                min_size=1, max_size=10))
+def test_on_integer_answers_the_clusters_are_the_greedy_ones(answers):
+    # math-verify is transitive on numbers: the components are what the reference's greedy rule gives, ids included
+    judge = pairwise_judge(answers_equivalent)
+    assert cluster_answers(answers).tolist() == greedy_reference_clusters(answers, judge).tolist()
+
+
 # ---- the stage on a tiny runs table -----------------------------------------------------------------
 
 def make_runs(dataset: str, answers_by_question: dict[str, list[str]]) -> pd.DataFrame:
@@ -224,8 +304,8 @@ def test_stage_writes_schema_valid_tables_and_cost(stage_dir):
     assert sorted(path.name for path in (stage_dir / "out").iterdir()) == ["metrics", "runs", "semantic_entropy"]
 
     cost = json.loads((stage_dir / "out/metrics/cost/semantic_entropy.json").read_text())
-    # q0's distinct non-empty answers: '14.0' vs '14' (joins), '15' vs '14' (new); q1 is all empty
-    assert cost["equivalence_checks"] == 2
+    # q0's distinct non-empty answers '14', '14.0', '15': all 3 pairs are judged; q1 is all empty
+    assert cost["equivalence_checks"] == 3
     assert cost["runs"] == 8 and cost["questions"] == 2 and cost["wall_seconds"] >= 0
 
 
@@ -268,7 +348,8 @@ def test_math_method_loads_no_model(stage_dir):
     stage.main()
     table, cost = stage_outputs(stage_dir)
     assert table.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 2]
-    assert cost["method"] == "math" and cost["equivalence_checks"] == 2 and "forward_passes" not in cost
+    # all 3 pairs of '14', '14.0', '15'
+    assert cost["method"] == "math" and cost["equivalence_checks"] == 3 and "forward_passes" not in cost
 
 
 @pytest.fixture(scope="module")

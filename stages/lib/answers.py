@@ -2,7 +2,8 @@
 
 Pure helpers, no I/O:
 
-- ``extract_final_answer(text)``: the answer a reasoning model committed to (last ``\\boxed{...}``, else last number).
+- ``extract_answer(text)``: the answer a reasoning model committed to after its reasoning (last ``\\boxed{...}``,
+  else the last number) and how it was found (``ANSWER_SOURCES``); ``extract_final_answer`` is its answer alone.
 - ``answers_equivalent(a, b)``: do two sampled answers mean the same mathematical object? (semantic clustering)
 - ``is_correct(answer, gold)``: does a sampled answer match the reference answer? (the ``correct`` label)
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 
 from math_verify import parse, verify
 
@@ -24,6 +26,7 @@ from math_verify import parse, verify
 PARSE_TIMEOUT_SECONDS = 5
 VERIFY_TIMEOUT_SECONDS = 5
 
+THINK_START_TAG = "<think>"
 THINK_END_TAG = "</think>"
 BOXED_COMMAND = "\\boxed"
 
@@ -33,32 +36,62 @@ _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\
 _OPERAND_END = re.compile(r"[\w)\]}.]")
 
 
-def extract_final_answer(text: str) -> str:
-    """The final answer in a generated text, or ``''`` if there is none.
+BOXED = "boxed"
+LAST_NUMBER_FALLBACK = "last_number_fallback"
+NO_ANSWER_FOUND = "none"
+TRUNCATED_IN_THINK = "truncated_in_think"
+ANSWER_SOURCES = (BOXED, LAST_NUMBER_FALLBACK, NO_ANSWER_FOUND, TRUNCATED_IN_THINK)
+"""How a run's answer was found; the pipeline counts them per dataset and split and flags all but ``boxed``."""
 
-    Rules, in order:
 
-    1. A reasoning model states its answer after ``</think>``; numbers inside the think span are partial
-       results. So if the text has a ``</think>``, search the text after the last one first.
-    2. In that region, the content of the last complete ``\\boxed{...}`` (nested braces balanced, content
-       stripped; an empty ``\\boxed{}`` or one cut off before its closing brace is skipped).
-    3. Else the last number in the region (integer, decimal or negative; thousands commas removed).
-    4. If the region after ``</think>`` gives nothing (e.g. the model stopped right after it), apply 2-3
-       to the whole text, so an answer boxed inside the think span is still found.
+@dataclass(frozen=True)
+class ExtractedAnswer:
+    answer: str
+    """The final answer, ``''`` when there is none."""
+    source: str
+    """One of ``ANSWER_SOURCES``."""
+
+
+def extract_answer(text: str, think_open_at_start: bool = False) -> ExtractedAnswer:
+    """The final answer in a generated text and how it was found.
+
+    Policy: nothing is ever taken from inside the reasoning. Numbers and boxes in a think span are partial
+    results, and a run cut off while reasoning has not answered; judging it on an intermediate result would be
+    label noise (a truncated ``<think>5+6=11 11*2=`` used to be "answered" 2).
+
+    1. Thinking still open at the end (a ``<think>`` after the last ``</think>``, or ``think_open_at_start`` and no
+       ``</think>``): no answer, source ``truncated_in_think``.
+    2. The answer part is the text after the last ``</think>``, or the whole text when there is no think tag at all
+       (a model that does not reason in tags).
+    3. In the answer part, the content of the last complete ``\\boxed{...}`` (nested braces balanced, content
+       stripped; an empty ``\\boxed{}`` or one cut off before its closing brace is skipped): source ``boxed``.
+    4. Else the last number in the answer part (integer, decimal or negative; thousands commas removed): source
+       ``last_number_fallback``. It can misread an answer that is not a number (``x^2 - 4`` gives ``4``), which
+       is why it is flagged.
+    5. Else no answer, source ``none`` (e.g. the model stopped right after ``</think>``).
+
+    Parameters
+    ----------
+    text : the decoded generation, special tokens kept
+    think_open_at_start : True when the PROMPT opened a think span the generation did not close yet (a chat template
+        ending in ``<think>``, as DeepSeek-R1's does); then a generation without ``</think>`` is still reasoning
     """
-    think_end = text.rfind(THINK_END_TAG)
-    if think_end >= 0:
-        answer = _answer_in(text[think_end + len(THINK_END_TAG):])
-        if answer:
-            return answer
-    return _answer_in(text)
-
-
-def _answer_in(text: str) -> str:
-    boxed = last_boxed_content(text)
+    think_start, think_end = text.rfind(THINK_START_TAG), text.rfind(THINK_END_TAG)
+    if think_start > think_end or (think_open_at_start and think_end < 0):
+        return ExtractedAnswer("", TRUNCATED_IN_THINK)
+    answer_part = text[think_end + len(THINK_END_TAG):] if think_end >= 0 else text
+    boxed = last_boxed_content(answer_part)
     if boxed:
-        return boxed
-    return last_number(text)
+        return ExtractedAnswer(boxed, BOXED)
+    number = last_number(answer_part)
+    if number:
+        return ExtractedAnswer(number, LAST_NUMBER_FALLBACK)
+    return ExtractedAnswer("", NO_ANSWER_FOUND)
+
+
+def extract_final_answer(text: str, think_open_at_start: bool = False) -> str:
+    """The answer of ``extract_answer`` (``''`` if there is none), without its source."""
+    return extract_answer(text, think_open_at_start).answer
 
 
 def last_boxed_content(text: str) -> str:

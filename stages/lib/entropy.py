@@ -10,8 +10,9 @@ number of equivalence checks and, for a model method, its forward passes).
 ``semantic_entropy.method`` decides when two runs share a meaning, always from their extracted final answers
 (column ``answer``):
 
-- ``math`` (default): equivalent by math-verify (``stages.lib.answers.answers_equivalent``); clustering is greedy
-  against each cluster's first member (``cluster_answers``). Loads no model.
+- ``math`` (default): equivalent by math-verify (``stages.lib.answers.answers_equivalent``); the clusters are the
+  connected components of the equivalence graph over the distinct answers (``cluster_answers``), the same in any
+  order of the runs. Loads no model.
 - ``nli``: bidirectional entailment by an MNLI classifier (``semantic_entropy.nli_model``), optionally with the
   question prepended to each answer (then ``{paths.questions}/{id,ood}.jsonl`` are read);
 - ``cosine``: cosine similarity of sentence embeddings >= ``semantic_entropy.cosine_threshold``;
@@ -19,7 +20,9 @@ number of equivalence checks and, for a model method, its forward passes).
 
 The model methods cluster with ``stages.lib.equivalence.greedy_reference_clusters``: the greedy algorithm of Farquhar
 et al., "Detecting hallucinations in large language models using semantic entropy", Nature 2024, exactly as their
-reference code (an answer joins the last earlier representative it is equivalent to), batched and deduplicated.
+reference code (an answer joins the last earlier representative it is equivalent to), batched and deduplicated. It
+is the reference's rule, kept so the model methods compare with the paper, and like the reference it depends on the
+order of the runs when the judge is not transitive (NLI and cosine are not); math's components do not.
 
 Notation below: a question has K runs i = 1..K, run i has answer a_i, T_i generated tokens and sequence
 log-likelihood log p(s_i) = sum_t log p(token_t | prefix); clusters c = 1..C with n_c runs each.
@@ -36,7 +39,13 @@ from scipy.special import logsumexp
 from tqdm import tqdm
 
 from stages.lib.answers import answers_equivalent
-from stages.lib.equivalence import NO_ANSWER, PairJudge, greedy_reference_clusters
+from stages.lib.equivalence import (
+    PairJudge,
+    answer_adjacency,
+    connected_clusters,
+    greedy_reference_clusters,
+    pairwise_judge,
+)
 from stages.lib.schema import SE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -49,48 +58,40 @@ Clusterer = Callable[[str, list[str]], np.ndarray]
 # ---- the math: pure functions on arrays -------------------------------------------------------------
 
 def cluster_answers(answers: list[str], equivalent: Equivalence = answers_equivalent) -> np.ndarray:
-    """Greedy semantic clustering of one question's answers; cluster ids 0..C-1 in order of first appearance.
+    """Semantic clusters of one question's answers: connected components of the equivalence graph; ids 0..C-1 in
+    order of first appearance.
 
-    Each distinct answer, in order of first appearance, joins the first existing cluster whose
-    representative (its first member) it is ``equivalent`` to, else founds a new cluster. Identical strings
-    are deduplicated first, so ``equivalent`` is called only between distinct strings (at most once per
-    pair of distinct answer and cluster representative). For a true equivalence relation the result is its
-    partition; for a non-transitive one it depends on the order. The reference implementation instead puts
-    an answer in the LAST matching cluster and compares it with every representative; that is what the model
-    methods use (``stages.lib.equivalence.greedy_reference_clusters``). math-verify equivalence is transitive in
-    practice, where both give the same clusters and this one stops at the first match (fewer checks).
+    Every pair of distinct answers is judged by ``equivalent`` (``stages.lib.equivalence.answer_adjacency``) and two
+    runs share a cluster iff a chain of equivalent answers joins them (``connected_clusters``). Why not the greedy
+    rule of the model methods: math-verify is NOT transitive (``x=5`` ~ ``5`` and ``y=5`` ~ ``5``, but ``x=5`` !~
+    ``y=5``), and a greedy pass then depends on the order of the runs (``[x=5, y=5, 5]`` gave two clusters,
+    ``[5, x=5, y=5]`` one). The components are the same in every order and are a partition by construction; the
+    cost is all D (D - 1) / 2 pairs of the D distinct answers (at most 45 for K = 10), which the graph measures
+    need anyway. Chaining is the price: answers joined only through a third (``x=5`` and ``y=5`` through ``5``)
+    share a cluster, which for math answers is the reading that they state the same value. For a transitive
+    relation (integers, the toy's answers) the clusters are those of any greedy pass, ids included.
+    Canonicalising answers first was the alternative; it would need its own notion of equality beside
+    math-verify's (equations against values, intervals, sets, tolerances) and could disagree with ``is_correct``.
 
-    Empty answers (no ``\\boxed{}`` and no number was found) form one shared "no answer" cluster and are
-    never passed to ``equivalent``. Why shared, not one singleton per empty run: the empty string is one
-    identical output, deduplicated like any other; a model that repeatedly fails to commit to an answer
-    (typically truncated reasoning) is behaving consistently, and counting each failure as a distinct
-    meaning would inflate SE with a length-truncation artefact that an SE probe would then learn. It also
-    makes a question whose runs all gave no answer have SE 0, with one cluster. Truncation stays visible
-    through the runs table's ``truncated`` and ``answer`` columns.
+    Identical strings are deduplicated first, so ``equivalent`` is called only between distinct strings, once
+    per unordered pair, as ``equivalent(earlier, later)``. Empty answers (no answer was extracted) form one
+    shared "no answer" cluster and are never passed to ``equivalent``. Why shared, not one singleton per empty
+    run: the empty string is one identical output, deduplicated like any other; a model that repeatedly fails to
+    commit to an answer (typically truncated reasoning) is behaving consistently, and counting each failure as a
+    distinct meaning would inflate SE with a length-truncation artefact that an SE probe would then learn. It also
+    makes a question whose runs all gave no answer have SE 0, with one cluster. Truncation stays visible through
+    the runs table's ``truncated`` and ``answer`` columns.
 
     Parameters
     ----------
     answers : list of str, shape (K,)
-    equivalent : callable (str, str) -> bool, called as ``equivalent(representative, candidate)``
+    equivalent : callable (str, str) -> bool, symmetric
 
     Returns
     -------
     cluster_ids : ndarray of int64, shape (K,)
     """
-    cluster_of_answer: dict[str, int] = {}
-    representatives: list[str] = []
-    for answer in answers:
-        if answer in cluster_of_answer:
-            continue
-        cluster = None
-        if answer != NO_ANSWER:
-            cluster = next((c for c, representative in enumerate(representatives)
-                            if representative != NO_ANSWER and equivalent(representative, answer)), None)
-        if cluster is None:
-            cluster = len(representatives)
-            representatives.append(answer)
-        cluster_of_answer[answer] = cluster
-    return np.array([cluster_of_answer[answer] for answer in answers], dtype=np.int64)
+    return connected_clusters(answer_adjacency(answers, pairwise_judge(equivalent)))
 
 
 def discrete_semantic_entropy(cluster_ids: np.ndarray) -> float:
@@ -164,6 +165,101 @@ def naive_entropy(log_likelihoods: np.ndarray) -> float:
     if log_likelihoods.size == 0:
         raise ValueError("naive_entropy: no runs (log_likelihoods is empty)")
     return -float(np.mean(log_likelihoods))
+
+
+# ---- graph measures of the K answers (Lin, Trivedi & Sun 2023, as IINemo/lm-polygraph computes them) ----------
+#
+# W is a question's (K, K) similarity over its runs. Here it is the 0/1 equivalence graph (``stages.lib.equivalence.
+# answer_adjacency``: 1 for equivalent answers, identical ones included, so the diagonal is 1); lm-polygraph's
+# estimators take the NLI entailment probabilities instead, and on a 0/1 graph they compute exactly what follows.
+# D = diag(W 1) is the degree matrix and L = I - D^{-1/2} W D^{-1/2} the symmetric normalised Laplacian.
+# lm-polygraph's measures are per QUESTION (one uncertainty for the K samples, repeated on each run as SE is); the
+# paper's per-run confidences (C_Deg, C_Ecc) are ``degree_per_run`` and ``eccentricity_per_run``. Higher = less
+# sure for every function here. For an equivalence relation (W a union of C cliques), NumSets = EigV = C,
+# Deg = 1 - sum_c n_c^2 / K^2 and Ecc = sqrt(C - 1).
+
+ECCENTRICITY_EIGENVALUE_THRESHOLD = 0.9
+"""lm-polygraph's default ``thres``: the spectral embedding keeps the eigenvectors of L with eigenvalue below it."""
+
+
+def _similarity(adjacency: np.ndarray) -> np.ndarray:
+    similarity = np.asarray(adjacency, dtype=np.float64)
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] == 0:
+        raise ValueError(f"adjacency must be a non-empty square matrix; got shape {similarity.shape}")
+    if not np.array_equal(similarity, similarity.T) or np.any(np.diag(similarity) <= 0):
+        raise ValueError("adjacency must be symmetric with a positive diagonal (every run is equivalent to itself)")
+    return similarity
+
+
+def normalised_laplacian(adjacency: np.ndarray) -> np.ndarray:
+    """L = I - D^{-1/2} W D^{-1/2}, shape (K, K), from W = ``adjacency`` (K, K), symmetric, diagonal > 0."""
+    similarity = _similarity(adjacency)
+    inverse_sqrt_degree = 1.0 / np.sqrt(similarity.sum(axis=1))
+    return np.eye(len(similarity)) - inverse_sqrt_degree[:, None] * similarity * inverse_sqrt_degree[None, :]
+
+
+def number_of_semantic_sets(adjacency: np.ndarray) -> int:
+    """NumSemSets: the number of connected components of the equivalence graph (lm-polygraph ``NumSemSets``).
+
+    For method ``math`` this is ``n_clusters`` (``cluster_answers`` takes the components); for the model methods,
+    whose clusters follow the reference's greedy rule, the two can differ.
+    """
+    return int(connected_clusters(_similarity(adjacency) > 0).max()) + 1
+
+
+def eigenvalue_sum_uncertainty(adjacency: np.ndarray) -> float:
+    """EigV = sum_k max(0, 1 - lambda_k) over the eigenvalues lambda_k of L (lm-polygraph ``EigValLaplacian``).
+
+    A continuous number of semantic sets: C for C disjoint cliques, fractional when equivalence is not transitive
+    (the path 1 ~ 2 ~ 3, one component, gives 1.5).
+    """
+    eigenvalues = np.linalg.eigvalsh(normalised_laplacian(adjacency))
+    return float(np.sum(np.maximum(0.0, 1.0 - eigenvalues)))
+
+
+def degree_uncertainty(adjacency: np.ndarray) -> float:
+    """Deg = trace(K I - D) / K^2 = 1 - sum_ij W_ij / K^2 (lm-polygraph ``DegMat``): 0 when all K runs agree."""
+    similarity = _similarity(adjacency)
+    return float(1.0 - similarity.sum() / len(similarity) ** 2)
+
+
+def degree_per_run(adjacency: np.ndarray) -> np.ndarray:
+    """Per run j, 1 - D_jj / K: one minus the paper's C_Deg(s_j), the share of the K runs run j agrees with. (K,)"""
+    similarity = _similarity(adjacency)
+    return 1.0 - similarity.sum(axis=1) / len(similarity)
+
+
+def _centred_spectral_embedding(adjacency: np.ndarray, eigenvalue_threshold: float) -> np.ndarray:
+    """Rows v_j - mean_j v_j of the embedding v_j = (u_1[j], ..., u_k[j]), u_m the eigenvectors of L with eigenvalue
+    < threshold, shape (K, k). Norms of its rows (and its Frobenius norm) do not depend on the eigenvector basis."""
+    eigenvalues, eigenvectors = np.linalg.eigh(normalised_laplacian(adjacency))
+    embedding = eigenvectors[:, eigenvalues < eigenvalue_threshold]  # (K, k), k >= 1: lambda_min = 0
+    return embedding - embedding.mean(axis=0, keepdims=True)
+
+
+def eccentricity_uncertainty(adjacency: np.ndarray,
+                             eigenvalue_threshold: float = ECCENTRICITY_EIGENVALUE_THRESHOLD) -> float:
+    """Ecc = || [v_1 - v_bar, ..., v_K - v_bar] ||_F over the spectral embedding (lm-polygraph ``Eccentricity``).
+
+    lm-polygraph centres each kept eigenvector over the K runs and takes the 2-norm of their norms, which is this
+    Frobenius norm. 0 when all runs agree; sqrt(C - 1) for C disjoint cliques.
+    """
+    return float(np.linalg.norm(_centred_spectral_embedding(adjacency, eigenvalue_threshold)))
+
+
+def eccentricity_per_run(adjacency: np.ndarray,
+                         eigenvalue_threshold: float = ECCENTRICITY_EIGENVALUE_THRESHOLD) -> np.ndarray:
+    """Per run j, ||v_j - v_bar||_2: minus the paper's C_Ecc(s_j), how far run j's answer sits from the centre. (K,)"""
+    return np.linalg.norm(_centred_spectral_embedding(adjacency, eigenvalue_threshold), axis=1)
+
+
+def graph_measures(adjacency: np.ndarray) -> dict[str, float]:
+    """The question-level measures of one (K, K) equivalence graph, by lm-polygraph's names: ``num_semantic_sets``,
+    ``eigv``, ``degree``, ``eccentricity`` (higher = less sure for all four)."""
+    return {"num_semantic_sets": float(number_of_semantic_sets(adjacency)),
+            "eigv": eigenvalue_sum_uncertainty(adjacency),
+            "degree": degree_uncertainty(adjacency),
+            "eccentricity": eccentricity_uncertainty(adjacency)}
 
 
 def _clip_rounding(entropy: float) -> float:

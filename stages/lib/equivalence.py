@@ -1,15 +1,20 @@
 """Semantic equivalence by a model: NLI (bidirectional entailment) and embedding cosine, with greedy clustering.
 
-Used by the semantic_entropy stage for ``semantic_entropy.method`` = ``nli``, ``cosine`` and ``math+nli``. Method
-``math`` never comes here (``stages.semantic_entropy.cluster_answers`` with math-verify), and importing this module
-loads no model and no deep-learning library: ``torch``, ``transformers`` and ``sentence_transformers`` are
-imported inside the loaders.
+Used by the semantic_entropy stage: the model judges for ``semantic_entropy.method`` = ``nli``, ``cosine`` and
+``math+nli``, and the clustering rules of every method. Importing this module loads no model and no deep-learning
+library: ``torch``, ``transformers`` and ``sentence_transformers`` are imported inside the loaders.
 
 Pieces, each usable alone (the tests drive them with oracles and tiny random models):
 
-- ``greedy_reference_clusters(answers, judge)``: the greedy clustering of Farquhar et al. (2024), exactly as their
+- two clustering rules, and only two:
+  ``greedy_reference_clusters(answers, judge)``, the greedy clustering of Farquhar et al. (2024), exactly as their
   reference code (jlko/semantic_uncertainty, ``get_semantic_ids``), with identical answers deduplicated and each
-  step's pairs sent to the judge together.
+  step's pairs sent to the judge together: the rule of the model methods (nli, cosine, math+nli);
+  ``connected_clusters(answer_adjacency(answers, judge))``, the connected components of the equivalence graph over
+  the distinct answers: the rule of method ``math`` (``stages.lib.entropy.cluster_answers``). It is
+  order-invariant for any symmetric judge, where the greedy rule is not (math-verify is not transitive:
+  ``x=5`` ~ ``5`` ~ ``y=5`` but ``x=5`` !~ ``y=5``), and the same adjacency gives the graph measures
+  (``stages.lib.entropy.graph_measures``).
 - judges, called as ``judge(pairs, question) -> decisions`` on many (representative, candidate) pairs at once:
   ``NliJudge`` (an MNLI classifier read in both directions, results cached per directed pair, forward passes
   batched), ``CosineJudge`` (cosine similarity of sentence embeddings, one embedding per distinct text) and
@@ -25,6 +30,7 @@ evaluated, cache hits. The reference algorithm makes 2 classifier calls per pair
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -32,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 from stages.lib.answers import answers_equivalent, parse_answer
 
@@ -76,7 +84,7 @@ def greedy_reference_clusters(answers: Sequence[str], judge: Callable[[list[Pair
     - all pairs of one step, (representative, each later distinct answer), go to ``judge`` in one call, so a
       batching judge evaluates them in one forward pass; a question costs at most one call per cluster;
     - empty answers form one shared "no answer" cluster and never reach ``judge`` (see
-      ``stages.semantic_entropy.cluster_answers`` for why).
+      ``stages.lib.entropy.cluster_answers`` for why).
 
     On lists with repeats the results can differ from the reference only for a non-transitive judge: there, two
     copies of a string may land in different clusters, which deduplication rules out.
@@ -112,6 +120,66 @@ def greedy_reference_clusters(answers: Sequence[str], judge: Callable[[list[Pair
     raw_ids = [cluster_of[answer] for answer in answers]
     renumber = {raw: new for new, raw in enumerate(dict.fromkeys(raw_ids))}
     return np.array([renumber[raw] for raw in raw_ids], dtype=np.int64)
+
+
+def pairwise_judge(equivalent: Callable[[str, str], bool]) -> Callable[[list[Pair]], list[bool]]:
+    """A batch judge (list of pairs -> list of decisions) from a pairwise relation such as ``answers_equivalent``."""
+    return lambda pairs: [equivalent(first, second) for first, second in pairs]
+
+
+def answer_adjacency(answers: Sequence[str], judge: Callable[[list[Pair]], list[bool]]) -> np.ndarray:
+    """The equivalence graph of one question's runs: ``adjacency[i, j]`` is True when runs i and j mean the same.
+
+    - runs with identical answers are always adjacent (the diagonal is True), empty answers included: the
+      "no answer" runs form one clique, adjacent to nothing else, and never reach ``judge`` (as in the clusterings);
+    - every unordered pair of DISTINCT non-empty answers is judged once, all in one call, as (earlier, later) in
+      order of first appearance: D distinct answers cost D (D - 1) / 2 pairs (at most 45 for K = 10).
+
+    ``judge`` must be symmetric (every judge here is: math-verify both ways, bidirectional entailment, cosine);
+    then permuting the answers permutes the rows and columns of the result and changes nothing else.
+
+    Parameters
+    ----------
+    answers : sequence of str, shape (K,)
+    judge : callable list[(first, second)] -> list[bool], one decision per pair
+
+    Returns
+    -------
+    adjacency : ndarray of bool, shape (K, K), symmetric
+    """
+    distinct = [answer for answer in dict.fromkeys(answers) if answer != NO_ANSWER]
+    pairs = list(itertools.combinations(distinct, 2))
+    decisions = judge(pairs) if pairs else []
+    if len(decisions) != len(pairs):
+        raise ValueError(f"equivalence judge returned {len(decisions)} decisions for {len(pairs)} pairs")
+    distinct_adjacency = np.eye(len(distinct) + 1, dtype=bool)  # the last row/column is the "no answer" clique
+    for (first, second), same in zip(itertools.combinations(range(len(distinct)), 2), decisions):
+        distinct_adjacency[first, second] = distinct_adjacency[second, first] = bool(same)
+    index = {answer: position for position, answer in enumerate(distinct)}
+    codes = np.array([index.get(answer, len(distinct)) for answer in answers], dtype=np.int64)  # (K,)
+    return distinct_adjacency[np.ix_(codes, codes)]
+
+
+def connected_clusters(adjacency: np.ndarray) -> np.ndarray:
+    """Cluster ids from an equivalence graph: its connected components, numbered 0..C-1 in order of first appearance.
+
+    Two runs share a cluster iff a chain of equivalent answers joins them (the transitive closure of the
+    judge). The partition depends only on the graph, so it is the same whatever order the runs come in.
+
+    Parameters
+    ----------
+    adjacency : ndarray of bool, shape (K, K), symmetric
+
+    Returns
+    -------
+    cluster_ids : ndarray of int64, shape (K,)
+    """
+    adjacency = np.asarray(adjacency, dtype=bool)
+    if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
+        raise ValueError(f"adjacency must be a square matrix; got shape {adjacency.shape}")
+    _, components = connected_components(csr_matrix(adjacency), directed=False)
+    renumber = {component: new for new, component in enumerate(dict.fromkeys(components.tolist()))}
+    return np.array([renumber[component] for component in components.tolist()], dtype=np.int64)
 
 
 # ---- NLI -----------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Pure metric math for the evaluate stage: AUROC, AUPRC, question-level bootstrap CIs, permutation p-values.
+"""Pure metric math for the evaluate stage: AUROC, AUPRC, question-level bootstrap CIs, paired differences and
+permutation p-values.
 
 No file I/O. Every ranking metric takes ``labels`` (positive class = True / 1) and ``scores`` (higher = more
 likely positive) and returns ``None`` instead of raising when the labels hold a single class, because a
 test or OOD split where every run is correct is a legitimate outcome to report, not a crash. The selective-
-prediction metrics (risk-coverage, AURC, AURAC, PRR) take ``correct`` and ``uncertainty``; they, the
-calibration metrics (Brier, ECE, reliability table) and ``spearman`` are documented one by one (AURAC, AURC,
-Brier and ECE stay defined for a single class; PRR and Spearman return None where undefined).
+prediction metrics (risk-coverage, AURC, AURAC in the paper's and in the all-n convention, PRR) take ``correct``
+and ``uncertainty``; they, the calibration metrics (Brier, ECE, reliability table) and ``spearman`` are
+documented one by one (AURAC, AURC, Brier and ECE stay defined for a single class; PRR and Spearman return None
+where undefined).
 ``single_class_reason`` says why in words, for the ``note`` field of the metrics JSON.
 
 AUROC is computed from ranks (the Mann-Whitney U statistic, ties counted as half) and AUPRC as
@@ -158,6 +160,41 @@ class BootstrapResult:
     n_requested: int
 
 
+def _group_runs(groups, n_runs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index the runs by question: ``order[starts[g]:starts[g] + counts[g]]`` are the rows of group g, in input order.
+
+    Groups are numbered in sorted order of their values (``np.unique``), so the result does not depend on the
+    order of the rows beyond the order of the runs within each question.
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) != n_runs:
+        raise ValueError(f"groups has shape {groups.shape}; expected ({n_runs},), the question of each run")
+    _, group_codes = np.unique(groups, return_inverse=True)
+    order = np.argsort(group_codes, kind="mergesort")
+    counts = np.bincount(group_codes)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    return order, starts, counts
+
+
+def _question_resamples(groups, n_runs: int, n_resamples: int, rng: np.random.Generator):
+    """Yield ``n_resamples`` row-index arrays, each all runs of as many questions drawn with replacement as there are.
+
+    The one resampling scheme of every bootstrap here, so a paired comparison sees the same draws as
+    ``bootstrap_ci`` would with the same generator.
+    """
+    order, starts, counts = _group_runs(groups, n_runs)
+    n_groups = len(counts)
+    for _ in range(n_resamples):
+        drawn = rng.integers(0, n_groups, size=n_groups)
+        yield np.concatenate([order[starts[g]:starts[g] + counts[g]] for g in drawn])
+
+
+def _percentile_interval(values, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_ci(labels, scores, groups, metric: Metric, n_resamples: int, confidence: float,
                  rng: np.random.Generator) -> BootstrapResult:
     """Percentile CI of ``metric`` from resampling GROUPS (questions) with replacement, not runs.
@@ -178,54 +215,145 @@ def bootstrap_ci(labels, scores, groups, metric: Metric, n_resamples: int, confi
     rng : numpy Generator (the caller seeds it)
     """
     labels, scores = _as_arrays(labels, scores)
-    groups = np.asarray(groups)
-    if len(groups) != len(labels):
-        raise ValueError(f"groups has {len(groups)} entries; expected {len(labels)}")
+    if len(np.asarray(groups)) != len(labels):
+        raise ValueError(f"groups has {len(np.asarray(groups))} entries; expected {len(labels)}")
     if len(labels) == 0:
         return BootstrapResult(None, None, 0, n_resamples)
-    _, group_codes = np.unique(groups, return_inverse=True)
-    order = np.argsort(group_codes, kind="mergesort")
-    # runs of group g are order[starts[g]:starts[g] + counts[g]]
-    counts = np.bincount(group_codes)
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
-    n_groups = len(counts)
     values = []
-    for _ in range(n_resamples):
-        drawn = rng.integers(0, n_groups, size=n_groups)
-        rows = np.concatenate([order[starts[g]:starts[g] + counts[g]] for g in drawn])
+    for rows in _question_resamples(groups, len(labels), n_resamples, rng):
         value = metric(labels[rows], scores[rows])
         if value is not None:
             values.append(value)
     if not values:
         return BootstrapResult(None, None, 0, n_resamples)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return BootstrapResult(float(low), float(high), len(values), n_resamples)
+    low, high = _percentile_interval(values, confidence)
+    return BootstrapResult(low, high, len(values), n_resamples)
 
 
-def permutation_p_value(labels, scores, metric: Metric, n_permutations: int,
-                        rng: np.random.Generator) -> float | None:
-    """One-sided permutation p-value: (1 + #{permuted metric >= observed}) / (1 + n_permutations).
+@dataclass(frozen=True)
+class PairedDifference:
+    """``metric(scores_a) - metric(scores_b)`` on the same runs, with a paired question-level bootstrap.
 
-    The labels are shuffled across all runs (the null: scores carry no information about labels).
-    The +1 counts the observed labelling as one of the permutations, so p is never 0.
-    None when the observed metric is undefined.
+    ``low``/``high`` is the percentile CI and ``p_value`` the two-sided bootstrap p of "no difference";
+    all three are None when no resample was usable, and ``difference`` is None when the metric is undefined.
+    """
+
+    difference: float | None
+    low: float | None
+    high: float | None
+    p_value: float | None
+    n_used: int
+    """Resamples where the metric was defined for both scores (the same resamples for both)."""
+    n_requested: int
+
+
+def paired_difference(labels, scores_a, scores_b, groups, metric: Metric, n_resamples: int, confidence: float,
+                      rng: np.random.Generator) -> PairedDifference:
+    """The difference of one metric between two scores of the same runs, with a paired question-level CI and p.
+
+    d = metric(labels, scores_a) - metric(labels, scores_b). Each bootstrap resample draws questions with
+    replacement (as ``bootstrap_ci``, with the same draws for the same generator) and computes BOTH metrics on
+    it, d* = metric_a* - metric_b*: what the two scores share (the questions drawn, their difficulty) cancels,
+    so the interval is much narrower than two separate intervals would suggest when the scores agree.
+
+    The p-value is the two-sided bootstrap p of H0: d = 0, the smallest alpha at which the (1 - alpha)
+    percentile interval excludes 0 (test inversion):
+
+        p = min(1, 2 (1 + min(#{d* <= 0}, #{d* >= 0})) / (1 + n_used))
+
+    The +1 counts the observed sample as a resample, so p is never 0 (its floor is 2 / (1 + n_used)). It needs
+    no exchangeability of the two scores, so it is valid for scores on different scales (a probe's
+    probability against an entropy in nats), where a test that swaps scores between methods would not be.
+
+    Parameters
+    ----------
+    labels : (n,) bool or 0/1
+    scores_a, scores_b : (n,) float, higher = more likely positive, for the same runs
+    groups : (n,) hashable, the question of each run
+    metric : callable(labels, scores) -> float or None, e.g. ``auroc``
+    n_resamples : int
+    confidence : float in (0, 1)
+    rng : numpy Generator (the caller seeds it)
+    """
+    labels, scores_a = _as_arrays(labels, scores_a)
+    _, scores_b = _as_arrays(labels, scores_b)
+    if len(np.asarray(groups)) != len(labels):
+        raise ValueError(f"groups has {len(np.asarray(groups))} entries; expected {len(labels)}")
+    value_a = metric(labels, scores_a) if len(labels) else None
+    value_b = metric(labels, scores_b) if len(labels) else None
+    if value_a is None or value_b is None:
+        return PairedDifference(None, None, None, None, 0, n_resamples)
+    differences = []
+    for rows in _question_resamples(groups, len(labels), n_resamples, rng):
+        resampled_a, resampled_b = metric(labels[rows], scores_a[rows]), metric(labels[rows], scores_b[rows])
+        if resampled_a is not None and resampled_b is not None:
+            differences.append(resampled_a - resampled_b)
+    if not differences:
+        return PairedDifference(value_a - value_b, None, None, None, 0, n_resamples)
+    differences = np.asarray(differences)
+    low, high = _percentile_interval(differences, confidence)
+    # differences that are 0 up to rounding (identical rank sums summed in another order) count on both sides
+    at_most_zero = int(np.sum(differences <= 1e-12))
+    at_least_zero = int(np.sum(differences >= -1e-12))
+    p_value = min(1.0, 2 * (1 + min(at_most_zero, at_least_zero)) / (1 + len(differences)))
+    return PairedDifference(value_a - value_b, low, high, p_value, len(differences), n_resamples)
+
+
+def _same_size_blocks(groups, n_runs: int) -> list[np.ndarray]:
+    """The questions grouped by their number of runs: one (questions, runs) matrix of row indices per size.
+
+    Row q of a block holds the rows of one question in input order; only blocks of 2+ questions are returned
+    (a question of a size no other question has can only be paired with itself).
+    """
+    order, starts, counts = _group_runs(groups, n_runs)
+    blocks = []
+    for size in np.unique(counts):
+        members = np.flatnonzero(counts == size)
+        if len(members) > 1:
+            blocks.append(order[starts[members][:, None] + np.arange(size)[None, :]])
+    return blocks
+
+
+def permutation_p_value(labels, scores, metric: Metric, n_permutations: int, rng: np.random.Generator,
+                        groups=None) -> float | None:
+    """One-sided permutation p-value of ``metric`` at the question level: (1 + #{permuted >= observed}) / (1 + B).
+
+    The K runs of one question are correlated (one prompt, one difficulty): when a question's score is
+    constant over its runs and its accuracy varies between questions, shuffling labels across single runs
+    treats 10 correlated runs as 10 independent ones, and the test rejects far too often (measured: 18% at
+    nominal 5% on 50 questions x 10 runs, ``tests/test_metrics.py``). So each permutation reassigns WHOLE
+    label vectors between questions of the same size: question q's runs, in their input order, take the
+    labels of question pi(q)'s runs, pi a uniform random permutation within each size. The null is that
+    questions' label vectors are exchangeable given the scores (the scores carry no information about which
+    question is right); the dependence within a question is kept, as it is in the data.
+
+    A question whose number of runs no other question shares keeps its labels; if every question does, every
+    permutation is the identity and p = 1. The +1 counts the observed labelling as one of the permutations,
+    so p is never 0. None when the observed metric is undefined.
 
     Parameters
     ----------
     labels : (n,) bool
     scores : (n,) float
     metric : callable(labels, scores) -> float or None
-    n_permutations : int
+    n_permutations : int, B
     rng : numpy Generator
+    groups : (n,) hashable, the question of each run. None treats every run as its own question (the
+        run-level test: valid only when the runs are independent).
     """
     labels, scores = _as_arrays(labels, scores)
     observed = metric(labels, scores)
     if observed is None:
         return None
-    # permutations keep the class counts, so the metric is always defined; the tolerance keeps exact
-    # ties (equal rank sums computed in a different order) counted as ">="
-    at_least = sum(metric(rng.permutation(labels), scores) >= observed - 1e-12 for _ in range(n_permutations))
+    blocks = _same_size_blocks(np.arange(len(labels)) if groups is None else groups, len(labels))
+    at_least = 0
+    permuted = labels.copy()
+    for _ in range(n_permutations):
+        for block in blocks:
+            permuted[block] = labels[block[rng.permutation(len(block))]]
+        # a permutation keeps the class counts, so the metric is defined; the tolerance keeps exact ties
+        # (equal rank sums computed in a different order) counted as ">="
+        at_least += metric(permuted, scores) >= observed - 1e-12
     return (1 + at_least) / (1 + n_permutations)
 
 
@@ -235,7 +363,7 @@ def permutation_p_value(labels, scores, metric: Metric, n_permutations: int,
 # selective predictor keeps the k most certain runs and abstains on the rest. Runs with EQUAL uncertainty
 # cannot be told apart, so no metric may depend on the order in which they were passed: the curve has a
 # point only after a whole tie group, and the areas are the exact expectation over a uniformly random order
-# within each tie group.
+# within each tie group (the paper's ``aurac`` instead keeps every run tied at a cut-off, as its reference does).
 
 
 def _tie_averaged_correctness(correct, uncertainty) -> np.ndarray:
@@ -301,7 +429,7 @@ def aurc(correct, uncertainty) -> float | None:
     order within tie groups: if k splits a tie group of n_g runs with e_g errors, taking j of them, the kept
     errors are the earlier groups' errors plus j e_g / n_g. Equivalently each run's error indicator is
     replaced by its tie group's mean before the cumulative sum. With no ties this is the usual discrete
-    AURC (Geifman et al. 2019). AURC = 1 - ``aurac``.
+    AURC (Geifman et al. 2019). AURC = 1 - ``aurac_all_n``.
 
     Parameters
     ----------
@@ -319,14 +447,14 @@ def aurc(correct, uncertainty) -> float | None:
     return float(np.mean(errors / np.arange(1, len(errors) + 1)))
 
 
-def aurac(correct, uncertainty) -> float | None:
-    """Area under the rejection-accuracy curve (higher = better), rejecting the most uncertain runs first.
+def aurac_all_n(correct, uncertainty) -> float | None:
+    """Area under the rejection-accuracy curve over every n (higher = better), rejecting the most uncertain first.
 
-    AURAC = (1/n) sum_{r=0}^{n-1} acc(n - r), the mean over rejecting r = 0, 1, ..., n-1 runs of the accuracy
-    acc(k) of the k = n - r runs kept; the fraction rejected r/n runs over {0, 1/n, ..., (n-1)/n}. Ties are
-    averaged as in ``aurc`` (the exact expectation over a random order within each tie group), so
-    AURAC = 1 - AURC. A constant ``uncertainty`` gives the overall accuracy; all correct gives 1.0, all
-    wrong 0.0.
+    AURAC_all_n = (1/n) sum_{r=0}^{n-1} acc(n - r), the mean over rejecting r = 0, 1, ..., n-1 runs of the
+    accuracy acc(k) of the k = n - r runs kept; the fraction rejected r/n runs over {0, 1/n, ..., (n-1)/n}. Ties
+    are averaged as in ``aurc`` (the exact expectation over a random order within each tie group), so
+    AURAC_all_n = 1 - AURC. A constant ``uncertainty`` gives the overall accuracy; all correct gives 1.0, all
+    wrong 0.0. ``aurac`` is the paper's 20-level convention; the two are not interchangeable (see there).
 
     Parameters
     ----------
@@ -343,10 +471,48 @@ def aurac(correct, uncertainty) -> float | None:
     return float(np.mean(_kept_accuracy(correct, uncertainty)))
 
 
+# The retention levels of the Nature paper's AURAC (jlko/semantic_uncertainty, uncertainty/utils/eval_utils.py,
+# ``area_under_thresholded_accuracy``): keep the runs at or below the q-quantile of the uncertainty.
+AURAC_RETENTION_LEVELS = np.linspace(0.1, 1, 20)
+
+
+def aurac(correct, uncertainty) -> float | None:
+    """AURAC as Farquhar et al. (Nature 2024) compute it: a Riemann sum over 20 retention levels (higher = better).
+
+        AURAC = dq * sum_{q in Q} acc(q),  Q = {0.1, 0.1 + dq, ..., 1} (20 levels), dq = 0.9 / 19,
+        acc(q) = mean correctness of the runs with uncertainty <= quantile_q(uncertainty)
+
+    exactly as the reference code: ``np.quantile`` with its default linear interpolation, and every run tied
+    at the cut-off is kept (so the value does not depend on the input order). Note what the reference's sum
+    implies: 20 points times the spacing of 19 intervals, so all correct gives 20 dq = 18/19 ~ 0.947, not 1, and
+    a constant uncertainty gives 18/19 x accuracy; retention below 10% is never scored. Use this to compare
+    with the paper's numbers; ``aurac_all_n`` is the area over every n (= 1 - AURC).
+
+    Parameters
+    ----------
+    correct : (n,) bool or 0/1
+    uncertainty : (n,) float, higher = less sure
+
+    Returns
+    -------
+    float in [0, 18/19], or None when there are no runs.
+    """
+    correct, uncertainty = _as_arrays(correct, uncertainty)
+    if len(correct) == 0:
+        return None
+    order = np.argsort(uncertainty, kind="mergesort")
+    sorted_uncertainty = uncertainty[order]
+    cutoffs = np.quantile(uncertainty, AURAC_RETENTION_LEVELS)
+    kept = np.searchsorted(sorted_uncertainty, cutoffs, side="right")  # runs with uncertainty <= cutoff, >= 1
+    kept_correct = np.r_[0.0, np.cumsum(correct[order])][kept]
+    step = AURAC_RETENTION_LEVELS[1] - AURAC_RETENTION_LEVELS[0]
+    return float(np.sum(kept_correct / kept) * step)
+
+
 def prediction_rejection_ratio(correct, uncertainty) -> float | None:
     """Prediction rejection ratio: PRR = (AR_uncertainty - AR_random) / (AR_oracle - AR_random).
 
-    AR is the area under the rejection-accuracy curve with the discretisation of ``aurac``: AR_uncertainty
+    AR is the area under the rejection-accuracy curve with the discretisation of ``aurac_all_n``: AR_uncertainty
     rejects by ``uncertainty``; AR_random = C/n, the overall accuracy (a random order keeps C/n accuracy in
     expectation at every k); AR_oracle rejects every wrong run first, AR_oracle = (1/n) (C + sum_{k=C+1}^{n}
     C/k), with C correct runs of n. PRR = 1 is the oracle, 0 no better than random, negative worse than

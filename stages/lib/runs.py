@@ -1,5 +1,5 @@
 """Run records shared by every sampling backend: the SampledRun each backend returns, the think span, and the
-RUN_COLUMNS rows built from them (decoded text, extracted answer, correctness)."""
+RUN_COLUMNS rows built from them (decoded text, extracted answer and how it was found, correctness)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from stages.lib.answers import extract_final_answer, is_correct
+from stages.lib.answers import extract_answer, is_correct
 from stages.lib.models import ThinkTokens
 from stages.lib.schema import RUN_COLUMNS, empty_frame
 
@@ -34,6 +34,14 @@ def think_span(generated_ids: list[int], think: ThinkTokens) -> tuple[int | None
     return first(think.start_id), first(think.end_id)
 
 
+def prompt_opens_think(prompt_ids: list[int], think: ThinkTokens) -> bool:
+    """True when the prompt ends inside a think span: its last <think> comes after its last </think> (or it has no
+    </think>), as with chat templates that open the reasoning for the model (DeepSeek-R1's ends in ``<think>``)."""
+    def last(token_id: int | None) -> int:
+        return max((i for i, t in enumerate(prompt_ids) if token_id is not None and t == token_id), default=-1)
+    return last(think.start_id) > last(think.end_id)
+
+
 def mean_think_entropy(entropies: np.ndarray, start: int | None, end: int | None, stop_entropy: float) -> float:
     """Mean token entropy strictly inside the think span; all generated tokens when there is no span;
     the EOS step's entropy when nothing was generated."""
@@ -48,19 +56,26 @@ def mean_think_entropy(entropies: np.ndarray, start: int | None, end: int | None
 
 def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: list[list[SampledRun]],
                       tokenizer, think: ThinkTokens) -> pd.DataFrame:
-    """One RUN_COLUMNS row per (question, run): decode, find the think span, extract and judge the answer."""
+    """One RUN_COLUMNS row per (question, run): decode, find the think span, extract and judge the answer.
+
+    The answer follows ``stages.lib.answers.extract_answer``: nothing from inside the reasoning, so a run that
+    stopped while still thinking has answer '' (and is incorrect). Each row also carries ``answer_source`` (one of
+    ``ANSWER_SOURCES``: how the answer was found); it reaches the table once RUN_COLUMNS lists it.
+    """
     rows = []
     for (_, question), prompt, question_runs in zip(questions.iterrows(), prompts, runs):
+        think_open = prompt_opens_think(list(prompt), think)
         for run_id, run in enumerate(question_runs):
             start, end = think_span(run.generated_ids, think)
             text = tokenizer.decode(run.generated_ids, skip_special_tokens=False)
-            answer = extract_final_answer(text)
+            extracted = extract_answer(text, think_open_at_start=think_open)
+            answer = extracted.answer
             rows.append({
                 "question_id": question["question_id"], "run_id": run_id, "dataset": question["dataset"],
                 "prompt_ids": np.asarray(prompt, dtype=np.int32),
                 "generated_ids": np.asarray(run.generated_ids, dtype=np.int32), "text": text,
                 "think_start_index": start, "think_end_index": end, "think_missing": end is None,
-                "truncated": run.truncated, "answer": answer,
+                "truncated": run.truncated, "answer": answer, "answer_source": extracted.source,
                 "token_logprobs": run.token_logprobs, "token_entropies": run.token_entropies,
                 "sequence_loglik": float(run.token_logprobs.sum()),
                 "mean_token_entropy": mean_think_entropy(run.token_entropies, start, end, run.stop_entropy),
@@ -69,7 +84,7 @@ def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: l
             })
     if not rows:  # e.g. data.ood_source: none; typed, so it validates and writes like any other table
         return empty_frame(RUN_COLUMNS)
-    frame = pd.DataFrame(rows, columns=[c.name for c in RUN_COLUMNS])
+    frame = pd.DataFrame(rows, columns=[c.name for c in RUN_COLUMNS])  # only the schema's columns are kept
     for column in ("think_start_index", "think_end_index"):
         frame[column] = frame[column].astype("Int64")
     return frame

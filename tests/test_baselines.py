@@ -1,0 +1,167 @@
+"""Baseline scores beside the probes: per-run token baselines (stages/lib/baselines.py) and the graph measures of
+the K answers (stages/lib/entropy.py), on hand-computed cases and against lm-polygraph's estimators, transcribed."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from scipy.linalg import eigh
+
+from stages.lib.answers import answers_equivalent
+from stages.lib.baselines import length_normalised_negative_loglik, negative_min_answer_logprob, think_length
+from stages.lib.entropy import (
+    cluster_answers,
+    degree_per_run,
+    degree_uncertainty,
+    eccentricity_per_run,
+    eccentricity_uncertainty,
+    eigenvalue_sum_uncertainty,
+    graph_measures,
+    normalised_laplacian,
+    number_of_semantic_sets,
+)
+from stages.lib.equivalence import answer_adjacency, pairwise_judge
+
+# ---- per-run token baselines -------------------------------------------------------------------------------
+
+
+def test_length_normalised_negative_loglik_by_hand():
+    # -6 over 3 tokens, -1 over 2, an empty run: 2, 0.5, 0
+    np.testing.assert_allclose(length_normalised_negative_loglik([-6.0, -1.0, 0.0], [3, 2, 0]), [2.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="must be"):
+        length_normalised_negative_loglik([-1.0], [1, 2])
+
+
+def test_think_length_by_hand():
+    # ids:  <think> a b c </think> \boxed{7}   -> s=0, e=4: 3 tokens inside
+    #       </think> only at 5 (prompt opened the span)                      -> 5
+    #       <think> at 0, no </think>, 9 tokens (truncated while reasoning)  -> 8
+    #       no tags, 6 tokens                                                -> 6
+    #       <think> after </think> (s=3 > e=2)                               -> 2
+    start = pd.array([0, None, 0, None, 3], dtype="Int64")
+    end = pd.array([4, 5, None, None, 2], dtype="Int64")
+    np.testing.assert_array_equal(think_length(start, end, [8, 9, 9, 6, 7]), [3, 5, 8, 6, 2])
+
+
+def test_negative_min_answer_logprob_by_hand():
+    logprobs = [
+        np.log([0.9, 0.8, 0.99, 0.5, 0.7]),  # </think> at 2: answer tokens 3, 4 -> min p = 0.5
+        np.log([0.9, 0.1, 0.6]),             # no </think>: the whole run -> 0.1
+        np.log([0.9, 0.2]),                  # </think> is the last token: the whole run -> 0.2
+        np.array([]),                        # nothing generated -> 0
+    ]
+    scores = negative_min_answer_logprob(logprobs, [2, None, 1, None])
+    np.testing.assert_allclose(scores, [-math.log(0.5), -math.log(0.1), -math.log(0.2), 0.0])
+    with pytest.raises(ValueError, match="think_end_index"):
+        negative_min_answer_logprob(logprobs, [2, None])
+
+
+# ---- graph measures ----------------------------------------------------------------------------------------
+
+def cliques(sizes: list[int]) -> np.ndarray:
+    """The equivalence graph of runs in clusters of the given sizes (block diagonal, all ones within a block)."""
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    return labels[:, None] == labels[None, :]
+
+
+PATH = np.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=bool)  # 1 ~ 2 ~ 3, 1 !~ 3
+
+
+def test_graph_measures_of_cliques_by_hand():
+    # clusters of sizes 2, 1, 1 (K = 4): 3 sets; EigV = C = 3; Deg = 1 - (4 + 1 + 1) / 16; Ecc = sqrt(C - 1)
+    measures = graph_measures(cliques([2, 1, 1]))
+    assert measures == pytest.approx({"num_semantic_sets": 3, "eigv": 3, "degree": 0.625,
+                                      "eccentricity": math.sqrt(2)})
+    # per run: 1 - D_jj / K = 1 - 2/4, 1 - 1/4; embedding rows v = (1/sqrt2, 0, 0) x2, (0, 1, 0), (0, 0, 1) with mean
+    # (sqrt2/4, 1/4, 1/4): ||v_1 - mean||^2 = 1/8 + 1/16 + 1/16 = 1/4, ||v_3 - mean||^2 = 1/8 + 9/16 + 1/16 = 3/4
+    np.testing.assert_allclose(degree_per_run(cliques([2, 1, 1])), [0.5, 0.5, 0.75, 0.75])
+    np.testing.assert_allclose(eccentricity_per_run(cliques([2, 1, 1])), [0.5, 0.5, math.sqrt(3) / 2,
+                                                                          math.sqrt(3) / 2])
+    # agreement and its opposite
+    assert graph_measures(cliques([5])) == pytest.approx({"num_semantic_sets": 1, "eigv": 1, "degree": 0,
+                                                          "eccentricity": 0}, abs=1e-12)
+    assert graph_measures(cliques([1] * 4)) == pytest.approx({"num_semantic_sets": 4, "eigv": 4, "degree": 0.75,
+                                                              "eccentricity": math.sqrt(3)})
+
+
+def test_graph_measures_of_a_non_transitive_path_by_hand():
+    # degrees 2, 3, 2; D^-1/2 W D^-1/2 has eigenvalues 1, 1/2 (vector (1, 0, -1)) and 4/3 - 3/2 = -1/6 (the trace),
+    # so L has 0, 1/2, 7/6 and EigV = 1 + 1/2 + 0 = 1.5 while the graph has one component
+    np.testing.assert_allclose(np.linalg.eigvalsh(normalised_laplacian(PATH)), [0, 0.5, 7 / 6], atol=1e-12)
+    assert number_of_semantic_sets(PATH) == 1
+    assert eigenvalue_sum_uncertainty(PATH) == pytest.approx(1.5)
+    assert degree_uncertainty(PATH) == pytest.approx(1 - 7 / 9)
+    # kept eigenvectors (< 0.9): (sqrt2, sqrt3, sqrt2) / sqrt7 and (1, 0, -1) / sqrt2; centred, the second keeps its
+    # norm 1 and the first has 1 - (2 sqrt2 + sqrt3)^2 / 21 = (10 - 4 sqrt6) / 21
+    assert eccentricity_uncertainty(PATH) == pytest.approx(math.sqrt(1 + (10 - 4 * math.sqrt(6)) / 21))
+
+
+def test_graph_measures_reject_a_graph_that_is_not_one():
+    with pytest.raises(ValueError, match="symmetric"):
+        degree_uncertainty(np.array([[1, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="square"):
+        eigenvalue_sum_uncertainty(np.ones((2, 3)))
+
+
+# lm-polygraph (IINemo/lm-polygraph, src/lm_polygraph/estimators/{deg_mat,eig_val_laplacian,eccentricity}.py) on a
+# similarity matrix W, transcribed: the tests check the functions above compute what those estimators compute.
+
+def polygraph_laplacian(W):
+    D = np.diag(W.sum(axis=1))
+    D_inverse_sqrt = np.linalg.inv(np.sqrt(D))
+    return np.eye(D.shape[0]) - D_inverse_sqrt @ W @ D_inverse_sqrt
+
+
+def polygraph_eigv(W):
+    return sum(max(0, 1 - lambda_k) for lambda_k in eigh(polygraph_laplacian(W), eigvals_only=True))
+
+
+def polygraph_degmat(W):
+    D = np.diag(W.sum(axis=1))
+    return np.trace(len(W) - D) / (len(W) ** 2)
+
+
+def polygraph_eccentricity(W, thres=0.9):
+    eigenvalues, eigenvectors = eigh(polygraph_laplacian(W))
+    smallest_eigenvectors = eigenvectors[:, eigenvalues < thres].T
+    return np.linalg.norm([-np.linalg.norm(x - x.mean(0), 2) for x in smallest_eigenvectors], 2)
+
+
+@st.composite
+def symmetric_graphs(draw):
+    n = draw(st.integers(1, 8))
+    upper = draw(st.lists(st.booleans(), min_size=n * (n - 1) // 2, max_size=n * (n - 1) // 2))
+    graph = np.eye(n, dtype=bool)
+    graph[np.triu_indices(n, 1)] = upper
+    return graph | graph.T
+
+
+@settings(max_examples=80, deadline=None)
+@given(symmetric_graphs())
+def test_graph_measures_match_lm_polygraph(graph):
+    W = graph.astype(float)
+    assert eigenvalue_sum_uncertainty(graph) == pytest.approx(polygraph_eigv(W), abs=1e-9)
+    assert degree_uncertainty(graph) == pytest.approx(polygraph_degmat(W), abs=1e-12)
+    assert eccentricity_uncertainty(graph) == pytest.approx(polygraph_eccentricity(W), abs=1e-9)
+    # the per-run embedding norms make up the question's eccentricity
+    assert np.sum(eccentricity_per_run(graph) ** 2) == pytest.approx(eccentricity_uncertainty(graph) ** 2, abs=1e-9)
+    # permuting the runs permutes the per-run measures and leaves the question's unchanged
+    order = np.random.default_rng(len(graph)).permutation(len(graph))
+    permuted = graph[np.ix_(order, order)]
+    assert graph_measures(permuted) == pytest.approx(graph_measures(graph), abs=1e-9)
+    np.testing.assert_allclose(eccentricity_per_run(permuted), eccentricity_per_run(graph)[order], atol=1e-9)
+    np.testing.assert_allclose(degree_per_run(permuted), degree_per_run(graph)[order])
+
+
+def test_graph_from_math_answers():
+    # the adjacency the semantic_entropy stage would build for method math: x=5 ~ 5 ~ y=5 (not x=5 ~ y=5), 6 alone
+    answers = ["x=5", "5", "y=5", "6", "5"]
+    graph = answer_adjacency(answers, pairwise_judge(answers_equivalent))
+    assert graph[0].tolist() == [True, True, False, False, True]
+    assert number_of_semantic_sets(graph) == int(cluster_answers(answers).max()) + 1 == 2
+    assert 2 < eigenvalue_sum_uncertainty(graph) < 3  # the missing edge x=5 - y=5 counts, unlike in NumSets
