@@ -90,7 +90,10 @@ def hidden_at_positions(model, sequences: list[list[int]], positions: list[list[
                    logits_to_keep=1)  # no (batch, tokens, vocab) logits: ~7.5 GB at 64 x 384 tokens for Qwen3
     index = torch.tensor(positions, dtype=torch.long, device=model.device)  # (batch, positions)
     rows = torch.arange(len(sequences), device=model.device)[:, None]
-    gathered = [output.hidden_states[layer][rows, index] for layer in layers]  # each (batch, positions, hidden)
+    # Under device_map="auto" the blocks, and so their hidden states, may sit on several GPUs: gather on each one's.
+    states = [output.hidden_states[layer] for layer in layers]
+    gathered = [state[rows.to(state.device), index.to(state.device)].to(model.device)
+                for state in states]  # each (batch, positions, hidden)
     return torch.stack(gathered, dim=2).float().cpu().numpy()
 
 
