@@ -15,7 +15,7 @@ from stages.lib.common import atomic_path, cost_record, read_table, setup_loggin
 from stages.lib.models import load_model
 from stages.lib.params import load_params
 from stages.lib.schema import DATASETS, HIDDEN_INDEX_COLUMNS, RUN_COLUMNS, RUN_KEY, hidden_files
-from stages.lib.tracing import nnsight_model, resolve_layers, trace_runs
+from stages.lib.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 def main() -> None:
     setup_logging()
     params = load_params()
+    if params.trace.backend == "nnsight":
+        require_nnsight()  # before the model loads: a missing extra fails in a second, not after minutes
     model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device, params.model.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     traced = nnsight_model(model, tokenizer) if params.trace.backend == "nnsight" else model

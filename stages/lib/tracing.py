@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from stages.lib.extras import require
 from stages.lib.schema import prefix_fraction
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,14 @@ def hidden_at_positions(model, sequences: list[list[int]], positions: list[list[
     return torch.stack(gathered, dim=2).float().cpu().numpy()
 
 
+def require_nnsight():
+    """nnsight, imported only when the backend is chosen (a slow import), or a one-line error naming its extra."""
+    return require("nnsight", "nnsight", "`trace.backend` = 'nnsight'")
+
+
 def nnsight_model(model, tokenizer):
     """Wrap a loaded transformers causal LM for the ``nnsight`` backend: the same module and weights, offline."""
-    from nnsight import TransformersModel  # imported only when the backend is chosen (a slow import)
+    TransformersModel = require_nnsight().TransformersModel
 
     # TransformersModel is nnsight 0.8's name for a model with a task (LanguageModel is its deprecated alias).
     return TransformersModel(model, tokenizer=tokenizer, task="text-generation")
