@@ -1,7 +1,8 @@
 """Stage toy_model: train the embedded default LM (a tiny Qwen3 on arithmetic chains) and save it in HF format.
 
 Run with ``python -m stages.toy_model``; writes ``{paths.toy_model}`` and its cost record
-(training: stages/lib/toy.py)."""
+(training: stages/lib/toy.py). When ``model.name`` is not ``toy`` it trains nothing and writes a placeholder
+directory at once (``save_skipped``): a real run does not pay for the toy's training."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from stages.lib.toy import (
     check_round_trip,
     greedy_accuracy,
     save,
+    save_skipped,
     train,
 )
 
@@ -30,6 +32,14 @@ log = logging.getLogger(__name__)
 def main() -> None:
     setup_logging()
     params = load_params()
+    if params.model.name != "toy":
+        with cost_record(params.paths.metrics, "toy_model") as cost:
+            cost["skipped"] = "model.name is not toy"
+            with atomic_path(params.paths.toy_model) as directory:
+                save_skipped(directory)
+        log.info("model.name=%r is not `toy`: nothing trained; wrote the placeholder %s", params.model.name,
+                 params.paths.toy_model)
+        return
     toy = params.toy
     torch.set_num_threads(min(os.cpu_count() or 1, 8))  # a model this small gains nothing past a few threads
     torch.manual_seed(params.seed)

@@ -25,7 +25,7 @@ from stages.lib.schema import (
     require_finite_hidden,
     validate_hidden,
 )
-from stages.lib.tracing import nnsight_model, resolve_layers, trace_runs
+from stages.lib.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 def main() -> None:
     setup_logging()
     params = load_params()
+    if params.trace.backend == "nnsight":
+        require_nnsight()  # before the model loads: a missing extra fails in a second, not after minutes
     model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device, params.model.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     traced = nnsight_model(model, tokenizer) if params.trace.backend == "nnsight" else model

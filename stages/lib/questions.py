@@ -24,8 +24,9 @@ Sources (``data.source`` for in-distribution, ``data.ood_source`` for out-of-dis
 - ``hf:gsm8k`` (openai/gsm8k, config main, split test) and ``hf:math500`` (HuggingFaceH4/MATH-500, split test):
   the first ``n`` rows loaded with ``datasets`` (from its cache under ``HF_HUB_OFFLINE=1``), parsed exactly as the
   JSONL formats above (row ``i`` counts as line ``i``), so a local copy read as ``jsonl:<path>`` gives the same
-  questions. When the Hub cannot be reached the stage fails at once, naming the dataset and suggesting a local
-  copy, instead of waiting through the Hub client's retries.
+  questions. When the Hub cannot be reached the stage fails at once (one metadata request through huggingface_hub,
+  stages/lib/hub.py, so ``HTTPS_PROXY`` applies), naming the dataset and suggesting a local copy, instead of
+  waiting through the ``datasets`` client's retries.
 - ``none`` (out of distribution only): an empty ood.jsonl.
 """
 
@@ -34,15 +35,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 
-from stages.lib import arithmetic
+from stages.lib import arithmetic, hub
 from stages.lib.answers import last_boxed_content
 from stages.lib.params import HUB_SOURCES
 from stages.lib.schema import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
@@ -74,8 +73,6 @@ HUB_DATASETS = {
     "hf:math500": HubDataset("HuggingFaceH4/MATH-500", None, "test"),
 }
 assert set(HUB_DATASETS) == set(HUB_SOURCES), "stages/lib/params.py HUB_SOURCES and HUB_DATASETS disagree"
-HUB_CONNECT_TIMEOUT = 5.0
-"""Seconds to wait for a TCP connection to the Hub before calling it unreachable."""
 
 
 # ---- answers ------------------------------------------------------------------------------------------------
@@ -176,29 +173,28 @@ def hub_unreachable_error(spec: str, dataset: HubDataset, reason: str) -> Questi
         f"already in the datasets cache.")
 
 
-def hub_unreachable_reason(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
-    """Why no TCP connection to the Hub endpoint opened within ``timeout`` seconds; None when one did."""
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        return f"{url.hostname}:{port}: {error}"
-    return None
+def hub_unreachable_reason(dataset: HubDataset, endpoint: str | None = None) -> str | None:
+    """Why the Hub did not answer a metadata request for ``dataset`` (huggingface_hub's session and timeout, so
+    ``HF_ENDPOINT`` and the proxy variables apply); None when it did. See stages/lib/hub.py."""
+    return hub.unreachable_reason(dataset.repo_id, repo_type="dataset", endpoint=endpoint)
 
 
 def hub_questions(spec: str, dataset: HubDataset, n: int) -> list[tuple[str, str, str]]:
     """The first ``n`` questions of a ``hf:`` source, loaded with ``datasets``.
 
-    The Hub client retries a failed connection for about 25 s; a quick connection test first makes an unreachable
-    Hub fail at once. Under ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) the test is skipped and
-    ``datasets`` reads only its cache.
+    The ``datasets`` client retries a failed connection for about 25 s; one metadata request first makes an
+    unreachable Hub fail at once (and a dataset the Hub does not have fail with its name). Under
+    ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) nothing is asked and ``datasets`` reads only its cache.
     """
     import datasets  # imported here: a second of start-up that the arithmetic and jsonl sources do not need
-    from huggingface_hub import constants
 
-    if not datasets.config.HF_HUB_OFFLINE and (reason := hub_unreachable_reason(constants.ENDPOINT)) is not None:
-        raise hub_unreachable_error(spec, dataset, reason)
+    if not datasets.config.HF_HUB_OFFLINE:
+        try:
+            reason = hub_unreachable_reason(dataset)
+        except hub.HubRepoError as error:
+            raise QuestionSourceError(f"data source `{spec}`: {error}") from None
+        if reason is not None:
+            raise hub_unreachable_error(spec, dataset, reason)
     try:
         rows = datasets.load_dataset(dataset.repo_id, dataset.config, split=dataset.split)
     except ConnectionError as error:  # what datasets raises offline: "Couldn't reach '<repo>' on the Hub (...)"

@@ -34,7 +34,8 @@ class StepRecorder(LogitsProcessor):
         self._previous_logprobs: torch.Tensor | None = None  # (batch, vocab)
 
     def _record_chosen(self, chosen: torch.Tensor) -> None:
-        self.chosen_logprobs.append(self._previous_logprobs.gather(1, chosen[:, None]).squeeze(1))
+        previous = self._previous_logprobs  # under device_map="auto" on the last GPU; the token ids on the first
+        self.chosen_logprobs.append(previous.gather(1, chosen[:, None].to(previous.device)).squeeze(1))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._previous_logprobs is not None:

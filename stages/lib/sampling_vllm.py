@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from stages.lib.models import resolve_model_path
+from stages.lib.models import model_source
 from stages.lib.params import Params, ParamsError, SamplingParams, VllmParams
 from stages.lib.runs import SampledRun, stop_and_pad_ids
 from stages.lib.errors import UserError
@@ -241,15 +241,14 @@ def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], samplin
 
 def load_tokenizer(name: str, toy_model_dir: str | Path) -> tuple[str, PreTrainedTokenizerBase]:
     """(model path, tokenizer) without loading weights: vLLM loads those itself, on the GPU."""
-    path = resolve_model_path(name, toy_model_dir)
-    if name == "toy" and not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: the toy model is missing; run `dvc repro toy_model` first")
+    source = model_source(name, toy_model_dir)  # fails fast, saying how to get it, when it cannot be loaded here
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
     except OSError as error:
-        where = "a local directory" if Path(path).exists() else "a Hugging Face repo id (needs the Hub or its cache)"
-        raise OSError(f"model.name={name!r}: could not load the tokenizer of {path!r} as {where}: {error}") from error
-    return path, tokenizer
+        where = "a local directory" if Path(source.path).exists() else "a Hugging Face repo id"
+        raise OSError(f"model.name={name!r}: could not load the tokenizer of {source.path!r} as {where}: "
+                      f"{error}") from error
+    return source.path, tokenizer
 
 
 def stop_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -16,6 +16,9 @@ The tokenizer is character level: every printable ASCII character and the newlin
 Qwen3, ``<think>`` and ``</think>`` are single tokens. Characters outside that set map to ``<|unk|>``, so any
 question (GSM8K, MATH) can be tokenized, even if the toy model cannot answer it.
 
+When ``model.name`` is not ``toy`` the stage trains nothing: it writes ``save_skipped``'s placeholder directory (one
+note, the same for every real model) in a second, so a real run does not pay for the toy's training.
+
 The model is trained just enough that sampling at temperature 0.7 gives a real mix of right and wrong answers,
 with fewer right on the rarely seen tail chains used as the out-of-distribution set (stages/lib/arithmetic.py).
 """
@@ -201,6 +204,24 @@ def check_round_trip(directory: Path, model: Qwen3ForCausalLM, tokenizer: PreTra
     with torch.no_grad():
         if not torch.allclose(model(ids).logits, reloaded_model(ids).logits, atol=1e-5):
             raise RuntimeError(f"{directory}: the reloaded model gives different logits")
+
+
+SKIPPED_FILE = "NOT_TRAINED.json"
+"""The one file of the toy_model stage's output when ``model.name`` is not ``toy``."""
+
+
+def save_skipped(directory: Path) -> None:
+    """The toy_model stage's output for a real model: a directory with one note and no weights.
+
+    DVC needs the declared output to exist; its content does not depend on which real model runs, so switching
+    between real models leaves it unchanged, and switching back to ``toy`` retrains (or restores from DVC's run
+    cache) the real thing. Loading it as the toy model fails, saying to run the stage (stages/lib/models.py).
+    """
+    directory.mkdir(parents=True)
+    note = {"trained": False,
+            "why": "model.name is not `toy`, so the toy_model stage trained nothing; set model.name to `toy` and run "
+                   "`dvc repro` to train the embedded default model"}
+    (directory / SKIPPED_FILE).write_text(json.dumps(note, indent=2) + "\n")
 
 
 def save(directory: Path, model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, toy: ToyParams,

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from stages.lib.extras import require
 from stages.lib.schema import prefix_fraction
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,21 @@ def hidden_at_positions(model, sequences: list[list[int]], positions: list[list[
                    logits_to_keep=1)  # no (batch, tokens, vocab) logits: ~7.5 GB at 64 x 384 tokens for Qwen3
     index = torch.tensor(positions, dtype=torch.long, device=model.device)  # (batch, positions)
     rows = torch.arange(len(sequences), device=model.device)[:, None]
-    gathered = [output.hidden_states[layer][rows, index] for layer in layers]  # each (batch, positions, hidden)
+    # Under device_map="auto" the blocks, and so their hidden states, may sit on several GPUs: gather on each one's.
+    states = [output.hidden_states[layer] for layer in layers]
+    gathered = [state[rows.to(state.device), index.to(state.device)].to(model.device)
+                for state in states]  # each (batch, positions, hidden)
     return torch.stack(gathered, dim=2).float().cpu().numpy()
+
+
+def require_nnsight():
+    """nnsight, imported only when the backend is chosen (a slow import), or a one-line error naming its extra."""
+    return require("nnsight", "nnsight", "`trace.backend` = 'nnsight'")
 
 
 def nnsight_model(model, tokenizer):
     """Wrap a loaded transformers causal LM for the ``nnsight`` backend: the same module and weights, offline."""
-    from nnsight import TransformersModel  # imported only when the backend is chosen (a slow import)
+    TransformersModel = require_nnsight().TransformersModel
 
     # TransformersModel is nnsight 0.8's name for a model with a task (LanguageModel is its deprecated alias).
     return TransformersModel(model, tokenizer=tokenizer, task="text-generation")

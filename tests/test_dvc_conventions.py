@@ -1,0 +1,70 @@
+"""dvc.yaml's conventions: each stage explains itself (`desc`, shown by `dvc stage list`) and declares the params
+that decide its outputs, and no params that only set one machine's speed and memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+VLLM_CAPACITY_KNOBS = {f"sampling.vllm.{key}" for key in
+                       ("gpu_memory_utilization", "max_num_seqs", "enforce_eager", "tensor_parallel_size")}
+
+
+def leaves(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of every leaf value of a params mapping."""
+    keys = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys |= leaves(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+    return keys
+
+
+def covered(key: str, declared: list[str]) -> bool:
+    """DVC reruns a stage when ``key`` changes iff it declares the key or a group above it."""
+    return any(key == entry or key.startswith(f"{entry}.") for entry in declared)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_has_a_short_desc(stage):
+    desc = STAGES[stage].get("desc", "")
+    assert desc.strip(), f"dvc.yaml stage `{stage}` has no desc"
+    assert len(desc) <= 70, f"dvc.yaml stage `{stage}`: keep desc within 70 characters so `dvc stage list` shows it"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_declared_param_exists(stage):
+    all_keys = leaves(PARAMS)
+    for entry in STAGES[stage].get("params", []):
+        assert any(covered(key, [entry]) for key in all_keys), f"dvc.yaml stage `{stage}`: no param `{entry}`"
+
+
+def test_generate_declares_what_is_sampled_and_not_the_machine_knobs():
+    declared = STAGES["generate"]["params"]
+    sampling = {key for key in leaves(PARAMS) if key.startswith("sampling.")}
+    assert sampling > VLLM_CAPACITY_KNOBS  # the knobs still exist in params.yaml
+    undeclared = {key for key in sampling if not covered(key, declared)}
+    assert undeclared == VLLM_CAPACITY_KNOBS
+    assert covered("seed", declared) and covered("model.name", declared)
+
+
+def test_only_generate_reads_sampling_knobs_beyond_k():
+    for stage, spec in STAGES.items():
+        if stage != "generate":
+            extra = [entry for entry in spec.get("params", []) if covered(entry, ["sampling"])]
+            assert extra in ([], ["sampling.runs"]), f"dvc.yaml stage `{stage}` declares {extra}"
+
+
+def test_dvc_stage_list_prints_the_descs():
+    result = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=os.environ | {"COLUMNS": "200", "DVC_NO_ANALYTICS": "1"})
+    assert result.returncode == 0, result.stderr
+    listed = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
+    assert {stage: desc.strip() for stage, desc in listed.items()} == {s: STAGES[s]["desc"] for s in STAGES}
