@@ -164,6 +164,9 @@ class TraceParams:
     layers: str | tuple[int, ...]
     """``all`` or hidden-state indices (0 = embedding output, i = output of block i)."""
     batch_size: int
+    """Most runs per forward pass."""
+    max_batch_tokens: int
+    """Most padded tokens per forward pass (runs x longest run); a longer run goes through alone."""
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,8 @@ def validate(params: Params) -> Params:
                                        and all(isinstance(i, int) and i >= 0 for i in p.trace.layers)),
            "trace.layers", p.trace.layers, "`all` or a non-empty list of hidden-state indices >= 0")
     _check(p.trace.batch_size >= 1, "trace.batch_size", p.trace.batch_size, "an integer >= 1")
+    _check(_is_int(p.trace.max_batch_tokens) and p.trace.max_batch_tokens >= 1, "trace.max_batch_tokens",
+           p.trace.max_batch_tokens, "an integer >= 1")
     _check(0 < p.probes.train_fraction < 1, "probes.train_fraction", p.probes.train_fraction, "a fraction in (0, 1)")
     _check(0 < p.probes.val_fraction < 1 - p.probes.train_fraction, "probes.val_fraction",
            p.probes.val_fraction, "a fraction leaving room for a test split")
