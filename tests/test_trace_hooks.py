@@ -246,7 +246,7 @@ def test_another_llama_layout_model_equals_its_output_hidden_states(tokenizer):
 
 def test_an_architecture_without_layers_and_norm_is_refused_in_one_line(tokenizer):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=64))
-    with pytest.raises(UnsupportedArchitecture, match=r"^`model.name`: trace reads the decoder's `layers` and "
-                                                      r"`norm` modules .*GPT2LMHeadModel") as error:
+    expected = r"^params.yaml: `model.name`: trace reads the decoder's `layers` and `norm` modules .*GPT2LMHeadModel"
+    with pytest.raises(UnsupportedArchitecture, match=expected) as error:
         hidden_at_positions(model, [[1, 2, 3]], [[2]], [0], 0)
     assert isinstance(error.value, UserError) and "\n" not in str(error.value)

@@ -119,8 +119,8 @@ def decoder_modules(model: torch.nn.Module) -> tuple[str, torch.nn.Module, torch
     blocks, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
     if not isinstance(blocks, torch.nn.ModuleList) or not isinstance(norm, torch.nn.Module) or len(blocks) == 0:
         raise UnsupportedArchitecture(
-            f"`model.name`: trace reads the decoder's `layers` and `norm` modules (the Llama/Qwen layout); "
-            f"{type(model).__name__}'s decoder {type(decoder).__name__} has no such modules")
+            f"params.yaml: `model.name`: trace reads the decoder's `layers` and `norm` modules (the Llama/Qwen "
+            f"layout); {type(model).__name__}'s decoder {type(decoder).__name__} has no such modules")
     name = next(name for name, module in model.named_modules() if module is decoder)
     n_blocks = getattr(getattr(model, "config", None), "num_hidden_layers", len(blocks))
     return name, decoder, blocks[:n_blocks], norm  # transformers runs the first num_hidden_layers blocks
@@ -145,15 +145,16 @@ def hidden_at_positions(model, sequences: list[list[int]], positions: list[list[
     """
     _, decoder, blocks, norm = decoder_modules(model)
     n_blocks = len(blocks)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where the ids go (the first device under a device_map)
     input_ids, attention_mask = right_pad(sequences, pad_id)
-    index = torch.tensor(positions, dtype=torch.long, device=device)  # (batch, positions)
-    rows = torch.arange(len(sequences), device=device)[:, None]
+    index = torch.tensor(positions, dtype=torch.long)  # (batch, positions)
+    rows = torch.arange(len(sequences))[:, None]
     highest = max(layers)
-    gathered: dict[int, torch.Tensor] = {}  # each (batch, positions, hidden)
+    gathered: dict[int, torch.Tensor] = {}  # each (batch, positions, hidden), on the device of its block
 
     def keep(layer: int, state: torch.Tensor) -> None:
-        gathered[layer] = state[rows, index]  # advanced indexing copies: the full sequence is not kept
+        # advanced indexing copies the rows out: the full sequence is not kept
+        gathered[layer] = state[rows.to(state.device), index.to(state.device)]
         if layer == highest and layer < n_blocks:
             raise _StopForward
 
@@ -178,7 +179,7 @@ def hidden_at_positions(model, sequences: list[list[int]], positions: list[list[
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([gathered[layer] for layer in layers], dim=2).float().cpu().numpy()
+    return torch.stack([gathered[layer].float().cpu() for layer in layers], dim=2).numpy()
 
 
 def nnsight_model(model, tokenizer):
