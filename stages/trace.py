@@ -50,7 +50,7 @@ def main() -> None:
             shape = (len(runs), len(positions), len(layers), model.config.hidden_size)
             out = open_memmap(array_path, mode="w+", dtype=np.float16, shape=shape)
             index, passes = trace_runs(traced, runs, positions, layers, params.trace.batch_size, pad_id, out,
-                                       backend=params.trace.backend)
+                                       backend=params.trace.backend, max_batch_tokens=params.trace.max_batch_tokens)
             out.flush()
             del out
             meta = HiddenMeta(positions=list(positions), layers=layers, hidden_size=model.config.hidden_size,

@@ -11,11 +11,13 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_qwen3
+from test_trace_hooks import BUDGET, MODELS, POSITIONS, edge_case_runs, reference_hidden_at_positions
 
 from stages.lib.models import TORCH_DTYPES, load_model, resolve_device
 from stages.lib.params import ParamsError, parse_params
 from stages.lib.toy import build_tokenizer
 from stages.lib.tracing import (
+    decoder_modules,
     hidden_at_positions,
     hidden_at_positions_nnsight,
     nnsight_model,
@@ -57,7 +59,9 @@ def test_nnsight_gives_the_hf_hidden_states_for_every_layer_and_position(lm, tra
     expected = hidden_at_positions(model, sequences, positions, layers, tokenizer.pad_token_id)
     got = hidden_at_positions_nnsight(traced, sequences, positions, layers, tokenizer.pad_token_id)
     assert got.dtype == np.float32 and got.shape == (len(LENGTHS), 3, len(layers), model.config.hidden_size)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, reference_hidden_at_positions(model, sequences, positions, layers,
+                                                                     tokenizer.pad_token_id))
 
 
 def test_nnsight_keeps_the_requested_layer_order_and_reads_the_final_norm_last(lm, traced):
@@ -69,7 +73,7 @@ def test_nnsight_keeps_the_requested_layer_order_and_reads_the_final_norm_last(l
     layers = [last, 0, 2]
     expected = hidden_at_positions(model, sequences, positions, layers, tokenizer.pad_token_id)
     got = hidden_at_positions_nnsight(traced, sequences, positions, layers, tokenizer.pad_token_id)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got, expected)
     captured = []
     hook = model.model.layers[-1].register_forward_hook(lambda module, args, output: captured.append(output))
     try:
@@ -116,6 +120,48 @@ def test_trace_runs_writes_the_same_array_with_both_backends(lm, traced):
     assert np.isfinite(outs["hf"]).all()
     np.testing.assert_array_equal(outs["nnsight"], outs["hf"])
     pd.testing.assert_frame_equal(indexes["nnsight"], indexes["hf"])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_both_backends_write_the_same_array_on_the_edge_cases_within_a_token_budget(name):
+    """Every layer, the six positions, one-token / no-</think> / longer-than-the-budget runs: bit for bit."""
+    tokenizer = build_tokenizer()
+    model = MODELS[name](tokenizer)
+    runs = edge_case_runs(tokenizer)
+    layers = resolve_layers("all", model.config.num_hidden_layers + 1)
+    outs = {}
+    for backend, runner in (("hf", model), ("nnsight", nnsight_model(model, tokenizer))):
+        out = np.full((len(runs), len(POSITIONS), len(layers), model.config.hidden_size), np.nan, np.float16)
+        trace_runs(runner, runs, POSITIONS, layers, batch_size=3, pad_id=0, out=out, progress=False,
+                   backend=backend, max_batch_tokens=BUDGET)
+        outs[backend] = out
+    assert np.isfinite(outs["hf"]).all()
+    np.testing.assert_array_equal(outs["nnsight"], outs["hf"])
+
+
+def test_nnsight_stops_after_the_highest_layer_asked_for(lm, traced):
+    """Layers [1, 0] need block 0 only: the blocks above it and the LM head never run; the last index needs
+    every block and the final norm, still not the LM head. (Counted on each block's MLP: nnsight's stop fires
+    in the block's own output hook, before any hook registered after it.)"""
+    model, tokenizer = lm
+    _, _, blocks, _ = decoder_modules(model)
+    calls = []
+    modules = [*((f"block {i}", block.mlp) for i, block in enumerate(blocks)), ("lm_head", model.lm_head)]
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: calls.append(name)) for name, module in modules]
+    sequences, positions = random_batch(len(tokenizer), seed=4)
+    last = model.config.num_hidden_layers
+    try:
+        got = hidden_at_positions_nnsight(traced, sequences, positions, [1, 0], tokenizer.pad_token_id)
+        assert calls == ["block 0"]
+        calls.clear()
+        got_last = hidden_at_positions_nnsight(traced, sequences, positions, [last], tokenizer.pad_token_id)
+        assert calls == [f"block {i}" for i in range(len(blocks))]
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layers, array in (([1, 0], got), ([last], got_last)):
+        np.testing.assert_array_equal(array, reference_hidden_at_positions(model, sequences, positions, layers,
+                                                                           tokenizer.pad_token_id))
 
 
 # --- model.dtype / model.device ------------------------------------------------------------------------------

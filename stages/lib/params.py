@@ -295,7 +295,9 @@ class TraceParams(Group):
                       Expected("`all` or a non-empty list of hidden-state indices >= 0")]
     """``all`` or hidden-state indices (0 = embedding output, i = output of block i)."""
     batch_size: PositiveInt
-    """Runs per forward pass."""
+    """Most runs per forward pass."""
+    max_batch_tokens: PositiveInt
+    """Most padded tokens per forward pass (runs x longest run); a longer run goes through alone."""
 
 
 class ProbeParams(Group):

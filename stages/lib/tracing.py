@@ -13,9 +13,11 @@ Positions (``trace.positions``):
   span (see ``token_positions``), so probes can be asked how early the uncertainty can be read.
 
 Layers are hidden-state indices as transformers returns them: 0 is the embedding output, i the output of
-block i; for most models (Qwen3 included) the last one is taken after the final norm.
+block i; for most models (Qwen3 included) the last one is taken after the final norm. They are read by forward
+hooks while the pass runs, keeping only the requested rows, so memory does not grow with layers x tokens.
 Sequences are right-padded: with a causal mask, padding after a token cannot change that token's state,
-and positions stay 0..n-1 exactly as in an unbatched pass.
+and positions stay 0..n-1 exactly as in an unbatched pass. Passes are planned by a padded-token budget
+(``trace.max_batch_tokens``) and a run cap (``trace.batch_size``), longest runs first.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from stages.lib.errors import UserError
 from stages.lib.extras import require
 from stages.lib.schema import prefix_fraction
 
@@ -81,21 +84,103 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, attention_mask
 
 
+def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Group run indices into forward passes, longest runs first, within a padded-token budget.
+
+    A pass holds at most ``batch_size`` runs and, with right padding to its longest run, at most
+    ``max_batch_tokens`` padded tokens (runs x longest); ``None`` means no token budget. A run longer than the
+    budget still goes through, alone. Longest first, so that the pass most likely to run out of memory is the
+    first one, and each pass pads its runs to a neighbour's length. Ties keep the order of ``lengths``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        # the batch's first run is its longest, so adding run i makes it (len(batch) + 1) x that length
+        if (batch is not None and len(batch) < batch_size
+                and (max_batch_tokens is None or (len(batch) + 1) * lengths[batch[0]] <= max_batch_tokens)):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class UnsupportedArchitecture(UserError):
+    """The model lacks the decoder layout tracing hooks into (a base model with ``layers`` and ``norm``)."""
+
+
+def decoder_modules(model: torch.nn.Module) -> tuple[str, torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
+    """(dotted name inside ``model``, the decoder, its blocks, its final norm) of a transformers causal LM.
+
+    The decoder is ``model.get_decoder()`` (``model.model`` for Llama, Qwen, Mistral; the language model of a
+    multimodal one). Tracing reads the input of block 0, each block's output and the final norm's output,
+    so it needs the Llama/Qwen layout: ``decoder.layers`` (a ModuleList) and ``decoder.norm``.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    blocks, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    if not isinstance(blocks, torch.nn.ModuleList) or not isinstance(norm, torch.nn.Module) or len(blocks) == 0:
+        raise UnsupportedArchitecture(
+            f"params.yaml: `model.name`: trace reads the decoder's `layers` and `norm` modules (the Llama/Qwen "
+            f"layout); {type(model).__name__}'s decoder {type(decoder).__name__} has no such modules")
+    name = next(name for name, module in model.named_modules() if module is decoder)
+    n_blocks = getattr(getattr(model, "config", None), "num_hidden_layers", len(blocks))
+    return name, decoder, blocks[:n_blocks], norm  # transformers runs the first num_hidden_layers blocks
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the highest layer asked for, so the blocks above it are never computed."""
+
+
 @torch.no_grad()
 def hidden_at_positions(model, sequences: list[list[int]], positions: list[list[int]], layers: list[int],
                         pad_id: int) -> np.ndarray:
-    """One batched, right-padded forward pass; returns float32 (batch, positions, layers, hidden)."""
+    """One batched, right-padded forward pass; returns float32 (batch, positions, layers, hidden).
+
+    Hidden-state index -> module, numbered as transformers' ``output_hidden_states`` (L blocks): 0 is the input
+    of block 0 (the embedding output), i in 1..L-1 the output of block i (the block at index i - 1), and L the
+    final norm's output (transformers puts ``last_hidden_state`` there, not block L's raw output). Forward hooks
+    on those modules gather the (batch, positions, hidden) rows as each one runs, so no layer's full sequence
+    outlives its block: memory is the weights, one block's activations and the gathered rows, whatever the
+    number of layers traced. The decoder is called without the LM head, and the pass stops after the highest
+    layer asked for.
+    """
+    _, decoder, blocks, norm = decoder_modules(model)
+    n_blocks = len(blocks)
+    device = model.get_input_embeddings().weight.device  # where the ids go (the first device under a device_map)
     input_ids, attention_mask = right_pad(sequences, pad_id)
-    output = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                   output_hidden_states=True, use_cache=False,
-                   logits_to_keep=1)  # no (batch, tokens, vocab) logits: ~7.5 GB at 64 x 384 tokens for Qwen3
-    index = torch.tensor(positions, dtype=torch.long, device=model.device)  # (batch, positions)
-    rows = torch.arange(len(sequences), device=model.device)[:, None]
-    # Under device_map="auto" the blocks, and so their hidden states, may sit on several GPUs: gather on each one's.
-    states = [output.hidden_states[layer] for layer in layers]
-    gathered = [state[rows.to(state.device), index.to(state.device)].to(model.device)
-                for state in states]  # each (batch, positions, hidden)
-    return torch.stack(gathered, dim=2).float().cpu().numpy()
+    index = torch.tensor(positions, dtype=torch.long)  # (batch, positions)
+    rows = torch.arange(len(sequences))[:, None]
+    highest = max(layers)
+    gathered: dict[int, torch.Tensor] = {}  # each (batch, positions, hidden), on the device of its block
+
+    def keep(layer: int, state: torch.Tensor) -> None:
+        # advanced indexing copies the rows out: the full sequence is not kept
+        gathered[layer] = state[rows.to(state.device), index.to(state.device)]
+        if layer == highest and layer < n_blocks:
+            raise _StopForward
+
+    handles = []
+    try:
+        for layer in sorted(set(layers)):
+            if layer == 0:  # transformers records block 0's first argument (Gemma scales the embeddings first)
+                handles.append(blocks[0].register_forward_pre_hook(
+                    lambda module, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            elif layer == n_blocks:
+                handles.append(norm.register_forward_hook(
+                    lambda module, args, output: keep(n_blocks, output)))
+            else:  # older decoder layers return tuples whose first item is the hidden state
+                handles.append(blocks[layer - 1].register_forward_hook(
+                    lambda module, args, output, layer=layer: keep(layer, output[0] if isinstance(output, tuple)
+                                                                   else output)))
+        try:
+            decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([gathered[layer].float().cpu() for layer in layers], dim=2).numpy()
 
 
 def require_nnsight():
@@ -114,25 +199,25 @@ def nnsight_model(model, tokenizer):
 @torch.no_grad()
 def hidden_at_positions_nnsight(traced, sequences: list[list[int]], positions: list[list[int]], layers: list[int],
                                 pad_id: int) -> np.ndarray:
-    """``hidden_at_positions`` through nnsight: module outputs read inside one traced, right-padded forward.
+    """``hidden_at_positions`` through nnsight: the same modules, read inside one traced, right-padded forward.
 
-    Hidden-state index -> module, as transformers' ``output_hidden_states`` numbers them (L blocks):
-    0 is the input of block 0 (the embedding output), i in 1..L-1 the output of block i, and L the final
-    norm's output (transformers puts ``last_hidden_state`` there, not block L's raw output).
+    Only the gathered (batch, positions, hidden) rows of each layer are saved, and the run stops after the
+    highest layer asked for (``tracer.stop()``), so the LM head never runs.
     ``traced`` is an ``nnsight_model``; returns float32 (batch, positions, layers, hidden).
     """
-    decoder = getattr(traced, "model", None)
-    if not all(hasattr(decoder, name) for name in ("layers", "norm")):
-        raise ValueError(f"params.yaml: `trace.backend` = 'nnsight' reads model.layers and model.norm (the "
-                         f"Llama/Qwen layout); {type(traced._module).__name__} has no such modules: use `hf`")
-    n_blocks = len(decoder.layers)
-    device = next(traced._module.parameters()).device
+    module = traced._module  # the wrapped transformers model (nnsight keeps it here)
+    name, _, blocks, _ = decoder_modules(module)
+    decoder = traced
+    for part in filter(None, name.split(".")):  # the decoder's envoy, at the decoder module's path
+        decoder = getattr(decoder, part)
+    n_blocks = len(blocks)
+    device = next(module.parameters()).device
     input_ids, attention_mask = right_pad(sequences, pad_id)
     index = torch.tensor(positions, dtype=torch.long, device=device)  # (batch, positions)
     rows = torch.arange(len(sequences), device=device)[:, None]
     by_layer: dict[int, torch.Tensor] = {}  # each (batch, positions, hidden)
     with traced.trace(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
-                      logits_to_keep=1):
+                      logits_to_keep=1) as tracer:
         for layer in sorted(set(layers)):  # nnsight serves module values in execution order
             if layer == 0:
                 state = decoder.layers[0].input
@@ -142,6 +227,7 @@ def hidden_at_positions_nnsight(traced, sequences: list[list[int]], positions: l
                 state = decoder.layers[layer - 1].output
                 state = state[0] if isinstance(state, tuple) else state  # older decoder layers return tuples
             by_layer[layer] = state[rows, index].save()
+        tracer.stop()
     return torch.stack([by_layer[layer] for layer in layers], dim=2).float().cpu().numpy()
 
 
@@ -150,10 +236,12 @@ HIDDEN_STATE_READERS = {"hf": hidden_at_positions, "nnsight": hidden_at_position
 
 
 def trace_runs(model, runs: pd.DataFrame, positions: tuple[str, ...], layers: list[int], batch_size: int,
-               pad_id: int, out: np.ndarray, progress: bool = True, backend: str = "hf") -> tuple[pd.DataFrame, int]:
+               pad_id: int, out: np.ndarray, progress: bool = True, backend: str = "hf",
+               max_batch_tokens: int | None = None) -> tuple[pd.DataFrame, int]:
     """Fill ``out`` (runs, positions, layers, hidden) row by row in the order of ``runs``.
 
-    Returns the index frame and the number of forward passes. Runs are batched by similar length.
+    Returns the index frame and the number of forward passes. Runs are batched longest first, at most
+    ``batch_size`` runs and ``max_batch_tokens`` padded tokens per pass (``plan_batches``).
     ``model`` is a transformers model for the ``hf`` backend and its ``nnsight_model`` wrapper for ``nnsight``.
     """
     read_hidden = HIDDEN_STATE_READERS[backend]
@@ -167,8 +255,7 @@ def trace_runs(model, runs: pd.DataFrame, positions: tuple[str, ...], layers: li
                                                   think_start)
         all_positions.append(run_positions)
         fallbacks.append(fallback)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = plan_batches([len(s) for s in sequences], batch_size, max_batch_tokens)
     for batch in tqdm(batches, desc="trace", disable=not progress):
         states = read_hidden(model, [sequences[i] for i in batch], [all_positions[i] for i in batch],
                              layers, pad_id)
