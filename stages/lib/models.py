@@ -291,3 +291,23 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(question)["input_ids"]
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (batch, longest), the one padding helper of the pipeline.
+
+    ``side="left"`` (generation: every prompt ends at the last column, so new tokens follow it) or ``"right"``
+    (teacher-forced tracing: every sequence at positions 0..n-1, exactly as in an unbatched pass; with a causal
+    mask, padding after a token cannot change that token's state).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"pad_batch: side {side!r}; expected 'left' or 'right'")
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(sequences):
+        columns = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+        input_ids[row, columns] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, columns] = 1
+    return input_ids, attention_mask
+

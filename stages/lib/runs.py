@@ -25,6 +25,16 @@ class SampledRun:
     truncated: bool
 
 
+def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[int, int | None]:
+    """Where a run ends, the one "cut at EOS" of every backend: (n kept tokens, index of the first EOS or None).
+
+    The first token in ``eos_ids`` and everything after it (padding, a second EOS) are dropped; no EOS means the
+    run hit ``max_new_tokens`` and all its tokens are kept.
+    """
+    stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    return (len(tokens) if stop is None else stop), stop
+
+
 def think_span(generated_ids: list[int], think: ThinkTokens) -> tuple[int | None, int | None]:
     """Indices of the first <think> and the first </think> in the generated ids (None when absent)."""
     def first(token_id):

@@ -14,8 +14,9 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from stages.lib.models import pad_batch
 from stages.lib.params import SamplingParams
-from stages.lib.runs import SampledRun, stop_and_pad_ids
+from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +54,11 @@ class StepRecorder(LogitsProcessor):
         return entropies, chosen
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
-
-
 @torch.no_grad()
 def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, eos_ids: set[int], pad_id: int,
                  seed: int) -> list[SampledRun]:
     """One generate() call over ``prompts`` (already repeated K times); returns one SampledRun per prompt."""
-    input_ids, attention_mask = _left_pad(prompts, pad_id)
+    input_ids, attention_mask = pad_batch(prompts, pad_id, "left")
     torch.manual_seed(seed)
     recorder = StepRecorder()
     greedy = sampling.temp == 0
@@ -84,8 +75,7 @@ def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, eos_
     runs = []
     for row in range(len(prompts)):
         tokens = generated[row].tolist()
-        stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-        n = len(tokens) if stop is None else stop
+        n, stop = cut_at_eos(tokens, eos_ids)
         runs.append(SampledRun(
             generated_ids=tokens[:n], token_logprobs=chosen_logprobs[row, :n].astype(np.float32),
             token_entropies=entropies[row, :n].astype(np.float32),

@@ -45,7 +45,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from stages.lib.models import model_source
 from stages.lib.params import Params, ParamsError, SamplingParams, VllmParams
-from stages.lib.runs import SampledRun, stop_and_pad_ids
+from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
 from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,7 @@ def run_from_completion(completion, eos_ids: set[int]) -> SampledRun:
                              "log-prob (vLLM always returns it alongside the top N)")
         chosen[step] = step_logprobs[token].logprob
         entropies[step] = top_n_entropy(step_logprobs)
-    stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-    n = len(tokens) if stop is None else stop
+    n, stop = cut_at_eos(tokens, eos_ids)
     return SampledRun(
         generated_ids=tokens[:n], token_logprobs=chosen[:n], token_entropies=entropies[:n],
         stop_entropy=float("nan") if stop is None else float(entropies[stop]),

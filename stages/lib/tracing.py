@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from stages.lib.errors import UserError
 from stages.lib.extras import require
+from stages.lib.models import pad_batch
 from stages.lib.schema import prefix_fraction
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,7 @@ def resolve_layers(layers: str | tuple[int, ...], n_hidden_states: int) -> list[
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), each (batch, longest), every sequence at positions 0..n-1, padding after it."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, :len(sequence)] = 1
-    return input_ids, attention_mask
+    return pad_batch(sequences, pad_id, "right")
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
