@@ -14,7 +14,7 @@ from stages.lib.probes import LogisticProbe
 def test_think_length_counts_tokens_strictly_inside_the_span():
     start = pd.Series([0, None, 2, 0], dtype="Int64")
     end = pd.Series([5, 3, None, 1], dtype="Int64")
-    assert think_length(start, end).tolist() == [4, 3, pd.NA, 0]
+    assert think_length(start, end, pd.Series([9, 9, 9, 9])).tolist() == [4, 3, pd.NA, 0]
 
 
 def test_umap_is_fitted_on_train_rows_only():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib import registry
+from stages.lib import baselines, registry
 from stages.lib.common import read_table
 from stages.lib.dataset import DatasetRuns, load_dataset
 from stages.lib.params import AnalysisParams, Params
@@ -33,11 +33,11 @@ RUN_TEXT_FIELDS = ("question_id", "run_id", "dataset", "text", "answer", "trunca
                    "think_end_index")
 
 
-def think_length(start: pd.Series, end: pd.Series) -> pd.Series:
-    """Tokens strictly between <think> and </think> (from the start of the generation when <think> is absent);
-    null when there is no </think>."""
-    begin = start.fillna(-1).astype("Int64") + 1
-    return (end.astype("Int64") - begin).astype("Int64")
+def think_length(start: pd.Series, end: pd.Series, n_generated: pd.Series) -> pd.Series:
+    """Tokens strictly inside the think span (``baselines.think_length``, the one definition); null when there is
+    no </think>, so the viewer does not show a truncated run's partial reasoning as its length."""
+    length = baselines.think_length(start, end, n_generated)
+    return pd.Series(length, index=start.index).round().astype("Int64").mask(end.isna())
 
 
 def probe_scores(probe: LogisticProbe, data: DatasetRuns, prefix: str) -> pd.DataFrame:
@@ -96,5 +96,5 @@ def build_table(params: Params) -> pd.DataFrame:
                                    params.analysis, params.seed)
     table["umap_x"], table["umap_y"] = coordinates[:, 0], coordinates[:, 1]
     table["high_se"] = registry.LABELS["high_se"](table, selection.high_se_threshold)
-    table["think_length"] = think_length(table["think_start_index"], table["think_end_index"])
+    table["think_length"] = think_length(table["think_start_index"], table["think_end_index"], table["n_generated"])
     return table[[c.name for c in ANALYSIS_COLUMNS]]
