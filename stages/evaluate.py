@@ -17,9 +17,12 @@ from stages.lib.dataset import DatasetRuns, attach_splits, load_dataset, require
 from stages.lib.evaluation import (
     auroc_by_layer,
     calibration,
+    answer_extraction,
     concat_rows,
+    difficulty_table,
     early_warning,
     evaluate_settings,
+    question_difficulty,
     regression_metrics,
     risk_coverage_table,
     roc_table,
@@ -28,9 +31,12 @@ from stages.lib.evaluation import (
 )
 from stages.lib.params import Params, load_params
 from stages.lib.probe_store import load_location_probes, load_probes
+from stages.lib.questions import load_questions
 from stages.lib.schema import (
     AUROC_BY_LAYER_COLUMNS,
     AUROC_BY_LAYER_FILE,
+    DIFFICULTY_COLUMNS,
+    DIFFICULTY_FILE,
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
     EVALUATE_FILE,
@@ -40,6 +46,7 @@ from stages.lib.schema import (
     RISK_COVERAGE_FILE,
     ROC_COLUMNS,
     ROC_FILE,
+    DifficultyRow,
     EarlyWarningRow,
     EvaluateReport,
 )
@@ -58,12 +65,20 @@ def run(params: Params) -> EvaluateReport:
         high_se_threshold = selection.high_se_threshold
         evaluated = {"test": (id_runs[id_runs["split"] == "test"], id_data.hidden), "ood": (ood_runs, ood_data.hidden)}
 
-        by_split, summaries, calibrations, regressions = {}, {}, {}, {}
-        roc_frames, risk_frames, reliability_frames = [], [], []
+        difficulty = {dataset: question_difficulty(load_questions(Path(params.paths.questions) / f"{dataset}.jsonl"))
+                      for dataset in ("id", "ood")}
+        extraction = {split: answer_extraction(id_runs[id_runs["split"] == split]) for split in ("train", "val")}
+
+        by_split, summaries, calibrations, regressions, paired = {}, {}, {}, {}, []
+        roc_frames, risk_frames, reliability_frames, difficulty_frames = [], [], [], []
         for split, (runs, hidden) in evaluated.items():
             scores = score_runs(runs, hidden, id_data.positions, id_data.layers, probes)
-            by_split[split], summaries[split] = split_metrics(runs, scores, high_se_threshold, split,
-                                                              params.evaluate, params.seed)
+            by_split[split], summaries[split], split_paired = split_metrics(runs, scores, high_se_threshold, split,
+                                                                            params.evaluate, params.seed)
+            paired += split_paired
+            extraction[split] = answer_extraction(runs)
+            difficulty_frames.append(difficulty_table(runs, scores, difficulty["ood" if split == "ood" else "id"],
+                                                      split, params.evaluate, params.seed))
             correct = runs["correct"].to_numpy(bool)
             roc_frames.append(roc_table(~correct, scores, split))
             risk_frames.append(risk_coverage_table(correct, scores, split))
@@ -78,8 +93,11 @@ def run(params: Params) -> EvaluateReport:
         roc = pd.concat(roc_frames, ignore_index=True)
         warning = early_warning(selection, location_probes, evaluated, id_data.positions, id_data.layers,
                                 high_se_threshold, params.evaluate, params.seed)
+        by_difficulty = concat_rows(difficulty_frames, DIFFICULTY_COLUMNS)
         report = EvaluateReport(
-            splits=by_split, summary=summaries, calibration=calibrations, se_regression=regressions,
+            splits=by_split, paired_differences=paired, answer_extraction=extraction,
+            by_difficulty=[DifficultyRow(**row) for row in by_difficulty.replace({np.nan: None}).to_dict("records")],
+            summary=summaries, calibration=calibrations, se_regression=regressions,
             settings=evaluate_settings(params.evaluate, selection, probes),
             early_warning=[EarlyWarningRow(**row) for row in warning.replace({np.nan: None}).to_dict("records")])
 
@@ -89,6 +107,7 @@ def run(params: Params) -> EvaluateReport:
         write_csv(warning, Path(params.paths.plots) / EARLY_WARNING_FILE, EARLY_WARNING_COLUMNS)
         write_csv(concat_rows(risk_frames, RISK_COVERAGE_COLUMNS), Path(params.paths.plots) / RISK_COVERAGE_FILE,
                   RISK_COVERAGE_COLUMNS)
+        write_csv(by_difficulty, Path(params.paths.plots) / DIFFICULTY_FILE, DIFFICULTY_COLUMNS)
         write_csv(concat_rows(reliability_frames, RELIABILITY_COLUMNS), Path(params.paths.plots) / RELIABILITY_FILE,
                   RELIABILITY_COLUMNS)
         cost.update({"location_probes_scored": len(location_probes),

@@ -249,7 +249,7 @@ def make_runs(dataset: str, answers_by_question: dict[str, list[str]]) -> pd.Dat
                 "prompt_ids": [1, 2, 3], "generated_ids": list(range(len(token_logprobs))),
                 "text": f"<think>...</think>\\boxed{{{answer}}}", "think_start_index": 0, "think_end_index": 1,
                 "think_missing": False, "truncated": answer == "", "answer": answer,
-                "token_logprobs": token_logprobs, "token_entropies": [0.5] * len(token_logprobs),
+                "answer_source": "boxed" if answer else "truncated_in_think", "token_logprobs": token_logprobs, "token_entropies": [0.5] * len(token_logprobs),
                 "sequence_loglik": float(sum(token_logprobs)), "mean_token_entropy": 0.5,
                 "n_generated": len(token_logprobs), "correct": answer == "14",
             })
@@ -273,6 +273,13 @@ def test_semantic_entropy_table_values_and_row_order():
     assert by_run.loc["q1", "semantic_entropy_weighted"].tolist() == [0.0] * 4
     # run r has mean token log-prob -0.1 (r + 1); naive entropy is minus their mean
     assert by_run.loc["q0", "naive_entropy"].iloc[0] == pytest.approx(0.25)
+    # q0's graph: 14 ~ 14.0, 15 alone, '' alone: three cliques of sizes 2, 1, 1 (test_baselines' hand case)
+    assert by_run.loc["q0", "num_semantic_sets"].tolist() == [3] * 4
+    assert by_run.loc["q0", ["eigv", "degree", "eccentricity"]].iloc[0].tolist() == pytest.approx(
+        [3, 0.625, 2 ** 0.5])
+    # q1: every run gave no answer, one clique: no uncertainty on any graph measure
+    assert by_run.loc["q1", ["num_semantic_sets", "eigv", "degree", "eccentricity"]].iloc[0].tolist() == \
+        pytest.approx([1, 1, 0, 0], abs=1e-12)
 
 
 def test_semantic_entropy_table_rejects_a_single_run_question():
@@ -359,7 +366,8 @@ def tiny_nli_dir(tmp_path_factory):
 
 
 def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
-    from stages.lib.equivalence import NliClassifier, NliJudge, greedy_reference_clusters
+    from stages.lib.entropy import graph_measures
+    from stages.lib.equivalence import NliClassifier, NliJudge, answer_adjacency, greedy_reference_clusters
 
     answers = {"q0": ["42", "forty two", "42", "24", ""], "q1": ["paris", "the capital of france", "paris"]}
     questions = {"q0": "x + 1", "q1": "the capital of france"}
@@ -371,13 +379,21 @@ def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
 
     judge = NliJudge(NliClassifier(str(tiny_nli_dir)), strict_entailment=False, prepend_question=True, batch_size=4)
     for question_id, question_answers in answers.items():
-        expected = greedy_reference_clusters(question_answers, lambda pairs: judge(pairs, questions[question_id]))
+        def judge_pairs(pairs):
+            return judge(pairs, questions[question_id])
+
+        expected = greedy_reference_clusters(question_answers, judge_pairs)
         assert table.loc[question_id, "cluster_id"].tolist() == expected.tolist()
         assert table.loc[question_id, "n_clusters"].iloc[0] == expected.max() + 1
+        # the graph measures judge every pair of distinct answers; the greedy pass's pairs come from the cache
+        graph = graph_measures(answer_adjacency(question_answers, judge_pairs))
+        assert table.loc[question_id, "eigv"].iloc[0] == pytest.approx(graph["eigv"])
     assert {key: cost[key] for key in ("equivalence_checks", "forward_passes", "nli_pair_evaluations")} == {
         "equivalence_checks": judge.pairs_judged, "forward_passes": judge.forward_passes,
         "nli_pair_evaluations": judge.pair_evaluations}
-    assert cost["method"] == "nli" and cost["nli_pair_evaluations"] == 2 * cost["equivalence_checks"]
+    # q0 has 3 distinct non-empty answers ('42', 'forty two', '24'): 3 pairs; q1 has 2: 1 pair
+    assert cost["method"] == "nli" and cost["nli_cache_hits"] > 0
+    assert cost["nli_pair_evaluations"] == 2 * (3 + 1)  # each distinct pair classified once, both directions
 
     # a question missing from the questions file is named
     Path("out/questions/id.jsonl").write_text(json.dumps(
@@ -392,7 +408,8 @@ def test_math_plus_nli_keeps_math_answers_on_math_verify(stage_dir, tiny_nli_dir
     stage.main()
     table, cost = stage_outputs(stage_dir)
     assert table.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 2]
-    assert cost["forward_passes"] == 0 and cost["math_checks"] == cost["equivalence_checks"] == 2
+    # greedy: 14 ~ 14.0, 14 !~ 15 (2 checks); the graph: every pair of 14, 14.0, 15 (3 more, math-verify is not cached)
+    assert cost["forward_passes"] == 0 and cost["math_checks"] == cost["equivalence_checks"] == 2 + 3
 
 
 def test_cosine_method_with_the_packaged_model(stage_dir):
@@ -402,4 +419,6 @@ def test_cosine_method_with_the_packaged_model(stage_dir):
     table, cost = stage_outputs(stage_dir)
     assert table.loc["q0", "cluster_id"].tolist() == [0, 0, 1, 0]
     assert table.loc["q1", "cluster_id"].tolist() == [0, 0, 1, 1]
-    assert cost["method"] == "cosine" and cost["texts_embedded"] == 3 and cost["equivalence_checks"] == 2
+    # greedy: 42 ~ forty-two, 42 !~ the capital (2 pairs); the graph: all 3 pairs of the 3 distinct texts (3 more)
+    assert cost["method"] == "cosine" and cost["texts_embedded"] == 3 and cost["equivalence_checks"] == 2 + 3
+    assert table.loc["q0", "num_semantic_sets"].iloc[0] == 2

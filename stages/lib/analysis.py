@@ -29,8 +29,7 @@ from stages.lib.schema import DATASETS, RUN_COLUMNS, SE_COLUMNS
 log = logging.getLogger(__name__)
 
 UMAP_PROBE = registry.ACCURACY  # the embedding is of the hidden states at this probe's location
-RUN_TEXT_FIELDS = ("question_id", "run_id", "dataset", "text", "answer", "truncated", "think_start_index",
-                   "think_end_index")
+RUN_TEXT_FIELDS = ("question_id", "run_id", "dataset", "text", "answer")  # beside dataset.RUN_FIELDS
 
 
 def think_length(start: pd.Series, end: pd.Series, n_generated: pd.Series) -> pd.Series:

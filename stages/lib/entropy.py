@@ -51,8 +51,8 @@ from stages.lib.schema import SE_COLUMNS
 log = logging.getLogger(__name__)
 
 Equivalence = Callable[[str, str], bool]
-# (question_id, the question's answers in run order) -> cluster ids, shape (K,)
-Clusterer = Callable[[str, list[str]], np.ndarray]
+# (question_id, the question's answers in run order) -> (cluster ids (K,), the equivalence graph (K, K) bool)
+Clusterer = Callable[[str, list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 # ---- the math: pure functions on arrays -------------------------------------------------------------
@@ -273,8 +273,9 @@ def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str =
     """One SE_COLUMNS row per run of ``runs`` (RUN_COLUMNS), in the same row order.
 
     Each question's runs are taken in ``run_id`` order and ``cluster(question_id, answers)`` gives their cluster
-    ids, so ids follow the order in which runs first gave each meaning. A question needs at least 2 runs (SE of
-    one sample is meaningless).
+    ids, so ids follow the order in which runs first gave each meaning, and their equivalence graph, whose
+    ``graph_measures`` (lm-polygraph's NumSemSets, EigV, Deg, Ecc) are repeated on each of the question's runs as
+    its SE is. A question needs at least 2 runs (SE of one sample is meaningless).
     """
     if runs.empty:
         return _empty_se_table()
@@ -286,7 +287,8 @@ def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str =
             raise ValueError(f"{source}: question {question_id!r} has {len(question_runs)} run; semantic "
                              "entropy needs >= 2 (sampling.runs)")
         question_runs = question_runs.sort_values("run_id")
-        cluster_ids = cluster(question_id, question_runs["answer"].tolist())
+        cluster_ids, adjacency = cluster(question_id, question_runs["answer"].tolist())
+        graph = graph_measures(adjacency)
         log_likelihoods = length_normalised_loglik(question_runs["sequence_loglik"].to_numpy(),
                                                    question_runs["n_generated"].to_numpy())
         question_frames.append(pd.DataFrame({
@@ -297,6 +299,10 @@ def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str =
             "semantic_entropy": discrete_semantic_entropy(cluster_ids),
             "semantic_entropy_weighted": weighted_semantic_entropy(cluster_ids, log_likelihoods),
             "naive_entropy": naive_entropy(log_likelihoods),
+            "num_semantic_sets": np.int64(graph["num_semantic_sets"]),
+            "eigv": graph["eigv"],
+            "degree": graph["degree"],
+            "eccentricity": graph["eccentricity"],
         }, index=question_runs.index))
     table = pd.concat(question_frames).loc[runs.index].reset_index(drop=True)
     return table[[column.name for column in SE_COLUMNS]]
@@ -320,23 +326,34 @@ class CountingEquivalence:
 
 
 def math_clusterer(equivalent: Equivalence = answers_equivalent) -> Clusterer:
-    """Method ``math``: ``cluster_answers`` with ``equivalent``, whatever the question."""
-    return lambda _question_id, answers: cluster_answers(answers, equivalent)
+    """Method ``math``: the components of the equivalence graph (``cluster_answers``) with ``equivalent``, whatever
+    the question, and the graph itself (the same pairs judged once)."""
+    def cluster(_question_id: str, answers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        adjacency = answer_adjacency(answers, pairwise_judge(equivalent))
+        return connected_clusters(adjacency), adjacency
+
+    return cluster
 
 
 def judge_clusterer(judge: PairJudge, question_text: dict[str, str] | None = None) -> Clusterer:
-    """A model method: ``greedy_reference_clusters`` with ``judge``, given each question's text when it uses it.
+    """A model method: ``greedy_reference_clusters`` with ``judge``, given each question's text when it uses it, and
+    the full equivalence graph for the graph measures (every pair of distinct answers: the pairs the greedy pass
+    did not compare cost extra judge calls, at most D (D - 1) / 2 pairs for D distinct answers; the NLI judge's
+    cache serves the pairs it did).
 
     ``question_text`` maps question_id -> question; needed (and checked) only if ``judge.uses_question``.
     """
-    def cluster(question_id: str, answers: list[str]) -> np.ndarray:
+    def cluster(question_id: str, answers: list[str]) -> tuple[np.ndarray, np.ndarray]:
         question = ""
         if judge.uses_question:
             if question_text is None or question_id not in question_text:
                 raise ValueError(f"question {question_id!r}: its text is needed (semantic_entropy.prepend_question)"
                                  " but it is not in the questions files")
             question = question_text[question_id]
-        return greedy_reference_clusters(answers, lambda pairs: judge(pairs, question))
+        def judge_pairs(pairs):
+            return judge(pairs, question)
+
+        return greedy_reference_clusters(answers, judge_pairs), answer_adjacency(answers, judge_pairs)
 
     return cluster
 

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from stages.lib import registry
+from stages.lib import arithmetic, registry
+from stages.lib.answers import LAST_NUMBER_FALLBACK, NO_ANSWER_FOUND, TRUNCATED_IN_THINK
 from stages.lib.metrics import (
     auprc,
     aurac,
@@ -41,8 +42,12 @@ from stages.lib.metrics import (
     auroc,
     bootstrap_ci,
     brier_score,
+    difference_from_resamples,
     expected_calibration_error,
+    interval_from_resamples,
     permutation_p_value,
+    question_resamples,
+    resampled_metric,
     prediction_rejection_ratio,
     reliability_table,
     risk_coverage_curve,
@@ -54,14 +59,17 @@ from stages.lib.params import EvaluateParams
 from stages.lib.probes import LinearProbe, probe_features, probe_output, score_location_probes
 from stages.lib.schema import (
     AUROC_BY_LAYER_COLUMNS,
+    DIFFICULTY_COLUMNS,
     EARLY_WARNING_COLUMNS,
     RELIABILITY_COLUMNS,
     RISK_COVERAGE_COLUMNS,
     ROC_COLUMNS,
+    AnswerExtraction,
     CalibrationMetrics,
     EvaluateSettings,
     IncorrectMetrics,
     LabelMetrics,
+    PairedDifferenceMetrics,
     ProbeLocation,
     RegressionMetrics,
     ScoreMetrics,
@@ -111,6 +119,9 @@ class ScoreInputs:
         fitted = self.probes[probe]
         return fitted.predict_proba(self.runs[[fitted.feature]].to_numpy(float))[:, 1]
 
+    def values(self, name: str) -> pd.Series:
+        return self.runs[name]
+
 
 def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe],
                entries: Sequence[registry.Score] | None = None) -> pd.DataFrame:
@@ -129,12 +140,14 @@ def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[st
 
 
 def metric_record(labels, scores, groups, label_name: str, settings: EvaluateParams, seed: list[int],
-                  empty_note: str) -> dict[str, Any]:
+                  empty_note: str, resamples: Sequence[np.ndarray]) -> tuple[dict[str, Any], np.ndarray | None]:
     """AUROC and AUPRC of ``scores`` (n,) for ``labels`` (n,) bool, with CIs and p-values; nulls + note if undefined
-    (the fields of ``schema.LabelMetrics``).
+    (the fields of ``schema.LabelMetrics``), and the AUROC on each resample (B,) for the paired differences (None
+    when undefined).
 
-    The bootstrap and the permutations of both metrics reuse one seed, so they see the same resamples
-    (``bootstrap_resamples_used`` holds for both).
+    Both intervals come from ``resamples`` (``metrics.question_resamples`` of the split: the same draws for every
+    score of the split). The p-values permute whole label vectors between questions of the same size
+    (``permutation_p_value`` with ``groups``), seeded by ``seed``: valid although a question's runs are correlated.
     """
     labels = np.asarray(labels, dtype=bool)
     record: dict[str, Any] = {
@@ -146,28 +159,37 @@ def metric_record(labels, scores, groups, label_name: str, settings: EvaluatePar
     reason = single_class_reason(labels, label_name)
     if reason is not None:
         record["note"] = empty_note if len(labels) == 0 else f"{reason}: metrics undefined"
-        return record
+        return record, None
+    resampled_auroc = None
     for name, metric in (("auroc", auroc), ("auprc", auprc)):
-        interval = bootstrap_ci(labels, scores, groups, metric, settings.bootstrap, settings.confidence,
-                                np.random.default_rng(seed + [0]))
+        resampled = resampled_metric(labels, scores, list(resamples), metric)
+        interval = interval_from_resamples(resampled, settings.confidence)
         record.update({
             name: metric(labels, scores),
             f"{name}_ci_low": interval.low,
             f"{name}_ci_high": interval.high,
             f"{name}_p_value": permutation_p_value(labels, scores, metric, settings.permutations,
-                                                   np.random.default_rng(seed + [1])),
+                                                   np.random.default_rng(seed + [1]), groups=groups),
         })
         record["bootstrap_resamples_used"] = interval.n_used
+        if name == "auroc":
+            resampled_auroc = resampled
     if record["bootstrap_resamples_used"] < settings.bootstrap:
         record["note"] = (f"{settings.bootstrap - record['bootstrap_resamples_used']} of {settings.bootstrap} "
                           "bootstrap resamples had a single class and were skipped")
-    return record
+    return record, resampled_auroc
 
 
 def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se_threshold: float, split: str,
-                  settings: EvaluateParams, seed: int) -> tuple[dict[str, ScoreMetrics], SplitSummary]:
-    """Metrics of every registry score against its label on one split's runs, and the split's summary (counts,
-    accuracy, the accuracy probe's mean confidence).
+                  settings: EvaluateParams, seed: int
+                  ) -> tuple[dict[str, ScoreMetrics], SplitSummary, list[PairedDifferenceMetrics]]:
+    """Metrics of every registry score against its label on one split's runs, the split's summary (counts,
+    accuracy, the accuracy probe's mean confidence) and the paired AUROC differences of
+    ``registry.PAIRED_COMPARISONS``.
+
+    Every interval and every paired difference of the split uses one set of question-level resamples
+    (seed ``[seed, split index, 0]``), so a difference's CI is computed on exactly the resamples of its two
+    scores' own intervals.
 
     Parameters
     ----------
@@ -179,16 +201,39 @@ def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se_threshold: f
     incorrect = registry.LABELS["incorrect"](runs, high_se_threshold)
     groups = runs["question_id"].to_numpy()
     split_index = EVALUATED_SPLITS.index(split)  # part of each metric's seed: independent of the other splits
+    resamples = (question_resamples(groups, len(runs), settings.bootstrap,
+                                    np.random.default_rng([seed, split_index, 0])) if len(runs) else [])
     by_score: dict[str, ScoreMetrics] = {}
+    resampled_aurocs: dict[str, np.ndarray | None] = {}
     for score_index, entry in enumerate(registry.SCORES):
         values = scores[entry.name].to_numpy(float)
-        record = metric_record(registry.LABELS[entry.label](runs, high_se_threshold), values, groups, entry.label,
-                               settings, [seed, split_index, score_index], empty_note)
+        record, resampled_aurocs[entry.name] = metric_record(
+            registry.LABELS[entry.label](runs, high_se_threshold), values, groups, entry.label, settings,
+            [seed, split_index, score_index], empty_note, resamples)
         if entry.label == "incorrect":
             by_score[entry.name] = IncorrectMetrics(**record, **selective_metrics(~incorrect, values))
         else:
             by_score[entry.name] = LabelMetrics(**record)
         log.info("%s %s (%s): AUROC %s", split, entry.name, entry.label, _fmt(record["auroc"]))
+
+    paired = []
+    for first, second in registry.PAIRED_COMPARISONS:
+        a, b = by_score[first], by_score[second]
+        note = None
+        if a.auroc is None or b.auroc is None:
+            difference = difference_from_resamples(None, None, np.zeros(0), np.zeros(0), settings.confidence)
+            note = a.note or b.note
+        else:
+            difference = difference_from_resamples(a.auroc, b.auroc, resampled_aurocs[first],
+                                                   resampled_aurocs[second], settings.confidence)
+            if difference.n_used < settings.bootstrap:
+                note = (f"{settings.bootstrap - difference.n_used} of {settings.bootstrap} bootstrap resamples had a "
+                        "single class and were skipped")
+        paired.append(PairedDifferenceMetrics(
+            a=first, b=second, split=split,
+            label=f"{registry.BY_NAME[first].display_name} - {registry.BY_NAME[second].display_name}",
+            difference=difference.difference, ci_low=difference.low, ci_high=difference.high,
+            p_value=difference.p_value, bootstrap_resamples_used=difference.n_used, note=note))
 
     high_se = registry.LABELS["high_se"](runs, high_se_threshold)
     p_correct = scores[registry.BY_NAME[CONFIDENCE_SCORE].p_correct_column].to_numpy(float)
@@ -201,7 +246,64 @@ def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se_threshold: f
         mean_p_correct_on_incorrect=float(p_correct[incorrect].mean()) if incorrect.any() else None,
         note=empty_note if len(runs) == 0 else single_class_reason(incorrect, "incorrect"),
     )
-    return by_score, summary
+    return by_score, summary, paired
+
+
+def answer_extraction(runs: pd.DataFrame) -> AnswerExtraction:
+    """How one split's runs (truncated, answer_source) got their answers, counted."""
+    source = runs["answer_source"]
+    return AnswerExtraction(
+        n_runs=int(len(runs)), n_truncated=int(runs["truncated"].astype(bool).sum()),
+        n_truncated_in_think=int((source == TRUNCATED_IN_THINK).sum()),
+        n_no_answer=int((source == NO_ANSWER_FOUND).sum()),
+        n_last_number_fallback=int((source == LAST_NUMBER_FALLBACK).sum()))
+
+
+def question_difficulty(questions: pd.DataFrame) -> tuple[str, pd.Series] | None:
+    """Each question's difficulty bucket (question_id -> int) and its kind: MATH's ``level`` where the questions carry
+    one (questions without a level are left out), else ``n_terms``, the number of operands, when every question is an
+    arithmetic chain (the toy's task); None when neither applies (GSM8K, a plain JSONL file)."""
+    if questions.empty:
+        return None
+    levels = questions.set_index("question_id")["level"]
+    if levels.notna().any():
+        return "level", levels.dropna().astype(np.int64)
+    try:
+        terms = [len(arithmetic.parse_chain(question)) for question in questions["question"]]
+    except ValueError:
+        return None
+    return "n_terms", pd.Series(terms, index=questions["question_id"].to_numpy(), dtype=np.int64)
+
+
+def difficulty_table(runs: pd.DataFrame, scores: pd.DataFrame, difficulty: tuple[str, pd.Series] | None, split: str,
+                     settings: EvaluateParams, seed: int) -> pd.DataFrame:
+    """DIFFICULTY_COLUMNS rows: per difficulty bucket of the split's runs, the accuracy and every headline score's
+    AUROC for flagging incorrect runs with a question-bootstrap CI (null AUROC in a single-class bucket). No rows
+    without a difficulty or runs."""
+    columns = [c.name for c in DIFFICULTY_COLUMNS]
+    if difficulty is None or runs.empty:
+        return empty_frame(DIFFICULTY_COLUMNS)
+    kind, by_question = difficulty
+    bucket = runs["question_id"].map(by_question)
+    headline = [entry for entry in registry.scores(label="incorrect") if entry.headline]
+    rows = []
+    for value in sorted(bucket.dropna().unique()):
+        member = (bucket == value).to_numpy()
+        incorrect = ~runs["correct"].to_numpy(bool)[member]
+        groups = runs["question_id"].to_numpy()[member]
+        resamples = question_resamples(groups, len(groups), settings.bootstrap,
+                                       np.random.default_rng([seed, 11, EVALUATED_SPLITS.index(split), int(value)]))
+        for entry in headline:
+            values = scores[entry.name].to_numpy(float)[member]
+            value_auroc = auroc(incorrect, values)
+            interval = (interval_from_resamples(resampled_metric(incorrect, values, resamples, auroc),
+                                                settings.confidence) if value_auroc is not None else None)
+            rows.append({"split": split, "difficulty": kind, "value": int(value), "score": entry.name,
+                         "n_runs": int(member.sum()), "n_questions": int(len(np.unique(groups))),
+                         "accuracy": float(1 - incorrect.mean()), "auroc": value_auroc,
+                         "auroc_ci_low": interval.low if interval else None,
+                         "auroc_ci_high": interval.high if interval else None})
+    return pd.DataFrame.from_records(rows, columns=columns) if rows else empty_frame(DIFFICULTY_COLUMNS)
 
 
 def selective_metrics(correct, uncertainty) -> dict[str, float | None]:

@@ -176,17 +176,31 @@ def _group_runs(groups, n_runs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return order, starts, counts
 
 
-def _question_resamples(groups, n_runs: int, n_resamples: int, rng: np.random.Generator):
-    """Yield ``n_resamples`` row-index arrays, each all runs of as many questions drawn with replacement as there are.
+def question_resamples(groups, n_runs: int, n_resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n_resamples`` row-index arrays, each all runs of as many questions drawn with replacement as there are.
 
-    The one resampling scheme of every bootstrap here, so a paired comparison sees the same draws as
-    ``bootstrap_ci`` would with the same generator.
+    The one resampling scheme of every bootstrap here: ``bootstrap_ci`` and ``paired_difference`` draw exactly
+    these for the same generator, and evaluate draws them once per split so that every score's interval and every
+    paired difference of that split sees the same resamples.
     """
     order, starts, counts = _group_runs(groups, n_runs)
     n_groups = len(counts)
+    resamples = []
     for _ in range(n_resamples):
         drawn = rng.integers(0, n_groups, size=n_groups)
-        yield np.concatenate([order[starts[g]:starts[g] + counts[g]] for g in drawn])
+        resamples.append(np.concatenate([order[starts[g]:starts[g] + counts[g]] for g in drawn]))
+    return resamples
+
+
+def resampled_metric(labels, scores, resamples: list[np.ndarray], metric: Metric) -> np.ndarray:
+    """``metric`` on each resample (``question_resamples``), NaN where it is undefined (a single class). (B,)"""
+    labels, scores = _as_arrays(labels, scores)
+    values = np.full(len(resamples), np.nan)
+    for index, rows in enumerate(resamples):
+        value = metric(labels[rows], scores[rows])
+        if value is not None:
+            values[index] = value
+    return values
 
 
 def _percentile_interval(values, confidence: float) -> tuple[float, float]:
@@ -219,15 +233,19 @@ def bootstrap_ci(labels, scores, groups, metric: Metric, n_resamples: int, confi
         raise ValueError(f"groups has {len(np.asarray(groups))} entries; expected {len(labels)}")
     if len(labels) == 0:
         return BootstrapResult(None, None, 0, n_resamples)
-    values = []
-    for rows in _question_resamples(groups, len(labels), n_resamples, rng):
-        value = metric(labels[rows], scores[rows])
-        if value is not None:
-            values.append(value)
-    if not values:
-        return BootstrapResult(None, None, 0, n_resamples)
-    low, high = _percentile_interval(values, confidence)
-    return BootstrapResult(low, high, len(values), n_resamples)
+    return interval_from_resamples(
+        resampled_metric(labels, scores, question_resamples(groups, len(labels), n_resamples, rng), metric),
+        confidence)
+
+
+def interval_from_resamples(values, confidence: float) -> BootstrapResult:
+    """The percentile interval of a metric's resampled values (B,), NaN = undefined resample (skipped)."""
+    values = np.asarray(values, dtype=np.float64)
+    used = values[~np.isnan(values)]
+    if not len(used):
+        return BootstrapResult(None, None, 0, len(values))
+    low, high = _percentile_interval(used, confidence)
+    return BootstrapResult(low, high, len(used), len(values))
 
 
 @dataclass(frozen=True)
@@ -252,7 +270,7 @@ def paired_difference(labels, scores_a, scores_b, groups, metric: Metric, n_resa
     """The difference of one metric between two scores of the same runs, with a paired question-level CI and p.
 
     d = metric(labels, scores_a) - metric(labels, scores_b). Each bootstrap resample draws questions with
-    replacement (as ``bootstrap_ci``, with the same draws for the same generator) and computes BOTH metrics on
+    replacement (``question_resamples``: the same draws as ``bootstrap_ci`` for the same generator) and computes BOTH metrics on
     it, d* = metric_a* - metric_b*: what the two scores share (the questions drawn, their difficulty) cancels,
     so the interval is much narrower than two separate intervals would suggest when the scores agree.
 
@@ -283,20 +301,31 @@ def paired_difference(labels, scores_a, scores_b, groups, metric: Metric, n_resa
     value_b = metric(labels, scores_b) if len(labels) else None
     if value_a is None or value_b is None:
         return PairedDifference(None, None, None, None, 0, n_resamples)
-    differences = []
-    for rows in _question_resamples(groups, len(labels), n_resamples, rng):
-        resampled_a, resampled_b = metric(labels[rows], scores_a[rows]), metric(labels[rows], scores_b[rows])
-        if resampled_a is not None and resampled_b is not None:
-            differences.append(resampled_a - resampled_b)
-    if not differences:
-        return PairedDifference(value_a - value_b, None, None, None, 0, n_resamples)
-    differences = np.asarray(differences)
+    resamples = question_resamples(groups, len(labels), n_resamples, rng)
+    return difference_from_resamples(value_a, value_b, resampled_metric(labels, scores_a, resamples, metric),
+                                     resampled_metric(labels, scores_b, resamples, metric), confidence)
+
+
+def difference_from_resamples(value_a: float | None, value_b: float | None, resampled_a, resampled_b,
+                              confidence: float) -> PairedDifference:
+    """``paired_difference`` from the two metrics' observed values and their values on the SAME resamples (B,)
+    each (``resampled_metric``; NaN = undefined, and a resample counts only where both are defined)."""
+    resampled_a, resampled_b = np.asarray(resampled_a, dtype=np.float64), np.asarray(resampled_b, dtype=np.float64)
+    if resampled_a.shape != resampled_b.shape:
+        raise ValueError(f"resampled values of shapes {resampled_a.shape} and {resampled_b.shape}: expected the "
+                         "same resamples for both scores")
+    n_requested = len(resampled_a)
+    if value_a is None or value_b is None:
+        return PairedDifference(None, None, None, None, 0, n_requested)
+    differences = (resampled_a - resampled_b)[~(np.isnan(resampled_a) | np.isnan(resampled_b))]
+    if not len(differences):
+        return PairedDifference(value_a - value_b, None, None, None, 0, n_requested)
     low, high = _percentile_interval(differences, confidence)
     # differences that are 0 up to rounding (identical rank sums summed in another order) count on both sides
     at_most_zero = int(np.sum(differences <= 1e-12))
     at_least_zero = int(np.sum(differences >= -1e-12))
     p_value = min(1.0, 2 * (1 + min(at_most_zero, at_least_zero)) / (1 + len(differences)))
-    return PairedDifference(value_a - value_b, low, high, p_value, len(differences), n_resamples)
+    return PairedDifference(value_a - value_b, low, high, p_value, len(differences), n_requested)
 
 
 def _same_size_blocks(groups, n_runs: int) -> list[np.ndarray]:

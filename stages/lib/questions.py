@@ -3,7 +3,8 @@
 Used by the stage ``python -m stages.questions`` (or ``dvc repro questions``). Reads ``seed``, ``data.*``, the chain
 ranges in ``toy.*`` (``min_terms``, ``max_terms``, ``max_operand``, ``ood_max_terms``, ``ood_max_operand``) and
 ``paths.questions``; writes ``{paths.questions}/id.jsonl`` and ``{paths.questions}/ood.jsonl``, one JSON object
-per line with the columns of ``stages.lib.schema.QUESTION_COLUMNS`` (question_id, dataset, question, gold).
+per line with the columns of ``stages.lib.schema.QUESTION_COLUMNS`` (question_id, dataset, question, gold, and
+``level`` only for questions whose source gives one: MATH's ``level``, 1-5 or ``"Level 3"``).
 
 Sources (``data.source`` for in-distribution, ``data.ood_source`` for out-of-distribution):
 
@@ -142,6 +143,22 @@ def question_from_record(record: dict, where: str, line_number: int) -> tuple[st
     return question_id, question, gold
 
 
+def record_level(record: dict) -> int | None:
+    """MATH's difficulty level of a record: ``level`` as ``3`` or ``"Level 3"``; None when absent or not a level."""
+    value = record.get("level")
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(?:level\s*)?([0-9]+)\s*", str(value), flags=re.IGNORECASE)
+    return int(match.group(1)) if match else None
+
+
+def jsonl_levels(path: Path, n: int) -> list[int | None]:
+    """``record_level`` of the first ``n`` records of a JSONL file, in the order of ``jsonl_questions``."""
+    return [record_level(record) for _, record in read_jsonl_records(path, limit=n)]
+
+
 def jsonl_questions(path: Path, n: int) -> list[tuple[str, str, str]]:
     """The first ``n`` records of a JSONL file as ``(question_id, question, gold)``."""
     records = read_jsonl_records(path, limit=n)
@@ -179,8 +196,8 @@ def hub_unreachable_reason(dataset: HubDataset, endpoint: str | None = None) -> 
     return hub.unreachable_reason(dataset.repo_id, repo_type="dataset", endpoint=endpoint)
 
 
-def hub_questions(spec: str, dataset: HubDataset, n: int) -> list[tuple[str, str, str]]:
-    """The first ``n`` questions of a ``hf:`` source, loaded with ``datasets``.
+def hub_questions(spec: str, dataset: HubDataset, n: int) -> tuple[list[tuple[str, str, str]], list[int | None]]:
+    """The first ``n`` questions of a ``hf:`` source, loaded with ``datasets``, and their ``record_level``.
 
     The ``datasets`` client retries a failed connection for about 25 s; one metadata request first makes an
     unreachable Hub fail at once (and a dataset the Hub does not have fail with its name). Under
@@ -200,7 +217,8 @@ def hub_questions(spec: str, dataset: HubDataset, n: int) -> list[tuple[str, str
     except ConnectionError as error:  # what datasets raises offline: "Couldn't reach '<repo>' on the Hub (...)"
         raise hub_unreachable_error(spec, dataset, str(error)) from error
     log.info("%s: loaded %s (split %s): %d rows", spec, dataset.repo_id, dataset.split, len(rows))
-    return hub_rows_questions(rows, spec, n)
+    parsed = hub_rows_questions(rows, spec, n)
+    return parsed, [record_level(dict(rows[index])) for index in range(len(parsed))]
 
 
 def arithmetic_questions(dataset: str, n: int, seed: int, min_terms: int, max_terms: int, max_operand: int,
@@ -216,19 +234,29 @@ def arithmetic_questions(dataset: str, n: int, seed: int, min_terms: int, max_te
     return [(f"{dataset}-{i:04d}", question, gold) for i, (question, gold) in enumerate(pairs)]
 
 
-def questions_frame(rows: list[tuple[str, str, str]], dataset: str, source: str) -> pd.DataFrame:
-    """A QUESTION_COLUMNS frame for one dataset, validated (unique question ids) against the schema."""
+def questions_frame(rows: list[tuple[str, str, str]], dataset: str, source: str,
+                    levels: list[int | None] | None = None) -> pd.DataFrame:
+    """A QUESTION_COLUMNS frame for one dataset, validated (unique question ids) against the schema; ``levels``
+    (one per row, None = none) fills ``level``."""
     frame = pd.DataFrame(
         {"question_id": [r[0] for r in rows], "dataset": [dataset] * len(rows),
          "question": [r[1] for r in rows], "gold": [r[2] for r in rows]},
         columns=QUESTION_FIELDS, dtype=object)
+    frame["level"] = _levels(levels if levels is not None else [None] * len(rows))
     return validate_frame(frame, QUESTION_COLUMNS, source, key=QUESTION_KEY)
+
+
+def _levels(values) -> pd.arrays.IntegerArray:
+    return pd.array([None if value is None or pd.isna(value) else int(value) for value in values], dtype="Int64")
 
 
 # ---- files --------------------------------------------------------------------------------------------------
 def write_questions(frame: pd.DataFrame, path: Path) -> None:
     with path.open("w", encoding="utf-8") as out:
         for record in frame[QUESTION_FIELDS].to_dict(orient="records"):
+            # no level, no key: the files of sources without levels stay as they were
+            record = {key: int(value) if key == "level" else value for key, value in record.items()
+                      if not (key == "level" and pd.isna(value))}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     log.info("wrote %s: %d questions", path, len(frame))
 
@@ -240,6 +268,7 @@ def load_questions(path: str | Path) -> pd.DataFrame:
         raise SchemaError(f"{path}: not found; run the questions stage (`dvc repro questions`)")
     records = [record for _, record in read_jsonl_records(path)]
     frame = pd.DataFrame(records, columns=QUESTION_FIELDS, dtype=object)
+    frame["level"] = _levels(frame["level"])
     validate_frame(frame, QUESTION_COLUMNS, path, key=QUESTION_KEY)
     log.info("read %s: %d questions", path, len(frame))
     return frame
@@ -252,13 +281,14 @@ def build_dataset(dataset: str, spec: str, n: int, seed: int, toy) -> pd.DataFra
         if dataset == "id":
             raise QuestionSourceError("data.source cannot be `none`: the in-distribution set is required")
         rows: list[tuple[str, str, str]] = []
-    elif kind == "arithmetic":
+    levels = None
+    if kind == "arithmetic":
         rows = arithmetic_questions(dataset, n, seed, toy.min_terms, toy.max_terms, toy.max_operand,
                                     toy.ood_max_terms, toy.ood_max_operand)
     elif kind == "hf":
-        rows = hub_questions(spec, where, n)
-    else:
-        rows = jsonl_questions(where, n)
+        rows, levels = hub_questions(spec, where, n)
+    elif kind == "jsonl":
+        rows, levels = jsonl_questions(where, n), jsonl_levels(where, n)
     if dataset == "id" and not rows:
         raise QuestionSourceError(f"{spec}: no in-distribution questions")
-    return questions_frame(rows, dataset, spec)
+    return questions_frame(rows, dataset, spec, levels)

@@ -23,16 +23,18 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 import pandas as pd
 
+from stages.lib import baselines
 from stages.lib.schema import analysis_columns
 
 Label = Literal["incorrect", "high_se"]
 """What a high score flags: the run is incorrect, or its question has high semantic entropy (SE above the
 threshold fitted on train)."""
 
-Kind = Literal["hidden_state_probe", "range_probe", "entropy", "baseline"]
+Kind = Literal["hidden_state_probe", "range_probe", "entropy", "graph", "baseline"]
 """hidden_state_probe: a linear probe at the (position, layer) chosen on val; range_probe: one over the best
 contiguous layer range at its single-layer probe's position; entropy: an entropy of the run or its question;
-baseline: a cheap score from the run's own log-probabilities."""
+graph: a measure of the question's equivalence graph over its K answers (lm-polygraph's, semantic_entropy stage);
+baseline: a cheap score from the run's own tokens and log-probabilities (stages.lib.baselines)."""
 
 
 # ---- targets: what the probes are fitted to predict ---------------------------------------------------------
@@ -99,6 +101,9 @@ class ScoreInputs(Protocol):
     def feature_proba(self, probe: str) -> np.ndarray:
         """A feature probe's P(positive) from its run column, (n,)."""
 
+    def values(self, name: str) -> pd.Series:
+        """A run column as loaded (token lists, nullable indices), n rows."""
+
 
 @dataclass(frozen=True)
 class Score:
@@ -157,7 +162,22 @@ def _column(name: str) -> Callable[[ScoreInputs], np.ndarray]:
 
 
 def negative_sequence_loglik(inputs: ScoreInputs) -> np.ndarray:
+    """-log p(s): the raw sum over the run's tokens, so it grows with the run's length."""
     return -inputs.column("sequence_loglik")
+
+
+def length_normalised_negative_loglik(inputs: ScoreInputs) -> np.ndarray:
+    return baselines.length_normalised_negative_loglik(inputs.column("sequence_loglik"), inputs.column("n_generated"))
+
+
+def think_length(inputs: ScoreInputs) -> np.ndarray:
+    return baselines.think_length(inputs.values("think_start_index"), inputs.values("think_end_index"),
+                                  inputs.column("n_generated"))
+
+
+def negative_min_answer_logprob(inputs: ScoreInputs) -> np.ndarray:
+    return baselines.negative_min_answer_logprob(inputs.values("token_logprobs").tolist(),
+                                                 inputs.values("think_end_index"))
 
 
 def entropy_baseline(inputs: ScoreInputs) -> np.ndarray:
@@ -187,7 +207,8 @@ SCORES: tuple[Score, ...] = (
     Score("entropy_baseline", "incorrect", "baseline", "entropy baseline",
           "1 - P(correct) from logistic regression on mean_token_entropy", entropy_baseline, probe=ENTROPY_BASELINE),
     Score("negative_sequence_loglik", "incorrect", "baseline", "negative sequence log-likelihood",
-          "-sequence_loglik of the run", negative_sequence_loglik, headline=True),
+          "-sequence_loglik of the run: the raw sum over its tokens (grows with length)", negative_sequence_loglik,
+          headline=True),
     Score("se_regression_probe", "incorrect", "hidden_state_probe", "SE regression probe",
           "semantic entropy predicted by the ridge SE probe", se_regression, probe=SE_REGRESSION),
     Score("accuracy_range_probe", "incorrect", "range_probe", "accuracy range probe",
@@ -199,9 +220,44 @@ SCORES: tuple[Score, ...] = (
     Score("se_probe_high_se", "high_se", "hidden_state_probe", "SE probe (high SE)",
           "P(high semantic entropy) from the SE probe, for the high_se label", _p_positive(SE), probe=SE,
           stability=False),
+    Score("length_normalised_negative_loglik", "incorrect", "baseline", "length-normalised NLL",
+          "-sequence_loglik / n_generated: the run's mean token surprisal (nats)", length_normalised_negative_loglik),
+    Score("think_length", "incorrect", "baseline", "think length",
+          "tokens inside the run's think span (all after <think> when it never closed)", think_length),
+    Score("negative_min_answer_logprob", "incorrect", "baseline", "lowest answer-token probability",
+          "-log of the lowest token probability after </think> (the whole run when there is none)",
+          negative_min_answer_logprob),
+    Score("num_semantic_sets", "incorrect", "graph", "number of semantic sets",
+          "connected components of the question's answer-equivalence graph (lm-polygraph NumSemSets)",
+          _column("num_semantic_sets")),
+    Score("eigv", "incorrect", "graph", "EigV",
+          "sum over the graph Laplacian's eigenvalues of max(0, 1 - lambda) (lm-polygraph EigValLaplacian)",
+          _column("eigv")),
+    Score("degree", "incorrect", "graph", "degree (Deg)",
+          "1 - mean of the answer-equivalence graph's adjacency (lm-polygraph DegMat)", _column("degree")),
+    Score("eccentricity", "incorrect", "graph", "eccentricity (Ecc)",
+          "spread of the graph's spectral embedding, eigenvalues < 0.9 (lm-polygraph Eccentricity)",
+          _column("eccentricity")),
 )
 
 BY_NAME = {score.name: score for score in SCORES}
+
+
+# ---- paired comparisons: AUROC(a) - AUROC(b) on the same runs, with a paired question-level bootstrap ------------
+_PROBE_SCORES = ("accuracy_probe", "se_probe", "se_regression_probe", "accuracy_range_probe", "se_range_probe")
+_ENTROPY_BASELINES = ("semantic_entropy", "semantic_entropy_weighted", "naive_entropy", "negative_sequence_loglik",
+                      "length_normalised_negative_loglik")
+_NEW_BASELINES = ("length_normalised_negative_loglik", "think_length", "negative_min_answer_logprob",
+                  "num_semantic_sets", "eigv", "degree", "eccentricity")
+
+PAIRED_COMPARISONS: tuple[tuple[str, str], ...] = (
+    *((probe_score, baseline) for probe_score in _PROBE_SCORES for baseline in _ENTROPY_BASELINES),
+    ("accuracy_probe", "se_probe"),
+    *(("accuracy_probe", baseline) for baseline in _NEW_BASELINES if baseline not in _ENTROPY_BASELINES),
+)
+"""(a, b) score pairs whose AUROC difference for flagging incorrect runs evaluate reports (evaluate.json
+``paired_differences``): every probe against SE, weighted SE, naive entropy and both log-likelihoods; the accuracy
+probe against the SE probe; the other baselines against the accuracy probe. Both of a pair flag ``incorrect``."""
 
 
 # ---- views of the table ----------------------------------------------------------------------------------------

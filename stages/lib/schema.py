@@ -201,6 +201,8 @@ QUESTION_COLUMNS = (
     Column("dataset", "str", doc="`id` or `ood`"),
     Column("question", "str", doc="the text shown to the model (before any chat template)"),
     Column("gold", "str", doc="the reference final answer"),
+    Column("level", "int", nullable=True, doc="MATH's difficulty level (1-5) when the source gives one; absent "
+                                              "from the file otherwise"),
 )
 QUESTION_KEY = ("question_id",)
 
@@ -216,7 +218,10 @@ RUN_COLUMNS = (
     Column("think_end_index", "int", nullable=True, doc="index of </think> in generated_ids"),
     Column("think_missing", "bool", doc="no complete <think>...</think> span was generated"),
     Column("truncated", "bool", doc="generation hit max_new_tokens before EOS"),
-    Column("answer", "str", doc="extracted final answer (last \\boxed{}, else last number; '' if none)"),
+    Column("answer", "str", doc="extracted final answer after the reasoning (last \\boxed{}, else last number; '' "
+                                "if none or still reasoning: stages.lib.answers.extract_answer)"),
+    Column("answer_source", "str", doc="how the answer was found: boxed, last_number_fallback, none or "
+                                       "truncated_in_think (stages.lib.answers.ANSWER_SOURCES)"),
     Column("token_logprobs", "list", doc="log p(chosen token) under the model's untempered distribution"),
     Column("token_entropies", "list", doc="entropy (nats) of the model's untempered next-token distribution "
                                           "(vLLM backend: a lower bound from the top-N log-probs)"),
@@ -236,6 +241,11 @@ SE_COLUMNS = (
     Column("semantic_entropy", "float", doc="discrete SE from cluster frequencies (nats)"),
     Column("semantic_entropy_weighted", "float", doc="likelihood-weighted SE (Farquhar et al. 2024, nats)"),
     Column("naive_entropy", "float", doc="mean over runs of the length-normalised negative log-likelihood"),
+    # the question's equivalence graph over its K answers, lm-polygraph's measures (stages.lib.entropy.graph_measures)
+    Column("num_semantic_sets", "int", doc="connected components of the equivalence graph (NumSemSets)"),
+    Column("eigv", "float", doc="sum of max(0, 1 - eigenvalue) of the graph's normalised Laplacian (EigValLaplacian)"),
+    Column("degree", "float", doc="1 - sum of the adjacency / K^2 (DegMat)"),
+    Column("eccentricity", "float", doc="norm of the centred spectral embedding, eigenvalues < 0.9 (Eccentricity)"),
 )
 SE_KEY = RUN_KEY
 
@@ -352,6 +362,7 @@ ANALYSIS_TAIL_COLUMNS = (
     Column("umap_y", "float"),
     Column("think_length", "int", nullable=True, doc="tokens between <think> and </think>"),
     Column("truncated", "bool"),
+    Column("answer_source", "str", doc="how the answer was found (RUN_COLUMNS); all but `boxed` are flagged"),
 )
 ANALYSIS_KEY = ("dataset", "question_id", "run_id")
 
@@ -497,6 +508,19 @@ RELIABILITY_COLUMNS = (
     Column("observed_frequency", "float", nullable=True, doc="fraction correct in the bin; null if empty"),
 )
 
+DIFFICULTY_COLUMNS = (
+    Column("split", "str", doc="test or ood"),
+    Column("difficulty", "str", doc="`level` (MATH) or `n_terms` (arithmetic chain length)"),
+    Column("value", "int", doc="the level or the number of terms"),
+    Column("score", "str", doc="a headline registry score flagging incorrect runs"),
+    Column("n_runs", "int"),
+    Column("n_questions", "int"),
+    Column("accuracy", "float", doc="fraction of the bucket's runs that are correct"),
+    Column("auroc", "float", nullable=True, doc="null if the bucket has one class"),
+    Column("auroc_ci_low", "float", nullable=True),
+    Column("auroc_ci_high", "float", nullable=True),
+)
+
 STABILITY_COLUMNS = (
     Column("seed", "int", doc="seed of the question split and the probe fits"),
     Column("split", "str", doc="test or ood"),
@@ -616,10 +640,65 @@ class EarlyWarningRow(Contract):
     auroc_ci_high: float | None
 
 
+class PairedDifferenceMetrics(Contract):
+    """AUROC(a) - AUROC(b) for flagging incorrect runs on one split, both scored on the same runs, with a paired
+    question-level bootstrap CI and two-sided p (``metrics.difference_from_resamples``) on the resamples every
+    score's own CI of that split uses. Nulls and a note when undefined (an empty or single-class split)."""
+
+    a: str
+    b: str
+    """Registry score names (``registry.PAIRED_COMPARISONS``)."""
+    label: str
+    """``<display name of a> - <display name of b>``."""
+    split: str
+    difference: float | None
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    bootstrap_resamples_used: int
+    note: str | None
+
+
+class AnswerExtraction(Contract):
+    """How the runs of one split got their answers (``stages.lib.answers.extract_answer``), counted."""
+
+    n_runs: int
+    n_truncated: int
+    """Hit max_new_tokens before EOS."""
+    n_truncated_in_think: int
+    """Stopped while still reasoning: no answer (answer_source truncated_in_think)."""
+    n_no_answer: int
+    """Finished reasoning but gave nothing parseable (answer_source none)."""
+    n_last_number_fallback: int
+    """No \\boxed{} after the reasoning; its last number was taken (answer_source last_number_fallback)."""
+
+
+class DifficultyRow(Contract):
+    """One headline score's AUROC (question-bootstrap CI) and the accuracy on the runs of one difficulty bucket."""
+
+    split: str
+    difficulty: Literal["level", "n_terms"]
+    """``level``: MATH's level (1-5); ``n_terms``: the arithmetic chain's number of operands."""
+    value: int
+    score: str
+    n_runs: int
+    n_questions: int
+    accuracy: float
+    auroc: float | None
+    auroc_ci_low: float | None
+    auroc_ci_high: float | None
+
+
 class EvaluateReport(Contract):
     """evaluate.json. Per split (test, ood; top-level keys) and score (registry order): ``ScoreMetrics``."""
 
     splits: dict[str, dict[str, ScoreMetrics]]
+    paired_differences: list[PairedDifferenceMetrics]
+    """Every pair of ``registry.PAIRED_COMPARISONS`` on test, then on ood."""
+    answer_extraction: dict[str, AnswerExtraction]
+    """Split (train, val, test, ood) -> how its runs' answers were found."""
+    by_difficulty: list[DifficultyRow]
+    """Headline scores by difficulty on test and ood (empty when the questions carry none)."""
     summary: dict[str, SplitSummary]
     calibration: dict[str, dict[str, CalibrationMetrics]]
     """Split -> calibrated score -> ECE and Brier score of its P(correct)."""
@@ -735,6 +814,7 @@ ROC_FILE = "roc.csv"  # in paths.plots; ROC_COLUMNS
 EARLY_WARNING_FILE = "early_warning.csv"  # in paths.plots; EARLY_WARNING_COLUMNS
 RISK_COVERAGE_FILE = "risk_coverage.csv"  # in paths.plots; RISK_COVERAGE_COLUMNS
 RELIABILITY_FILE = "reliability.csv"  # in paths.plots; RELIABILITY_COLUMNS
+DIFFICULTY_FILE = "auroc_by_difficulty.csv"  # in paths.plots; DIFFICULTY_COLUMNS
 STABILITY_FILE = "stability.json"  # in paths.metrics; StabilityReport
 STABILITY_PLOT_FILE = "stability.csv"  # in paths.plots; STABILITY_COLUMNS
 COST_RATIO_FILE = "cost_ratio.json"  # in paths.metrics; CostRatio
