@@ -21,8 +21,10 @@ from stages.lib import registry, selection
 from stages.lib.params import parse_params
 from stages.lib.probe_store import load_location_probes, load_probes
 from stages.lib.probes import SingleClassError
+from stages.lib.questions import write_questions
 from stages.lib.schema import (
     AUROC_BY_LAYER_COLUMNS,
+    DIFFICULTY_COLUMNS,
     EARLY_WARNING_COLUMNS,
     RELIABILITY_COLUMNS,
     RISK_COVERAGE_COLUMNS,
@@ -68,12 +70,18 @@ def make_dataset(n_questions: int, dataset: str, seed: int):
         "mean_token_entropy": rng.normal(1.0, 0.3, n_runs) - 0.3 * correct,
         "sequence_loglik": rng.normal(-20, 3, n_runs) + 3 * correct,
         "n_generated": rng.integers(10, 40, n_runs),
+        "think_start_index": pd.array([0] * n_runs, dtype="Int64"),
+        "think_end_index": pd.array(np.where(correct, 6, 7), dtype="Int64"),
+        "truncated": False, "answer_source": "boxed",
     })
+    runs["token_logprobs"] = [rng.normal(-0.5, 0.2, length) - 1.0 * (not is_correct) * (np.arange(length) > 7)
+                              for length, is_correct in zip(runs["n_generated"], correct)]
     entropy = pd.DataFrame({
         "question_id": question_id, "run_id": runs["run_id"], "cluster_id": rng.integers(0, 2, n_runs),
         "n_clusters": 2, "semantic_entropy": semantic_entropy,
         "semantic_entropy_weighted": semantic_entropy + rng.normal(0, 0.05, n_runs),
         "naive_entropy": rng.normal(1, 0.2, n_runs),
+        "num_semantic_sets": 2, "eigv": 2.0 + rng.normal(0, 0.1, n_runs), "degree": 0.5, "eccentricity": 1.0,
     })
     hidden = rng.normal(0, 1, (n_runs, len(POSITIONS), len(LAYERS), HIDDEN_SIZE))
     hidden[:, 1, 2, 0] += 3.0 * correct        # (think_end, layer 2) knows correctness
@@ -91,6 +99,13 @@ def write_fixture(params, n_id=60, n_ood=20, edit_id=None):
         runs, entropy, hidden, index = make_dataset(n_questions, dataset, seed)
         if dataset == "id" and edit_id is not None:
             edit_id(runs, entropy)
+        # arithmetic chains of 2, 3 or 4 terms by question index: the difficulty breakdown's n_terms
+        question_ids = runs["question_id"].unique()
+        Path(params.paths.questions).mkdir(parents=True, exist_ok=True)
+        write_questions(pd.DataFrame({"question_id": question_ids, "dataset": dataset,
+                                      "question": ["+".join(["1"] * (2 + i % 3)) for i in range(len(question_ids))],
+                                      "gold": [str(2 + i % 3) for i in range(len(question_ids))], "level": None}),
+                        Path(params.paths.questions) / f"{dataset}.jsonl")
         for directory, frame in ((params.paths.runs, runs), (params.paths.semantic_entropy, entropy)):
             Path(directory).mkdir(parents=True, exist_ok=True)
             frame.to_parquet(Path(directory) / f"{dataset}.parquet", index=False)
@@ -194,7 +209,33 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     text = (Path(params.paths.metrics) / "evaluate.json").read_text()
     assert text == report.to_json()
     written = json.loads(text)
-    assert list(written) == ["test", "ood", "summary", "calibration", "se_regression", "settings", "early_warning"]
+    assert list(written) == ["test", "ood", "paired_differences", "answer_extraction", "by_difficulty", "summary",
+                             "calibration", "se_regression", "settings", "early_warning"]
+    # paired differences: every pair on test then ood, the difference of the two AUROCs reported above, its CI
+    # around it and a p-value of the two-sided bootstrap test (floor 2 / 51 with 50 resamples)
+    paired = written["paired_differences"]
+    assert [(row["split"], row["a"], row["b"]) for row in paired] == [
+        (split, a, b) for split in ("test", "ood") for a, b in registry.PAIRED_COMPARISONS]
+    for row in paired:
+        assert row["difference"] == pytest.approx(written[row["split"]][row["a"]]["auroc"]
+                                                  - written[row["split"]][row["b"]]["auroc"])
+        assert row["ci_low"] <= row["difference"] <= row["ci_high"] and 2 / 51 <= row["p_value"] <= 1
+        assert row["bootstrap_resamples_used"] == 50 and row["label"].count(" - ") == 1
+    # the accuracy probe reads the built-in signal, the entropies are noise: a clear, significant difference
+    accuracy_vs_se = next(row for row in paired if row["split"] == "test" and (row["a"], row["b"]) ==
+                          ("accuracy_probe", "semantic_entropy"))
+    assert accuracy_vs_se["ci_low"] > 0 and accuracy_vs_se["p_value"] < 0.05
+    assert {split: counts["n_runs"] for split, counts in written["answer_extraction"].items()} == {
+        "train": 36 * RUNS_PER_QUESTION, "val": 12 * RUNS_PER_QUESTION, "test": 12 * RUNS_PER_QUESTION,
+        "ood": 20 * RUNS_PER_QUESTION}
+    assert written["answer_extraction"]["test"]["n_truncated_in_think"] == 0
+    by_difficulty = pd.read_csv(Path(params.paths.plots) / "auroc_by_difficulty.csv")
+    validate_frame(by_difficulty, DIFFICULTY_COLUMNS, "auroc_by_difficulty.csv")
+    assert len(by_difficulty) == len(written["by_difficulty"]) and set(by_difficulty["value"]) == {2, 3, 4}
+    assert set(by_difficulty["difficulty"]) == {"n_terms"}
+    assert set(by_difficulty["score"]) == {score.name for score in registry.SCORES if score.headline}
+    runs_per_split = by_difficulty.groupby(["split", "score"])["n_runs"].sum()
+    assert (runs_per_split.loc["test"] == 12 * RUNS_PER_QUESTION).all()
     for split in ("test", "ood"):
         assert list(written[split]) == [score.name for score in registry.SCORES]  # registry order
         for score, record in written[split].items():
@@ -274,6 +315,10 @@ def test_single_class_test_split_and_missing_ood_give_null_metrics_with_notes(tm
     assert report.summary["ood"].n_runs == 0 and report.summary["ood"].accuracy is None
     assert report.calibration["ood"]["accuracy_probe"].ece is None
     assert report.se_regression["ood"].spearman_runs is None
+    # a paired difference is null, with its scores' note, where one of them is undefined
+    for row in report.paired_differences:
+        assert row.difference is None and row.ci_low is None and row.p_value is None and row.note
+    assert report.answer_extraction["ood"].n_runs == 0 and report.by_difficulty[0].split == "test"
     assert test_record.aurac == pytest.approx(18 / 19) and test_record.prr is None  # all correct: the maximum
     by_layer = pd.read_csv(Path(params.paths.plots) / "auroc_by_layer.csv")
     assert "ood" not in set(by_layer["split"])

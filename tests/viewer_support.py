@@ -113,7 +113,7 @@ def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int 
                 "high_se": se > 0.5,
                 "umap_x": float(centre[0] + rng.normal(0, 0.6) + (3 if correct else -3)),
                 "umap_y": float(centre[1] + rng.normal(0, 0.6)),
-                "think_length": int(rng.integers(5, 40)), "truncated": False,
+                "think_length": int(rng.integers(5, 40)), "truncated": False, "answer_source": "boxed",
             })
     frame = pd.DataFrame(rows)
     frame["think_length"] = frame["think_length"].astype("Int64")
@@ -135,7 +135,8 @@ def synthetic_early_warning() -> pd.DataFrame:
 
 def synthetic_metrics() -> EvaluateReport:
     """An evaluate.json (its schema model) with every registry score, in registry order, and plausible numbers:
-    the i-th score has test AUROC 0.6 + 0.03 i (OOD 0.05 less); the SE probe on high SE 0.9."""
+    the i-th score has test AUROC 0.6 + 0.02 i (OOD 0.05 less); the SE probe on high SE 0.9; every paired
+    difference 0.05 [0.01, 0.09], p 0.02."""
     def entry(auroc: float, label: str) -> dict:
         record = {"label": label, "n_runs": 100, "n_questions": 10, "n_positive": 40, "auroc": auroc,
                   "auroc_ci_low": auroc - 0.05, "auroc_ci_high": auroc + 0.05, "auroc_p_value": 0.001,
@@ -145,10 +146,22 @@ def synthetic_metrics() -> EvaluateReport:
             record.update(aurac=0.4 + auroc / 4, aurc=0.6 - auroc / 4, prr=2 * auroc - 1)
         return record
     splits = {split: {score.name: entry(0.9 if score.label != "incorrect" else
-                                        0.6 + 0.03 * i + (0.0 if split == "test" else -0.05), score.label)
+                                        0.6 + 0.02 * i + (0.0 if split == "test" else -0.05), score.label)
                       for i, score in enumerate(registry.SCORES)} for split in ("test", "ood")}
+    paired = [{"a": a, "b": b, "label": f"{registry.BY_NAME[a].display_name} - {registry.BY_NAME[b].display_name}",
+               "split": split, "difference": 0.05, "ci_low": 0.01, "ci_high": 0.09, "p_value": 0.02,
+               "bootstrap_resamples_used": 100, "note": None}
+              for split in ("test", "ood") for a, b in registry.PAIRED_COMPARISONS]
+    extraction = {split: {"n_runs": 100, "n_truncated": 6, "n_truncated_in_think": 5, "n_no_answer": 1,
+                          "n_last_number_fallback": 2} for split in ("train", "val", "test", "ood")}
+    by_difficulty = [{"split": split, "difficulty": "n_terms", "value": terms, "score": score.name, "n_runs": 30,
+                      "n_questions": 3, "accuracy": 0.9 - 0.1 * terms, "auroc": 0.7, "auroc_ci_low": 0.6,
+                      "auroc_ci_high": 0.8}
+                     for split in ("test", "ood") for terms in (2, 3, 4) for score in registry.SCORES
+                     if score.headline]
     return EvaluateReport.model_validate({
-        "splits": splits,
+        "splits": splits, "paired_differences": paired, "answer_extraction": extraction,
+        "by_difficulty": by_difficulty,
         "summary": {split: {"n_runs": 100, "n_questions": 10, "n_correct": 60, "n_incorrect": 40, "accuracy": 0.6,
                             "n_high_se_questions": 5, "mean_p_correct_on_correct": 0.7,
                             "mean_p_correct_on_incorrect": 0.4, "note": None} for split in ("test", "ood")},

@@ -303,7 +303,11 @@ def difficulty_table(runs: pd.DataFrame, scores: pd.DataFrame, difficulty: tuple
                          "accuracy": float(1 - incorrect.mean()), "auroc": value_auroc,
                          "auroc_ci_low": interval.low if interval else None,
                          "auroc_ci_high": interval.high if interval else None})
-    return pd.DataFrame.from_records(rows, columns=columns) if rows else empty_frame(DIFFICULTY_COLUMNS)
+    if not rows:
+        return empty_frame(DIFFICULTY_COLUMNS)
+    # float even when every bucket is single-class (all AUROCs null)
+    return pd.DataFrame.from_records(rows, columns=columns).astype(
+        {"auroc": float, "auroc_ci_low": float, "auroc_ci_high": float})
 
 
 def selective_metrics(correct, uncertainty) -> dict[str, float | None]:
