@@ -165,3 +165,28 @@ def test_graph_from_math_answers():
     assert graph[0].tolist() == [True, True, False, False, True]
     assert number_of_semantic_sets(graph) == int(cluster_answers(answers).max()) + 1 == 2
     assert 2 < eigenvalue_sum_uncertainty(graph) < 3  # the missing edge x=5 - y=5 counts, unlike in NumSets
+
+
+# ---- the registry entries read them -------------------------------------------------------------------------
+
+def test_registry_scores_the_new_baselines_from_the_runs_columns_by_hand():
+    from stages.lib import registry
+    from stages.lib.evaluation import score_runs
+
+    runs = pd.DataFrame({
+        "hidden_row": [0, 1],
+        "sequence_loglik": [-6.0, -1.0], "n_generated": [3, 4],
+        "think_start_index": pd.array([0, 0], dtype="Int64"), "think_end_index": pd.array([1, None], dtype="Int64"),
+        "token_logprobs": [np.log([0.9, 0.8, 0.25]), np.log([0.5, 0.4, 0.3, 0.6])],
+        "num_semantic_sets": [3, 1], "eigv": [2.5, 1.0], "degree": [0.6, 0.0], "eccentricity": [1.4, 0.0],
+    })
+    names = ["length_normalised_negative_loglik", "think_length", "negative_min_answer_logprob",
+             "num_semantic_sets", "eigv", "degree", "eccentricity"]
+    scores = score_runs(runs, None, (), (), {}, entries=[registry.BY_NAME[name] for name in names])
+    # -6 / 3 and -1 / 4; think span (0, 1) holds no token, an unclosed one all 3 after <think>; the answer after
+    # </think> is the single token 0.25, the unfinished run's lowest is 0.3; graph columns as they are
+    assert scores.to_dict("list") == pytest.approx({
+        "length_normalised_negative_loglik": [2.0, 0.25], "think_length": [0.0, 3.0],
+        "negative_min_answer_logprob": [-math.log(0.25), -math.log(0.3)], "num_semantic_sets": [3, 1],
+        "eigv": [2.5, 1.0], "degree": [0.6, 0.0], "eccentricity": [1.4, 0.0]})
+    assert all(registry.BY_NAME[name].label == "incorrect" for name in names)

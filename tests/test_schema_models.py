@@ -191,7 +191,8 @@ def test_registry_keeps_the_outputs_names_and_order():
     assert [score.name for score in registry.SCORES] == [
         "accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
         "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik", "se_regression_probe",
-        "accuracy_range_probe", "se_range_probe", "se_probe_high_se"]
+        "accuracy_range_probe", "se_range_probe", "se_probe_high_se", "length_normalised_negative_loglik",
+        "think_length", "negative_min_answer_logprob", "num_semantic_sets", "eigv", "degree", "eccentricity"]
     assert [probe.file for probe in registry.probes()] == [
         "accuracy_probe", "se_probe", "entropy_baseline", "se_regression_probe",
         "accuracy_range_probe", "se_range_probe"]
@@ -201,7 +202,7 @@ def test_registry_keeps_the_outputs_names_and_order():
         "question_id", "run_id", "dataset", "split", "question", "gold", "text", "answer", "cluster_id", "n_clusters",
         "correct", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy", "mean_token_entropy",
         "sequence_loglik", "accuracy_probe_prob", "accuracy_probe_margin", "se_probe_prob", "se_probe_margin",
-        "high_se", "umap_x", "umap_y", "think_length", "truncated"]
+        "high_se", "umap_x", "umap_y", "think_length", "truncated", "answer_source"]
     assert set(ANALYSIS_KEY) <= {column.name for column in registry.ANALYSIS_COLUMNS}
 
 
