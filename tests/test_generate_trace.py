@@ -122,6 +122,7 @@ def test_run_records_follow_the_schema_and_judge_answers(lm):
     validate_frame(frame, RUN_COLUMNS, "records", RUN_KEY)
     assert frame["correct"].tolist() == [True, False]
     assert frame["answer"].tolist() == ["3", ""]  # truncated while reasoning: no answer
+    assert frame["answer_source"].tolist() == ["boxed", "truncated_in_think"]
     assert frame["think_missing"].tolist() == [False, True]
     assert frame["think_end_index"].iloc[0] == right.index(think.end_id)
     assert frame["sequence_loglik"].iloc[0] == pytest.approx(-0.5 * len(right))

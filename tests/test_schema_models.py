@@ -190,9 +190,9 @@ def test_registry_keeps_the_outputs_names_and_order():
     """evaluate.json's keys, the probe files and the analysis columns as the committed run has them."""
     assert [score.name for score in registry.SCORES] == [
         "accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
-        "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik", "se_regression_probe",
-        "accuracy_range_probe", "se_range_probe", "se_probe_high_se", "length_normalised_negative_loglik",
-        "think_length", "negative_min_answer_logprob", "num_semantic_sets", "eigv", "degree", "eccentricity"]
+        "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik", "length_normalised_negative_loglik",
+        "think_length", "negative_min_answer_logprob", "num_semantic_sets", "eigv", "degree", "eccentricity",
+        "se_regression_probe", "accuracy_range_probe", "se_range_probe", "se_probe_high_se"]
     assert [probe.file for probe in registry.probes()] == [
         "accuracy_probe", "se_probe", "entropy_baseline", "se_regression_probe",
         "accuracy_range_probe", "se_range_probe"]

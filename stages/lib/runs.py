@@ -70,7 +70,7 @@ def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: l
 
     The answer follows ``stages.lib.answers.extract_answer``: nothing from inside the reasoning, so a run that
     stopped while still thinking has answer '' (and is incorrect). Each row also carries ``answer_source`` (one of
-    ``ANSWER_SOURCES``: how the answer was found); it reaches the table once RUN_COLUMNS lists it.
+    ``ANSWER_SOURCES``: how the answer was found), which evaluate counts per split and analysis flags.
     """
     rows = []
     for (_, question), prompt, question_runs in zip(questions.iterrows(), prompts, runs):
