@@ -5,9 +5,12 @@ Used by the stage ``python -m stages.evaluate`` (or ``dvc repro evaluate``).
 Every score of the registry (``stages.lib.registry.SCORES``) is tested against its label: an INCORRECT run for all
 but the SE probe's second entry, which is tested on its own target (high-SE questions, threshold from train); every
 score is oriented so that higher = more likely its label. For each split and score: AUROC and AUPRC, each with a
-percentile CI from resampling questions (``evaluate.bootstrap``, ``evaluate.confidence``) and a one-sided
-permutation p-value (``evaluate.permutations``). A split with one class, or no runs (``data.ood_source: none``),
-gets null metrics and a note.
+percentile CI from resampling questions (``evaluate.bootstrap``, ``evaluate.confidence``; one set of resamples per
+split, shared by every score) and a one-sided permutation p-value that permutes whole questions
+(``evaluate.permutations``). A split with one class, or no runs (``data.ood_source: none``), gets null metrics and
+a note. The pairs of ``registry.PAIRED_COMPARISONS`` get their AUROC difference with a paired CI and p on those same
+resamples; the headline scores their AUROC per difficulty bucket (MATH level or chain length); every split its
+answer-extraction counts.
 
 Beyond AUROC/AUPRC each score of incorrect runs gets AURAC, AURC and PRR (selective prediction); each calibrated
 score's P(correct) gets ECE, Brier and a reliability table; the ridge SE probe its Spearman with SE; and the probe
@@ -16,8 +19,10 @@ warning).
 
 Writes
 - ``{paths.metrics}/evaluate.json`` (``schema.EvaluateReport``): ``{split: {score: {auroc, auroc_ci_low, ...,
-  aurac, aurc, prr}}}`` plus ``summary`` (counts, accuracy and mean probe confidence per split), ``calibration``,
-  ``se_regression``, ``settings`` and ``early_warning``;
+  aurac, aurc, prr}}}`` plus ``paired_differences``, ``answer_extraction``, ``by_difficulty``, ``summary`` (counts,
+  accuracy and mean probe confidence per split), ``calibration``, ``se_regression``, ``settings`` and
+  ``early_warning``;
+- ``{paths.plots}/auroc_by_difficulty.csv``: ``by_difficulty`` as a plot table;
 - ``{paths.plots}/auroc_by_layer.csv``: AUROC of the probe train_probes fitted on train at every
   (position, layer) (``location_probes``), on val, test and ood;
 - ``{paths.plots}/roc.csv``, ``risk_coverage.csv``: ROC and risk-coverage curves of every score on test and ood;
