@@ -446,3 +446,23 @@ def test_a_new_score_is_one_registry_entry_and_one_function(tmp_path, monkeypatc
     for name in ("roc.csv", "risk_coverage.csv"):
         assert "answer_length" in set(pd.read_csv(Path(params.paths.plots) / name)["score"])
     assert "answer_length" in stability.run(params).splits["test"]
+
+
+def test_question_difficulty_and_answer_counts_by_hand():
+    from stages.lib.evaluation import answer_extraction, question_difficulty
+
+    chains = pd.DataFrame({"question_id": ["a", "b"], "question": ["1+2", "3-1+4"], "level": pd.array([None, None],
+                                                                                                    dtype="Int64")})
+    kind, terms = question_difficulty(chains)
+    assert kind == "n_terms" and terms.to_dict() == {"a": 2, "b": 3}
+    # a level wins; questions without one are left out
+    math = pd.DataFrame({"question_id": ["p", "q", "r"], "question": ["Solve x.", "1+2", "Find y."],
+                         "level": pd.array([3, None, 5], dtype="Int64")})
+    kind, levels = question_difficulty(math)
+    assert kind == "level" and levels.to_dict() == {"p": 3, "r": 5}
+    assert question_difficulty(pd.DataFrame({"question_id": ["g"], "question": ["How many apples?"],
+                                             "level": pd.array([None], dtype="Int64")})) is None
+    runs = pd.DataFrame({"truncated": [True, True, False, False, False],
+                         "answer_source": ["truncated_in_think", "boxed", "none", "last_number_fallback", "boxed"]})
+    assert answer_extraction(runs).model_dump() == {"n_runs": 5, "n_truncated": 2, "n_truncated_in_think": 1,
+                                                    "n_no_answer": 1, "n_last_number_fallback": 1}
