@@ -249,7 +249,8 @@ def make_runs(dataset: str, answers_by_question: dict[str, list[str]]) -> pd.Dat
                 "prompt_ids": [1, 2, 3], "generated_ids": list(range(len(token_logprobs))),
                 "text": f"<think>...</think>\\boxed{{{answer}}}", "think_start_index": 0, "think_end_index": 1,
                 "think_missing": False, "truncated": answer == "", "answer": answer,
-                "answer_source": "boxed" if answer else "truncated_in_think", "token_logprobs": token_logprobs, "token_entropies": [0.5] * len(token_logprobs),
+                "answer_source": "boxed" if answer else "truncated_in_think",
+                "token_logprobs": token_logprobs, "token_entropies": [0.5] * len(token_logprobs),
                 "sequence_loglik": float(sum(token_logprobs)), "mean_token_entropy": 0.5,
                 "n_generated": len(token_logprobs), "correct": answer == "14",
             })

@@ -270,9 +270,10 @@ def paired_difference(labels, scores_a, scores_b, groups, metric: Metric, n_resa
     """The difference of one metric between two scores of the same runs, with a paired question-level CI and p.
 
     d = metric(labels, scores_a) - metric(labels, scores_b). Each bootstrap resample draws questions with
-    replacement (``question_resamples``: the same draws as ``bootstrap_ci`` for the same generator) and computes BOTH metrics on
-    it, d* = metric_a* - metric_b*: what the two scores share (the questions drawn, their difficulty) cancels,
-    so the interval is much narrower than two separate intervals would suggest when the scores agree.
+    replacement (``question_resamples``: the same draws as ``bootstrap_ci`` for the same generator) and computes
+    BOTH metrics on it, d* = metric_a* - metric_b*: what the two scores share (the questions drawn, their
+    difficulty) cancels, so the interval is much narrower than two separate intervals would suggest when the
+    scores agree.
 
     The p-value is the two-sided bootstrap p of H0: d = 0, the smallest alpha at which the (1 - alpha)
     percentile interval excludes 0 (test inversion):
