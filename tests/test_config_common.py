@@ -239,3 +239,45 @@ def test_tables_are_validated_on_write_and_read(tmp_path):
     with pytest.raises(SchemaError, match="missing.parquet: not found"):
         read_table(tmp_path / "missing.parquet", QUESTION_COLUMNS)
     assert not (tmp_path / "bad.parquet").exists()
+
+
+def run_questions_stage(tmp_path: Path, level: str) -> subprocess.CompletedProcess:
+    """The questions stage (fast, offline) in a scratch directory with the repository's params."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    env = {**os.environ, "SEP_LOG_LEVEL": level, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.questions"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_one_log_level_setting_quiets_every_stage_log_line(tmp_path):
+    chatty = run_questions_stage(tmp_path, "INFO")
+    assert chatty.returncode == 0 and " INFO " in chatty.stderr
+    quiet = run_questions_stage(tmp_path, "warning")
+    assert quiet.returncode == 0 and " INFO " not in quiet.stderr
+    assert (tmp_path / "data/questions/id.jsonl").is_file()
+
+
+def test_a_bad_log_level_is_one_line_naming_the_variable(tmp_path):
+    result = run_questions_stage(tmp_path, "LOUD")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: SEP_LOG_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR"
+
+
+def test_progress_bars_follow_the_log_level(capsys):
+    import logging
+
+    from stages.lib.common import progress
+    root = logging.getLogger()
+    previous = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert list(progress(range(3), desc="shown")) == [0, 1, 2]
+        assert "shown" in capsys.readouterr().err
+        root.setLevel(logging.WARNING)
+        assert list(progress(range(3), desc="hidden")) == [0, 1, 2]
+        assert "hidden" not in capsys.readouterr().err
+        root.setLevel(logging.INFO)
+        list(progress(range(3), desc="off", enabled=False))
+        assert "off" not in capsys.readouterr().err
+    finally:
+        root.setLevel(previous)

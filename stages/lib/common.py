@@ -12,10 +12,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from stages.lib.errors import UserError
 from stages.lib.schema import COST_COUNTERS, COST_DIR, Column, Contract, CostRecord, SchemaError, validate_frame
@@ -34,16 +35,42 @@ def run_stage(main: Callable[[], Any], doc: str | None) -> None:
     """Run a stage from the command line: ``--help`` prints ``doc``; a UserError (bad params, a malformed
     input) prints its one-line message and exits with status 2, with no traceback."""
     stage_cli(doc)
-    setup_logging()
     try:
+        setup_logging()
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+LOG_LEVEL_VARIABLE = "SEP_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level() -> int:
+    """The stages' one verbosity setting: ``SEP_LOG_LEVEL`` (DEBUG, INFO, WARNING or ERROR; INFO when unset).
+
+    An environment variable, not a param: verbosity must not make DVC rerun a stage. Progress bars show at
+    INFO and DEBUG only (``progress``)."""
+    name = os.environ.get(LOG_LEVEL_VARIABLE, "INFO").strip().upper()
+    if name not in LOG_LEVELS:
+        raise UserError(f"{LOG_LEVEL_VARIABLE}={os.environ[LOG_LEVEL_VARIABLE]!r}: expected one of "
+                        f"{', '.join(LOG_LEVELS)}")
+    return getattr(logging, name)
+
+
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """Configure the root logger once for a stage process, at ``log_level()``."""
+    level = log_level()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool = True, **kwargs: Any) -> Iterable:
+    """``tqdm(iterable)`` that shows only when ``enabled`` and the stages' log level is INFO or lower
+    (``SEP_LOG_LEVEL=WARNING`` hides every bar); on stderr, so DVC's output stays readable."""
+    shown = enabled and logging.getLogger().isEnabledFor(logging.INFO)
+    return tqdm(iterable, desc=desc, disable=not shown, **kwargs)
 
 
 @contextlib.contextmanager
