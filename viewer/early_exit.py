@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import holoviews as hv
+import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh renderer, as hv.extension does, without output)
 import pandas as pd
 import panel as pn
 import yaml
@@ -118,15 +119,14 @@ def operating_points(report: EarlyExitReport, split: str) -> pd.DataFrame:
 def early_exit_view(root: str | Path) -> pn.viewable.Viewable:
     """The page section: split and rule pickers, the Pareto curve, the operating points, and a run picker with
     that run's forced answers at each prefix."""
-    hv.extension("bokeh", logo=False)
     data = load_early_exit(root)
     splits = [s for s in ("test", "ood", "val") if (data.pareto["split"] == s).any()]
-    split = pn.widgets.Select(name="split", options=splits, value=splits[0])
-    rules = pn.widgets.MultiChoice(name="rules", options=list(data.report.rules), value=list(data.report.rules))
+    split = pn.widgets.Select(label="split", options=splits, value=splits[0])
+    rules = pn.widgets.MultiChoice(label="rules", options=list(data.report.rules), value=list(data.report.rules))
     keys = data.forced[["dataset", "question_id", "run_id"]].drop_duplicates()
     labels = {f"{row.dataset} {row.question_id} #{row.run_id}": (row.dataset, row.question_id, int(row.run_id))
               for row in keys.itertuples()}
-    run = pn.widgets.Select(name="run", options=list(labels))
+    run = pn.widgets.Select(label="run", options=list(labels))
 
     def curve(split_name, chosen_rules):
         return pn.pane.HoloViews(pareto_plot(data.pareto, split_name, chosen_rules or None))
