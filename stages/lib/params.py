@@ -174,6 +174,9 @@ class ToyParams(Group):
     """Largest operand in tail chains (>= ``max_operand``)."""
     ood_train_fraction: number(ge=0, lt=1)
     """Share of training chains drawn from the tail: the knob between an impossible and an easy OOD set."""
+    recheck_fraction: number(ge=0, le=1)
+    """Share of training chains that over-think: after reaching the answer they re-check every step before
+    ``</think>`` (0 = off, the default). With it, stopping early can pay (docs/early_exit.md)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "ToyParams":
