@@ -302,3 +302,25 @@ def test_outcome_report_and_pareto_rows():
     rows = pareto_rows("probe", "test", data, np.ones((4, 1)), np.array([0.5]), 0.5, False)
     assert list(rows["chosen"]) == [False, True] and rows["tau"].isna().iloc[0]
     assert list(rows["accuracy"]) == [0.75, 0.75] and rows["think_tokens_saved"].iloc[0] == 0.0
+
+
+def test_prefix_outcomes_join_runs_and_forced_answers_and_name_a_missing_prefix():
+    runs = pd.DataFrame({"question_id": ["b", "a"], "run_id": [0, 0], "correct": [True, False],
+                         "n_generated": [30, 40]})
+    forced = pd.DataFrame([{"question_id": q, "run_id": 0, "prefix": p, "correct": q == "a" and p == 50,
+                            "answer": f"{q}{p}", "tokens_used": p, "generated_kept": p - 10, "reasoning_kept": p - 11,
+                            "mean_logprob": -1.0, "mean_entropy": 0.5, "reasoning_tokens": 99}
+                           for q in "ab" for p in (25, 50)])
+    from stages.lib.early_exit import prefix_outcomes
+    from stages.lib.schema import SchemaError
+    data = prefix_outcomes(runs, forced, (25, 50))
+    assert list(data.question_id) == ["a", "b"] and list(data.full_correct) == [False, True]
+    np.testing.assert_array_equal(data.forced_correct, [[False, True], [False, False]])
+    np.testing.assert_array_equal(data.trial_tokens, [[10, 10], [10, 10]])
+    assert data.forced_answer[1, 0] == "b25"
+    with pytest.raises(SchemaError, match="prefix 75"):
+        prefix_outcomes(runs, forced, (25, 75))
+    empty = prefix_outcomes(runs.iloc[:0], forced.iloc[:0], (25, 50))
+    assert empty.forced_correct.shape == (0, 2)
+    assert outcome_report(empty, apply_rule(empty, np.zeros((0, 2)), 0.5, True), 0.1, 10, 0.9,
+                          np.random.default_rng(0))["accuracy_full"] is None

@@ -76,6 +76,13 @@ def prefix_outcomes(runs: pd.DataFrame, forced: pd.DataFrame, prefixes, source: 
     Every run needs a forced answer at every prefix (else SchemaError naming ``source``: rerun forced_answers).
     """
     runs = runs.sort_values(["question_id", "run_id"], kind="mergesort").reset_index(drop=True)
+    if not len(runs):  # e.g. data.ood_source: none
+        m = len(prefixes)
+        matrix = {dtype: np.zeros((0, m), dtype=dtype) for dtype in (bool, object, np.int64, np.float64)}
+        return PrefixOutcomes(np.zeros(0, object), np.zeros(0, np.int64), tuple(int(p) for p in prefixes),
+                              matrix[bool], matrix[object], matrix[np.int64], matrix[np.int64], matrix[np.int64],
+                              matrix[np.float64], matrix[np.float64], np.zeros(0, np.int64), np.zeros(0, bool),
+                              np.zeros(0, np.int64))
     keys = pd.MultiIndex.from_frame(runs[["question_id", "run_id"]])
     wide = {}
     indexed = forced.set_index(["question_id", "run_id", "prefix"])
