@@ -35,7 +35,7 @@ from sklearn.model_selection import GroupKFold, cross_val_score
 from stages.lib.answers import answers_equivalent
 from stages.lib.metrics import single_class_reason
 from stages.lib.params import ProbeParams
-from stages.lib.probes import LogisticProbe, fit_probe, probe_features
+from stages.lib.probes import LogisticProbe, SingleClassError, fit_probe, probe_features
 from stages.lib.schema import SchemaError
 
 log = logging.getLogger(__name__)
@@ -381,9 +381,13 @@ def grouped_cv_auroc(probe: LogisticProbe, features: np.ndarray, labels: np.ndar
     if n_groups < 2:
         return None
     splitter = GroupKFold(n_splits=min(folds, n_groups), shuffle=True, random_state=seed)
-    scores = cross_val_score(clone(probe).set_params(c_grid=(probe.C_,)), features, labels, groups=groups,
-                             cv=splitter, scoring="roc_auc", error_score=np.nan)
-    return None if np.all(np.isnan(scores)) else float(np.nanmean(scores))
+    usable = [(fit_rows, held_out) for fit_rows, held_out in splitter.split(features, labels, groups)
+              if len(np.unique(labels[fit_rows])) == 2 and len(np.unique(labels[held_out])) == 2]
+    if not usable:
+        return None
+    scores = cross_val_score(clone(probe).set_params(c_grid=(probe.C_,)), features, labels, cv=usable,
+                             scoring="roc_auc")
+    return float(np.mean(scores))
 
 
 def fit_stopping_probe(hidden, positions, layers, prefix: int, train_rows, train_labels, train_groups,
@@ -401,9 +405,16 @@ def fit_stopping_probe(hidden, positions, layers, prefix: int, train_rows, train
                              else 0.0, None)
     best: StoppingProbe | None = None
     for layer in layers:
-        probe = fit_probe(hidden, train_rows, positions, layers, f"forced_correct_{position}", train_labels,
-                          train_groups, position, layer, c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
-                          max_iter=probe_params.max_iter, random_state=seed)
+        fit = dict(hidden=hidden, rows=train_rows, positions=positions, layers=layers,
+                   label_name=f"forced_correct_{position}", targets=train_labels, groups=train_groups,
+                   position=position, layer=layer, cv_folds=probe_params.cv_folds, max_iter=probe_params.max_iter,
+                   random_state=seed)
+        try:
+            probe = fit_probe(c_grid=probe_params.c_grid, **fit)
+        except SingleClassError as error:  # too few right forced answers for every fold to hold both classes
+            log.warning("%s layer %s: %s; fitted at the strongest regularisation, C = %g", position, layer, error,
+                        min(probe_params.c_grid))
+            probe = fit_probe(c_grid=(min(probe_params.c_grid),), **fit)
         score = grouped_cv_auroc(probe, probe_features(probe, hidden, train_rows, positions, layers), train_labels,
                                  np.asarray(train_groups), probe_params.cv_folds, seed)
         candidate = StoppingProbe(position, int(layer), probe, float(train_labels.mean()), score)
