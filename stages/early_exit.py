@@ -22,8 +22,9 @@ from stages.lib.early_exit import (
     evaluate_rules,
     fit_stopping_probe,
     prefix_outcomes,
+    stopping_probe_choices,
 )
-from stages.lib.forced_answers import prefix_position, require_traced_prefixes
+from stages.lib.forced_answers import require_traced_prefixes
 from stages.lib.params import Params, load_params
 from stages.lib.schema import (
     EARLY_EXIT_FILE,
@@ -36,9 +37,7 @@ from stages.lib.schema import (
     SPLITS_FILE,
     EarlyExitReport,
     EarlyExitSettings,
-    StoppingProbeChoice,
 )
-from stages.lib.metrics import auroc
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +60,14 @@ def run(params: Params) -> EarlyExitReport:
                 hidden[split] = loaded.hidden
                 outcomes[split] = prefix_outcomes(runs[split], forced, prefixes, str(path))
 
-        probes, choices = [], {}
-        for j, prefix in enumerate(prefixes):
-            train = runs["train"]
-            probe = fit_stopping_probe(hidden["train"], positions, layers, prefix, train["hidden_row"].to_numpy(),
-                                       outcomes["train"].forced_correct[:, j], train["question_id"].to_numpy(),
-                                       params.probes, params.seed)
-            probes.append(probe)
-        p_correct = {split: np.column_stack([p.p_correct(hidden[split], runs[split]["hidden_row"].to_numpy(),
-                                                         positions, layers) for p in probes])
+        train = runs["train"]
+        probes = [fit_stopping_probe(hidden["train"], positions, layers, prefix, train["hidden_row"].to_numpy(),
+                                     outcomes["train"].forced_correct[:, j], train["question_id"].to_numpy(),
+                                     params.probes, params.seed) for j, prefix in enumerate(prefixes)]
+        p_correct = {split: np.column_stack([probe.p_correct(hidden[split], runs[split]["hidden_row"].to_numpy(),
+                                                             positions, layers) for probe in probes])
                      for split in runs}
-        for j, (prefix, probe) in enumerate(zip(prefixes, probes)):
-            choices[prefix_position(prefix)] = StoppingProbeChoice(
-                position=probe.position, layer=probe.layer, C=None if probe.probe is None else probe.probe.C_,
-                train_cv_auroc=probe.train_cv_auroc,
-                val_auroc=auroc(outcomes["val"].forced_correct[:, j], p_correct["val"][:, j]),
-                train_accuracy=float(outcomes["train"].forced_correct[:, j].mean()), constant=probe.probe is None)
-
+        choices = stopping_probe_choices(probes, outcomes, p_correct)
         rules, pareto = evaluate_rules(outcomes, p_correct, settings.epsilon, settings.delta, settings.tau_grid,
                                        params.evaluate.bootstrap, params.evaluate.confidence, params.seed)
         report = EarlyExitReport.model_validate({

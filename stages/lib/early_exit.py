@@ -33,10 +33,10 @@ from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, cross_val_score
 
 from stages.lib.answers import answers_equivalent
-from stages.lib.metrics import single_class_reason
+from stages.lib.metrics import auroc, single_class_reason
 from stages.lib.params import ProbeParams
 from stages.lib.probes import LogisticProbe, SingleClassError, fit_probe, probe_features
-from stages.lib.schema import SchemaError
+from stages.lib.schema import SchemaError, StoppingProbeChoice
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +422,17 @@ def fit_stopping_probe(hidden, positions, layers, prefix: int, train_rows, train
             best = candidate  # ties keep the earlier layer
     log.info("stopping probe %s: layer %d, train grouped-CV AUROC %s", position, best.layer, best.train_cv_auroc)
     return best
+
+
+def stopping_probe_choices(probes: list[StoppingProbe], outcomes: dict[str, PrefixOutcomes],
+                           p_correct: dict[str, np.ndarray]) -> dict[str, StoppingProbeChoice]:
+    """early_exit.json's record of each stopping probe (in prefix order): where it reads, its train CV AUROC and,
+    for information only, its val AUROC."""
+    return {probe.position: StoppingProbeChoice(
+        position=probe.position, layer=probe.layer, C=None if probe.probe is None else float(probe.probe.C_),
+        train_cv_auroc=probe.train_cv_auroc, val_auroc=auroc(outcomes["val"].forced_correct[:, j], p_correct["val"][:, j]),
+        train_accuracy=float(outcomes["train"].forced_correct[:, j].mean()) if outcomes["train"].n_runs else 0.0,
+        constant=probe.probe is None) for j, probe in enumerate(probes)}
 
 
 # ---- every rule, calibrated and evaluated ----------------------------------------------------------------------
