@@ -4,6 +4,7 @@ stopping rules, Learn-then-Test's tau on hand-computed arrays, and its guarantee
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -132,8 +133,9 @@ def test_forced_answers_table_matches_the_schema_and_judges_against_gold(toy):
     for column in ("think_start_index", "think_end_index"):
         runs[column] = runs[column].astype("Int64")
     gold = pd.Series({"1+2": "3", "12+7-5": "14"})
-    frame, calls = force_answers(model, tokenizer, runs, gold, (25, 75), "\\boxed{", 5, 3, eos_ids, pad_id, think,
-                                 progress=False)
+    decode = partial(greedy_answers, model, max_new_tokens=5, eos_ids=eos_ids, pad_id=pad_id, batch_size=3,
+                     progress=False)
+    frame, calls = force_answers(tokenizer, runs, gold, (25, 75), "\\boxed{", decode, think)
     validate_frame(frame, FORCED_ANSWER_COLUMNS, "forced", FORCED_ANSWER_KEY)
     assert calls == 2 and len(frame) == 4 and list(frame["prefix"]) == [25, 75, 25, 75]
     for row in frame.itertuples():
@@ -324,3 +326,26 @@ def test_prefix_outcomes_join_runs_and_forced_answers_and_name_a_missing_prefix(
     assert empty.forced_correct.shape == (0, 2)
     assert outcome_report(empty, apply_rule(empty, np.zeros((0, 2)), 0.5, True), 0.1, 10, 0.9,
                           np.random.default_rng(0))["accuracy_full"] is None
+
+
+def test_the_vllm_path_gives_the_same_forced_answers_as_transformers(tiny_lm_dir):
+    """Through the vLLM stand-in of tests/test_vllm_backend.py (the real tiny model behind vLLM's interface)."""
+    from test_vllm_backend import FakeLLM, FakeSamplingParams, sampling
+
+    from stages.lib import sampling_vllm
+    from stages.lib.forced_answers import greedy_answers_vllm
+    from stages.lib.models import load_model
+
+    model, tokenizer = load_model(str(tiny_lm_dir), toy_model_dir="unused")
+    eos_ids, pad_id = stop_and_pad_ids(model.generation_config, tokenizer)
+    settings = sampling(vllm=dict(entropy_top_n=len(tokenizer)))
+    llm = FakeLLM(**sampling_vllm.engine_kwargs(str(tiny_lm_dir), settings.vllm, seed=0) | {"max_logprobs": 200})
+    generator = sampling_vllm.VllmGenerator(llm, FakeSamplingParams, settings, tokenizer, eos_ids, progress=False)
+    sequences = [ids(tokenizer, "<think>1+2=3</think>\\boxed{"), ids(tokenizer, "<think>12+7</think>\\boxed{")]
+    from_vllm, calls = greedy_answers_vllm(generator, sequences, 5, progress=False)
+    from_hf, _ = greedy_answers(model, sequences, 5, eos_ids, pad_id, batch_size=2, progress=False)
+    assert calls == 1 and len(llm.received) == 1
+    for a, b in zip(from_vllm, from_hf):
+        assert a.generated_ids == b.generated_ids and a.truncated == b.truncated
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=2e-4)
+        np.testing.assert_allclose(a.token_entropies, b.token_entropies, atol=2e-4)

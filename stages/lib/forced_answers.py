@@ -9,7 +9,8 @@ sees the very prefix the answer is forced from. The forced sequence is
 
 and the answer is decoded greedily from it, at most ``early_exit.max_answer_tokens`` tokens, batched across runs
 and left-padded (``models.pad_batch``) as generation is. Per-token log-probs and entropies are recorded by the
-generation backend's own ``StepRecorder`` (untempered logits, step by step).
+generation backend's own ``StepRecorder`` (untempered logits, step by step). With ``sampling.backend`` vllm the
+same sequences go to one vLLM engine instead (``greedy_answers_vllm``).
 
 Run by the forced_answers stage; pure functions over frames and token lists, plus one model call.
 """
@@ -17,6 +18,7 @@ Run by the forced_answers stage; pure functions over frames and token lists, plu
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -27,8 +29,10 @@ from transformers import LogitsProcessorList
 from stages.lib.answers import extract_answer, is_correct
 from stages.lib.errors import UserError
 from stages.lib.models import ThinkTokens, pad_batch
+from stages.lib.params import SamplingParams
 from stages.lib.runs import SampledRun, cut_at_eos
 from stages.lib.sampling_hf import StepRecorder
+from stages.lib.sampling_vllm import sample_runs_vllm
 from stages.lib.schema import FORCED_ANSWER_COLUMNS, empty_frame
 from stages.lib.tracing import token_positions
 
@@ -163,14 +167,28 @@ def forced_records(plan: pd.DataFrame, answers: list[SampledRun], gold: pd.Serie
     return pd.DataFrame(rows, columns=[c.name for c in FORCED_ANSWER_COLUMNS])
 
 
-def force_answers(model, tokenizer, runs: pd.DataFrame, gold: pd.Series, prefixes, answer_prefix: str,
-                  max_answer_tokens: int, batch_size: int, eos_ids: set[int], pad_id: int, think: ThinkTokens,
-                  progress: bool = True) -> tuple[pd.DataFrame, int]:
+def greedy_answers_vllm(generator, sequences: list[list[int]], max_new_tokens: int,
+                        progress: bool = True) -> tuple[list[SampledRun], int]:
+    """Greedy answers for every sequence from one vLLM engine (``sampling_vllm.VllmGenerator``), one
+    ``llm.generate`` call; the per-token entropies are vLLM's top-N lower bound, as in generation."""
+    greedy = SamplingParams.model_validate({**generator.sampling.model_dump(), "temp": 0.0, "runs": 2,
+                                            "max_new_tokens": max_new_tokens})
+    runs = sample_runs_vllm(generator.llm, generator.sampling_params_cls, sequences, greedy, generator.eos_ids,
+                            seed=0, progress=progress)
+    return [question_runs[0] for question_runs in runs], int(len(sequences) > 0)  # greedy: the 2 runs are one
+
+
+Decoder = Callable[[list[list[int]]], tuple[list[SampledRun], int]]
+"""Forced sequences -> (their greedy answers in order, generate calls): ``greedy_answers`` (transformers) or
+``greedy_answers_vllm`` with the model and settings bound."""
+
+
+def force_answers(tokenizer, runs: pd.DataFrame, gold: pd.Series, prefixes, answer_prefix: str, decode: Decoder,
+                  think: ThinkTokens) -> tuple[pd.DataFrame, int]:
     """Every run's forced answer at every prefix: (FORCED_ANSWER_COLUMNS frame, generate() calls)."""
     answer_prefix_ids = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     plan = plan_forced(runs, prefixes, think, answer_prefix_ids)
     if not len(plan):
         return empty_frame(FORCED_ANSWER_COLUMNS), 0
-    answers, calls = greedy_answers(model, list(plan["sequence"]), max_answer_tokens, eos_ids, pad_id, batch_size,
-                                    progress)
+    answers, calls = decode(list(plan["sequence"]))
     return forced_records(plan, answers, gold, tokenizer, think, answer_prefix_ids), calls

@@ -381,7 +381,7 @@ class EarlyExitParams(Group):
     answer_prefix: str
     """Text appended after ``</think>`` before the forced answer is decoded (the model's answer format, e.g.
     ``\\boxed{`` for the toy; a real model may want a blank line, ``**Final Answer**`` and ``\\boxed{``)."""
-    max_answer_tokens: PositiveInt
+    max_answer_tokens: integer(2)
     """Greedy decoding cap of one forced answer."""
     batch_size: PositiveInt
     """Forced answers per generate() call (left-padded like generation)."""
