@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["toy_model", "questions", "generate", "semantic_entropy", "trace", "train_probes", "evaluate", "analysis",
-          "stability", "cost_ratio"]
+          "stability", "cost_ratio", "forced_answers", "early_exit"]
 
 # Small enough to run in about a minute, large enough that every split holds both classes.
 TINY = {

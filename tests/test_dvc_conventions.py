@@ -55,11 +55,16 @@ def test_generate_declares_what_is_sampled_and_not_the_machine_knobs():
     assert covered("seed", declared) and covered("model.name", declared)
 
 
+# forced_answers decodes with the generation backend, so it reads which backend and what vLLM computes (not how to sample)
+DECODING_KNOBS = ["sampling.backend", "sampling.vllm.max_model_len", "sampling.vllm.dtype", "sampling.vllm.entropy_top_n"]
+
+
 def test_only_generate_reads_sampling_knobs_beyond_k():
     for stage, spec in STAGES.items():
         if stage != "generate":
             extra = [entry for entry in spec.get("params", []) if covered(entry, ["sampling"])]
-            assert extra in ([], ["sampling.runs"]), f"dvc.yaml stage `{stage}` declares {extra}"
+            allowed = ([], ["sampling.runs"]) + ((DECODING_KNOBS,) if stage == "forced_answers" else ())
+            assert extra in allowed, f"dvc.yaml stage `{stage}` declares {extra}"
 
 
 def test_dvc_stage_list_prints_the_descs():

@@ -18,7 +18,7 @@ from stages.lib.params import ToyParams
 REPO = Path(__file__).resolve().parents[1]
 TINY = ToyParams(layers=1, hidden_size=16, heads=2, intermediate_size=32, steps=4, batch_size=4,
                  learning_rate=0.003, min_terms=2, max_terms=3, max_operand=9, ood_max_terms=4, ood_max_operand=9,
-                 ood_train_fraction=0.25)
+                 ood_train_fraction=0.25, recheck_fraction=0.0)
 
 
 # ---- the arithmetic task ------------------------------------------------------------------------------------
@@ -26,6 +26,12 @@ def test_solution_text_hand_checked():
     assert arithmetic.solution_text("12+7-5+3") == "<think>12+7=19\n19-5=14\n14+3=17</think>\\boxed{17}"
     assert arithmetic.solution_text("5-5+2") == "<think>5-5=0\n0+2=2</think>\\boxed{2}"
     assert arithmetic.solution_text("3+4") == "<think>3+4=7</think>\\boxed{7}"
+
+
+def test_an_over_thinking_chain_re_checks_every_step_before_closing_the_reasoning():
+    assert arithmetic.solution_text("12+7-5", recheck=True) == \
+        "<think>12+7=19\n19-5=14\ncheck\n12+7=19\n19-5=14</think>\\boxed{14}"
+    assert arithmetic.solution_text("3+4", recheck=False) == arithmetic.solution_text("3+4")
 
 
 def test_parse_chain_rejects_anything_but_plus_and_minus_chains():
@@ -109,6 +115,28 @@ def test_training_batch_puts_the_loss_on_the_completion_only(tokenizer):
     assert (labels[0, prompt_length + len(completion):] == -100).all()  # padding
     assert (input_ids[0, prompt_length + len(completion):] == tokenizer.pad_token_id).all()
     assert labels[1, -1] == tokenizer.eos_token_id  # the longest row ends with EOS, unpadded
+
+
+def test_training_batch_re_checks_the_chains_asked_for(tokenizer):
+    plain, _ = toy.training_batch(tokenizer, ["1+2", "3+4"])
+    mixed, labels = toy.training_batch(tokenizer, ["1+2", "3+4"], recheck=[False, True])
+    rows = tokenizer.batch_decode(mixed, skip_special_tokens=False)
+    assert "check" not in rows[0] and "<think>3+4=7\ncheck\n3+4=7</think>" in rows[1]
+    assert mixed.shape[1] > plain.shape[1]
+
+
+def test_recheck_fraction_zero_draws_nothing_so_the_default_training_is_unchanged():
+    def drawn(config):
+        rng = np.random.default_rng(0)
+        toy.train(toy.build_model(config, toy.build_tokenizer()), toy.build_tokenizer(), config, rng, progress=False)
+        return rng.random()
+    once = TINY.model_copy(update={"steps": 1})
+    # one step draws the chains only; with re-checks it draws one more number per chain
+    reference = np.random.default_rng(0)
+    arithmetic.training_chains(once.batch_size, reference, once.min_terms, once.max_terms, once.max_operand,
+                               once.ood_max_terms, once.ood_max_operand, once.ood_train_fraction)
+    assert drawn(once) == reference.random()
+    assert drawn(once.model_copy(update={"recheck_fraction": 0.5})) != reference.random()
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

@@ -108,9 +108,20 @@ def solution_steps(question: str) -> list[str]:
     return steps
 
 
-def solution_text(question: str) -> str:
-    """The target completion (without EOS): the steps inside ``<think>...</think>``, then ``\\boxed{answer}``."""
-    return f"{THINK_START}{chr(10).join(solution_steps(question))}{THINK_END}\\boxed{{{chain_value(question)}}}"
+RECHECK_MARKER = "check"
+"""Starts the re-check pass of an over-thinking chain (``solution_text(..., recheck=True)``)."""
+
+
+def solution_text(question: str, recheck: bool = False) -> str:
+    """The target completion (without EOS): the steps inside ``<think>...</think>``, then ``\\boxed{answer}``.
+
+    ``recheck``: the chain over-thinks, as real reasoning models do: once the answer is reached it re-checks every
+    step (a ``check`` line, then the steps again) before closing the reasoning, so the answer is already known
+    half-way through the think span.
+    """
+    steps = chr(10).join(solution_steps(question))
+    reasoning = f"{steps}{chr(10)}{RECHECK_MARKER}{chr(10)}{steps}" if recheck else steps
+    return f"{THINK_START}{reasoning}{THINK_END}\\boxed{{{chain_value(question)}}}"
 
 
 def training_chains(n: int, rng: np.random.Generator, min_terms: int, max_terms: int, max_operand: int,

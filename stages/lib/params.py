@@ -140,6 +140,8 @@ class Paths(Group):
     """Plot tables (CSV)."""
     analysis: str
     """The viewer's one-row-per-run table."""
+    forced_answers: str
+    """Answers forced at prefixes of each run's reasoning (stage forced_answers), one table per dataset."""
 
 
 class ToyParams(Group):
@@ -172,6 +174,9 @@ class ToyParams(Group):
     """Largest operand in tail chains (>= ``max_operand``)."""
     ood_train_fraction: number(ge=0, lt=1)
     """Share of training chains drawn from the tail: the knob between an impossible and an easy OOD set."""
+    recheck_fraction: number(ge=0, le=1)
+    """Share of training chains that over-think: after reaching the answer they re-check every step before
+    ``</think>`` (0 = off, the default). With it, stopping early can pay (docs/early_exit.md)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "ToyParams":
@@ -356,6 +361,39 @@ class AnalysisParams(Group):
     """UMAP's min_dist: how tightly points pack in the embedding (at most UMAP's spread, 1)."""
 
 
+Percent = Annotated[int, Field(ge=1, le=99)]
+
+
+def _ascending(values: tuple) -> tuple:
+    if list(values) != sorted(set(values)):
+        raise ValueError("not strictly ascending")
+    return values
+
+
+class EarlyExitParams(Group):
+    """Forced answers at reasoning prefixes and the stopping rules calibrated on them (stages forced_answers and
+    early_exit)."""
+
+    prefixes: Annotated[sequence(Percent, "a non-empty, strictly ascending list of percents in 1..99"),
+                        AfterValidator(_ascending)]
+    """Where the reasoning is cut, in percent of each run's think span (the definition of ``think_<p>``); every p
+    must be traced (``think_<p>`` in ``trace.positions``) so the stopping probe can read its hidden state."""
+    answer_prefix: str
+    """Text appended after ``</think>`` before the forced answer is decoded (the model's answer format, e.g.
+    ``\\boxed{`` for the toy; a real model may want a blank line, ``**Final Answer**`` and ``\\boxed{``)."""
+    max_answer_tokens: integer(2)
+    """Greedy decoding cap of one forced answer."""
+    batch_size: PositiveInt
+    """Forced answers per generate() call (left-padded like generation)."""
+    epsilon: number(gt=0, lt=1)
+    """Largest accuracy loss against full reasoning the calibrated rule may have (the risk level)."""
+    delta: number(gt=0, lt=1)
+    """Allowed probability that the loss exceeds ``epsilon`` anyway (1 - delta is the guarantee's confidence)."""
+    tau_grid: integer(2)
+    """Candidate thresholds per rule: quantiles of the rule's scores on the train split (fixed before val is
+    seen, as Learn-then-Test requires)."""
+
+
 class Params(Group):
     """The whole of params.yaml."""
 
@@ -372,6 +410,7 @@ class Params(Group):
     evaluate: EvaluateParams
     stability: StabilityParams
     analysis: AnalysisParams = Field(repr=False)
+    early_exit: EarlyExitParams
 
 
 # ---- loading, and pydantic's errors as one line ---------------------------------------------------------------

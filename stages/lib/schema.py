@@ -819,3 +819,122 @@ STABILITY_FILE = "stability.json"  # in paths.metrics; StabilityReport
 STABILITY_PLOT_FILE = "stability.csv"  # in paths.plots; STABILITY_COLUMNS
 COST_RATIO_FILE = "cost_ratio.json"  # in paths.metrics; CostRatio
 COST_DIR = "cost"  # in paths.metrics: <stage>.json, CostRecord
+
+
+# ---- early exit: forced answers at reasoning prefixes and the calibrated stopping rules -----------------------
+FORCED_ANSWER_COLUMNS = (
+    Column("question_id", "str"),
+    Column("run_id", "int"),
+    Column("dataset", "str"),
+    Column("prefix", "int", doc="percent of the reasoning kept (early_exit.prefixes)"),
+    Column("position", "str", doc="the trace position of the last kept reasoning token, think_<prefix>"),
+    Column("reasoning_tokens", "int", doc="R: the run's reasoning tokens (inside <think>...</think>)"),
+    Column("reasoning_kept", "int", doc="round(prefix/100 * R): reasoning tokens kept before the cut"),
+    Column("generated_kept", "int", doc="generated tokens kept (the <think> token and the kept reasoning)"),
+    Column("answer_ids", "list", doc="the greedily decoded answer tokens (after </think> and the answer prefix)"),
+    Column("answer_text", "str", doc="</think>, the answer prefix and the decoded answer, as text"),
+    Column("answer", "str", doc="the answer extracted from answer_text ('' if none)"),
+    Column("answer_source", "str", doc="how the answer was found (stages.lib.answers.ANSWER_SOURCES)"),
+    Column("correct", "bool", doc="math-verify equivalence of the forced answer and gold"),
+    Column("mean_logprob", "float", nullable=True, doc="mean log p of the answer tokens; null if none"),
+    Column("mean_entropy", "float", nullable=True, doc="mean token entropy (nats) of the answer; null if none"),
+    Column("answer_tokens", "int", doc="tokens decoded for the forced answer (EOS excluded)"),
+    Column("truncated", "bool", doc="the answer hit early_exit.max_answer_tokens before EOS"),
+    Column("tokens_used", "int", doc="generated tokens a run stopped here costs: generated_kept + </think> + "
+                                     "answer prefix + answer_tokens"),
+)
+FORCED_ANSWER_KEY = ("question_id", "run_id", "prefix")
+
+EARLY_EXIT_PARETO_COLUMNS = (
+    Column("rule", "str", doc="a stopping rule of stages.lib.early_exit.RULES"),
+    Column("split", "str", doc="val, test or ood"),
+    Column("tau", "float", nullable=True, doc="the threshold (null: never stop, think to the end)"),
+    Column("accuracy", "float", doc="accuracy of the answers given under the rule"),
+    Column("tokens_used", "float", doc="mean generated tokens per run, trial answers the rule needs included"),
+    Column("think_tokens_saved", "float", doc="share of the reasoning tokens not generated"),
+    Column("loss", "float", doc="share of runs right with full reasoning and wrong under the rule"),
+    Column("chosen", "bool", doc="the operating point calibrated on val"),
+)
+EARLY_EXIT_FILE = "early_exit.json"  # in paths.metrics; EarlyExitReport
+EARLY_EXIT_PARETO_FILE = "early_exit_pareto.csv"  # in paths.plots; EARLY_EXIT_PARETO_COLUMNS
+
+
+class StoppingProbeChoice(Contract):
+    """The stopping probe at one prefix: where it reads, and how well it ranks forced-answer correctness."""
+
+    position: str
+    layer: int
+    """Chosen by the question-grouped cross-validated AUROC on train (val is kept for the calibration)."""
+    C: float | None
+    train_cv_auroc: float | None
+    val_auroc: float | None
+    """Reported only; not used for any choice."""
+    train_accuracy: float
+    """Share of train runs whose forced answer at this prefix is right."""
+    constant: bool
+    """True when the train labels held one class: P(correct) is then that share, for every run."""
+
+
+class EarlyExitOutcome(Contract):
+    """One rule at its calibrated threshold on one split, with question-bootstrap percentile CIs."""
+
+    n_runs: int
+    n_questions: int
+    accuracy_full: float | None
+    accuracy_early_exit: float | None
+    accuracy_change: float | None
+    accuracy_change_ci_low: float | None
+    accuracy_change_ci_high: float | None
+    think_tokens_saved: float | None
+    """Share of the reasoning tokens not generated."""
+    think_tokens_saved_ci_low: float | None
+    think_tokens_saved_ci_high: float | None
+    tokens_used: float | None
+    """Mean generated tokens per run under the rule (trial answers included)."""
+    tokens_full: float | None
+    """Mean generated tokens per run with full reasoning."""
+    loss: float | None
+    """Realised risk: share of runs right with full reasoning and wrong under the rule (>= the accuracy drop)."""
+    loss_ci_low: float | None
+    loss_ci_high: float | None
+    loss_within_epsilon: bool | None
+    stop_rate: float | None
+    """Share of runs stopped before the end of their reasoning."""
+
+
+class EarlyExitRule(Contract):
+    """A stopping rule: its threshold chosen on val by Learn-then-Test, and what it does on test and OOD."""
+
+    description: str
+    tau: float | None
+    """Stop at the first prefix whose score >= tau; null: no candidate passed, the rule never stops."""
+    val_risk: float | None
+    """The loss on the val (calibration) questions at tau."""
+    val_p_value: float | None
+    """Hoeffding-Bentkus p-value of H0: risk(tau) > epsilon (rejected: p <= delta)."""
+    candidates_tested: int
+    candidates_rejected: int
+    splits: dict[str, EarlyExitOutcome]
+    """test and ood."""
+
+
+class EarlyExitSettings(Contract):
+    method: str
+    loss: str
+    epsilon: float
+    delta: float
+    prefixes: list[int]
+    answer_prefix: str
+    calibration_split: str
+    n_calibration_questions: int
+    bootstrap: int
+    confidence: float
+
+
+class EarlyExitReport(Contract):
+    """early_exit.json: the stopping probes, and every rule calibrated on val and evaluated on test and OOD."""
+
+    settings: EarlyExitSettings
+    stopping_probes: dict[str, StoppingProbeChoice]
+    """think_<p> -> the probe reading it."""
+    rules: dict[str, EarlyExitRule]

@@ -98,14 +98,16 @@ def prompt_texts(tokenizer: PreTrainedTokenizerFast, questions: list[str]) -> li
                                           tokenize=False) for q in questions]
 
 
-def training_batch(tokenizer: PreTrainedTokenizerFast, chains: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(tokenizer: PreTrainedTokenizerFast, chains: list[str],
+                   recheck: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and labels for prompt + solution + EOS, right padded; labels are -100 on prompt and padding.
 
     Returns ``(input_ids, labels)``, both (batch, longest sequence). Right padding needs no attention mask:
     under the causal mask, padding after a sequence cannot influence it.
     """
     prompts = tokenizer(prompt_texts(tokenizer, chains), add_special_tokens=False).input_ids
-    completions = tokenizer([arithmetic.solution_text(c) + EOS_TOKEN for c in chains],
+    recheck = recheck if recheck is not None else [False] * len(chains)
+    completions = tokenizer([arithmetic.solution_text(c, again) + EOS_TOKEN for c, again in zip(chains, recheck)],
                             add_special_tokens=False).input_ids
     length = max(len(p) + len(c) for p, c in zip(prompts, completions))
     input_ids = torch.full((len(chains), length), tokenizer.pad_token_id, dtype=torch.long)
@@ -160,7 +162,9 @@ def train(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, toy: ToyP
     for step in bar:
         chains = arithmetic.training_chains(toy.batch_size, rng, toy.min_terms, toy.max_terms, toy.max_operand,
                                             toy.ood_max_terms, toy.ood_max_operand, toy.ood_train_fraction)
-        input_ids, labels = training_batch(tokenizer, chains)  # (batch, length)
+        # over-thinking chains (toy.recheck_fraction); no draw at 0, so the default's random stream is unchanged
+        recheck = list(rng.random(len(chains)) < toy.recheck_fraction) if toy.recheck_fraction > 0 else None
+        input_ids, labels = training_batch(tokenizer, chains, recheck)  # (batch, length)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, toy.steps, toy.learning_rate)
         loss = model(input_ids=input_ids, labels=labels).loss
