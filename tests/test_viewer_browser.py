@@ -30,8 +30,9 @@ if not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"):
 N_QUESTIONS, RUNS = 40, 5
 TIMEOUT_MS = 20_000
 
-# Row counts of the plots' point sources, read from the page's Bokeh document: `*_points` are the raw runs drawn,
-# `*_selected` those of them ringed as selected (their `selected` column). Tables' sources have a `run_id`.
+# Runs drawn by the plots' point sources, read from the page's Bokeh document: every source with a `runs` column
+# (how many runs each marker stands for) is a layer of stacked runs; `*_points` sums the runs of the base layers,
+# `*_selected` those of the selection's layer (its `ring` column). The UMAP's sources have `umap_x`.
 PLOT_ROWS_JS = """() => {
   const rows = {};
   for (const model of Bokeh.documents[0].all_models) {
@@ -39,11 +40,11 @@ PLOT_ROWS_JS = """() => {
     const data = model.data;
     const get = (key) => data instanceof Map ? data.get(key) : data[key];
     const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
-    if (keys.includes("run_id") || !keys.includes("question")) continue;
-    const plot = keys.includes("umap_x") ? "umap" : keys.some(k => k.endsWith("_probe_margin")) ? "scatter" : null;
-    if (plot === null) continue;
-    rows[plot + "_points"] = (rows[plot + "_points"] || 0) + get("question").length;
-    rows[plot + "_selected"] = (rows[plot + "_selected"] || 0) + [...get("selected")].filter(Boolean).length;
+    if (!keys.includes("runs") || keys.includes("run_id")) continue;
+    const plot = keys.includes("umap_x") ? "umap" : "scatter";
+    const kind = keys.includes("ring") ? "_selected" : "_points";
+    const runs = [...get("runs")].reduce((sum, k) => sum + Number(k), 0);
+    rows[plot + kind] = (rows[plot + kind] || 0) + runs;
   }
   return rows;
 }"""

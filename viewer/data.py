@@ -59,7 +59,6 @@ from stages.lib.schema import (
     StabilitySpread,
     validate_frame,
 )
-from viewer.raster import points_in_polygon
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +482,54 @@ def load_experiments(root: str | Path, num_commits: int = 10, timeout_s: float =
     log.info("experiments: %s", reason)
     return Experiments(committed_metrics_row(root), f"{reason}; showing this workspace's metrics only. "
                        "Run `dvc exp run -S sampling.temp=0.6` to add an experiment.", from_dvc=False)
+
+
+# ---- point geometry for the run plots ------------------------------------------------------------------------
+
+
+def points_in_polygon(xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Mask of the points inside ``polygon`` (``(n, 2)`` vertices, closed implicitly), by the even-odd rule.
+
+    HoloViews' own lasso test (``holoviews.element.selection.spatial_select``) needs spatialpandas or shapely,
+    neither of which the project installs; this crossing-number test is vectorised over points, O(points x
+    vertices), about 20 ms for 100k points and a 100-vertex lasso.
+    """
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    polygon = np.asarray(polygon, dtype=float)
+    inside = np.zeros(xs.shape, dtype=bool)
+    if polygon.ndim != 2 or len(polygon) < 3:
+        return inside
+    x_start, y_start = polygon[:, 0], polygon[:, 1]
+    x_end, y_end = np.roll(x_start, -1), np.roll(y_start, -1)
+    for xa, ya, xb, yb in zip(x_start, y_start, x_end, y_end):
+        if ya == yb:
+            continue  # a horizontal edge never crosses the horizontal ray
+        spans = (ya > ys) != (yb > ys)
+        crossing_x = xa + (ys - ya) * (xb - xa) / (yb - ya)
+        inside ^= spans & (xs < crossing_x)
+    return inside
+
+
+def stack_runs(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """One row per distinct ``(x, y)`` point of ``frame``: runs with identical answers have identical hidden states,
+    so many runs sit on one spot (2,740 points for 7,000 runs in the default run).
+
+    Returns the first run of each stack (its columns and row label), plus ``runs`` (how many runs the point
+    holds, k), ``runs_correct`` (how many of them are correct) and ``stack`` (``"×k"``, empty for a single run),
+    in the order of first appearance.
+    """
+    if frame.empty:
+        return frame.assign(runs=np.zeros(0, dtype=np.int64), runs_correct=np.zeros(0, dtype=np.int64),
+                            stack=np.array([], dtype=object))
+    codes = frame.groupby([x, y], sort=False, dropna=False).ngroup().to_numpy()
+    first = np.zeros(len(frame), dtype=bool)
+    first[np.unique(codes, return_index=True)[1]] = True
+    sizes = np.bincount(codes)
+    correct = np.bincount(codes, weights=frame["correct"].to_numpy(dtype=float)).astype(np.int64)
+    stacks = frame[first]
+    runs = sizes[codes[first]]
+    return stacks.assign(runs=runs, runs_correct=correct[codes[first]],
+                         stack=np.where(runs > 1, np.char.add("×", runs.astype(str)), ""))
 
 
 # ---- the store ---------------------------------------------------------------------------------------------
