@@ -34,18 +34,23 @@ TIMEOUT_MS = 20_000
 # (how many runs each marker stands for) is a layer of stacked runs; `*_points` sums the runs of the base layers,
 # `*_selected` those of the selection's layer (its `ring` column). The UMAP's sources have `umap_x`.
 PLOT_ROWS_JS = """() => {
-  const rows = {};
-  for (const model of Bokeh.documents[0].all_models) {
-    if (model.constructor.__name__ !== "ColumnDataSource") continue;
-    const data = model.data;
+  const rows = {}; const seen = new Set();
+  const count = (data) => {
     const get = (key) => data instanceof Map ? data.get(key) : data[key];
     const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
-    if (!keys.includes("runs") || keys.includes("run_id")) continue;
+    if (!keys.includes("runs") || keys.includes("run_id")) return;
     const plot = keys.includes("umap_x") ? "umap" : "scatter";
     const kind = keys.includes("ring") ? "_selected" : "_points";
     const runs = [...get("runs")].reduce((sum, k) => sum + Number(k), 0);
     rows[plot + kind] = (rows[plot + kind] || 0) + runs;
-  }
+  };
+  const walk = (view) => {  // only what is rendered: the views of the page's roots
+    if (!view || seen.has(view)) return; seen.add(view);
+    if (view.model && view.model.data_source && view.model.glyph) count(view.model.data_source.data);
+    for (const child of (view.child_views ?? [])) walk(child);
+    for (const renderer of (view.renderer_views?.values?.() ?? [])) walk(renderer);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
   return rows;
 }"""
 
@@ -325,5 +330,52 @@ def test_lasso_selection_is_linked(server, browser, analysis):
         selected = _count(page)[1]
         assert 0 < selected < total
         _wait_for_rows(page, scatter_selected=selected, umap_selected=selected)
+    finally:
+        page.close()
+
+
+# Figures in the page, and the legends' entries as (label, swatch colour: the fill of the glyph the entry draws).
+FIGURES_JS = """() => {
+  const seen = new Set(); let figures = 0;
+  const walk = (view) => {
+    if (!view || seen.has(view)) return; seen.add(view);
+    if (view.model && view.model.constructor.__name__ === "Figure" && view.el.isConnected) figures += 1;
+    for (const child of (view.child_views ?? [])) walk(child);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
+  return figures;
+}"""
+LEGENDS_JS = """() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__name__ === "Legend").map(
+  legend => legend.items.map(item => {
+    const label = item.label && (item.label.value ?? item.label);
+    const glyph = item.renderers.length ? item.renderers[0].glyph : null;
+    const fill = glyph && glyph.fill_color && (glyph.fill_color.value ?? glyph.fill_color);
+    return [label, fill];
+  }))"""
+
+
+def test_legends_have_swatches_and_redraws_replace_figures(server, browser, analysis):
+    """Both run plots carry a legend whose entries draw a marker in the outcome's colour; changing the probe and
+    the UMAP's colouring several times leaves exactly the two figures on the page."""
+    from viewer.views import OUTCOME_COLOURS
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                               timeout=TIMEOUT_MS)
+        total = len(analysis)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        expected = [["correct", OUTCOME_COLOURS["correct"]], ["incorrect", OUTCOME_COLOURS["incorrect"]]]
+        assert page.evaluate(LEGENDS_JS) == [expected, expected]
+        assert page.evaluate(FIGURES_JS) == 2
+        for probe in ("SE probe", "accuracy probe", "SE probe"):
+            page.get_by_role("button", name=probe, exact=True).click()
+            page.wait_for_timeout(600)
+            _wait_for_rows(page, scatter_points=total, umap_points=total)
+        page.locator("select").nth(1).select_option(label="semantic entropy")  # the UMAP's "colour by"
+        page.wait_for_timeout(800)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        assert page.evaluate(FIGURES_JS) == 2
     finally:
         page.close()

@@ -142,8 +142,8 @@ class LinkedPoints(pn.viewable.Viewer):
     def __init__(self, **params):
         super().__init__(**params)
         self._revisions: hv.streams.Params | None = None  # the stream of the drawn figure
-        self._pane = pn.pane.HoloViews(self._dynamic_map(), sizing_mode="stretch_width", height=PLOT_HEIGHT,
-                                       css_classes=[self.css_class], linked_axes=False)
+        self._pane = self._new_pane()
+        self._holder = pn.Column(self._pane, sizing_mode="stretch_width", margin=0)
         own = [name for name in self._rebuild_on if not name.startswith("store.")]
         stored = [name.split(".", 1)[1] for name in self._rebuild_on if name.startswith("store.")]
         # New axes or colours: a new DynamicMap in the same pane, which replaces its figure (never adds one).
@@ -278,8 +278,15 @@ class LinkedPoints(pn.viewable.Viewer):
                             active_tools=["box_select", "wheel_zoom"],
                             toolbar="right", show_grid=False))
 
+    def _new_pane(self) -> pn.pane.HoloViews:
+        return pn.pane.HoloViews(self._dynamic_map(), sizing_mode="stretch_width", height=PLOT_HEIGHT,
+                                 css_classes=[self.css_class], linked_axes=False)
+
     def _rebuild(self) -> None:
-        self._pane.object = self._dynamic_map()
+        # A new pane in the holder: Panel removes the old one's figure from the page (setting the pane's `object`
+        # instead left replaced figures in the document, found by the browser test).
+        self._pane = self._new_pane()
+        self._holder.objects = [self._pane]
 
     def _on_box(self, bounds=None, **_) -> None:
         if bounds is not None:
@@ -297,7 +304,7 @@ class LinkedPoints(pn.viewable.Viewer):
                             styles={"color": "#555", "font-size": "0.85em"})
 
     def _plot(self):
-        return self._pane
+        return self._holder
 
 
 def _empty_rgb(bounds) -> hv.RGB:
