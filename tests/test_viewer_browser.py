@@ -252,7 +252,8 @@ def test_served_viewer_in_chromium(server, browser, analysis):
         assert page.locator(".cost-ratio", has_text="SE costs 125x a probe evaluation").count() == 1
         titles = [f"{plot}, {split}" for plot in ("Early warning", "Risk-coverage", "Reliability", "AUROC over seeds")
                   for split in ("test", "ood")]
-        page.wait_for_function(f"() => {titles!r}.every(title => title in ({FRAMES_JS})())", timeout=TIMEOUT_MS)
+        # the plots arrive one by one from a worker thread: slower than the tables on a busy machine
+        page.wait_for_function(f"() => {titles!r}.every(title => title in ({FRAMES_JS})())", timeout=4 * TIMEOUT_MS)
         page.locator(".bk-tab", has_text="Experiments").click()
         page.locator(".experiments-message").wait_for(timeout=TIMEOUT_MS)
         assert page.locator(".experiments-message", has_text="dvc exp show").count() == 1
@@ -379,3 +380,80 @@ def test_legends_have_swatches_and_redraws_replace_figures(server, browser, anal
         assert page.evaluate(FIGURES_JS) == 2
     finally:
         page.close()
+
+
+def test_selection_table_sorts_the_whole_selection_and_downloads_it(server, browser, analysis, tmp_path):
+    """Selecting every run lists them a page at a time; a header click sorts all of them on the server (the top
+    row is the selection's extreme, not the first page's), train runs say in-sample, and the CSV holds them all."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                               timeout=TIMEOUT_MS)
+        total = len(analysis)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        _box_select(page, "UMAP of hidden states")
+        page.locator(".selection-caption", has_text=f"{total} selected runs").wait_for(timeout=TIMEOUT_MS)
+        rows = page.locator(".selection-table .tabulator-row")
+        assert 0 < rows.count() < total  # a page, not everything
+        header = page.locator(".selection-table .tabulator-col[tabulator-field='semantic_entropy']")
+        header.first.click()  # ascending
+        page.wait_for_timeout(1000)
+        header.first.click()  # descending
+        expected = f"{analysis['semantic_entropy'].max():.3f}"
+        column = [cell.inner_text() for cell in page.locator(".selection-table .tabulator-cell[tabulator-field="
+                                                             "'semantic_entropy']").all()]
+        deadline = 0
+        while (not column or column[0] != expected) and deadline < 20:
+            page.wait_for_timeout(500)
+            deadline += 1
+            column = [cell.inner_text() for cell in page.locator(".selection-table .tabulator-cell[tabulator-field="
+                                                                 "'semantic_entropy']").all()]
+        assert column and column[0] == expected, (column[:3], expected)
+        in_sample = page.locator(".selection-table .tabulator-cell", has_text="in-sample (train)")
+        held_out = page.locator(".selection-table .tabulator-cell", has_text="held-out")
+        assert in_sample.count() + held_out.count() == rows.count()
+        with page.expect_download(timeout=TIMEOUT_MS) as download:
+            page.get_by_role("button", name="Selection CSV").click()
+        saved = tmp_path / "selection.csv"
+        download.value.save_as(saved)
+        import pandas as pd
+
+        exported = pd.read_csv(saved)
+        assert len(exported) == total
+        assert set(exported["probe scores"]) == {"in-sample (train)", "held-out"}
+        assert (exported["probe scores"] == "in-sample (train)").sum() == (analysis["split"] == "train").sum()
+    finally:
+        page.close()
+
+
+def test_results_never_block_another_session(server, browser, analysis):
+    """While one page opens Results (tables at once, each plot behind a spinner saying what it draws, figures
+    rendered in a worker thread), a filter click in a second page still answers promptly."""
+    import time
+
+    first = browser.new_page(viewport={"width": 1280, "height": 900})
+    second = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        for page in (first, second):
+            page.goto(server.url, timeout=TIMEOUT_MS)
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                                   timeout=TIMEOUT_MS)
+        total = len(analysis)
+        _wait_for_rows(second, scatter_points=total, umap_points=total)
+        first.locator(".bk-tab", has_text="Results").click()
+        first.locator(".metrics-table .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
+        loading = first.locator(".results-loading", has_text="Drawing")
+        spinners_seen = loading.count()
+        started = time.perf_counter()
+        second.get_by_role("button", name="incorrect", exact=True).click()
+        _wait_for_rows(second, scatter_points=int((~analysis["correct"]).sum()))
+        answered_s = time.perf_counter() - started
+        assert answered_s < 5.0, f"the second session waited {answered_s:.1f} s for a filter change"
+        first.wait_for_function(f"() => {['Risk-coverage, test', 'AUROC over seeds, ood']!r}"
+                                f".every(title => title in ({FRAMES_JS})())", timeout=3 * TIMEOUT_MS)
+        assert loading.count() == 0
+        print(f"spinners when the tables showed: {spinners_seen}; second session's filter change: {answered_s:.2f} s")
+    finally:
+        first.close()
+        second.close()

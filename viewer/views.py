@@ -9,6 +9,8 @@ innerHTML, so even ``pn.pane.Str`` renders ``<img onerror=...>`` as a live eleme
 from __future__ import annotations
 
 import html
+import logging
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,8 @@ from viewer.data import (
     stack_runs,
     varying_params,
 )
+log = logging.getLogger(__name__)
+
 # What `hv.extension("bokeh")` does outside a notebook: the Bokeh backend current, so that `hv.opts.<Element>` exist.
 hv.Store.set_current_backend("bokeh")
 
@@ -70,7 +74,7 @@ RASTER_SHAPE = (300, 210)  # that image's (width, height); about half the plot's
 # 1-3 px spreading reads as a marker
 POINT_SIZE = 6
 POINT_ALPHA, DIMMED_ALPHA = 0.7, 0.12  # the runs' opacity; the unselected ones' while a selection is drawn
-SELECTION_TABLE_CAP = 200  # rows listed in the selection table
+SELECTION_PAGE_SIZE = 15  # rows per page of the selection table
 PLOT_HEIGHT = 420
 
 # The registry's per-run probes: their analysis columns (margin, P(positive)) and what the columns are called.
@@ -411,17 +415,22 @@ class FilterPanel(pn.viewable.Viewer):
 SELECTION_COLUMNS = ["dataset", "split", "question_id", "run_id", "question", "answer", "gold", "correct",
                      "semantic_entropy", "n_clusters", *PROBE_MARGINS]
 NUMBER = NumberFormatter(format="0.000")  # numbers only, so Bokeh's HTML formatting is safe here
+# The selection table's column saying whether the probes saw the run in training (the train split) or not.
+IN_SAMPLE_COLUMN, IN_SAMPLE, HELD_OUT = "probe scores", "in-sample (train)", "held-out"
 
 
 class SelectionTable(pn.viewable.Viewer):
-    """The selected runs, at most ``cap`` of them; clicking a row opens its question.
+    """Every selected run, sorted and paged on the server (Tabulator's remote pagination: a header click sorts the
+    whole selection, and only the page shown travels to the browser); clicking a row opens its question. Runs of
+    the train split are marked in-sample: the probes were fitted on them, so their scores are greyed and say so.
+    The selection downloads as CSV.
 
     The table is created with the first selection, not with the page (a first page load is the benchmark's
     slowest step, and an empty table is a few hundred Bokeh and Tabulator objects for nothing).
     """
 
     store = param.ClassSelector(class_=RunStore)
-    cap = param.Integer(default=SELECTION_TABLE_CAP, bounds=(1, None))
+    page_size = param.Integer(default=SELECTION_PAGE_SIZE, bounds=(1, None))
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -431,30 +440,38 @@ class SelectionTable(pn.viewable.Viewer):
         self.store.param.watch(self._update, "selected")
         self._clear = pn.widgets.Button(name="Clear selection", button_type="light", width=140)
         self._clear.on_click(lambda _: self.store.clear_selection())
-        self._body = pn.Column(pn.Row(self._caption, self._clear), sizing_mode="stretch_width")
+        self._download = pn.widgets.FileDownload(callback=self._csv, filename="selection.csv", label="Selection CSV",
+                                                 button_type="light", width=140, css_classes=["selection-csv"])
+        self._body = pn.Column(pn.Row(self._caption, self._download, self._clear), sizing_mode="stretch_width")
 
     def _make_table(self, rows: pd.DataFrame) -> pn.widgets.Tabulator:
         table = pn.widgets.Tabulator(
-            rows, disabled=True, show_index=False, selectable=False, height=280,
-            sizing_mode="stretch_width", layout="fit_data_stretch", pagination=None,
+            rows, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
+            layout="fit_data_stretch", pagination="remote", page_size=self.page_size,
             formatters={column: NUMBER for column in ("semantic_entropy", *PROBE_MARGINS)},
             css_classes=["selection-table"])
+        table.style.apply(_grey_in_sample, axis=1)
         table.on_click(self._open)
         return table
 
     def _rows(self, selected: pd.DataFrame) -> pd.DataFrame:
-        rows = selected.head(self.cap)[SELECTION_COLUMNS].copy()
+        rows = selected[SELECTION_COLUMNS].copy()
         for column in ("dataset", "split"):
             rows[column] = rows[column].astype(str)
+        rows.insert(rows.columns.get_loc(PROBE_MARGINS[0]), IN_SAMPLE_COLUMN,
+                    np.where(rows["split"] == "train", IN_SAMPLE, HELD_OUT))
         return rows.reset_index(drop=True)
+
+    def _csv(self) -> io.StringIO:
+        return io.StringIO(self._rows(self.store.selected).to_csv(index=False))
 
     def _caption_html(self, selected: pd.DataFrame) -> str:
         if selected.empty:
             return ("<i>Select runs in either plot (drag a box, or use the lasso) to list them here; click a row to "
                     "open its question.</i>")
-        shown = min(len(selected), self.cap)
-        return (f"<b>{len(selected):,}</b> selected runs; listing the first {shown:,} (at most {self.cap:,} are "
-                "listed). Click a row to open its question.")
+        in_sample = int((selected["split"] == "train").sum())
+        return (f"<b>{len(selected):,}</b> selected runs ({in_sample:,} of the train split: in-sample, their probe "
+                "scores greyed). A header click sorts all of them. Click a row to open its question.")
 
     def _update(self, event) -> None:
         self._caption.object = self._caption_html(event.new)
@@ -470,6 +487,13 @@ class SelectionTable(pn.viewable.Viewer):
 
     def __panel__(self):
         return self._body
+
+
+def _grey_in_sample(row: pd.Series) -> list[str]:
+    """Tabulator cell styles for one row: an in-sample run's probe scores grey and italic."""
+    grey = row.get(IN_SAMPLE_COLUMN) == IN_SAMPLE
+    return ["color: #999; font-style: italic" if grey and (column in PROBE_MARGINS or column == IN_SAMPLE_COLUMN)
+            else "" for column in row.index]
 
 
 QUESTION_CSS = """
@@ -775,6 +799,7 @@ class ResultsView(pn.viewable.Viewer):
         return pn.param.ParamMethod(self._content, lazy=True, sizing_mode="stretch_width")
 
     def _content(self):
+        """The tables at once, each plot a spinner saying what it draws until its figure is ready."""
         parts = [pn.pane.Markdown(
             "Every score is oriented so that higher means *this run is more likely wrong*; the positive class is "
             "an **incorrect** run. CIs are 95% bootstrap intervals over questions. These come from the `evaluate` "
@@ -788,9 +813,55 @@ class ResultsView(pn.viewable.Viewer):
         except MissingArtifact as missing:
             parts.append(notice(str(missing)))
         parts += [self._stability(), self._cost()]
+        sections = []
         for plot in self.plots:
-            parts.append(self._section(plot, settings))
+            heading = pn.pane.HTML(f"<h4>{html.escape(plot.title)}</h4>{html.escape(plot.caption)}",
+                                   sizing_mode="stretch_width")
+            waiting = pn.Row(pn.indicators.LoadingSpinner(value=True, size=24, width=24, height=24),
+                             pn.pane.HTML(f"<i>Drawing {html.escape(plot.title)}...</i>"),
+                             css_classes=["results-loading"])
+            sections.append(pn.Column(heading, waiting, sizing_mode="stretch_width"))
+        parts += sections
+        self._draw_later(list(zip(self.plots, sections)), settings)
         return pn.Column(*parts, sizing_mode="stretch_width")
+
+    def _draw_later(self, sections: list, settings: EvaluateSettings | None) -> None:
+        """Fill each section with its figure: in a worker thread (HoloViews renders the Bokeh figure there, so
+        neither this page nor any other session's waits on the event loop), one section at a time as each is
+        ready; without a server (a script or a test), right away."""
+        if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
+            for plot, section in sections:
+                section[1] = self.draw(plot, settings)
+            return
+
+        async def fill() -> None:
+            import asyncio
+
+            for plot, section in sections:
+                try:
+                    figure = await asyncio.to_thread(self._render, plot, settings)
+                except Exception:
+                    log.exception("drawing %s", plot.title)
+                    raise
+                section[1] = figure if isinstance(figure, pn.viewable.Viewable) else pn.pane.Bokeh(
+                    figure, sizing_mode="stretch_width")
+
+        pn.state.execute(fill)
+
+    def draw(self, plot: ResultPlot, settings: EvaluateSettings | None):
+        """The HoloViews pane of ``plot``, or a notice when its table is missing or holds nothing to draw."""
+        try:
+            return pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings),
+                                     sizing_mode="stretch_width")
+        except (MissingArtifact, NothingToDraw) as missing:
+            return notice(str(missing))
+
+    def _render(self, plot: ResultPlot, settings: EvaluateSettings | None):
+        """``plot`` rendered to a Bokeh model (no document yet: safe off the event loop), or a notice."""
+        try:
+            return hv.render(plot.draw(load_plot_table(self.root, plot.table), settings), backend="bokeh")
+        except (MissingArtifact, NothingToDraw) as missing:
+            return notice(str(missing))
 
     def _stability(self):
         heading = _subheading("Stability: AUROC across seeds",
@@ -832,15 +903,6 @@ class ResultsView(pn.viewable.Viewer):
                         "Spearman correlation of the predicted with the true SE: higher is better, 1 = same ranking."),
             _small_table(se_regression_table(metrics), "se-regression-table"),
             sizing_mode="stretch_width")
-
-    def _section(self, plot: ResultPlot, settings: EvaluateSettings | None):
-        heading = pn.pane.HTML(f"<h4>{html.escape(plot.title)}</h4>{html.escape(plot.caption)}",
-                               sizing_mode="stretch_width")
-        try:
-            drawn = pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings))
-        except (MissingArtifact, NothingToDraw) as missing:
-            drawn = notice(str(missing))
-        return pn.Column(heading, drawn, sizing_mode="stretch_width")
 
 
 # ---- experiments ----------------------------------------------------------------------------------------------
