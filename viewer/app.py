@@ -76,11 +76,23 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
 
 
 def warm_up(root: Path = PROJECT_ROOT) -> None:
-    """Read the run into the loader's cache once per process (`panel serve --warm` does it before serving)."""
+    """Once per process (`panel serve --warm` does it before serving): read the run into the loader's cache, and
+    draw one frame of each run plot, so that datashader's numba kernels (compiled per aggregation and per pair of
+    columns, ~1-3 s each in a fresh process) are compiled before the first user's page rather than during it."""
+    global _warmed
     try:
-        load_analysis(root)
+        table = load_analysis(root)
     except MissingArtifact:
-        pass  # the page will say what to run
+        return  # the page will say what to run
+    if _warmed:
+        return
+    _warmed = True
+    store = RunStore(table)
+    for view in (MarginEntropyScatter(store=store, rasterize_above=0), UmapExplorer(store=store, rasterize_above=0)):
+        view.layers()
+
+
+_warmed = False
 
 
 if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`: this module runs once per browser session
