@@ -138,6 +138,42 @@ def test_metrics_table_formats_value_and_ci(project):
     assert frame.iloc[-1]["meaning"] == "score se_probe_high_se"  # described under settings' other labels
 
 
+def test_ranked_scores_sort_compare_and_keep_other_labels_apart(project):
+    metrics = viewer_data.load_metrics(project)
+    ranked, other = viewer_data.ranked_scores(metrics, "semantic_entropy")
+    aurocs = [float(value.split()[0]) for value in ranked["test AUROC (CI)"]]
+    assert aurocs == sorted(aurocs, reverse=True) and len(ranked) == len(registry.scores(label="incorrect"))
+    assert list(other["score"]) == [score.name for score in registry.SCORES if score.label != "incorrect"]
+    by_score = ranked.set_index("score")
+    assert by_score.loc["semantic_entropy", "test ΔAUROC vs semantic_entropy"] == "reference"
+    expected = metrics.splits["test"]["accuracy_probe"].auroc - metrics.splits["test"]["semantic_entropy"].auroc
+    assert by_score.loc["accuracy_probe", "test ΔAUROC vs semantic_entropy"] == f"{expected:+.3f} (no CI)"
+    assert list(ranked.columns)[-1] == "meaning"
+
+
+def test_paired_differences_are_read_when_present_and_ignored_when_odd():
+    from types import SimpleNamespace
+
+    report = SimpleNamespace(paired_differences={"test": [
+        {"score_a": "se_probe", "score_b": "semantic_entropy", "metric": "auroc", "difference": 0.05,
+         "ci_low": 0.01, "ci_high": 0.09},
+        {"score_a": "x", "metric": "auroc"},  # malformed: skipped
+        "junk"]})
+    found = viewer_data.paired_differences(report)
+    assert found[("test", "se_probe", "semantic_entropy")] == (0.05, 0.01, 0.09)
+    assert found[("test", "semantic_entropy", "se_probe")] == (-0.05, -0.09, -0.01)
+    assert len(found) == 2
+    assert viewer_data.paired_differences(SimpleNamespace(paired_differences=None)) == {}
+
+
+def test_identical_roc_curves_are_merged():
+    from viewer.views import merge_identical_curves
+
+    part = pd.DataFrame({"score": ["a", "a", "b", "b", "c", "c"], "fpr": [0, 1, 0, 1, 0, 1],
+                         "tpr": [0, 1, 0, 1, 0.5, 1]})
+    assert [label for label, _ in merge_identical_curves(part, "score", "fpr", "tpr")] == ["a = b", "c"]
+
+
 def test_metrics_table_of_a_score_missing_from_a_split():
     metrics = synthetic_metrics()
     del metrics.splits["ood"]["naive_entropy"]

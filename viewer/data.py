@@ -276,6 +276,84 @@ def metrics_table(metrics: EvaluateReport) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def score_label(metrics: EvaluateReport, score: str) -> str:
+    """The label a score is evaluated against (``incorrect`` for most; e.g. ``high_se`` for the SE probe)."""
+    for split in metrics.splits.values():
+        if score in split:
+            return split[score].label
+    return ""
+
+
+def paired_differences(metrics: EvaluateReport) -> dict[tuple[str, str, str], tuple[float, float, float]]:
+    """evaluate.json's paired AUROC differences, where it has them, read defensively (the field is newer than
+    most runs): {(split, score, reference): (difference, ci_low, ci_high)} for every entry shaped like
+    ``{"score_a", "score_b", "metric": "auroc", "difference", "ci_low", "ci_high"}`` under
+    ``paired_differences[split]`` (a list, or a dict of such entries); anything else is skipped, and a run without
+    the field gives {}."""
+    raw = getattr(metrics, "paired_differences", None)
+    extra = getattr(metrics, "model_extra", None)
+    if raw is None and extra:
+        raw = extra.get("paired_differences")
+    found: dict[tuple[str, str, str], tuple[float, float, float]] = {}
+    if not isinstance(raw, dict):
+        return found
+    for split, entries in raw.items():
+        entries = entries.values() if isinstance(entries, dict) else entries
+        for entry in entries if isinstance(entries, (list, tuple, type({}.values()))) else []:
+            entry = entry.model_dump() if hasattr(entry, "model_dump") else entry
+            if not isinstance(entry, dict) or entry.get("metric", "auroc") != "auroc":
+                continue
+            try:
+                values = tuple(float(entry[key]) for key in ("difference", "ci_low", "ci_high"))
+                found[(str(split), str(entry["score_a"]), str(entry["score_b"]))] = values
+                found[(str(split), str(entry["score_b"]), str(entry["score_a"]))] = (-values[0], -values[2],
+                                                                                     -values[1])
+            except (KeyError, TypeError, ValueError):
+                continue
+    return found
+
+
+def ranked_scores(metrics: EvaluateReport, reference: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The metrics table split in two and ranked: (scores of incorrect runs, best test AUROC first, with each one's
+    AUROC difference from ``reference`` per split; scores of other labels, e.g. the SE probe on high SE, which
+    compete with nothing here).
+
+    The difference columns (``<split> ΔAUROC vs <reference>``) hold the paired bootstrap difference and CI where
+    evaluate.json has ``paired_differences``, else the plain difference of the two AUROCs marked "(no CI)".
+    """
+    table = metrics_table(metrics)
+    if table.empty:
+        return table, table
+    labels = table["score"].map(lambda score: score_label(metrics, score))
+    incorrect, other = table[labels == "incorrect"].copy(), table[labels != "incorrect"].reset_index(drop=True)
+    splits = [split for split in ("test", "ood") if split in metrics.splits]
+    def auroc(split, score):
+        entry = metrics.splits[split].get(score)
+        return None if entry is None or entry.auroc is None else float(entry.auroc)
+    order = sorted(incorrect["score"], key=lambda score: -(auroc(splits[0], score) or -1.0) if splits else 0.0)
+    incorrect = incorrect.set_index("score").loc[order].reset_index()
+    if reference is None or reference not in set(incorrect["score"]):
+        reference = incorrect["score"].iloc[0]
+    paired = paired_differences(metrics)
+    for split in splits:
+        column = f"{_split_label(split)} ΔAUROC vs {reference}"
+        values = []
+        for score in incorrect["score"]:
+            if score == reference:
+                values.append("reference")
+            elif (split, score, reference) in paired:
+                difference, low, high = paired[(split, score, reference)]
+                values.append(f"{difference:+.3f} ({low:+.3f} to {high:+.3f})")
+            elif auroc(split, score) is not None and auroc(split, reference) is not None:
+                values.append(f"{auroc(split, score) - auroc(split, reference):+.3f} (no CI)")
+            else:
+                values.append("n/a")
+        incorrect.insert(incorrect.columns.get_loc(f"{_split_label(split)} AUROC (CI)") + 1, column, values)
+    meaning = incorrect.pop("meaning")
+    incorrect["meaning"] = meaning  # the long text last, so the numbers fit at 1280 px
+    return incorrect, other
+
+
 def _number(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"

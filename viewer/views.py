@@ -55,7 +55,7 @@ from viewer.data import (
     load_experiments,
     load_metrics,
     load_plot_table,
-    metrics_table,
+    ranked_scores,
     se_regression_table,
     stability_table,
     stack_runs,
@@ -584,19 +584,32 @@ def draw_auroc_by_layer(frame: pd.DataFrame, settings: EvaluateSettings | None) 
             picked = settings.probes.get(f"{probe}_probe") if settings is not None else None
             if picked is not None and picked.position == position:
                 overlay = overlay * hv.VLine(picked.layer).opts(color="black", line_dash="dashed", line_width=1)
+            layers = sorted(int(layer) for layer in part["layer"].unique())
             plots.append(overlay.opts(title=f"{PROBE_NAMES[probe]} @ {position}", ylim=(0.4, 1.0), width=330,
+                                      xticks=layers[::max(1, len(layers) // 10)],  # whole layers only
                                       height=250, legend_position="bottom_right", show_grid=True, xlabel="layer",
                                       ylabel="AUROC"))
     return hv.Layout(plots).cols(3).opts(shared_axes=False)
 
 
+def merge_identical_curves(part: pd.DataFrame, key: str, x: str, y: str) -> list[tuple[str, pd.DataFrame]]:
+    """(label, rows) per distinct curve of ``part`` (one curve per value of ``key``): scores whose (x, y) points
+    are identical become one curve labelled "a = b", so no curve hides another."""
+    merged: dict[bytes, tuple[list[str], pd.DataFrame]] = {}
+    for name in part[key].unique():
+        rows = part[part[key] == name]
+        signature = rows[[x, y]].to_numpy(dtype=float).round(12).tobytes()
+        merged.setdefault(signature, ([], rows))[0].append(str(name))
+    return [(" = ".join(names), rows) for names, rows in merged.values()]
+
+
 def draw_roc(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
-    """ROC curves of every score, one panel per split, with the chance diagonal."""
+    """ROC curves of every score, one panel per split, with the chance diagonal; identical curves merged."""
     plots, colours = [], _score_colours(frame["score"].unique())
     for split in ("test", "ood"):
         part = frame[frame["split"] == split]
-        curves = [hv.Curve(part[part["score"] == score], "fpr", "tpr", label=score).opts(color=colours[score])
-                  for score in part["score"].unique()]
+        curves = [hv.Curve(rows, "fpr", "tpr", label=label).opts(color=colours[label.split(" = ")[0]])
+                  for label, rows in merge_identical_curves(part, "score", "fpr", "tpr")]
         diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
         plots.append(hv.Overlay([diagonal, *curves]).opts(
             title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
@@ -890,19 +903,53 @@ class ResultsView(pn.viewable.Viewer):
         facts = [f"{_split_name(split)}: {entry.n_runs:,} runs of {entry.n_questions:,} questions, "
                  f"{entry.accuracy:.1%} correct"
                  for split, entry in metrics.summary.items() if entry.accuracy is not None]
-        table = metrics_table(metrics)
+        ranked, other = ranked_scores(metrics)
+        scores = list(ranked["score"]) if len(ranked) else []
+        reference = pn.widgets.Select(name="AUROC difference against", options=scores, width=260,
+                                      value=DEFAULT_REFERENCE if DEFAULT_REFERENCE in scores else
+                                      (scores[0] if scores else None), css_classes=["reference-score"])
+        table = pn.widgets.Tabulator(ranked_scores(metrics, reference.value)[0], disabled=True, show_index=False,
+                                     selectable=False, sizing_mode="stretch_width", layout="fit_data_table",
+                                     frozen_columns=["score"], widths={"meaning": 260}, css_classes=["metrics-table"])
+        table.style.apply(_highlight_best, axis=1)
+        reference.param.watch(lambda event: setattr(table, "value", ranked_scores(metrics, event.new)[0]), "value")
+        others = _small_table(other, "other-labels-table")
         return pn.Column(
-            pn.pane.HTML("<h4>AUROC / AUPRC for flagging incorrect runs</h4>" + html.escape("; ".join(facts))),
-            pn.widgets.Tabulator(table, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
-                                 layout="fit_data_table", frozen_columns=["score"], css_classes=["metrics-table"]),
+            pn.pane.HTML("<h4>AUROC / AUPRC for flagging incorrect runs</h4>" + html.escape("; ".join(facts)) +
+                         "<br><small>Best test AUROC first (highlighted). ΔAUROC: each score's AUROC minus the "
+                         "reference's, with the paired question-bootstrap CI where evaluate.json has it.</small>",
+                         sizing_mode="stretch_width"),
+            pn.Row(reference, _csv_button(lambda: table.value, "scores.csv")),
+            table,
             pn.pane.HTML(f"<small>{html.escape(SELECTIVE_LEGEND)}</small>", sizing_mode="stretch_width"),
+            _subheading("Scores of other labels",
+                        "Each scored for its own label (e.g. the SE probe flagging high-SE questions), so not "
+                        "comparable with the scores above."),
+            pn.Row(_csv_button(lambda: other, "other_labels.csv")), others,
             _subheading("Calibration of the accuracy probes' P(correct)",
                         "ECE and Brier score: lower is better, 0 = perfect."),
+            pn.Row(_csv_button(lambda: calibration_table(metrics), "calibration.csv")),
             _small_table(calibration_table(metrics), "calibration-table"),
             _subheading("SE regression probe",
                         "Spearman correlation of the predicted with the true SE: higher is better, 1 = same ranking."),
+            pn.Row(_csv_button(lambda: se_regression_table(metrics), "se_regression.csv")),
             _small_table(se_regression_table(metrics), "se-regression-table"),
             sizing_mode="stretch_width")
+
+
+DEFAULT_REFERENCE = "semantic_entropy"  # the score the others are compared with until the user picks another
+
+
+def _highlight_best(row: pd.Series) -> list[str]:
+    """Tabulator styles: the first row (the best test AUROC, as ranked_scores sorts) bold on green."""
+    return ["font-weight: bold; background-color: #e3f4e1" if row.name == 0 else "" for _ in row.index]
+
+
+def _csv_button(frame: Callable[[], pd.DataFrame], filename: str) -> pn.widgets.FileDownload:
+    """A button downloading ``frame()`` (called on click) as ``filename``."""
+    return pn.widgets.FileDownload(callback=lambda: io.StringIO(frame().to_csv(index=False)), filename=filename,
+                                   label=f"CSV: {filename}", button_type="light", width=200,
+                                   css_classes=["results-csv"])
 
 
 # ---- experiments ----------------------------------------------------------------------------------------------
