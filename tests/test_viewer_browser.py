@@ -135,7 +135,8 @@ def analysis():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, analysis):
     root = write_viewer_project(tmp_path_factory.mktemp("served_project"), analysis)
-    with ViewerServer(root) as running:
+    # --warm: datashader's kernels are compiled before the first page (viewer.app.warm_up), not during it
+    with ViewerServer(root, warm=True, ready_timeout_s=120) as running:
         yield running
 
 
@@ -249,6 +250,16 @@ def test_served_viewer_in_chromium(server, browser, analysis):
                         "Risk-coverage curves", "Reliability of the accuracy probes' P(correct)"):
             assert page.get_by_role("heading", name=heading, exact=True).count() == 1, heading
         assert page.locator(".calibration-table .tabulator-row").count() == 4
+        # ranked, best first and highlighted; the SE probe's high-SE AUROC in its own table; a CSV per table
+        first_score = page.locator(".metrics-table .tabulator-row").first.locator(
+            ".tabulator-cell[tabulator-field='score']")
+        assert first_score.inner_text() == "se_range_probe"  # the synthetic run's best test AUROC
+        assert first_score.evaluate("cell => getComputedStyle(cell).fontWeight") in ("700", "bold")
+        score_cells = ".tabulator-cell[tabulator-field='score']"
+        assert page.locator(f".other-labels-table {score_cells}", has_text="se_probe_high_se").count() == 1
+        assert page.locator(f".metrics-table {score_cells}", has_text="se_probe_high_se").count() == 0
+        assert page.get_by_role("button", name="CSV: scores.csv").count() == 1
+        assert page.locator(".metrics-table .tabulator-col", has_text="ΔAUROC vs semantic_entropy").count() == 2
         assert page.locator(".cost-ratio", has_text="SE costs 125x a probe evaluation").count() == 1
         titles = [f"{plot}, {split}" for plot in ("Early warning", "Risk-coverage", "Reliability", "AUROC over seeds")
                   for split in ("test", "ood")]
