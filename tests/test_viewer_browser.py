@@ -468,3 +468,29 @@ def test_results_never_block_another_session(server, browser, analysis):
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize("value, opens", [("id-00003", True), ("id-99999", False),
+                                          ("%3Cimg%20src%3Dx%20onerror%3D%22window.__pwned%3D1%22%3E", False),
+                                          ("..%2F..%2Fetc%2Fpasswd", False)],
+                         ids=["valid", "unknown", "markup", "path"])
+def test_question_link_opens_only_a_question_of_the_run(server, browser, value, opens):
+    """`?question=<id>` opens that question's details; an unknown, markup or path value is ignored, and runs
+    nothing."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, dialogs = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    try:
+        page.goto(f"{server.url}?question={value}", timeout=TIMEOUT_MS)
+        page.wait_for_selector("div.run-count", timeout=TIMEOUT_MS)
+        if opens:
+            page.locator(".question-header h4", has_text="Question id-00003").wait_for(timeout=TIMEOUT_MS)
+            page.locator(".question-runs .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
+        else:
+            page.locator(".question-header i", has_text="Open a question").wait_for(timeout=TIMEOUT_MS)
+            assert page.locator(".question-header h4").count() == 0
+        assert page.evaluate(INJECTED_ELEMENTS_JS) == 0 and page.evaluate("() => window.__pwned") is None
+    finally:
+        page.close()
+    assert errors == [] and dialogs == []

@@ -635,3 +635,14 @@ def test_experiments_from_dvc_output(project, monkeypatch):
     result = load_experiments(project)
     assert result.from_dvc and len(result.table) == 6
     assert result.message.startswith("2 commit(s) and 3 experiment(s)")
+
+
+def test_question_link_accepts_only_ids_of_the_run(table):
+    from viewer.data import question_from_link
+
+    assert question_from_link(table, [b"id-00000"]) == ("id", "id-00000")
+    ood = table.loc[table["dataset"] == "ood", "question_id"].iloc[0]
+    assert question_from_link(table, ood) == ("ood", ood)
+    for value in (None, [], [b""], "id-0000", "../../etc/passwd", "<script>alert(1)</script>", [b"\xff\xfe"],
+                  "x" * 1000, "id-00000' OR 1=1"):
+        assert question_from_link(table, value) is None, value

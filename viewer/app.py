@@ -2,7 +2,8 @@
 http://localhost:5006/app.
 
 Read-only: it shows the artifacts of the checkout this file lives in (found through its params.yaml `paths:`),
-never a path from the URL. Behind a proxy or in an iframe:
+never a path from the URL; the one URL parameter read is ``?question=<id>``, which opens that question when the run
+has it and is ignored otherwise. Behind a proxy or in an iframe:
 `panel serve viewer/app.py --address 0.0.0.0 --port $PORT --allow-websocket-origin=<host:port>`.
 The `viewer` and `stages` packages it imports are the installed ones: `pip install -e ".[viewer]"` in this checkout
 (the log warns when the installed copy is another checkout's).
@@ -17,7 +18,7 @@ from pathlib import Path
 import panel as pn
 
 import viewer
-from viewer.data import MissingArtifact, RunStore, load_analysis
+from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
 from viewer.views import (
     ExperimentsView,
     FilterPanel,
@@ -58,6 +59,10 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
         return template
 
     store = RunStore(table)
+    # `?question=<id>` opens that question, if the run has it; any other value is ignored (never used as a path).
+    linked = question_from_link(table, (pn.state.session_args or {}).get("question")) if pn.state.curdoc else None
+    if linked is not None:
+        store.open_question(*linked)
     experiments = ExperimentsView(root=Path(root))
     tabs = pn.Tabs(
         ("Runs", pn.Column(

@@ -610,6 +610,21 @@ def stack_runs(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
                          stack=np.where(runs > 1, np.char.add("×", runs.astype(str)), ""))
 
 
+def question_from_link(table: pd.DataFrame, value: Any) -> tuple[str, str] | None:
+    """The (dataset, question_id) a ``?question=<id>`` link names, or None: only an id present in ``table``, compared
+    as an exact string (bytes decoded as UTF-8, at most 200 characters), is accepted; anything else is ignored."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str) or not value or len(value) > 200:
+        return None
+    matches = table.loc[(table["question_id"] == value).to_numpy(), "dataset"]
+    if matches.empty:
+        return None
+    return str(matches.iloc[0]), value
+
+
 # ---- the store ---------------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import logging
 import io
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -556,7 +557,9 @@ class QuestionDetails(pn.viewable.Viewer):
             f"<p>gold answer: {escaped_html(first['gold'], 'code', 'gold')} &middot; {len(runs)} runs in "
             f"{int(first['n_clusters'])} semantic clusters &middot; SE {first['semantic_entropy']:.3f} nats "
             f"(weighted {first['semantic_entropy_weighted']:.3f}) &middot; "
-            f"{'high' if first['high_se'] else 'low'} SE</p>")
+            f"{'high' if first['high_se'] else 'low'} SE &middot; <a class='question-link' "
+            f"href='?question={html.escape(urllib.parse.quote(str(first['question_id']), safe=''))}'>link to this "
+            "question</a></p>")
 
     def __panel__(self):
         return self._body
