@@ -646,3 +646,24 @@ def test_question_link_accepts_only_ids_of_the_run(table):
     for value in (None, [], [b""], "id-0000", "../../etc/passwd", "<script>alert(1)</script>", [b"\xff\xfe"],
                   "x" * 1000, "id-00000' OR 1=1"):
         assert question_from_link(table, value) is None, value
+
+
+def test_question_summary_is_one_row_per_question(store, table):
+    from viewer.data import question_summary
+    from viewer.views import QuestionScatter
+
+    summary = question_summary(store.filtered)
+    assert len(summary) == table.groupby(["dataset", "question_id"]).ngroups and summary["runs"].sum() == len(table)
+    first = summary.set_index("question_id").loc["id-00000"]
+    expected = table.loc[table["question_id"] == "id-00000", "correct"].mean()
+    assert first["accuracy"] == pytest.approx(expected)
+    store.correctness = "correct"  # follows the filters
+    assert question_summary(store.filtered)["accuracy"].eq(1.0).all()
+    assert len(QuestionScatter(store=store).points()) == question_summary(store.filtered).shape[0]
+
+
+def test_roc_legend_shows_each_curve_auroc():
+    from viewer.views import _area
+
+    assert _area(pd.DataFrame({"fpr": [0, 0, 1], "tpr": [0, 1, 1]})) == pytest.approx(1.0)
+    assert _area(pd.DataFrame({"fpr": [0, 1], "tpr": [0, 1]})) == pytest.approx(0.5)

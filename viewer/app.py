@@ -24,6 +24,7 @@ from viewer.views import (
     FilterPanel,
     MarginEntropyScatter,
     QuestionDetails,
+    QuestionScatter,
     ResultsView,
     SelectionTable,
     UmapExplorer,
@@ -68,7 +69,8 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
         ("Runs", pn.Column(
             pn.Row(MarginEntropyScatter(store=store), UmapExplorer(store=store), sizing_mode="stretch_width"),
             pn.pane.HTML("<h4>Selection</h4>"), SelectionTable(store=store),
-            pn.pane.HTML("<h4>Question</h4>"), QuestionDetails(store=store), sizing_mode="stretch_width")),
+            pn.pane.HTML("<h4>Question</h4>"), QuestionDetails(store=store), QuestionScatter(store=store),
+            sizing_mode="stretch_width")),
         ("Results", ResultsView(root=Path(root))),
         ("Experiments", experiments),
         dynamic=True, sizing_mode="stretch_width")

@@ -610,6 +610,21 @@ def stack_runs(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
                          stack=np.where(runs > 1, np.char.add("×", runs.astype(str)), ""))
 
 
+def question_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per question of ``runs``: dataset, question_id, split, question, semantic_entropy, accuracy (the share
+    of its runs in ``runs`` that are correct) and runs (how many)."""
+    if runs.empty:
+        return pd.DataFrame(columns=["dataset", "question_id", "split", "question", "semantic_entropy", "accuracy",
+                                     "runs"])
+    grouped = runs.groupby(["dataset", "question_id"], observed=True, sort=False)
+    summary = grouped.agg(split=("split", "first"), question=("question", "first"),
+                          semantic_entropy=("semantic_entropy", "first"), accuracy=("correct", "mean"),
+                          runs=("correct", "size")).reset_index()
+    for column in ("dataset", "split"):
+        summary[column] = summary[column].astype(str)
+    return summary
+
+
 def question_from_link(table: pd.DataFrame, value: Any) -> tuple[str, str] | None:
     """The (dataset, question_id) a ``?question=<id>`` link names, or None: only an id present in ``table``, compared
     as an exact string (bytes decoded as UTF-8, at most 200 characters), is accepted; anything else is ignored."""

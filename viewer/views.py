@@ -59,6 +59,7 @@ from viewer.data import (
     ranked_scores,
     se_regression_table,
     stability_table,
+    question_summary,
     stack_runs,
     varying_params,
 )
@@ -365,6 +366,29 @@ class UmapExplorer(LinkedPoints):
         return pn.Column(controls, self._plot, self.hint(), sizing_mode="stretch_width")
 
 
+class QuestionScatter(pn.viewable.Viewer):
+    """One point per question of the runs in view: its semantic entropy against the share of its runs that are
+    correct (a question the model always gets right should have low SE). Hover names the question."""
+
+    store = param.ClassSelector(class_=RunStore)
+
+    def __panel__(self):
+        revisions = hv.streams.Params(self.store, ["filtered_revision"])
+        plot = hv.DynamicMap(self.points, streams=[revisions])
+        return pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=320, css_classes=["question-scatter"])
+
+    def points(self, **_) -> hv.Points:
+        summary = question_summary(self.store.filtered)
+        return hv.Points(summary, ["accuracy", "semantic_entropy"],
+                         ["question_id", "dataset", "split", "question", "runs"]).opts(
+            color="#555555", alpha=0.6, size=6, tools=["hover"], responsive=True, height=320,
+            title="Questions: semantic entropy vs accuracy", xlabel="accuracy (share of the question's runs correct)",
+            ylabel=LABELS["semantic_entropy"], xlim=(-0.05, 1.05), show_grid=True,
+            hover_tooltips=[("question", "@{question_id} (@{dataset}, @{split})"), ("text", "@{question}"),
+                            ("runs in view", "@{runs}"), ("accuracy", "@{accuracy}{0.00}"),
+                            ("SE", "@{semantic_entropy}{0.000}")])
+
+
 # ---- sidebar ---------------------------------------------------------------------------------------------------
 
 
@@ -606,12 +630,19 @@ def merge_identical_curves(part: pd.DataFrame, key: str, x: str, y: str) -> list
     return [(" = ".join(names), rows) for names, rows in merged.values()]
 
 
+def _area(curve: pd.DataFrame) -> float:
+    """The area under a drawn ROC curve (trapezoids over its stored points): the AUROC the legend shows."""
+    rows = curve.sort_values(["fpr", "tpr"])
+    return float(np.trapezoid(rows["tpr"].to_numpy(float), rows["fpr"].to_numpy(float)))
+
+
 def draw_roc(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
     """ROC curves of every score, one panel per split, with the chance diagonal; identical curves merged."""
     plots, colours = [], _score_colours(frame["score"].unique())
     for split in ("test", "ood"):
         part = frame[frame["split"] == split]
-        curves = [hv.Curve(rows, "fpr", "tpr", label=label).opts(color=colours[label.split(" = ")[0]])
+        curves = [hv.Curve(rows, "fpr", "tpr", label=f"{label} (AUROC {_area(rows):.3f})").opts(
+                      color=colours[label.split(" = ")[0]])
                   for label, rows in merge_identical_curves(part, "score", "fpr", "tpr")]
         diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
         plots.append(hv.Overlay([diagonal, *curves]).opts(
