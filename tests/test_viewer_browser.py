@@ -498,10 +498,14 @@ def test_question_link_opens_only_a_question_of_the_run(server, browser, value, 
 
 def test_screenshot_script_writes_one_png_per_tab(tmp_path, analysis):
     """`python -m viewer.screenshots` (as the lead runs it on the real run) on a synthetic project."""
-    from viewer.screenshots import main
+    import subprocess
+    import sys
 
     root = write_viewer_project(tmp_path / "project", analysis)
-    assert main(["--root", str(root), "--out", str(tmp_path / "docs")]) == 0
+    done = subprocess.run([sys.executable, "-m", "viewer.screenshots", "--root", str(root), "--out",
+                           str(tmp_path / "docs")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
     for name in ("viewer-runs.png", "viewer-results.png", "viewer-experiments.png"):
         png = (tmp_path / "docs" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000, name

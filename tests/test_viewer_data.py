@@ -653,7 +653,7 @@ def test_question_summary_is_one_row_per_question(store, table):
     from viewer.views import QuestionScatter
 
     summary = question_summary(store.filtered)
-    assert len(summary) == table.groupby(["dataset", "question_id"]).ngroups and summary["runs"].sum() == len(table)
+    assert len(summary) == table.groupby(["dataset", "question_id"]).ngroups and summary["n_runs"].sum() == len(table)
     first = summary.set_index("question_id").loc["id-00000"]
     expected = table.loc[table["question_id"] == "id-00000", "correct"].mean()
     assert first["accuracy"] == pytest.approx(expected)

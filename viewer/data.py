@@ -612,14 +612,14 @@ def stack_runs(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 def question_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per question of ``runs``: dataset, question_id, split, question, semantic_entropy, accuracy (the share
-    of its runs in ``runs`` that are correct) and runs (how many)."""
+    of its runs in ``runs`` that are correct) and n_runs (how many)."""
     if runs.empty:
         return pd.DataFrame(columns=["dataset", "question_id", "split", "question", "semantic_entropy", "accuracy",
-                                     "runs"])
+                                     "n_runs"])
     grouped = runs.groupby(["dataset", "question_id"], observed=True, sort=False)
     summary = grouped.agg(split=("split", "first"), question=("question", "first"),
                           semantic_entropy=("semantic_entropy", "first"), accuracy=("correct", "mean"),
-                          runs=("correct", "size")).reset_index()
+                          n_runs=("correct", "size")).reset_index()
     for column in ("dataset", "split"):
         summary[column] = summary[column].astype(str)
     return summary

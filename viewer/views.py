@@ -380,12 +380,12 @@ class QuestionScatter(pn.viewable.Viewer):
     def points(self, **_) -> hv.Points:
         summary = question_summary(self.store.filtered)
         return hv.Points(summary, ["accuracy", "semantic_entropy"],
-                         ["question_id", "dataset", "split", "question", "runs"]).opts(
+                         ["question_id", "dataset", "split", "question", "n_runs"]).opts(
             color="#555555", alpha=0.6, size=6, tools=["hover"], responsive=True, height=320,
             title="Questions: semantic entropy vs accuracy", xlabel="accuracy (share of the question's runs correct)",
             ylabel=LABELS["semantic_entropy"], xlim=(-0.05, 1.05), show_grid=True,
             hover_tooltips=[("question", "@{question_id} (@{dataset}, @{split})"), ("text", "@{question}"),
-                            ("runs in view", "@{runs}"), ("accuracy", "@{accuracy}{0.00}"),
+                            ("runs in view", "@{n_runs}"), ("accuracy", "@{accuracy}{0.00}"),
                             ("SE", "@{semantic_entropy}{0.000}")])
 
 
