@@ -368,7 +368,7 @@ LEGENDS_JS = """() => [...Bokeh.documents[0].all_models].filter(m => m.construct
 
 def test_legends_have_swatches_and_redraws_replace_figures(server, browser, analysis):
     """Both run plots carry a legend whose entries draw a marker in the outcome's colour; changing the probe and
-    the UMAP's colouring several times leaves exactly the two figures on the page."""
+    the UMAP's colouring several times leaves the same three figures on the page (no replaced one stays)."""
     from viewer.views import OUTCOME_COLOURS
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -380,7 +380,7 @@ def test_legends_have_swatches_and_redraws_replace_figures(server, browser, anal
         _wait_for_rows(page, scatter_points=total, umap_points=total)
         expected = [["correct", OUTCOME_COLOURS["correct"]], ["incorrect", OUTCOME_COLOURS["incorrect"]]]
         assert page.evaluate(LEGENDS_JS) == [expected, expected]
-        assert page.evaluate(FIGURES_JS) == 2
+        assert page.evaluate(FIGURES_JS) == 3  # the two run plots and the questions' scatter
         for probe in ("SE probe", "accuracy probe", "SE probe"):
             page.get_by_role("button", name=probe, exact=True).click()
             page.wait_for_timeout(600)
@@ -388,7 +388,7 @@ def test_legends_have_swatches_and_redraws_replace_figures(server, browser, anal
         page.locator("select").nth(1).select_option(label="semantic entropy")  # the UMAP's "colour by"
         page.wait_for_timeout(800)
         _wait_for_rows(page, scatter_points=total, umap_points=total)
-        assert page.evaluate(FIGURES_JS) == 2
+        assert page.evaluate(FIGURES_JS) == 3
     finally:
         page.close()
 
