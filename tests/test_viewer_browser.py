@@ -30,21 +30,27 @@ if not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"):
 N_QUESTIONS, RUNS = 40, 5
 TIMEOUT_MS = 20_000
 
-# Row counts of the plots' point sources, read from the page's Bokeh document: `*_points` are the raw runs drawn,
-# `*_selected` those of them ringed as selected (their `selected` column). Tables' sources have a `run_id`.
+# Runs drawn by the plots' point sources, read from the page's Bokeh document: every source with a `runs` column
+# (how many runs each marker stands for) is a layer of stacked runs; `*_points` sums the runs of the base layers,
+# `*_selected` those of the selection's layer (its `ring` column). The UMAP's sources have `umap_x`.
 PLOT_ROWS_JS = """() => {
-  const rows = {};
-  for (const model of Bokeh.documents[0].all_models) {
-    if (model.constructor.__name__ !== "ColumnDataSource") continue;
-    const data = model.data;
+  const rows = {}; const seen = new Set();
+  const count = (data) => {
     const get = (key) => data instanceof Map ? data.get(key) : data[key];
     const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
-    if (keys.includes("run_id") || !keys.includes("question")) continue;
-    const plot = keys.includes("umap_x") ? "umap" : keys.some(k => k.endsWith("_probe_margin")) ? "scatter" : null;
-    if (plot === null) continue;
-    rows[plot + "_points"] = (rows[plot + "_points"] || 0) + get("question").length;
-    rows[plot + "_selected"] = (rows[plot + "_selected"] || 0) + [...get("selected")].filter(Boolean).length;
-  }
+    if (!keys.includes("runs") || keys.includes("run_id")) return;
+    const plot = keys.includes("umap_x") ? "umap" : "scatter";
+    const kind = keys.includes("ring") ? "_selected" : "_points";
+    const runs = [...get("runs")].reduce((sum, k) => sum + Number(k), 0);
+    rows[plot + kind] = (rows[plot + kind] || 0) + runs;
+  };
+  const walk = (view) => {  // only what is rendered: the views of the page's roots
+    if (!view || seen.has(view)) return; seen.add(view);
+    if (view.model && view.model.data_source && view.model.glyph) count(view.model.data_source.data);
+    for (const child of (view.child_views ?? [])) walk(child);
+    for (const renderer of (view.renderer_views?.values?.() ?? [])) walk(renderer);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
   return rows;
 }"""
 
@@ -129,7 +135,8 @@ def analysis():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, analysis):
     root = write_viewer_project(tmp_path_factory.mktemp("served_project"), analysis)
-    with ViewerServer(root) as running:
+    # --warm: datashader's kernels are compiled before the first page (viewer.app.warm_up), not during it
+    with ViewerServer(root, warm=True, ready_timeout_s=120) as running:
         yield running
 
 
@@ -243,10 +250,21 @@ def test_served_viewer_in_chromium(server, browser, analysis):
                         "Risk-coverage curves", "Reliability of the accuracy probes' P(correct)"):
             assert page.get_by_role("heading", name=heading, exact=True).count() == 1, heading
         assert page.locator(".calibration-table .tabulator-row").count() == 4
+        # ranked, best first and highlighted; the SE probe's high-SE AUROC in its own table; a CSV per table
+        first_score = page.locator(".metrics-table .tabulator-row").first.locator(
+            ".tabulator-cell[tabulator-field='score']")
+        assert first_score.inner_text() == "se_range_probe"  # the synthetic run's best test AUROC
+        assert first_score.evaluate("cell => getComputedStyle(cell).fontWeight") in ("700", "bold")
+        score_cells = ".tabulator-cell[tabulator-field='score']"
+        assert page.locator(f".other-labels-table {score_cells}", has_text="se_probe_high_se").count() == 1
+        assert page.locator(f".metrics-table {score_cells}", has_text="se_probe_high_se").count() == 0
+        assert page.get_by_role("button", name="CSV: scores.csv").count() == 1
+        assert page.locator(".metrics-table .tabulator-col", has_text="ΔAUROC vs semantic_entropy").count() == 2
         assert page.locator(".cost-ratio", has_text="SE costs 125x a probe evaluation").count() == 1
         titles = [f"{plot}, {split}" for plot in ("Early warning", "Risk-coverage", "Reliability", "AUROC over seeds")
                   for split in ("test", "ood")]
-        page.wait_for_function(f"() => {titles!r}.every(title => title in ({FRAMES_JS})())", timeout=TIMEOUT_MS)
+        # the plots arrive one by one from a worker thread: slower than the tables on a busy machine
+        page.wait_for_function(f"() => {titles!r}.every(title => title in ({FRAMES_JS})())", timeout=4 * TIMEOUT_MS)
         page.locator(".bk-tab", has_text="Experiments").click()
         page.locator(".experiments-message").wait_for(timeout=TIMEOUT_MS)
         assert page.locator(".experiments-message", has_text="dvc exp show").count() == 1
@@ -326,3 +344,168 @@ def test_lasso_selection_is_linked(server, browser, analysis):
         _wait_for_rows(page, scatter_selected=selected, umap_selected=selected)
     finally:
         page.close()
+
+
+# Figures in the page, and the legends' entries as (label, swatch colour: the fill of the glyph the entry draws).
+FIGURES_JS = """() => {
+  const seen = new Set(); let figures = 0;
+  const walk = (view) => {
+    if (!view || seen.has(view)) return; seen.add(view);
+    if (view.model && view.model.constructor.__name__ === "Figure" && view.el.isConnected) figures += 1;
+    for (const child of (view.child_views ?? [])) walk(child);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
+  return figures;
+}"""
+LEGENDS_JS = """() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__name__ === "Legend").map(
+  legend => legend.items.map(item => {
+    const label = item.label && (item.label.value ?? item.label);
+    const glyph = item.renderers.length ? item.renderers[0].glyph : null;
+    const fill = glyph && glyph.fill_color && (glyph.fill_color.value ?? glyph.fill_color);
+    return [label, fill];
+  }))"""
+
+
+def test_legends_have_swatches_and_redraws_replace_figures(server, browser, analysis):
+    """Both run plots carry a legend whose entries draw a marker in the outcome's colour; changing the probe and
+    the UMAP's colouring several times leaves the same three figures on the page (no replaced one stays)."""
+    from viewer.views import OUTCOME_COLOURS
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                               timeout=TIMEOUT_MS)
+        total = len(analysis)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        expected = [["correct", OUTCOME_COLOURS["correct"]], ["incorrect", OUTCOME_COLOURS["incorrect"]]]
+        assert page.evaluate(LEGENDS_JS) == [expected, expected]
+        assert page.evaluate(FIGURES_JS) == 3  # the two run plots and the questions' scatter
+        for probe in ("SE probe", "accuracy probe", "SE probe"):
+            page.get_by_role("button", name=probe, exact=True).click()
+            page.wait_for_timeout(600)
+            _wait_for_rows(page, scatter_points=total, umap_points=total)
+        page.locator("select").nth(1).select_option(label="semantic entropy")  # the UMAP's "colour by"
+        page.wait_for_timeout(800)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        assert page.evaluate(FIGURES_JS) == 3
+    finally:
+        page.close()
+
+
+def test_selection_table_sorts_the_whole_selection_and_downloads_it(server, browser, analysis, tmp_path):
+    """Selecting every run lists them a page at a time; a header click sorts all of them on the server (the top
+    row is the selection's extreme, not the first page's), train runs say in-sample, and the CSV holds them all."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        page.goto(server.url, timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                               timeout=TIMEOUT_MS)
+        total = len(analysis)
+        _wait_for_rows(page, scatter_points=total, umap_points=total)
+        _box_select(page, "UMAP of hidden states")
+        page.locator(".selection-caption", has_text=f"{total} selected runs").wait_for(timeout=TIMEOUT_MS)
+        rows = page.locator(".selection-table .tabulator-row")
+        assert 0 < rows.count() < total  # a page, not everything
+        header = page.locator(".selection-table .tabulator-col[tabulator-field='semantic_entropy']")
+        header.first.click()  # ascending
+        page.wait_for_timeout(1000)
+        header.first.click()  # descending
+        expected = f"{analysis['semantic_entropy'].max():.3f}"
+        column = [cell.inner_text() for cell in page.locator(".selection-table .tabulator-cell[tabulator-field="
+                                                             "'semantic_entropy']").all()]
+        deadline = 0
+        while (not column or column[0] != expected) and deadline < 20:
+            page.wait_for_timeout(500)
+            deadline += 1
+            column = [cell.inner_text() for cell in page.locator(".selection-table .tabulator-cell[tabulator-field="
+                                                                 "'semantic_entropy']").all()]
+        assert column and column[0] == expected, (column[:3], expected)
+        in_sample = page.locator(".selection-table .tabulator-cell", has_text="in-sample (train)")
+        held_out = page.locator(".selection-table .tabulator-cell", has_text="held-out")
+        assert in_sample.count() + held_out.count() == rows.count()
+        with page.expect_download(timeout=TIMEOUT_MS) as download:
+            page.get_by_role("button", name="Selection CSV").click()
+        saved = tmp_path / "selection.csv"
+        download.value.save_as(saved)
+        import pandas as pd
+
+        exported = pd.read_csv(saved)
+        assert len(exported) == total
+        assert set(exported["probe scores"]) == {"in-sample (train)", "held-out"}
+        assert (exported["probe scores"] == "in-sample (train)").sum() == (analysis["split"] == "train").sum()
+    finally:
+        page.close()
+
+
+def test_results_never_block_another_session(server, browser, analysis):
+    """While one page opens Results (tables at once, each plot behind a spinner saying what it draws, figures
+    rendered in a worker thread), a filter click in a second page still answers promptly."""
+    import time
+
+    first = browser.new_page(viewport={"width": 1280, "height": 900})
+    second = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        for page in (first, second):
+            page.goto(server.url, timeout=TIMEOUT_MS)
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                                   timeout=TIMEOUT_MS)
+        total = len(analysis)
+        _wait_for_rows(second, scatter_points=total, umap_points=total)
+        first.locator(".bk-tab", has_text="Results").click()
+        first.locator(".metrics-table .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
+        loading = first.locator(".results-loading", has_text="Drawing")
+        spinners_seen = loading.count()
+        started = time.perf_counter()
+        second.get_by_role("button", name="incorrect", exact=True).click()
+        _wait_for_rows(second, scatter_points=int((~analysis["correct"]).sum()))
+        answered_s = time.perf_counter() - started
+        assert answered_s < 5.0, f"the second session waited {answered_s:.1f} s for a filter change"
+        first.wait_for_function(f"() => {['Risk-coverage, test', 'AUROC over seeds, ood']!r}"
+                                f".every(title => title in ({FRAMES_JS})())", timeout=3 * TIMEOUT_MS)
+        assert loading.count() == 0
+        print(f"spinners when the tables showed: {spinners_seen}; second session's filter change: {answered_s:.2f} s")
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("value, opens", [("id-00003", True), ("id-99999", False),
+                                          ("%3Cimg%20src%3Dx%20onerror%3D%22window.__pwned%3D1%22%3E", False),
+                                          ("..%2F..%2Fetc%2Fpasswd", False)],
+                         ids=["valid", "unknown", "markup", "path"])
+def test_question_link_opens_only_a_question_of_the_run(server, browser, value, opens):
+    """`?question=<id>` opens that question's details; an unknown, markup or path value is ignored, and runs
+    nothing."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors, dialogs = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    try:
+        page.goto(f"{server.url}?question={value}", timeout=TIMEOUT_MS)
+        page.wait_for_selector("div.run-count", timeout=TIMEOUT_MS)
+        if opens:
+            page.locator(".question-header h4", has_text="Question id-00003").wait_for(timeout=TIMEOUT_MS)
+            page.locator(".question-runs .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
+        else:
+            page.locator(".question-header i", has_text="Open a question").wait_for(timeout=TIMEOUT_MS)
+            assert page.locator(".question-header h4").count() == 0
+        assert page.evaluate(INJECTED_ELEMENTS_JS) == 0 and page.evaluate("() => window.__pwned") is None
+    finally:
+        page.close()
+    assert errors == [] and dialogs == []
+
+
+def test_screenshot_script_writes_one_png_per_tab(tmp_path, analysis):
+    """`python -m viewer.screenshots` (as the lead runs it on the real run) on a synthetic project."""
+    import subprocess
+    import sys
+
+    root = write_viewer_project(tmp_path / "project", analysis)
+    done = subprocess.run([sys.executable, "-m", "viewer.screenshots", "--root", str(root), "--out",
+                           str(tmp_path / "docs")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("viewer-runs.png", "viewer-results.png", "viewer-experiments.png"):
+        png = (tmp_path / "docs" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000, name

@@ -19,7 +19,7 @@ import pandas as pd
 import panel as pn
 import pytest
 import yaml
-from bokeh.models import GlyphRenderer, ImageRGBA
+from bokeh.models import GlyphRenderer, ImageRGBA, Legend
 from viewer_support import (
     PATHS,
     SCRIPT_ANSWER,
@@ -54,12 +54,13 @@ from viewer.data import (
     load_plot_table,
     metrics_table,
     parse_exp_show,
+    points_in_polygon,
     run_files,
     se_regression_table,
     stability_table,
+    stack_runs,
     varying_params,
 )
-from viewer.raster import count_by_category, mean_per_pixel, points_in_polygon, shade_categories, shade_values
 
 EXP_SHOW_SAMPLE = Path(__file__).parent / "data" / "dvc_exp_show.json"
 METRICS_FILE = "artifacts/metrics/evaluate.json"
@@ -135,6 +136,42 @@ def test_metrics_table_formats_value_and_ci(project):
     assert list(frame["score"]) == [score.name for score in registry.SCORES]  # evaluate.json's (registry) order
     assert frame.iloc[-1]["test AURAC"] == "n/a"  # the SE probe on its own label has no selective metrics
     assert frame.iloc[-1]["meaning"] == "score se_probe_high_se"  # described under settings' other labels
+
+
+def test_ranked_scores_sort_compare_and_keep_other_labels_apart(project):
+    metrics = viewer_data.load_metrics(project)
+    ranked, other = viewer_data.ranked_scores(metrics, "semantic_entropy")
+    aurocs = [float(value.split()[0]) for value in ranked["test AUROC (CI)"]]
+    assert aurocs == sorted(aurocs, reverse=True) and len(ranked) == len(registry.scores(label="incorrect"))
+    assert list(other["score"]) == [score.name for score in registry.SCORES if score.label != "incorrect"]
+    by_score = ranked.set_index("score")
+    assert by_score.loc["semantic_entropy", "test ΔAUROC vs semantic_entropy"] == "reference"
+    expected = metrics.splits["test"]["accuracy_probe"].auroc - metrics.splits["test"]["semantic_entropy"].auroc
+    assert by_score.loc["accuracy_probe", "test ΔAUROC vs semantic_entropy"] == f"{expected:+.3f} (no CI)"
+    assert list(ranked.columns)[-1] == "meaning"
+
+
+def test_paired_differences_are_read_when_present_and_ignored_when_odd():
+    from types import SimpleNamespace
+
+    report = SimpleNamespace(paired_differences={"test": [
+        {"score_a": "se_probe", "score_b": "semantic_entropy", "metric": "auroc", "difference": 0.05,
+         "ci_low": 0.01, "ci_high": 0.09},
+        {"score_a": "x", "metric": "auroc"},  # malformed: skipped
+        "junk"]})
+    found = viewer_data.paired_differences(report)
+    assert found[("test", "se_probe", "semantic_entropy")] == (0.05, 0.01, 0.09)
+    assert found[("test", "semantic_entropy", "se_probe")] == (-0.05, -0.09, -0.01)
+    assert len(found) == 2
+    assert viewer_data.paired_differences(SimpleNamespace(paired_differences=None)) == {}
+
+
+def test_identical_roc_curves_are_merged():
+    from viewer.views import merge_identical_curves
+
+    part = pd.DataFrame({"score": ["a", "a", "b", "b", "c", "c"], "fpr": [0, 1, 0, 1, 0, 1],
+                         "tpr": [0, 1, 0, 1, 0.5, 1]})
+    assert [label for label, _ in merge_identical_curves(part, "score", "fpr", "tpr")] == ["a = b", "c"]
 
 
 def test_metrics_table_of_a_score_missing_from_a_split():
@@ -305,31 +342,18 @@ def test_reliability_skips_empty_bins_and_stability_bars_span_the_seeds(project)
     assert np.allclose(bars["mean"] + bars["pos"], values.max()[bars.index])
 
 
-# ---- rasterising (viewer/raster.py) ------------------------------------------------------------------------------
+# ---- point geometry ---------------------------------------------------------------------------------------------
 
 
-def test_count_by_category_puts_points_in_the_right_pixels():
-    xs, ys = np.array([0.0, 1.0, 1.0, 0.49, 2.0]), np.array([0.0, 1.0, 1.0, 0.51, 0.5])
-    counts = count_by_category(xs, ys, np.array([0, 1, 1, 0, 0]), 2, (0.0, 1.0), (0.0, 1.0), (2, 2))
-    assert counts.shape == (2, 2, 2)  # (category, row, column); row 0 is the top
-    assert counts[0].tolist() == [[1, 0], [1, 0]]  # (0.49, 0.51) top left, (0, 0) bottom left; x=2 is outside
-    assert counts[1].tolist() == [[0, 2], [0, 0]]  # the top right corner is inside (inclusive bounds)
-
-
-def test_shading_mixes_colours_by_count_and_leaves_empty_pixels_clear():
-    counts = np.zeros((2, 1, 3), dtype=int)
-    counts[0, 0, 0], counts[1, 0, 1], counts[:, 0, 2] = 1, 8, 2  # pure red, pure blue x8, half and half
-    image = shade_categories(counts, ["#ff0000", "#0000ff"], min_alpha=100)
-    assert image.shape == (1, 3, 4) and image.dtype == np.uint8
-    assert image[0, 0].tolist() == [255, 0, 0, 100]  # one point: min_alpha
-    assert image[0, 1].tolist() == [0, 0, 255, 255]  # the fullest pixel: opaque
-    assert image[0, 2, :3].tolist() == [128, 0, 128] and 100 < image[0, 2, 3] < 255
-    assert shade_categories(np.zeros((2, 2, 2), dtype=int), ["#ff0000", "#0000ff"])[..., 3].max() == 0
-    means, counts = mean_per_pixel(np.array([0.1, 0.2, 0.9]), np.array([0.5, 0.5, 0.5]), np.array([0.0, 1.0, 1.0]),
-                                   (0.0, 1.0), (0.0, 1.0), (2, 1))
-    assert means.tolist() == [[0.5, 1.0]] and counts.tolist() == [[2, 1]]
-    image = shade_values(means, counts, (0.0, 1.0), ["#000000", "#ffffff"])
-    assert image[0, 1, :3].tolist() == [255, 255, 255]
+def test_stack_runs_merges_runs_on_one_spot():
+    frame = pd.DataFrame({"x": [0.0, 1.0, 0.0, 0.0, 2.0], "y": [1.0, 1.0, 1.0, 1.0, 0.5],
+                          "correct": [True, False, True, False, True]}, index=[10, 11, 12, 13, 14])
+    stacks = stack_runs(frame, "x", "y")
+    assert list(stacks.index) == [10, 11, 14]  # the first run of each stack, in order of appearance
+    assert stacks["runs"].tolist() == [3, 1, 1] and stacks["runs_correct"].tolist() == [2, 0, 1]
+    assert stacks["stack"].tolist() == ["×3", "", ""]
+    assert stacks["runs"].sum() == len(frame)
+    assert stack_runs(frame.iloc[:0], "x", "y").empty
 
 
 def test_points_in_polygon_even_odd():
@@ -449,54 +473,87 @@ def test_everything_filtered_out_leaves_empty_frames(store):
 # ---- views rendered to Bokeh (no browser) --------------------------------------------------------------------------
 
 
-def _render(view) -> list[GlyphRenderer]:
-    figure = view._plot().object  # the Bokeh figure the page shows
-    return list(figure.select(GlyphRenderer))
+def _render(view):
+    """The Bokeh figure of ``view``'s current frame (HoloViews' renderer, as the pane uses it)."""
+    return hv.render(view.layers())
 
 
-def _raw_points(renderers, column: str) -> int:
-    return sum(len(r.data_source.data[column]) for r in renderers if "question" in r.data_source.data
-               and column in r.data_source.data)
+def _layer_rows(figure, column: str, ringed: bool) -> int:
+    """Runs drawn as markers (the sum of `runs`) in the point layers, the selection's (`ring`) or the others."""
+    return sum(int(np.sum(r.data_source.data["runs"])) for r in figure.select(GlyphRenderer)
+               if "runs" in r.data_source.data and column in r.data_source.data
+               and ("ring" in r.data_source.data) == ringed)
+
+
+def _painted_pixels(figure) -> list[int]:
+    """Non-transparent pixels of each datashader image of the figure."""
+    return [int((r.data_source.data["image"][0].view(np.uint8).reshape(-1, 4)[:, 3] > 0).sum())
+            for r in figure.select(GlyphRenderer) if isinstance(r.glyph, ImageRGBA)]
 
 
 @pytest.mark.parametrize("view_name", ["MarginEntropyScatter", "UmapExplorer"])
-def test_plots_draw_raw_points_then_raster_above_the_threshold(store, view_name):
+def test_plots_draw_points_then_datashader_above_the_threshold(store, view_name):
     from viewer import views
 
-    hv.extension("bokeh")
     view = getattr(views, view_name)(store=store)
     x, y = view.axes()
-    assert _raw_points(_render(view), x) == 120
-    store.select_box(x, y, (store.table[x].min(), store.table[y].min(), store.table[x].median(), store.table[y].max()))
-    ringed = [r.data_source.data["selected"] for r in _render(view) if "selected" in r.data_source.data]
-    assert sum(int(np.sum(column)) for column in ringed) == len(store.selected) > 0
-    view.rasterize_above = 50  # 120 runs in view: an image, no raw points
-    renderers = _render(view)
-    assert _raw_points(renderers, x) == 0
-    images = [r.data_source.data["image"][0] for r in renderers if isinstance(r.glyph, ImageRGBA)]
-    assert images and (images[0].view(np.uint8).reshape(-1, 4)[:, 3] > 0).sum() > 20  # runs drawn as pixels
+    figure = _render(view)
+    assert _layer_rows(figure, x, ringed=False) == 120 and _layer_rows(figure, x, ringed=True) == 0
+    legend = figure.select_one(Legend)  # one swatch (a glyph in the outcome's colour) per outcome
+    assert [item.label.value for item in legend.items] == ["correct", "incorrect"]
+    assert [item.renderers[0].glyph.fill_color for item in legend.items] == [views.OUTCOME_COLOURS[o]
+                                                                          for o in ("correct", "incorrect")]
+    store.select_box(x, y, (store.table[x].min(), store.table[y].min(), store.table[x].quantile(0.3),
+                            store.table[y].max()))
+    assert 0 < len(store.selected) < 50
+    layers = view.layers()
+    ringed = layers.get(4).dframe()
+    assert ringed["runs"].sum() == len(store.selected)
+    # selected runs keep their outcome's colour; every other marker is dimmed
+    assert (ringed["fill"] == ringed["outcome"].map(views.OUTCOME_COLOURS)).all()
+    assert set(layers.get(1).dframe()["alpha"]) | set(layers.get(2).dframe()["alpha"]) == {views.DIMMED_ALPHA}
+    view.rasterize_above = 50  # 120 markers in view: datashader's image, the selection still as markers (< 50)
+    figure = _render(view)
+    assert _layer_rows(figure, x, ringed=False) == 0 and _layer_rows(figure, x, ringed=True) == len(store.selected)
+    assert max(_painted_pixels(figure)) > 20  # runs drawn as pixels
+    assert [item.label.value for item in figure.select_one(Legend).items] == ["correct", "incorrect"]
     store.search = "no question has this text"  # empty views still draw
-    assert _raw_points(_render(view), x) == 0
+    assert _layer_rows(_render(view), x, ringed=False) == 0
 
 
-def test_raster_image_is_drawn_the_right_way_up(store):
-    """The image source holds Bokeh's orientation (row 0 at the bottom): its painted pixels are the runs' pixels."""
+def test_stacked_runs_are_one_marker_with_a_count(tmp_path):
     from viewer import views
 
-    view = views.UmapExplorer(store=store, rasterize_above=0)
-    (x0, x1), (y0, y1) = views._padded_range(store.table["umap_x"]), views._padded_range(store.table["umap_y"])
-    points, image = view.frame((x0, x1), (y0, y1))
-    assert len(points["question"]) == 0 and (image["x"], image["y"], image["dw"]) == ([x0], [y0], [x1 - x0])
-    alpha = image["image"][0].view(np.uint8).reshape(*image["image"][0].shape, 4)[..., 3]
-    counts = count_by_category(store.table["umap_x"], store.table["umap_y"], np.zeros(len(store.table), dtype=int), 1,
-                               (x0, x1), (y0, y1), views.RASTER_SHAPE)[0]  # row 0 on top
-    assert (alpha > 0).any() and np.array_equal(alpha > 0, counts[::-1] > 0)
+    table = synthetic_analysis(6, 4, seed=1, script_question=False)
+    table.loc[[1, 2, 3], ["umap_x", "umap_y"]] = table.loc[0, ["umap_x", "umap_y"]].to_numpy()  # 4 runs on a spot
+    table.loc[[1, 2, 3], "correct"] = table.loc[0, "correct"]
+    store = RunStore(load_analysis(write_viewer_project(tmp_path, table, metrics=False)))
+    layers = views.UmapExplorer(store=store).layers()
+    markers = pd.concat([layers.get(1).dframe(), layers.get(2).dframe()])
+    assert len(markers) == len(table) - 3 and markers["runs"].sum() == len(table)
+    assert layers.get(5).dframe()["stack"].tolist() == ["×4"]  # the label of the only stack
+
+
+def test_rebuilding_a_plot_replaces_its_figure(store):
+    """A new probe or colour swaps the pane's DynamicMap, and the replaced one stops following the store."""
+    from viewer import views
+
+    view = views.UmapExplorer(store=store)
+    first = view._pane.object
+    view.colour_by = "semantic_entropy"
+    assert view._pane.object is not first
+    (old,) = [stream for stream in first.streams if isinstance(stream, hv.streams.Params)]
+    (new,) = [stream for stream in view._pane.object.streams if isinstance(stream, hv.streams.Params)]
+    calls = []
+    old.add_subscriber(lambda **_: calls.append("old"))
+    new.add_subscriber(lambda **_: calls.append("new"))
+    store.correctness = "incorrect"
+    assert calls == ["new"]
 
 
 def test_views_follow_probe_and_colour_choices(store):
     from viewer import views
 
-    hv.extension("bokeh")
     scatter, umap = views.MarginEntropyScatter(store=store), views.UmapExplorer(store=store)
     assert scatter.axes() == ("accuracy_probe_margin", "semantic_entropy")
     store.probe = "se"
@@ -504,7 +561,9 @@ def test_views_follow_probe_and_colour_choices(store):
     assert scatter.axes() == ("se_probe_margin", "naive_entropy")
     umap.colour_by = "probe"
     assert umap.colour() == "se_probe_prob"
-    assert _raw_points(_render(umap), "umap_x") == 120
+    figure = _render(umap)
+    assert _layer_rows(figure, "se_probe_prob", ringed=False) == 120  # one layer coloured by the probe's score
+    assert _layer_rows(_render(scatter), "se_probe_margin", ringed=False) == 120
 
 
 def test_escaped_html_never_passes_markup():
@@ -576,3 +635,35 @@ def test_experiments_from_dvc_output(project, monkeypatch):
     result = load_experiments(project)
     assert result.from_dvc and len(result.table) == 6
     assert result.message.startswith("2 commit(s) and 3 experiment(s)")
+
+
+def test_question_link_accepts_only_ids_of_the_run(table):
+    from viewer.data import question_from_link
+
+    assert question_from_link(table, [b"id-00000"]) == ("id", "id-00000")
+    ood = table.loc[table["dataset"] == "ood", "question_id"].iloc[0]
+    assert question_from_link(table, ood) == ("ood", ood)
+    for value in (None, [], [b""], "id-0000", "../../etc/passwd", "<script>alert(1)</script>", [b"\xff\xfe"],
+                  "x" * 1000, "id-00000' OR 1=1"):
+        assert question_from_link(table, value) is None, value
+
+
+def test_question_summary_is_one_row_per_question(store, table):
+    from viewer.data import question_summary
+    from viewer.views import QuestionScatter
+
+    summary = question_summary(store.filtered)
+    assert len(summary) == table.groupby(["dataset", "question_id"]).ngroups and summary["n_runs"].sum() == len(table)
+    first = summary.set_index("question_id").loc["id-00000"]
+    expected = table.loc[table["question_id"] == "id-00000", "correct"].mean()
+    assert first["accuracy"] == pytest.approx(expected)
+    store.correctness = "correct"  # follows the filters
+    assert question_summary(store.filtered)["accuracy"].eq(1.0).all()
+    assert len(QuestionScatter(store=store).points()) == question_summary(store.filtered).shape[0]
+
+
+def test_roc_legend_shows_each_curve_auroc():
+    from viewer.views import _area
+
+    assert _area(pd.DataFrame({"fpr": [0, 0, 1], "tpr": [0, 1, 1]})) == pytest.approx(1.0)
+    assert _area(pd.DataFrame({"fpr": [0, 1], "tpr": [0, 1]})) == pytest.approx(0.5)

@@ -2,7 +2,8 @@
 http://localhost:5006/app.
 
 Read-only: it shows the artifacts of the checkout this file lives in (found through its params.yaml `paths:`),
-never a path from the URL. Behind a proxy or in an iframe:
+never a path from the URL; the one URL parameter read is ``?question=<id>``, which opens that question when the run
+has it and is ignored otherwise. Behind a proxy or in an iframe:
 `panel serve viewer/app.py --address 0.0.0.0 --port $PORT --allow-websocket-origin=<host:port>`.
 The `viewer` and `stages` packages it imports are the installed ones: `pip install -e ".[viewer]"` in this checkout
 (the log warns when the installed copy is another checkout's).
@@ -17,12 +18,13 @@ from pathlib import Path
 import panel as pn
 
 import viewer
-from viewer.data import MissingArtifact, RunStore, load_analysis
+from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
 from viewer.views import (
     ExperimentsView,
     FilterPanel,
     MarginEntropyScatter,
     QuestionDetails,
+    QuestionScatter,
     ResultsView,
     SelectionTable,
     UmapExplorer,
@@ -58,12 +60,17 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
         return template
 
     store = RunStore(table)
+    # `?question=<id>` opens that question, if the run has it; any other value is ignored (never used as a path).
+    linked = question_from_link(table, (pn.state.session_args or {}).get("question")) if pn.state.curdoc else None
+    if linked is not None:
+        store.open_question(*linked)
     experiments = ExperimentsView(root=Path(root))
     tabs = pn.Tabs(
         ("Runs", pn.Column(
             pn.Row(MarginEntropyScatter(store=store), UmapExplorer(store=store), sizing_mode="stretch_width"),
             pn.pane.HTML("<h4>Selection</h4>"), SelectionTable(store=store),
-            pn.pane.HTML("<h4>Question</h4>"), QuestionDetails(store=store), sizing_mode="stretch_width")),
+            pn.pane.HTML("<h4>Question</h4>"), QuestionDetails(store=store), QuestionScatter(store=store),
+            sizing_mode="stretch_width")),
         ("Results", ResultsView(root=Path(root))),
         ("Experiments", experiments),
         dynamic=True, sizing_mode="stretch_width")
@@ -76,11 +83,23 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
 
 
 def warm_up(root: Path = PROJECT_ROOT) -> None:
-    """Read the run into the loader's cache once per process (`panel serve --warm` does it before serving)."""
+    """Once per process (`panel serve --warm` does it before serving): read the run into the loader's cache, and
+    draw one frame of each run plot, so that datashader's numba kernels (compiled per aggregation and per pair of
+    columns, ~1-3 s each in a fresh process) are compiled before the first user's page rather than during it."""
+    global _warmed
     try:
-        load_analysis(root)
+        table = load_analysis(root)
     except MissingArtifact:
-        pass  # the page will say what to run
+        return  # the page will say what to run
+    if _warmed:
+        return
+    _warmed = True
+    store = RunStore(table)
+    for view in (MarginEntropyScatter(store=store, rasterize_above=0), UmapExplorer(store=store, rasterize_above=0)):
+        view.layers()
+
+
+_warmed = False
 
 
 if __name__.startswith("bokeh"):  # `panel serve viewer/app.py`: this module runs once per browser session

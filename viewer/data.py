@@ -59,7 +59,6 @@ from stages.lib.schema import (
     StabilitySpread,
     validate_frame,
 )
-from viewer.raster import points_in_polygon
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +276,84 @@ def metrics_table(metrics: EvaluateReport) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def score_label(metrics: EvaluateReport, score: str) -> str:
+    """The label a score is evaluated against (``incorrect`` for most; e.g. ``high_se`` for the SE probe)."""
+    for split in metrics.splits.values():
+        if score in split:
+            return split[score].label
+    return ""
+
+
+def paired_differences(metrics: EvaluateReport) -> dict[tuple[str, str, str], tuple[float, float, float]]:
+    """evaluate.json's paired AUROC differences, where it has them, read defensively (the field is newer than
+    most runs): {(split, score, reference): (difference, ci_low, ci_high)} for every entry shaped like
+    ``{"score_a", "score_b", "metric": "auroc", "difference", "ci_low", "ci_high"}`` under
+    ``paired_differences[split]`` (a list, or a dict of such entries); anything else is skipped, and a run without
+    the field gives {}."""
+    raw = getattr(metrics, "paired_differences", None)
+    extra = getattr(metrics, "model_extra", None)
+    if raw is None and extra:
+        raw = extra.get("paired_differences")
+    found: dict[tuple[str, str, str], tuple[float, float, float]] = {}
+    if not isinstance(raw, dict):
+        return found
+    for split, entries in raw.items():
+        entries = entries.values() if isinstance(entries, dict) else entries
+        for entry in entries if isinstance(entries, (list, tuple, type({}.values()))) else []:
+            entry = entry.model_dump() if hasattr(entry, "model_dump") else entry
+            if not isinstance(entry, dict) or entry.get("metric", "auroc") != "auroc":
+                continue
+            try:
+                values = tuple(float(entry[key]) for key in ("difference", "ci_low", "ci_high"))
+                found[(str(split), str(entry["score_a"]), str(entry["score_b"]))] = values
+                found[(str(split), str(entry["score_b"]), str(entry["score_a"]))] = (-values[0], -values[2],
+                                                                                     -values[1])
+            except (KeyError, TypeError, ValueError):
+                continue
+    return found
+
+
+def ranked_scores(metrics: EvaluateReport, reference: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The metrics table split in two and ranked: (scores of incorrect runs, best test AUROC first, with each one's
+    AUROC difference from ``reference`` per split; scores of other labels, e.g. the SE probe on high SE, which
+    compete with nothing here).
+
+    The difference columns (``<split> ΔAUROC vs <reference>``) hold the paired bootstrap difference and CI where
+    evaluate.json has ``paired_differences``, else the plain difference of the two AUROCs marked "(no CI)".
+    """
+    table = metrics_table(metrics)
+    if table.empty:
+        return table, table
+    labels = table["score"].map(lambda score: score_label(metrics, score))
+    incorrect, other = table[labels == "incorrect"].copy(), table[labels != "incorrect"].reset_index(drop=True)
+    splits = [split for split in ("test", "ood") if split in metrics.splits]
+    def auroc(split, score):
+        entry = metrics.splits[split].get(score)
+        return None if entry is None or entry.auroc is None else float(entry.auroc)
+    order = sorted(incorrect["score"], key=lambda score: -(auroc(splits[0], score) or -1.0) if splits else 0.0)
+    incorrect = incorrect.set_index("score").loc[order].reset_index()
+    if reference is None or reference not in set(incorrect["score"]):
+        reference = incorrect["score"].iloc[0]
+    paired = paired_differences(metrics)
+    for split in splits:
+        column = f"{_split_label(split)} ΔAUROC vs {reference}"
+        values = []
+        for score in incorrect["score"]:
+            if score == reference:
+                values.append("reference")
+            elif (split, score, reference) in paired:
+                difference, low, high = paired[(split, score, reference)]
+                values.append(f"{difference:+.3f} ({low:+.3f} to {high:+.3f})")
+            elif auroc(split, score) is not None and auroc(split, reference) is not None:
+                values.append(f"{auroc(split, score) - auroc(split, reference):+.3f} (no CI)")
+            else:
+                values.append("n/a")
+        incorrect.insert(incorrect.columns.get_loc(f"{_split_label(split)} AUROC (CI)") + 1, column, values)
+    meaning = incorrect.pop("meaning")
+    incorrect["meaning"] = meaning  # the long text last, so the numbers fit at 1280 px
+    return incorrect, other
+
+
 def _number(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -483,6 +560,84 @@ def load_experiments(root: str | Path, num_commits: int = 10, timeout_s: float =
     log.info("experiments: %s", reason)
     return Experiments(committed_metrics_row(root), f"{reason}; showing this workspace's metrics only. "
                        "Run `dvc exp run -S sampling.temp=0.6` to add an experiment.", from_dvc=False)
+
+
+# ---- point geometry for the run plots ------------------------------------------------------------------------
+
+
+def points_in_polygon(xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Mask of the points inside ``polygon`` (``(n, 2)`` vertices, closed implicitly), by the even-odd rule.
+
+    HoloViews' own lasso test (``holoviews.element.selection.spatial_select``) needs spatialpandas or shapely,
+    neither of which the project installs; this crossing-number test is vectorised over points, O(points x
+    vertices), about 20 ms for 100k points and a 100-vertex lasso.
+    """
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    polygon = np.asarray(polygon, dtype=float)
+    inside = np.zeros(xs.shape, dtype=bool)
+    if polygon.ndim != 2 or len(polygon) < 3:
+        return inside
+    x_start, y_start = polygon[:, 0], polygon[:, 1]
+    x_end, y_end = np.roll(x_start, -1), np.roll(y_start, -1)
+    for xa, ya, xb, yb in zip(x_start, y_start, x_end, y_end):
+        if ya == yb:
+            continue  # a horizontal edge never crosses the horizontal ray
+        spans = (ya > ys) != (yb > ys)
+        crossing_x = xa + (ys - ya) * (xb - xa) / (yb - ya)
+        inside ^= spans & (xs < crossing_x)
+    return inside
+
+
+def stack_runs(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """One row per distinct ``(x, y)`` point of ``frame``: runs with identical answers have identical hidden states,
+    so many runs sit on one spot (2,740 points for 7,000 runs in the default run).
+
+    Returns the first run of each stack (its columns and row label), plus ``runs`` (how many runs the point
+    holds, k), ``runs_correct`` (how many of them are correct) and ``stack`` (``"×k"``, empty for a single run),
+    in the order of first appearance.
+    """
+    if frame.empty:
+        return frame.assign(runs=np.zeros(0, dtype=np.int64), runs_correct=np.zeros(0, dtype=np.int64),
+                            stack=np.array([], dtype=object))
+    codes = frame.groupby([x, y], sort=False, dropna=False).ngroup().to_numpy()
+    first = np.zeros(len(frame), dtype=bool)
+    first[np.unique(codes, return_index=True)[1]] = True
+    sizes = np.bincount(codes)
+    correct = np.bincount(codes, weights=frame["correct"].to_numpy(dtype=float)).astype(np.int64)
+    stacks = frame[first]
+    runs = sizes[codes[first]]
+    return stacks.assign(runs=runs, runs_correct=correct[codes[first]],
+                         stack=np.where(runs > 1, np.char.add("×", runs.astype(str)), ""))
+
+
+def question_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per question of ``runs``: dataset, question_id, split, question, semantic_entropy, accuracy (the share
+    of its runs in ``runs`` that are correct) and n_runs (how many)."""
+    if runs.empty:
+        return pd.DataFrame(columns=["dataset", "question_id", "split", "question", "semantic_entropy", "accuracy",
+                                     "n_runs"])
+    grouped = runs.groupby(["dataset", "question_id"], observed=True, sort=False)
+    summary = grouped.agg(split=("split", "first"), question=("question", "first"),
+                          semantic_entropy=("semantic_entropy", "first"), accuracy=("correct", "mean"),
+                          n_runs=("correct", "size")).reset_index()
+    for column in ("dataset", "split"):
+        summary[column] = summary[column].astype(str)
+    return summary
+
+
+def question_from_link(table: pd.DataFrame, value: Any) -> tuple[str, str] | None:
+    """The (dataset, question_id) a ``?question=<id>`` link names, or None: only an id present in ``table``, compared
+    as an exact string (bytes decoded as UTF-8, at most 200 characters), is accepted; anything else is ignored."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str) or not value or len(value) > 200:
+        return None
+    matches = table.loc[(table["question_id"] == value).to_numpy(), "dataset"]
+    if matches.empty:
+        return None
+    return str(matches.iloc[0]), value
 
 
 # ---- the store ---------------------------------------------------------------------------------------------

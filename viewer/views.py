@@ -9,36 +9,24 @@ innerHTML, so even ``pn.pane.Str`` renders ``<img onerror=...>`` as a live eleme
 from __future__ import annotations
 
 import html
-import importlib
+import logging
+import io
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datashader as ds
+import holoviews as hv
+import holoviews.plotting.bokeh  # noqa: F401 - registers HoloViews' Bokeh renderer (what hv.extension does)
 import numpy as np
 import pandas as pd
 import panel as pn
 import param
-from bokeh.events import RangesUpdate, SelectionGeometry
-from bokeh.models import (
-    BoxSelectTool,
-    BoxZoomTool,
-    ColorBar,
-    ColumnDataSource,
-    HoverTool,
-    LassoSelectTool,
-    Legend,
-    LegendItem,
-    PanTool,
-    Range1d,
-    ResetTool,
-    SaveTool,
-    TeeHead,
-    WheelZoomTool,
-)
+from bokeh.models import TeeHead
 from bokeh.models.widgets.tables import NumberFormatter
 from bokeh.palettes import Category20, Viridis256
-from bokeh.plotting import figure
-from bokeh.transform import factor_cmap, linear_cmap
+from holoviews.operation.datashader import datashade, dynspread
 
 from stages.lib import registry
 from stages.lib.schema import (
@@ -55,7 +43,6 @@ from stages.lib.schema import (
     EvaluateSettings,
     StabilityReport,
 )
-from viewer import raster
 from viewer.data import (
     DATASET_CHOICES,
     ENTROPY_CHOICES,
@@ -69,33 +56,27 @@ from viewer.data import (
     load_experiments,
     load_metrics,
     load_plot_table,
-    metrics_table,
+    ranked_scores,
     se_regression_table,
     stability_table,
+    question_summary,
+    stack_runs,
     varying_params,
 )
+log = logging.getLogger(__name__)
 
-
-class _HoloViews:
-    """``holoviews`` imported (with its Bokeh backend) on first use: only Results and Experiments draw with it, so
-    a server start and the first page (the run plots are plain Bokeh) skip its ~0.5 s import."""
-
-    def __getattr__(self, name: str):
-        module = importlib.import_module("holoviews")
-        # Registers the Bokeh renderer (what `hv.extension("bokeh")` does outside a notebook); a plain import, safe
-        # in the worker thread that renders Experiments.
-        importlib.import_module("holoviews.plotting.bokeh")
-        return getattr(module, name)
-
-
-hv = _HoloViews()
+# What `hv.extension("bokeh")` does outside a notebook: the Bokeh backend current, so that `hv.opts.<Element>` exist.
+hv.Store.set_current_backend("bokeh")
 
 OUTCOME_COLOURS = {"correct": "#2b83ba", "incorrect": "#d7301f"}
 SELECTED_COLOUR = "#111111"
 VIRIDIS = list(Viridis256)
-RASTERIZE_ABOVE = 5_000  # runs in the viewport above which a plot draws them as an image
-RASTER_SHAPE = (300, 210)  # that image's (width, height); about half the plot's size in pixels
-SELECTION_TABLE_CAP = 200  # rows listed in the selection table
+RASTERIZE_ABOVE = 5_000  # markers (stacks of runs) in the viewport above which datashader draws the runs
+RASTER_SHAPE = (300, 210)  # that image's (width, height); about half the plot's size in pixels, so that dynspread's
+# 1-3 px spreading reads as a marker
+POINT_SIZE = 6
+POINT_ALPHA, DIMMED_ALPHA = 0.7, 0.12  # the runs' opacity; the unselected ones' while a selection is drawn
+SELECTION_PAGE_SIZE = 15  # rows per page of the selection table
 PLOT_HEIGHT = 420
 
 # The registry's per-run probes: their analysis columns (margin, P(positive)) and what the columns are called.
@@ -145,39 +126,37 @@ def _viewport(requested, fallback: tuple[float, float]) -> tuple[float, float]:
 
 
 class LinkedPoints(pn.viewable.Viewer):
-    """A scatter of the filtered runs with the selection ringed on top; box or lasso selection sets the store's
-    selection, which both plots draw.
+    """A HoloViews scatter of the filtered runs; box or lasso selection sets the store's selection, which both plots
+    draw: the selected runs in their own colours on top, every other run dimmed.
 
-    Raw Bokeh points (with hover) while the viewport holds at most ``rasterize_above`` runs, above that an image
-    of them rasterised for the viewport (viewer/raster.py), so 100k runs stay smooth. Axis ranges come from the
-    whole table, so they stay put while filters change. Subclasses say which columns are x, y and colour.
-
-    A plain Bokeh figure (building HoloViews plots cost ~0.2 s per plot and page, and importing HoloViews ~0.5 s
-    per server start): two sources (points, image) refilled from ``frame`` when the store's revision counters
-    change or the viewport moves (Bokeh's ``RangesUpdate``, sent once a pan or zoom ends); box and lasso send
-    their geometry (``SelectionGeometry``) to the store.
+    One ``hv.DynamicMap`` per plot, fed by the viewport (``RangeXY``) and the store's revision counters
+    (``Params``): each change refills the same Bokeh figure in place. Runs on the same spot (identical answers give
+    identical hidden states) are one marker carrying ``×k`` and one tooltip (``viewer.data.stack_runs``). Up to
+    ``rasterize_above`` markers in the viewport are drawn as points with hover; above that datashader rasterises
+    the runs (``datashade`` by outcome, or the mean of a numeric colour, then ``dynspread`` so isolated runs stay
+    visible). Box and lasso reach the store through HoloViews' ``BoundsXY`` and ``Lasso`` streams. Axis ranges come
+    from the whole table, so they stay put while filters change. Subclasses say which columns are x, y and colour.
     """
 
     store = param.ClassSelector(class_=RunStore)
     rasterize_above = param.Integer(default=RASTERIZE_ABOVE, bounds=(0, None))
     title = param.String(default="")
-    redraw = param.Event(precedence=-1, doc="Rebuild the plot: its axes or colouring changed.")
 
     _rebuild_on: tuple[str, ...] = ()  # parameters (own or `store.*`) that change axes or colouring
     css_class = "points-plot"
 
     def __init__(self, **params):
         super().__init__(**params)
+        self._revisions: hv.streams.Params | None = None  # the stream of the drawn figure
+        self._pane = self._new_pane()
+        self._holder = pn.Column(self._pane, sizing_mode="stretch_width", margin=0)
         own = [name for name in self._rebuild_on if not name.startswith("store.")]
         stored = [name.split(".", 1)[1] for name in self._rebuild_on if name.startswith("store.")]
+        # New axes or colours: a new DynamicMap in the same pane, which replaces its figure (never adds one).
         if own:
-            self.param.watch(lambda *_: self.param.trigger("redraw"), own)
+            self.param.watch(lambda *_: self._rebuild(), own)
         if stored:
-            self.store.param.watch(lambda *_: self.param.trigger("redraw"), stored)
-        # the drawn figure's two sources (points, image) and the viewport it shows
-        self._sources: tuple[ColumnDataSource, ColumnDataSource] | None = None
-        self._ranges: tuple[tuple[float, float], tuple[float, float]] | None = None
-        self.store.param.watch(lambda *_: self._refresh(), ["filtered_revision", "selected_revision"])
+            self.store.param.watch(lambda *_: self._rebuild(), stored)
 
     def axes(self) -> tuple[str, str]:
         raise NotImplementedError
@@ -194,148 +173,159 @@ class LinkedPoints(pn.viewable.Viewer):
     def _tooltips(self) -> list[tuple[str, str]]:
         """Hover rows; Bokeh inserts ``@{column}`` values as text, so model outputs stay inert."""
         numbers = [column for column in self.hover_columns() if column not in ("question", "answer", "gold", "outcome")]
-        return [("question", "@{question}"), ("answer", "@{answer}"), ("gold", "@{gold}"), ("outcome", "@{outcome}"),
+        return [("runs here", "@{runs} (@{runs_correct} correct)"), ("question", "@{question}"),
+                ("answer", "@{answer}"), ("gold", "@{gold}"), ("outcome", "@{outcome}"),
                 *[(LABELS.get(column, column), f"@{{{column}}}{{0.000}}") for column in numbers]]
 
-    # -- one frame of the plot: plain functions of the store's frames and the viewport --
-    def _shade(self, frame: pd.DataFrame, selected: np.ndarray, x_range, y_range, colour: str, clim) -> np.ndarray:
-        """RGBA image of ``frame``'s runs over the viewport, by outcome or by the mean of ``colour``, with the
-        ``selected`` ones on top in the selection colour, each grown to 3x3 pixels so that a few stay visible."""
+    def _vdims(self) -> list[str]:
+        """The point sources' value columns (no others reach the page): hover fields, colour, stack size, style."""
+        colour = [] if self.colour() == "outcome" else [self.colour()]
+        return list(dict.fromkeys([*self.hover_columns()[:4], *[c for c in self.hover_columns()[4:]
+                                                                   if c not in self.axes()],
+                                   *colour, "runs", "runs_correct", "stack", "alpha", "fill"]))
+
+    def limits(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        table = self.store.table
         x, y = self.axes()
-        xs, ys = frame[x].to_numpy(), frame[y].to_numpy()
-        if colour == "outcome":
-            codes = frame["outcome"].cat.codes.to_numpy()
-            counts = raster.count_by_category(xs, ys, codes, len(OUTCOMES), x_range, y_range, RASTER_SHAPE)
-            image = raster.shade_categories(counts, [OUTCOME_COLOURS[name] for name in OUTCOMES], min_alpha=180)
-        else:
-            means, counts = raster.mean_per_pixel(xs, ys, frame[colour].to_numpy(), x_range, y_range, RASTER_SHAPE)
-            image = raster.shade_values(means, counts, clim, VIRIDIS)
-        if selected.any():
-            chosen = raster.count_by_category(xs[selected], ys[selected], np.zeros(int(selected.sum()), dtype=int), 1,
-                                              x_range, y_range, RASTER_SHAPE)[0] > 0
-            image[raster.grow(chosen)] = (*raster.hex_to_rgb(SELECTED_COLOUR), 230)
-        return image
+        return _padded_range(table[x]), _padded_range(table[y])
 
-    def _columns(self) -> list[str]:
-        """The points source's columns: x, y, the colour and the hover fields (no others reach the page)."""
-        return list(dict.fromkeys([*self.axes(), self.colour(), *self.hover_columns()]))
-
-    def frame(self, x_range=None, y_range=None) -> tuple[dict, dict]:
-        """What the plot draws for the store's current frames and the viewport (None: the whole table's extent):
-        ``(points, image)``, the data of its two sources.
-
-        The runs in view as points (hover; ``selected`` marks the ones to ring, ``size`` and ``ring`` style them)
-        while there are at most ``rasterize_above``, else as an image (viewer/raster.py, as one packed RGBA value
-        per pixel with row 0 at the bottom, as Bokeh draws it) with the selection drawn into it; whichever is not
-        used is empty.
-        """
+    # -- one frame of the plot: a function of the store's frames and the viewport --
+    def layers(self, x_range=None, y_range=None, **_) -> hv.Overlay:
+        """What the plot draws for the store's frames and the viewport (None: the whole table's extent), always
+        the same six layers, empty where unused: the dimmed raster of every run in view, the stacks of every run
+        (one layer per outcome, for the legend, or one coloured by value), the raster of the selected runs, their
+        stacks (ringed), and the ``×k`` labels."""
         x, y = self.axes()
-        colour, table = self.colour(), self.store.table
-        x_range = _viewport(x_range, _padded_range(table[x]))
-        y_range = _viewport(y_range, _padded_range(table[y]))
-        clim = _padded_range(table[colour]) if colour != "outcome" else (0.0, 1.0)
+        colour = self.colour()
+        xlim, ylim = self.limits()
+        x_range, y_range = _viewport(x_range, xlim), _viewport(y_range, ylim)
         frame = self.store.filtered
         inside = (frame[x].between(*x_range) & frame[y].between(*y_range)).to_numpy()
         in_view = frame if inside.all() else frame[inside]
-        selected = in_view.index.isin(self.store.selected.index)
-        no_image = {"image": [], "x": [], "y": [], "dw": [], "dh": []}
-        if len(in_view) > self.rasterize_above:
-            rgba = self._shade(in_view, selected, x_range, y_range, colour, clim)
-            packed = np.ascontiguousarray(rgba[::-1]).view(np.uint32).reshape(rgba.shape[:2])
-            image = {"image": [packed], "x": [x_range[0]], "y": [y_range[0]], "dw": [x_range[1] - x_range[0]],
-                     "dh": [y_range[1] - y_range[0]]}
-            return self._points(frame.iloc[:0], np.zeros(0, dtype=bool)), image
-        return self._points(in_view, selected), no_image
+        chosen = in_view.index.isin(self.store.selected.index)
+        anything_selected = len(self.store.selected) > 0
+        stacks = stack_runs(in_view, x, y)
+        selected = in_view[chosen]
+        selected_stacks = stack_runs(selected, x, y)
+        base_raster = len(stacks) > self.rasterize_above
+        selected_raster = len(selected_stacks) > self.rasterize_above
+        bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
+        alpha = DIMMED_ALPHA if anything_selected else POINT_ALPHA
 
-    def _points(self, rows: pd.DataFrame, selected: np.ndarray) -> dict:
-        data = {column: rows[column].to_numpy() for column in self._columns()}
-        data["outcome"] = rows["outcome"].astype(str).to_numpy()  # Bokeh maps factors given as strings
-        data["selected"] = selected
-        data["size"] = np.where(selected, 7.0, 5.0)
-        data["ring"] = selected.astype(float)  # the ring's line alpha: 1 on selected runs, else 0
-        return data
+        base_image = self._shade(in_view, x_range, y_range, dimmed=anything_selected) if base_raster \
+            else _empty_rgb(bounds)
+        selected_image = self._shade(selected, x_range, y_range, dimmed=False) if selected_raster \
+            else _empty_rgb(bounds)
+        point_rows = stacks.iloc[:0] if base_raster else stacks
+        ring_rows = selected_stacks.iloc[:0] if selected_raster else selected_stacks
+        hover = {"tools": ["hover", "box_select", "lasso_select"], "hover_tooltips": self._tooltips()}
+        style = {"selection_alpha": "alpha", "nonselection_alpha": "alpha", "line_color": None}  # Bokeh's own
+        # selection state (its box and lasso tools mark the glyphs they cover) restyles nothing: the store's is drawn
+        if colour == "outcome":
+            runs = [self._points(point_rows[point_rows["outcome"] == outcome], alpha, label=outcome).opts(
+                        color=OUTCOME_COLOURS[outcome], alpha="alpha", size=POINT_SIZE, **style, **hover)
+                    for outcome in OUTCOMES]
+        else:
+            low, high = _padded_range(self.store.table[colour])
+            runs = [self._points(point_rows, alpha).opts(
+                color=colour, cmap=VIRIDIS, clim=(low, high), colorbar=True, alpha="alpha", size=POINT_SIZE,
+                colorbar_opts={"title": LABELS.get(colour, colour)}, **style, **hover)]
+        ringed = self._points(ring_rows, 1.0, ringed=True).opts(
+            color="fill", alpha=1.0, size=POINT_SIZE + 3, line_color=SELECTED_COLOUR, line_width=1.5,
+            selection_alpha=1.0, nonselection_alpha=1.0, show_legend=False, **hover)
+        labels = stacks[stacks["runs"] > 1] if not base_raster else stacks.iloc[:0]
+        if anything_selected and not selected_raster:
+            labels = selected_stacks[selected_stacks["runs"] > 1]
+        counts = hv.Labels(labels, [x, y], "stack").opts(
+            text_font_size="8pt", text_color="#333333", xoffset=_offset(x_range), yoffset=_offset(y_range),
+            text_align="left", text_baseline="bottom")
+        return hv.Overlay([base_image, *runs, selected_image, ringed, counts])
 
-    def _refresh(self) -> None:
-        """Refill the drawn figure's sources for the store's frames and its viewport."""
-        if self._sources is None:
-            return
-        points, image = self.frame(*(self._ranges or (None, None)))
-        points_source, image_source = self._sources
-        with pn.io.hold():
-            points_source.selected.indices = []  # the store's selection is what is drawn, not Bokeh's
-            points_source.data = points
-            image_source.data = image
-
-    def _on_ranges(self, event) -> None:
-        ranges = ((event.x0, event.x1), (event.y0, event.y1))
-        if None in (*ranges[0], *ranges[1]) or ranges == self._ranges:
-            return
-        self._ranges = ranges
-        self._refresh()
-
-    def _on_selection(self, event) -> None:
-        """A box or lasso drawn (its last geometry, ``final``): select the runs inside it in the store."""
-        if not event.final:
-            return
+    def _points(self, stacks: pd.DataFrame, alpha: float, label: str = "", ringed: bool = False) -> hv.Points:
+        """The stacks as HoloViews points; ``ringed`` marks the selection's layer (its ``ring`` column)."""
         x, y = self.axes()
-        geometry = event.geometry
-        if geometry.get("type") == "rect":
-            self.store.select_box(x, y, (geometry["x0"], geometry["y0"], geometry["x1"], geometry["y1"]))
-        elif geometry.get("type") == "poly":
-            self.store.select_lasso(x, y, np.column_stack([geometry["x"], geometry["y"]]))
+        fill = (stacks["outcome"].map(OUTCOME_COLOURS).astype(object) if self.colour() == "outcome"
+                else pd.Series(_value_colours(stacks[self.colour()], self.store.table[self.colour()]),
+                               index=stacks.index, dtype=object))
+        data = stacks.assign(alpha=alpha, fill=fill, outcome=stacks["outcome"].astype(str))
+        if ringed:
+            data = data.assign(ring=True)
+        return hv.Points(data, [x, y], self._vdims() + (["ring"] if ringed else []), label=label)
 
-    def _figure_for(self, xlim, ylim) -> figure:
-        x, y = self.axes()
-        box, lasso = BoxSelectTool(), LassoSelectTool()
-        wheel = WheelZoomTool()
-        plot = figure(title=self.title, height=PLOT_HEIGHT, sizing_mode="stretch_width", toolbar_location="right",
-                      x_range=Range1d(*xlim), y_range=Range1d(*ylim), x_axis_label=LABELS.get(x, x),
-                      y_axis_label=LABELS.get(y, y), tools=[PanTool(), wheel, BoxZoomTool(), box, lasso, SaveTool(),
-                                                            ResetTool()],
-                      active_drag=box, active_scroll=wheel, css_classes=[self.css_class])
-        plot.toolbar.logo = None
-        return plot
-
-    @param.depends("redraw")
-    def _plot(self):
-        table = self.store.table
+    def _shade(self, runs: pd.DataFrame, x_range, y_range, dimmed: bool) -> hv.RGB:
+        """datashader's image of ``runs`` over the viewport: counts by outcome (colours mixed by count) or the mean
+        of the colour column, each run grown up to 3 px by ``dynspread`` so sparse runs stay visible."""
         x, y = self.axes()
         colour = self.colour()
-        xlim, ylim = _padded_range(table[x]), _padded_range(table[y])
-        self._ranges = (xlim, ylim)
-        points, image = self.frame(xlim, ylim)
-        points_source, image_source = ColumnDataSource(points), ColumnDataSource(image)
-        plot = self._figure_for(xlim, ylim)
-        plot.image_rgba(image="image", x="x", y="y", dw="dw", dh="dh", source=image_source)
+        points = hv.Points(runs, [x, y], [colour])
+        shading = {"alpha": 70, "min_alpha": 40} if dimmed else {"alpha": 255, "min_alpha": 160}
         if colour == "outcome":
-            fill = factor_cmap("outcome", [OUTCOME_COLOURS[name] for name in OUTCOMES], list(OUTCOMES))
+            aggregated = {"aggregator": ds.count_cat("outcome"), "color_key": OUTCOME_COLOURS}
         else:
-            low, high = _padded_range(table[colour])
-            fill = linear_cmap(colour, VIRIDIS, low, high)
-        # Selected runs get a dark ring (line alpha 1, else 0). Bokeh's own selection state (its box and lasso
-        # tools mark the glyphs they cover) must not restyle anything: the store's selection is what is drawn.
-        ring = {f"{state}line_alpha": "ring" for state in ("", "selection_", "nonselection_")}
-        alpha = {f"{state}fill_alpha": 0.6 for state in ("", "selection_", "nonselection_")}
-        runs = plot.scatter(x=x, y=y, size="size", fill_color=fill, line_color=SELECTED_COLOUR, line_width=1.5,
-                            source=points_source, **ring, **alpha)
-        plot.add_tools(HoverTool(renderers=[runs], tooltips=self._tooltips()))
-        if colour == "outcome":  # legend entries that stay while the runs are an image
-            items = [LegendItem(label=name, renderers=[plot.scatter(x=[], y=[], size=8, line_color=None,
-                                                                    fill_color=OUTCOME_COLOURS[name], fill_alpha=0.6)])
-                     for name in OUTCOMES]
-            plot.add_layout(Legend(items=items, location="top_right"))
-        else:
-            plot.add_layout(ColorBar(color_mapper=fill["transform"], title=LABELS.get(colour, colour)), "right")
-        plot.on_event(RangesUpdate, self._on_ranges)
-        plot.on_event(SelectionGeometry, self._on_selection)
-        self._sources = (points_source, image_source)
-        return pn.pane.Bokeh(plot, sizing_mode="stretch_width", height=PLOT_HEIGHT)
+            aggregated = {"aggregator": ds.mean(colour), "cmap": VIRIDIS,
+                          "clims": _padded_range(self.store.table[colour])}
+        image = datashade(points, x_range=x_range, y_range=y_range, width=RASTER_SHAPE[0], height=RASTER_SHAPE[1],
+                          dynamic=False, **aggregated, **shading)
+        return dynspread(image, max_px=3, threshold=0.5, dynamic=False).opts(show_legend=False)
+
+    # -- wiring --
+    def _dynamic_map(self) -> hv.DynamicMap:
+        x, y = self.axes()
+        xlim, ylim = self.limits()
+        if self._revisions is not None:
+            self._revisions.unwatch()  # the figure this replaces stops following the store
+        revisions = self._revisions = hv.streams.Params(self.store, ["filtered_revision", "selected_revision"])
+        plot = hv.DynamicMap(self.layers, streams=[hv.streams.RangeXY(), revisions])
+        hv.streams.BoundsXY(source=plot).add_subscriber(self._on_box)
+        hv.streams.Lasso(source=plot).add_subscriber(self._on_lasso)
+        return plot.opts(
+            hv.opts.Overlay(title=self.title, xlim=xlim, ylim=ylim, responsive=True, height=PLOT_HEIGHT,
+                            xlabel=LABELS.get(x, x), ylabel=LABELS.get(y, y), legend_position="top_right",
+                            active_tools=["box_select", "wheel_zoom"],
+                            toolbar="right", show_grid=False))
+
+    def _new_pane(self) -> pn.pane.HoloViews:
+        return pn.pane.HoloViews(self._dynamic_map(), sizing_mode="stretch_width", height=PLOT_HEIGHT,
+                                 css_classes=[self.css_class], linked_axes=False)
+
+    def _rebuild(self) -> None:
+        # A new pane in the holder: Panel removes the old one's figure from the page (setting the pane's `object`
+        # instead left replaced figures in the document, found by the browser test).
+        self._pane = self._new_pane()
+        self._holder.objects = [self._pane]
+
+    def _on_box(self, bounds=None, **_) -> None:
+        if bounds is not None:
+            self.store.select_box(*self.axes(), bounds)
+
+    def _on_lasso(self, geometry=None, **_) -> None:
+        if geometry is not None:
+            self.store.select_lasso(*self.axes(), np.asarray(geometry, dtype=float))
 
     def hint(self) -> pn.pane.HTML:
-        return pn.pane.HTML(f"Drag a box (or pick the lasso in the toolbar) to select runs: they are ringed in both "
-                            f"plots. Wheel to zoom. Above {self.rasterize_above:,} runs in view the plot is an image "
-                            "of them: zoom in for per-run hover.", sizing_mode="stretch_width", margin=(0, 10),
+        return pn.pane.HTML(f"Drag a box (or pick the lasso in the toolbar) to select runs: they keep their colour in "
+                            "both plots and the rest dim. <b>×k</b>: k runs on one spot (identical answers). Wheel to "
+                            f"zoom. Above {self.rasterize_above:,} points in view the runs are rasterised: zoom in "
+                            "for hover.", sizing_mode="stretch_width", margin=(0, 10),
                             styles={"color": "#555", "font-size": "0.85em"})
+
+    def _plot(self):
+        return self._holder
+
+
+def _empty_rgb(bounds) -> hv.RGB:
+    return hv.RGB(np.zeros((1, 1, 4), dtype=np.uint8), bounds=bounds).opts(show_legend=False)
+
+
+def _offset(span: tuple[float, float]) -> float:
+    return (span[1] - span[0]) * 0.006
+
+
+def _value_colours(values: pd.Series, everything: pd.Series) -> list[str]:
+    """Viridis hex colours of ``values`` on the scale of ``everything`` (what the colour bar shows)."""
+    low, high = _padded_range(everything)
+    position = np.clip((values.to_numpy(dtype=float) - low) / ((high - low) or 1.0), 0, 1)
+    return [VIRIDIS[int(p * (len(VIRIDIS) - 1))] if np.isfinite(p) else "#999999" for p in position]
 
 
 class MarginEntropyScatter(LinkedPoints):
@@ -374,6 +364,29 @@ class UmapExplorer(LinkedPoints):
     def __panel__(self):
         controls = pn.widgets.Select.from_param(self.param.colour_by, width=220, margin=(0, 10))
         return pn.Column(controls, self._plot, self.hint(), sizing_mode="stretch_width")
+
+
+class QuestionScatter(pn.viewable.Viewer):
+    """One point per question of the runs in view: its semantic entropy against the share of its runs that are
+    correct (a question the model always gets right should have low SE). Hover names the question."""
+
+    store = param.ClassSelector(class_=RunStore)
+
+    def __panel__(self):
+        revisions = hv.streams.Params(self.store, ["filtered_revision"])
+        plot = hv.DynamicMap(self.points, streams=[revisions])
+        return pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=320, css_classes=["question-scatter"])
+
+    def points(self, **_) -> hv.Points:
+        summary = question_summary(self.store.filtered)
+        return hv.Points(summary, ["accuracy", "semantic_entropy"],
+                         ["question_id", "dataset", "split", "question", "n_runs"]).opts(
+            color="#555555", alpha=0.6, size=6, tools=["hover"], responsive=True, height=320,
+            title="Questions: semantic entropy vs accuracy", xlabel="accuracy (share of the question's runs correct)",
+            ylabel=LABELS["semantic_entropy"], xlim=(-0.05, 1.05), show_grid=True,
+            hover_tooltips=[("question", "@{question_id} (@{dataset}, @{split})"), ("text", "@{question}"),
+                            ("runs in view", "@{n_runs}"), ("accuracy", "@{accuracy}{0.00}"),
+                            ("SE", "@{semantic_entropy}{0.000}")])
 
 
 # ---- sidebar ---------------------------------------------------------------------------------------------------
@@ -427,17 +440,22 @@ class FilterPanel(pn.viewable.Viewer):
 SELECTION_COLUMNS = ["dataset", "split", "question_id", "run_id", "question", "answer", "gold", "correct",
                      "semantic_entropy", "n_clusters", *PROBE_MARGINS]
 NUMBER = NumberFormatter(format="0.000")  # numbers only, so Bokeh's HTML formatting is safe here
+# The selection table's column saying whether the probes saw the run in training (the train split) or not.
+IN_SAMPLE_COLUMN, IN_SAMPLE, HELD_OUT = "probe scores", "in-sample (train)", "held-out"
 
 
 class SelectionTable(pn.viewable.Viewer):
-    """The selected runs, at most ``cap`` of them; clicking a row opens its question.
+    """Every selected run, sorted and paged on the server (Tabulator's remote pagination: a header click sorts the
+    whole selection, and only the page shown travels to the browser); clicking a row opens its question. Runs of
+    the train split are marked in-sample: the probes were fitted on them, so their scores are greyed and say so.
+    The selection downloads as CSV.
 
     The table is created with the first selection, not with the page (a first page load is the benchmark's
     slowest step, and an empty table is a few hundred Bokeh and Tabulator objects for nothing).
     """
 
     store = param.ClassSelector(class_=RunStore)
-    cap = param.Integer(default=SELECTION_TABLE_CAP, bounds=(1, None))
+    page_size = param.Integer(default=SELECTION_PAGE_SIZE, bounds=(1, None))
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -447,30 +465,38 @@ class SelectionTable(pn.viewable.Viewer):
         self.store.param.watch(self._update, "selected")
         self._clear = pn.widgets.Button(name="Clear selection", button_type="light", width=140)
         self._clear.on_click(lambda _: self.store.clear_selection())
-        self._body = pn.Column(pn.Row(self._caption, self._clear), sizing_mode="stretch_width")
+        self._download = pn.widgets.FileDownload(callback=self._csv, filename="selection.csv", label="Selection CSV",
+                                                 button_type="light", width=140, css_classes=["selection-csv"])
+        self._body = pn.Column(pn.Row(self._caption, self._download, self._clear), sizing_mode="stretch_width")
 
     def _make_table(self, rows: pd.DataFrame) -> pn.widgets.Tabulator:
         table = pn.widgets.Tabulator(
-            rows, disabled=True, show_index=False, selectable=False, height=280,
-            sizing_mode="stretch_width", layout="fit_data_stretch", pagination=None,
+            rows, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
+            layout="fit_data_stretch", pagination="remote", page_size=self.page_size,
             formatters={column: NUMBER for column in ("semantic_entropy", *PROBE_MARGINS)},
             css_classes=["selection-table"])
+        table.style.apply(_grey_in_sample, axis=1)
         table.on_click(self._open)
         return table
 
     def _rows(self, selected: pd.DataFrame) -> pd.DataFrame:
-        rows = selected.head(self.cap)[SELECTION_COLUMNS].copy()
+        rows = selected[SELECTION_COLUMNS].copy()
         for column in ("dataset", "split"):
             rows[column] = rows[column].astype(str)
+        rows.insert(rows.columns.get_loc(PROBE_MARGINS[0]), IN_SAMPLE_COLUMN,
+                    np.where(rows["split"] == "train", IN_SAMPLE, HELD_OUT))
         return rows.reset_index(drop=True)
+
+    def _csv(self) -> io.StringIO:
+        return io.StringIO(self._rows(self.store.selected).to_csv(index=False))
 
     def _caption_html(self, selected: pd.DataFrame) -> str:
         if selected.empty:
             return ("<i>Select runs in either plot (drag a box, or use the lasso) to list them here; click a row to "
                     "open its question.</i>")
-        shown = min(len(selected), self.cap)
-        return (f"<b>{len(selected):,}</b> selected runs; listing the first {shown:,} (at most {self.cap:,} are "
-                "listed). Click a row to open its question.")
+        in_sample = int((selected["split"] == "train").sum())
+        return (f"<b>{len(selected):,}</b> selected runs ({in_sample:,} of the train split: in-sample, their probe "
+                "scores greyed). A header click sorts all of them. Click a row to open its question.")
 
     def _update(self, event) -> None:
         self._caption.object = self._caption_html(event.new)
@@ -486,6 +512,13 @@ class SelectionTable(pn.viewable.Viewer):
 
     def __panel__(self):
         return self._body
+
+
+def _grey_in_sample(row: pd.Series) -> list[str]:
+    """Tabulator cell styles for one row: an in-sample run's probe scores grey and italic."""
+    grey = row.get(IN_SAMPLE_COLUMN) == IN_SAMPLE
+    return ["color: #999; font-style: italic" if grey and (column in PROBE_MARGINS or column == IN_SAMPLE_COLUMN)
+            else "" for column in row.index]
 
 
 QUESTION_CSS = """
@@ -548,7 +581,9 @@ class QuestionDetails(pn.viewable.Viewer):
             f"<p>gold answer: {escaped_html(first['gold'], 'code', 'gold')} &middot; {len(runs)} runs in "
             f"{int(first['n_clusters'])} semantic clusters &middot; SE {first['semantic_entropy']:.3f} nats "
             f"(weighted {first['semantic_entropy_weighted']:.3f}) &middot; "
-            f"{'high' if first['high_se'] else 'low'} SE</p>")
+            f"{'high' if first['high_se'] else 'low'} SE &middot; <a class='question-link' "
+            f"href='?question={html.escape(urllib.parse.quote(str(first['question_id']), safe=''))}'>link to this "
+            "question</a></p>")
 
     def __panel__(self):
         return self._body
@@ -576,19 +611,39 @@ def draw_auroc_by_layer(frame: pd.DataFrame, settings: EvaluateSettings | None) 
             picked = settings.probes.get(f"{probe}_probe") if settings is not None else None
             if picked is not None and picked.position == position:
                 overlay = overlay * hv.VLine(picked.layer).opts(color="black", line_dash="dashed", line_width=1)
+            layers = sorted(int(layer) for layer in part["layer"].unique())
             plots.append(overlay.opts(title=f"{PROBE_NAMES[probe]} @ {position}", ylim=(0.4, 1.0), width=330,
+                                      xticks=layers[::max(1, len(layers) // 10)],  # whole layers only
                                       height=250, legend_position="bottom_right", show_grid=True, xlabel="layer",
                                       ylabel="AUROC"))
     return hv.Layout(plots).cols(3).opts(shared_axes=False)
 
 
+def merge_identical_curves(part: pd.DataFrame, key: str, x: str, y: str) -> list[tuple[str, pd.DataFrame]]:
+    """(label, rows) per distinct curve of ``part`` (one curve per value of ``key``): scores whose (x, y) points
+    are identical become one curve labelled "a = b", so no curve hides another."""
+    merged: dict[bytes, tuple[list[str], pd.DataFrame]] = {}
+    for name in part[key].unique():
+        rows = part[part[key] == name]
+        signature = rows[[x, y]].to_numpy(dtype=float).round(12).tobytes()
+        merged.setdefault(signature, ([], rows))[0].append(str(name))
+    return [(" = ".join(names), rows) for names, rows in merged.values()]
+
+
+def _area(curve: pd.DataFrame) -> float:
+    """The area under a drawn ROC curve (trapezoids over its stored points): the AUROC the legend shows."""
+    rows = curve.sort_values(["fpr", "tpr"])
+    return float(np.trapezoid(rows["tpr"].to_numpy(float), rows["fpr"].to_numpy(float)))
+
+
 def draw_roc(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
-    """ROC curves of every score, one panel per split, with the chance diagonal."""
+    """ROC curves of every score, one panel per split, with the chance diagonal; identical curves merged."""
     plots, colours = [], _score_colours(frame["score"].unique())
     for split in ("test", "ood"):
         part = frame[frame["split"] == split]
-        curves = [hv.Curve(part[part["score"] == score], "fpr", "tpr", label=score).opts(color=colours[score])
-                  for score in part["score"].unique()]
+        curves = [hv.Curve(rows, "fpr", "tpr", label=f"{label} (AUROC {_area(rows):.3f})").opts(
+                      color=colours[label.split(" = ")[0]])
+                  for label, rows in merge_identical_curves(part, "score", "fpr", "tpr")]
         diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
         plots.append(hv.Overlay([diagonal, *curves]).opts(
             title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
@@ -791,6 +846,7 @@ class ResultsView(pn.viewable.Viewer):
         return pn.param.ParamMethod(self._content, lazy=True, sizing_mode="stretch_width")
 
     def _content(self):
+        """The tables at once, each plot a spinner saying what it draws until its figure is ready."""
         parts = [pn.pane.Markdown(
             "Every score is oriented so that higher means *this run is more likely wrong*; the positive class is "
             "an **incorrect** run. CIs are 95% bootstrap intervals over questions. These come from the `evaluate` "
@@ -804,9 +860,55 @@ class ResultsView(pn.viewable.Viewer):
         except MissingArtifact as missing:
             parts.append(notice(str(missing)))
         parts += [self._stability(), self._cost()]
+        sections = []
         for plot in self.plots:
-            parts.append(self._section(plot, settings))
+            heading = pn.pane.HTML(f"<h4>{html.escape(plot.title)}</h4>{html.escape(plot.caption)}",
+                                   sizing_mode="stretch_width")
+            waiting = pn.Row(pn.indicators.LoadingSpinner(value=True, size=24, width=24, height=24),
+                             pn.pane.HTML(f"<i>Drawing {html.escape(plot.title)}...</i>"),
+                             css_classes=["results-loading"])
+            sections.append(pn.Column(heading, waiting, sizing_mode="stretch_width"))
+        parts += sections
+        self._draw_later(list(zip(self.plots, sections)), settings)
         return pn.Column(*parts, sizing_mode="stretch_width")
+
+    def _draw_later(self, sections: list, settings: EvaluateSettings | None) -> None:
+        """Fill each section with its figure: in a worker thread (HoloViews renders the Bokeh figure there, so
+        neither this page nor any other session's waits on the event loop), one section at a time as each is
+        ready; without a server (a script or a test), right away."""
+        if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
+            for plot, section in sections:
+                section[1] = self.draw(plot, settings)
+            return
+
+        async def fill() -> None:
+            import asyncio
+
+            for plot, section in sections:
+                try:
+                    figure = await asyncio.to_thread(self._render, plot, settings)
+                except Exception:
+                    log.exception("drawing %s", plot.title)
+                    raise
+                section[1] = figure if isinstance(figure, pn.viewable.Viewable) else pn.pane.Bokeh(
+                    figure, sizing_mode="stretch_width")
+
+        pn.state.execute(fill)
+
+    def draw(self, plot: ResultPlot, settings: EvaluateSettings | None):
+        """The HoloViews pane of ``plot``, or a notice when its table is missing or holds nothing to draw."""
+        try:
+            return pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings),
+                                     sizing_mode="stretch_width")
+        except (MissingArtifact, NothingToDraw) as missing:
+            return notice(str(missing))
+
+    def _render(self, plot: ResultPlot, settings: EvaluateSettings | None):
+        """``plot`` rendered to a Bokeh model (no document yet: safe off the event loop), or a notice."""
+        try:
+            return hv.render(plot.draw(load_plot_table(self.root, plot.table), settings), backend="bokeh")
+        except (MissingArtifact, NothingToDraw) as missing:
+            return notice(str(missing))
 
     def _stability(self):
         heading = _subheading("Stability: AUROC across seeds",
@@ -835,28 +937,53 @@ class ResultsView(pn.viewable.Viewer):
         facts = [f"{_split_name(split)}: {entry.n_runs:,} runs of {entry.n_questions:,} questions, "
                  f"{entry.accuracy:.1%} correct"
                  for split, entry in metrics.summary.items() if entry.accuracy is not None]
-        table = metrics_table(metrics)
+        ranked, other = ranked_scores(metrics)
+        scores = list(ranked["score"]) if len(ranked) else []
+        reference = pn.widgets.Select(name="AUROC difference against", options=scores, width=260,
+                                      value=DEFAULT_REFERENCE if DEFAULT_REFERENCE in scores else
+                                      (scores[0] if scores else None), css_classes=["reference-score"])
+        table = pn.widgets.Tabulator(ranked_scores(metrics, reference.value)[0], disabled=True, show_index=False,
+                                     selectable=False, sizing_mode="stretch_width", layout="fit_data_table",
+                                     frozen_columns=["score"], widths={"meaning": 260}, css_classes=["metrics-table"])
+        table.style.apply(_highlight_best, axis=1)
+        reference.param.watch(lambda event: setattr(table, "value", ranked_scores(metrics, event.new)[0]), "value")
+        others = _small_table(other, "other-labels-table")
         return pn.Column(
-            pn.pane.HTML("<h4>AUROC / AUPRC for flagging incorrect runs</h4>" + html.escape("; ".join(facts))),
-            pn.widgets.Tabulator(table, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
-                                 layout="fit_data_table", frozen_columns=["score"], css_classes=["metrics-table"]),
+            pn.pane.HTML("<h4>AUROC / AUPRC for flagging incorrect runs</h4>" + html.escape("; ".join(facts)) +
+                         "<br><small>Best test AUROC first (highlighted). ΔAUROC: each score's AUROC minus the "
+                         "reference's, with the paired question-bootstrap CI where evaluate.json has it.</small>",
+                         sizing_mode="stretch_width"),
+            pn.Row(reference, _csv_button(lambda: table.value, "scores.csv")),
+            table,
             pn.pane.HTML(f"<small>{html.escape(SELECTIVE_LEGEND)}</small>", sizing_mode="stretch_width"),
+            _subheading("Scores of other labels",
+                        "Each scored for its own label (e.g. the SE probe flagging high-SE questions), so not "
+                        "comparable with the scores above."),
+            pn.Row(_csv_button(lambda: other, "other_labels.csv")), others,
             _subheading("Calibration of the accuracy probes' P(correct)",
                         "ECE and Brier score: lower is better, 0 = perfect."),
+            pn.Row(_csv_button(lambda: calibration_table(metrics), "calibration.csv")),
             _small_table(calibration_table(metrics), "calibration-table"),
             _subheading("SE regression probe",
                         "Spearman correlation of the predicted with the true SE: higher is better, 1 = same ranking."),
+            pn.Row(_csv_button(lambda: se_regression_table(metrics), "se_regression.csv")),
             _small_table(se_regression_table(metrics), "se-regression-table"),
             sizing_mode="stretch_width")
 
-    def _section(self, plot: ResultPlot, settings: EvaluateSettings | None):
-        heading = pn.pane.HTML(f"<h4>{html.escape(plot.title)}</h4>{html.escape(plot.caption)}",
-                               sizing_mode="stretch_width")
-        try:
-            drawn = pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings))
-        except (MissingArtifact, NothingToDraw) as missing:
-            drawn = notice(str(missing))
-        return pn.Column(heading, drawn, sizing_mode="stretch_width")
+
+DEFAULT_REFERENCE = "semantic_entropy"  # the score the others are compared with until the user picks another
+
+
+def _highlight_best(row: pd.Series) -> list[str]:
+    """Tabulator styles: the first row (the best test AUROC, as ranked_scores sorts) bold on green."""
+    return ["font-weight: bold; background-color: #e3f4e1" if row.name == 0 else "" for _ in row.index]
+
+
+def _csv_button(frame: Callable[[], pd.DataFrame], filename: str) -> pn.widgets.FileDownload:
+    """A button downloading ``frame()`` (called on click) as ``filename``."""
+    return pn.widgets.FileDownload(callback=lambda: io.StringIO(frame().to_csv(index=False)), filename=filename,
+                                   label=f"CSV: {filename}", button_type="light", width=200,
+                                   css_classes=["results-csv"])
 
 
 # ---- experiments ----------------------------------------------------------------------------------------------
