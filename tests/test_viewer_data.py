@@ -146,24 +146,31 @@ def test_ranked_scores_sort_compare_and_keep_other_labels_apart(project):
     assert list(other["score"]) == [score.name for score in registry.SCORES if score.label != "incorrect"]
     by_score = ranked.set_index("score")
     assert by_score.loc["semantic_entropy", "test ΔAUROC vs semantic_entropy"] == "reference"
-    expected = metrics.splits["test"]["accuracy_probe"].auroc - metrics.splits["test"]["semantic_entropy"].auroc
-    assert by_score.loc["accuracy_probe", "test ΔAUROC vs semantic_entropy"] == f"{expected:+.3f} (no CI)"
+    assert by_score.loc["accuracy_probe", "test ΔAUROC vs semantic_entropy"] == "+0.050 (+0.010 to +0.090)"  # paired
+    paired = {pair for pair in registry.PAIRED_COMPARISONS if "semantic_entropy" in pair}
+    unpaired = [score for score in by_score.index if score != "semantic_entropy"
+                and (score, "semantic_entropy") not in paired and ("semantic_entropy", score) not in paired]
+    assert unpaired, "the synthetic run needs a score without a paired difference against SE"
+    score = unpaired[0]
+    expected = metrics.splits["test"][score].auroc - metrics.splits["test"]["semantic_entropy"].auroc
+    assert by_score.loc[score, "test ΔAUROC vs semantic_entropy"] == f"{expected:+.3f} (no CI)"
     assert list(ranked.columns)[-1] == "meaning"
 
 
-def test_paired_differences_are_read_when_present_and_ignored_when_odd():
+def test_paired_differences_are_read_in_both_orders_and_undefined_ones_left_out():
     from types import SimpleNamespace
 
-    report = SimpleNamespace(paired_differences={"test": [
-        {"score_a": "se_probe", "score_b": "semantic_entropy", "metric": "auroc", "difference": 0.05,
-         "ci_low": 0.01, "ci_high": 0.09},
-        {"score_a": "x", "metric": "auroc"},  # malformed: skipped
-        "junk"]})
+    from stages.lib.schema import PairedDifferenceMetrics
+
+    def entry(a, b, difference, low, high):
+        return PairedDifferenceMetrics(a=a, b=b, label=f"{a} - {b}", split="test", difference=difference, ci_low=low,
+                                       ci_high=high, p_value=0.2, bootstrap_resamples_used=100, note=None)
+    report = SimpleNamespace(paired_differences=[entry("se_probe", "semantic_entropy", 0.05, 0.01, 0.09),
+                                                 entry("accuracy_probe", "se_probe", None, None, None)])
     found = viewer_data.paired_differences(report)
     assert found[("test", "se_probe", "semantic_entropy")] == (0.05, 0.01, 0.09)
     assert found[("test", "semantic_entropy", "se_probe")] == (-0.05, -0.09, -0.01)
     assert len(found) == 2
-    assert viewer_data.paired_differences(SimpleNamespace(paired_differences=None)) == {}
 
 
 def test_identical_roc_curves_are_merged():

@@ -57,9 +57,8 @@ POSITIONS = {"tbg": 0.0, "think_50": 0.5, "think_end": 1.0, "slt": None}  # trac
 # The registry's scores of incorrect runs (ROC, risk-coverage, stability rows) and its calibrated ones.
 INCORRECT_SCORES = tuple(score.name for score in registry.scores(label="incorrect"))
 CALIBRATED = tuple(score.name for score in registry.calibrated())
-PATHS = {"toy_model": "artifacts/toy_model", "questions": "data/questions", "runs": "data/runs",
-         "semantic_entropy": "data/semantic_entropy", "hidden": "artifacts/hidden", "probes": "artifacts/probes",
-         "metrics": "artifacts/metrics", "plots": "artifacts/plots", "analysis": "artifacts/analysis"}
+# The repository's own `paths:`, so a new output path cannot leave the synthetic project behind.
+PATHS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["paths"]
 
 
 def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int = 0,

@@ -285,31 +285,15 @@ def score_label(metrics: EvaluateReport, score: str) -> str:
 
 
 def paired_differences(metrics: EvaluateReport) -> dict[tuple[str, str, str], tuple[float, float, float]]:
-    """evaluate.json's paired AUROC differences, where it has them, read defensively (the field is newer than
-    most runs): {(split, score, reference): (difference, ci_low, ci_high)} for every entry shaped like
-    ``{"score_a", "score_b", "metric": "auroc", "difference", "ci_low", "ci_high"}`` under
-    ``paired_differences[split]`` (a list, or a dict of such entries); anything else is skipped, and a run without
-    the field gives {}."""
-    raw = getattr(metrics, "paired_differences", None)
-    extra = getattr(metrics, "model_extra", None)
-    if raw is None and extra:
-        raw = extra.get("paired_differences")
+    """evaluate.json's paired AUROC differences (``schema.PairedDifferenceMetrics``, paired question-level
+    bootstrap): {(split, score, reference): (difference, ci_low, ci_high)}, in both orders (b - a is the negated,
+    flipped interval). Undefined differences (a single-class split) are left out."""
     found: dict[tuple[str, str, str], tuple[float, float, float]] = {}
-    if not isinstance(raw, dict):
-        return found
-    for split, entries in raw.items():
-        entries = entries.values() if isinstance(entries, dict) else entries
-        for entry in entries if isinstance(entries, (list, tuple, type({}.values()))) else []:
-            entry = entry.model_dump() if hasattr(entry, "model_dump") else entry
-            if not isinstance(entry, dict) or entry.get("metric", "auroc") != "auroc":
-                continue
-            try:
-                values = tuple(float(entry[key]) for key in ("difference", "ci_low", "ci_high"))
-                found[(str(split), str(entry["score_a"]), str(entry["score_b"]))] = values
-                found[(str(split), str(entry["score_b"]), str(entry["score_a"]))] = (-values[0], -values[2],
-                                                                                     -values[1])
-            except (KeyError, TypeError, ValueError):
-                continue
+    for entry in metrics.paired_differences:
+        if entry.difference is None or entry.ci_low is None or entry.ci_high is None:
+            continue
+        found[(entry.split, entry.a, entry.b)] = (entry.difference, entry.ci_low, entry.ci_high)
+        found[(entry.split, entry.b, entry.a)] = (-entry.difference, -entry.ci_high, -entry.ci_low)
     return found
 
 
