@@ -55,8 +55,10 @@ def test_generate_declares_what_is_sampled_and_not_the_machine_knobs():
     assert covered("seed", declared) and covered("model.name", declared)
 
 
-# forced_answers decodes with the generation backend, so it reads which backend and what vLLM computes (not how to sample)
-DECODING_KNOBS = ["sampling.backend", "sampling.vllm.max_model_len", "sampling.vllm.dtype", "sampling.vllm.entropy_top_n"]
+# forced_answers decodes with the generation backend, so it reads which backend and what vLLM computes
+# (not how to sample)
+DECODING_KNOBS = ["sampling.backend", "sampling.vllm.max_model_len", "sampling.vllm.dtype",
+                  "sampling.vllm.entropy_top_n"]
 
 
 def test_only_generate_reads_sampling_knobs_beyond_k():

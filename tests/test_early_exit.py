@@ -154,7 +154,8 @@ def outcomes(forced_correct, full_correct, question_id=None, reasoning_tokens=No
     kept = np.round(np.outer(reasoning_tokens, np.asarray(prefixes) / 100)).astype(int)
     values = dict(question_id=np.arange(n).astype(str) if question_id is None else np.asarray(question_id),
                   run_id=np.zeros(n, int), prefixes=prefixes, forced_correct=forced_correct,
-                  forced_answer=np.full((n, m), "1", dtype=object), forced_tokens=kept + 1 + 5, trial_tokens=np.full((n, m), 5),
+                  forced_answer=np.full((n, m), "1", dtype=object), forced_tokens=kept + 1 + 5,
+                  trial_tokens=np.full((n, m), 5),
                   reasoning_kept=kept, mean_logprob=np.full((n, m), -0.1), mean_entropy=np.full((n, m), 0.5),
                   reasoning_tokens=reasoning_tokens, full_correct=np.asarray(full_correct, dtype=bool),
                   full_tokens=reasoning_tokens + 10)

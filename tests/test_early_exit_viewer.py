@@ -41,8 +41,10 @@ def project(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
     rng = np.random.default_rng(0)
     splits = {split: outcomes(rng.random((60, 3)) < [0.3, 0.6, 0.95], np.ones(60, dtype=bool),
-                              question_id=np.repeat(np.arange(20), 3).astype(str)) for split in ("train", "val", "test", "ood")}
-    probe_p = {split: np.clip(data.forced_correct + rng.normal(0, 0.3, (60, 3)), 0, 1) for split, data in splits.items()}
+                              question_id=np.repeat(np.arange(20), 3).astype(str))
+              for split in ("train", "val", "test", "ood")}
+    probe_p = {split: np.clip(data.forced_correct + rng.normal(0, 0.3, (60, 3)), 0, 1)
+               for split, data in splits.items()}
     rules, pareto = evaluate_rules(splits, probe_p, 0.2, 0.2, 10, 20, 0.9, 0)
     report = EarlyExitReport.model_validate({
         "settings": EarlyExitSettings(method="Learn-then-Test", loss="harm", epsilon=0.2, delta=0.2,
@@ -103,3 +105,21 @@ def test_a_missing_output_names_the_stage(project, tmp_path):
     shutil.copy(project / "params.yaml", tmp_path / "params.yaml")
     with pytest.raises(SchemaError, match="early_exit"):
         load_early_exit(tmp_path)
+
+
+def test_the_app_tab_says_what_to_run_when_the_stages_have_not_run(tmp_path):
+    from viewer.app import early_exit_section
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    section = early_exit_section(tmp_path)
+    assert "No early-exit results" in section.object and "dvc repro" in section.object
+
+
+def test_the_run_summary_escapes_model_text(project):
+    import html as html_module
+
+    from viewer.early_exit import run_summary
+    runs = load_early_exit(project).runs.copy()
+    runs.loc[0, "answer"] = '<img src=x onerror="alert(1)">'
+    summary = run_summary(runs, runs.loc[0, "dataset"], runs.loc[0, "question_id"], int(runs.loc[0, "run_id"]))
+    assert "<img" not in summary and html_module.escape('<img src=x onerror="alert(1)">') in summary
+    assert run_summary(runs, "id", "no such question", 0) == ""

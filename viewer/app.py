@@ -18,6 +18,8 @@ from pathlib import Path
 import panel as pn
 
 import viewer
+from viewer.early_exit import early_exit_view
+from stages.lib.schema import SchemaError
 from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
 from viewer.views import (
     ExperimentsView,
@@ -73,13 +75,28 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
             sizing_mode="stretch_width")),
         ("Results", ResultsView(root=Path(root))),
         ("Experiments", experiments),
+        ("Early exit", pn.Column(sizing_mode="stretch_width")),
         dynamic=True, sizing_mode="stretch_width")
-    # `dvc exp show` takes seconds: ask only once someone opens the tab.
-    experiments_tab = 2
-    tabs.param.watch(lambda event: experiments.load_once() if event.new == experiments_tab else None, "active")
+    # `dvc exp show` takes seconds, the forced answers a few: read each only once someone opens its tab.
+    experiments_tab, early_exit_tab = 2, 3
+
+    def on_tab(event) -> None:
+        if event.new == experiments_tab:
+            experiments.load_once()
+        elif event.new == early_exit_tab and not tabs[early_exit_tab].objects:
+            tabs[early_exit_tab].append(early_exit_section(Path(root)))
+    tabs.param.watch(on_tab, "active")
     template.sidebar.append(FilterPanel(store=store))
     template.main.append(tabs)
     return template
+
+
+def early_exit_section(root: Path) -> pn.viewable.Viewable:
+    """The early-exit tab (viewer/early_exit.py), or what to run when its stages have not run."""
+    try:
+        return early_exit_view(root)
+    except (SchemaError, FileNotFoundError) as missing:
+        return notice(f"No early-exit results to show. {missing}")
 
 
 def warm_up(root: Path = PROJECT_ROOT) -> None:

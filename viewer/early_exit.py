@@ -10,6 +10,7 @@ through ``<root>/params.yaml`` ``paths:``; nothing is recomputed. ``load_early_e
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,15 @@ def operating_points(report: EarlyExitReport, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def run_summary(runs: pd.DataFrame, dataset: str, question_id: str, run_id: int) -> str:
+    """One line of HTML on a run's full reasoning: its answer (model text, escaped), right or wrong, its tokens."""
+    full = runs[(runs["dataset"] == dataset) & (runs["question_id"] == question_id) & (runs["run_id"] == run_id)]
+    if full.empty:
+        return ""
+    return (f"full reasoning: answer <code>{html.escape(str(full['answer'].iloc[0]))}</code> "
+            f"({'right' if full['correct'].iloc[0] else 'wrong'}), {int(full['n_generated'].iloc[0])} tokens")
+
+
 def early_exit_view(root: str | Path) -> pn.viewable.Viewable:
     """The page section: split and rule pickers, the Pareto curve, the operating points, and a run picker with
     that run's forced answers at each prefix."""
@@ -133,18 +143,15 @@ def early_exit_view(root: str | Path) -> pn.viewable.Viewable:
 
     def table(label):
         dataset, question_id, run_id = labels[label]
-        full = data.runs[(data.runs["dataset"] == dataset) & (data.runs["question_id"] == question_id)
-                         & (data.runs["run_id"] == run_id)]
-        summary = "" if full.empty else (f"full reasoning: answer `{full['answer'].iloc[0]}` "
-                                         f"({'right' if full['correct'].iloc[0] else 'wrong'}), "
-                                         f"{int(full['n_generated'].iloc[0])} tokens")
-        return pn.Column(pn.pane.Markdown(summary),
+        summary = run_summary(data.runs, dataset, question_id, run_id)
+        return pn.Column(pn.pane.HTML(summary, disable_math=True),
                          pn.widgets.Tabulator(forced_answer_table(data.forced, question_id, run_id, dataset),
                                               disabled=True, show_index=False))
 
     settings = data.report.settings
     header = pn.pane.Markdown(f"**{settings.method}**; epsilon = {settings.epsilon}, delta = {settings.delta}, "
-                              f"{settings.n_calibration_questions} calibration questions ({settings.calibration_split})")
+                              f"{settings.n_calibration_questions} calibration questions "
+                              f"({settings.calibration_split})")
     points = pn.bind(lambda s: pn.widgets.Tabulator(operating_points(data.report, s), disabled=True,
                                                     show_index=False), split)
     return pn.Column(header, pn.Row(split, rules), pn.bind(curve, split, rules), points, run, pn.bind(table, run))

@@ -139,7 +139,8 @@ def agreement_streak(answers: np.ndarray) -> np.ndarray:
     n, m = answers.shape
     streak = np.zeros((n, m), dtype=np.int64)
     for j in range(1, m):
-        same = np.array([bool(a) and answers_equivalent(str(a), str(b)) for a, b in zip(answers[:, j], answers[:, j - 1])],
+        same = np.array([bool(a) and answers_equivalent(str(a), str(b))
+                         for a, b in zip(answers[:, j], answers[:, j - 1])],
                         dtype=bool)
         streak[:, j] = np.where(same, streak[:, j - 1] + 1, 0)
     return streak
@@ -430,7 +431,8 @@ def stopping_probe_choices(probes: list[StoppingProbe], outcomes: dict[str, Pref
     for information only, its val AUROC."""
     return {probe.position: StoppingProbeChoice(
         position=probe.position, layer=probe.layer, C=None if probe.probe is None else float(probe.probe.C_),
-        train_cv_auroc=probe.train_cv_auroc, val_auroc=auroc(outcomes["val"].forced_correct[:, j], p_correct["val"][:, j]),
+        train_cv_auroc=probe.train_cv_auroc,
+        val_auroc=auroc(outcomes["val"].forced_correct[:, j], p_correct["val"][:, j]),
         train_accuracy=float(outcomes["train"].forced_correct[:, j].mean()) if outcomes["train"].n_runs else 0.0,
         constant=probe.probe is None) for j, probe in enumerate(probes)}
 
