@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage, write_table
-from stages.lib.models import load_model, prompt_ids, think_tokens
+from stages.lib.models import format_prompt, load_model, prompt_ids, think_tokens
 from stages.lib.params import load_params
 from stages.lib.questions import load_questions
 from stages.lib.runs import build_run_records
@@ -38,17 +38,19 @@ def main() -> None:
         tokenizer, eos_ids = vllm.tokenizer, vllm.eos_ids
     else:
         model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device,
-                                      params.model.dtype)
+                                      params.model.dtype, params.model.revision)
         eos_ids, pad_id = eos_and_pad(model, tokenizer)
     think = think_tokens(tokenizer)
     if think.end_id is None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
     with cost_record(params.paths.metrics, "generate") as cost, atomic_path(params.paths.runs) as out_dir:
         out_dir.mkdir()
-        cost.update(backend=backend, sequences=0, tokens_generated=0, generate_calls=0)
+        cost.update(backend=backend, model=params.model.name, model_revision=params.model.revision, sequences=0,
+                    tokens_generated=0, generate_calls=0)
         for offset, dataset in enumerate(DATASETS):
             questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
-            prompts = [prompt_ids(tokenizer, q) for q in questions["question"]]
+            prompts = [prompt_ids(tokenizer, format_prompt(params.sampling.prompt_template, q))
+                       for q in questions["question"]]
             seed = params.seed + 1_000_003 * offset
             if backend == "vllm":
                 runs = vllm.sample(prompts, seed)

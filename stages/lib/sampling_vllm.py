@@ -116,9 +116,11 @@ def import_vllm():
 
 # ---- requests -----------------------------------------------------------------------------------------------
 
-def engine_kwargs(model_path: str, engine: VllmParams, seed: int) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for one engine per stage run."""
-    return dict(
+def engine_kwargs(model_path: str, engine: VllmParams, seed: int, revision: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for one engine per stage run; ``revision`` pins a Hub repo's weights and
+    tokenizer (``model.revision``)."""
+    pinned = {} if revision is None else {"revision": revision, "tokenizer_revision": revision}
+    return pinned | dict(
         model=model_path, dtype=engine.dtype, seed=seed,
         gpu_memory_utilization=float(engine.gpu_memory_utilization), max_num_seqs=engine.max_num_seqs,
         enforce_eager=engine.enforce_eager, tensor_parallel_size=engine.tensor_parallel_size,
@@ -143,7 +145,7 @@ def request_kwargs(sampling: SamplingParams, eos_ids: set[int], seed: int) -> di
     return dict(
         n=1 if greedy else sampling.runs,  # vLLM refuses n > 1 for greedy requests; the one run is repeated
         temperature=float(sampling.temp), top_p=1.0 if greedy else float(sampling.top_p),
-        top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        top_k=-1 if greedy or sampling.top_k is None else sampling.top_k, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
         max_tokens=sampling.max_new_tokens, stop_token_ids=sorted(eos_ids),
         logprobs=sampling.vllm.entropy_top_n, seed=seed,
         detokenize=False,  # build_run_records decodes the ids itself
@@ -238,9 +240,10 @@ def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], samplin
 
 # ---- the engine ---------------------------------------------------------------------------------------------
 
-def load_tokenizer(name: str, toy_model_dir: str | Path) -> tuple[str, PreTrainedTokenizerBase]:
+def load_tokenizer(name: str, toy_model_dir: str | Path,
+                   revision: str | None = None) -> tuple[str, PreTrainedTokenizerBase]:
     """(model path, tokenizer) without loading weights: vLLM loads those itself, on the GPU."""
-    source = model_source(name, toy_model_dir)  # fails fast, saying how to get it, when it cannot be loaded here
+    source = model_source(name, toy_model_dir, revision)  # fails fast, saying how to get it, when it cannot be loaded here
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
     except OSError as error:
@@ -275,9 +278,10 @@ class VllmGenerator:
     def open(cls, params: Params, vllm_module=None) -> VllmGenerator:
         """Start the engine on ``model.name``; ``vllm_module`` defaults to the installed ``vllm``."""
         vllm_module = vllm_module if vllm_module is not None else import_vllm()
-        path, tokenizer = load_tokenizer(params.model.name, params.paths.toy_model)
+        path, tokenizer = load_tokenizer(params.model.name, params.paths.toy_model, params.model.revision)
         eos_ids = stop_ids(path, tokenizer)
-        kwargs = engine_kwargs(path, params.sampling.vllm, params.seed)
+        revision = None if Path(path).exists() else params.model.revision  # a revision names a Hub commit only
+        kwargs = engine_kwargs(path, params.sampling.vllm, params.seed, revision)
         log.info("starting vLLM %s: %s", getattr(vllm_module, "__version__", "(version unknown)"), kwargs)
         return cls(vllm_module.LLM(**kwargs), vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids)
 
