@@ -9,6 +9,9 @@ no (batch, steps, vocab) score tensor is ever kept.
 
 ``sampling.backend: vllm`` (or ``auto`` on a CUDA host with vLLM installed) samples with vLLM instead
 (stages/lib/sampling_vllm.py); both backends return SampledRun lists, so ``build_run_records`` writes the same schema.
+
+A killed run resumes: the hf backend saves each finished generate() call under ``.dvc/tmp/generate-checkpoints/``
+and a rerun with the same params, questions and model reads them back (stages/lib/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from stages.lib.checkpoints import GenerationCheckpoints, generation_key
 from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage, write_table
 from stages.lib.models import format_prompt, load_model, prompt_ids, think_tokens
 from stages.lib.params import load_params
@@ -43,6 +47,8 @@ def main() -> None:
     think = think_tokens(tokenizer)
     if think.end_id is None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
+    question_files = [Path(params.paths.questions) / f"{dataset}.jsonl" for dataset in DATASETS]
+    checkpoints = GenerationCheckpoints(generation_key(params, question_files))
     with cost_record(params.paths.metrics, "generate") as cost, atomic_path(params.paths.runs) as out_dir:
         out_dir.mkdir()
         cost.update(backend=backend, model=params.model.name, model_revision=params.model.revision, sequences=0,
@@ -55,7 +61,8 @@ def main() -> None:
             if backend == "vllm":
                 runs = vllm.sample(prompts, seed)
             else:
-                runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed)
+                runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed, checkpoints=checkpoints,
+                                   dataset=dataset)
             frame = build_run_records(questions, prompts, runs, tokenizer, think)
             write_table(frame, out_dir / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
             if len(frame):
@@ -65,6 +72,8 @@ def main() -> None:
             cost["tokens_generated"] += int(frame["n_generated"].sum())
             cost["generate_calls"] += (int(len(prompts) > 0) if backend == "vllm"
                                        else -(-len(prompts) // questions_per_call(params.sampling)))
+        cost["calls_resumed"] = checkpoints.resumed
+    checkpoints.remove()  # the outputs are in place: nothing left to resume
 
 
 if __name__ == "__main__":

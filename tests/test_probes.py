@@ -72,7 +72,7 @@ def test_probes_follow_the_scikit_learn_estimator_api():
     probe = LogisticProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=7, label_name="correct", position="slt",
                           layer=3)
     params = probe.get_params()
-    assert params == {"c_grid": (0.1, 1.0), "cv_folds": 3, "max_iter": 1000, "random_state": 7,
+    assert params == {"c_grid": (0.1, 1.0), "cv_folds": 3, "max_iter": 1000, "random_state": 7, "dtype": "float64",
                       "label_name": "correct", "feature": "hidden_state", "position": "slt", "layer": 3,
                       "layer_end": None}
     assert not [name for name in vars(probe) if name.endswith("_")]  # the constructor only stores params
