@@ -59,7 +59,7 @@ def main() -> None:
                        for q in questions["question"]]
             seed = params.seed + 1_000_003 * offset
             if backend == "vllm":
-                runs = vllm.sample(prompts, seed)
+                runs = vllm.sample(prompts, seed, checkpoints, dataset)
             else:
                 runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed, checkpoints=checkpoints,
                                    dataset=dataset)
@@ -70,7 +70,7 @@ def main() -> None:
                          frame["correct"].mean(), frame["think_missing"].mean(), frame["truncated"].mean())
             cost["sequences"] += len(frame)
             cost["tokens_generated"] += int(frame["n_generated"].sum())
-            cost["generate_calls"] += (int(len(prompts) > 0) if backend == "vllm"
+            cost["generate_calls"] += (-(-len(prompts) // vllm.questions_per_call(len(prompts))) if backend == "vllm"
                                        else -(-len(prompts) // questions_per_call(params.sampling)))
         cost["calls_resumed"] = checkpoints.resumed
     checkpoints.remove()  # the outputs are in place: nothing left to resume

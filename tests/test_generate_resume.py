@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 import yaml
 
 from stages.lib.checkpoints import CHECKPOINT_ROOT, GenerationCheckpoints, generation_key
@@ -97,3 +99,44 @@ def test_stale_checkpoints_are_deleted_and_never_read(tmp_path):
     assert GenerationCheckpoints("old", root=tmp_path).load("id", 0)[0].generated_ids == [5, 6]
     new = GenerationCheckpoints("new", root=tmp_path)
     assert new.load("id", 0) is None and not (tmp_path / "old").exists()
+
+
+def test_a_failed_vllm_generate_resumes_from_its_finished_calls(tiny_lm_dir, tmp_path, monkeypatch):
+    """vLLM backend (the stand-in engine of test_vllm_backend) with checkpoint_questions = 2: an engine that dies
+    on its third call leaves two calls checkpointed; the rerun sends only the rest and writes the records of an
+    uninterrupted run."""
+    from test_vllm_backend import FAKE_VLLM, FakeLLM
+
+    from stages import generate
+    from stages.lib import sampling_vllm
+
+    raw = make_project(tmp_path, tiny_lm_dir)
+    raw["sampling"].update(backend="vllm", temp=1.0, top_p=1.0, max_new_tokens=6)
+    raw["sampling"]["vllm"].update(checkpoint_questions=2, entropy_top_n=5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sampling_vllm, "resolve_backend", lambda requested: "vllm")
+    monkeypatch.setattr(sampling_vllm, "import_vllm", lambda: FAKE_VLLM)
+    calls_per_dataset = -(-N_QUESTIONS // 2)
+
+    FakeLLM.instances.clear()
+    generate.main()
+    uninterrupted = pd.read_parquet(tmp_path / "runs" / "id.parquet")
+    assert len(FakeLLM.instances[0].received) == calls_per_dataset
+
+    class DyingLLM(FakeLLM):
+        def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+            if len(self.received) == 2:
+                raise RuntimeError("engine died")
+            return super().generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    monkeypatch.setattr(sampling_vllm, "import_vllm", lambda: SimpleNamespace(**{**vars(FAKE_VLLM), "LLM": DyingLLM}))
+    with pytest.raises(RuntimeError, match="engine died"):
+        generate.main()
+    assert len(list((tmp_path / CHECKPOINT_ROOT).glob("*/id-*.npz"))) == 2
+
+    monkeypatch.setattr(sampling_vllm, "import_vllm", lambda: FAKE_VLLM)
+    FakeLLM.instances.clear()
+    generate.main()
+    assert len(FakeLLM.instances[0].received) == calls_per_dataset - 2  # the two finished calls were read back
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "runs" / "id.parquet"), uninterrupted)

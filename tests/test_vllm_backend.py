@@ -46,7 +46,7 @@ EOS = 1
 def sampling(**overrides) -> SamplingParams:
     engine = overrides.pop("vllm", {})
     knobs = dict(gpu_memory_utilization=0.5, max_num_seqs=64, enforce_eager=True, tensor_parallel_size=1,
-                 max_model_len=None, dtype="float32", entropy_top_n=5)
+                 max_model_len=None, dtype="float32", checkpoint_questions=0, entropy_top_n=5)
     knobs.update(engine)
     values = dict(backend="vllm", runs=3, temp=1.0, top_p=1.0, max_new_tokens=8, batch_size=12,
                   vllm=VllmParams(**knobs))

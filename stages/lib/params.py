@@ -238,6 +238,10 @@ class VllmParams(Group):
     """Cap on prompt + generated tokens per sequence; null keeps the model's own context length."""
     dtype: VllmDtype
     """Weights and activations: ``auto`` (the checkpoint's own), ``bfloat16``, ``float16`` or ``float32``."""
+    checkpoint_questions: NonNegativeInt
+    """0: every question of a dataset in one ``llm.generate`` call (fastest; a killed run starts over). N: N
+    questions per call, each finished call checkpointed, so a killed run resumes (stages/lib/checkpoints.py); the
+    samples are the same either way (seeded per question), but each call's tail decodes below full concurrency."""
     entropy_top_n: PositiveInt
     """N: log-probs returned per step for the N most likely tokens. vLLM returns no full distribution, so
     ``token_entropies`` is a lower bound computed from these N plus one bucket for the remaining mass."""

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from stages.lib.checkpoints import GenerationCheckpoints
 from stages.lib.models import model_source
 from stages.lib.params import Params, ParamsError, SamplingParams, VllmParams
 from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
@@ -221,15 +222,18 @@ def runs_from_output(output, prompt: Sequence[int], sampling: SamplingParams, eo
 
 
 def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], sampling: SamplingParams,
-                     eos_ids: set[int], seed: int, progress: bool = True) -> list[list[SampledRun]]:
+                     eos_ids: set[int], seed: int, progress: bool = True,
+                     question_offset: int = 0) -> list[list[SampledRun]]:
     """K runs for every prompt from one ``llm.generate`` call; returns runs[question][k] in prompt order.
 
     ``llm`` is a ``vllm.LLM`` and ``sampling_params_cls`` is ``vllm.SamplingParams`` (or stand-ins with the same
-    interface, as in the tests).
+    interface, as in the tests). ``prompts`` are the dataset's questions ``question_offset`` onwards (their seeds
+    are those of their index in the dataset, so a dataset sent in chunks samples the same runs).
     """
     if not prompts:
         return []
-    requests = [sampling_params_cls(**request_kwargs(sampling, eos_ids, question_seed(seed, q, sampling.runs)))
+    requests = [sampling_params_cls(**request_kwargs(sampling, eos_ids,
+                                                     question_seed(seed, question_offset + q, sampling.runs)))
                 for q in range(len(prompts))]
     token_prompts = [{"prompt_token_ids": [int(t) for t in prompt]} for prompt in prompts]  # vllm.TokensPrompt
     outputs = llm.generate(token_prompts, sampling_params=requests, use_tqdm=progress)
@@ -285,9 +289,28 @@ class VllmGenerator:
         log.info("starting vLLM %s: %s", getattr(vllm_module, "__version__", "(version unknown)"), kwargs)
         return cls(vllm_module.LLM(**kwargs), vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids)
 
-    def sample(self, prompts: list[list[int]], seed: int) -> list[list[SampledRun]]:
-        runs = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts, self.sampling, self.eos_ids, seed,
-                                self.progress)
+    def questions_per_call(self, n_prompts: int) -> int:
+        """``sampling.vllm.checkpoint_questions``, or every prompt in one call when it is 0."""
+        return self.sampling.vllm.checkpoint_questions or max(n_prompts, 1)
+
+    def sample(self, prompts: list[list[int]], seed: int, checkpoints: GenerationCheckpoints | None = None,
+               dataset: str = "id") -> list[list[SampledRun]]:
+        """K runs per prompt; with ``checkpoint_questions`` > 0 and ``checkpoints``, in calls of that many
+        questions, each saved as it finishes and read back (not resampled) after a kill."""
+        per_call = self.questions_per_call(len(prompts))
+        keep = checkpoints if self.sampling.vllm.checkpoint_questions else None
+        runs: list[list[SampledRun]] = []
+        for call, start in enumerate(range(0, len(prompts), per_call)):
+            saved = keep.load(dataset, call) if keep is not None else None
+            if saved is None:
+                chunk = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts[start:start + per_call],
+                                         self.sampling, self.eos_ids, seed, self.progress, question_offset=start)
+                if keep is not None:
+                    keep.save(dataset, call, [run for question_runs in chunk for run in question_runs])
+            else:  # K runs per question, in question order
+                k = self.sampling.runs
+                chunk = [saved[i:i + k] for i in range(0, len(saved), k)]
+            runs.extend(chunk)
         log.info("vllm: %d questions x %d runs, entropy over the top %d log-probs (a lower bound)", len(runs),
                  self.sampling.runs, self.sampling.vllm.entropy_top_n)
         return runs
