@@ -152,11 +152,22 @@ def baseline_ratio(args, new_overrides: dict) -> dict:
         result[f"{method}_s"] = round(time.perf_counter() - started, 2)
         result[f"{method}_found_planted"] = found(trained, planted)
     result["ratio_exhaustive_over_screening"] = round(result["exhaustive_s"] / result["screening_s"], 2)
+    params = parse_params(repo_params(Path("/nonexistent"), new_overrides)).probes
+    for size, locations in (("baseline_size", len(positions) * len(layers)), ("full_size", args.positions * args.layers)):
+        result[f"location_fits_{size}"] = location_fit_counts(locations, params)
     full_locations = args.positions * args.layers
     per_location = result["exhaustive_s"] / (len(positions) * len(layers))
     result["exhaustive_full_size_estimate_s"] = round(
         per_location * full_locations * args.runs / args.baseline_runs)
     return result
+
+
+def location_fit_counts(locations: int, probes) -> dict[str, int]:
+    """Fits of the 3 location probes, cross-validation fits included: exhaustive (C x folds + 1 refit at every
+    location) against screening (1 per location, then C x folds + 1 at the N best); layer ranges not counted."""
+    per_cv = len(probes.c_grid) * probes.cv_folds + 1
+    screened = min(probes.screen_locations, locations)
+    return {"exhaustive": 3 * locations * per_cv, "screening": 3 * locations + 3 * screened * per_cv}
 
 
 # ---- 2. the stages at full size --------------------------------------------------------------------------
@@ -234,6 +245,7 @@ def main() -> None:
     parser.add_argument("--baseline-positions", type=int, default=2)
     parser.add_argument("--baseline-layers", type=int, default=2)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--baseline-only", action="store_true", help="only the same-process ratio")
     parser.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     args = parser.parse_args()
@@ -244,6 +256,8 @@ def main() -> None:
 
     if not args.skip_baseline:
         print(json.dumps({"baseline": baseline_ratio(args, overrides)}), flush=True)
+    if args.baseline_only:
+        return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
