@@ -9,6 +9,9 @@ no (batch, steps, vocab) score tensor is ever kept.
 
 ``sampling.backend: vllm`` (or ``auto`` on a CUDA host with vLLM installed) samples with vLLM instead
 (stages/lib/sampling_vllm.py); both backends return SampledRun lists, so ``build_run_records`` writes the same schema.
+
+A killed run resumes: the hf backend saves each finished generate() call under ``.dvc/tmp/generate-checkpoints/``
+and a rerun with the same params, questions and model reads them back (stages/lib/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from stages.lib.checkpoints import GenerationCheckpoints, generation_key
 from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage, write_table
-from stages.lib.models import load_model, prompt_ids, think_tokens
+from stages.lib.models import format_prompt, load_model, prompt_ids, think_tokens
 from stages.lib.params import load_params
 from stages.lib.questions import load_questions
 from stages.lib.runs import build_run_records
@@ -38,22 +42,27 @@ def main() -> None:
         tokenizer, eos_ids = vllm.tokenizer, vllm.eos_ids
     else:
         model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device,
-                                      params.model.dtype)
+                                      params.model.dtype, params.model.revision)
         eos_ids, pad_id = eos_and_pad(model, tokenizer)
     think = think_tokens(tokenizer)
     if think.end_id is None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
+    question_files = [Path(params.paths.questions) / f"{dataset}.jsonl" for dataset in DATASETS]
+    checkpoints = GenerationCheckpoints(generation_key(params, question_files))
     with cost_record(params.paths.metrics, "generate") as cost, atomic_path(params.paths.runs) as out_dir:
         out_dir.mkdir()
-        cost.update(backend=backend, sequences=0, tokens_generated=0, generate_calls=0)
+        cost.update(backend=backend, model=params.model.name, model_revision=params.model.revision, sequences=0,
+                    tokens_generated=0, generate_calls=0)
         for offset, dataset in enumerate(DATASETS):
             questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
-            prompts = [prompt_ids(tokenizer, q) for q in questions["question"]]
+            prompts = [prompt_ids(tokenizer, format_prompt(params.sampling.prompt_template, q))
+                       for q in questions["question"]]
             seed = params.seed + 1_000_003 * offset
             if backend == "vllm":
-                runs = vllm.sample(prompts, seed)
+                runs = vllm.sample(prompts, seed, checkpoints, dataset)
             else:
-                runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed)
+                runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed, checkpoints=checkpoints,
+                                   dataset=dataset)
             frame = build_run_records(questions, prompts, runs, tokenizer, think)
             write_table(frame, out_dir / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
             if len(frame):
@@ -61,8 +70,10 @@ def main() -> None:
                          frame["correct"].mean(), frame["think_missing"].mean(), frame["truncated"].mean())
             cost["sequences"] += len(frame)
             cost["tokens_generated"] += int(frame["n_generated"].sum())
-            cost["generate_calls"] += (int(len(prompts) > 0) if backend == "vllm"
+            cost["generate_calls"] += (-(-len(prompts) // vllm.questions_per_call(len(prompts))) if backend == "vllm"
                                        else -(-len(prompts) // questions_per_call(params.sampling)))
+        cost["calls_resumed"] = checkpoints.resumed
+    checkpoints.remove()  # the outputs are in place: nothing left to resume
 
 
 if __name__ == "__main__":

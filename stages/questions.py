@@ -19,8 +19,10 @@ def main() -> None:
     setup_logging()
     params = load_params()
     frames = {
-        "id": build_dataset("id", params.data.source, params.data.n_questions, params.seed, params.toy),
-        "ood": build_dataset("ood", params.data.ood_source, params.data.n_ood_questions, params.seed, params.toy),
+        "id": build_dataset("id", params.data.source, params.data.n_questions, params.seed, params.toy,
+                            params.data.revision),
+        "ood": build_dataset("ood", params.data.ood_source, params.data.n_ood_questions, params.seed, params.toy,
+                             params.data.revision),
     }
     with atomic_path(params.paths.questions) as directory:
         directory.mkdir(parents=True)

@@ -35,7 +35,8 @@ def main() -> None:
     params = load_params()
     if params.trace.backend == "nnsight":
         require_nnsight()  # before the model loads: a missing extra fails in a second, not after minutes
-    model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device, params.model.dtype)
+    model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device, params.model.dtype,
+                                  params.model.revision)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     traced = nnsight_model(model, tokenizer) if params.trace.backend == "nnsight" else model
     log.info("trace backend: %s", params.trace.backend)
@@ -54,7 +55,7 @@ def main() -> None:
             out.flush()
             del out
             meta = HiddenMeta(positions=list(positions), layers=layers, hidden_size=model.config.hidden_size,
-                              dtype="float16", model=params.model.name)
+                              dtype="float16", model=params.model.name, model_revision=params.model.revision)
             # the array as written, checked against its meta and index before the directory is renamed into place
             written = np.load(array_path, mmap_mode="r")
             validate_hidden(written, index, meta, array_path)

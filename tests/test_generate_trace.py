@@ -18,10 +18,12 @@ QUESTIONS = ["1+2", "12+7-5+3", "3-1", "20+20-7"]
 
 
 def sampling(**overrides) -> SamplingParams:
-    values = dict(backend="hf", runs=3, temp=1.0, top_p=1.0, max_new_tokens=12, batch_size=12,
+    values = dict(backend="hf", runs=3, temp=1.0, top_p=1.0, top_k=None, prompt_template="{question}",
+                  max_new_tokens=12, batch_size=12,
                   # read by the vllm backend only
                   vllm=VllmParams(gpu_memory_utilization=0.9, max_num_seqs=256, enforce_eager=False,
-                                  tensor_parallel_size=1, max_model_len=None, dtype="auto", entropy_top_n=20))
+                                  tensor_parallel_size=1, max_model_len=None, dtype="auto",
+                                  checkpoint_questions=0, entropy_top_n=20))
     values.update(overrides)
     return SamplingParams(**values)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from stages.lib.probes import (
     best_split_threshold,
     fit_location_probes,
     held_out_score,
+    location_features,
     median_threshold,
     probe_features,
     probe_score,
@@ -72,7 +74,7 @@ def test_probes_follow_the_scikit_learn_estimator_api():
     probe = LogisticProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=7, label_name="correct", position="slt",
                           layer=3)
     params = probe.get_params()
-    assert params == {"c_grid": (0.1, 1.0), "cv_folds": 3, "max_iter": 1000, "random_state": 7,
+    assert params == {"c_grid": (0.1, 1.0), "cv_folds": 3, "max_iter": 1000, "random_state": 7, "dtype": "float64",
                       "label_name": "correct", "feature": "hidden_state", "position": "slt", "layer": 3,
                       "layer_end": None}
     assert not [name for name in vars(probe) if name.endswith("_")]  # the constructor only stores params
@@ -360,7 +362,7 @@ def test_a_signal_split_over_two_layers_is_found_by_the_range_probe():
     location = fit_location_probes(hidden, train_rows, ["slt"], [0, 1, 2, 3], {"correct": labels[:240]},
                                    runs["question_id"][:240], **estimator)
     single = location[("correct", "slt", 1)]
-    params = type("P", (), {"max_layer_range": 0, **estimator})
+    params = type("P", (), {"max_layer_range": 0, "screen_locations": 0, "dtype": "float64", **estimator})
     probe, candidates, fitted = select_layer_range(runs, hidden, ["slt"], [0, 1, 2, 3], single, location,
                                                    {"train": labels[:240], "val": labels[240:]}, params, seed=0)
     assert fitted == 6 and len(candidates) == 10
@@ -375,3 +377,29 @@ def test_a_constant_feature_gives_a_ridge_probe_spearman_zero_not_a_crash():
     probe = RidgeProbe(c_grid=(0.1, 1.0), cv_folds=3, random_state=0).fit(
         np.ones((60, 3)), target, np.arange(60) // 3)  # e.g. the embedding of the same last prompt token
     assert probe.cv_scores_ == {0.1: 0.0, 1.0: 0.0} and probe_score(probe, np.ones((5, 3)), target[:5]) == 0.0
+
+
+def resident_kib() -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_reading_every_location_of_a_mapped_array_keeps_memory_at_one_location(tmp_path):
+    """Touched pages of a memory-mapped array stay resident until released: location_features releases them,
+    so reading all (position, layer) slices of a 160 MB array leaves resident memory far below 160 MB."""
+    path = tmp_path / "hidden.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1000, 4, 10, 2048))
+    array[:] = 1
+    array.flush()
+    del array
+    hidden = np.load(path, mmap_mode="r")
+    rows = np.arange(1000)
+    before = resident_kib()
+    for position in range(4):
+        for layer in range(10):
+            features = location_features(hidden, rows, position, layer)
+    assert features.shape == (1000, 2048) and features.dtype == np.float32
+    assert resident_kib() - before < 40_000  # one location is 4 MB as float16 (8 MB as float32); all are 160 MB
+    hidden[:, :, :, 0].astype(np.float32).sum()  # touches every page, copies 40k values; no release after it
+    assert resident_kib() - before > 120_000

@@ -129,8 +129,8 @@ def test_selection_round_trip():
 
 def test_hidden_meta_and_the_array_it_describes():
     meta = HiddenMeta(positions=["tbg", "slt"], layers=[0, 2], hidden_size=3, dtype="float16", model="toy")
-    assert list(json.loads(meta.to_json())) == ["positions", "layers", "hidden_size", "dtype", "model", "layer_0",
-                                                "layer_i"]
+    assert list(json.loads(meta.to_json())) == ["positions", "layers", "hidden_size", "dtype", "model",
+                                                "model_revision", "layer_0", "layer_i"]
     with pytest.raises(SchemaError, match=r"meta.json: field `positions`: .*repeated entry"):
         HiddenMeta.parse({**meta.model_dump(), "positions": ["slt", "slt"]}, "meta.json")
     with pytest.raises(SchemaError, match=r"meta.json: field `dtype`"):

@@ -466,3 +466,25 @@ def test_question_difficulty_and_answer_counts_by_hand():
                          "answer_source": ["truncated_in_think", "boxed", "none", "last_number_fallback", "boxed"]})
     assert answer_extraction(runs).model_dump() == {"n_runs": 5, "n_truncated": 2, "n_truncated_in_think": 1,
                                                     "n_no_answer": 1, "n_last_number_fallback": 1}
+
+
+def test_screening_cross_validates_only_the_best_locations_and_still_finds_the_signal(tmp_path):
+    """probes.screen_locations: every location fitted once at screen_c, C cross-validated at the N best on val
+    only, the chosen probe the best of those; layer ranges only through the chosen layer; float32 fits."""
+    params = make_params(tmp_path, screen_locations=2, screen_c=0.5, dtype="float32", c_grid=[0.01, 0.1, 1.0])
+    write_fixture(params)
+    trained = train_probes.run(params)
+    chosen = trained.selection.probes
+    assert (chosen["accuracy_probe"].position, chosen["accuracy_probe"].layer) == ("think_end", 2)
+    assert (chosen["se_probe"].position, chosen["se_probe"].layer) == ("slt", 1)
+    location = load_location_probes(params.paths.probes)
+    assert {probe.C_ for probe in location.values()} == {0.5}  # the screening fits, one C
+    accuracy = load_probes(params.paths.probes)[0]["accuracy"]
+    assert set(accuracy.cv_scores_) == {0.01, 0.1, 1.0} and accuracy.dtype == "float32"  # cross-validated
+    assert chosen["accuracy_probe"].C == accuracy.C_
+    for name in ("accuracy_range_probe", "se_range_probe"):
+        layer = chosen[name.replace("_range", "")].layer
+        assert all(c.layer <= layer <= c.layer_end for c in chosen[name].candidates)
+    # 3 labels x 9 screening fits, 3 labels x 2 cross-validated refits, the ranges through the chosen layers
+    n_ranges = sum(len(chosen[name].candidates) - 1 for name in ("accuracy_range_probe", "se_range_probe"))
+    assert trained.n_fitted == 3 * len(POSITIONS) * len(LAYERS) + 3 * 2 + n_ranges + 1

@@ -46,9 +46,10 @@ EOS = 1
 def sampling(**overrides) -> SamplingParams:
     engine = overrides.pop("vllm", {})
     knobs = dict(gpu_memory_utilization=0.5, max_num_seqs=64, enforce_eager=True, tensor_parallel_size=1,
-                 max_model_len=None, dtype="float32", entropy_top_n=5)
+                 max_model_len=None, dtype="float32", checkpoint_questions=0, entropy_top_n=5)
     knobs.update(engine)
-    values = dict(backend="vllm", runs=3, temp=1.0, top_p=1.0, max_new_tokens=8, batch_size=12,
+    values = dict(backend="vllm", runs=3, temp=1.0, top_p=1.0, top_k=None, prompt_template="{question}",
+                  max_new_tokens=8, batch_size=12,
                   vllm=VllmParams(**knobs))
     values.update(overrides)
     return SamplingParams(**values)
@@ -218,7 +219,7 @@ def test_every_run_of_every_question_gets_its_own_reproducible_seed():
 
 def test_engine_kwargs_carry_the_knobs():
     engine = VllmParams(gpu_memory_utilization=0.8, max_num_seqs=128, enforce_eager=False, tensor_parallel_size=2,
-                        max_model_len=4096, dtype="bfloat16", entropy_top_n=40)
+                        max_model_len=4096, dtype="bfloat16", checkpoint_questions=0, entropy_top_n=40)
     assert vb.engine_kwargs("Qwen/Qwen3-4B", engine, seed=3) == dict(
         model="Qwen/Qwen3-4B", dtype="bfloat16", seed=3, gpu_memory_utilization=0.8, max_num_seqs=128,
         enforce_eager=False, tensor_parallel_size=2, max_model_len=4096, max_logprobs=40,

@@ -282,6 +282,12 @@ def think_tokens(tokenizer: PreTrainedTokenizerBase) -> ThinkTokens:
     return ThinkTokens(single_id(THINK_START), single_id(THINK_END))
 
 
+def format_prompt(template: str, question: str) -> str:
+    """The user message of ``sampling.prompt_template``: its ``{question}`` replaced by ``question``, nothing else
+    interpreted (so ``\\boxed{}`` and other braces stay as written)."""
+    return template.replace("{question}", question)
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
     """Token ids of the prompt for ``question``: the chat template (thinking enabled) when there is one."""
     if tokenizer.chat_template:

@@ -31,6 +31,7 @@ TraceBackend = Literal["hf", "nnsight"]
 ModelDtype = Literal["float32", "float16", "bfloat16"]
 SemanticEntropyMethod = Literal["math", "nli", "cosine", "math+nli"]
 ThresholdMethod = Literal["best_split", "median"]
+FitDtype = Literal["float64", "float32"]
 
 GENERATION_BACKENDS = typing.get_args(GenerationBackend)
 VLLM_DTYPES = typing.get_args(VllmDtype)
@@ -203,6 +204,10 @@ class ModelParams(Group):
     bfloat16 is the usual choice on a GPU). Hidden states are stored as float16 either way."""
     device: Device
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available, else cpu; resolved and logged at stage start)."""
+    revision: Annotated[text(r"^\S+$", "") | None, Expected("null or a branch, tag or commit of the Hub repo")]
+    """The Hub revision (branch, tag or commit hash) of a repo id, passed to ``from_pretrained`` (and vLLM) and
+    recorded in the generate cost record and the hidden-state meta; null = the default branch. Pin a commit for a
+    run others can repeat. Ignored for ``toy``, local directories and ``.gguf`` files."""
 
 
 class DataParams(Group):
@@ -219,6 +224,8 @@ class DataParams(Group):
     """``arithmetic`` (harder chains), ``jsonl:<path>``, ``hf:gsm8k``, ``hf:math500`` or ``none``."""
     n_ood_questions: NonNegativeInt
     """Out-of-distribution questions (0 with ``ood_source: none``)."""
+    revision: Annotated[text(r"^\S+$", "") | None, Expected("null or a branch, tag or commit of the Hub dataset")]
+    """The Hub revision (branch, tag or commit hash) of the ``hf:`` sources' datasets; null = the default branch."""
 
 
 class VllmParams(Group):
@@ -236,6 +243,10 @@ class VllmParams(Group):
     """Cap on prompt + generated tokens per sequence; null keeps the model's own context length."""
     dtype: VllmDtype
     """Weights and activations: ``auto`` (the checkpoint's own), ``bfloat16``, ``float16`` or ``float32``."""
+    checkpoint_questions: NonNegativeInt
+    """0: every question of a dataset in one ``llm.generate`` call (fastest; a killed run starts over). N: N
+    questions per call, each finished call checkpointed, so a killed run resumes (stages/lib/checkpoints.py); the
+    samples are the same either way (seeded per question), but each call's tail decodes below full concurrency."""
     entropy_top_n: PositiveInt
     """N: log-probs returned per step for the N most likely tokens. vLLM returns no full distribution, so
     ``token_entropies`` is a lower bound computed from these N plus one bucket for the remaining mass."""
@@ -252,6 +263,13 @@ class SamplingParams(Group):
     """Sampling temperature; 0 is greedy (the K runs are then identical). The vllm backend accepts 0..2."""
     top_p: number(gt=0, le=1)
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    top_k: Annotated[integer(1) | None, Expected("null or an integer >= 1")]
+    """Sample among the k most likely tokens only (Qwen3 recommends 20); null = the backend's own default (hf: the
+    model's generation_config, 50 when it sets none; vllm: no top-k)."""
+    prompt_template: text(r"\{question\}", "a template containing `{question}`")
+    """The user message: ``{question}`` is replaced by the question text (nothing else in the template is
+    interpreted, so ``\\boxed{}`` is fine), then the chat template is applied. ``{question}`` alone = the bare
+    question."""
     max_new_tokens: integer(2)
     """Generated tokens per run at most (reasoning and answer together)."""
     batch_size: PositiveInt
@@ -322,6 +340,15 @@ class ProbeParams(Group):
     """lbfgs iterations per logistic-regression fit."""
     max_layer_range: integer(0, " (0 = ranges of any length)")
     """Longest contiguous range of traced layers concatenated by the layer-range probes (0 = any length)."""
+    screen_locations: integer(0, " (0 = cross-validate C at every location)")
+    """0: cross-validate C at every (position, layer) (exhaustive; cheap at the toy's shapes). N > 0: fit every
+    location once at ``screen_c`` on train, rank the locations on val, cross-validate C only at the N best of each
+    probe and keep the best of those on val; layer ranges are then searched only through the chosen layer."""
+    screen_c: number(gt=0)
+    """The one C of the screening fits (``screen_locations`` > 0)."""
+    dtype: FitDtype
+    """``float64`` or ``float32``: the floating type of every probe fit (float32 is about twice as fast at a real
+    model's width; the stored weights are float64 either way)."""
 
     @model_validator(mode="after")
     def _room_for_test(self) -> "ProbeParams":

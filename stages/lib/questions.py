@@ -190,30 +190,34 @@ def hub_unreachable_error(spec: str, dataset: HubDataset, reason: str) -> Questi
         f"already in the datasets cache.")
 
 
-def hub_unreachable_reason(dataset: HubDataset, endpoint: str | None = None) -> str | None:
+def hub_unreachable_reason(dataset: HubDataset, endpoint: str | None = None,
+                           revision: str | None = None) -> str | None:
     """Why the Hub did not answer a metadata request for ``dataset`` (huggingface_hub's session and timeout, so
     ``HF_ENDPOINT`` and the proxy variables apply); None when it did. See stages/lib/hub.py."""
-    return hub.unreachable_reason(dataset.repo_id, repo_type="dataset", endpoint=endpoint)
+    return hub.unreachable_reason(dataset.repo_id, repo_type="dataset", revision=revision, endpoint=endpoint)
 
 
-def hub_questions(spec: str, dataset: HubDataset, n: int) -> tuple[list[tuple[str, str, str]], list[int | None]]:
-    """The first ``n`` questions of a ``hf:`` source, loaded with ``datasets``, and their ``record_level``.
+def hub_questions(spec: str, dataset: HubDataset, n: int,
+                  revision: str | None = None) -> tuple[list[tuple[str, str, str]], list[int | None]]:
+    """The first ``n`` questions of a ``hf:`` source (at ``revision``), loaded with ``datasets``, and their
+    ``record_level``.
 
     The ``datasets`` client retries a failed connection for about 25 s; one metadata request first makes an
     unreachable Hub fail at once (and a dataset the Hub does not have fail with its name). Under
     ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) nothing is asked and ``datasets`` reads only its cache.
+    ``revision`` (``data.revision``) pins the dataset's branch, tag or commit.
     """
     import datasets  # imported here: a second of start-up that the arithmetic and jsonl sources do not need
 
     if not datasets.config.HF_HUB_OFFLINE:
         try:
-            reason = hub_unreachable_reason(dataset)
+            reason = hub_unreachable_reason(dataset, revision=revision)
         except hub.HubRepoError as error:
             raise QuestionSourceError(f"data source `{spec}`: {error}") from None
         if reason is not None:
             raise hub_unreachable_error(spec, dataset, reason)
     try:
-        rows = datasets.load_dataset(dataset.repo_id, dataset.config, split=dataset.split)
+        rows = datasets.load_dataset(dataset.repo_id, dataset.config, split=dataset.split, revision=revision)
     except ConnectionError as error:  # what datasets raises offline: "Couldn't reach '<repo>' on the Hub (...)"
         raise hub_unreachable_error(spec, dataset, str(error)) from error
     log.info("%s: loaded %s (split %s): %d rows", spec, dataset.repo_id, dataset.split, len(rows))
@@ -274,8 +278,8 @@ def load_questions(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def build_dataset(dataset: str, spec: str, n: int, seed: int, toy) -> pd.DataFrame:
-    """Questions of one dataset (``id`` or ``ood``) from source ``spec``."""
+def build_dataset(dataset: str, spec: str, n: int, seed: int, toy, revision: str | None = None) -> pd.DataFrame:
+    """Questions of one dataset (``id`` or ``ood``) from source ``spec``; ``revision`` pins a ``hf:`` source."""
     kind, where = parse_source(spec)  # where: the JSONL file, or the HubDataset of a `hf:` source
     if kind == "none":
         if dataset == "id":
@@ -286,7 +290,7 @@ def build_dataset(dataset: str, spec: str, n: int, seed: int, toy) -> pd.DataFra
         rows = arithmetic_questions(dataset, n, seed, toy.min_terms, toy.max_terms, toy.max_operand,
                                     toy.ood_max_terms, toy.ood_max_operand)
     elif kind == "hf":
-        rows, levels = hub_questions(spec, where, n)
+        rows, levels = hub_questions(spec, where, n, revision)
     elif kind == "jsonl":
         rows, levels = jsonl_questions(where, n), jsonl_levels(where, n)
     if dataset == "id" and not rows:

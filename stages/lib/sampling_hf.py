@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from stages.lib.checkpoints import GenerationCheckpoints
 from stages.lib.models import pad_batch
 from stages.lib.params import SamplingParams
 from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
@@ -67,7 +68,7 @@ def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, eos_
         do_sample=not greedy, temperature=None if greedy else float(sampling.temp),
         top_p=None if greedy else float(sampling.top_p),
         # Explicit so a model's own generation_config (e.g. Qwen3's top_k=20) cannot change the sampler.
-        top_k=0, repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens,
+        top_k=0 if greedy or sampling.top_k is None else sampling.top_k, repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens,
         eos_token_id=sorted(eos_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
     ).cpu()
     generated = sequences[:, input_ids.shape[1]:]  # (batch, steps)
@@ -89,20 +90,27 @@ def questions_per_call(sampling: SamplingParams) -> int:
 
 
 def sample_runs(model, prompts: list[list[int]], sampling: SamplingParams, eos_ids: set[int], pad_id: int,
-                seed: int, progress: bool = True) -> list[list[SampledRun]]:
+                seed: int, progress: bool = True, checkpoints: GenerationCheckpoints | None = None,
+                dataset: str = "id") -> list[list[SampledRun]]:
     """K runs for every prompt, ``sampling.batch_size`` sequences per generate() call.
 
     Questions are sorted by prompt length so each call pads little; call ``b`` is seeded with ``seed + b``,
     so a batch's samples do not depend on how many tokens earlier batches drew.
-    Returns runs[question][k] in the order of ``prompts``.
+    Returns runs[question][k] in the order of ``prompts``. With ``checkpoints``, a call already finished by a
+    killed run of the same stage (same params, questions and model) is read back instead of sampled, and every
+    new call is saved as it finishes (stages/lib/checkpoints.py); the seeding above makes the result the same.
     """
     per_call = questions_per_call(sampling)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[SampledRun] | None] = [None] * len(prompts)
     chunks = [order[i:i + per_call] for i in range(0, len(order), per_call)]
     for call, chunk in enumerate(tqdm(chunks, desc="generate", disable=not progress)):
-        repeated = [prompts[q] for q in chunk for _ in range(sampling.runs)]
-        sampled = sample_batch(model, repeated, sampling, eos_ids, pad_id, seed + call)
+        sampled = checkpoints.load(dataset, call) if checkpoints is not None else None
+        if sampled is None:
+            repeated = [prompts[q] for q in chunk for _ in range(sampling.runs)]
+            sampled = sample_batch(model, repeated, sampling, eos_ids, pad_id, seed + call)
+            if checkpoints is not None:
+                checkpoints.save(dataset, call, sampled)
         for position, q in enumerate(chunk):
             results[q] = sampled[position * sampling.runs:(position + 1) * sampling.runs]
     return results  # type: ignore[return-value]

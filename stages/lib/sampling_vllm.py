@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from stages.lib.checkpoints import GenerationCheckpoints
 from stages.lib.models import model_source
 from stages.lib.params import Params, ParamsError, SamplingParams, VllmParams
 from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
@@ -116,9 +117,11 @@ def import_vllm():
 
 # ---- requests -----------------------------------------------------------------------------------------------
 
-def engine_kwargs(model_path: str, engine: VllmParams, seed: int) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for one engine per stage run."""
-    return dict(
+def engine_kwargs(model_path: str, engine: VllmParams, seed: int, revision: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for one engine per stage run; ``revision`` pins a Hub repo's weights and
+    tokenizer (``model.revision``)."""
+    pinned = {} if revision is None else {"revision": revision, "tokenizer_revision": revision}
+    return pinned | dict(
         model=model_path, dtype=engine.dtype, seed=seed,
         gpu_memory_utilization=float(engine.gpu_memory_utilization), max_num_seqs=engine.max_num_seqs,
         enforce_eager=engine.enforce_eager, tensor_parallel_size=engine.tensor_parallel_size,
@@ -143,7 +146,7 @@ def request_kwargs(sampling: SamplingParams, eos_ids: set[int], seed: int) -> di
     return dict(
         n=1 if greedy else sampling.runs,  # vLLM refuses n > 1 for greedy requests; the one run is repeated
         temperature=float(sampling.temp), top_p=1.0 if greedy else float(sampling.top_p),
-        top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        top_k=-1 if greedy or sampling.top_k is None else sampling.top_k, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
         max_tokens=sampling.max_new_tokens, stop_token_ids=sorted(eos_ids),
         logprobs=sampling.vllm.entropy_top_n, seed=seed,
         detokenize=False,  # build_run_records decodes the ids itself
@@ -219,15 +222,18 @@ def runs_from_output(output, prompt: Sequence[int], sampling: SamplingParams, eo
 
 
 def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], sampling: SamplingParams,
-                     eos_ids: set[int], seed: int, progress: bool = True) -> list[list[SampledRun]]:
+                     eos_ids: set[int], seed: int, progress: bool = True,
+                     question_offset: int = 0) -> list[list[SampledRun]]:
     """K runs for every prompt from one ``llm.generate`` call; returns runs[question][k] in prompt order.
 
     ``llm`` is a ``vllm.LLM`` and ``sampling_params_cls`` is ``vllm.SamplingParams`` (or stand-ins with the same
-    interface, as in the tests).
+    interface, as in the tests). ``prompts`` are the dataset's questions ``question_offset`` onwards (their seeds
+    are those of their index in the dataset, so a dataset sent in chunks samples the same runs).
     """
     if not prompts:
         return []
-    requests = [sampling_params_cls(**request_kwargs(sampling, eos_ids, question_seed(seed, q, sampling.runs)))
+    requests = [sampling_params_cls(**request_kwargs(sampling, eos_ids,
+                                                     question_seed(seed, question_offset + q, sampling.runs)))
                 for q in range(len(prompts))]
     token_prompts = [{"prompt_token_ids": [int(t) for t in prompt]} for prompt in prompts]  # vllm.TokensPrompt
     outputs = llm.generate(token_prompts, sampling_params=requests, use_tqdm=progress)
@@ -238,9 +244,10 @@ def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], samplin
 
 # ---- the engine ---------------------------------------------------------------------------------------------
 
-def load_tokenizer(name: str, toy_model_dir: str | Path) -> tuple[str, PreTrainedTokenizerBase]:
+def load_tokenizer(name: str, toy_model_dir: str | Path,
+                   revision: str | None = None) -> tuple[str, PreTrainedTokenizerBase]:
     """(model path, tokenizer) without loading weights: vLLM loads those itself, on the GPU."""
-    source = model_source(name, toy_model_dir)  # fails fast, saying how to get it, when it cannot be loaded here
+    source = model_source(name, toy_model_dir, revision)  # fails fast, saying how to get it, when it cannot be loaded here
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
     except OSError as error:
@@ -275,15 +282,35 @@ class VllmGenerator:
     def open(cls, params: Params, vllm_module=None) -> VllmGenerator:
         """Start the engine on ``model.name``; ``vllm_module`` defaults to the installed ``vllm``."""
         vllm_module = vllm_module if vllm_module is not None else import_vllm()
-        path, tokenizer = load_tokenizer(params.model.name, params.paths.toy_model)
+        path, tokenizer = load_tokenizer(params.model.name, params.paths.toy_model, params.model.revision)
         eos_ids = stop_ids(path, tokenizer)
-        kwargs = engine_kwargs(path, params.sampling.vllm, params.seed)
+        revision = None if Path(path).exists() else params.model.revision  # a revision names a Hub commit only
+        kwargs = engine_kwargs(path, params.sampling.vllm, params.seed, revision)
         log.info("starting vLLM %s: %s", getattr(vllm_module, "__version__", "(version unknown)"), kwargs)
         return cls(vllm_module.LLM(**kwargs), vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids)
 
-    def sample(self, prompts: list[list[int]], seed: int) -> list[list[SampledRun]]:
-        runs = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts, self.sampling, self.eos_ids, seed,
-                                self.progress)
+    def questions_per_call(self, n_prompts: int) -> int:
+        """``sampling.vllm.checkpoint_questions``, or every prompt in one call when it is 0."""
+        return self.sampling.vllm.checkpoint_questions or max(n_prompts, 1)
+
+    def sample(self, prompts: list[list[int]], seed: int, checkpoints: GenerationCheckpoints | None = None,
+               dataset: str = "id") -> list[list[SampledRun]]:
+        """K runs per prompt; with ``checkpoint_questions`` > 0 and ``checkpoints``, in calls of that many
+        questions, each saved as it finishes and read back (not resampled) after a kill."""
+        per_call = self.questions_per_call(len(prompts))
+        keep = checkpoints if self.sampling.vllm.checkpoint_questions else None
+        runs: list[list[SampledRun]] = []
+        for call, start in enumerate(range(0, len(prompts), per_call)):
+            saved = keep.load(dataset, call) if keep is not None else None
+            if saved is None:
+                chunk = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts[start:start + per_call],
+                                         self.sampling, self.eos_ids, seed, self.progress, question_offset=start)
+                if keep is not None:
+                    keep.save(dataset, call, [run for question_runs in chunk for run in question_runs])
+            else:  # K runs per question, in question order
+                k = self.sampling.runs
+                chunk = [saved[i:i + k] for i in range(0, len(saved), k)]
+            runs.extend(chunk)
         log.info("vllm: %d questions x %d runs, entropy over the top %d log-probs (a lower bound)", len(runs),
                  self.sampling.runs, self.sampling.vllm.entropy_top_n)
         return runs

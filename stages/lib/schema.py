@@ -293,6 +293,8 @@ class HiddenMeta(Contract):
     dtype: Literal["float16"]
     model: str
     """``model.name`` of the traced model."""
+    model_revision: str | None = None
+    """``model.revision``: the Hub revision it was loaded at (null: the default branch, or a local model)."""
     layer_0: str = "embedding output"
     layer_i: str = "output of block i (last: after final norm)"
 

@@ -11,6 +11,9 @@ Run from the repository root: ``python -m stages.train_probes`` (or ``dvc repro 
 - For every (position, layer) one probe per label is fitted on train (C by question-grouped CV inside
   train); the (position, layer) with the best val score is kept, and the best layer at each position is
   recorded (the early-warning curve). Test and OOD are never looked at.
+- At a real model's shapes (``probes.screen_locations`` = N > 0) that is ~17,000 fits; instead every location is
+  fitted once at ``probes.screen_c`` (the location probes), ranked on val, and only the N best per probe get the
+  grouped CV of C; the best of those N on val is kept. Still train for fitting and C, val for choosing.
 - Layer ranges: at the accuracy and SE probes' positions, every contiguous range of up to
   ``probes.max_layer_range`` layers, concatenated, is fitted on train; the best on val is kept.
 - Entropy baseline: logistic regression of correctness on ``mean_token_entropy`` alone, fitted on train.
@@ -81,14 +84,15 @@ def fit_probes_on_train(runs: pd.DataFrame, hidden, positions, layers, high_se_t
     return fit_location_probes(hidden, train["hidden_row"].to_numpy(), positions, layers,
                                probe_labels(train, high_se_threshold), train["question_id"].to_numpy(),
                                c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
-                               max_iter=probe_params.max_iter, random_state=seed)
+                               max_iter=probe_params.max_iter, random_state=seed, dtype=probe_params.dtype)
 
 
 def fit_entropy_baseline(runs: pd.DataFrame, probe_params: ProbeParams, seed: int) -> LogisticProbe:
     """Logistic regression of ``correct`` on mean_token_entropy alone, fitted on the train runs."""
     train = runs[runs["split"] == "train"]
     baseline = LogisticProbe(c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
-                             max_iter=probe_params.max_iter, random_state=seed, label_name="correct",
+                             max_iter=probe_params.max_iter, random_state=seed, dtype=probe_params.dtype,
+                             label_name="correct",
                              feature="mean_token_entropy")
     return baseline.fit(train[["mean_token_entropy"]].to_numpy(float), train["correct"].to_numpy(bool),
                         train["question_id"].to_numpy())
@@ -104,7 +108,8 @@ class TrainedProbes:
     location_probes: dict[tuple[str, str, int], LinearProbe]
     """Every (label, position, layer) probe fitted on train; evaluate scores them per layer without refitting."""
     n_range_fits: int = 0
-    """Layer-range probes fitted while searching the ranges (single layers reuse the location probes)."""
+    """Probes fitted beyond the location probes: layer ranges (single layers reuse the location probes) and,
+    after screening (``probes.screen_locations``), the cross-validated refits of the best locations."""
 
     @property
     def n_fitted(self) -> int:
@@ -134,6 +139,9 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
     """The best contiguous layer range at ``single``'s position, chosen on val: every range of up to
     ``probes.max_layer_range`` traced layers, concatenated, fitted on train.
 
+    With ``probes.screen_locations`` > 0 only the ranges through ``single``'s layer are tried (at most
+    ``max_layer_range`` (``max_layer_range`` + 1) / 2 of them instead of about ``max_layer_range`` per layer).
+
     Each range reuses the C that the grouped CV chose for ``single`` instead of its own CV: the wide
     concatenated features make lbfgs slow at weak regularisation (tens of seconds per fit at 640 features and
     C = 10), and a C chosen on train keeps the choice leak-free. Single-layer candidates are the location
@@ -144,16 +152,20 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
     label_name = single.label_name
     candidates, probes, fitted = [], [], 0
     ranges = layer_ranges(len(layers), probe_params.max_layer_range)
+    if probe_params.screen_locations:
+        through = list(layers).index(single.layer)
+        ranges = [(first, last) for first, last in ranges if first <= through <= last]
     log.info("%s: %d layer ranges of up to %s layers at %s", label_name, len(ranges),
              probe_params.max_layer_range or "any number of", single.position)
     for first, last in ranges:
-        if first == last:
-            probe = location_probes[(label_name, single.position, int(layers[first]))]
+        if first == last:  # the single-layer probe itself at its layer (after screening, the cross-validated one)
+            probe = (single if int(layers[first]) == single.layer
+                     else location_probes[(label_name, single.position, int(layers[first]))])
         else:
             probe = fit_probe(hidden, train_runs["hidden_row"].to_numpy(), positions, layers, label_name,
                               targets["train"], train_runs["question_id"].to_numpy(), single.position,
                               layers[first], layers[last], c_grid=(single.C_,), cv_folds=probe_params.cv_folds,
-                              max_iter=probe_params.max_iter, random_state=seed)
+                              max_iter=probe_params.max_iter, random_state=seed, dtype=probe_params.dtype)
             fitted += 1
         score = probe_score(probe, probe_features(probe, hidden, val_runs["hidden_row"].to_numpy(), positions, layers),
                             targets["val"])
@@ -165,6 +177,38 @@ def select_layer_range(runs: pd.DataFrame, hidden, positions, layers, single: Li
     if chosen.layer_end is None:  # a single layer won: record it as the range layer..layer
         chosen = copy.deepcopy(chosen).set_params(layer_end=chosen.layer)
     return chosen, candidates, fitted
+
+
+def cross_validate_best(runs: pd.DataFrame, hidden, positions, layers, candidates: pd.DataFrame, label_name: str,
+                        labels: Mapping[str, Mapping[str, np.ndarray]], probe_params: ProbeParams,
+                        seed: int) -> tuple[LinearProbe, pd.Series]:
+    """After screening: refit the ``probes.screen_locations`` best locations of ``candidates`` (one label's
+    screening val scores, in (position, layer) order) with C cross-validated on train over ``probes.c_grid``, and
+    return the refit with the best val score and its ``candidates`` row with ``score`` replaced by that val score.
+
+    Ties keep the (position, layer) order, in the ranking and in the final choice. Only train (fit, C) and val
+    (ranking, choice) are read.
+    """
+    train_runs, val_runs = runs[runs["split"] == "train"], runs[runs["split"] == "val"]
+    scores = candidates["score"].to_numpy(float)
+    ranked = np.argsort(np.where(np.isnan(scores), np.inf, -scores), kind="stable")
+    shortlist = candidates.iloc[ranked[:probe_params.screen_locations]].sort_index()
+    refits, refit_scores = [], []
+    for row in shortlist.itertuples():
+        probe = fit_probe(hidden, train_runs["hidden_row"].to_numpy(), positions, layers, label_name,
+                          labels["train"][label_name], train_runs["question_id"].to_numpy(), row.position,
+                          row.layer, c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
+                          max_iter=probe_params.max_iter, random_state=seed, dtype=probe_params.dtype)
+        score = probe_score(probe, probe_features(probe, hidden, val_runs["hidden_row"].to_numpy(), positions,
+                                                  layers), labels["val"][label_name])
+        refits.append(probe)
+        refit_scores.append(np.nan if score is None else score)
+        log.info("%s: cross-validated at (%s, %d): C %g, val %.3f (screening %.3f)", label_name, row.position,
+                 row.layer, probe.C_, refit_scores[-1], row.score)
+    best = first_best(refit_scores)
+    chosen = shortlist.iloc[best].copy()
+    chosen["score"] = refit_scores[best]
+    return refits[best], chosen
 
 
 def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbeParams, seed: int) -> TrainedProbes:
@@ -193,17 +237,27 @@ def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbePara
         for label_name in registry.binary_targets():
             require_two_classes(split_labels[label_name], label_name, split_name)
 
-    location_probes = fit_probes_on_train(runs, hidden, positions, layers, high_se_threshold, probe_params, seed)
+    screening = probe_params.screen_locations > 0 and len(probe_params.c_grid) > 1
+    location_params = (probe_params.model_copy(update={"c_grid": [probe_params.screen_c]}) if screening
+                       else probe_params)
+    location_probes = fit_probes_on_train(runs, hidden, positions, layers, high_se_threshold, location_params,
+                                          seed)
     val_scores = score_location_probes(location_probes, hidden, val_runs["hidden_row"].to_numpy(), positions,
                                        layers, labels["val"])
+    n_cv_fits = 0
     selected: dict[str, LinearProbe] = {}
     choices: dict[str, LayerChoice | RangeChoice] = {}
     by_position = []
     for spec in registry.layer_probes():
         probe_name, label_name = spec.name, spec.target
         candidates = val_scores[val_scores["label"] == label_name].reset_index(drop=True)
-        best = candidates.iloc[first_best(candidates["score"])]  # first maximum in (position, layer) order
-        probe = location_probes[(label_name, best["position"], int(best["layer"]))]
+        if screening:
+            probe, best = cross_validate_best(runs, hidden, positions, layers, candidates, label_name,
+                                              labels, probe_params, seed)
+            n_cv_fits += min(probe_params.screen_locations, len(candidates))
+        else:
+            best = candidates.iloc[first_best(candidates["score"])]  # first maximum in (position, layer) order
+            probe = location_probes[(label_name, best["position"], int(best["layer"]))]
         selected[probe_name] = probe
         choices[f"{probe_name}_probe"] = LayerChoice(label=label_name, position=best["position"],
                                                      layer=int(best["layer"]), metric=best["metric"],
@@ -243,6 +297,6 @@ def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbePara
                     for spec in registry.layer_probes()
                     for row in val_scores[val_scores["label"] == spec.target].itertuples()],
     )
-    return TrainedProbes(selected, selection, location_probes, n_range_fits)
+    return TrainedProbes(selected, selection, location_probes, n_range_fits + n_cv_fits)
 
 

@@ -1,0 +1,142 @@
+"""A generate stage killed with SIGKILL halfway resumes from its checkpoints and writes exactly the runs of an
+uninterrupted stage; checkpoints of other params, questions or models are never read (tiny local model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from stages.lib.checkpoints import CHECKPOINT_ROOT, GenerationCheckpoints, generation_key
+from stages.lib.params import parse_params
+from stages.lib.questions import questions_frame, write_questions
+from stages.lib.runs import SampledRun
+
+ROOT = Path(__file__).resolve().parents[1]
+N_QUESTIONS = 20
+
+
+def make_project(directory: Path, model_dir: Path) -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = {name: str(directory / name) for name in raw["paths"]}
+    raw["model"]["name"] = str(model_dir)
+    raw["sampling"].update(runs=2, batch_size=2, max_new_tokens=32)  # one question per generate() call
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.yaml").write_text(yaml.safe_dump(raw))
+    questions = directory / "questions"
+    questions.mkdir(exist_ok=True)
+    rows = [(f"q{i:02d}", f"{i}+{i % 7}", str(i + i % 7)) for i in range(N_QUESTIONS)]
+    write_questions(questions_frame(rows, "id", "jsonl:x"), questions / "id.jsonl")
+    write_questions(questions_frame([], "ood", "jsonl:x"), questions / "ood.jsonl")
+    return raw
+
+
+def start_generate(directory: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stages.generate"], cwd=directory,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_killed_generate_resumes_with_the_same_records(tiny_lm_dir, tmp_path):
+    reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    for directory in (reference_dir, killed_dir):
+        make_project(directory, tiny_lm_dir)
+    reference = start_generate(reference_dir)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+
+    process = start_generate(killed_dir)
+    checkpoint_root = killed_dir / CHECKPOINT_ROOT
+    deadline = time.monotonic() + 600
+    while len(list(checkpoint_root.glob("*/id-*.npz"))) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, "generate ended before 3 calls finished"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = len(list(checkpoint_root.glob("*/id-*.npz")))
+    assert finished < N_QUESTIONS and not (killed_dir / "runs" / "id.parquet").exists()  # killed halfway
+
+    resumed = start_generate(killed_dir)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    for dataset in ("id", "ood"):
+        pd.testing.assert_frame_equal(pd.read_parquet(killed_dir / "runs" / f"{dataset}.parquet"),
+                                      pd.read_parquet(reference_dir / "runs" / f"{dataset}.parquet"))
+    cost = json.loads((killed_dir / "metrics" / "cost" / "generate.json").read_text())
+    assert finished <= cost["calls_resumed"] < N_QUESTIONS  # read back, not resampled; the rest sampled
+    assert not list(checkpoint_root.glob("*/*.npz"))  # removed once the outputs are in place
+
+
+def test_the_key_changes_with_params_questions_and_model(tiny_lm_dir, tmp_path):
+    raw = make_project(tmp_path, tiny_lm_dir)
+    questions = [tmp_path / "questions" / "id.jsonl", tmp_path / "questions" / "ood.jsonl"]
+    key = generation_key(parse_params(raw), questions)
+    assert generation_key(parse_params(raw), questions) == key
+    changed = {**raw, "sampling": {**raw["sampling"], "temp": 0.5}}
+    assert generation_key(parse_params(changed), questions) != key
+    assert generation_key(parse_params({**raw, "seed": 1}), questions) != key
+    moved = tmp_path / "other_model"
+    moved.mkdir()
+    (moved / "config.json").write_text((Path(tiny_lm_dir) / "config.json").read_text() + " ")
+    assert generation_key(parse_params({**raw, "model": {**raw["model"], "name": str(moved)}}), questions) != key
+    with questions[0].open("a") as out:
+        out.write(json.dumps({"question_id": "new", "dataset": "id", "question": "1+1", "gold": "2"}) + "\n")
+    assert generation_key(parse_params(raw), questions) != key
+
+
+def test_stale_checkpoints_are_deleted_and_never_read(tmp_path):
+    run = SampledRun(generated_ids=[5, 6], token_logprobs=[-0.5, -0.25], token_entropies=[1.0, 0.5],
+                     stop_entropy=0.1, truncated=False)
+    old = GenerationCheckpoints("old", root=tmp_path)
+    old.save("id", 0, [run])
+    assert GenerationCheckpoints("old", root=tmp_path).load("id", 0)[0].generated_ids == [5, 6]
+    new = GenerationCheckpoints("new", root=tmp_path)
+    assert new.load("id", 0) is None and not (tmp_path / "old").exists()
+
+
+def test_a_failed_vllm_generate_resumes_from_its_finished_calls(tiny_lm_dir, tmp_path, monkeypatch):
+    """vLLM backend (the stand-in engine of test_vllm_backend) with checkpoint_questions = 2: an engine that dies
+    on its third call leaves two calls checkpointed; the rerun sends only the rest and writes the records of an
+    uninterrupted run."""
+    from test_vllm_backend import FAKE_VLLM, FakeLLM
+
+    from stages import generate
+    from stages.lib import sampling_vllm
+
+    raw = make_project(tmp_path, tiny_lm_dir)
+    raw["sampling"].update(backend="vllm", temp=1.0, top_p=1.0, max_new_tokens=6)
+    raw["sampling"]["vllm"].update(checkpoint_questions=2, entropy_top_n=5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sampling_vllm, "resolve_backend", lambda requested: "vllm")
+    monkeypatch.setattr(sampling_vllm, "import_vllm", lambda: FAKE_VLLM)
+    calls_per_dataset = -(-N_QUESTIONS // 2)
+
+    FakeLLM.instances.clear()
+    generate.main()
+    uninterrupted = pd.read_parquet(tmp_path / "runs" / "id.parquet")
+    assert len(FakeLLM.instances[0].received) == calls_per_dataset
+
+    class DyingLLM(FakeLLM):
+        def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+            if len(self.received) == 2:
+                raise RuntimeError("engine died")
+            return super().generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    monkeypatch.setattr(sampling_vllm, "import_vllm", lambda: SimpleNamespace(**{**vars(FAKE_VLLM), "LLM": DyingLLM}))
+    with pytest.raises(RuntimeError, match="engine died"):
+        generate.main()
+    assert len(list((tmp_path / CHECKPOINT_ROOT).glob("*/id-*.npz"))) == 2
+
+    monkeypatch.setattr(sampling_vllm, "import_vllm", lambda: FAKE_VLLM)
+    FakeLLM.instances.clear()
+    generate.main()
+    assert len(FakeLLM.instances[0].received) == calls_per_dataset - 2  # the two finished calls were read back
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "runs" / "id.parquet"), uninterrupted)
