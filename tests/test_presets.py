@@ -1,5 +1,5 @@
-"""Presets (presets/*.yaml applied by ``python -m stages.lib.presets``), the prompt template, top-k and the pinned
-revisions, on a local tiny random-weight model (nothing downloads)."""
+"""Presets (stages/presets/*.yaml, applied by ``python -m stages.lib.presets``), the prompt template, top-k and
+the pinned revisions, on a local tiny random-weight model (nothing downloads)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from stages.lib.schema import HiddenMeta, hidden_files
 from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+PRESETS = sorted((ROOT / "stages" / "presets").glob("*.yaml"))
 
 
 def test_there_is_a_qwen3_preset():
-    assert ROOT / "presets" / "qwen3-4b-math500.yaml" in PRESETS
+    assert ROOT / "stages" / "presets" / "qwen3-4b-math500.yaml" in PRESETS
 
 
 @pytest.mark.parametrize("preset_path", PRESETS, ids=lambda p: p.name)
@@ -42,7 +42,7 @@ def test_each_preset_parses_and_dvc_applies_it_exactly(preset_path, tmp_path):
 
 
 def test_the_qwen3_preset_is_a_reasoning_run_on_the_gpu():
-    preset = read_preset(ROOT / "presets" / "qwen3-4b-math500.yaml")
+    preset = read_preset(ROOT / "stages" / "presets" / "qwen3-4b-math500.yaml")
     params = apply_preset(yaml.safe_load((ROOT / "params.yaml").read_text()), preset, "preset")
     assert (params.model.device, params.model.dtype, params.sampling.backend) == ("cuda", "bfloat16", "vllm")
     assert (params.sampling.temp, params.sampling.top_p, params.sampling.top_k) == (0.6, 0.95, 20)

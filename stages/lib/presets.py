@@ -1,12 +1,12 @@
-"""Presets: a real run's parameters kept as a file (``presets/*.yaml``), applied through ``dvc exp run -S``.
+"""Presets: a real run's parameters kept as a file (``stages/presets/*.yaml``), applied through ``dvc exp run -S``.
 
 A preset is a partial params.yaml: only the keys it changes, in the same groups. Applying it never rewrites
 params.yaml by hand; DVC sets each key for the experiment (and records it), so ``dvc exp show`` and
 ``dvc metrics diff`` compare the run with the default::
 
-    python -m stages.lib.presets presets/qwen3-4b-math500.yaml            # dvc exp run -S model.name=... ...
-    python -m stages.lib.presets presets/qwen3-4b-math500.yaml --print    # only print that command
-    python -m stages.lib.presets presets/qwen3-4b-math500.yaml -- --queue  # extra arguments go to dvc exp run
+    python -m stages.lib.presets stages/presets/qwen3-4b-math500.yaml            # dvc exp run -S model.name=... ...
+    python -m stages.lib.presets stages/presets/qwen3-4b-math500.yaml --print    # only print that command
+    python -m stages.lib.presets stages/presets/qwen3-4b-math500.yaml -- --queue  # extra arguments go to dvc exp run
 
 The preset is checked first: params.yaml with the preset's values must pass the params model (``parse_params``),
 so a misspelt key or a bad value stops with one line naming the preset file and the key, before DVC starts.
@@ -100,7 +100,7 @@ def set_flags(preset: Mapping[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.lib.presets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("preset", type=Path, help="a presets/*.yaml file")
+    parser.add_argument("preset", type=Path, help="a stages/presets/*.yaml file")
     parser.add_argument("--print", action="store_true", help="print the dvc exp run command instead of running it")
     parser.add_argument("dvc_args", nargs="*", help="after --: more arguments for dvc exp run (e.g. --queue)")
     args = parser.parse_args(argv)

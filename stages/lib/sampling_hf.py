@@ -68,7 +68,8 @@ def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, eos_
         do_sample=not greedy, temperature=None if greedy else float(sampling.temp),
         top_p=None if greedy else float(sampling.top_p),
         # Explicit so a model's own generation_config (e.g. Qwen3's top_k=20) cannot change the sampler.
-        top_k=0 if greedy or sampling.top_k is None else sampling.top_k, repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens,
+        top_k=0 if greedy or sampling.top_k is None else sampling.top_k, repetition_penalty=1.0,
+        max_new_tokens=sampling.max_new_tokens,
         eos_token_id=sorted(eos_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
     ).cpu()
     generated = sequences[:, input_ids.shape[1]:]  # (batch, steps)

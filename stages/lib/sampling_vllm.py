@@ -146,7 +146,8 @@ def request_kwargs(sampling: SamplingParams, eos_ids: set[int], seed: int) -> di
     return dict(
         n=1 if greedy else sampling.runs,  # vLLM refuses n > 1 for greedy requests; the one run is repeated
         temperature=float(sampling.temp), top_p=1.0 if greedy else float(sampling.top_p),
-        top_k=-1 if greedy or sampling.top_k is None else sampling.top_k, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        top_k=-1 if greedy or sampling.top_k is None else sampling.top_k, min_p=0.0, repetition_penalty=1.0,
+        presence_penalty=0.0, frequency_penalty=0.0,
         max_tokens=sampling.max_new_tokens, stop_token_ids=sorted(eos_ids),
         logprobs=sampling.vllm.entropy_top_n, seed=seed,
         detokenize=False,  # build_run_records decodes the ids itself
@@ -247,7 +248,8 @@ def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], samplin
 def load_tokenizer(name: str, toy_model_dir: str | Path,
                    revision: str | None = None) -> tuple[str, PreTrainedTokenizerBase]:
     """(model path, tokenizer) without loading weights: vLLM loads those itself, on the GPU."""
-    source = model_source(name, toy_model_dir, revision)  # fails fast, saying how to get it, when it cannot be loaded here
+    # fails fast, saying how to get it, when it cannot be loaded here
+    source = model_source(name, toy_model_dir, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
     except OSError as error:

@@ -153,7 +153,8 @@ def baseline_ratio(args, new_overrides: dict) -> dict:
         result[f"{method}_found_planted"] = found(trained, planted)
     result["ratio_exhaustive_over_screening"] = round(result["exhaustive_s"] / result["screening_s"], 2)
     params = parse_params(repo_params(Path("/nonexistent"), new_overrides)).probes
-    for size, locations in (("baseline_size", len(positions) * len(layers)), ("full_size", args.positions * args.layers)):
+    for size, locations in (("baseline_size", len(positions) * len(layers)),
+                            ("full_size", args.positions * args.layers)):
         result[f"location_fits_{size}"] = location_fit_counts(locations, params)
     full_locations = args.positions * args.layers
     per_location = result["exhaustive_s"] / (len(positions) * len(layers))
@@ -222,8 +223,8 @@ def write_project(workdir: Path, args, overrides: dict) -> dict[str, tuple[str, 
 # the 5.8 GB array through a memory map, so every stage would read 6 GB).
 PEAK_WRAPPER = ("import atexit, runpy, sys\n"
                 "out = sys.argv.pop()\n"
-                "atexit.register(lambda: open(out, 'w').write(next(line.split()[1] for line in open('/proc/self/status')"
-                " if line.startswith('VmHWM'))))\n"
+                "atexit.register(lambda: open(out, 'w').write(next(line.split()[1]"
+                " for line in open('/proc/self/status') if line.startswith('VmHWM'))))\n"
                 "sys.argv = sys.argv[1:]\n"
                 "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
