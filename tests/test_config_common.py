@@ -266,18 +266,18 @@ def test_a_bad_log_level_is_one_line_naming_the_variable(tmp_path):
 def test_progress_bars_follow_the_log_level(capsys):
     import logging
 
-    from stages.lib.common import progress
+    from stages.lib.common import progress_bar
     root = logging.getLogger()
     previous = root.level
     try:
         root.setLevel(logging.INFO)
-        assert list(progress(range(3), desc="shown")) == [0, 1, 2]
+        assert list(progress_bar(range(3), desc="shown")) == [0, 1, 2]
         assert "shown" in capsys.readouterr().err
         root.setLevel(logging.WARNING)
-        assert list(progress(range(3), desc="hidden")) == [0, 1, 2]
+        assert list(progress_bar(range(3), desc="hidden")) == [0, 1, 2]
         assert "hidden" not in capsys.readouterr().err
         root.setLevel(logging.INFO)
-        list(progress(range(3), desc="off", enabled=False))
+        list(progress_bar(range(3), desc="off", enabled=False))
         assert "off" not in capsys.readouterr().err
     finally:
         root.setLevel(previous)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import baselines, registry
-from stages.lib.common import progress, read_table
+from stages.lib.common import progress_bar, read_table
 from stages.lib.dataset import DatasetRuns, load_dataset
 from stages.lib.params import AnalysisParams, Params
 from stages.lib.probe_store import load_probes
@@ -69,7 +69,7 @@ def build_table(params: Params) -> pd.DataFrame:
     umap_probe = probes[UMAP_PROBE.name]
 
     frames, features = [], []
-    for dataset in progress(DATASETS, desc="analysis"):
+    for dataset in progress_bar(DATASETS, desc="analysis"):
         data = load_dataset(params, dataset)
         if not len(data.runs):
             continue

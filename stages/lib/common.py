@@ -51,7 +51,7 @@ def log_level() -> int:
     """The stages' one verbosity setting: ``SEP_LOG_LEVEL`` (DEBUG, INFO, WARNING or ERROR; INFO when unset).
 
     An environment variable, not a param: verbosity must not make DVC rerun a stage. Progress bars show at
-    INFO and DEBUG only (``progress``)."""
+    INFO and DEBUG only (``progress_bar``)."""
     name = os.environ.get(LOG_LEVEL_VARIABLE, "INFO").strip().upper()
     if name not in LOG_LEVELS:
         raise UserError(f"{LOG_LEVEL_VARIABLE}={os.environ[LOG_LEVEL_VARIABLE]!r}: expected one of "
@@ -66,7 +66,7 @@ def setup_logging() -> None:
     logging.getLogger().setLevel(level)
 
 
-def progress(iterable: Iterable, desc: str, enabled: bool = True, **kwargs: Any) -> Iterable:
+def progress_bar(iterable: Iterable, desc: str, enabled: bool = True, **kwargs: Any) -> tqdm:
     """``tqdm(iterable)`` that shows only when ``enabled`` and the stages' log level is INFO or lower
     (``SEP_LOG_LEVEL=WARNING`` hides every bar); on stderr, so DVC's output stays readable."""
     shown = enabled and logging.getLogger().isEnabledFor(logging.INFO)

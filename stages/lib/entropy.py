@@ -36,9 +36,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from scipy.special import logsumexp
-from tqdm import tqdm
 
 from stages.lib.answers import answers_equivalent
+from stages.lib.common import progress_bar
 from stages.lib.equivalence import (
     PairJudge,
     answer_adjacency,
@@ -281,8 +281,8 @@ def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str =
         return _empty_se_table()
     question_frames = []
     grouped = runs.groupby("question_id", sort=False)
-    for question_id, question_runs in tqdm(grouped, total=grouped.ngroups, desc=f"semantic entropy {source}",
-                                           disable=grouped.ngroups < 50):
+    for question_id, question_runs in progress_bar(grouped, total=grouped.ngroups,
+                                                   desc=f"semantic entropy {source}", enabled=grouped.ngroups >= 50):
         if len(question_runs) < 2:
             raise ValueError(f"{source}: question {question_id!r} has {len(question_runs)} run; semantic "
                              "entropy needs >= 2 (sampling.runs)")

@@ -40,7 +40,7 @@ import pandas as pd
 
 from stages.lib import arithmetic, registry
 from stages.lib.answers import LAST_NUMBER_FALLBACK, NO_ANSWER_FOUND, TRUNCATED_IN_THINK
-from stages.lib.common import progress
+from stages.lib.common import progress_bar
 from stages.lib.metrics import (
     auprc,
     aurac,
@@ -211,7 +211,7 @@ def split_metrics(runs: pd.DataFrame, scores: pd.DataFrame, high_se_threshold: f
                                     np.random.default_rng([seed, split_index, 0])) if len(runs) else [])
     by_score: dict[str, ScoreMetrics] = {}
     resampled_aurocs: dict[str, np.ndarray | None] = {}
-    for score_index, entry in enumerate(progress(registry.SCORES, desc=f"evaluate {split}")):
+    for score_index, entry in enumerate(progress_bar(registry.SCORES, desc=f"evaluate {split}")):
         values = scores[entry.name].to_numpy(float)
         record, resampled_aurocs[entry.name] = metric_record(
             registry.LABELS[entry.label](runs, high_se_threshold), values, groups, entry.label, settings,

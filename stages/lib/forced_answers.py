@@ -23,10 +23,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from stages.lib.answers import extract_answer, is_correct
+from stages.lib.common import progress_bar
 from stages.lib.errors import UserError
 from stages.lib.models import ThinkTokens, pad_batch
 from stages.lib.params import SamplingParams
@@ -108,7 +108,7 @@ def greedy_answers(model, sequences: list[list[int]], max_new_tokens: int, eos_i
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     answers: list[SampledRun | None] = [None] * len(sequences)
-    for chunk in tqdm(chunks, desc="forced answers", disable=not progress):
+    for chunk in progress_bar(chunks, desc="forced answers", enabled=progress):
         for i, run in zip(chunk, greedy_batch(model, [sequences[i] for i in chunk], max_new_tokens, eos_ids,
                                               pad_id)):
             answers[i] = run

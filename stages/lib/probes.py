@@ -39,10 +39,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
-from tqdm import tqdm
 
-from stages.lib.metrics import auroc, single_class_reason, spearman
+from stages.lib.common import progress_bar
 from stages.lib.errors import UserError
+from stages.lib.metrics import auroc, single_class_reason, spearman
 
 log = logging.getLogger(__name__)
 
@@ -542,8 +542,8 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
             require_two_classes(values, label_name, split)
     probes = {}
     locations = [(p, pos, i, layer) for p, pos in enumerate(positions) for i, layer in enumerate(layers)]
-    for position_index, position, layer_index, layer in tqdm(locations, desc="probes per (position, layer)",
-                                                           leave=False):
+    for position_index, position, layer_index, layer in progress_bar(locations, desc="probes per (position, layer)",
+                                                                   leave=False):
         features = location_features(hidden, rows, position_index, layer_index)
         for label_name, values in labels.items():
             probe = PROBE_CLASSES[target_kind(values)](c_grid=c_grid, cv_folds=cv_folds, max_iter=max_iter,

@@ -11,10 +11,10 @@ import logging
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from stages.lib.checkpoints import GenerationCheckpoints
+from stages.lib.common import progress_bar
 from stages.lib.models import pad_batch
 from stages.lib.params import SamplingParams
 from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
@@ -105,7 +105,7 @@ def sample_runs(model, prompts: list[list[int]], sampling: SamplingParams, eos_i
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[SampledRun] | None] = [None] * len(prompts)
     chunks = [order[i:i + per_call] for i in range(0, len(order), per_call)]
-    for call, chunk in enumerate(tqdm(chunks, desc="generate", disable=not progress)):
+    for call, chunk in enumerate(progress_bar(chunks, desc="generate", enabled=progress)):
         sampled = checkpoints.load(dataset, call) if checkpoints is not None else None
         if sampled is None:
             repeated = [prompts[q] for q in chunk for _ in range(sampling.runs)]

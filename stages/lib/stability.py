@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib import registry
-from stages.lib.common import progress
+from stages.lib.common import progress_bar
 from stages.lib.dataset import attach_splits, load_dataset, require_same_locations, split_questions
 from stages.lib.evaluation import score_runs
 from stages.lib.metrics import auroc
@@ -43,7 +43,7 @@ def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[SkippedSeed]]:
     require_same_locations(id_data, ood_data)
     probe_params = params.probes.model_copy(update={"c_grid": params.stability.c_grid, "max_layer_range": 1})
     rows, skipped = [], []
-    for seed in progress(range(params.seed, params.seed + params.stability.seeds), desc="stability (re-splits)"):
+    for seed in progress_bar(range(params.seed, params.seed + params.stability.seeds), desc="stability (re-splits)"):
         splits = split_questions(id_data.runs["question_id"], ood_data.runs["question_id"],
                                  probe_params.train_fraction, probe_params.val_fraction, seed)
         runs = attach_splits(id_data.runs, splits, "id")

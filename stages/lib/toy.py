@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -46,6 +45,7 @@ from transformers import (
 
 from stages.lib import arithmetic
 from stages.lib.answers import last_boxed_content
+from stages.lib.common import progress_bar
 from stages.lib.params import ToyParams
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def train(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, toy: ToyP
     model.train()
     tokens = completion_tokens = 0
     recent_losses: list[float] = []
-    bar = tqdm(range(toy.steps), desc="toy_model", disable=not progress, mininterval=2.0)
+    bar = progress_bar(range(toy.steps), desc="toy_model", enabled=progress, mininterval=2.0)
     for step in bar:
         chains = arithmetic.training_chains(toy.batch_size, rng, toy.min_terms, toy.max_terms, toy.max_operand,
                                             toy.ood_max_terms, toy.ood_max_operand, toy.ood_train_fraction)

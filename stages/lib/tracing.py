@@ -27,8 +27,8 @@ import logging
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
+from stages.lib.common import progress_bar
 from stages.lib.errors import UserError
 from stages.lib.extras import require
 from stages.lib.models import pad_batch
@@ -251,7 +251,7 @@ def trace_runs(model, runs: pd.DataFrame, positions: tuple[str, ...], layers: li
         all_positions.append(run_positions)
         fallbacks.append(fallback)
     batches = plan_batches([len(s) for s in sequences], batch_size, max_batch_tokens)
-    for batch in tqdm(batches, desc="trace", disable=not progress):
+    for batch in progress_bar(batches, desc="trace", enabled=progress):
         states = read_hidden(model, [sequences[i] for i in batch], [all_positions[i] for i in batch],
                              layers, pad_id)
         out[batch] = states.astype(np.float16)
