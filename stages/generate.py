@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage, write_table
+from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_table
 from stages.lib.models import load_model, prompt_ids, think_tokens
 from stages.lib.params import load_params
 from stages.lib.questions import load_questions
@@ -43,7 +43,8 @@ def main() -> None:
     think = think_tokens(tokenizer)
     if think.end_id is None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
-    with cost_record(params.paths.metrics, "generate") as cost, atomic_path(params.paths.runs) as out_dir:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "generate", outputs) as cost:
+        out_dir = outputs.path(params.paths.runs)
         out_dir.mkdir()
         cost.update(backend=backend, sequences=0, tokens_generated=0, generate_calls=0)
         for offset, dataset in enumerate(DATASETS):

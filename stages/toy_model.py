@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from stages.lib import arithmetic
-from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage
+from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs
 from stages.lib.params import load_params
 from stages.lib.toy import (
     VALIDATION_QUESTIONS,
@@ -33,10 +33,9 @@ def main() -> None:
     setup_logging()
     params = load_params()
     if params.model.name != "toy":
-        with cost_record(params.paths.metrics, "toy_model") as cost:
+        with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:
             cost["skipped"] = "model.name is not toy"
-            with atomic_path(params.paths.toy_model) as directory:
-                save_skipped(directory)
+            save_skipped(outputs.path(params.paths.toy_model))
         log.info("model.name=%r is not `toy`: nothing trained; wrote the placeholder %s", params.model.name,
                  params.paths.toy_model)
         return
@@ -44,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(min(os.cpu_count() or 1, 8))  # a model this small gains nothing past a few threads
     torch.manual_seed(params.seed)
     rng = np.random.default_rng([params.seed, 0])  # stream 0: training chains; questions use other streams
-    with cost_record(params.paths.metrics, "toy_model") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:
         tokenizer = build_tokenizer()
         model = build_model(toy, tokenizer)
         log.info("toy model: %d layers x %d wide, %d parameters, vocabulary %d",
@@ -56,9 +55,9 @@ def main() -> None:
         cost["greedy_accuracy_id"] = greedy_accuracy(model, tokenizer, questions)
         log.info("greedy accuracy on %d fresh in-distribution chains: %.2f", len(questions),
                  cost["greedy_accuracy_id"])
-        with atomic_path(params.paths.toy_model) as directory:
-            save(directory, model, tokenizer, toy, params.seed)
-            check_round_trip(directory, model, tokenizer)
+        directory = outputs.path(params.paths.toy_model)
+        save(directory, model, tokenizer, toy, params.seed)
+        check_round_trip(directory, model, tokenizer)
         log.info("wrote %s", params.paths.toy_model)
 
 

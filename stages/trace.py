@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from stages.lib.common import atomic_path, cost_record, read_table, run_stage, setup_logging, write_model, write_table
+from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_model, write_table
 from stages.lib.models import load_model
 from stages.lib.params import load_params
 from stages.lib.schema import (
@@ -41,7 +41,8 @@ def main() -> None:
     log.info("trace backend: %s", params.trace.backend)
     layers = resolve_layers(params.trace.layers, model.config.num_hidden_layers + 1)
     positions = tuple(params.trace.positions)
-    with cost_record(params.paths.metrics, "trace") as cost, atomic_path(params.paths.hidden) as out_dir:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "trace", outputs) as cost:
+        out_dir = outputs.path(params.paths.hidden)
         out_dir.mkdir()
         cost.update(sequences=0, tokens_processed=0, forward_passes=0)
         for dataset in DATASETS:
