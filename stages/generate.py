@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_table
-from stages.lib.models import load_model, prompt_ids, think_tokens
+from stages.lib.models import load_model, prompt_ids, require_prompts_fit, think_tokens
 from stages.lib.params import load_params
 from stages.lib.questions import load_questions
 from stages.lib.runs import build_run_records
@@ -43,6 +43,12 @@ def main() -> None:
     think = think_tokens(tokenizer)
     if think.end_id is None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
+    position_limit = None if backend == "vllm" else getattr(model.config, "max_position_embeddings", None)
+    for dataset in DATASETS:  # every prompt fits the model before anything is generated
+        path = Path(params.paths.questions) / f"{dataset}.jsonl"
+        questions = load_questions(path)
+        require_prompts_fit([len(prompt_ids(tokenizer, q)) for q in questions["question"]],
+                            questions["question_id"], params.sampling.max_new_tokens, position_limit, path)
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "generate", outputs) as cost:
         out_dir = outputs.path(params.paths.runs)
         out_dir.mkdir()

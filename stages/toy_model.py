@@ -7,7 +7,6 @@ directory at once (``save_skipped``): a real run does not pay for the toy's trai
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
@@ -40,7 +39,6 @@ def main() -> None:
                  params.paths.toy_model)
         return
     toy = params.toy
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))  # a model this small gains nothing past a few threads
     torch.manual_seed(params.seed)
     rng = np.random.default_rng([params.seed, 0])  # stream 0: training chains; questions use other streams
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_model, write_table
-from stages.lib.models import load_model
+from stages.lib.models import load_config, load_model
 from stages.lib.params import load_params
 from stages.lib.schema import (
     DATASETS,
@@ -35,11 +35,12 @@ def main() -> None:
     params = load_params()
     if params.trace.backend == "nnsight":
         require_nnsight()  # before the model loads: a missing extra fails in a second, not after minutes
+    config = load_config(params.model.name, params.paths.toy_model)  # trace.layers checked before the weights load
+    layers = resolve_layers(params.trace.layers, config.num_hidden_layers + 1)
     model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device, params.model.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     traced = nnsight_model(model, tokenizer) if params.trace.backend == "nnsight" else model
     log.info("trace backend: %s", params.trace.backend)
-    layers = resolve_layers(params.trace.layers, model.config.num_hidden_layers + 1)
     positions = tuple(params.trace.positions)
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "trace", outputs) as cost:
         out_dir = outputs.path(params.paths.hidden)

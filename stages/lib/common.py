@@ -195,10 +195,34 @@ def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ..
         raise SchemaError(f"{path}: not found; run the stage that writes it (`dvc repro`)")
     if names is not None:
         columns = tuple(c for c in columns if c.name in names)
-    frame = pd.read_parquet(path, columns=None if names is None else list(names))
+    frame = read_parquet(path, columns=None if names is None else list(names))
     validate_frame(frame, columns, path, key)
     log.info("read %s: %d rows", path, len(frame))
     return frame
+
+
+def corrupt_file_error(path: str | Path, kind: str, error: Exception) -> SchemaError:
+    """The one-line error for a truncated or damaged output file, with the command that restores it."""
+    reason = " ".join(str(error).split())
+    return SchemaError(f"{path}: truncated or corrupt {kind} ({reason}); restore it with `dvc checkout {path}` "
+                       f"(or rerun the stage that writes it)")
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """``pd.read_parquet``; a truncated or damaged file is a one-line SchemaError naming it (``dvc checkout``)."""
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise corrupt_file_error(path, "parquet file", error) from None
+
+
+def load_npy(path: str | Path, mmap_mode: str | None = "r") -> np.ndarray:
+    """``np.load`` of one ``.npy`` array (memory-mapped by default, never unpickled); a truncated file (numpy's
+    ``mmap length is greater than file size``) is a one-line SchemaError naming it (``dvc checkout``)."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise corrupt_file_error(path, ".npy array", error) from None
 
 
 @contextlib.contextmanager

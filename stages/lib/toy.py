@@ -149,9 +149,30 @@ def learning_rate_at(step: int, steps: int, peak: float) -> float:
     return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+TRAINING_THREADS = 2
+"""CPU threads of the training loop, fixed: a float sum split over a different number of threads rounds
+differently, so the weights would depend on the machine's core count."""
+
+
 def train(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, toy: ToyParams,
           rng: np.random.Generator, progress: bool = True) -> dict:
-    """Train ``model`` in place on fresh chains drawn from ``rng`` each step; return the training counters."""
+    """Train ``model`` in place on fresh chains drawn from ``rng`` each step; return the training counters.
+
+    Deterministic: ``TRAINING_THREADS`` threads and ``torch.use_deterministic_algorithms(True)`` for the loop (both
+    restored after it), so the same seed, params and locked environment give the same weights bit for bit.
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(TRAINING_THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, tokenizer, toy, rng, progress)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, toy: ToyParams,
+           rng: np.random.Generator, progress: bool) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=toy.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     tokens = completion_tokens = 0
