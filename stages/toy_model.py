@@ -2,18 +2,21 @@
 
 Run with ``python -m stages.toy_model``; writes ``{paths.toy_model}`` and its cost record
 (training: stages/lib/toy.py). When ``model.name`` is not ``toy`` it trains nothing and writes a placeholder
-directory at once (``save_skipped``): a real run does not pay for the toy's training."""
+directory at once (``save_skipped``): a real run does not pay for the toy's training. For a local model (under
+data/models/, a dep of this stage) the placeholder holds the model's content hash, so that generate and trace, which
+depend on it, rerun exactly when the named model changes."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from stages.lib import arithmetic
-from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs
-from stages.lib.params import load_params
+from stages.lib.common import content_sha256, cost_record, run_stage, setup_logging, stage_outputs
+from stages.lib.params import is_local_model, load_params
 from stages.lib.toy import (
     VALIDATION_QUESTIONS,
     build_model,
@@ -34,7 +37,9 @@ def main() -> None:
     if params.model.name != "toy":
         with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:
             cost["skipped"] = "model.name is not toy"
-            save_skipped(outputs.path(params.paths.toy_model))
+            local = is_local_model(params.model.name) and Path(params.model.name).exists()
+            save_skipped(outputs.path(params.paths.toy_model),
+                         content_sha256(params.model.name) if local else None)
         log.info("model.name=%r is not `toy`: nothing trained; wrote the placeholder %s", params.model.name,
                  params.paths.toy_model)
         return

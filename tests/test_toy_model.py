@@ -208,7 +208,7 @@ def test_stage_main_trains_nothing_for_a_real_model(tmp_path, monkeypatch):
     cost = json.loads((tmp_path / raw["paths"]["metrics"] / "cost" / "toy_model.json").read_text())
     assert cost["stage"] == "toy_model" and cost["skipped"] == "model.name is not toy" and "steps" not in cost
     first = (model_dir / toy.SKIPPED_FILE).read_bytes()
-    raw["model"]["name"] = "/models/another"
+    raw["model"]["name"] = "org/another"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     toy_model.main()
     assert (model_dir / toy.SKIPPED_FILE).read_bytes() == first  # the same output for every real model

@@ -231,17 +231,22 @@ SKIPPED_FILE = "NOT_TRAINED.json"
 """The one file of the toy_model stage's output when ``model.name`` is not ``toy``."""
 
 
-def save_skipped(directory: Path) -> None:
+def save_skipped(directory: Path, local_model_sha256: str | None = None) -> None:
     """The toy_model stage's output for a real model: a directory with one note and no weights.
 
-    DVC needs the declared output to exist; its content does not depend on which real model runs, so switching
-    between real models leaves it unchanged, and switching back to ``toy`` retrains (or restores from DVC's run
-    cache) the real thing. Loading it as the toy model fails, saying to run the stage (stages/lib/models.py).
+    DVC needs the declared output to exist; for a Hub model its content does not depend on which one runs, so
+    switching between them leaves it unchanged, and switching back to ``toy`` retrains the real thing. For a local
+    model (under data/models/, a dep of the stage) the note holds ``local_model_sha256``, the content hash of the
+    named file or directory: generate and trace depend on this directory, so editing that model reruns them, and
+    editing another file of data/models/ does not. Loading it as the toy model fails, saying to run the stage
+    (stages/lib/models.py).
     """
     directory.mkdir(parents=True)
     note = {"trained": False,
             "why": "model.name is not `toy`, so the toy_model stage trained nothing; set model.name to `toy` and run "
                    "`dvc repro` to train the embedded default model"}
+    if local_model_sha256 is not None:
+        note["local_model_sha256"] = local_model_sha256
     (directory / SKIPPED_FILE).write_text(json.dumps(note, indent=2) + "\n")
 
 
