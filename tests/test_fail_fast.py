@@ -61,7 +61,7 @@ def test_non_utf8_bytes_in_a_question_file_name_the_line(tmp_path):
                      b'{"id": "b", "question": "caf\xe9", "answer": "1"}\n')
     with pytest.raises(QuestionSourceError) as error:
         jsonl_questions(path, 5)
-    assert one_line(error) == f"{path}:2: not UTF-8 (byte 0xe9 at column 31); save the file as UTF-8"
+    assert one_line(error) == f"{path}:2: not UTF-8 (byte 0xe9 at column 29); save the file as UTF-8"
 
 
 @pytest.mark.parametrize("field, value, kind", [("question", ["1+1"], "array"), ("answer", {"x": 2}, "object"),
