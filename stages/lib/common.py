@@ -93,7 +93,7 @@ class StageOutputs:
             raise RuntimeError(f"stage_outputs: the stage asked for but never wrote {', '.join(missing)}")
         for final, tmp in self._pending.items():
             _replace(tmp, final)
-            log.debug("stage output in place: %s", final)
+            log.info("in place: %s", final)
 
     def _discard(self) -> None:
         for tmp in self._pending.values():
