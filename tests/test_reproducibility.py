@@ -134,7 +134,7 @@ def test_an_edited_question_file_or_local_model_reruns_exactly_what_reads_it(tin
     assert changed_stages(project, "generate", "trace") == set()
 
     config = project / "data/models/tiny/config.json"
-    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"rms_norm_eps": 1e-5}, indent=2))
     sh("dvc", "repro", "-s", "toy_model", cwd=project)
     assert locked_outputs(project)["artifacts/toy_model"] != stamp
     assert changed_stages(project, "generate", "trace") == {"generate", "trace"}
