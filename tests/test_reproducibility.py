@@ -101,43 +101,40 @@ def test_a_bad_param_through_dvc_repro_single_stage_leaves_the_outputs(tiny_proj
     assert ran_stages(sh("dvc", "repro", "-s", "generate", cwd=project).stdout) == []
 
 
-def changed_stages(project: Path, *stages: str) -> set[str]:
-    return set(json.loads(sh("dvc", "status", "--json", *stages, cwd=project).stdout or "{}"))
+def write_questions(path: Path, questions: list[str]) -> None:
+    path.write_text("".join(json.dumps({"id": f"{path.stem}{i}", "question": question, "answer": "2"}) + "\n"
+                            for i, question in enumerate(questions)))
 
 
 @pytest.mark.slow
-def test_an_edited_question_file_or_local_model_reruns_exactly_what_reads_it(tiny_project, tiny_lm_dir):
-    project = tiny_project
-    source = project / "data/sources/mine.jsonl"
-    source.write_text("".join(json.dumps({"id": f"q{i}", "question": f"{i}+1", "answer": str(i + 1)}) + "\n"
-                              for i in range(3)))
-    set_params(project, **{"data.source": "jsonl:data/sources/mine.jsonl", "data.n_questions": 3})
-    sh("dvc", "repro", "-s", "questions", cwd=project)
-    assert changed_stages(project, "questions") == set()
+def test_an_edited_question_file_or_local_model_reruns_exactly_what_reads_it(tmp_path, tiny_lm_dir):
+    """A fresh project on a tiny random LM under data/models/ and question files under data/sources/: each edit
+    reruns exactly the stages that read the edited file (up to trace: the rest only follows them)."""
+    project = make_project(tmp_path / "project")
+    sources, model = project / "data/sources", project / "data/models/tiny"
+    write_questions(sources / "mine.jsonl", ["1+1", "3-1", "4-2"])
+    write_questions(sources / "ood.jsonl", ["1+1+0", "5-3"])
+    write_questions(sources / "unused.jsonl", ["2+0"])
+    shutil.copytree(tiny_lm_dir, model)
+    set_params(project, **{"model.name": "data/models/tiny", "data.source": "jsonl:data/sources/mine.jsonl",
+                           "data.n_questions": 3, "data.ood_source": "jsonl:data/sources/ood.jsonl",
+                           "data.n_ood_questions": 2, "sampling.runs": 2, "sampling.max_new_tokens": 8})
 
-    source.write_text(source.read_text().replace('"answer": "3"', '"answer": "three"'))
-    assert changed_stages(project, "questions") == {"questions"}
-    sh("dvc", "repro", "-s", "questions", cwd=project)
-    golds = [json.loads(line)["gold"] for line in (project / "data/questions/id.jsonl").read_text().splitlines()]
-    assert golds == ["1", "2", "three"]
+    def repro() -> list[str]:
+        return ran_stages(sh("dvc", "repro", "trace", cwd=project).stdout)
 
-    # a local model: its content hash in toy_model's output is what generate and trace depend on
-    shutil.copytree(tiny_lm_dir, project / "data/models/tiny")
-    set_params(project, **{"model.name": "data/models/tiny"})
-    sh("dvc", "repro", "-s", "toy_model", cwd=project)
-    sh("dvc", "commit", "-f", "generate", "trace", cwd=project)  # record them as up to date without running
-    stamp = locked_outputs(project)["artifacts/toy_model"]
-
-    (project / "data/models/other.gguf").write_bytes(b"another model nobody names")
-    sh("dvc", "repro", "-s", "toy_model", cwd=project)  # data/models changed: the stage reruns, its output does not
-    assert locked_outputs(project)["artifacts/toy_model"] == stamp
-    assert changed_stages(project, "generate", "trace") == set()
-
-    config = project / "data/models/tiny/config.json"
+    assert repro() == ["toy_model", "questions", "generate", "trace"]
+    assert repro() == []
+    write_questions(sources / "mine.jsonl", ["1+1", "3-1", "9-7"])  # a question edited in place
+    assert repro() == ["questions", "generate", "trace"]
+    assert json.loads((project / "data/questions/id.jsonl").read_text().splitlines()[2])["question"] == "9-7"
+    write_questions(sources / "unused.jsonl", ["7-5"])  # a file no param names: questions reruns, nothing changes
+    assert repro() == ["questions"]
+    (project / "data/models/other.gguf").write_bytes(b"a model nobody names")
+    assert repro() == ["toy_model"]  # the placeholder holds the named model's hash only: unchanged
+    config = model / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"rms_norm_eps": 1e-5}, indent=2))
-    sh("dvc", "repro", "-s", "toy_model", cwd=project)
-    assert locked_outputs(project)["artifacts/toy_model"] != stamp
-    assert changed_stages(project, "generate", "trace") == {"generate", "trace"}
+    assert repro() == ["toy_model", "generate", "trace"]
 
 
 @pytest.mark.slow
