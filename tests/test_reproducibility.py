@@ -1,8 +1,9 @@
 """`dvc repro` keeps what it has: a killed or failing run leaves every previous output in place, files named in
 params are deps, and the tiny configuration reproduces bit for bit in a second copy of the repository.
 
-All of these run DVC on the tiny project of tests/dvc_project.py (the `tiny_run` fixture is shared with the other
-end-to-end tests, so the pipeline runs once per session here, plus once more for the second copy).
+The kill, bad-param and data-file tests run DVC up to trace on a small project over a tiny random LM (seconds of
+compute); the reproducibility check runs the tiny configuration of tests/dvc_project.py once more in a second copy
+and compares it with the session's `tiny_run` (shared with the other end-to-end tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -58,29 +60,53 @@ def leftovers(project: Path) -> list[str]:
     return sorted(str(p.relative_to(project)) for root in OUTPUT_ROOTS for p in (project / root).rglob(".tmp-*"))
 
 
+def write_questions(path: Path, questions: list[str]) -> None:
+    path.write_text("".join(json.dumps({"id": f"{path.stem}{i}", "question": question, "answer": "2"}) + "\n"
+                            for i, question in enumerate(questions)))
+
+
+def small_project(directory: Path, tiny_lm_dir: Path) -> Path:
+    """A fresh project on a tiny random LM under data/models/ and question files under data/sources/, run up to
+    trace in seconds: the stages that read files named in params, and the stage that reads the model twice."""
+    project = make_project(directory)
+    sources = project / "data/sources"
+    write_questions(sources / "mine.jsonl", ["1+1", "3-1", "4-2"])
+    write_questions(sources / "ood.jsonl", ["1+1+0", "5-3"])
+    write_questions(sources / "unused.jsonl", ["2+0"])
+    shutil.copytree(tiny_lm_dir, project / "data/models/tiny")
+    set_params(project, **{"model.name": "data/models/tiny", "data.source": "jsonl:data/sources/mine.jsonl",
+                           "data.n_questions": 3, "data.ood_source": "jsonl:data/sources/ood.jsonl",
+                           "data.n_ood_questions": 2, "sampling.runs": 2, "sampling.max_new_tokens": 8})
+    return project
+
+
+def repro_trace(project: Path) -> list[str]:
+    return ran_stages(sh("dvc", "repro", "trace", cwd=project).stdout)
+
+
 @pytest.mark.slow
-def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(tiny_project):
-    project = tiny_project
+def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(tmp_path, tiny_lm_dir):
+    project = small_project(tmp_path / "project", tiny_lm_dir)
+    assert repro_trace(project) == ["toy_model", "questions", "generate", "trace"]
     before, lock_before = file_hashes(project), (project / "dvc.lock").read_text()
-    set_params(project, **{"trace.batch_size": 3})  # reruns trace, and what follows if its arrays change
-    repro = subprocess.Popen(["dvc", "repro"], cwd=project, env=ENV, stdout=subprocess.PIPE,
+    set_params(project, **{"trace.batch_size": 1})  # reruns trace
+    repro = subprocess.Popen(["dvc", "repro", "trace"], cwd=project, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)  # its own process group
     deadline = time.monotonic() + 600
     while not list((project / "artifacts").glob(".tmp-hidden-*")):  # the trace stage is running, mid-write
         assert repro.poll() is None, f"dvc repro ended before the trace stage wrote anything:\n{repro.stdout.read()}"
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
     repro.stdout.close()
 
     assert leftovers(project), "killed before trace started writing"
-    assert file_hashes(project) == before  # every previous output in place, byte for byte, metrics included
+    assert file_hashes(project) == before  # every previous output in place, byte for byte, cost records included
     assert (project / "dvc.lock").read_text() == lock_before
 
-    rerun = sh("dvc", "repro", cwd=project)
-    assert ran_stages(rerun.stdout)[0] == "trace"
-    assert "up to date" in sh("dvc", "status", cwd=project).stdout
+    assert repro_trace(project) == ["trace"]
+    assert "up to date" in sh("dvc", "status", "trace", cwd=project).stdout
     assert leftovers(project) == []  # the killed run's temporaries are gone
     upstream = ("artifacts/toy_model/", "data/")  # what trace reads is untouched
     after = file_hashes(project)
@@ -89,8 +115,9 @@ def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(tiny
 
 
 @pytest.mark.slow
-def test_a_bad_param_through_dvc_repro_single_stage_leaves_the_outputs(tiny_project):
-    project = tiny_project
+def test_a_bad_param_through_dvc_repro_single_stage_leaves_the_outputs(tmp_path, tiny_lm_dir):
+    project = small_project(tmp_path / "project", tiny_lm_dir)
+    repro_trace(project)
     before = file_hashes(project)
     set_params(project, **{"data.n_questions": "500"})
     failed = sh("dvc", "repro", "-s", "questions", cwd=project, check=False)
@@ -101,28 +128,12 @@ def test_a_bad_param_through_dvc_repro_single_stage_leaves_the_outputs(tiny_proj
     assert ran_stages(sh("dvc", "repro", "-s", "generate", cwd=project).stdout) == []
 
 
-def write_questions(path: Path, questions: list[str]) -> None:
-    path.write_text("".join(json.dumps({"id": f"{path.stem}{i}", "question": question, "answer": "2"}) + "\n"
-                            for i, question in enumerate(questions)))
-
-
 @pytest.mark.slow
 def test_an_edited_question_file_or_local_model_reruns_exactly_what_reads_it(tmp_path, tiny_lm_dir):
-    """A fresh project on a tiny random LM under data/models/ and question files under data/sources/: each edit
-    reruns exactly the stages that read the edited file (up to trace: the rest only follows them)."""
-    project = make_project(tmp_path / "project")
+    """Each edit reruns exactly the stages that read the edited file (up to trace: the rest only follows them)."""
+    project = small_project(tmp_path / "project", tiny_lm_dir)
     sources, model = project / "data/sources", project / "data/models/tiny"
-    write_questions(sources / "mine.jsonl", ["1+1", "3-1", "4-2"])
-    write_questions(sources / "ood.jsonl", ["1+1+0", "5-3"])
-    write_questions(sources / "unused.jsonl", ["2+0"])
-    shutil.copytree(tiny_lm_dir, model)
-    set_params(project, **{"model.name": "data/models/tiny", "data.source": "jsonl:data/sources/mine.jsonl",
-                           "data.n_questions": 3, "data.ood_source": "jsonl:data/sources/ood.jsonl",
-                           "data.n_ood_questions": 2, "sampling.runs": 2, "sampling.max_new_tokens": 8})
-
-    def repro() -> list[str]:
-        return ran_stages(sh("dvc", "repro", "trace", cwd=project).stdout)
-
+    repro = partial(repro_trace, project)
     assert repro() == ["toy_model", "questions", "generate", "trace"]
     assert repro() == []
     write_questions(sources / "mine.jsonl", ["1+1", "3-1", "9-7"])  # a question edited in place
