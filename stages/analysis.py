@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from stages.lib.analysis import build_table
-from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage
+from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs
 from stages.lib.params import load_params
 from stages.lib.registry import ANALYSIS_COLUMNS
 from stages.lib.schema import ANALYSIS_FILE, ANALYSIS_KEY, validate_frame
@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 def main() -> None:
     setup_logging()
     params = load_params()
-    with cost_record(params.paths.metrics, "analysis") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "analysis", outputs) as cost:
         table = build_table(params)
         validate_frame(table, ANALYSIS_COLUMNS, "analysis table", ANALYSIS_KEY)
-        with atomic_path(params.paths.analysis) as out_dir:
-            out_dir.mkdir()
-            table.to_parquet(out_dir / ANALYSIS_FILE, index=False)
+        out_dir = outputs.path(params.paths.analysis)
+        out_dir.mkdir()
+        table.to_parquet(out_dir / ANALYSIS_FILE, index=False)
         log.info("wrote %s/%s: %d rows", params.paths.analysis, ANALYSIS_FILE, len(table))
         cost["runs"] = len(table)
 

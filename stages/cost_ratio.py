@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.common import run_stage, setup_logging, write_model
+from stages.lib.common import run_stage, setup_logging, stage_outputs, write_model
 from stages.lib.costs import cost_ratio, read_costs
 from stages.lib.params import Params, load_params
 from stages.lib.schema import COST_RATIO_FILE, CostRatio
@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 def run(params: Params) -> CostRatio:
     report = cost_ratio(read_costs(params.paths.metrics), params.sampling.runs)
-    write_model(report, Path(params.paths.metrics) / COST_RATIO_FILE)
+    with stage_outputs() as outputs:
+        write_model(report, outputs.path(Path(params.paths.metrics) / COST_RATIO_FILE))
     log.info("SE costs %.1fx a probe evaluation in seconds, %.1fx in tokens", report.seconds_ratio or 0,
              report.tokens_ratio or 0)
     return report

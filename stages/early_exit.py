@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib.common import cost_record, read_table, run_stage, setup_logging, write_csv, write_model
+from stages.lib.common import (cost_record, read_table, run_stage, setup_logging, stage_outputs, write_csv,
+                               write_model)
 from stages.lib.dataset import attach_splits, load_dataset, require_same_locations
 from stages.lib.early_exit import (
     CALIBRATION_SPLIT,
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 def run(params: Params) -> EarlyExitReport:
     settings, prefixes = params.early_exit, params.early_exit.prefixes
     require_traced_prefixes(prefixes, params.trace.positions)
-    with cost_record(params.paths.metrics, "early_exit") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "early_exit", outputs) as cost:
         splits = read_table(Path(params.paths.probes) / SPLITS_FILE, SPLIT_COLUMNS, SPLIT_KEY)
         data = {dataset: load_dataset(params, dataset) for dataset in ("id", "ood")}
         require_same_locations(data["id"], data["ood"])
@@ -77,8 +78,8 @@ def run(params: Params) -> EarlyExitReport:
                 n_calibration_questions=int(runs[CALIBRATION_SPLIT]["question_id"].nunique()),
                 bootstrap=params.evaluate.bootstrap, confidence=params.evaluate.confidence),
             "stopping_probes": choices, "rules": rules})
-        write_model(report, Path(params.paths.metrics) / EARLY_EXIT_FILE)
-        write_csv(pareto, Path(params.paths.plots) / EARLY_EXIT_PARETO_FILE, EARLY_EXIT_PARETO_COLUMNS)
+        write_model(report, outputs.path(Path(params.paths.metrics) / EARLY_EXIT_FILE))
+        write_csv(pareto, outputs.path(Path(params.paths.plots) / EARLY_EXIT_PARETO_FILE), EARLY_EXIT_PARETO_COLUMNS)
         cost.update(runs=int(sum(len(r) for r in runs.values())), stopping_probes=len(probes),
                     pareto_rows=len(pareto))
     return report

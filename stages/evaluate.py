@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib.common import cost_record, run_stage, setup_logging, write_csv, write_model
+from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
 from stages.lib.dataset import DatasetRuns, attach_splits, load_dataset, require_same_locations
 from stages.lib.evaluation import (
     auroc_by_layer,
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> EvaluateReport:
-    with cost_record(params.paths.metrics, "evaluate") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "evaluate", outputs) as cost:
         probes, selection, splits = load_probes(params.paths.probes)
         id_data: DatasetRuns = load_dataset(params, "id")
         ood_data: DatasetRuns = load_dataset(params, "ood")
@@ -101,14 +101,15 @@ def run(params: Params) -> EvaluateReport:
             settings=evaluate_settings(params.evaluate, selection, probes),
             early_warning=[EarlyWarningRow(**row) for row in warning.replace({np.nan: None}).to_dict("records")])
 
-        write_model(report, Path(params.paths.metrics) / EVALUATE_FILE)
-        write_csv(by_layer, Path(params.paths.plots) / AUROC_BY_LAYER_FILE, AUROC_BY_LAYER_COLUMNS)
-        write_csv(roc, Path(params.paths.plots) / ROC_FILE, ROC_COLUMNS)
-        write_csv(warning, Path(params.paths.plots) / EARLY_WARNING_FILE, EARLY_WARNING_COLUMNS)
-        write_csv(concat_rows(risk_frames, RISK_COVERAGE_COLUMNS), Path(params.paths.plots) / RISK_COVERAGE_FILE,
+        plots = Path(params.paths.plots)
+        write_model(report, outputs.path(Path(params.paths.metrics) / EVALUATE_FILE))
+        write_csv(by_layer, outputs.path(plots / AUROC_BY_LAYER_FILE), AUROC_BY_LAYER_COLUMNS)
+        write_csv(roc, outputs.path(plots / ROC_FILE), ROC_COLUMNS)
+        write_csv(warning, outputs.path(plots / EARLY_WARNING_FILE), EARLY_WARNING_COLUMNS)
+        write_csv(concat_rows(risk_frames, RISK_COVERAGE_COLUMNS), outputs.path(plots / RISK_COVERAGE_FILE),
                   RISK_COVERAGE_COLUMNS)
-        write_csv(by_difficulty, Path(params.paths.plots) / DIFFICULTY_FILE, DIFFICULTY_COLUMNS)
-        write_csv(concat_rows(reliability_frames, RELIABILITY_COLUMNS), Path(params.paths.plots) / RELIABILITY_FILE,
+        write_csv(by_difficulty, outputs.path(plots / DIFFICULTY_FILE), DIFFICULTY_COLUMNS)
+        write_csv(concat_rows(reliability_frames, RELIABILITY_COLUMNS), outputs.path(plots / RELIABILITY_FILE),
                   RELIABILITY_COLUMNS)
         cost.update({"location_probes_scored": len(location_probes),
                      "runs_scored": int(sum(len(runs) for runs, _ in evaluated.values())),

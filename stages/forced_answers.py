@@ -13,7 +13,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from stages.lib.common import atomic_path, cost_record, read_table, run_stage, setup_logging, write_table
+from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_table
 from stages.lib.forced_answers import force_answers, greedy_answers, greedy_answers_vllm, require_traced_prefixes
 from stages.lib.models import load_model, think_tokens
 from stages.lib.params import load_params
@@ -38,13 +38,13 @@ def main() -> None:
         decode = partial(greedy_answers_vllm, generator, max_new_tokens=settings.max_answer_tokens)
     else:
         model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device,
-                                      params.model.dtype)
+                                      params.model.dtype, params.model.revision)
         eos_ids, pad_id = stop_and_pad_ids(model.generation_config, tokenizer)
         decode = partial(greedy_answers, model, max_new_tokens=settings.max_answer_tokens, eos_ids=eos_ids,
                          pad_id=pad_id, batch_size=settings.batch_size)
     think = think_tokens(tokenizer)
-    with cost_record(params.paths.metrics, "forced_answers") as cost, \
-            atomic_path(params.paths.forced_answers) as out_dir:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "forced_answers", outputs) as cost:
+        out_dir = outputs.path(params.paths.forced_answers)
         out_dir.mkdir()
         cost.update(backend=backend, sequences=0, tokens_generated=0, generate_calls=0)
         for dataset in DATASETS:

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 
 from stages.lib.checkpoints import GenerationCheckpoints, generation_key
-from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage, write_table
-from stages.lib.models import format_prompt, load_model, prompt_ids, think_tokens
+from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_table
+from stages.lib.models import format_prompt, load_model, prompt_ids, require_prompts_fit, think_tokens
 from stages.lib.params import load_params
 from stages.lib.questions import load_questions
 from stages.lib.runs import build_run_records
@@ -48,8 +48,15 @@ def main() -> None:
     if think.end_id is None:
         log.warning("tokenizer has no single </think> token: every run is flagged think_missing")
     question_files = [Path(params.paths.questions) / f"{dataset}.jsonl" for dataset in DATASETS]
+    position_limit = None if backend == "vllm" else getattr(model.config, "max_position_embeddings", None)
+    for path in question_files:  # every prompt fits the model before anything is generated
+        questions = load_questions(path)
+        require_prompts_fit([len(prompt_ids(tokenizer, format_prompt(params.sampling.prompt_template, q)))
+                             for q in questions["question"]],
+                            questions["question_id"], params.sampling.max_new_tokens, position_limit, path)
     checkpoints = GenerationCheckpoints(generation_key(params, question_files))
-    with cost_record(params.paths.metrics, "generate") as cost, atomic_path(params.paths.runs) as out_dir:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "generate", outputs) as cost:
+        out_dir = outputs.path(params.paths.runs)
         out_dir.mkdir()
         cost.update(backend=backend, model=params.model.name, model_revision=params.model.revision, sequences=0,
                     tokens_generated=0, generate_calls=0)

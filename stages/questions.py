@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.lib.common import atomic_path, setup_logging, run_stage
+from stages.lib.common import run_stage, setup_logging, stage_outputs
 from stages.lib.params import load_params
 from stages.lib.questions import build_dataset, write_questions
 
@@ -24,8 +24,9 @@ def main() -> None:
         "ood": build_dataset("ood", params.data.ood_source, params.data.n_ood_questions, params.seed, params.toy,
                              params.data.revision),
     }
-    with atomic_path(params.paths.questions) as directory:
-        directory.mkdir(parents=True)
+    with stage_outputs() as outputs:
+        directory = outputs.path(params.paths.questions)
+        directory.mkdir()
         for dataset, frame in frames.items():
             write_questions(frame, directory / f"{dataset}.jsonl")
     log.info("wrote %s: %d in-distribution and %d out-of-distribution questions", params.paths.questions,

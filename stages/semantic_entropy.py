@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from stages.lib.answers import answers_equivalent
-from stages.lib.common import atomic_path, cost_record, read_table, run_stage, write_table
+from stages.lib.common import cost_record, read_table, run_stage, stage_outputs, write_table
 from stages.lib.entropy import CountingEquivalence, judge_clusterer, math_clusterer, semantic_entropy_table
 from stages.lib.equivalence import NO_ANSWER, build_judge
 from stages.lib.params import load_params
@@ -24,7 +24,7 @@ def main() -> None:
     """Load runs -> cluster and compute entropies -> validate -> write the output directory atomically."""
     params = load_params()
     runs_dir, output_dir = Path(params.paths.runs), Path(params.paths.semantic_entropy)
-    with cost_record(params.paths.metrics, "semantic_entropy") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "semantic_entropy", outputs) as cost:
         runs_by_dataset = {dataset: read_table(runs_dir / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
                            for dataset in DATASETS}
         if runs_by_dataset["id"].empty:
@@ -55,10 +55,10 @@ def main() -> None:
                          dataset, len(per_question), per_question["n_clusters"].mean(),
                          per_question["semantic_entropy"].mean(), int((runs["answer"] == NO_ANSWER).sum()))
 
-        with atomic_path(output_dir) as tmp_dir:
-            tmp_dir.mkdir()
-            for dataset, table in tables.items():
-                write_table(table, tmp_dir / f"{dataset}.parquet", SE_COLUMNS, SE_KEY)
+        tmp_dir = outputs.path(output_dir)
+        tmp_dir.mkdir()
+        for dataset, table in tables.items():
+            write_table(table, tmp_dir / f"{dataset}.parquet", SE_COLUMNS, SE_KEY)
         log.info("wrote %s: %s", output_dir, {dataset: len(table) for dataset, table in tables.items()})
 
         cost["method"] = method

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.common import cost_record, run_stage, setup_logging, write_csv, write_model
+from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
 from stages.lib.params import Params, load_params
 from stages.lib.schema import (
     STABILITY_COLUMNS,
@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> StabilityReport:
-    with cost_record(params.paths.metrics, "stability") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "stability", outputs) as cost:
         table, skipped = seed_aurocs(params)
         report = StabilityReport(splits=summarise(table), skipped_seeds=skipped, settings=StabilitySettings(
             seeds=list(range(params.seed, params.seed + params.stability.seeds)),
             c_grid=list(params.stability.c_grid), layer_ranges="not searched (single layers)",
             positive_class="incorrect run"))
-        write_model(report, Path(params.paths.metrics) / STABILITY_FILE)
-        write_csv(table, Path(params.paths.plots) / STABILITY_PLOT_FILE, STABILITY_COLUMNS)
+        write_model(report, outputs.path(Path(params.paths.metrics) / STABILITY_FILE))
+        write_csv(table, outputs.path(Path(params.paths.plots) / STABILITY_PLOT_FILE), STABILITY_COLUMNS)
         cost.update({"seeds": params.stability.seeds, "rows": len(table)})
     return report
 

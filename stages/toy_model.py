@@ -2,19 +2,21 @@
 
 Run with ``python -m stages.toy_model``; writes ``{paths.toy_model}`` and its cost record
 (training: stages/lib/toy.py). When ``model.name`` is not ``toy`` it trains nothing and writes a placeholder
-directory at once (``save_skipped``): a real run does not pay for the toy's training."""
+directory at once (``save_skipped``): a real run does not pay for the toy's training. For a local model (under
+data/models/, a dep of this stage) the placeholder holds the model's content hash, so that generate and trace, which
+depend on it, rerun exactly when the named model changes."""
 
 from __future__ import annotations
 
 import logging
-import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from stages.lib import arithmetic
-from stages.lib.common import atomic_path, cost_record, setup_logging, run_stage
-from stages.lib.params import load_params
+from stages.lib.common import content_sha256, cost_record, run_stage, setup_logging, stage_outputs
+from stages.lib.params import is_local_model, load_params
 from stages.lib.toy import (
     VALIDATION_QUESTIONS,
     build_model,
@@ -33,18 +35,18 @@ def main() -> None:
     setup_logging()
     params = load_params()
     if params.model.name != "toy":
-        with cost_record(params.paths.metrics, "toy_model") as cost:
+        with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:
             cost["skipped"] = "model.name is not toy"
-            with atomic_path(params.paths.toy_model) as directory:
-                save_skipped(directory)
+            local = is_local_model(params.model.name) and Path(params.model.name).exists()
+            save_skipped(outputs.path(params.paths.toy_model),
+                         content_sha256(params.model.name) if local else None)
         log.info("model.name=%r is not `toy`: nothing trained; wrote the placeholder %s", params.model.name,
                  params.paths.toy_model)
         return
     toy = params.toy
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))  # a model this small gains nothing past a few threads
     torch.manual_seed(params.seed)
     rng = np.random.default_rng([params.seed, 0])  # stream 0: training chains; questions use other streams
-    with cost_record(params.paths.metrics, "toy_model") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:
         tokenizer = build_tokenizer()
         model = build_model(toy, tokenizer)
         log.info("toy model: %d layers x %d wide, %d parameters, vocabulary %d",
@@ -56,9 +58,9 @@ def main() -> None:
         cost["greedy_accuracy_id"] = greedy_accuracy(model, tokenizer, questions)
         log.info("greedy accuracy on %d fresh in-distribution chains: %.2f", len(questions),
                  cost["greedy_accuracy_id"])
-        with atomic_path(params.paths.toy_model) as directory:
-            save(directory, model, tokenizer, toy, params.seed)
-            check_round_trip(directory, model, tokenizer)
+        directory = outputs.path(params.paths.toy_model)
+        save(directory, model, tokenizer, toy, params.seed)
+        check_round_trip(directory, model, tokenizer)
         log.info("wrote %s", params.paths.toy_model)
 
 

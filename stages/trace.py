@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from stages.lib.common import atomic_path, cost_record, read_table, run_stage, setup_logging, write_model, write_table
-from stages.lib.models import load_model
+from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_model, write_table
+from stages.lib.models import load_config, load_model
 from stages.lib.params import load_params
 from stages.lib.schema import (
     DATASETS,
@@ -35,14 +35,17 @@ def main() -> None:
     params = load_params()
     if params.trace.backend == "nnsight":
         require_nnsight()  # before the model loads: a missing extra fails in a second, not after minutes
+    # trace.layers checked before the weights load
+    config = load_config(params.model.name, params.paths.toy_model, params.model.revision)
+    layers = resolve_layers(params.trace.layers, config.num_hidden_layers + 1)
     model, tokenizer = load_model(params.model.name, params.paths.toy_model, params.model.device, params.model.dtype,
                                   params.model.revision)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     traced = nnsight_model(model, tokenizer) if params.trace.backend == "nnsight" else model
     log.info("trace backend: %s", params.trace.backend)
-    layers = resolve_layers(params.trace.layers, model.config.num_hidden_layers + 1)
     positions = tuple(params.trace.positions)
-    with cost_record(params.paths.metrics, "trace") as cost, atomic_path(params.paths.hidden) as out_dir:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "trace", outputs) as cost:
+        out_dir = outputs.path(params.paths.hidden)
         out_dir.mkdir()
         cost.update(sequences=0, tokens_processed=0, forward_passes=0)
         for dataset in DATASETS:

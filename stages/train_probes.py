@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.lib.common import cost_record, setup_logging, run_stage
+from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs
 from stages.lib.dataset import attach_splits, load_dataset, require_same_locations, split_questions
 from stages.lib.params import Params, load_params
 from stages.lib.probe_store import write_probes
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> TrainedProbes:
-    with cost_record(params.paths.metrics, "train_probes") as cost:
+    with stage_outputs() as outputs, cost_record(params.paths.metrics, "train_probes", outputs) as cost:
         id_data = load_dataset(params, "id")
         ood_data = load_dataset(params, "ood")
         require_same_locations(id_data, ood_data)
@@ -26,7 +26,7 @@ def run(params: Params) -> TrainedProbes:
                                  params.probes.train_fraction, params.probes.val_fraction, params.seed)
         runs = attach_splits(id_data.runs, splits, "id")
         trained = train(runs, id_data.hidden, id_data.positions, id_data.layers, params.probes, params.seed)
-        write_probes(params.paths.probes, splits, trained)
+        write_probes(outputs.path(params.paths.probes), splits, trained)
         cost.update({"probes_fitted": trained.n_fitted, "train_runs": int((runs["split"] == "train").sum()),
                      "locations": len(id_data.positions) * len(id_data.layers)})
     return trained

@@ -1,9 +1,10 @@
 """A fresh git + DVC copy of this repository on a tiny configuration, for the end-to-end tests.
 
-`make_project` copies what a user clones (stages/, dvc.yaml, params.yaml, .dvc/config and the plot templates
-in .dvc/plots/), shrinks params.yaml to TINY and commits. The `tiny_run` fixture runs `dvc repro` on it once
-per session and commits the result; `tiny_project` hands each test its own copy (git history, DVC cache and
-workspace), so tests can change it freely without running the pipeline again.
+`make_project` copies what a user clones (stages/, dvc.yaml, params.yaml, .dvc/config, the plot templates
+in .dvc/plots/ and the README of data/sources/ and data/models/), shrinks params.yaml to TINY and commits. The
+`tiny_run` fixture runs `dvc repro` on it once per session and commits the result; `tiny_project` hands each test
+its own copy (git history, DVC cache and workspace), so tests can change it freely without running the pipeline
+again.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> su
 
 
 def make_project(directory: Path) -> Path:
+    for folder in ("data/sources", "data/models"):  # the DVC deps for files named in params: their README only
+        (directory / folder).mkdir(parents=True)
+        shutil.copy(ROOT / folder / "README.md", directory / folder / "README.md")
     for name in ("stages", "dvc.yaml", "params.yaml"):
         source = ROOT / name
         if source.is_dir():

@@ -76,3 +76,13 @@ def test_dvc_stage_list_prints_the_descs():
     assert result.returncode == 0, result.stderr
     listed = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
     assert {stage: desc.strip() for stage, desc in listed.items()} == {s: STAGES[s]["desc"] for s in STAGES}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_output_persists_so_a_failed_run_deletes_nothing(stage):
+    """DVC deletes a non-persistent output before running the command; the stages replace theirs all at once
+    (common.stage_outputs), so every out, metric and plot must be `persist: true` (docs/design.md, "All or none")."""
+    for kind in ("outs", "metrics", "plots"):
+        for entry in STAGES[stage].get(kind, []):
+            path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+            assert (options or {}).get("persist") is True, f"dvc.yaml stage `{stage}`: {kind} `{path}` lacks persist"

@@ -173,10 +173,15 @@ def test_a_missing_gguf_file_is_a_clear_error(tmp_path):
 
 def test_model_name_and_sources_validate_in_params():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["model"]["name"] = "/models/x.gguf"
+    raw["model"]["name"] = "data/models/x.gguf"
     raw["data"].update(source="hf:gsm8k", ood_source="hf:math500")
     params = parse_params(raw)
     assert (params.data.source, params.data.ood_source) == ("hf:gsm8k", "hf:math500")
+    raw["model"]["name"] = "/models/x.gguf"  # a local file must be a DVC dep: under data/models/
+    with pytest.raises(ParamsError, match=r"^params.yaml: `model.name` = '/models/x.gguf' is invalid; expected a "
+                                          r"local model under data/models/"):
+        parse_params(raw)
+    raw["model"]["name"] = "toy"
     raw["data"]["source"] = "hf:aime"
     with pytest.raises(ParamsError, match=r"`data.source` = 'hf:aime' is invalid; expected .*`hf:math500`"):
         parse_params(raw)

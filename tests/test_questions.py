@@ -142,9 +142,10 @@ def test_stage_writes_both_sets_and_load_questions_reads_them_back(tmp_path, mon
 
 
 def test_stage_with_a_jsonl_source_and_no_ood_set(tmp_path, monkeypatch):
-    source = write_lines(tmp_path / "mine.jsonl", [json.dumps({"id": f"q{i}", "question": f"{i}+1",
-                                                               "answer": str(i + 1)}) for i in range(4)])
-    out = run_stage(tmp_path, monkeypatch, source=f"jsonl:{source}", n_questions=3, ood_source="none",
+    (tmp_path / "data/sources").mkdir(parents=True)
+    write_lines(tmp_path / "data/sources/mine.jsonl", [json.dumps({"id": f"q{i}", "question": f"{i}+1",
+                                                                   "answer": str(i + 1)}) for i in range(4)])
+    out = run_stage(tmp_path, monkeypatch, source="jsonl:data/sources/mine.jsonl", n_questions=3, ood_source="none",
                     n_ood_questions=0)
     assert load_questions(out / "id.jsonl").question_id.tolist() == ["q0", "q1", "q2"]
     assert (out / "ood.jsonl").read_text() == ""

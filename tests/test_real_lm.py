@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -42,13 +43,16 @@ REAL = {
 }
 
 
-def write_worded_chains(path: Path, n: int, seed: int, min_terms: int, max_terms: int, max_operand: int) -> str:
-    """``n`` seeded chains as ``{id, question, answer}`` JSON lines, asked in words; the ``jsonl:`` source spec."""
+def write_worded_chains(project: Path, name: str, n: int, seed: int, min_terms: int, max_terms: int,
+                        max_operand: int) -> str:
+    """``n`` seeded chains as ``{id, question, answer}`` JSON lines in the project's data/sources/<name>, asked in
+    words; the ``jsonl:`` source spec."""
+    path = project / "data" / "sources" / name
     chains = arithmetic.make_questions(n, np.random.default_rng(seed), min_terms, max_terms, max_operand)
     path.write_text("".join(json.dumps({"id": f"{path.stem}-{i:04d}", "answer": gold,
                                         "question": f"What is {chain}? Give the number."}) + "\n"
                             for i, (chain, gold) in enumerate(chains)))
-    return f"jsonl:{path}"
+    return f"jsonl:{path.relative_to(project).as_posix()}"
 
 
 @pytest.mark.slow
@@ -58,9 +62,10 @@ def test_pipeline_on_a_real_gguf_model(tmp_path):
     assert gguf_file.is_file(), f"SEP_REAL_LM={REAL_LM}: no such file"
     project = make_project(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["model"]["name"] = str(gguf_file)
-    params["data"]["source"] = write_worded_chains(tmp_path / "id.jsonl", N_QUESTIONS, 1, 2, 3, 20)
-    params["data"]["ood_source"] = write_worded_chains(tmp_path / "ood.jsonl", N_OOD_QUESTIONS, 2, 4, 5, 50)
+    shutil.copy(gguf_file, project / "data" / "models" / gguf_file.name)  # a local model is a dep under data/models/
+    params["model"]["name"] = f"data/models/{gguf_file.name}"
+    params["data"]["source"] = write_worded_chains(project, "id.jsonl", N_QUESTIONS, 1, 2, 3, 20)
+    params["data"]["ood_source"] = write_worded_chains(project, "ood.jsonl", N_OOD_QUESTIONS, 2, 4, 5, 50)
     for group, values in REAL.items():
         if group in params:  # a group this checkout does not have yet is left out
             params[group].update(values)

@@ -166,6 +166,21 @@ def test_training_is_deterministic_given_the_seed():
     assert counters["steps"] == TINY.steps and counters["train_completion_tokens"] > 0
 
 
+def test_training_fixes_its_threads_and_deterministic_algorithms_whatever_the_caller_set():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread, _, _ = train_tiny(seed=5)
+        assert torch.get_num_threads() == 1 and not torch.are_deterministic_algorithms_enabled()  # restored
+        torch.set_num_threads(3)
+        three_threads, _, _ = train_tiny(seed=5)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    for (name, a), b in zip(one_thread.state_dict().items(), three_threads.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_saved_model_loads_through_the_auto_classes_and_generates(tmp_path):
     model, tokenizer, _ = train_tiny(seed=0)
     toy.save(tmp_path / "toy", model, tokenizer, TINY, seed=0)
@@ -221,7 +236,7 @@ def test_stage_main_trains_nothing_for_a_real_model(tmp_path, monkeypatch):
     cost = json.loads((tmp_path / raw["paths"]["metrics"] / "cost" / "toy_model.json").read_text())
     assert cost["stage"] == "toy_model" and cost["skipped"] == "model.name is not toy" and "steps" not in cost
     first = (model_dir / toy.SKIPPED_FILE).read_bytes()
-    raw["model"]["name"] = "/models/another"
+    raw["model"]["name"] = "org/another"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     toy_model.main()
     assert (model_dir / toy.SKIPPED_FILE).read_bytes() == first  # the same output for every real model

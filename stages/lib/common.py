@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -95,6 +96,107 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+class StageOutputs:
+    """The outputs of one stage run, written as one set (``stage_outputs``): each ``path(final)`` is a temporary
+    path next to ``final``; nothing replaces a previous output until the stage has written every one."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, Path] = {}  # final path -> its temporary path
+
+    def path(self, final: str | Path) -> Path:
+        """Where to write ``final`` (a file, or a directory the stage creates): a fresh ``.tmp-*`` sibling of it."""
+        final = Path(final)
+        if final in self._pending:
+            return self._pending[final]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent)) / final.name
+        self._pending[final] = tmp
+        return tmp
+
+    def _commit(self) -> None:
+        missing = [str(final) for final, tmp in self._pending.items() if not (tmp.exists() or tmp.is_symlink())]
+        if missing:
+            raise RuntimeError(f"stage_outputs: the stage asked for but never wrote {', '.join(missing)}")
+        for final, tmp in self._pending.items():
+            _replace(tmp, final)
+            log.info("in place: %s", final)
+
+    def _discard(self) -> None:
+        for tmp in self._pending.values():
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stage_outputs() -> Iterator[StageOutputs]:
+    """All of a stage's outputs or none: write each to ``outputs.path(final)``; on a clean exit every temporary is
+    renamed onto its final path (a directory is replaced whole, so no stale file of the old one survives); on an
+    exception (or a kill) none is, and the previous outputs stay as they were.
+
+    The renames happen only after the stage has computed and written everything, one ``rename`` per output, so
+    the window in which a kill leaves a mixed set is a few system calls long. With ``persist: true`` on every
+    output in dvc.yaml, DVC itself deletes nothing before the command runs (docs/design.md, "All or none").
+    """
+    outputs = StageOutputs()
+    try:
+        yield outputs
+        outputs._commit()
+    finally:
+        outputs._discard()
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final``; a directory (or a file in the way of one) is moved aside first, then removed."""
+    if final.exists() and (final.is_dir() or tmp.is_dir()) and not final.is_symlink():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, final)
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Remove the ``.tmp-<name>-<pid>-*`` / ``.old-<name>-<pid>`` siblings a killed stage run left behind (their
+    process is gone); those of a live process are left alone."""
+    for leftover in list(final.parent.glob(f".tmp-{final.name}-*")) + list(final.parent.glob(f".old-{final.name}-*")):
+        pid = leftover.name[len(f".tmp-{final.name}-"):].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def content_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, or of a directory's files (their relative paths and bytes, in sorted order):
+    the same for a copy anywhere, different after any edit."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" if path.is_dir() else b"")
+        with file.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_json(data: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
@@ -135,16 +237,40 @@ def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ..
         raise SchemaError(f"{path}: not found; run the stage that writes it (`dvc repro`)")
     if names is not None:
         columns = tuple(c for c in columns if c.name in names)
-    frame = pd.read_parquet(path, columns=None if names is None else list(names))
+    frame = read_parquet(path, columns=None if names is None else list(names))
     validate_frame(frame, columns, path, key)
     log.info("read %s: %d rows", path, len(frame))
     return frame
 
 
+def corrupt_file_error(path: str | Path, kind: str, error: Exception) -> SchemaError:
+    """The one-line error for a truncated or damaged output file, with the command that restores it."""
+    reason = " ".join(str(error).split())
+    return SchemaError(f"{path}: truncated or corrupt {kind} ({reason}); restore it with `dvc checkout {path}` "
+                       f"(or rerun the stage that writes it)")
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """``pd.read_parquet``; a truncated or damaged file is a one-line SchemaError naming it (``dvc checkout``)."""
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise corrupt_file_error(path, "parquet file", error) from None
+
+
+def load_npy(path: str | Path, mmap_mode: str | None = "r") -> np.ndarray:
+    """``np.load`` of one ``.npy`` array (memory-mapped by default, never unpickled); a truncated file (numpy's
+    ``mmap length is greater than file size``) is a one-line SchemaError naming it (``dvc checkout``)."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise corrupt_file_error(path, ".npy array", error) from None
+
+
 @contextlib.contextmanager
-def cost_record(metrics_dir: str | Path, stage: str) -> Iterator[dict]:
+def cost_record(metrics_dir: str | Path, stage: str, outputs: StageOutputs | None = None) -> Iterator[dict]:
     """Time a stage and write ``<metrics_dir>/cost/<stage>.json`` (CostRecord) with wall seconds and the counters
-    it adds.
+    it adds; with ``outputs`` (``stage_outputs``) the record is one of the stage's set of outputs, written with them.
 
     The stage fills the yielded dict (tokens generated, forward passes, equivalence checks ...) with numbers and
     strings (numpy scalars are stored as Python ones); a stage listed in COST_COUNTERS must fill those counters.
@@ -157,7 +283,7 @@ def cost_record(metrics_dir: str | Path, stage: str) -> Iterator[dict]:
                         counters={name: _python_scalar(value) for name, value in counters.items()})
     if stage in COST_COUNTERS:
         COST_COUNTERS[stage].parse(record.counters, f"{path} (as written by the {stage} stage)")
-    write_model(record, path)
+    write_model(record, path if outputs is None else outputs.path(path))
     log.info("cost of %s: %s", stage, record.model_dump())
 
 

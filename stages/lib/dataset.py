@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib.common import read_table
+from stages.lib.common import load_npy, read_parquet, read_table
 from stages.lib.params import Params
 from stages.lib.schema import (
     RUN_COLUMNS,
@@ -62,8 +62,8 @@ def load_dataset(params: Params, dataset: str) -> DatasetRuns:
     for path in (array_path, index_path, meta_path):
         if not path.exists():
             raise SchemaError(f"{path}: not found; run the trace stage (`dvc repro trace`)")
-    hidden = np.load(array_path, mmap_mode="r")
-    index = pd.read_parquet(index_path)
+    hidden = load_npy(array_path)
+    index = read_parquet(index_path)
     meta = HiddenMeta.read(meta_path, writer="trace")
     validate_hidden(hidden, index, meta, array_path)
     log.info("read %s: shape %s (runs, positions, layers, hidden)", array_path, hidden.shape)

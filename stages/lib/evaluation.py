@@ -402,7 +402,9 @@ def early_warning(selection: Selection, location_probes, datasets: Mapping[str, 
                                         np.random.default_rng([seed, 7, choice_index, split_index]))
                 record.update(auroc=auroc(labels, decision), auroc_ci_low=interval.low, auroc_ci_high=interval.high)
             rows.append(record)
-    return pd.DataFrame.from_records(rows, columns=[c.name for c in EARLY_WARNING_COLUMNS])
+    # the schema's dtypes: a column of None (a single-class split) is then float NaN, not object
+    return pd.DataFrame.from_records(rows, columns=[c.name for c in EARLY_WARNING_COLUMNS]).astype(
+        empty_frame(EARLY_WARNING_COLUMNS).dtypes.to_dict())
 
 
 def risk_coverage_table(correct, scores: pd.DataFrame, split: str) -> pd.DataFrame:

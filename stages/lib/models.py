@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, is_offline_mode
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from stages.lib import hub
 from stages.lib.errors import UserError
@@ -209,6 +209,16 @@ def hub_model_source(repo_id: str, revision: str | None = None) -> ModelSource:
     return ModelSource(repo_id, revision, local_files_only=True)
 
 
+def load_config(name: str, toy_model_dir: str | Path, revision: str | None = None):
+    """The model's config alone (its config.json; no weights are read), to check params against it first."""
+    source = model_source(name, toy_model_dir, revision)
+    try:
+        return AutoConfig.from_pretrained(source.path, **source.from_pretrained_kwargs())
+    except (OSError, ValueError) as error:
+        raise ModelNotAvailableError(f"model.name={name!r}: no readable config in {source.path!r} "
+                                     f"({' '.join(str(error).split())})") from None
+
+
 def load_model(name: str, toy_model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
                revision: str | None = None):
     """Load (model, tokenizer) in eval mode, with a clear error when the weights cannot be found.
@@ -297,6 +307,22 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(question)["input_ids"]
+
+
+def require_prompts_fit(prompt_lengths, question_ids, max_new_tokens: int, position_limit: int | None,
+                        source: str | Path) -> None:
+    """Fail before anything is generated when a prompt plus ``sampling.max_new_tokens`` exceeds the model's
+    position limit (``config.max_position_embeddings``; None: no limit known), naming the longest such question of
+    ``source`` (the questions file) and both ways out."""
+    if position_limit is None:
+        return
+    over = [(length, question_id) for length, question_id in zip(prompt_lengths, question_ids)
+            if length + max_new_tokens > position_limit]
+    if over:
+        length, question_id = max(over, key=lambda item: item[0])
+        raise UserError(f"{source}: question {question_id!r} is {length} prompt tokens, + sampling.max_new_tokens "
+                        f"{max_new_tokens} = {length + max_new_tokens} > the model's {position_limit} positions "
+                        f"({len(over)} question(s) too long); shorten or drop them, or lower sampling.max_new_tokens")
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

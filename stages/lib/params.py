@@ -41,6 +41,11 @@ SE_METHODS = typing.get_args(SemanticEntropyMethod)
 THRESHOLD_METHODS = typing.get_args(ThresholdMethod)
 TRACE_POSITIONS = ("tbg", "think_end", "slt")
 """Named trace positions; ``think_<p>`` (p in 1..99) names the last token of the first p% of the reasoning."""
+SOURCES_DIR = "data/sources"
+"""Where a ``jsonl:<path>`` question file lives: a dep of the questions stage in dvc.yaml."""
+MODELS_DIR = "data/models"
+"""Where a local ``model.name`` (a directory or a .gguf file) lives: a dep of the toy_model stage, which records
+the named model's content hash in its output, so generate and trace rerun exactly when that model changes."""
 HUB_SOURCES = ("hf:gsm8k", "hf:math500")
 """Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/lib/questions.py HUB_DATASETS)."""
 
@@ -97,6 +102,19 @@ def _distinct(values: tuple) -> tuple:
     if len(set(values)) != len(values):
         raise ValueError("repeated entries")
     return values
+
+
+def inside(path: str, folder: str) -> bool:
+    """``path`` is a relative path to something strictly inside ``folder`` (no ``..``, not absolute)."""
+    parts, folder_parts = Path(path).parts, Path(folder).parts
+    return not Path(path).is_absolute() and ".." not in parts and parts[:len(folder_parts)] == folder_parts \
+        and len(parts) > len(folder_parts)
+
+
+def is_local_model(name: str) -> bool:
+    """``model.name`` names a local directory or file rather than ``toy`` or a Hub repo id (``org/name``, which
+    starts with a letter or digit and is no path here)."""
+    return name != "toy" and (name.endswith(".gguf") or name.startswith(("/", ".", "~")) or Path(name).exists())
 
 
 def invalid(key: str, expected: str) -> PydanticCustomError:
@@ -209,6 +227,13 @@ class ModelParams(Group):
     recorded in the generate cost record and the hidden-state meta; null = the default branch. Pin a commit for a
     run others can repeat. Ignored for ``toy``, local directories and ``.gguf`` files."""
 
+    @model_validator(mode="after")
+    def _local_model_in_models_dir(self) -> "ModelParams":
+        if is_local_model(self.name) and not inside(self.name, MODELS_DIR):
+            raise invalid("name", f"a local model under {MODELS_DIR}/ (a DVC dep there: copy it in, `dvc add` it "
+                                  f"and set `model.name: {MODELS_DIR}/<name>`)")
+        return self
+
 
 class DataParams(Group):
     """The question sets (stage questions)."""
@@ -226,6 +251,15 @@ class DataParams(Group):
     """Out-of-distribution questions (0 with ``ood_source: none``)."""
     revision: Annotated[text(r"^\S+$", "") | None, Expected("null or a branch, tag or commit of the Hub dataset")]
     """The Hub revision (branch, tag or commit hash) of the ``hf:`` sources' datasets; null = the default branch."""
+
+    @model_validator(mode="after")
+    def _jsonl_files_in_sources_dir(self) -> "DataParams":
+        for key in ("source", "ood_source"):
+            spec = getattr(self, key)
+            if spec.startswith("jsonl:") and not inside(spec[len("jsonl:"):], SOURCES_DIR):
+                raise invalid(key, f"`jsonl:{SOURCES_DIR}/<file>` (a DVC dep there: copy the file in, `dvc add` "
+                                   f"it and name it by that path)")
+        return self
 
 
 class VllmParams(Group):

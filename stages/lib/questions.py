@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 QUESTION_FIELDS = [c.name for c in QUESTION_COLUMNS]
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_JSON_TYPES = {list: "array", dict: "object", bool: "boolean"}
 # Independent random streams under params.seed; stream 0 belongs to the toy model's training chains.
 ID_STREAM, OOD_STREAM = 1, 2
 
@@ -101,10 +102,15 @@ def read_jsonl_records(path: Path, limit: int | None = None) -> list[tuple[int, 
     if not path.is_file():
         raise QuestionSourceError(f"{path}: question file not found")
     records: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:  # decoded line by line, so a bad byte is reported with its line
+        for line_number, raw in enumerate(lines, start=1):
             if limit is not None and len(records) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise QuestionSourceError(f"{path}:{line_number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+                                          f"{error.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -121,6 +127,9 @@ def question_from_record(record: dict, where: str, line_number: int) -> tuple[st
     """``(question_id, question, gold)`` from one record in any supported format; ``where`` prefixes errors."""
     def field(name: str) -> str:
         value = record.get(name)
+        if isinstance(value, (list, dict, bool)):  # str() would turn it into its Python repr
+            raise QuestionSourceError(f"{where}: line {line_number}: field `{name}` is a JSON "
+                                      f"{_JSON_TYPES[type(value)]}; expected a string (or a number)")
         if value is None or str(value).strip() == "":
             raise QuestionSourceError(f"{where}: line {line_number} is missing field `{name}`")
         return str(value)
@@ -128,7 +137,7 @@ def question_from_record(record: dict, where: str, line_number: int) -> tuple[st
     if "problem" in record:  # MATH
         question = field("problem")
         if record.get("answer") not in (None, ""):
-            gold = str(record["answer"])
+            gold = field("answer")
         else:
             gold = last_boxed_content(field("solution"))
             if not gold:

@@ -151,9 +151,30 @@ def learning_rate_at(step: int, steps: int, peak: float) -> float:
     return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+TRAINING_THREADS = 2
+"""CPU threads of the training loop, fixed: a float sum split over a different number of threads rounds
+differently, so the weights would depend on the machine's core count."""
+
+
 def train(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, toy: ToyParams,
           rng: np.random.Generator, progress: bool = True) -> dict:
-    """Train ``model`` in place on fresh chains drawn from ``rng`` each step; return the training counters."""
+    """Train ``model`` in place on fresh chains drawn from ``rng`` each step; return the training counters.
+
+    Deterministic: ``TRAINING_THREADS`` threads and ``torch.use_deterministic_algorithms(True)`` for the loop (both
+    restored after it), so the same seed, params and locked environment give the same weights bit for bit.
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(TRAINING_THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, tokenizer, toy, rng, progress)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, toy: ToyParams,
+           rng: np.random.Generator, progress: bool) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=toy.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     tokens = completion_tokens = 0
@@ -214,17 +235,22 @@ SKIPPED_FILE = "NOT_TRAINED.json"
 """The one file of the toy_model stage's output when ``model.name`` is not ``toy``."""
 
 
-def save_skipped(directory: Path) -> None:
+def save_skipped(directory: Path, local_model_sha256: str | None = None) -> None:
     """The toy_model stage's output for a real model: a directory with one note and no weights.
 
-    DVC needs the declared output to exist; its content does not depend on which real model runs, so switching
-    between real models leaves it unchanged, and switching back to ``toy`` retrains (or restores from DVC's run
-    cache) the real thing. Loading it as the toy model fails, saying to run the stage (stages/lib/models.py).
+    DVC needs the declared output to exist; for a Hub model its content does not depend on which one runs, so
+    switching between them leaves it unchanged, and switching back to ``toy`` retrains the real thing. For a local
+    model (under data/models/, a dep of the stage) the note holds ``local_model_sha256``, the content hash of the
+    named file or directory: generate and trace depend on this directory, so editing that model reruns them, and
+    editing another file of data/models/ does not. Loading it as the toy model fails, saying to run the stage
+    (stages/lib/models.py).
     """
     directory.mkdir(parents=True)
     note = {"trained": False,
             "why": "model.name is not `toy`, so the toy_model stage trained nothing; set model.name to `toy` and run "
                    "`dvc repro` to train the embedded default model"}
+    if local_model_sha256 is not None:
+        note["local_model_sha256"] = local_model_sha256
     (directory / SKIPPED_FILE).write_text(json.dumps(note, indent=2) + "\n")
 
 

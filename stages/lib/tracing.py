@@ -69,7 +69,7 @@ def resolve_layers(layers: str | tuple[int, ...], n_hidden_states: int) -> list[
         return list(range(n_hidden_states))
     bad = [i for i in layers if i >= n_hidden_states]
     if bad:
-        raise ValueError(f"params.yaml: `trace.layers` has {bad}; this model has hidden states "
+        raise UserError(f"params.yaml: `trace.layers` has {bad}; this model has hidden states "
                          f"0..{n_hidden_states - 1}")
     return list(layers)
 
