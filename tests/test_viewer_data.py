@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import holoviews as hv
@@ -633,6 +634,25 @@ def test_experiments_fall_back_to_the_workspace_metrics(project, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", slow_dvc)
     assert "longer than" in load_experiments(project, timeout_s=1).message
+
+
+def test_experiments_find_dvc_through_the_servers_python_not_path(project, tmp_path, monkeypatch):
+    """`<venv>/bin/panel serve` without an activated venv: no `dvc` on PATH, and the tab still reads DVC."""
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(project, root)
+    (root / "dvc.yaml").write_text(f"metrics:\n  - {PATHS['metrics']}/{EVALUATE_FILE}\n")
+    environment = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                   "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "run"]):
+        subprocess.run(command, cwd=root, check=True, env=environment, capture_output=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    result = load_experiments(root, timeout_s=120)
+    assert result.from_dvc, result.message
+    assert result.table.loc[result.table["kind"] == "workspace", "metric:test.accuracy_probe.auroc"].item() == \
+        pytest.approx(0.6)
 
 
 def test_experiments_from_dvc_output(project, monkeypatch):

@@ -15,10 +15,12 @@ project), and no path comes from a URL, a widget or an environment variable.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -519,9 +521,13 @@ def load_experiments(root: str | Path, num_commits: int = 10, timeout_s: float =
     why; raises only MissingArtifact (no evaluate.json either).
     """
     files = run_files(root)
-    command = ["dvc", "exp", "show", "--json", "--num", str(num_commits)]
+    # The DVC of the Python that runs this server (`<venv>/bin/panel serve` works without an activated venv),
+    # never whatever `dvc` comes first on PATH.
+    command = [sys.executable, "-m", "dvc", "exp", "show", "--json", "--num", str(num_commits)]
     reason = None
     try:
+        if importlib.util.find_spec("dvc") is None:
+            raise FileNotFoundError("dvc")
         done = subprocess.run(command, cwd=files.root, capture_output=True, text=True, timeout=timeout_s,
                               check=False)
         if done.returncode != 0:
@@ -536,7 +542,7 @@ def load_experiments(root: str | Path, num_commits: int = 10, timeout_s: float =
                                           f"`dvc exp show` (last {num_commits} commits).", from_dvc=True)
             reason = "`dvc exp show` listed no commits or experiments with metrics"
     except FileNotFoundError:
-        reason = "`dvc` is not installed"
+        reason = f"`dvc` is not installed in this server's Python ({sys.executable})"
     except subprocess.TimeoutExpired:
         reason = f"`dvc exp show` took longer than {timeout_s:.0f} s"
     except ValueError as error:
