@@ -694,3 +694,12 @@ def test_roc_legend_shows_each_curve_auroc():
 
     assert _area(pd.DataFrame({"fpr": [0, 0, 1], "tpr": [0, 1, 1]})) == pytest.approx(1.0)
     assert _area(pd.DataFrame({"fpr": [0, 1], "tpr": [0, 1]})) == pytest.approx(0.5)
+
+
+def test_answer_extraction_counts_are_a_table_per_split(project):
+    from viewer.data import answer_extraction_table
+
+    table = answer_extraction_table(viewer_data.load_metrics(project))
+    assert list(table["split"]) == ["train", "val", "test", "OOD"]
+    assert table.set_index("split").loc["test", "last-number fallback"] == 2  # tests/viewer_support.py's counts
+    assert table.set_index("split").loc["OOD", "stopped inside the think span (no answer, wrong)"] == 5

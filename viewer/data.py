@@ -369,6 +369,20 @@ def se_regression_table(metrics: EvaluateReport) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["split", "Spearman (runs)", "Spearman (questions)", "runs", "questions"])
 
 
+ANSWER_EXTRACTION_LABELS = {"n_runs": "runs", "n_truncated": "truncated (token cap)",
+                            "n_truncated_in_think": "stopped inside the think span (no answer, wrong)",
+                            "n_no_answer": "no parseable answer", "n_last_number_fallback": "last-number fallback"}
+
+
+def answer_extraction_table(metrics: EvaluateReport) -> pd.DataFrame:
+    """evaluate.json's ``answer_extraction``: per split, how many runs were truncated, stopped in the think span,
+    had no parseable answer or were answered by the last-number fallback (possible label noise)."""
+    rows = [{"split": _split_label(split), **{label: getattr(entry, key)
+                                              for key, label in ANSWER_EXTRACTION_LABELS.items()}}
+            for split, entry in metrics.answer_extraction.items()]
+    return pd.DataFrame(rows, columns=["split", *ANSWER_EXTRACTION_LABELS.values()])
+
+
 def _spread(entry: StabilitySpread | None) -> str:
     """"mean ± std (min-max)" of one stability.json entry, with what is defined."""
     if entry is None or entry.mean is None:

@@ -50,6 +50,7 @@ from viewer.data import (
     SELECTIVE_LEGEND,
     MissingArtifact,
     RunStore,
+    answer_extraction_table,
     calibration_table,
     cost_ratio_text,
     headline_metric_columns,
@@ -968,6 +969,10 @@ class ResultsView(pn.viewable.Viewer):
                         "Spearman correlation of the predicted with the true SE: higher is better, 1 = same ranking."),
             pn.Row(_csv_button(lambda: se_regression_table(metrics), "se_regression.csv")),
             _small_table(se_regression_table(metrics), "se-regression-table"),
+            _subheading("Answer extraction",
+                        "Runs whose answer may be label noise, per split (stages/lib/answers.py; docs/design.md)."),
+            pn.Row(_csv_button(lambda: answer_extraction_table(metrics), "answer_extraction.csv")),
+            _small_table(answer_extraction_table(metrics), "answer-extraction-table"),
             sizing_mode="stretch_width")
 
 
