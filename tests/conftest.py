@@ -3,6 +3,8 @@ the tiny DVC project the end-to-end tests share (tests/dvc_project.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from dvc_project import tiny_project, tiny_run  # noqa: F401  (fixtures of the DVC end-to-end tests)
@@ -31,3 +33,12 @@ def tiny_lm_dir(tmp_path_factory):
     tiny_qwen3(tokenizer).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def link_local_model(project: Path, model_dir: Path, name: str = "tiny_lm") -> str:
+    """Link ``model_dir`` into ``project``'s data/models/ (where a local model must live: a DVC dep there) and
+    return the relative ``model.name`` a stage running in ``project`` reads it by."""
+    models = project / "data" / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / name).symlink_to(Path(model_dir).resolve(), target_is_directory=True)
+    return f"data/models/{name}"

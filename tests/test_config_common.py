@@ -227,7 +227,7 @@ def test_cost_record_is_written_only_when_the_stage_succeeds(tmp_path):
 
 def test_tables_are_validated_on_write_and_read(tmp_path):
     good = pd.DataFrame({"question_id": ["a", "b"], "dataset": ["id", "id"], "question": ["1+1", "2+2"],
-                         "gold": ["2", "4"]})
+                         "gold": ["2", "4"], "level": pd.array([None, 3], dtype="Int64")})
     write_table(good, tmp_path / "q.parquet", QUESTION_COLUMNS, QUESTION_KEY)
     assert read_table(tmp_path / "q.parquet", QUESTION_COLUMNS, QUESTION_KEY).equals(good)
     with pytest.raises(SchemaError, match="missing column `gold`"):

@@ -28,7 +28,9 @@ N_QUESTIONS = 20
 def make_project(directory: Path, model_dir: Path) -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"] = {name: str(directory / name) for name in raw["paths"]}
-    raw["model"]["name"] = str(model_dir)
+    (directory / "data/models").mkdir(parents=True, exist_ok=True)  # a local model is a DVC dep under data/models/
+    (directory / "data/models/tiny_lm").symlink_to(Path(model_dir).resolve(), target_is_directory=True)
+    raw["model"]["name"] = "data/models/tiny_lm"  # relative: the stage runs in ``directory``
     raw["sampling"].update(runs=2, batch_size=2, max_new_tokens=32)  # one question per generate() call
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -74,18 +76,20 @@ def test_a_killed_generate_resumes_with_the_same_records(tiny_lm_dir, tmp_path):
     assert not list(checkpoint_root.glob("*/*.npz"))  # removed once the outputs are in place
 
 
-def test_the_key_changes_with_params_questions_and_model(tiny_lm_dir, tmp_path):
+def test_the_key_changes_with_params_questions_and_model(tiny_lm_dir, tmp_path, monkeypatch):
     raw = make_project(tmp_path, tiny_lm_dir)
+    monkeypatch.chdir(tmp_path)
     questions = [tmp_path / "questions" / "id.jsonl", tmp_path / "questions" / "ood.jsonl"]
     key = generation_key(parse_params(raw), questions)
     assert generation_key(parse_params(raw), questions) == key
     changed = {**raw, "sampling": {**raw["sampling"], "temp": 0.5}}
     assert generation_key(parse_params(changed), questions) != key
     assert generation_key(parse_params({**raw, "seed": 1}), questions) != key
-    moved = tmp_path / "other_model"
+    moved = tmp_path / "data/models/other_model"
     moved.mkdir()
     (moved / "config.json").write_text((Path(tiny_lm_dir) / "config.json").read_text() + " ")
-    assert generation_key(parse_params({**raw, "model": {**raw["model"], "name": str(moved)}}), questions) != key
+    other = {**raw, "model": {**raw["model"], "name": "data/models/other_model"}}
+    assert generation_key(parse_params(other), questions) != key
     with questions[0].open("a") as out:
         out.write(json.dumps({"question_id": "new", "dataset": "id", "question": "1+1", "gold": "2"}) + "\n")
     assert generation_key(parse_params(raw), questions) != key

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides
 
+from conftest import link_local_model
 from stages import generate, trace
 from stages.lib.models import format_prompt, prompt_ids
 from stages.lib.params import load_params, parse_params
@@ -91,7 +92,8 @@ def test_revision_template_and_top_k_reach_generate_and_trace(tiny_lm_dir, tmp_p
     is recorded in the generate cost record and the hidden-state meta."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["paths"] = {name: str(tmp_path / name) for name in raw["paths"]}
-    raw["model"].update(name=str(tiny_lm_dir), revision="0123abcd")
+    model_name = link_local_model(tmp_path, tiny_lm_dir)
+    raw["model"].update(name=model_name, revision="0123abcd")
     raw["sampling"].update(runs=2, max_new_tokens=6, top_k=3, prompt_template="Solve: {question} \\boxed{}")
     raw["trace"].update(positions=["tbg", "slt"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -108,9 +110,9 @@ def test_revision_template_and_top_k_reach_generate_and_trace(tiny_lm_dir, tmp_p
     assert list(runs.query("question_id == 'q1'")["prompt_ids"].iloc[0]) == prompt_ids(
         tokenizer, "Solve: 1+2 \\boxed{}")
     cost = json.loads((tmp_path / "metrics" / "cost" / "generate.json").read_text())
-    assert (cost["model"], cost["model_revision"]) == (str(tiny_lm_dir), "0123abcd")
+    assert (cost["model"], cost["model_revision"]) == (model_name, "0123abcd")
     meta = HiddenMeta.read(hidden_files(tmp_path / "hidden", "id")[2], writer="trace")
-    assert (meta.model, meta.model_revision) == (str(tiny_lm_dir), "0123abcd")
+    assert (meta.model, meta.model_revision) == (model_name, "0123abcd")
 
 
 def test_hf_top_k_one_samples_the_greedy_runs(tiny_lm_dir):

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import stages.lib.sampling_vllm as vb
+from conftest import link_local_model
 from stages import generate
 from stages.lib.common import read_table
 from stages.lib.models import load_model, prompt_ids, think_tokens
@@ -438,7 +439,7 @@ def project(tmp_path, tiny_lm_dir):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in params["paths"]:
         params["paths"][name] = str(tmp_path / name)
-    params["model"]["name"] = str(tiny_lm_dir)
+    params["model"]["name"] = link_local_model(tmp_path, tiny_lm_dir)  # the stage runs in tmp_path
     params["sampling"].update(runs=2, max_new_tokens=6, temp=0)
     params["sampling"]["vllm"]["entropy_top_n"] = 103  # the toy tokenizer's whole vocabulary
     questions = Path(params["paths"]["questions"])
