@@ -8,9 +8,9 @@ sees the very prefix the answer is forced from. The forced sequence is
     prompt + generated[:generated_kept] + [</think>] + tokens(early_exit.answer_prefix)
 
 and the answer is decoded greedily from it, at most ``early_exit.max_answer_tokens`` tokens, batched across runs
-and left-padded (``models.pad_batch``) as generation is. Per-token log-probs and entropies are recorded by the
-generation backend's own ``StepRecorder`` (untempered logits, step by step). With ``sampling.backend`` vllm the
-same sequences go to one vLLM engine instead (``greedy_answers_vllm``).
+and left-padded, by generation's own ``sampling_hf.generate_batch``, which records per-token log-probs and
+entropies (untempered logits, step by step). With ``sampling.backend`` vllm the same sequences go to one vLLM
+engine instead (``greedy_answers_vllm``).
 
 Run by the forced_answers stage; pure functions over frames and token lists, plus one model call.
 """
@@ -22,16 +22,14 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
-from transformers import LogitsProcessorList
 
 from stages.lib.answers import extract_answer, is_correct
 from stages.lib.common import progress_bar
 from stages.lib.errors import UserError
-from stages.lib.models import ThinkTokens, pad_batch
+from stages.lib.models import ThinkTokens
 from stages.lib.params import SamplingParams
-from stages.lib.runs import SampledRun, cut_at_eos
-from stages.lib.sampling_hf import StepRecorder
+from stages.lib.runs import SampledRun
+from stages.lib.sampling_hf import generate_batch
 from stages.lib.sampling_vllm import sample_runs_vllm
 from stages.lib.schema import FORCED_ANSWER_COLUMNS, empty_frame
 from stages.lib.tracing import token_positions
@@ -75,30 +73,6 @@ def forced_sequence(prompt_ids, generated_ids, generated_kept: int, think_end_id
             *map(int, answer_prefix_ids)]
 
 
-@torch.no_grad()
-def greedy_batch(model, sequences: list[list[int]], max_new_tokens: int, eos_ids: set[int],
-                 pad_id: int) -> list[SampledRun]:
-    """One left-padded greedy generate() call; one SampledRun (EOS cut, log-probs, entropies) per sequence."""
-    input_ids, attention_mask = pad_batch(sequences, pad_id, "left")
-    recorder = StepRecorder()
-    output = model.generate(
-        input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), do_sample=False,
-        temperature=None, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-        eos_token_id=sorted(eos_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
-    ).cpu()
-    generated = output[:, input_ids.shape[1]:]  # (batch, steps)
-    entropies, chosen = recorder.finish(generated[:, -1].to(model.device))
-    runs = []
-    for row in range(len(sequences)):
-        tokens = generated[row].tolist()
-        n, stop = cut_at_eos(tokens, eos_ids)
-        runs.append(SampledRun(generated_ids=tokens[:n], token_logprobs=chosen[row, :n].astype(np.float32),
-                               token_entropies=entropies[row, :n].astype(np.float32),
-                               stop_entropy=float("nan") if stop is None else float(entropies[row, stop]),
-                               truncated=stop is None))
-    return runs
-
-
 def greedy_answers(model, sequences: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int,
                    batch_size: int, progress: bool = True) -> tuple[list[SampledRun], int]:
     """Greedy answers for every sequence, ``batch_size`` per call, sorted by length so calls pad little.
@@ -109,8 +83,8 @@ def greedy_answers(model, sequences: list[list[int]], max_new_tokens: int, eos_i
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     answers: list[SampledRun | None] = [None] * len(sequences)
     for chunk in progress_bar(chunks, desc="forced answers", enabled=progress):
-        for i, run in zip(chunk, greedy_batch(model, [sequences[i] for i in chunk], max_new_tokens, eos_ids,
-                                              pad_id)):
+        for i, run in zip(chunk, generate_batch(model, [sequences[i] for i in chunk], eos_ids, pad_id,
+                                                max_new_tokens)):
             answers[i] = run
     return answers, len(chunks)  # type: ignore[return-value]
 

@@ -56,20 +56,19 @@ class StepRecorder(LogitsProcessor):
 
 
 @torch.no_grad()
-def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, eos_ids: set[int], pad_id: int,
-                 seed: int) -> list[SampledRun]:
-    """One generate() call over ``prompts`` (already repeated K times); returns one SampledRun per prompt."""
+def generate_batch(model, prompts: list[list[int]], eos_ids: set[int], pad_id: int, max_new_tokens: int,
+                   temp: float = 0.0, top_p: float = 1.0, top_k: int | None = None) -> list[SampledRun]:
+    """One left-padded generate() call over ``prompts``, greedy at ``temp`` 0; one SampledRun per prompt (EOS
+    cut, each step's log-prob and entropy recorded by ``StepRecorder`` as it decodes). Seed the torch RNG first
+    when sampling."""
     input_ids, attention_mask = pad_batch(prompts, pad_id, "left")
-    torch.manual_seed(seed)
     recorder = StepRecorder()
-    greedy = sampling.temp == 0
+    greedy = temp == 0
     sequences = model.generate(
         input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-        do_sample=not greedy, temperature=None if greedy else float(sampling.temp),
-        top_p=None if greedy else float(sampling.top_p),
+        do_sample=not greedy, temperature=None if greedy else float(temp), top_p=None if greedy else float(top_p),
         # Explicit so a model's own generation_config (e.g. Qwen3's top_k=20) cannot change the sampler.
-        top_k=0 if greedy or sampling.top_k is None else sampling.top_k, repetition_penalty=1.0,
-        max_new_tokens=sampling.max_new_tokens,
+        top_k=0 if greedy or top_k is None else top_k, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
         eos_token_id=sorted(eos_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
     ).cpu()
     generated = sequences[:, input_ids.shape[1]:]  # (batch, steps)
@@ -84,6 +83,14 @@ def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, eos_
             stop_entropy=float("nan") if stop is None else float(entropies[row, stop]), truncated=stop is None,
         ))
     return runs
+
+
+def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, eos_ids: set[int], pad_id: int,
+                 seed: int) -> list[SampledRun]:
+    """One seeded generate() call over ``prompts`` (already repeated K times) with ``sampling``'s settings."""
+    torch.manual_seed(seed)
+    return generate_batch(model, prompts, eos_ids, pad_id, sampling.max_new_tokens, sampling.temp, sampling.top_p,
+                          sampling.top_k)
 
 
 def questions_per_call(sampling: SamplingParams) -> int:
