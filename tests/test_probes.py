@@ -24,6 +24,7 @@ from stages.lib.probe_store import load_location_probes, load_probe, save_locati
 from stages.lib.probes import (
     LinearProbe,
     LogisticProbe,
+    MeanDifferenceProbe,
     RidgeProbe,
     SingleClassError,
     best_split_threshold,
@@ -121,7 +122,8 @@ def hand_grouped_cv(features, targets, groups, c_grid, cv_folds, random_state, k
             fitted = model(c).fit(scaler.transform(features[fit_rows]), targets[fit_rows])
             held_out = scaler.transform(features[held_out_rows])
             output = fitted.decision_function(held_out) if kind == "logistic" else fitted.predict(held_out)
-            scores[c].append(held_out_score(kind, targets[held_out_rows], output))
+            metric = "auroc" if kind == "logistic" else "spearman"
+            scores[c].append(held_out_score(metric, targets[held_out_rows], output))
     means = {c: float(np.mean(s)) for c, s in scores.items()}
     best = min(c for c in c_grid if means[c] == max(means.values()))
     scaler = StandardScaler().fit(features)
@@ -403,3 +405,49 @@ def test_reading_every_location_of_a_mapped_array_keeps_memory_at_one_location(t
     assert resident_kib() - before < 40_000  # one location is 4 MB as float16 (8 MB as float32); all are 160 MB
     hidden[:, :, :, 0].astype(np.float32).sum()  # touches every page, copies 40k values; no release after it
     assert resident_kib() - before > 120_000
+
+
+def test_mean_difference_probe_is_the_class_mean_difference_of_standardised_features():
+    """By hand: on standardised z, coef = mean(z * (y - mean y)) = p (1 - p) (mean z | True - mean z | False);
+    its projection ranks like that difference; a continuous target gives the covariance direction (Spearman)."""
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(200, 6)) * [1, 2, 3, 4, 5, 6] + [0, 1, 2, 3, 4, 5]
+    labels = rng.random(200) < 0.3
+    features[labels, 2] += 8.0
+    probe = MeanDifferenceProbe(label_name="correct", position="slt", layer=1).fit(features, labels)
+    z = (features - features.mean(0)) / features.std(0)
+    p = labels.mean()
+    np.testing.assert_allclose(probe.coef_, p * (1 - p) * (z[labels].mean(0) - z[~labels].mean(0)), rtol=1e-10)
+    assert probe.metric == "auroc" and probe.intercept_ == 0.0 and int(np.argmax(np.abs(probe.coef_))) == 2
+    np.testing.assert_allclose(probe.decision_function(features), z @ probe.coef_, rtol=1e-9, atol=1e-12)
+    assert probe_score(probe, features, labels) > 0.9
+    assert not hasattr(probe, "predict_proba")  # a projection, not a probability
+
+    target = features[:, 4] + rng.normal(0, 1, 200)
+    regression = MeanDifferenceProbe(label_name="semantic_entropy").fit(features, target)
+    np.testing.assert_allclose(regression.coef_, (z * (target - target.mean())[:, None]).mean(0), rtol=1e-10)
+    assert regression.metric == "spearman" and probe_score(regression, features, target) > 0.8
+
+    again = LinearProbe.from_arrays(*probe.to_arrays())
+    assert type(again) is MeanDifferenceProbe and again.metric == "auroc"
+    np.testing.assert_array_equal(again.decision_function(features), probe.decision_function(features))
+    with pytest.raises(SingleClassError, match="label `correct` in split `train`"):
+        MeanDifferenceProbe(label_name="correct").fit(features, np.ones(200, bool))
+
+
+def test_mean_difference_location_probes_round_trip_through_the_store(tmp_path):
+    """fit_location_probes(method="mean_difference") gives one MeanDifferenceProbe per label and location, with
+    the metric of its label, and the probes directory stores and restores them exactly."""
+    rng = np.random.default_rng(4)
+    hidden = rng.normal(size=(60, 2, 3, 8)).astype(np.float16)
+    labels = {"correct": rng.random(60) < 0.5, "semantic_entropy": rng.random(60)}
+    probes = fit_location_probes(hidden, np.arange(60), ["think_end", "slt"], [0, 1, 2], labels,
+                                 np.repeat(np.arange(12), 5), c_grid=[0.01], cv_folds=3, max_iter=100,
+                                 random_state=0, method="mean_difference")
+    assert {type(p) for p in probes.values()} == {MeanDifferenceProbe} and len(probes) == 2 * 2 * 3
+    assert {key[0]: p.metric for key, p in probes.items()} == {"correct": "auroc", "semantic_entropy": "spearman"}
+    save_location_probes(probes, tmp_path)
+    loaded = load_location_probes(tmp_path)
+    for key, probe in probes.items():
+        np.testing.assert_array_equal(loaded[key].coef_, probe.coef_)
+        assert loaded[key].metric == probe.metric

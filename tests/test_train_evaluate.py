@@ -468,10 +468,13 @@ def test_question_difficulty_and_answer_counts_by_hand():
                                                     "n_no_answer": 1, "n_last_number_fallback": 1}
 
 
-def test_screening_cross_validates_only_the_best_locations_and_still_finds_the_signal(tmp_path):
-    """probes.screen_locations: every location fitted once at screen_c, C cross-validated at the N best on val
-    only, the chosen probe the best of those; layer ranges only through the chosen layer; float32 fits."""
-    params = make_params(tmp_path, screen_locations=2, screen_c=0.5, dtype="float32", c_grid=[0.01, 0.1, 1.0])
+@pytest.mark.parametrize("screen_method", ["logistic", "mean_difference"])
+def test_screening_cross_validates_only_the_best_locations_and_still_finds_the_signal(tmp_path, screen_method):
+    """probes.screen_locations: every location screened once (a fit at screen_c, or the difference-in-means
+    direction), C cross-validated at the N best on val only, the chosen probe the best of those; layer ranges only
+    through the chosen layer; float32 fits."""
+    params = make_params(tmp_path, screen_locations=2, screen_c=0.5, dtype="float32", c_grid=[0.01, 0.1, 1.0],
+                         screen_method=screen_method)
     write_fixture(params)
     trained = train_probes.run(params)
     chosen = trained.selection.probes
@@ -479,7 +482,10 @@ def test_screening_cross_validates_only_the_best_locations_and_still_finds_the_s
     assert (chosen["se_probe"].position, chosen["se_probe"].layer) == ("slt", 1)
     location = load_location_probes(params.paths.probes)
     assert {probe.C_ for probe in location.values()} == {0.5}  # the screening fits, one C
+    expected = {"logistic", "ridge"} if screen_method == "logistic" else {"mean_difference"}
+    assert {probe.kind for probe in location.values()} == expected
     accuracy = load_probes(params.paths.probes)[0]["accuracy"]
+    assert accuracy.kind == "logistic"  # the refit at the best locations is a real fit either way
     assert set(accuracy.cv_scores_) == {0.01, 0.1, 1.0} and accuracy.dtype == "float32"  # cross-validated
     assert chosen["accuracy_probe"].C == accuracy.C_
     for name in ("accuracy_range_probe", "se_range_probe"):

@@ -65,11 +65,11 @@ def require_two_classes(labels, label_name: str, split: str) -> None:
         raise SingleClassError(f"label `{label_name}` in split `{split}`: {reason}; a probe needs both classes")
 
 
-def held_out_score(kind: str, targets, decision) -> float | None:
-    """A probe's own metric of ``decision`` (n,) for ``targets`` (n,): AUROC for ``logistic``, Spearman for
-    ``ridge``. A constant prediction of a varying target ranks nothing, like AUROC's 0.5, so it scores 0 rather
-    than undefined; None when the targets hold one class / one value."""
-    if kind == "logistic":
+def held_out_score(metric: str, targets, decision) -> float | None:
+    """A probe's own metric (``auroc`` for a binary label, ``spearman`` for a continuous target) of ``decision``
+    (n,) for ``targets`` (n,). A constant prediction of a varying target ranks nothing, like AUROC's 0.5, so it
+    scores 0 rather than undefined; None when the targets hold one class / one value."""
+    if metric == "auroc":
         return auroc(targets, decision)
     if len(np.unique(targets)) > 1 and np.ptp(decision) == 0:
         return 0.0
@@ -109,7 +109,9 @@ class LinearProbe(BaseEstimator):
     """
 
     kind: ClassVar[str]
-    """``logistic`` or ``ridge``: which subclass, and which metric scores it."""
+    """``logistic``, ``ridge`` or ``mean_difference``: which subclass (the key of PROBE_CLASSES)."""
+    metric: ClassVar[str]
+    """The probe's own held-out metric: ``auroc`` (binary label) or ``spearman`` (continuous target)."""
 
     def __init__(self, c_grid: Sequence[float] = (1.0,), cv_folds: int = 5, max_iter: int = 1000,
                  random_state: int | None = None, dtype: str = "float64", label_name: str = "label",
@@ -274,6 +276,7 @@ class LogisticProbe(ClassifierMixin, LinearProbe):
     """
 
     kind = "logistic"
+    metric = "auroc"
     _response_method = "decision_function"
 
     def _targets(self, labels, split: str) -> np.ndarray:
@@ -304,7 +307,7 @@ class LogisticProbe(ClassifierMixin, LinearProbe):
             raise ValueError(f"`classes` {metadata['classes']!r}; expected two labels")
 
     def _fold_score(self, targets, output) -> float:
-        score = held_out_score(self.kind, np.asarray(targets) == self.classes_[1], output)
+        score = held_out_score(self.metric, np.asarray(targets) == self.classes_[1], output)
         if score is None:  # _usable keeps only folds with both classes held out
             raise ValueError(f"probe `{self.label_name}`: held-out AUROC undefined on a fold kept as usable")
         return score
@@ -354,6 +357,7 @@ class RidgeProbe(RegressorMixin, LinearProbe):
     correlation; ``predict`` is the predicted value. See ``LinearProbe``."""
 
     kind = "ridge"
+    metric = "spearman"
     _response_method = "predict"
 
     def _targets(self, labels, split: str) -> np.ndarray:
@@ -375,7 +379,7 @@ class RidgeProbe(RegressorMixin, LinearProbe):
         return len(np.unique(labels[held_out_rows])) > 1
 
     def _fold_score(self, targets, output) -> float:
-        score = held_out_score(self.kind, targets, output)
+        score = held_out_score(self.metric, targets, output)
         if score is None:  # _usable keeps only folds with a varying held-out target
             raise ValueError(f"probe `{self.label_name}`: held-out Spearman undefined on a fold kept as usable")
         return score
@@ -385,14 +389,74 @@ class RidgeProbe(RegressorMixin, LinearProbe):
         return self._linear_output(X)
 
 
-PROBE_CLASSES: dict[str, type[LinearProbe]] = {"logistic": LogisticProbe, "ridge": RidgeProbe}
+class MeanDifferenceProbe(LinearProbe):
+    """Difference-in-means probe: the direction along which the label's classes differ, with no solver.
+
+    On standardised features z, the weights are the covariance of each feature with the target,
+    ``coef_j = mean_i(z_ij * (y_i - mean(y)))``: for a bool label that is p (1 - p) (mu_true - mu_false), the
+    difference of the class means (the "mass-mean" probe of Marks & Tegmark, 2023); for a continuous target, the
+    first partial-least-squares direction. ``intercept_`` is 0 (the train mean maps to 0). One pass over the
+    features: about 0.03 s at 3,000 x 2,560 against 0.4 s for a logistic fit and 0.25-0.4 s for scikit-learn's
+    ``PLSRegression(n_components=1)`` (which fits the same direction, one label at a time, in float64), so every
+    location of a real model can be screened in seconds (``probes.screen_method``).
+
+    Its output ranks (scored by AUROC for a bool label, Spearman for a continuous target, ``metric``); it is not a
+    probability, so it has no ``predict_proba``. ``c_grid``, ``cv_folds`` and ``max_iter`` are not used (C_ records
+    the one C given, for the record only).
+    """
+
+    kind = "mean_difference"
+    _response_method = "decision_function"
+
+    @property
+    def metric(self) -> str:  # set by fit from the target's type
+        check_is_fitted(self, "metric_")
+        return self.metric_
+
+    def fit(self, X, y, groups=None, split: str = "train") -> "MeanDifferenceProbe":
+        """Fit on ``X`` (n, n_features) and ``y`` (n,): bool (metric AUROC) or float (metric Spearman)."""
+        if self.dtype not in FIT_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}; expected one of {tuple(FIT_DTYPES)}")
+        binary = np.asarray(y).dtype == bool
+        X, y = validate_data(self, X, y, dtype=FIT_DTYPES[self.dtype], y_numeric=True)
+        y = np.asarray(y, dtype=np.float64)
+        if len(np.unique(y)) < 2:
+            raise SingleClassError(f"label `{self.label_name}` in split `{split}`: one value only in "
+                                   f"{len(y)} runs; a probe needs both classes / a varying target")
+        self.metric_ = "auroc" if binary else "spearman"
+        scaler = StandardScaler().fit(X)  # mean and scale only: z is never materialised
+        centred = (y - y.mean()).astype(X.dtype)
+        self.scaler_mean_ = scaler.mean_.astype(np.float64)
+        self.scaler_scale_ = scaler.scale_.astype(np.float64)
+        # sum_i (x_ij - mean_j) * c_i = sum_i x_ij * c_i, since the centred target sums to 0
+        self.coef_ = (X.T @ centred).astype(np.float64) / (len(y) * self.scaler_scale_)
+        self.intercept_ = 0.0
+        self.C_, self.cv_scores_ = float(sorted(self.c_grid)[0]), {float(sorted(self.c_grid)[0]): None}
+        return self
+
+    def _extras_metadata(self) -> dict[str, Any]:
+        return {"metric": self.metric_}
+
+    def _restore_extras(self, metadata: Mapping[str, Any]) -> None:
+        if metadata.get("metric") not in ("auroc", "spearman"):
+            raise ValueError(f"`metric` {metadata.get('metric')!r}; expected auroc or spearman")
+        self.metric_ = metadata["metric"]
+
+    def decision_function(self, X) -> np.ndarray:
+        """The projection on the direction, shape (n,): larger means more like the positive class / a larger
+        target."""
+        return self._linear_output(X)
+
+
+PROBE_CLASSES: dict[str, type[LinearProbe]] = {"logistic": LogisticProbe, "ridge": RidgeProbe,
+                                               "mean_difference": MeanDifferenceProbe}
 PROBE_KINDS = tuple(PROBE_CLASSES)
 
 
 def probe_output(probe: LinearProbe, features) -> np.ndarray:
-    """What a probe's own metric ranks, shape (n,): the log-odds (``decision_function``) of a logistic probe,
-    the predicted value (``predict``) of a ridge probe."""
-    return probe.decision_function(features) if probe.kind == "logistic" else probe.predict(features)
+    """What a probe's own metric ranks, shape (n,): the predicted value (``predict``) of a ridge probe, else
+    ``decision_function`` (a logistic probe's log-odds, a mean-difference probe's projection)."""
+    return probe.predict(features) if probe.kind == "ridge" else probe.decision_function(features)
 
 
 def _json_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -502,7 +566,7 @@ def probe_score(probe: LinearProbe, features, targets) -> float | None:
     targets = np.asarray(targets)
     if len(targets) == 0:
         return None
-    return held_out_score(probe.kind, targets, probe_output(probe, features))
+    return held_out_score(probe.metric, targets, probe_output(probe, features))
 
 
 def fit_probe(hidden, rows, positions: Sequence[str], layers: Sequence[int], label_name: str, targets, groups,
@@ -520,7 +584,7 @@ def fit_probe(hidden, rows, positions: Sequence[str], layers: Sequence[int], lab
 def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence[int],
                         labels: Mapping[str, np.ndarray], groups, *, c_grid: Sequence[float], cv_folds: int,
                         max_iter: int, random_state: int | None, dtype: str = "float64",
-                        split: str = "train") -> dict[tuple[str, str, int], LinearProbe]:
+                        split: str = "train", method: str = "fitted") -> dict[tuple[str, str, int], LinearProbe]:
     """Fit one probe per label and (position, layer) on the given rows of a hidden-state array.
 
     Parameters
@@ -532,6 +596,8 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
     groups : (n,) question ids, for the grouped cross-validation of C
     c_grid, cv_folds, max_iter, random_state, dtype : passed to each probe (LogisticProbe for a bool label,
         RidgeProbe for a float target)
+    method : ``fitted`` (those probes) or ``mean_difference`` (a MeanDifferenceProbe for every label: no solver,
+        for screening the locations of a real model)
 
     Returns
     -------
@@ -546,10 +612,9 @@ def fit_location_probes(hidden, rows, positions: Sequence[str], layers: Sequence
                                                                    leave=False):
         features = location_features(hidden, rows, position_index, layer_index)
         for label_name, values in labels.items():
-            probe = PROBE_CLASSES[target_kind(values)](c_grid=c_grid, cv_folds=cv_folds, max_iter=max_iter,
-                                                       random_state=random_state, dtype=dtype,
-                                                       label_name=label_name,
-                                                       position=position, layer=int(layer))
+            probe_class = MeanDifferenceProbe if method == "mean_difference" else PROBE_CLASSES[target_kind(values)]
+            probe = probe_class(c_grid=c_grid, cv_folds=cv_folds, max_iter=max_iter, random_state=random_state,
+                                dtype=dtype, label_name=label_name, position=position, layer=int(layer))
             probes[(label_name, position, int(layer))] = probe.fit(features, values, groups, split=split)
     log.info("fitted %d probes (%d labels x %d positions x %d layers) on %d runs",
              len(probes), len(labels), len(positions), len(layers), len(np.asarray(rows)))
@@ -580,6 +645,6 @@ def score_location_probes(probes: Mapping[tuple[str, str, int], LinearProbe], hi
                 probe = probes[(label_name, position, int(layer))]
                 value = probe_score(probe, features, values)
                 records.append({"label": label_name, "position": position, "layer": int(layer),
-                                "metric": "auroc" if probe.kind == "logistic" else "spearman",
+                                "metric": probe.metric,
                                 "score": np.nan if value is None else value})
     return pd.DataFrame.from_records(records, columns=["label", "position", "layer", "metric", "score"])

@@ -12,7 +12,8 @@ Run from the repository root: ``python -m stages.train_probes`` (or ``dvc repro 
   train); the (position, layer) with the best val score is kept, and the best layer at each position is
   recorded (the early-warning curve). Test and OOD are never looked at.
 - At a real model's shapes (``probes.screen_locations`` = N > 0) that is ~17,000 fits; instead every location is
-  fitted once at ``probes.screen_c`` (the location probes), ranked on val, and only the N best per probe get the
+  screened once on train (the location probes: a difference-in-means direction per label, or a fit at
+  ``probes.screen_c``; ``probes.screen_method``), ranked on val, and only the N best per probe are fitted with the
   grouped CV of C; the best of those N on val is kept. Still train for fitting and C, val for choosing.
 - Layer ranges: at the accuracy and SE probes' positions, every contiguous range of up to
   ``probes.max_layer_range`` layers, concatenated, is fitted on train; the best on val is kept.
@@ -74,17 +75,20 @@ def probe_labels(runs: pd.DataFrame, high_se_threshold: float) -> dict[str, np.n
 
 
 def fit_probes_on_train(runs: pd.DataFrame, hidden, positions, layers, high_se_threshold: float,
-                        probe_params: ProbeParams, seed: int) -> dict[tuple[str, str, int], LinearProbe]:
+                        probe_params: ProbeParams, seed: int, method: str = "fitted",
+                        ) -> dict[tuple[str, str, int], LinearProbe]:
     """Every (label, position, layer) probe fitted on the train runs: the one code path train_probes and
     evaluate share, so evaluate's per-layer curves come from exactly the probes selected here.
 
-    ``runs`` needs columns split, question_id, hidden_row, correct, semantic_entropy.
+    ``runs`` needs columns split, question_id, hidden_row, correct, semantic_entropy. ``method``: as in
+    ``probes.fit_location_probes``.
     """
     train = runs[runs["split"] == "train"]
     return fit_location_probes(hidden, train["hidden_row"].to_numpy(), positions, layers,
                                probe_labels(train, high_se_threshold), train["question_id"].to_numpy(),
                                c_grid=probe_params.c_grid, cv_folds=probe_params.cv_folds,
-                               max_iter=probe_params.max_iter, random_state=seed, dtype=probe_params.dtype)
+                               max_iter=probe_params.max_iter, random_state=seed, dtype=probe_params.dtype,
+                               method=method)
 
 
 def fit_entropy_baseline(runs: pd.DataFrame, probe_params: ProbeParams, seed: int) -> LogisticProbe:
@@ -237,11 +241,12 @@ def train(runs: pd.DataFrame, hidden, positions, layers, probe_params: ProbePara
         for label_name in registry.binary_targets():
             require_two_classes(split_labels[label_name], label_name, split_name)
 
-    screening = probe_params.screen_locations > 0 and len(probe_params.c_grid) > 1
+    screening = probe_params.screen_locations > 0
     location_params = (probe_params.model_copy(update={"c_grid": [probe_params.screen_c]}) if screening
                        else probe_params)
+    method = probe_params.screen_method if screening and probe_params.screen_method == "mean_difference" else "fitted"
     location_probes = fit_probes_on_train(runs, hidden, positions, layers, high_se_threshold, location_params,
-                                          seed)
+                                          seed, method)
     val_scores = score_location_probes(location_probes, hidden, val_runs["hidden_row"].to_numpy(), positions,
                                        layers, labels["val"])
     n_cv_fits = 0
