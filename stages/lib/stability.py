@@ -9,7 +9,9 @@ location re-chosen on that split's val runs (``selection.train``, the same proce
 ``registry.stable_scores()`` is evaluated on that split's test runs and on the (fixed) OOD runs. A seed whose split
 leaves a train or val label with one class (possible with few questions) is skipped and listed. To keep this cheap the
 C of every probe is ``stability.c_grid`` (one value skips the cross-validation) and layer ranges are not
-searched, so the range probes (which would equal the single-layer ones) are left out (``Score.stability``).
+searched, so the range probes (which would equal the single-layer ones) are left out (``Score.stability``). With
+``probes.screen_locations`` > 0 (a real model's shapes) each re-split screens the locations as train_probes does
+(``probes.screen_method``) and fits only the N best per probe: seconds per seed instead of a fit per location.
 
 Writes ``{paths.metrics}/stability.json`` (``schema.StabilityReport``: per split and score, mean, standard
 deviation, min and max of AUROC over the seeds, and each seed's value) and ``{paths.plots}/stability.csv``

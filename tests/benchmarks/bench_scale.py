@@ -253,6 +253,7 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--screen-locations", type=int, default=3)
+    parser.add_argument("--screen-method", default="mean_difference", choices=["mean_difference", "logistic"])
     parser.add_argument("--baseline-runs", type=int, default=600)
     parser.add_argument("--baseline-positions", type=int, default=2)
     parser.add_argument("--baseline-layers", type=int, default=2)
@@ -262,7 +263,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     args = parser.parse_args()
     args.ood_runs = args.runs // 10 if args.ood_runs is None else args.ood_runs
-    overrides = {"probes.screen_locations": args.screen_locations, "probes.dtype": "float32"}
+    overrides = {"probes.screen_locations": args.screen_locations, "probes.screen_method": args.screen_method,
+                 "probes.dtype": "float32"}
     print(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                       "probes": overrides}), flush=True)
 
