@@ -47,7 +47,7 @@ EOS = 1
 def sampling(**overrides) -> SamplingParams:
     engine = overrides.pop("vllm", {})
     knobs = dict(gpu_memory_utilization=0.5, max_num_seqs=64, enforce_eager=True, tensor_parallel_size=1,
-                 max_model_len=None, dtype="float32", checkpoint_questions=0, entropy_top_n=5)
+                 data_parallel_size=1, max_model_len=None, dtype="float32", checkpoint_questions=0, entropy_top_n=5)
     knobs.update(engine)
     values = dict(backend="vllm", runs=3, temp=1.0, top_p=1.0, top_k=None, prompt_template="{question}",
                   max_new_tokens=8, batch_size=12,
@@ -220,7 +220,8 @@ def test_every_run_of_every_question_gets_its_own_reproducible_seed():
 
 def test_engine_kwargs_carry_the_knobs():
     engine = VllmParams(gpu_memory_utilization=0.8, max_num_seqs=128, enforce_eager=False, tensor_parallel_size=2,
-                        max_model_len=4096, dtype="bfloat16", checkpoint_questions=0, entropy_top_n=40)
+                        data_parallel_size=1, max_model_len=4096, dtype="bfloat16", checkpoint_questions=0,
+                        entropy_top_n=40)
     assert vb.engine_kwargs("Qwen/Qwen3-4B", engine, seed=3) == dict(
         model="Qwen/Qwen3-4B", dtype="bfloat16", seed=3, gpu_memory_utilization=0.8, max_num_seqs=128,
         enforce_eager=False, tensor_parallel_size=2, max_model_len=4096, max_logprobs=40,
@@ -239,6 +240,40 @@ def test_prompts_go_to_the_engine_as_token_ids_in_one_call(lm, fake_llm):
     assert [r.seed for r in requests] == [5, 7, 9, 11] and {r.n for r in requests} == {2}
     assert [len(r) for r in runs] == [2] * len(prompts)
     assert vb.sample_runs_vllm(fake_llm, FakeSamplingParams, [], sampling(), {EOS}, seed=5) == []
+
+
+def test_data_parallel_engines_share_the_questions_and_sample_the_single_engine_runs(tiny_lm_dir):
+    """sampling.vllm.data_parallel_size: two engine processes (the stand-in engine over the real tiny LM, spawned
+    as vLLM would be), contiguous shards, their runs put back in order: the same runs as one engine, seeds and all."""
+    _, tokenizer = load_model(str(tiny_lm_dir), toy_model_dir="unused")
+    prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS["question"]][:3]
+    params = sampling(runs=2, max_new_tokens=6)
+    kwargs = vb.engine_kwargs(str(tiny_lm_dir), params.vllm, seed=0) | {"max_logprobs": 200}
+    single = vb.sample_runs_vllm(FakeLLM(**kwargs), FakeSamplingParams, prompts, params, {EOS}, seed=5,
+                                 progress=False, question_offset=4)
+    assert vb.shard_bounds(3, 2) == [(0, 2), (2, 3)] and vb.shard_bounds(1, 2) == [(0, 1)]
+    pool = vb.EnginePool(kwargs, params, {EOS}, devices=[None, None], module_name=f"{__name__}:FAKE_VLLM")
+    try:
+        assert [p.is_alive() for p in pool.processes] == [True, True]
+        shared = pool.sample(prompts, seed=5, question_offset=4)
+        assert pool.sample(prompts[:1], seed=5, question_offset=4)[0][0].generated_ids == single[0][0].generated_ids
+    finally:
+        pool.close()
+    assert pool.processes == []
+    assert [[run.generated_ids for run in question] for question in shared] == \
+        [[run.generated_ids for run in question] for question in single]
+    for got, expected in zip(sum(shared, []), sum(single, [])):
+        np.testing.assert_array_equal(got.token_logprobs, expected.token_logprobs)
+
+
+def test_data_parallel_needs_enough_gpus_and_an_engine_that_fails_to_start_is_reported(tiny_lm_dir):
+    assert vb.engine_devices(2, 2, ["0", "1", "2", "3"]) == [["0", "1"], ["2", "3"]]
+    with pytest.raises(ParamsError, match=r"`sampling.vllm.data_parallel_size` = 2 x `tensor_parallel_size` = 2 "
+                                          r"needs 4 GPUs; this host shows 1 \(0\)"):
+        vb.engine_devices(2, 2, ["0"])
+    kwargs = vb.engine_kwargs(str(tiny_lm_dir), sampling().vllm, seed=0)
+    with pytest.raises(vb.BackendUnavailable, match="vLLM engine 0 .* did not start: ModuleNotFoundError"):
+        vb.EnginePool(kwargs, sampling(), {EOS}, devices=[["7"]], module_name="no_such_engine_module")
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------

@@ -274,6 +274,10 @@ class VllmParams(Group):
     """Skip CUDA-graph capture: slower decoding, but faster start-up and less memory."""
     tensor_parallel_size: PositiveInt
     """GPUs the model is sharded across."""
+    data_parallel_size: PositiveInt
+    """Engines run side by side, each in its own process on its own ``tensor_parallel_size`` GPUs, each sampling a
+    contiguous share of every call's questions (the host needs data_parallel_size x tensor_parallel_size GPUs).
+    The runs are seeded per question, so the records equal a single engine's."""
     max_model_len: Annotated[integer(2) | None, Expected("null (the model's own) or an integer >= 2")]
     """Cap on prompt + generated tokens per sequence; null keeps the model's own context length."""
     dtype: VllmDtype

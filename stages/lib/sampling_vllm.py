@@ -3,7 +3,8 @@
 Run through the stage: ``python -m stages.generate`` with ``sampling.backend`` set to ``vllm`` or ``auto``; the
 engine needs the optional ``[gpu]`` extra (``pip install -e ".[gpu]"``) and a CUDA device.
 
-One engine (``vllm.LLM``) serves the whole stage run. Every question of a dataset is one request with
+One engine (``vllm.LLM``) serves the whole stage run (``sampling.vllm.data_parallel_size`` > 1: that many, each
+in its own process on its own GPUs, ``EnginePool``). Every question of a dataset is one request with
 ``n = K`` and all requests go to vLLM in a single ``generate()`` call, as token ids (the same prompt ids the hf
 backend feeds), so vLLM's scheduler does the batching. Each completion becomes a ``SampledRun`` and
 ``generate.build_run_records`` turns them into rows, so both backends write the same schema.
@@ -33,7 +34,11 @@ vLLM is imported only when this backend runs: the module imports on any machine.
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import logging
+import multiprocessing
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +248,124 @@ def sample_runs_vllm(llm, sampling_params_cls, prompts: list[list[int]], samplin
     return [runs_from_output(output, prompt, sampling, eos_ids) for output, prompt in zip(outputs, prompts)]
 
 
+# ---- data parallelism: several engines on one host ----------------------------------------------------------
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES``'s entries when set, else 0..device_count-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [entry.strip() for entry in listed.split(",") if entry.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def engine_devices(data_parallel_size: int, tensor_parallel_size: int, visible: Sequence[str]) -> list[list[str]]:
+    """The GPUs of each engine: consecutive groups of ``tensor_parallel_size`` of the ``visible`` ones."""
+    needed = data_parallel_size * tensor_parallel_size
+    if needed > len(visible):
+        raise ParamsError(f"params.yaml: `sampling.vllm.data_parallel_size` = {data_parallel_size} x "
+                          f"`tensor_parallel_size` = {tensor_parallel_size} needs {needed} GPUs; this host shows "
+                          f"{len(visible)} ({','.join(visible) or 'none'})")
+    return [list(visible[i * tensor_parallel_size:(i + 1) * tensor_parallel_size]) for i in range(data_parallel_size)]
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """(start, stop) of ``shards`` contiguous, near-equal slices of ``n`` items (empty slices dropped)."""
+    return [(int(part[0]), int(part[-1]) + 1) for part in np.array_split(np.arange(n), shards) if len(part)]
+
+
+def _engine_worker(connection, module_name: str, kwargs: dict[str, Any], sampling: SamplingParams,
+                   eos_ids: set[int], devices: list[str] | None) -> None:
+    """One engine's process: pin its GPUs, start ``module_name.LLM``, then answer (prompts, seed, offset) jobs
+    with ``sample_runs_vllm`` until told to stop (None) or the parent goes away."""
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # before vLLM (and CUDA) initialise
+    try:
+        name, _, attribute = module_name.partition(":")  # "vllm", or "module:object" for a stand-in engine
+        module = importlib.import_module(name)
+        module = getattr(module, attribute) if attribute else module
+        llm = module.LLM(**kwargs)
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the stage with it
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+        return
+    connection.send(("ready", None))
+    while True:
+        try:
+            job = connection.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        prompts, seed, offset = job
+        try:
+            connection.send(("runs", sample_runs_vllm(llm, module.SamplingParams, prompts, sampling, eos_ids, seed,
+                                                      progress=False, question_offset=offset)))
+        except Exception as error:  # noqa: BLE001
+            connection.send(("error", f"{type(error).__name__}: {error}"))
+
+
+class EnginePool:
+    """``sampling.vllm.data_parallel_size`` vLLM engines on one host, one spawned process each, pinned to its own
+    GPUs (``CUDA_VISIBLE_DEVICES``). Each call's questions are cut into contiguous shards, one per engine, sampled at
+    once and put back in order. A request carries its question's seed (``question_seed``), so the runs are those a
+    single engine samples."""
+
+    def __init__(self, kwargs: dict[str, Any], sampling: SamplingParams, eos_ids: set[int],
+                 devices: Sequence[list[str] | None], module_name: str = "vllm"):
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
+        self.connections, self.processes = [], []
+        for group in devices:
+            parent, child = context.Pipe()
+            # not a daemon: vLLM starts processes of its own, which a daemonic process may not
+            process = context.Process(target=_engine_worker, name=f"vllm-engine-{len(self.processes)}",
+                                      args=(child, module_name, kwargs, sampling, eos_ids, group))
+            process.start()
+            child.close()
+            self.connections.append(parent)
+            self.processes.append(process)
+        atexit.register(self.close)  # before multiprocessing's own exit hook joins the workers
+        for index, (connection, group) in enumerate(zip(self.connections, devices)):
+            status, detail = self._receive(connection, index)
+            if status == "error":
+                self.close()
+                raise BackendUnavailable(f"vLLM engine {index} (GPUs {','.join(group or []) or 'inherited'}) did "
+                                         f"not start: {detail}")
+        log.info("vllm: %d engines side by side on GPUs %s", len(self.processes),
+                 " | ".join(",".join(group or ["inherited"]) for group in devices))
+
+    def _receive(self, connection, index: int):
+        try:
+            return connection.recv()
+        except EOFError:
+            return "error", f"engine process {index} exited (exit code {self.processes[index].exitcode})"
+
+    def sample(self, prompts: list[list[int]], seed: int, question_offset: int = 0) -> list[list[SampledRun]]:
+        """As ``sample_runs_vllm``, with the questions shared across the engines."""
+        bounds = shard_bounds(len(prompts), len(self.connections))
+        for connection, (start, stop) in zip(self.connections, bounds):
+            connection.send((prompts[start:stop], seed, question_offset + start))
+        runs: list[list[SampledRun]] = []
+        for index, connection in enumerate(self.connections[:len(bounds)]):
+            status, payload = self._receive(connection, index)
+            if status == "error":
+                raise RuntimeError(f"vLLM engine {index}: {payload}")
+            runs.extend(payload)
+        return runs
+
+    def close(self) -> None:
+        """Stop every engine process (idempotent)."""
+        for connection in self.connections:
+            try:
+                connection.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for process in self.processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=10)
+        self.connections, self.processes = [], []
+
+
 # ---- the engine ---------------------------------------------------------------------------------------------
 
 def load_tokenizer(name: str, toy_model_dir: str | Path,
@@ -273,12 +396,13 @@ def stop_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> set[int]:
 class VllmGenerator:
     """One vLLM engine for the whole stage run, and what turns its outputs into SampledRuns."""
 
-    llm: Any  # vllm.LLM
+    llm: Any  # vllm.LLM; None with a pool
     sampling_params_cls: Any  # vllm.SamplingParams
     sampling: SamplingParams
     tokenizer: PreTrainedTokenizerBase
     eos_ids: set[int]
     progress: bool = True
+    pool: EnginePool | None = None  # data_parallel_size > 1: the engines, each in its own process
 
     @classmethod
     def open(cls, params: Params, vllm_module=None) -> VllmGenerator:
@@ -289,6 +413,11 @@ class VllmGenerator:
         revision = None if Path(path).exists() else params.model.revision  # a revision names a Hub commit only
         kwargs = engine_kwargs(path, params.sampling.vllm, params.seed, revision)
         log.info("starting vLLM %s: %s", getattr(vllm_module, "__version__", "(version unknown)"), kwargs)
+        engine = params.sampling.vllm
+        if engine.data_parallel_size > 1:
+            devices = engine_devices(engine.data_parallel_size, engine.tensor_parallel_size, visible_gpus())
+            pool = EnginePool(kwargs, params.sampling, eos_ids, devices)
+            return cls(None, vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids, pool=pool)
         return cls(vllm_module.LLM(**kwargs), vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids)
 
     def questions_per_call(self, n_prompts: int) -> int:
@@ -305,8 +434,11 @@ class VllmGenerator:
         for call, start in enumerate(range(0, len(prompts), per_call)):
             saved = keep.load(dataset, call) if keep is not None else None
             if saved is None:
-                chunk = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts[start:start + per_call],
-                                         self.sampling, self.eos_ids, seed, self.progress, question_offset=start)
+                if self.pool is not None:
+                    chunk = self.pool.sample(prompts[start:start + per_call], seed, question_offset=start)
+                else:
+                    chunk = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts[start:start + per_call],
+                                             self.sampling, self.eos_ids, seed, self.progress, question_offset=start)
                 if keep is not None:
                     keep.save(dataset, call, [run for question_runs in chunk for run in question_runs])
             else:  # K runs per question, in question order
