@@ -51,6 +51,8 @@ from viewer.data import (
     MissingArtifact,
     RunStore,
     answer_extraction_table,
+    load_location_scores,
+    load_question_tokens,
     calibration_table,
     cost_ratio_text,
     headline_metric_columns,
@@ -79,6 +81,7 @@ POINT_SIZE = 6
 POINT_ALPHA, DIMMED_ALPHA = 0.7, 0.12  # the runs' opacity; the unselected ones' while a selection is drawn
 SELECTION_PAGE_SIZE = 15  # rows per page of the selection table
 PLOT_HEIGHT = 420
+TAP_TOLERANCE = 0.015  # a click opens the run nearest it within this share of the viewport (~8 px) on each axis
 
 # The registry's per-run probes: their analysis columns (margin, P(positive)) and what the columns are called.
 PROBE_MARGINS = [f"{probe.name}_probe_margin" for _, probe in registry.per_run_probes()]
@@ -276,9 +279,11 @@ class LinkedPoints(pn.viewable.Viewer):
         if self._revisions is not None:
             self._revisions.unwatch()  # the figure this replaces stops following the store
         revisions = self._revisions = hv.streams.Params(self.store, ["filtered_revision", "selected_revision"])
-        plot = hv.DynamicMap(self.layers, streams=[hv.streams.RangeXY(), revisions])
+        self._viewport = hv.streams.RangeXY()
+        plot = hv.DynamicMap(self.layers, streams=[self._viewport, revisions])
         hv.streams.BoundsXY(source=plot).add_subscriber(self._on_box)
         hv.streams.Lasso(source=plot).add_subscriber(self._on_lasso)
+        hv.streams.Tap(source=plot).add_subscriber(self._on_tap)
         return plot.opts(
             hv.opts.Overlay(title=self.title, xlim=xlim, ylim=ylim, responsive=True, height=PLOT_HEIGHT,
                             xlabel=LABELS.get(x, x), ylabel=LABELS.get(y, y), legend_position="top_right",
@@ -299,13 +304,26 @@ class LinkedPoints(pn.viewable.Viewer):
         if bounds is not None:
             self.store.select_box(*self.axes(), bounds)
 
+    def _on_tap(self, x=None, y=None, **_) -> None:
+        """A click on a run opens its question and drills into it (as the selection table's rows do)."""
+        if x is None or y is None:
+            return
+        xlim, ylim = self.limits()
+        x_range = _viewport(self._viewport.x_range, xlim)
+        y_range = _viewport(self._viewport.y_range, ylim)
+        tolerance = ((x_range[1] - x_range[0]) * TAP_TOLERANCE, (y_range[1] - y_range[0]) * TAP_TOLERANCE)
+        row = self.store.nearest_run(*self.axes(), (x, y), tolerance)
+        if row is not None:
+            self.store.open_run(row)
+
     def _on_lasso(self, geometry=None, **_) -> None:
         if geometry is not None:
             self.store.select_lasso(*self.axes(), np.asarray(geometry, dtype=float))
 
     def hint(self) -> pn.pane.HTML:
         return pn.pane.HTML(f"Drag a box (or pick the lasso in the toolbar) to select runs: they keep their colour in "
-                            "both plots and the rest dim. <b>×k</b>: k runs on one spot (identical answers). Wheel to "
+                            "both plots and the rest dim. Click a run to open its question. <b>×k</b>: k runs on one "
+                            "spot (identical answers). Wheel to "
                             f"zoom. Above {self.rasterize_above:,} points in view the runs are rasterised: zoom in "
                             "for hover.", sizing_mode="stretch_width", margin=(0, 10),
                             styles={"color": "#555", "font-size": "0.85em"})
@@ -527,7 +545,7 @@ QUESTION_CSS = """
 .gold { font-size: 1.1em; }
 """
 QUESTION_NUMBER_COLUMNS = ["sequence_loglik", *PROBE_COLUMNS]
-QUESTION_RUN_COLUMNS = ["semantic cluster", "run_id", "answer", "correct", "text", *QUESTION_NUMBER_COLUMNS,
+QUESTION_RUN_COLUMNS = ["semantic cluster", "row", "run_id", "answer", "correct", "text", *QUESTION_NUMBER_COLUMNS,
                         "think_length", "truncated"]
 
 
@@ -552,13 +570,18 @@ class QuestionDetails(pn.viewable.Viewer):
         if self._runs is None:
             self._runs = pn.widgets.Tabulator(
                 pd.DataFrame(columns=QUESTION_RUN_COLUMNS), disabled=True, show_index=False, selectable=False,
-                groupby=["semantic cluster"], hidden_columns=["semantic cluster"], sizing_mode="stretch_width",
+                groupby=["semantic cluster"], hidden_columns=["semantic cluster", "row"], sizing_mode="stretch_width",
                 layout="fit_data_stretch", pagination=None,
                 formatters={"text": {"type": "textarea"},
                             **{column: NUMBER for column in QUESTION_NUMBER_COLUMNS}},
                 widths={"text": 360}, css_classes=["question-runs"], height=420)
+            self._runs.on_click(self._open_run)
             self._body.append(self._runs)
         return self._runs
+
+    def _open_run(self, event) -> None:
+        """A click on a run drills into it (RunDrillDown)."""
+        self.store.open_run(int(self._runs.value.iloc[event.row]["row"]))
 
     def _update(self, *_) -> None:
         runs = self.store.question_runs
@@ -573,7 +596,7 @@ class QuestionDetails(pn.viewable.Viewer):
         rows = runs.assign(**{"semantic cluster": [
             f"{cluster}: {sizes[cluster]} of {len(runs)} runs, {'correct' if correct else 'incorrect'}"
             for cluster, correct in zip(runs["cluster_id"], runs["correct"])]})
-        self._table().value = rows[QUESTION_RUN_COLUMNS].reset_index(drop=True)
+        self._table().value = rows.assign(row=rows.index)[QUESTION_RUN_COLUMNS].reset_index(drop=True)
         dataset = {value: label for label, value in DATASET_CHOICES.items()}.get(str(first["dataset"]), "")
         self._header.object = (
             f"<h4>Question {escaped_html(first['question_id'])} "
@@ -585,6 +608,135 @@ class QuestionDetails(pn.viewable.Viewer):
             f"{'high' if first['high_se'] else 'low'} SE &middot; <a class='question-link' "
             f"href='?question={html.escape(urllib.parse.quote(str(first['question_id']), safe=''))}'>link to this "
             "question</a></p>")
+
+    def __panel__(self):
+        return self._body
+
+
+# ---- one run: its probe scores at every location, its tokens by entropy ---------------------------------------
+
+TOKEN_CSS = """
+.run-tokens .token-box { max-height: 320px; overflow-y: auto; white-space: pre-wrap; font-family: monospace;
+  font-size: 0.9em; line-height: 1.6; border: 1px solid #ddd; padding: 6px 8px; background: #fff; }
+.run-tokens summary { cursor: pointer; font-weight: bold; margin: 4px 0; }
+.run-tokens .token { border-radius: 2px; }
+.run-tokens .scale span { display: inline-block; padding: 0 6px; font-size: 0.8em; }
+"""
+ENTROPY_PALETTE = ("#ffffff", "#fff5eb", "#fee6ce", "#fdd0a2", "#fdae6b", "#fd8d3c", "#f16913", "#d94801",
+                   "#a63603", "#7f2704")  # white, then Bokeh's Oranges9 from light to dark
+OPEN_TOKENS_UP_TO = 600  # a think text longer than this starts collapsed
+
+
+def entropy_colour(entropy: float, high: float) -> str:
+    """The background of a token of ``entropy`` nats on a scale from 0 to ``high`` (ENTROPY_PALETTE)."""
+    if not np.isfinite(entropy) or high <= 0:
+        return ENTROPY_PALETTE[0]
+    index = int(np.clip(entropy / high, 0, 1) * (len(ENTROPY_PALETTE) - 1))
+    return ENTROPY_PALETTE[index]
+
+
+def token_spans(tokens, entropies, high: float) -> str:
+    """Each token as ``<span title="H nats">piece</span>`` on its entropy's colour; every piece (model output) and
+    nothing else escaped into the page."""
+    return "".join(f'<span class="token" style="background:{entropy_colour(float(h), high)}" '
+                   f'title="{float(h):.3f} nats">{html.escape(str(piece), quote=True)}</span>'
+                   for piece, h in zip(tokens, entropies))
+
+
+def tokens_html(run: pd.Series, high: float) -> str:
+    """The run's generated tokens coloured by entropy: the think span in a fixed-height scroll box inside a
+    <details> (collapsed when long), then what follows it (the answer)."""
+    tokens, entropies = list(run["tokens"]), np.asarray(run["token_entropies"], dtype=float)
+    start = run["think_start_index"]
+    end = run["think_end_index"]
+    start = 0 if pd.isna(start) else int(start)
+    end = len(tokens) if pd.isna(end) else int(end) + 1
+    think, answer = slice(start, end), slice(end, len(tokens))
+    n_think = end - start
+    mean = float(np.nanmean(entropies[think])) if n_think else float("nan")
+    scale = "".join(f'<span style="background:{colour}">{high * i / (len(ENTROPY_PALETTE) - 1):.2f}</span>'
+                    for i, colour in enumerate(ENTROPY_PALETTE))
+    return (f"<div class='run-tokens'><div class='scale'>token entropy (nats): {scale} &middot; hover a token for "
+            "its value</div>"
+            f"<details class='think-tokens'{' open' if n_think <= OPEN_TOKENS_UP_TO else ''}><summary>Think text: "
+            f"{n_think:,} tokens, mean entropy {mean:.3f} nats</summary>"
+            f"<div class='token-box'>{token_spans(tokens[think], entropies[think], high)}</div></details>"
+            f"<div class='answer-tokens token-box'>{token_spans(tokens[answer], entropies[answer], high)}</div>"
+            "</div>")
+
+
+def draw_location_scores(scores: np.ndarray, meta, probe_index: int) -> hv.Overlay:
+    """One probe's score for one run at every (position, layer): an image over the layer and position indices
+    (whole layers as ticks), the location chosen on val marked by a ring."""
+    values = scores[probe_index]  # (positions, layers)
+    positions, layers = meta.positions, meta.layers
+    binary = meta.outputs[probe_index].startswith("P(")
+    finite = values[np.isfinite(values)]
+    clim = (0.0, 1.0) if binary or not len(finite) else (float(finite.min()), float(finite.max()) or 1.0)
+    # Image rows run top-down: flipped, so that y = j is positions[j] (the marker's and the ticks' coordinate)
+    image = hv.Image(values[::-1], bounds=(-0.5, -0.5, len(layers) - 0.5, len(positions) - 0.5),
+                     kdims=["layer", "position"], vdims=[meta.outputs[probe_index]])
+    chosen = meta.chosen[probe_index]
+    marker = []
+    if chosen.position in positions and chosen.layer in layers:
+        marker = [(layers.index(chosen.layer), positions.index(chosen.position))]
+    step = max(1, len(layers) // 12)
+    ring = hv.Points(marker, ["layer", "position"]).opts(
+        marker="square", size=14, fill_alpha=0, line_color="#e7298a", line_width=3)
+    return (image.opts(cmap="viridis", clim=clim, colorbar=True, tools=["hover"],
+                       xticks=[(i, str(layer)) for i, layer in enumerate(layers)][::step],
+                       yticks=[(j, position) for j, position in enumerate(positions)])
+            * ring).opts(title=f"{meta.probes[probe_index]} probe: {meta.outputs[probe_index]}", responsive=True,
+                         height=240, min_width=260, xlabel="layer", ylabel="position", toolbar=None)
+
+
+class RunDrillDown(pn.viewable.Viewer):
+    """The run drilled into (the store's ``run``): each single-layer probe's score at every traced (position, layer),
+    the chosen location ringed, and its generated tokens coloured by entropy. Each reads only this run's data:
+    one row of the memory-mapped location_scores.npy, one question's row groups of tokens.parquet."""
+
+    store = param.ClassSelector(class_=RunStore)
+    root = param.ClassSelector(class_=Path)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._header = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["run-header"])
+        self._scores = pn.FlexBox(sizing_mode="stretch_width", css_classes=["run-location-scores"])
+        self._tokens = pn.pane.HTML("", sizing_mode="stretch_width", stylesheets=[TOKEN_CSS],
+                                    css_classes=["run-tokens-pane"], disable_math=True)
+        self._body = pn.Column(self._header, self._scores, self._tokens, sizing_mode="stretch_width")
+        self.store.param.watch(self._update, "run")
+        self._update()
+
+    def _update(self, *_) -> None:
+        row = self.store.run
+        if row is None:
+            self._header.object = "<i>Open a question to see its first run here; click a run of the question to "\
+                                  "see that one.</i>"
+            self._scores.objects, self._tokens.object = [], ""
+            return
+        run = self.store.table.loc[row]
+        self._header.object = (f"<h4>Run {int(run['run_id'])} of question {escaped_html(run['question_id'])}</h4>"
+                               f"<p>answer {escaped_html(run['answer'], 'code')} &middot; "
+                               f"{'correct' if run['correct'] else 'incorrect'}</p>")
+        try:
+            located = load_location_scores(self.root, self.store.table.index.get_loc(row), len(self.store.table))
+            self._scores.objects = [
+                pn.pane.HoloViews(draw_location_scores(located.scores, located.meta, i), min_width=280,
+                                  sizing_mode="stretch_width", height=250, css_classes=["location-heatmap"])
+                for i in range(len(located.meta.probes))]
+        except MissingArtifact as missing:
+            self._scores.objects = [notice(str(missing))]
+        try:
+            tokens = load_question_tokens(self.root, str(run["dataset"]), str(run["question_id"]))
+            mine = tokens[tokens["run_id"] == run["run_id"]]
+            if mine.empty:
+                raise MissingArtifact(f"No tokens of run {int(run['run_id'])} in tokens.parquet; rerun `dvc repro "
+                                      "analysis`.")
+            high = max((float(np.nanmax(values)) for values in tokens["token_entropies"] if len(values)), default=1.0)
+            self._tokens.object = tokens_html(mine.iloc[0], high)
+        except MissingArtifact as missing:
+            self._tokens.object = f"<div class='run-tokens'>{escaped_html(str(missing), 'i')}</div>"
 
     def __panel__(self):
         return self._body
