@@ -703,3 +703,36 @@ def test_answer_extraction_counts_are_a_table_per_split(project):
     assert list(table["split"]) == ["train", "val", "test", "OOD"]
     assert table.set_index("split").loc["test", "last-number fallback"] == 2  # tests/viewer_support.py's counts
     assert table.set_index("split").loc["OOD", "stopped inside the think span (no answer, wrong)"] == 5
+
+
+def test_experiments_change_against_their_own_baseline():
+    """Real `dvc exp show` output (two commits, each with experiments): each experiment's metric minus its own
+    baseline commit's (the sample's stage wrote auroc = 0.7 + temp / 10)."""
+    from viewer.data import change_against_baseline
+
+    frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
+    metric = "metric:test.accuracy_probe.auroc"
+    changes = change_against_baseline(frame, [metric])["Δ test.accuracy_probe.auroc"]
+    by_name = dict(zip(frame["name"], changes))
+    assert by_name["terse-farl"] == pytest.approx(0.02) and by_name["eight-wins"] == pytest.approx(0.07)
+    assert by_name["risen-mush"] == pytest.approx(-0.04)  # against 708e939 (temp 0.7), not master (temp 0.3)
+    assert all(np.isnan(by_name[name]) for name in ("workspace", "master", "708e939"))
+
+
+def test_sweeps_never_join_points_of_different_commits():
+    """One sweep per baseline commit, over the parameter its experiments change, sorted by it; the plot's curves
+    of one sweep hold only that baseline's points."""
+    from viewer.data import sweeps
+    from viewer.views import ExperimentsView
+
+    frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
+    found = {sweep.baseline: sweep for sweep in sweeps(frame)}
+    assert set(found) == {"master", "708e939"}
+    assert found["master"].parameter == "param:sampling.temp"
+    assert list(found["master"].rows["name"]) == ["master", "terse-farl", "eight-wins"]
+    assert list(found["master"].rows["x"]) == [0.3, 0.5, 1.0]
+    assert list(found["708e939"].rows["name"]) == ["risen-mush", "708e939"]
+    column = ExperimentsView(root=Path("."))._sweep(list(found.values()), headline_metric_columns(frame))
+    overlay = column[1].object  # the plot of the first sweep (master)
+    curves = [element for element in overlay.traverse(lambda element: element, [hv.Curve])]
+    assert curves and all(list(curve.dimension_values(0)) == [0.3, 0.5, 1.0] for curve in curves)

@@ -568,6 +568,50 @@ def varying_params(experiments: pd.DataFrame) -> list[str]:
     return [column for column in columns if experiments[column].astype(str).nunique(dropna=False) > 1]
 
 
+def change_against_baseline(experiments: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """``Δ <metric>`` for each of ``metrics``: an experiment's value minus its baseline commit's (``baseline`` names
+    the commit row it branched from, as `dvc exp show` nests it); empty for commits and the workspace, and where
+    either value is missing. One column per metric, aligned with ``experiments``."""
+    commits = experiments[experiments["kind"] == "commit"].drop_duplicates("name").set_index("name")
+    changes = pd.DataFrame(index=experiments.index)
+    is_experiment = (experiments["kind"] == "experiment").to_numpy()
+    for metric in metrics:
+        values = pd.to_numeric(experiments[metric], errors="coerce")
+        base = pd.to_numeric(experiments["baseline"].map(commits[metric]) if len(commits) else np.nan, errors="coerce")
+        changes[f"Δ {metric.removeprefix('metric:')}"] = (values - base).where(is_experiment)
+    return changes
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The experiments of one baseline commit, with the one parameter they vary: a sweep's points."""
+
+    baseline: str
+    parameter: str
+    """A ``param:`` column: the only one whose value differs between the baseline and its experiments (the first
+    numeric one when several do)."""
+    rows: pd.DataFrame
+    """The baseline's row and its experiments', with ``x`` (the parameter as a number), sorted by it."""
+
+
+def sweeps(experiments: pd.DataFrame) -> list[Sweep]:
+    """One Sweep per baseline commit with experiments whose changed parameter is numeric. Points of different
+    commits are never in one sweep: the code, data or other params may differ between commits."""
+    found = []
+    experiment_rows = experiments[experiments["kind"] == "experiment"]
+    for baseline in experiment_rows["baseline"].dropna().unique():
+        group = experiments[((experiments["kind"] == "commit") & (experiments["name"] == baseline))
+                            | ((experiments["kind"] == "experiment") & (experiments["baseline"] == baseline))]
+        numeric = [column for column in varying_params(group)
+                   if pd.to_numeric(group[column], errors="coerce").notna().sum() > 1]
+        if not numeric:
+            continue
+        parameter = numeric[0]
+        rows = group.assign(x=pd.to_numeric(group[parameter], errors="coerce")).dropna(subset=["x"]).sort_values("x")
+        found.append(Sweep(str(baseline), parameter, rows))
+    return found
+
+
 def headline_metric_columns(experiments: pd.DataFrame) -> list[str]:
     """Test and OOD AUROC of the headline scores, then accuracy, where the frame has them."""
     wanted = [f"metric:{split}.{score}.auroc" for split in ("test", "ood") for score in HEADLINE_SCORES]

@@ -51,6 +51,7 @@ from viewer.data import (
     MissingArtifact,
     RunStore,
     answer_extraction_table,
+    change_against_baseline,
     load_location_scores,
     load_question_tokens,
     calibration_table,
@@ -64,6 +65,7 @@ from viewer.data import (
     stability_table,
     question_summary,
     stack_runs,
+    sweeps,
     varying_params,
 )
 log = logging.getLogger(__name__)
@@ -1193,36 +1195,45 @@ class ExperimentsView(pn.viewable.Viewer):
         table = experiments.table
         params = varying_params(table) if experiments.from_dvc else []
         metrics = headline_metric_columns(table)
-        shown = table[["name", "kind", "rev", "baseline", "timestamp", *params, *metrics, "error"]].copy()
+        changes = change_against_baseline(table, metrics) if experiments.from_dvc else pd.DataFrame(index=table.index)
+        shown = pd.concat([table[["name", "kind", "rev", "baseline", "timestamp", *params, *metrics]], changes,
+                           table[["error"]]], axis=1)
         shown.columns = [column.removeprefix("param:").removeprefix("metric:") for column in shown.columns]
         objects = [
             pn.pane.Alert(html.escape(experiments.message), alert_type="info" if experiments.from_dvc else "warning",
                           sizing_mode="stretch_width", css_classes=["experiments-message"], disable_math=True),
+            pn.pane.HTML("<small>Δ: an experiment's value minus its baseline commit's (the commit it was run "
+                         "from).</small>", sizing_mode="stretch_width"),
             pn.widgets.Tabulator(shown, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
                                  layout="fit_data_table", frozen_columns=["name"],
-                                 formatters={column.removeprefix("metric:"): NUMBER for column in metrics},
+                                 formatters={column: NUMBER for column in [
+                                     *(m.removeprefix("metric:") for m in metrics), *changes.columns]},
                                  css_classes=["experiments-table"]),
         ]
-        numeric = [column for column in params if pd.to_numeric(table[column], errors="coerce").notna().sum() > 1]
-        if numeric and metrics:
-            objects.append(self._sweep(table, numeric, metrics))
+        found = sweeps(table) if experiments.from_dvc else []
+        if found and metrics:
+            objects.append(self._sweep(found, metrics))
         return objects
 
-    def _sweep(self, table: pd.DataFrame, params: list[str], metrics: list[str]):
-        choose = pn.widgets.Select(name="x axis (a parameter that varies)", options=params, value=params[0], width=300)
+    def _sweep(self, found: list, metrics: list[str]):
+        options = {f"{sweep.baseline}: {sweep.parameter.removeprefix('param:')} ({len(sweep.rows)} points)": sweep
+                   for sweep in found}
+        choose = pn.widgets.Select(name="sweep (a baseline commit and the parameter its experiments change)",
+                                   options=options, width=420, css_classes=["sweep-choice"])
 
-        def plot(parameter: str):
-            frame = table.assign(x=pd.to_numeric(table[parameter], errors="coerce")).dropna(subset=["x"])
+        def plot(sweep):
             lines = []
             for metric in [column for column in metrics if column.endswith(".auroc")]:
                 label = metric.removeprefix("metric:").removesuffix(".auroc")
-                points = frame.dropna(subset=[metric]).sort_values("x")
+                points = sweep.rows.dropna(subset=[metric])
                 lines.append(hv.Curve(points, "x", metric, label=label)
-                             * hv.Scatter(points, "x", metric, label=label).opts(size=6, tools=["hover"]))
-            return hv.Overlay(lines).opts(width=760, height=380, legend_position="right", show_grid=True,
-                                          xlabel=parameter.removeprefix("param:"), ylabel="AUROC",
-                                          title="AUROC across commits and experiments")
-        return pn.Column(choose, pn.pane.HoloViews(pn.bind(plot, choose)))
+                             * hv.Scatter(points, "x", [metric, "name"], label=label).opts(size=6, tools=["hover"]))
+            return hv.Overlay(lines).opts(responsive=True, min_width=400, height=380, legend_position="right",
+                                          show_grid=True, xlabel=sweep.parameter.removeprefix("param:"),
+                                          ylabel="AUROC", legend_opts={"click_policy": "hide"},
+                                          title=f"AUROC across the experiments of {sweep.baseline}")
+        return pn.Column(choose, pn.pane.HoloViews(pn.bind(plot, choose), sizing_mode="stretch_width",
+                                                   css_classes=["sweep-plot"]), sizing_mode="stretch_width")
 
     def __panel__(self):
         return pn.Column(pn.Row(pn.pane.HTML("<h4>Experiments</h4>"), self._refresh), self._body,
