@@ -602,3 +602,45 @@ def test_click_on_a_run_opens_its_question(server, browser, analysis):
     finally:
         page.close()
     assert errors == [] and dialogs == []
+
+
+# Every drawn figure's box in page coordinates (left, right, width) by title, and whether each legend hides on click.
+FIGURE_BOXES_JS = """() => {
+  const boxes = []; const seen = new Set();
+  const walk = (view) => {
+    if (!view || seen.has(view)) return; seen.add(view);
+    if (view.model && view.model.constructor.__name__ === "Figure" && view.el.isConnected) {
+      const box = view.el.getBoundingClientRect();
+      if (box.width > 0) boxes.push([view.model.title ? view.model.title.text : "", box.left, box.right, box.width]);
+    }
+    for (const child of (view.child_views ?? [])) walk(child);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
+  return boxes;
+}"""
+LEGEND_POLICIES_JS = """() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__name__ === "Legend")
+  .map(legend => legend.click_policy)"""
+
+
+def test_results_fit_a_1280_px_page_and_legends_hide_curves(server, browser):
+    """At 1280 px every Results figure lies inside the viewport (no fixed width overflows; the page never scrolls
+    sideways), and each legend entry hides its curve when clicked."""
+    page, errors, dialogs = _open_page(browser, server.url, width=1280)
+    try:
+        page.locator(".bk-tab", has_text="Results").click()
+        titles = ["ROC, test (positive: incorrect run)", "Risk-coverage, ood", "AUROC over seeds, ood",
+                  "Reliability, ood", "Early warning, ood"]
+        page.wait_for_function(f"() => {titles!r}.every(title => title in ({FRAMES_JS})())", timeout=4 * TIMEOUT_MS)
+        page.wait_for_timeout(1000)  # the last layout pass
+        boxes = page.evaluate(FIGURE_BOXES_JS)
+        results = [box for box in boxes if box[0] in titles or "@" in box[0] or box[0].startswith(("ROC", "Risk"))]
+        assert len(results) >= len(titles)
+        overflowing = [box for box in boxes if box[2] > 1280 + 1 or box[1] < 0]
+        assert overflowing == [], overflowing
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 1280
+        policies = page.evaluate(LEGEND_POLICIES_JS)
+        # all but the two run plots' (whose outcome legend is not a curve): ROC, early warning, risk-coverage, ...
+        assert policies.count("hide") == len(policies) - 2 >= 6, policies
+    finally:
+        page.close()
+    assert errors == [] and dialogs == []

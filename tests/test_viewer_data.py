@@ -279,7 +279,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     for plot in RESULT_PLOTS:  # every registered plot draws its table to Bokeh
         hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project).settings))
     complete = ResultsView(root=project)._content()
-    assert len(_panes(complete, pn.pane.HoloViews)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
+    assert len(_panes(complete, pn.GridBox)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
     texts = " ".join(_texts(complete))
     assert "SE costs 125x a probe evaluation" in texts and "AURAC higher is better" in texts
     tables = {tuple(table.css_classes): table.value for table in _panes(complete, pn.widgets.Tabulator)}
@@ -304,7 +304,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
         assert len(holding) == 1 and "dvc repro" in holding[0], name  # the missing file, in its section only
     schema_notice = [text for text in texts if "evaluate.json: missing field `calibration`" in text]
     assert len(schema_notice) == 1 and "Rerun `dvc repro evaluate`" in schema_notice[0]
-    assert len(_panes(pn.Column(*sections), pn.pane.HoloViews)) == len(RESULT_PLOTS) - 2
+    assert len(_panes(pn.Column(*sections), pn.GridBox)) == len(RESULT_PLOTS) - 2
 
 
 def test_early_warning_keeps_slt_apart_and_null_rows_become_a_notice(project, tmp_path):

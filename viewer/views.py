@@ -951,12 +951,29 @@ class ResultPlot:
     title: str
     caption: str
     draw: Callable[[pd.DataFrame, EvaluateSettings | None], object]
+    columns: int = 2  # panels of the drawn Layout side by side, sharing the page's width
+
+
+MIN_PANEL_WIDTH = 260  # px: a Results panel's narrowest (three side by side fit a 1280 px page beside the sidebar)
+
+
+def result_panels(drawn) -> list:
+    """The panels of a Results plot (the elements of a Layout, or the one element), each filling its grid cell:
+    the fixed width dropped for a responsive one, and legend entries that hide their curve when clicked."""
+    elements = list(drawn.values()) if isinstance(drawn, hv.Layout) else [drawn]
+    return [element.opts(responsive=True, width=None, min_width=MIN_PANEL_WIDTH,
+                         legend_opts={"click_policy": "hide"}, clone=True) for element in elements]
+
+
+def _panel_grid(panes: list, columns: int) -> pn.GridBox:
+    return pn.GridBox(*panes, ncols=min(columns, len(panes)), sizing_mode="stretch_width",
+                      css_classes=["result-plot"])
 
 
 RESULT_PLOTS = (
     ResultPlot(AUROC_BY_LAYER_FILE, "AUROC per layer and position",
                "A probe fitted on train at each (position, layer), scored for its own label (accuracy probe: correct; "
-               "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer),
+               "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer, columns=3),
     ResultPlot(EARLY_WARNING_FILE, "Early warning: AUROC against the share of the reasoning seen",
                "Each probe at every traced position, on the layer chosen on val for that position, scored for its own "
                "label with a 95% bootstrap CI; higher further left = the uncertainty shows earlier.",
@@ -1045,23 +1062,25 @@ class ResultsView(pn.viewable.Viewer):
                 except Exception:
                     log.exception("drawing %s", plot.title)
                     raise
-                section[1] = figure if isinstance(figure, pn.viewable.Viewable) else pn.pane.Bokeh(
-                    figure, sizing_mode="stretch_width")
+                section[1] = figure if isinstance(figure, pn.viewable.Viewable) else _panel_grid(
+                    [pn.pane.Bokeh(model, sizing_mode="stretch_width") for model in figure], plot.columns)
 
         pn.state.execute(fill)
 
     def draw(self, plot: ResultPlot, settings: EvaluateSettings | None):
         """The HoloViews pane of ``plot``, or a notice when its table is missing or holds nothing to draw."""
         try:
-            return pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings),
-                                     sizing_mode="stretch_width")
+            return _panel_grid([pn.pane.HoloViews(panel, sizing_mode="stretch_width") for panel in
+                                result_panels(plot.draw(load_plot_table(self.root, plot.table), settings))],
+                               plot.columns)
         except (MissingArtifact, NothingToDraw) as missing:
             return notice(str(missing))
 
     def _render(self, plot: ResultPlot, settings: EvaluateSettings | None):
-        """``plot`` rendered to a Bokeh model (no document yet: safe off the event loop), or a notice."""
+        """``plot``'s panels rendered to Bokeh models (no document yet: safe off the event loop), or a notice."""
         try:
-            return hv.render(plot.draw(load_plot_table(self.root, plot.table), settings), backend="bokeh")
+            return [hv.render(panel, backend="bokeh") for panel in
+                    result_panels(plot.draw(load_plot_table(self.root, plot.table), settings))]
         except (MissingArtifact, NothingToDraw) as missing:
             return notice(str(missing))
 
