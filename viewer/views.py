@@ -748,6 +748,7 @@ class RunDrillDown(pn.viewable.Viewer):
 
 
 SPLIT_COLOURS = {"val": "#999999", "test": "#2b83ba", "ood": "#d7301f"}
+MIN_PANEL_WIDTH = 260  # px: a Results panel's narrowest (three side by side fit a 1280 px page beside the sidebar)
 
 
 def draw_auroc_by_layer(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
@@ -767,7 +768,8 @@ def draw_auroc_by_layer(frame: pd.DataFrame, settings: EvaluateSettings | None) 
             if picked is not None and picked.position == position:
                 overlay = overlay * hv.VLine(picked.layer).opts(color="black", line_dash="dashed", line_width=1)
             layers = sorted(int(layer) for layer in part["layer"].unique())
-            plots.append(overlay.opts(title=f"{PROBE_NAMES[probe]} @ {position}", ylim=(0.4, 1.0), width=330,
+            plots.append(overlay.opts(title=f"{PROBE_NAMES[probe]} @ {position}", ylim=(0.4, 1.0), responsive=True,
+                                      min_width=MIN_PANEL_WIDTH,
                                       xticks=layers[::max(1, len(layers) // 10)],  # whole layers only
                                       height=250, legend_position="bottom_right", show_grid=True, xlabel="layer",
                                       ylabel="AUROC"))
@@ -801,7 +803,8 @@ def draw_roc(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layou
                   for label, rows in merge_identical_curves(part, "score", "fpr", "tpr")]
         diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
         plots.append(hv.Overlay([diagonal, *curves]).opts(
-            title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
+            title=f"ROC, {split} (positive: incorrect run)", responsive=True, min_width=MIN_PANEL_WIDTH,
+            height=420, legend_position="bottom_right",
             xlabel="false positive rate", ylabel="true positive rate", show_grid=True))
     return hv.Layout(plots).cols(2)
 
@@ -867,7 +870,8 @@ def draw_early_warning(frame: pd.DataFrame, settings: EvaluateSettings | None) -
                        hv.Scatter(reasoning, "x", hover, label=label).opts(color=colour, size=7, tools=["hover"]),
                        hv.Scatter(after, "x", hover).opts(color=colour, size=11, marker="diamond", tools=["hover"])]
         plots.append(hv.Overlay(layers).opts(
-            title=f"Early warning, {split}", width=520, height=360, legend_position="top_left", show_grid=True,
+            title=f"Early warning, {split}", responsive=True, min_width=MIN_PANEL_WIDTH,
+            height=360, legend_position="top_left", show_grid=True,
             xlabel="position: share of the reasoning seen (slt: after the answer)", ylabel="AUROC",
             xticks=[(x, position) for x, position in ticks], xrotation=30 if len(ticks) > 6 else 0,
             xlim=(-0.05, AFTER_ANSWER_X + 0.07 if (frame["fraction"].isna()).any() else 1.05), ylim=(low, 1.02)))
@@ -887,7 +891,7 @@ def draw_risk_coverage(frame: pd.DataFrame, settings: EvaluateSettings | None) -
         # Eleven scores: one legend, right of the last panel, where it hides no curve.
         last = index == len(parts) - 1
         plots.append(hv.Overlay(curves).opts(
-            title=f"Risk-coverage, {split}", width=630 if last else 430, height=400, show_legend=last,
+            title=f"Risk-coverage, {split}", responsive=True, min_width=MIN_PANEL_WIDTH, height=400, show_legend=last,
             legend_position="right", show_grid=True, xlabel="coverage (share of runs answered)",
             ylabel="risk (error rate of the answered runs)", xlim=(0, 1.01)))
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
@@ -909,7 +913,8 @@ def draw_reliability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> 
                        hv.Scatter(rows, "mean_predicted", ["observed_frequency", "n", "lower", "upper"],
                                   label=probe).opts(color=colour, marker=marker, size=7, tools=["hover"])]
         plots.append(hv.Overlay(layers).opts(
-            title=f"Reliability, {split}", width=420, height=400, legend_position="top_left", show_grid=True,
+            title=f"Reliability, {split}", responsive=True, min_width=MIN_PANEL_WIDTH,
+            height=400, legend_position="top_left", show_grid=True,
             xlabel="mean predicted P(correct) in the bin", ylabel="observed accuracy in the bin",
             xlim=(-0.02, 1.02), ylim=(-0.02, 1.02)))
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
@@ -931,7 +936,8 @@ def draw_stability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv
                                                                       tools=["hover"]),
             hv.Scatter(part, "score", ["auroc", "seed"]).opts(color=colour, size=6, alpha=0.6, jitter=0.25,
                                                               tools=["hover"]),
-        ]).opts(title=f"AUROC over seeds, {split}", width=520, height=400, show_grid=True, xrotation=45,
+        ]).opts(title=f"AUROC over seeds, {split}", responsive=True, min_width=MIN_PANEL_WIDTH,
+                height=400, show_grid=True, xrotation=45,
                 xlabel="", ylabel="AUROC (positive: incorrect run)"))
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
 
@@ -954,15 +960,13 @@ class ResultPlot:
     columns: int = 2  # panels of the drawn Layout side by side, sharing the page's width
 
 
-MIN_PANEL_WIDTH = 260  # px: a Results panel's narrowest (three side by side fit a 1280 px page beside the sidebar)
 
 
 def result_panels(drawn) -> list:
-    """The panels of a Results plot (the elements of a Layout, or the one element), each filling its grid cell:
-    the fixed width dropped for a responsive one, and legend entries that hide their curve when clicked."""
+    """The panels of a Results plot (the elements of a Layout, or the one element; each draws itself responsive,
+    filling its grid cell), their legend entries hiding their curve when clicked."""
     elements = list(drawn.values()) if isinstance(drawn, hv.Layout) else [drawn]
-    return [element.opts(responsive=True, width=None, min_width=MIN_PANEL_WIDTH,
-                         legend_opts={"click_policy": "hide"}, clone=True) for element in elements]
+    return [element.opts(legend_opts={"click_policy": "hide"}, clone=True) for element in elements]
 
 
 def _panel_grid(panes: list, columns: int) -> pn.GridBox:
