@@ -736,3 +736,34 @@ def test_sweeps_never_join_points_of_different_commits():
     overlay = column[1].object  # the plot of the first sweep (master)
     curves = [element for element in overlay.traverse(lambda element: element, [hv.Curve])]
     assert curves and all(list(curve.dimension_values(0)) == [0.3, 0.5, 1.0] for curve in curves)
+
+
+def test_redraws_leave_no_old_models_in_the_document(tmp_path):
+    """The Runs tab in one Bokeh document: after many filter, probe and question changes the document holds as many
+    models and figures as after the first round (each redraw replaces its figure's contents or the figure), and
+    the plots show the current filter's runs."""
+    from bokeh.document import Document
+    from bokeh.plotting import figure as Figure
+
+    from viewer.views import MarginEntropyScatter, QuestionDetails, QuestionScatter, RunDrillDown, UmapExplorer
+
+    root = write_viewer_project(tmp_path / "project", synthetic_analysis(30, 5, seed=1))
+    store = RunStore(load_analysis(root))
+    page = pn.Column(MarginEntropyScatter(store=store), UmapExplorer(store=store), QuestionScatter(store=store),
+                     QuestionDetails(store=store), RunDrillDown(store=store, root=root))
+    doc = Document()
+    with pn.io.server.set_curdoc(doc):
+        doc.add_root(page.get_root(doc))
+        rounds = []
+        for round_ in range(6):
+            for correctness, probe, question in (("incorrect", "se", 1), ("correct", "accuracy", 2), ("all", "se", 3)):
+                store.param.update(correctness=correctness, probe=probe)
+                store.open_question("id", f"id-0000{question + round_ % 2}")
+            rounds.append((len(doc.models), len(list(doc.select({"type": Figure})))))
+        store.correctness = "incorrect"
+        drawn = sum(int(np.sum(renderer.data_source.data["runs"])) for renderer in doc.select({"type": GlyphRenderer})
+                    if "runs" in renderer.data_source.data and "umap_x" in renderer.data_source.data
+                    and "ring" not in renderer.data_source.data)
+    assert len(set(rounds)) == 1, rounds  # bounded: nothing accumulates
+    assert rounds[0][1] == 3 + 3  # the two run plots, the questions' scatter, a heatmap per single-layer probe
+    assert drawn == int((~store.table["correct"]).sum())
