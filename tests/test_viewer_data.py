@@ -767,3 +767,30 @@ def test_redraws_leave_no_old_models_in_the_document(tmp_path):
     assert len(set(rounds)) == 1, rounds  # bounded: nothing accumulates
     assert rounds[0][1] == 3 + 3  # the two run plots, the questions' scatter, a heatmap per single-layer probe
     assert drawn == int((~store.table["correct"]).sum())
+
+
+def test_store_drills_into_a_run_and_finds_the_run_nearest_a_click(store, project):
+    """Opening a question drills into its first run; open_run opens another run's question too; nearest_run picks
+    the filtered run within the tolerance of a click, else none; the loaders read that run's row and question."""
+    from viewer.data import load_location_scores, load_question_tokens
+
+    store.open_question("id", "id-00003")
+    assert store.run == int(store.question_runs.index[0])
+    other = int(store.table.index[(store.table["question_id"] == "ood-00029").to_numpy()][2])
+    store.open_run(other)
+    assert store.question == ("ood", "ood-00029") and store.run == other
+    run = store.table.loc[other]
+    x, y = "accuracy_probe_margin", "semantic_entropy"
+    assert store.nearest_run(x, y, (run[x] + 0.001, run[y]), (0.01, 0.01)) == other
+    assert store.nearest_run(x, y, (store.table[x].max() + 10, 0.0), (0.01, 0.01)) is None
+    store.correctness = "correct" if not run["correct"] else "incorrect"  # filtered out: never picked
+    assert store.nearest_run(x, y, (run[x], run[y]), (1e-9, 1e-9)) is None
+    located = load_location_scores(project, other, len(store.table))
+    assert located.scores.shape == (len(located.meta.probes), len(located.meta.positions), len(located.meta.layers))
+    chosen = located.meta.chosen[0]
+    assert located.scores[0, located.meta.positions.index(chosen.position), located.meta.layers.index(chosen.layer)] \
+        == pytest.approx(0.5 + (run["accuracy_probe_prob"] - 0.5) * (2 / 3) * 0.8333, abs=1e-3)  # viewer_support
+    tokens = load_question_tokens(project, "ood", "ood-00029")
+    assert set(tokens["question_id"]) == {"ood-00029"} and len(tokens) == 4
+    with pytest.raises(viewer_data.MissingArtifact, match="120 runs but analysis.parquet has 4"):
+        load_location_scores(project, 0, 4)
