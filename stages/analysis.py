@@ -1,17 +1,32 @@
-"""Stage analysis: one row per run for the viewer (entropies, probe scores, UMAP coordinates).
+"""Stage analysis: what the viewer reads, one row per run (entropies, probe scores, UMAP coordinates), each probe's
+score at every traced location, and every run's tokens with their entropies.
 
-Run with ``python -m stages.analysis``; writes ``{paths.analysis}/analysis.parquet`` (ANALYSIS_COLUMNS) and its
-cost record."""
+Run with ``python -m stages.analysis``; writes in ``{paths.analysis}/``: ``analysis.parquet`` (ANALYSIS_COLUMNS),
+``location_scores.npy`` + ``location_scores.json`` (schema.LocationScoresMeta), ``tokens.parquet`` (TOKEN_COLUMNS),
+and its cost record."""
 
 from __future__ import annotations
 
 import logging
 
-from stages.lib.analysis import build_table
+import numpy as np
+
+from stages.lib.analysis import build
 from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs
 from stages.lib.params import load_params
 from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema import ANALYSIS_FILE, ANALYSIS_KEY, validate_frame
+from stages.lib.schema import (
+    ANALYSIS_FILE,
+    ANALYSIS_KEY,
+    LOCATION_SCORES_FILE,
+    LOCATION_SCORES_META_FILE,
+    TOKEN_COLUMNS,
+    TOKEN_KEY,
+    TOKENS_FILE,
+    TOKENS_ROW_GROUP_RUNS,
+    validate_frame,
+    validate_location_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +35,21 @@ def main() -> None:
     setup_logging()
     params = load_params()
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "analysis", outputs) as cost:
-        table = build_table(params)
-        validate_frame(table, ANALYSIS_COLUMNS, "analysis table", ANALYSIS_KEY)
+        built = build(params)
+        validate_frame(built.table, ANALYSIS_COLUMNS, "analysis table", ANALYSIS_KEY)
+        validate_location_scores(built.location_scores, built.location_meta, "location scores")
+        validate_frame(built.tokens, TOKEN_COLUMNS, "tokens table", TOKEN_KEY)
         out_dir = outputs.path(params.paths.analysis)
         out_dir.mkdir()
-        table.to_parquet(out_dir / ANALYSIS_FILE, index=False)
-        log.info("wrote %s/%s: %d rows", params.paths.analysis, ANALYSIS_FILE, len(table))
-        cost["runs"] = len(table)
+        built.table.to_parquet(out_dir / ANALYSIS_FILE, index=False)
+        np.save(out_dir / LOCATION_SCORES_FILE, built.location_scores)
+        (out_dir / LOCATION_SCORES_META_FILE).write_text(built.location_meta.to_json())
+        built.tokens.to_parquet(out_dir / TOKENS_FILE, index=False, row_group_size=TOKENS_ROW_GROUP_RUNS)
+        log.info("wrote %s/%s: %d rows; %s: shape %s (runs, probes, positions, layers); %s: %d runs, %d tokens",
+                 params.paths.analysis, ANALYSIS_FILE, len(built.table), LOCATION_SCORES_FILE,
+                 built.location_scores.shape, TOKENS_FILE, len(built.tokens),
+                 int(built.tokens["tokens"].map(len).sum()))
+        cost["runs"] = len(built.table)
 
 
 if __name__ == "__main__":

@@ -45,3 +45,61 @@ def test_probe_scores_read_the_probe_at_its_own_location():
     np.testing.assert_array_equal(table["accuracy_probe_prob"], probe.predict_proba(features)[:, 1])
     np.testing.assert_array_equal(table["accuracy_probe_margin"], probe.margin(features))
     assert ((table["accuracy_probe_prob"] > 0.5) == labels[rows]).mean() > 0.9
+
+
+def test_location_scores_hold_each_probe_at_every_location():
+    """Every (position, layer) cell is the location probe of that probe's target there, applied to the run's hidden
+    state at that cell; a location without a fitted probe is NaN."""
+    from stages.lib import registry
+    from stages.lib.analysis import location_scores
+    from stages.lib.probes import RidgeProbe
+
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(30, 2, 3, 4)).astype(np.float16)  # (rows, positions, layers, hidden)
+    positions, layers = ("tbg", "slt"), (0, 1, 2)
+    location_probes = {}
+    for p, position in enumerate(positions):
+        for j, layer in enumerate(layers):
+            features = hidden[:, p, j, :].astype(np.float32)
+            location_probes[("correct", position, layer)] = LogisticProbe(position=position, layer=layer).fit(
+                features, features[:, 0] > 0)
+            if (position, layer) != ("slt", 2):
+                location_probes[("semantic_entropy", position, layer)] = RidgeProbe(
+                    position=position, layer=layer).fit(features, features[:, 1] + 0.1 * rng.normal(size=30))
+    rows = rng.permutation(30)[:20]
+    data = DatasetRuns(runs=pd.DataFrame({"hidden_row": rows}), hidden=hidden, positions=positions, layers=layers)
+    probes = (registry.ACCURACY, registry.SE_REGRESSION)
+    scores = location_scores(location_probes, data, probes)
+    assert scores.shape == (20, 2, 2, 3) and scores.dtype == np.float32
+    features = hidden[rows, 1, 0, :].astype(np.float32)
+    np.testing.assert_allclose(scores[:, 0, 1, 0], location_probes[("correct", "slt", 0)].predict_proba(features)[:, 1],
+                               rtol=1e-6)
+    np.testing.assert_allclose(scores[:, 1, 1, 0], location_probes[("semantic_entropy", "slt", 0)].predict(features),
+                               rtol=1e-5, atol=1e-6)
+    assert np.isnan(scores[:, 1, 1, 2]).all() and np.isfinite(scores[:, 0]).all()
+
+
+def test_token_table_decodes_each_distinct_id_once_and_sorts_by_question():
+    from stages.lib.analysis import token_table
+    from stages.lib.schema import TOKEN_COLUMNS, TOKEN_KEY, validate_frame
+
+    calls = []
+
+    def decode(ids):
+        calls.append(list(ids))
+        return [f"<{i}>" for i in ids]
+
+    runs = pd.DataFrame({"question_id": ["q2", "q1", "q1"], "run_id": [0, 1, 0], "dataset": ["id", "id", "id"],
+                         "generated_ids": [[5, 6], [6, 7, 5], []], "token_entropies": [[0.1, 0.2], [0.3, 0.4, 0.5], []],
+                         "think_start_index": pd.array([0, 0, None], dtype="Int64"),
+                         "think_end_index": pd.array([1, None, None], dtype="Int64")})
+    table = validate_frame(token_table(runs, decode), TOKEN_COLUMNS, "tokens", TOKEN_KEY)
+    assert calls == [[5, 6, 7]]
+    assert list(zip(table["question_id"], table["run_id"])) == [("q1", 0), ("q1", 1), ("q2", 0)]
+    assert [list(tokens) for tokens in table["tokens"]] == [[], ["<6>", "<7>", "<5>"], ["<5>", "<6>"]]
+    np.testing.assert_allclose(table["token_entropies"].iloc[1], [0.3, 0.4, 0.5], rtol=1e-6)
+    bad = runs.assign(token_entropies=[[0.1], [0.3, 0.4, 0.5], []])
+    import pytest
+
+    with pytest.raises(ValueError, match="2 generated ids but 1 token entropies"):
+        token_table(bad, decode)

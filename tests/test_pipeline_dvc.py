@@ -25,6 +25,31 @@ def sampling_params(exp_show_entry: dict) -> dict:
     return exp_show_entry["data"]["params"]["params.yaml"]["data"]["sampling"]
 
 
+def check_location_scores_and_tokens(directory, table: pd.DataFrame) -> None:
+    """analysis' drill-down files: the scores per location agree with analysis.parquet at each chosen location, and
+    tokens.parquet holds every run's tokens, one entropy each, sorted by question in more than one row group when
+    there are enough runs."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from stages.lib.schema import TOKEN_COLUMNS, TOKEN_KEY, LocationScoresMeta, validate_location_scores
+
+    meta = LocationScoresMeta.read(directory / "location_scores.json")
+    scores = np.load(directory / "location_scores.npy", allow_pickle=False)
+    validate_location_scores(scores, meta, "location_scores.npy")
+    assert meta.n_runs == len(table)
+    for index, (probe, chosen) in enumerate(zip(meta.probes, meta.chosen)):
+        if f"{probe}_probe_prob" in table:
+            at_chosen = scores[:, index, meta.positions.index(chosen.position), meta.layers.index(chosen.layer)]
+            np.testing.assert_allclose(at_chosen, table[f"{probe}_probe_prob"], atol=1e-6)
+    tokens = validate_frame(pd.read_parquet(directory / "tokens.parquet"), TOKEN_COLUMNS, "tokens", TOKEN_KEY)
+    assert len(tokens) == len(table)
+    assert (tokens["tokens"].map(len) == tokens["token_entropies"].map(len)).all()
+    assert list(zip(tokens["dataset"], tokens["question_id"])) == sorted(zip(tokens["dataset"], tokens["question_id"]))
+    assert "</think>" in set(tokens["tokens"].explode())
+    assert pq.ParquetFile(directory / "tokens.parquet").metadata.num_row_groups == -(-len(tokens) // 256)
+
+
 @pytest.mark.slow
 def test_dvc_repro_exp_run_and_metrics_diff(tiny_run, tiny_project):
     assert ran_stages(tiny_run.repro_stdout) == STAGES
@@ -34,6 +59,7 @@ def test_dvc_repro_exp_run_and_metrics_diff(tiny_run, tiny_project):
     validate_frame(table, ANALYSIS_COLUMNS, "analysis.parquet", ANALYSIS_KEY)
     assert set(table["split"]) == {"train", "val", "test", "ood"}
     assert len(table) == (40 + 12) * 4
+    check_location_scores_and_tokens(project / "artifacts/analysis", table)
     metrics = json.loads((project / "artifacts/metrics/evaluate.json").read_text())
     assert metrics["test"]["accuracy_probe"]["auroc"] is not None
     for stage in ("toy_model", "generate", "semantic_entropy", "trace", "train_probes", "evaluate", "analysis"):

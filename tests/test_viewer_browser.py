@@ -28,6 +28,7 @@ if not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"):
     pytest.skip("Debian's chromium is not installed (.ci/run installs it)", allow_module_level=True)
 
 N_QUESTIONS, RUNS = 40, 5
+LONG_RUN = 3000  # extra reasoning tokens of question 2's run 0 (synthetic_tokens)
 TIMEOUT_MS = 20_000
 
 # Runs drawn by the plots' point sources, read from the page's Bokeh document: every source with a `runs` column
@@ -134,7 +135,7 @@ def analysis():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, analysis):
-    root = write_viewer_project(tmp_path_factory.mktemp("served_project"), analysis)
+    root = write_viewer_project(tmp_path_factory.mktemp("served_project"), analysis, long_run=LONG_RUN)
     # --warm: datashader's kernels are compiled before the first page (viewer.app.warm_up), not during it
     with ViewerServer(root, warm=True, ready_timeout_s=120) as running:
         yield running
@@ -509,3 +510,137 @@ def test_screenshot_script_writes_one_png_per_tab(tmp_path, analysis):
     for name in ("viewer-runs.png", "viewer-results.png", "viewer-experiments.png"):
         png = (tmp_path / "docs" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000, name
+
+
+# The drill-down's tokens: (text, title, background) of every token span, and the think box's geometry.
+TOKENS_JS = """() => { const found = [];
+  const walk = (root) => { for (const el of root.querySelectorAll('*')) {
+    if (el.matches('.run-tokens .token')) found.push([el.textContent, el.getAttribute('title'), el.style.background]);
+    if (el.shadowRoot) walk(el.shadowRoot); } };
+  walk(document); return found; }"""
+THINK_BOX_JS = """() => { const find = (root) => { for (const el of root.querySelectorAll('*')) {
+    if (el.matches('.think-tokens')) return el; if (el.shadowRoot) { const f = find(el.shadowRoot); if (f) return f; } }
+    return null; };
+  const details = find(document); if (!details) return null; const box = details.querySelector('.token-box');
+  return {open: details.open, height: box.getBoundingClientRect().height, scroll: box.scrollHeight,
+          tokens: box.querySelectorAll('.token').length}; }"""
+
+
+def _open_page(browser, url, width=1280):
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    errors, dialogs = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(url, timeout=TIMEOUT_MS)
+    page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].is_idle",
+                           timeout=TIMEOUT_MS)
+    return page, errors, dialogs
+
+
+def test_run_drill_down_shows_scores_per_location_and_tokens_by_entropy(server, browser, analysis):
+    """Opening a question drills into its first run: one heatmap per single-layer probe over (layer, position),
+    and its tokens as spans coloured by entropy with the value in a tooltip; a token that is markup stays text.
+    Clicking another run of the question drills into that one; a long think text is a collapsed scroll box."""
+    import re
+
+    from stages.lib import registry
+
+    page, errors, dialogs = _open_page(browser, f"{server.url}?question=id-00000")
+    try:
+        page.locator(".run-header h4", has_text="of question id-00000").wait_for(timeout=TIMEOUT_MS)
+        titles = [f"{probe.name} probe: " for probe in registry.layer_probes()]
+        page.wait_for_function(f"() => {{ const shown = Object.keys(({FRAMES_JS})()); return {titles!r}.every("
+                               "t => shown.some(s => s.startsWith(t))); }", timeout=TIMEOUT_MS)
+        spans = page.evaluate(TOKENS_JS)
+        assert spans, "no token spans"
+        assert [text for text, _, _ in spans].count(SCRIPT_ANSWER) >= 1  # the payload token, as text
+        assert all(re.fullmatch(r"\d+\.\d{3} nats", title) for _, title, _ in spans), spans[:3]
+        assert len({background for _, _, background in spans}) > 2  # entropies give several colours
+        assert page.evaluate(INJECTED_ELEMENTS_JS) == 0
+
+        # another run of the question: the header and the tokens follow
+        shown = page.locator(".run-header h4").inner_text()
+        rows = page.locator(".question-runs .tabulator-row")
+        rows.nth(1).locator(".tabulator-cell[tabulator-field='run_id']").click()
+        page.wait_for_function(f"() => !document.body.innerText.includes({shown!r})", timeout=TIMEOUT_MS)
+        assert "of question id-00000" in page.locator(".run-header h4").inner_text()
+    finally:
+        page.close()
+    assert errors == [] and dialogs == []
+
+    page, errors, dialogs = _open_page(browser, f"{server.url}?question=id-00002")
+    try:
+        page.locator(".run-header h4", has_text="of question id-00002").wait_for(timeout=TIMEOUT_MS)
+        page.locator(".question-runs .tabulator-cell[tabulator-field='run_id']").get_by_text("0", exact=True).click()
+        page.locator(".run-header h4", has_text="Run 0 of question id-00002").wait_for(timeout=TIMEOUT_MS)
+        page.wait_for_function(f"() => {{ const box = ({THINK_BOX_JS})(); return box && box.tokens > {LONG_RUN}; }}",
+                               timeout=TIMEOUT_MS)
+        box = page.evaluate(THINK_BOX_JS)
+        assert box["open"] is False  # collapsed
+        page.locator(".think-tokens summary").click()
+        box = page.evaluate(THINK_BOX_JS)
+        assert box["open"] and box["height"] <= 340 and box["scroll"] > 3 * box["height"], box  # scrolls in place
+    finally:
+        page.close()
+    assert errors == [] and dialogs == []
+
+
+def test_click_on_a_run_opens_its_question(server, browser, analysis):
+    """A click on a point of the scatter opens that run's question and drills into the run (the Tap stream)."""
+    run = analysis[analysis["question_id"] == "id-00005"].iloc[2]
+    page, errors, dialogs = _open_page(browser, server.url)
+    try:
+        search = page.get_by_placeholder("text or id, Enter")
+        search.fill(run["question_id"])
+        search.press("Enter")
+        _wait_for_rows(page, scatter_points=RUNS)
+        left, top = page.evaluate(DATA_TO_PAGE_JS, ["Probe margin vs entropy", float(run["accuracy_probe_margin"]),
+                                                    float(run["semantic_entropy"])])
+        page.mouse.click(left, top)
+        page.locator(".question-header h4", has_text="Question id-00005").wait_for(timeout=TIMEOUT_MS)
+        page.locator(".run-header h4", has_text="of question id-00005").wait_for(timeout=TIMEOUT_MS)
+    finally:
+        page.close()
+    assert errors == [] and dialogs == []
+
+
+# Every drawn figure's box in page coordinates (left, right, width) by title, and whether each legend hides on click.
+FIGURE_BOXES_JS = """() => {
+  const boxes = []; const seen = new Set();
+  const walk = (view) => {
+    if (!view || seen.has(view)) return; seen.add(view);
+    if (view.model && view.model.constructor.__name__ === "Figure" && view.el.isConnected) {
+      const box = view.el.getBoundingClientRect();
+      if (box.width > 0) boxes.push([view.model.title ? view.model.title.text : "", box.left, box.right, box.width]);
+    }
+    for (const child of (view.child_views ?? [])) walk(child);
+  };
+  for (const root of Bokeh.index.roots) walk(root);
+  return boxes;
+}"""
+LEGEND_POLICIES_JS = """() => [...Bokeh.documents[0].all_models].filter(m => m.constructor.__name__ === "Legend"
+  && m.visible && m.items.length > 0).map(legend => legend.click_policy)"""
+
+
+def test_results_fit_a_1280_px_page_and_legends_hide_curves(server, browser):
+    """At 1280 px every Results figure lies inside the viewport (no fixed width overflows; the page never scrolls
+    sideways), and each legend entry hides its curve when clicked."""
+    page, errors, dialogs = _open_page(browser, server.url, width=1280)
+    try:
+        page.locator(".bk-tab", has_text="Results").click()
+        titles = ["ROC, test (positive: incorrect run)", "Risk-coverage, ood", "AUROC over seeds, ood",
+                  "Reliability, ood", "Early warning, ood"]
+        page.wait_for_function(f"() => {titles!r}.every(title => title in ({FRAMES_JS})())", timeout=4 * TIMEOUT_MS)
+        page.wait_for_timeout(1000)  # the last layout pass
+        boxes = page.evaluate(FIGURE_BOXES_JS)
+        results = [box for box in boxes if box[0] in titles or "@" in box[0] or box[0].startswith(("ROC", "Risk"))]
+        assert len(results) >= len(titles)
+        overflowing = [box for box in boxes if box[2] > 1280 + 1 or box[1] < 0]
+        assert overflowing == [], overflowing
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 1280
+        policies = page.evaluate(LEGEND_POLICIES_JS)
+        # all but the two run plots' (HoloViews' default, mute): ROC, early warning, risk-coverage, reliability, ...
+        assert policies.count("mute") == 2 and policies.count("hide") == len(policies) - 2 >= 6, policies
+    finally:
+        page.close()
+    assert errors == [] and dialogs == []

@@ -279,7 +279,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     for plot in RESULT_PLOTS:  # every registered plot draws its table to Bokeh
         hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project).settings))
     complete = ResultsView(root=project)._content()
-    assert len(_panes(complete, pn.pane.HoloViews)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
+    assert len(_panes(complete, pn.GridBox)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
     texts = " ".join(_texts(complete))
     assert "SE costs 125x a probe evaluation" in texts and "AURAC higher is better" in texts
     tables = {tuple(table.css_classes): table.value for table in _panes(complete, pn.widgets.Tabulator)}
@@ -304,7 +304,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
         assert len(holding) == 1 and "dvc repro" in holding[0], name  # the missing file, in its section only
     schema_notice = [text for text in texts if "evaluate.json: missing field `calibration`" in text]
     assert len(schema_notice) == 1 and "Rerun `dvc repro evaluate`" in schema_notice[0]
-    assert len(_panes(pn.Column(*sections), pn.pane.HoloViews)) == len(RESULT_PLOTS) - 2
+    assert len(_panes(pn.Column(*sections), pn.GridBox)) == len(RESULT_PLOTS) - 2
 
 
 def test_early_warning_keeps_slt_apart_and_null_rows_become_a_notice(project, tmp_path):
@@ -703,3 +703,94 @@ def test_answer_extraction_counts_are_a_table_per_split(project):
     assert list(table["split"]) == ["train", "val", "test", "OOD"]
     assert table.set_index("split").loc["test", "last-number fallback"] == 2  # tests/viewer_support.py's counts
     assert table.set_index("split").loc["OOD", "stopped inside the think span (no answer, wrong)"] == 5
+
+
+def test_experiments_change_against_their_own_baseline():
+    """Real `dvc exp show` output (two commits, each with experiments): each experiment's metric minus its own
+    baseline commit's (the sample's stage wrote auroc = 0.7 + temp / 10)."""
+    from viewer.data import change_against_baseline
+
+    frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
+    metric = "metric:test.accuracy_probe.auroc"
+    changes = change_against_baseline(frame, [metric])["Δ test.accuracy_probe.auroc"]
+    by_name = dict(zip(frame["name"], changes))
+    assert by_name["terse-farl"] == pytest.approx(0.02) and by_name["eight-wins"] == pytest.approx(0.07)
+    assert by_name["risen-mush"] == pytest.approx(-0.04)  # against 708e939 (temp 0.7), not master (temp 0.3)
+    assert all(np.isnan(by_name[name]) for name in ("workspace", "master", "708e939"))
+
+
+def test_sweeps_never_join_points_of_different_commits():
+    """One sweep per baseline commit, over the parameter its experiments change, sorted by it; the plot's curves
+    of one sweep hold only that baseline's points."""
+    from viewer.data import sweeps
+    from viewer.views import ExperimentsView
+
+    frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
+    found = {sweep.baseline: sweep for sweep in sweeps(frame)}
+    assert set(found) == {"master", "708e939"}
+    assert found["master"].parameter == "param:sampling.temp"
+    assert list(found["master"].rows["name"]) == ["master", "terse-farl", "eight-wins"]
+    assert list(found["master"].rows["x"]) == [0.3, 0.5, 1.0]
+    assert list(found["708e939"].rows["name"]) == ["risen-mush", "708e939"]
+    column = ExperimentsView(root=Path("."))._sweep(list(found.values()), headline_metric_columns(frame))
+    overlay = column[1].object  # the plot of the first sweep (master)
+    curves = [element for element in overlay.traverse(lambda element: element, [hv.Curve])]
+    assert curves and all(list(curve.dimension_values(0)) == [0.3, 0.5, 1.0] for curve in curves)
+
+
+def test_redraws_leave_no_old_models_in_the_document(tmp_path):
+    """The Runs tab in one Bokeh document: after many filter, probe and question changes the document holds as many
+    models and figures as after the first round (each redraw replaces its figure's contents or the figure), and
+    the plots show the current filter's runs."""
+    from bokeh.document import Document
+    from bokeh.plotting import figure as Figure
+
+    from viewer.views import MarginEntropyScatter, QuestionDetails, QuestionScatter, RunDrillDown, UmapExplorer
+
+    root = write_viewer_project(tmp_path / "project", synthetic_analysis(30, 5, seed=1))
+    store = RunStore(load_analysis(root))
+    page = pn.Column(MarginEntropyScatter(store=store), UmapExplorer(store=store), QuestionScatter(store=store),
+                     QuestionDetails(store=store), RunDrillDown(store=store, root=root))
+    doc = Document()
+    with pn.io.server.set_curdoc(doc):
+        doc.add_root(page.get_root(doc))
+        rounds = []
+        for round_ in range(6):
+            for correctness, probe, question in (("incorrect", "se", 1), ("correct", "accuracy", 2), ("all", "se", 3)):
+                store.param.update(correctness=correctness, probe=probe)
+                store.open_question("id", f"id-0000{question + round_ % 2}")
+            rounds.append((len(doc.models), len(list(doc.select({"type": Figure})))))
+        store.correctness = "incorrect"
+        drawn = sum(int(np.sum(renderer.data_source.data["runs"])) for renderer in doc.select({"type": GlyphRenderer})
+                    if "runs" in renderer.data_source.data and "umap_x" in renderer.data_source.data
+                    and "ring" not in renderer.data_source.data)
+    assert len(set(rounds)) == 1, rounds  # bounded: nothing accumulates
+    assert rounds[0][1] == 3 + 3  # the two run plots, the questions' scatter, a heatmap per single-layer probe
+    assert drawn == int((~store.table["correct"]).sum())
+
+
+def test_store_drills_into_a_run_and_finds_the_run_nearest_a_click(store, project):
+    """Opening a question drills into its first run; open_run opens another run's question too; nearest_run picks
+    the filtered run within the tolerance of a click, else none; the loaders read that run's row and question."""
+    from viewer.data import load_location_scores, load_question_tokens
+
+    store.open_question("id", "id-00003")
+    assert store.run == int(store.question_runs.index[0])
+    other = int(store.table.index[(store.table["question_id"] == "ood-00029").to_numpy()][2])
+    store.open_run(other)
+    assert store.question == ("ood", "ood-00029") and store.run == other
+    run = store.table.loc[other]
+    x, y = "accuracy_probe_margin", "semantic_entropy"
+    assert store.nearest_run(x, y, (run[x] + 0.001, run[y]), (0.01, 0.01)) == other
+    assert store.nearest_run(x, y, (store.table[x].max() + 10, 0.0), (0.01, 0.01)) is None
+    store.correctness = "correct" if not run["correct"] else "incorrect"  # filtered out: never picked
+    assert store.nearest_run(x, y, (run[x], run[y]), (1e-9, 1e-9)) is None
+    located = load_location_scores(project, other, len(store.table))
+    assert located.scores.shape == (len(located.meta.probes), len(located.meta.positions), len(located.meta.layers))
+    chosen = located.meta.chosen[0]
+    assert located.scores[0, located.meta.positions.index(chosen.position), located.meta.layers.index(chosen.layer)] \
+        == pytest.approx(0.5 + (run["accuracy_probe_prob"] - 0.5) * (2 / 3) * 0.8333, abs=1e-3)  # viewer_support
+    tokens = load_question_tokens(project, "ood", "ood-00029")
+    assert set(tokens["question_id"]) == {"ood-00029"} and len(tokens) == 4
+    with pytest.raises(viewer_data.MissingArtifact, match="120 runs but analysis.parquet has 4"):
+        load_location_scores(project, 0, 4)

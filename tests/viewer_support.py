@@ -31,6 +31,8 @@ from stages.lib.schema import (
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
     EVALUATE_FILE,
+    LOCATION_SCORES_FILE,
+    LOCATION_SCORES_META_FILE,
     RELIABILITY_COLUMNS,
     RELIABILITY_FILE,
     RISK_COVERAGE_COLUMNS,
@@ -40,10 +42,16 @@ from stages.lib.schema import (
     STABILITY_COLUMNS,
     STABILITY_FILE,
     STABILITY_PLOT_FILE,
+    TOKEN_COLUMNS,
+    TOKEN_KEY,
+    TOKENS_FILE,
+    TOKENS_ROW_GROUP_RUNS,
     CostRatio,
     EvaluateReport,
+    LocationScoresMeta,
     StabilityReport,
     validate_frame,
+    validate_location_scores,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +125,57 @@ def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int 
     frame = pd.DataFrame(rows)
     frame["think_length"] = frame["think_length"].astype("Int64")
     return validate_frame(frame, ANALYSIS_COLUMNS, "synthetic analysis")
+
+
+TRACED_LAYERS = (0, 1, 2, 3)
+
+
+def synthetic_location_scores(analysis: pd.DataFrame) -> tuple[np.ndarray, LocationScoresMeta]:
+    """location_scores.npy and its axes for ``analysis``: each probe's score rising with the layer towards the run's
+    own P column (accuracy and SE probes) or its SE (the SE regression probe), chosen at (think_end, 2) / (slt, 1)."""
+    probes = registry.layer_probes()
+    positions = list(POSITIONS)
+    layers = np.asarray(TRACED_LAYERS, dtype=float)
+    depth = (layers / layers.max())[None, None, :]  # (1, 1, layers)
+    share = np.linspace(0.5, 1.0, len(positions))[None, :, None]  # (1, positions, 1)
+    targets = {"accuracy": analysis["accuracy_probe_prob"], "se": analysis["se_probe_prob"],
+               "se_regression": analysis["semantic_entropy"]}
+    scores = np.stack([0.5 + (targets[probe.name].to_numpy(float)[:, None, None] - 0.5) * depth * share
+                       if probe.name != "se_regression" else
+                       targets[probe.name].to_numpy(float)[:, None, None] * depth * share
+                       for probe in probes], axis=1).astype(np.float32)  # (runs, probes, positions, layers)
+    outputs = {"accuracy": "P(correct)", "se": "P(high SE)", "se_regression": "predicted semantic entropy"}
+    meta = LocationScoresMeta.model_validate({
+        "n_runs": len(analysis), "probes": [probe.name for probe in probes],
+        "outputs": [outputs[probe.name] for probe in probes],
+        "chosen": [{"position": "think_end" if probe.target == "correct" else "slt",
+                    "layer": 2 if probe.target == "correct" else 1} for probe in probes],
+        "positions": positions, "layers": list(TRACED_LAYERS)})
+    validate_location_scores(scores, meta, "synthetic location scores")
+    return scores, meta
+
+
+def synthetic_tokens(analysis: pd.DataFrame, long_run: int = 0) -> pd.DataFrame:
+    """tokens.parquet rows for ``analysis``: each run's text split in pieces (a payload of the markup questions is
+    one token, as a tokenizer could produce), entropies rising along the reasoning; the first run of question 2 has
+    ``long_run`` extra reasoning tokens (a long think text)."""
+    rng = np.random.default_rng(11)
+    rows = []
+    for run in analysis.sort_values(["dataset", "question_id", "run_id"]).itertuples():
+        answer = run.answer
+        pieces = ["<think>", *[ch for ch in run.question if ch not in "<>"][:12], "=", "</think>", "\\boxed{",
+                  answer, "}"]
+        if run.question_id.endswith("00002") and run.run_id == 0:
+            pieces[1:1] = [f"step{i} " for i in range(long_run)]
+        payload = next((p for p in (SCRIPT_ANSWER, IMG_ANSWER) if p in run.question), None)
+        if payload is not None:
+            pieces.insert(1, payload)
+        end = pieces.index("</think>")
+        entropies = np.abs(rng.normal(0.3, 0.2, size=len(pieces))) + np.linspace(0, 1.5, len(pieces))
+        rows.append({"dataset": run.dataset, "question_id": run.question_id, "run_id": run.run_id, "tokens": pieces,
+                     "token_entropies": entropies.astype(np.float32), "think_start_index": 0, "think_end_index": end})
+    frame = pd.DataFrame(rows, columns=[column.name for column in TOKEN_COLUMNS])
+    return validate_frame(frame, TOKEN_COLUMNS, TOKENS_FILE, TOKEN_KEY)
 
 
 def synthetic_early_warning() -> pd.DataFrame:
@@ -241,14 +300,22 @@ def synthetic_plots(layers: int = 3) -> dict[str, pd.DataFrame]:
     return {name: validate_frame(frame, columns, name) for name, (frame, columns) in tables.items()}
 
 
-def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metrics: bool = True) -> Path:
-    """A project directory at ``root`` with what the viewer reads; ``analysis=None`` leaves the run out,
-    ``metrics=False`` the metrics JSONs and plot CSVs."""
+def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metrics: bool = True,
+                         long_run: int = 0) -> Path:
+    """A project directory at ``root`` with what the viewer reads; ``analysis=None`` leaves the run out (and its
+    location scores and tokens), ``metrics=False`` the metrics JSONs and plot CSVs; ``long_run``: see
+    ``synthetic_tokens``."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "paths": PATHS}))
     if analysis is not None:
-        (root / PATHS["analysis"]).mkdir(parents=True, exist_ok=True)
-        analysis.to_parquet(root / PATHS["analysis"] / "analysis.parquet", index=False)
+        directory = root / PATHS["analysis"]
+        directory.mkdir(parents=True, exist_ok=True)
+        analysis.to_parquet(directory / "analysis.parquet", index=False)
+        scores, meta = synthetic_location_scores(analysis)
+        np.save(directory / LOCATION_SCORES_FILE, scores)
+        (directory / LOCATION_SCORES_META_FILE).write_text(meta.to_json())
+        synthetic_tokens(analysis, long_run).to_parquet(directory / TOKENS_FILE, index=False,
+                                                        row_group_size=TOKENS_ROW_GROUP_RUNS)
     if metrics:
         metrics_dir, plots_dir = root / PATHS["metrics"], root / PATHS["plots"]
         metrics_dir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from viewer.views import (
     QuestionDetails,
     QuestionScatter,
     ResultsView,
+    RunDrillDown,
     SelectionTable,
     UmapExplorer,
     notice,
@@ -71,7 +72,8 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
         ("Runs", pn.Column(
             pn.Row(MarginEntropyScatter(store=store), UmapExplorer(store=store), sizing_mode="stretch_width"),
             pn.pane.HTML("<h4>Selection</h4>"), SelectionTable(store=store),
-            pn.pane.HTML("<h4>Question</h4>"), QuestionDetails(store=store), QuestionScatter(store=store),
+            pn.pane.HTML("<h4>Question</h4>"), QuestionDetails(store=store),
+            pn.pane.HTML("<h4>Run</h4>"), RunDrillDown(store=store, root=Path(root)), QuestionScatter(store=store),
             sizing_mode="stretch_width")),
         ("Results", ResultsView(root=Path(root))),
         ("Experiments", experiments),

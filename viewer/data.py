@@ -11,6 +11,7 @@ project), and no path comes from a URL, a widget or an environment variable.
     filtered  the runs passing the sidebar filters            -> both plots, the count
     selected  the filtered runs inside the last box or lasso selection -> both plots' ring, the selection table
     question_runs  all K runs of the chosen question (unfiltered), for the question details
+    run       the row (of ``table``) of the run drilled into: its probe scores per location and its tokens
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from stages.lib.schema import (
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
     EVALUATE_FILE,
+    LOCATION_SCORES_FILE,
+    LOCATION_SCORES_META_FILE,
     RELIABILITY_COLUMNS,
     RELIABILITY_FILE,
     RISK_COVERAGE_COLUMNS,
@@ -52,14 +55,18 @@ from stages.lib.schema import (
     STABILITY_COLUMNS,
     STABILITY_FILE,
     STABILITY_PLOT_FILE,
+    TOKEN_COLUMNS,
+    TOKENS_FILE,
     Contract,
     CostRatio,
     EvaluateReport,
     IncorrectMetrics,
+    LocationScoresMeta,
     SchemaError,
     StabilityReport,
     StabilitySpread,
     validate_frame,
+    validate_location_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,10 @@ class RunFiles:
     analysis: Path
     metrics: Path
     plots: Path  # the directory of evaluate's CSVs (PLOT_TABLES)
+
+    def analysis_file(self, name: str) -> Path:
+        """A file the analysis stage writes beside analysis.parquet (location scores, tokens)."""
+        return self.analysis.parent / name
 
     @property
     def metrics_relative(self) -> str:
@@ -193,6 +204,61 @@ def load_analysis(root: str | Path) -> pd.DataFrame:
     """
     path = run_files(root).analysis
     return _read_analysis(str(path), _modified(path))
+
+
+@pn.cache(max_items=2)
+def _read_location_scores(path: str, meta_path: str, modified_ns: int) -> tuple[np.ndarray, LocationScoresMeta]:
+    try:
+        meta = LocationScoresMeta.read(meta_path, writer="analysis")
+        # memory-mapped: a drill-down reads one run's (probes, positions, layers) block, never the whole array
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        validate_location_scores(array, meta, path)
+    except SchemaError as error:
+        raise MissingArtifact(f"{error}. Rerun `dvc repro analysis` to rebuild it.") from None
+    except (OSError, ValueError) as error:
+        raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
+    return array, meta
+
+
+@dataclass(frozen=True)
+class LocationScores:
+    """One run's probe scores at every traced location: ``scores`` (probes, positions, layers) with its axes."""
+
+    scores: np.ndarray
+    meta: LocationScoresMeta
+
+
+def load_location_scores(root: str | Path, row: int, n_runs: int) -> LocationScores:
+    """Row ``row`` of location_scores.npy (aligned with analysis.parquet, which has ``n_runs`` rows)."""
+    files = run_files(root)
+    path, meta_path = files.analysis_file(LOCATION_SCORES_FILE), files.analysis_file(LOCATION_SCORES_META_FILE)
+    _modified(meta_path)
+    array, meta = _read_location_scores(str(path), str(meta_path), _modified(path))
+    if meta.n_runs != n_runs:
+        raise MissingArtifact(f"{path}: {meta.n_runs} runs but analysis.parquet has {n_runs}; rerun `dvc repro "
+                              "analysis`.")
+    return LocationScores(np.asarray(array[row], dtype=np.float32), meta)
+
+
+@pn.cache(max_items=32)
+def _read_question_tokens(path: str, modified_ns: int, dataset: str, question_id: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    try:
+        # Row-group statistics skip every group without this question: one question's rows are read, not the file.
+        wanted = [("dataset", "==", dataset), ("question_id", "==", question_id)]
+        frame = pq.read_table(path, filters=wanted).to_pandas()
+        return validate_frame(frame, TOKEN_COLUMNS, path)
+    except SchemaError as error:
+        raise MissingArtifact(f"{error}. Rerun `dvc repro analysis` to rebuild it.") from None
+    except (OSError, ValueError) as error:
+        raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
+
+
+def load_question_tokens(root: str | Path, dataset: str, question_id: str) -> pd.DataFrame:
+    """tokens.parquet's rows of one question (TOKEN_COLUMNS): each run's token pieces and their entropies."""
+    path = run_files(root).analysis_file(TOKENS_FILE)
+    return _read_question_tokens(str(path), _modified(path), str(dataset), str(question_id))
 
 
 @pn.cache(max_items=8)
@@ -502,6 +568,50 @@ def varying_params(experiments: pd.DataFrame) -> list[str]:
     return [column for column in columns if experiments[column].astype(str).nunique(dropna=False) > 1]
 
 
+def change_against_baseline(experiments: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """``Δ <metric>`` for each of ``metrics``: an experiment's value minus its baseline commit's (``baseline`` names
+    the commit row it branched from, as `dvc exp show` nests it); empty for commits and the workspace, and where
+    either value is missing. One column per metric, aligned with ``experiments``."""
+    commits = experiments[experiments["kind"] == "commit"].drop_duplicates("name").set_index("name")
+    changes = pd.DataFrame(index=experiments.index)
+    is_experiment = (experiments["kind"] == "experiment").to_numpy()
+    for metric in metrics:
+        values = pd.to_numeric(experiments[metric], errors="coerce")
+        base = pd.to_numeric(experiments["baseline"].map(commits[metric]) if len(commits) else np.nan, errors="coerce")
+        changes[f"Δ {metric.removeprefix('metric:')}"] = (values - base).where(is_experiment)
+    return changes
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The experiments of one baseline commit, with the one parameter they vary: a sweep's points."""
+
+    baseline: str
+    parameter: str
+    """A ``param:`` column: the only one whose value differs between the baseline and its experiments (the first
+    numeric one when several do)."""
+    rows: pd.DataFrame
+    """The baseline's row and its experiments', with ``x`` (the parameter as a number), sorted by it."""
+
+
+def sweeps(experiments: pd.DataFrame) -> list[Sweep]:
+    """One Sweep per baseline commit with experiments whose changed parameter is numeric. Points of different
+    commits are never in one sweep: the code, data or other params may differ between commits."""
+    found = []
+    experiment_rows = experiments[experiments["kind"] == "experiment"]
+    for baseline in experiment_rows["baseline"].dropna().unique():
+        group = experiments[((experiments["kind"] == "commit") & (experiments["name"] == baseline))
+                            | ((experiments["kind"] == "experiment") & (experiments["baseline"] == baseline))]
+        numeric = [column for column in varying_params(group)
+                   if pd.to_numeric(group[column], errors="coerce").notna().sum() > 1]
+        if not numeric:
+            continue
+        parameter = numeric[0]
+        rows = group.assign(x=pd.to_numeric(group[parameter], errors="coerce")).dropna(subset=["x"]).sort_values("x")
+        found.append(Sweep(str(baseline), parameter, rows))
+    return found
+
+
 def headline_metric_columns(experiments: pd.DataFrame) -> list[str]:
     """Test and OOD AUROC of the headline scores, then accuracy, where the frame has them."""
     wanted = [f"metric:{split}.{score}.auroc" for split in ("test", "ood") for score in HEADLINE_SCORES]
@@ -666,6 +776,8 @@ class RunStore(param.Parameterized):
     selection = param.Array(default=np.empty(0, dtype=np.int64),
                             doc="Row labels (of `table`) chosen by the last box or lasso selection.")
     question = param.Tuple(default=None, length=2, allow_None=True, doc="(dataset, question_id) being read.")
+    run = param.Integer(default=None, allow_None=True, doc="Row label (of `table`) of the run drilled into: one of "
+                                                           "`question_runs`, the first when a question opens.")
 
     filtered = param.DataFrame(precedence=-1, doc="Runs passing the filters.")
     selected = param.DataFrame(precedence=-1, doc="Filtered runs inside the selection.")
@@ -738,11 +850,12 @@ class RunStore(param.Parameterized):
     def _load_question(self) -> None:
         table = self.table
         if self.question is None:
-            self.question_runs = table.iloc[:0]
+            self.param.update(question_runs=table.iloc[:0], run=None)
             return
         dataset, question_id = self.question
         runs = table[(table["dataset"] == dataset).to_numpy() & (table["question_id"] == question_id).to_numpy()]
-        self.question_runs = runs.sort_values(["cluster_id", "run_id"])
+        runs = runs.sort_values(["cluster_id", "run_id"])
+        self.param.update(question_runs=runs, run=int(runs.index[0]) if len(runs) else None)
 
     # -- actions the views call --
     def margin_column(self) -> str:
@@ -775,6 +888,26 @@ class RunStore(param.Parameterized):
 
     def open_question(self, dataset: str, question_id: str) -> None:
         self.question = (str(dataset), str(question_id))
+
+    def open_run(self, row: int) -> None:
+        """Drill into the run at row label ``row`` of ``table`` (opening its question first if need be)."""
+        run = self.table.loc[row]
+        question = (str(run["dataset"]), str(run["question_id"]))
+        if self.question != question:
+            self.question = question
+        self.run = int(row)
+
+    def nearest_run(self, x: str, y: str, point: tuple[float, float], tolerance: tuple[float, float]) -> int | None:
+        """Row label of the filtered run nearest ``point`` in (x, y), distances scaled by ``tolerance`` (the
+        data units of a few pixels on each axis); None when none is within it."""
+        frame = self.filtered
+        if frame.empty or point[0] is None or point[1] is None:
+            return None
+        dx = (frame[x].to_numpy(float) - point[0]) / tolerance[0]
+        dy = (frame[y].to_numpy(float) - point[1]) / tolerance[1]
+        distance = np.hypot(dx, dy)
+        best = int(np.nanargmin(distance)) if np.isfinite(distance).any() else None
+        return None if best is None or distance[best] > 1.0 else int(frame.index[best])
 
     def reset_filters(self) -> None:
         defaults = {name: self.param[name].default for name in ("correctness", "search", "probe")}

@@ -51,6 +51,9 @@ from viewer.data import (
     MissingArtifact,
     RunStore,
     answer_extraction_table,
+    change_against_baseline,
+    load_location_scores,
+    load_question_tokens,
     calibration_table,
     cost_ratio_text,
     headline_metric_columns,
@@ -62,6 +65,7 @@ from viewer.data import (
     stability_table,
     question_summary,
     stack_runs,
+    sweeps,
     varying_params,
 )
 log = logging.getLogger(__name__)
@@ -79,6 +83,7 @@ POINT_SIZE = 6
 POINT_ALPHA, DIMMED_ALPHA = 0.7, 0.12  # the runs' opacity; the unselected ones' while a selection is drawn
 SELECTION_PAGE_SIZE = 15  # rows per page of the selection table
 PLOT_HEIGHT = 420
+TAP_TOLERANCE = 0.015  # a click opens the run nearest it within this share of the viewport (~8 px) on each axis
 
 # The registry's per-run probes: their analysis columns (margin, P(positive)) and what the columns are called.
 PROBE_MARGINS = [f"{probe.name}_probe_margin" for _, probe in registry.per_run_probes()]
@@ -276,9 +281,11 @@ class LinkedPoints(pn.viewable.Viewer):
         if self._revisions is not None:
             self._revisions.unwatch()  # the figure this replaces stops following the store
         revisions = self._revisions = hv.streams.Params(self.store, ["filtered_revision", "selected_revision"])
-        plot = hv.DynamicMap(self.layers, streams=[hv.streams.RangeXY(), revisions])
+        self._viewport = hv.streams.RangeXY()
+        plot = hv.DynamicMap(self.layers, streams=[self._viewport, revisions])
         hv.streams.BoundsXY(source=plot).add_subscriber(self._on_box)
         hv.streams.Lasso(source=plot).add_subscriber(self._on_lasso)
+        hv.streams.Tap(source=plot).add_subscriber(self._on_tap)
         return plot.opts(
             hv.opts.Overlay(title=self.title, xlim=xlim, ylim=ylim, responsive=True, height=PLOT_HEIGHT,
                             xlabel=LABELS.get(x, x), ylabel=LABELS.get(y, y), legend_position="top_right",
@@ -299,13 +306,26 @@ class LinkedPoints(pn.viewable.Viewer):
         if bounds is not None:
             self.store.select_box(*self.axes(), bounds)
 
+    def _on_tap(self, x=None, y=None, **_) -> None:
+        """A click on a run opens its question and drills into it (as the selection table's rows do)."""
+        if x is None or y is None:
+            return
+        xlim, ylim = self.limits()
+        x_range = _viewport(self._viewport.x_range, xlim)
+        y_range = _viewport(self._viewport.y_range, ylim)
+        tolerance = ((x_range[1] - x_range[0]) * TAP_TOLERANCE, (y_range[1] - y_range[0]) * TAP_TOLERANCE)
+        row = self.store.nearest_run(*self.axes(), (x, y), tolerance)
+        if row is not None:
+            self.store.open_run(row)
+
     def _on_lasso(self, geometry=None, **_) -> None:
         if geometry is not None:
             self.store.select_lasso(*self.axes(), np.asarray(geometry, dtype=float))
 
     def hint(self) -> pn.pane.HTML:
         return pn.pane.HTML(f"Drag a box (or pick the lasso in the toolbar) to select runs: they keep their colour in "
-                            "both plots and the rest dim. <b>×k</b>: k runs on one spot (identical answers). Wheel to "
+                            "both plots and the rest dim. Click a run to open its question. <b>×k</b>: k runs on one "
+                            "spot (identical answers). Wheel to "
                             f"zoom. Above {self.rasterize_above:,} points in view the runs are rasterised: zoom in "
                             "for hover.", sizing_mode="stretch_width", margin=(0, 10),
                             styles={"color": "#555", "font-size": "0.85em"})
@@ -527,7 +547,7 @@ QUESTION_CSS = """
 .gold { font-size: 1.1em; }
 """
 QUESTION_NUMBER_COLUMNS = ["sequence_loglik", *PROBE_COLUMNS]
-QUESTION_RUN_COLUMNS = ["semantic cluster", "run_id", "answer", "correct", "text", *QUESTION_NUMBER_COLUMNS,
+QUESTION_RUN_COLUMNS = ["semantic cluster", "row", "run_id", "answer", "correct", "text", *QUESTION_NUMBER_COLUMNS,
                         "think_length", "truncated"]
 
 
@@ -552,13 +572,18 @@ class QuestionDetails(pn.viewable.Viewer):
         if self._runs is None:
             self._runs = pn.widgets.Tabulator(
                 pd.DataFrame(columns=QUESTION_RUN_COLUMNS), disabled=True, show_index=False, selectable=False,
-                groupby=["semantic cluster"], hidden_columns=["semantic cluster"], sizing_mode="stretch_width",
+                groupby=["semantic cluster"], hidden_columns=["semantic cluster", "row"], sizing_mode="stretch_width",
                 layout="fit_data_stretch", pagination=None,
                 formatters={"text": {"type": "textarea"},
                             **{column: NUMBER for column in QUESTION_NUMBER_COLUMNS}},
                 widths={"text": 360}, css_classes=["question-runs"], height=420)
+            self._runs.on_click(self._open_run)
             self._body.append(self._runs)
         return self._runs
+
+    def _open_run(self, event) -> None:
+        """A click on a run drills into it (RunDrillDown)."""
+        self.store.open_run(int(self._runs.value.iloc[event.row]["row"]))
 
     def _update(self, *_) -> None:
         runs = self.store.question_runs
@@ -573,7 +598,7 @@ class QuestionDetails(pn.viewable.Viewer):
         rows = runs.assign(**{"semantic cluster": [
             f"{cluster}: {sizes[cluster]} of {len(runs)} runs, {'correct' if correct else 'incorrect'}"
             for cluster, correct in zip(runs["cluster_id"], runs["correct"])]})
-        self._table().value = rows[QUESTION_RUN_COLUMNS].reset_index(drop=True)
+        self._table().value = rows.assign(row=rows.index)[QUESTION_RUN_COLUMNS].reset_index(drop=True)
         dataset = {value: label for label, value in DATASET_CHOICES.items()}.get(str(first["dataset"]), "")
         self._header.object = (
             f"<h4>Question {escaped_html(first['question_id'])} "
@@ -590,10 +615,140 @@ class QuestionDetails(pn.viewable.Viewer):
         return self._body
 
 
+# ---- one run: its probe scores at every location, its tokens by entropy ---------------------------------------
+
+TOKEN_CSS = """
+.run-tokens .token-box { max-height: 320px; overflow-y: auto; white-space: pre-wrap; font-family: monospace;
+  font-size: 0.9em; line-height: 1.6; border: 1px solid #ddd; padding: 6px 8px; background: #fff; }
+.run-tokens summary { cursor: pointer; font-weight: bold; margin: 4px 0; }
+.run-tokens .token { border-radius: 2px; }
+.run-tokens .scale span { display: inline-block; padding: 0 6px; font-size: 0.8em; }
+"""
+ENTROPY_PALETTE = ("#ffffff", "#fff5eb", "#fee6ce", "#fdd0a2", "#fdae6b", "#fd8d3c", "#f16913", "#d94801",
+                   "#a63603", "#7f2704")  # white, then Bokeh's Oranges9 from light to dark
+OPEN_TOKENS_UP_TO = 600  # a think text longer than this starts collapsed
+
+
+def entropy_colour(entropy: float, high: float) -> str:
+    """The background of a token of ``entropy`` nats on a scale from 0 to ``high`` (ENTROPY_PALETTE)."""
+    if not np.isfinite(entropy) or high <= 0:
+        return ENTROPY_PALETTE[0]
+    index = int(np.clip(entropy / high, 0, 1) * (len(ENTROPY_PALETTE) - 1))
+    return ENTROPY_PALETTE[index]
+
+
+def token_spans(tokens, entropies, high: float) -> str:
+    """Each token as ``<span title="H nats">piece</span>`` on its entropy's colour; every piece (model output) and
+    nothing else escaped into the page."""
+    return "".join(f'<span class="token" style="background:{entropy_colour(float(h), high)}" '
+                   f'title="{float(h):.3f} nats">{html.escape(str(piece), quote=True)}</span>'
+                   for piece, h in zip(tokens, entropies))
+
+
+def tokens_html(run: pd.Series, high: float) -> str:
+    """The run's generated tokens coloured by entropy: the think span in a fixed-height scroll box inside a
+    <details> (collapsed when long), then what follows it (the answer)."""
+    tokens, entropies = list(run["tokens"]), np.asarray(run["token_entropies"], dtype=float)
+    start = run["think_start_index"]
+    end = run["think_end_index"]
+    start = 0 if pd.isna(start) else int(start)
+    end = len(tokens) if pd.isna(end) else int(end) + 1
+    think, answer = slice(start, end), slice(end, len(tokens))
+    n_think = end - start
+    mean = float(np.nanmean(entropies[think])) if n_think else float("nan")
+    scale = "".join(f'<span style="background:{colour}">{high * i / (len(ENTROPY_PALETTE) - 1):.2f}</span>'
+                    for i, colour in enumerate(ENTROPY_PALETTE))
+    return (f"<div class='run-tokens'><div class='scale'>token entropy (nats): {scale} &middot; hover a token for "
+            "its value</div>"
+            f"<details class='think-tokens'{' open' if n_think <= OPEN_TOKENS_UP_TO else ''}><summary>Think text: "
+            f"{n_think:,} tokens, mean entropy {mean:.3f} nats</summary>"
+            f"<div class='token-box'>{token_spans(tokens[think], entropies[think], high)}</div></details>"
+            f"<div class='answer-tokens token-box'>{token_spans(tokens[answer], entropies[answer], high)}</div>"
+            "</div>")
+
+
+def draw_location_scores(scores: np.ndarray, meta, probe_index: int) -> hv.Overlay:
+    """One probe's score for one run at every (position, layer): an image over the layer and position indices
+    (whole layers as ticks), the location chosen on val marked by a ring."""
+    values = scores[probe_index]  # (positions, layers)
+    positions, layers = meta.positions, meta.layers
+    binary = meta.outputs[probe_index].startswith("P(")
+    finite = values[np.isfinite(values)]
+    clim = (0.0, 1.0) if binary or not len(finite) else (float(finite.min()), float(finite.max()) or 1.0)
+    # Image rows run top-down: flipped, so that y = j is positions[j] (the marker's and the ticks' coordinate)
+    image = hv.Image(values[::-1], bounds=(-0.5, -0.5, len(layers) - 0.5, len(positions) - 0.5),
+                     kdims=["layer", "position"], vdims=[meta.outputs[probe_index]])
+    chosen = meta.chosen[probe_index]
+    marker = []
+    if chosen.position in positions and chosen.layer in layers:
+        marker = [(layers.index(chosen.layer), positions.index(chosen.position))]
+    step = max(1, len(layers) // 12)
+    ring = hv.Points(marker, ["layer", "position"]).opts(
+        marker="square", size=14, fill_alpha=0, line_color="#e7298a", line_width=3)
+    return (image.opts(cmap="viridis", clim=clim, colorbar=True, tools=["hover"],
+                       xticks=[(i, str(layer)) for i, layer in enumerate(layers)][::step],
+                       yticks=[(j, position) for j, position in enumerate(positions)])
+            * ring).opts(title=f"{meta.probes[probe_index]} probe: {meta.outputs[probe_index]}", responsive=True,
+                         height=240, min_width=260, xlabel="layer", ylabel="position", toolbar=None)
+
+
+class RunDrillDown(pn.viewable.Viewer):
+    """The run drilled into (the store's ``run``): each single-layer probe's score at every traced (position, layer),
+    the chosen location ringed, and its generated tokens coloured by entropy. Each reads only this run's data:
+    one row of the memory-mapped location_scores.npy, one question's row groups of tokens.parquet."""
+
+    store = param.ClassSelector(class_=RunStore)
+    root = param.ClassSelector(class_=Path)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._header = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["run-header"])
+        self._scores = pn.FlexBox(sizing_mode="stretch_width", css_classes=["run-location-scores"])
+        self._tokens = pn.pane.HTML("", sizing_mode="stretch_width", stylesheets=[TOKEN_CSS],
+                                    css_classes=["run-tokens-pane"], disable_math=True)
+        self._body = pn.Column(self._header, self._scores, self._tokens, sizing_mode="stretch_width")
+        self.store.param.watch(self._update, "run")
+        self._update()
+
+    def _update(self, *_) -> None:
+        row = self.store.run
+        if row is None:
+            self._header.object = "<i>Open a question to see its first run here; click a run of the question to "\
+                                  "see that one.</i>"
+            self._scores.objects, self._tokens.object = [], ""
+            return
+        run = self.store.table.loc[row]
+        self._header.object = (f"<h4>Run {int(run['run_id'])} of question {escaped_html(run['question_id'])}</h4>"
+                               f"<p>answer {escaped_html(run['answer'], 'code')} &middot; "
+                               f"{'correct' if run['correct'] else 'incorrect'}</p>")
+        try:
+            located = load_location_scores(self.root, self.store.table.index.get_loc(row), len(self.store.table))
+            self._scores.objects = [
+                pn.pane.HoloViews(draw_location_scores(located.scores, located.meta, i), min_width=280,
+                                  sizing_mode="stretch_width", height=250, css_classes=["location-heatmap"])
+                for i in range(len(located.meta.probes))]
+        except MissingArtifact as missing:
+            self._scores.objects = [notice(str(missing))]
+        try:
+            tokens = load_question_tokens(self.root, str(run["dataset"]), str(run["question_id"]))
+            mine = tokens[tokens["run_id"] == run["run_id"]]
+            if mine.empty:
+                raise MissingArtifact(f"No tokens of run {int(run['run_id'])} in tokens.parquet; rerun `dvc repro "
+                                      "analysis`.")
+            high = max((float(np.nanmax(values)) for values in tokens["token_entropies"] if len(values)), default=1.0)
+            self._tokens.object = tokens_html(mine.iloc[0], high)
+        except MissingArtifact as missing:
+            self._tokens.object = f"<div class='run-tokens'>{escaped_html(str(missing), 'i')}</div>"
+
+    def __panel__(self):
+        return self._body
+
+
 # ---- results --------------------------------------------------------------------------------------------------
 
 
 SPLIT_COLOURS = {"val": "#999999", "test": "#2b83ba", "ood": "#d7301f"}
+MIN_PANEL_WIDTH = 260  # px: a Results panel's narrowest (three side by side fit a 1280 px page beside the sidebar)
 
 
 def draw_auroc_by_layer(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layout:
@@ -613,7 +768,8 @@ def draw_auroc_by_layer(frame: pd.DataFrame, settings: EvaluateSettings | None) 
             if picked is not None and picked.position == position:
                 overlay = overlay * hv.VLine(picked.layer).opts(color="black", line_dash="dashed", line_width=1)
             layers = sorted(int(layer) for layer in part["layer"].unique())
-            plots.append(overlay.opts(title=f"{PROBE_NAMES[probe]} @ {position}", ylim=(0.4, 1.0), width=330,
+            plots.append(overlay.opts(title=f"{PROBE_NAMES[probe]} @ {position}", ylim=(0.4, 1.0), responsive=True,
+                                      min_width=MIN_PANEL_WIDTH,
                                       xticks=layers[::max(1, len(layers) // 10)],  # whole layers only
                                       height=250, legend_position="bottom_right", show_grid=True, xlabel="layer",
                                       ylabel="AUROC"))
@@ -647,7 +803,8 @@ def draw_roc(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layou
                   for label, rows in merge_identical_curves(part, "score", "fpr", "tpr")]
         diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
         plots.append(hv.Overlay([diagonal, *curves]).opts(
-            title=f"ROC, {split} (positive: incorrect run)", width=520, height=420, legend_position="bottom_right",
+            title=f"ROC, {split} (positive: incorrect run)", responsive=True, min_width=MIN_PANEL_WIDTH,
+            height=420, legend_position="bottom_right",
             xlabel="false positive rate", ylabel="true positive rate", show_grid=True))
     return hv.Layout(plots).cols(2)
 
@@ -713,7 +870,8 @@ def draw_early_warning(frame: pd.DataFrame, settings: EvaluateSettings | None) -
                        hv.Scatter(reasoning, "x", hover, label=label).opts(color=colour, size=7, tools=["hover"]),
                        hv.Scatter(after, "x", hover).opts(color=colour, size=11, marker="diamond", tools=["hover"])]
         plots.append(hv.Overlay(layers).opts(
-            title=f"Early warning, {split}", width=520, height=360, legend_position="top_left", show_grid=True,
+            title=f"Early warning, {split}", responsive=True, min_width=MIN_PANEL_WIDTH,
+            height=360, legend_position="top_left", show_grid=True,
             xlabel="position: share of the reasoning seen (slt: after the answer)", ylabel="AUROC",
             xticks=[(x, position) for x, position in ticks], xrotation=30 if len(ticks) > 6 else 0,
             xlim=(-0.05, AFTER_ANSWER_X + 0.07 if (frame["fraction"].isna()).any() else 1.05), ylim=(low, 1.02)))
@@ -733,7 +891,7 @@ def draw_risk_coverage(frame: pd.DataFrame, settings: EvaluateSettings | None) -
         # Eleven scores: one legend, right of the last panel, where it hides no curve.
         last = index == len(parts) - 1
         plots.append(hv.Overlay(curves).opts(
-            title=f"Risk-coverage, {split}", width=630 if last else 430, height=400, show_legend=last,
+            title=f"Risk-coverage, {split}", responsive=True, min_width=MIN_PANEL_WIDTH, height=400, show_legend=last,
             legend_position="right", show_grid=True, xlabel="coverage (share of runs answered)",
             ylabel="risk (error rate of the answered runs)", xlim=(0, 1.01)))
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
@@ -755,7 +913,8 @@ def draw_reliability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> 
                        hv.Scatter(rows, "mean_predicted", ["observed_frequency", "n", "lower", "upper"],
                                   label=probe).opts(color=colour, marker=marker, size=7, tools=["hover"])]
         plots.append(hv.Overlay(layers).opts(
-            title=f"Reliability, {split}", width=420, height=400, legend_position="top_left", show_grid=True,
+            title=f"Reliability, {split}", responsive=True, min_width=MIN_PANEL_WIDTH,
+            height=400, legend_position="top_left", show_grid=True,
             xlabel="mean predicted P(correct) in the bin", ylabel="observed accuracy in the bin",
             xlim=(-0.02, 1.02), ylim=(-0.02, 1.02)))
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
@@ -777,7 +936,8 @@ def draw_stability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv
                                                                       tools=["hover"]),
             hv.Scatter(part, "score", ["auroc", "seed"]).opts(color=colour, size=6, alpha=0.6, jitter=0.25,
                                                               tools=["hover"]),
-        ]).opts(title=f"AUROC over seeds, {split}", width=520, height=400, show_grid=True, xrotation=45,
+        ]).opts(title=f"AUROC over seeds, {split}", responsive=True, min_width=MIN_PANEL_WIDTH,
+                height=400, show_grid=True, xrotation=45,
                 xlabel="", ylabel="AUROC (positive: incorrect run)"))
     return hv.Layout(plots).cols(2).opts(shared_axes=False)
 
@@ -797,12 +957,27 @@ class ResultPlot:
     title: str
     caption: str
     draw: Callable[[pd.DataFrame, EvaluateSettings | None], object]
+    columns: int = 2  # panels of the drawn Layout side by side, sharing the page's width
+
+
+
+
+def result_panels(drawn) -> list:
+    """The panels of a Results plot (the elements of a Layout, or the one element; each draws itself responsive,
+    filling its grid cell), their legend entries hiding their curve when clicked."""
+    elements = list(drawn.values()) if isinstance(drawn, hv.Layout) else [drawn]
+    return [element.opts(legend_opts={"click_policy": "hide"}, clone=True) for element in elements]
+
+
+def _panel_grid(panes: list, columns: int) -> pn.GridBox:
+    return pn.GridBox(*panes, ncols=min(columns, len(panes)), sizing_mode="stretch_width",
+                      css_classes=["result-plot"])
 
 
 RESULT_PLOTS = (
     ResultPlot(AUROC_BY_LAYER_FILE, "AUROC per layer and position",
                "A probe fitted on train at each (position, layer), scored for its own label (accuracy probe: correct; "
-               "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer),
+               "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer, columns=3),
     ResultPlot(EARLY_WARNING_FILE, "Early warning: AUROC against the share of the reasoning seen",
                "Each probe at every traced position, on the layer chosen on val for that position, scored for its own "
                "label with a 95% bootstrap CI; higher further left = the uncertainty shows earlier.",
@@ -891,23 +1066,25 @@ class ResultsView(pn.viewable.Viewer):
                 except Exception:
                     log.exception("drawing %s", plot.title)
                     raise
-                section[1] = figure if isinstance(figure, pn.viewable.Viewable) else pn.pane.Bokeh(
-                    figure, sizing_mode="stretch_width")
+                section[1] = figure if isinstance(figure, pn.viewable.Viewable) else _panel_grid(
+                    [pn.pane.Bokeh(model, sizing_mode="stretch_width") for model in figure], plot.columns)
 
         pn.state.execute(fill)
 
     def draw(self, plot: ResultPlot, settings: EvaluateSettings | None):
         """The HoloViews pane of ``plot``, or a notice when its table is missing or holds nothing to draw."""
         try:
-            return pn.pane.HoloViews(plot.draw(load_plot_table(self.root, plot.table), settings),
-                                     sizing_mode="stretch_width")
+            return _panel_grid([pn.pane.HoloViews(panel, sizing_mode="stretch_width") for panel in
+                                result_panels(plot.draw(load_plot_table(self.root, plot.table), settings))],
+                               plot.columns)
         except (MissingArtifact, NothingToDraw) as missing:
             return notice(str(missing))
 
     def _render(self, plot: ResultPlot, settings: EvaluateSettings | None):
-        """``plot`` rendered to a Bokeh model (no document yet: safe off the event loop), or a notice."""
+        """``plot``'s panels rendered to Bokeh models (no document yet: safe off the event loop), or a notice."""
         try:
-            return hv.render(plot.draw(load_plot_table(self.root, plot.table), settings), backend="bokeh")
+            return [hv.render(panel, backend="bokeh") for panel in
+                    result_panels(plot.draw(load_plot_table(self.root, plot.table), settings))]
         except (MissingArtifact, NothingToDraw) as missing:
             return notice(str(missing))
 
@@ -1041,36 +1218,45 @@ class ExperimentsView(pn.viewable.Viewer):
         table = experiments.table
         params = varying_params(table) if experiments.from_dvc else []
         metrics = headline_metric_columns(table)
-        shown = table[["name", "kind", "rev", "baseline", "timestamp", *params, *metrics, "error"]].copy()
+        changes = change_against_baseline(table, metrics) if experiments.from_dvc else pd.DataFrame(index=table.index)
+        shown = pd.concat([table[["name", "kind", "rev", "baseline", "timestamp", *params, *metrics]], changes,
+                           table[["error"]]], axis=1)
         shown.columns = [column.removeprefix("param:").removeprefix("metric:") for column in shown.columns]
         objects = [
             pn.pane.Alert(html.escape(experiments.message), alert_type="info" if experiments.from_dvc else "warning",
                           sizing_mode="stretch_width", css_classes=["experiments-message"], disable_math=True),
+            pn.pane.HTML("<small>Δ: an experiment's value minus its baseline commit's (the commit it was run "
+                         "from).</small>", sizing_mode="stretch_width"),
             pn.widgets.Tabulator(shown, disabled=True, show_index=False, selectable=False, sizing_mode="stretch_width",
                                  layout="fit_data_table", frozen_columns=["name"],
-                                 formatters={column.removeprefix("metric:"): NUMBER for column in metrics},
+                                 formatters={column: NUMBER for column in [
+                                     *(m.removeprefix("metric:") for m in metrics), *changes.columns]},
                                  css_classes=["experiments-table"]),
         ]
-        numeric = [column for column in params if pd.to_numeric(table[column], errors="coerce").notna().sum() > 1]
-        if numeric and metrics:
-            objects.append(self._sweep(table, numeric, metrics))
+        found = sweeps(table) if experiments.from_dvc else []
+        if found and metrics:
+            objects.append(self._sweep(found, metrics))
         return objects
 
-    def _sweep(self, table: pd.DataFrame, params: list[str], metrics: list[str]):
-        choose = pn.widgets.Select(name="x axis (a parameter that varies)", options=params, value=params[0], width=300)
+    def _sweep(self, found: list, metrics: list[str]):
+        options = {f"{sweep.baseline}: {sweep.parameter.removeprefix('param:')} ({len(sweep.rows)} points)": sweep
+                   for sweep in found}
+        choose = pn.widgets.Select(name="sweep (a baseline commit and the parameter its experiments change)",
+                                   options=options, width=420, css_classes=["sweep-choice"])
 
-        def plot(parameter: str):
-            frame = table.assign(x=pd.to_numeric(table[parameter], errors="coerce")).dropna(subset=["x"])
+        def plot(sweep):
             lines = []
             for metric in [column for column in metrics if column.endswith(".auroc")]:
                 label = metric.removeprefix("metric:").removesuffix(".auroc")
-                points = frame.dropna(subset=[metric]).sort_values("x")
+                points = sweep.rows.dropna(subset=[metric])
                 lines.append(hv.Curve(points, "x", metric, label=label)
-                             * hv.Scatter(points, "x", metric, label=label).opts(size=6, tools=["hover"]))
-            return hv.Overlay(lines).opts(width=760, height=380, legend_position="right", show_grid=True,
-                                          xlabel=parameter.removeprefix("param:"), ylabel="AUROC",
-                                          title="AUROC across commits and experiments")
-        return pn.Column(choose, pn.pane.HoloViews(pn.bind(plot, choose)))
+                             * hv.Scatter(points, "x", [metric, "name"], label=label).opts(size=6, tools=["hover"]))
+            return hv.Overlay(lines).opts(responsive=True, min_width=400, height=380, legend_position="right",
+                                          show_grid=True, xlabel=sweep.parameter.removeprefix("param:"),
+                                          ylabel="AUROC", legend_opts={"click_policy": "hide"},
+                                          title=f"AUROC across the experiments of {sweep.baseline}")
+        return pn.Column(choose, pn.pane.HoloViews(pn.bind(plot, choose), sizing_mode="stretch_width",
+                                                   css_classes=["sweep-plot"]), sizing_mode="stretch_width")
 
     def __panel__(self):
         return pn.Column(pn.Row(pn.pane.HTML("<h4>Experiments</h4>"), self._refresh), self._body,

@@ -369,6 +369,69 @@ ANALYSIS_TAIL_COLUMNS = (
 ANALYSIS_KEY = ("dataset", "question_id", "run_id")
 
 
+# ---- analysis: artifacts/analysis/tokens.parquet, one row per run, sorted by (dataset, question_id, run_id) -------
+# The generated tokens of each run as text pieces with their entropies, for the viewer's drill-down. Written in small
+# row groups, so a reader filtering on question_id (pyarrow's ``filters``) reads only that question's groups.
+TOKEN_COLUMNS = (
+    Column("dataset", "str"),
+    Column("question_id", "str"),
+    Column("run_id", "int"),
+    Column("tokens", "list", doc="the generated tokens, each decoded alone (special tokens kept), in order"),
+    Column("token_entropies", "list", doc="RUN_COLUMNS token_entropies (nats), one per token"),
+    Column("think_start_index", "int", nullable=True, doc="index of <think> in tokens (RUN_COLUMNS)"),
+    Column("think_end_index", "int", nullable=True, doc="index of </think> in tokens (RUN_COLUMNS)"),
+)
+TOKEN_KEY = ANALYSIS_KEY
+TOKENS_ROW_GROUP_RUNS = 256  # runs per parquet row group of tokens.parquet
+
+
+# ---- analysis: artifacts/analysis/location_scores.npy + location_scores.json ------------------------------------
+# float32, shape (runs, probes, positions, layers): each single-layer probe's output at every traced (position, layer)
+# for every run, row i belonging to row i of analysis.parquet; NaN where train_probes fitted no probe there.
+class ChosenLocation(Contract):
+    position: str
+    layer: int
+
+
+class LocationScoresMeta(Contract):
+    """``location_scores.json``: the axes of ``location_scores.npy`` (written by the analysis stage)."""
+
+    rows: Literal["analysis.parquet"] = "analysis.parquet"
+    """Axis 0: the rows of analysis.parquet, in its order."""
+    n_runs: int = Field(ge=0)
+    probes: list[str] = Field(min_length=1)
+    """Axis 1: registry single-layer probe names (``registry.layer_probes()``)."""
+    outputs: list[str] = Field(min_length=1)
+    """What each value is: ``P(<positive class>)`` for a logistic probe, the predicted target for a ridge one."""
+    chosen: list[ChosenLocation] = Field(min_length=1)
+    """Each probe's location chosen on val (selection.json)."""
+    positions: list[str] = Field(min_length=1)
+    """Axis 2: the traced positions (HiddenMeta.positions)."""
+    layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    """Axis 3: the traced layers (HiddenMeta.layers)."""
+    dtype: Literal["float32"] = "float32"
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.probes) == len(self.outputs) == len(self.chosen):
+            raise ValueError(f"probes, outputs and chosen differ in length ({len(self.probes)}, {len(self.outputs)}, "
+                             f"{len(self.chosen)})")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.n_runs, len(self.probes), len(self.positions), len(self.layers))
+
+
+def validate_location_scores(array: np.ndarray, meta: LocationScoresMeta, source: str | Path) -> None:
+    """The array must be float32 of ``meta.shape`` (runs, probes, positions, layers)."""
+    if array.shape != meta.shape:
+        raise SchemaError(f"{source}: array shape {array.shape}; expected (runs, probes, positions, layers) = "
+                          f"{meta.shape}")
+    if array.dtype != np.float32:
+        raise SchemaError(f"{source}: array dtype {array.dtype}; expected float32")
+
+
 def analysis_columns(probes: Sequence[tuple[str, str, str]]) -> tuple[Column, ...]:
     """The analysis table's columns: the run's own, then ``<probe>_probe_prob`` (P(positive class)) and
     ``<probe>_probe_margin`` (decision function / ||w||: signed distance to the boundary) for each
@@ -810,6 +873,9 @@ class CostRatio(Contract):
 
 # ---- file names inside the `paths:` directories, shared by the stages that write them and the viewer ----
 ANALYSIS_FILE = "analysis.parquet"  # in paths.analysis; ANALYSIS_COLUMNS
+TOKENS_FILE = "tokens.parquet"  # in paths.analysis; TOKEN_COLUMNS
+LOCATION_SCORES_FILE = "location_scores.npy"  # in paths.analysis; LocationScoresMeta
+LOCATION_SCORES_META_FILE = "location_scores.json"  # in paths.analysis; LocationScoresMeta
 EVALUATE_FILE = "evaluate.json"  # in paths.metrics; EvaluateReport
 AUROC_BY_LAYER_FILE = "auroc_by_layer.csv"  # in paths.plots; AUROC_BY_LAYER_COLUMNS
 ROC_FILE = "roc.csv"  # in paths.plots; ROC_COLUMNS

@@ -15,7 +15,8 @@ serves with ``panel serve --warm``) and measures, in one fresh browser page per 
   views);
 - filter change: click "incorrect" / "all" in the sidebar until the last plot data source changed in the page
   (measured in the browser: a requestAnimationFrame loop timestamps every change of the plots' data);
-- server memory: RSS of the server process after the filter changes (psutil), and the bytes the page downloaded.
+- server memory: RSS of the server process after the filter changes (psutil), and the bytes the page downloaded;
+- Results: a click on the tab until its tables show, and until every plot section has drawn (RSS again after).
 
 ``--compare DIR`` also serves the ``viewer`` package found in DIR (e.g. a copy of an earlier version), alternating
 the two start by start in the same run, so that a machine shared with other work slows both alike; it prints both
@@ -96,6 +97,16 @@ PLOTS_DRAWN_JS = """(titles) => {
   for (const root of Bokeh.index.roots) walk(root);
   return filled.size === titles.length;
 }"""
+
+# The titles of every drawn figure in the page.
+FIGURE_TITLES_JS = """() => { const titles = []; const seen = new Set();
+  const walk = (view) => { if (!view || seen.has(view)) return; seen.add(view);
+    if (view.frame && view.model.title) titles.push(view.model.title.text);
+    for (const child of (view.child_views ?? [])) walk(child); };
+  for (const root of Bokeh.index.roots) walk(root); return titles; }"""
+# The last figure of each Results section (they are drawn in this order, one by one).
+RESULT_TITLES = ("ROC, ood (positive: incorrect run)", "Early warning, ood", "Risk-coverage, ood", "Reliability, ood",
+                 "AUROC over seeds, ood")
 
 PAGE_TIMES_JS = """() => {
   const nav = performance.getEntriesByType("navigation")[0];
@@ -180,6 +191,14 @@ def one_start(browser, root: Path, code_root: Path, warm: bool, changes: int, to
             filter_changes.append(measure_filter_change(page, button, expected))
         results["filter change s"] = statistics.median(filter_changes)
         results["server RSS MiB"] = psutil.Process(server.process.pid).memory_info().rss / 2**20
+        start = time.perf_counter()
+        page.locator(".bk-tab", has_text="Results").click()
+        page.locator(".metrics-table .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
+        results["Results tables s"] = time.perf_counter() - start
+        page.wait_for_function(f"() => {{ const shown = ({FIGURE_TITLES_JS})(); return {list(RESULT_TITLES)!r}"
+                               ".every(title => shown.includes(title)); }", timeout=2 * TIMEOUT_MS)
+        results["Results plots s"] = time.perf_counter() - start
+        results["server RSS after Results MiB"] = psutil.Process(server.process.pid).memory_info().rss / 2**20
         page.close()
     return results
 
@@ -223,7 +242,8 @@ def main() -> None:
             browser.close()
 
     print(f"\nviewer, medians ({args.repeats} server starts per size and version, {args.changes} filter changes each; "
-          f"{psutil.cpu_count()} CPUs); ratio: each version / the first")
+          f"{psutil.cpu_count()} CPUs, load average {' / '.join(f'{load:.1f}' for load in psutil.getloadavg())} "
+          "over 1 / 5 / 15 min at the end); ratio: each version / the first")
     labels = {version: f"{version} ({'' if version_warm else 'no '}--warm)"
               for version, (_, version_warm) in versions.items()}
     for size in sizes:
