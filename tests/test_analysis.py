@@ -79,6 +79,30 @@ def test_location_scores_hold_each_probe_at_every_location():
     assert np.isnan(scores[:, 1, 1, 2]).all() and np.isfinite(scores[:, 0]).all()
 
 
+def test_location_scores_of_screening_probes_are_their_projections_and_say_so():
+    """After probes.screen_method: mean_difference the location probes are difference-in-means directions: the
+    cells hold their projections (no probability), and the meta names them as such."""
+    from stages.lib import registry
+    from stages.lib.analysis import location_meta, location_scores
+    from stages.lib.probes import MeanDifferenceProbe
+    from stages.lib.schema import LayerChoice, Selection
+
+    rng = np.random.default_rng(2)
+    hidden = rng.normal(size=(30, 1, 2, 4)).astype(np.float16)
+    features = [hidden[:, 0, j, :].astype(np.float32) for j in range(2)]
+    location_probes = {("correct", "slt", layer): MeanDifferenceProbe(position="slt", layer=layer).fit(
+        features[layer], features[layer][:, 0] > 0) for layer in (0, 1)}
+    data = DatasetRuns(runs=pd.DataFrame({"hidden_row": np.arange(30)}), hidden=hidden, positions=("slt",),
+                       layers=(0, 1))
+    scores = location_scores(location_probes, data, (registry.ACCURACY,))
+    np.testing.assert_allclose(scores[:, 0, 0, 1], location_probes[("correct", "slt", 1)].decision_function(
+        features[1]), rtol=1e-5, atol=1e-6)
+    choice = LayerChoice(label="correct", position="slt", layer=1, metric="auroc", val_score=0.9, C=1.0)
+    selection = Selection.model_construct(probes={"accuracy_probe": choice})
+    meta = location_meta(selection, (registry.ACCURACY,), ("slt",), (0, 1), 30, location_probes)
+    assert meta.outputs == ["correct direction (difference in means)"]
+
+
 def test_token_table_decodes_each_distinct_id_once_and_sorts_by_question():
     from stages.lib.analysis import token_table
     from stages.lib.schema import TOKEN_COLUMNS, TOKEN_KEY, validate_frame

@@ -27,7 +27,7 @@ from stages.lib.common import progress_bar, read_table
 from stages.lib.dataset import DatasetRuns, load_dataset
 from stages.lib.params import AnalysisParams, Params
 from stages.lib.probe_store import load_location_probes, load_probes
-from stages.lib.probes import LinearProbe, LogisticProbe, location_features
+from stages.lib.probes import LinearProbe, LogisticProbe, location_features, probe_output
 from stages.lib.questions import load_questions
 from stages.lib.registry import ANALYSIS_COLUMNS
 from stages.lib.schema import (
@@ -74,9 +74,12 @@ def probe_scores(probe: LogisticProbe, data: DatasetRuns, prefix: str) -> pd.Dat
                          f"{prefix}_margin": probe.margin(features)})
 
 
-def probe_output_name(probe: registry.Probe) -> str:
-    """What a location probe's value in location_scores is: P(positive class), or the predicted target."""
+def probe_output_name(probe: registry.Probe, kind: str = "logistic") -> str:
+    """What a location probe's value in location_scores is: P(positive class), the predicted target, or (after
+    ``probes.screen_method: mean_difference``) the projection on the difference-in-means direction."""
     target = registry.TARGETS[probe.target]
+    if kind == "mean_difference":
+        return f"{target.display_name} direction (difference in means)"
     return f"P({target.display_name})" if target.binary else f"predicted {target.display_name}"
 
 
@@ -98,16 +101,18 @@ def location_scores(location_probes: Mapping[tuple[str, str, int], LinearProbe],
             features = location_features(data.hidden, rows, position_index, layer_index)
             for i, probe in fitted:
                 output = (probe.predict_proba(features)[:, 1] if isinstance(probe, LogisticProbe)
-                          else probe.predict(features))
+                          else probe_output(probe, features))
                 scores[:, i, position_index, layer_index] = output
     return scores
 
 
 def location_meta(selection: Selection, probes: tuple[registry.Probe, ...], positions, layers,
-                  n_runs: int) -> LocationScoresMeta:
+                  n_runs: int, location_probes: Mapping[tuple[str, str, int], LinearProbe]) -> LocationScoresMeta:
     chosen = [selection.probes[f"{probe.name}_probe"] for probe in probes]
+    kinds = [next((fitted.kind for (target, _, _), fitted in location_probes.items() if target == probe.target),
+                  "logistic") for probe in probes]
     return LocationScoresMeta(n_runs=n_runs, probes=[probe.name for probe in probes],
-                              outputs=[probe_output_name(probe) for probe in probes],
+                              outputs=[probe_output_name(probe, kind) for probe, kind in zip(probes, kinds)],
                               chosen=[ChosenLocation(position=c.position, layer=c.layer) for c in chosen],
                               positions=list(positions), layers=[int(layer) for layer in layers])
 
@@ -215,5 +220,6 @@ def build(params: Params) -> AnalysisOutputs:
     table["think_length"] = think_length(table["think_start_index"], table["think_end_index"], table["n_generated"])
     all_scores = np.concatenate(scores)
     return AnalysisOutputs(table=table[[c.name for c in ANALYSIS_COLUMNS]], location_scores=all_scores,
-                           location_meta=location_meta(selection, layer_probes, *axes, n_runs=len(all_scores)),
+                           location_meta=location_meta(selection, layer_probes, *axes, n_runs=len(all_scores),
+                                                       location_probes=location_probes),
                            tokens=pd.concat(tokens, ignore_index=True))
