@@ -22,6 +22,7 @@ from dvc_project import ENV, ROOT, ran_stages, sh
 from s3_server import anonymous_status, start_seaweedfs
 
 from viewer.data import METRICS_FILES, PLOT_TABLES, load_analysis, load_metrics, load_plot_table
+from viewer.early_exit import load_early_exit
 
 
 def dvc_config(project: Path, key: str) -> str:
@@ -110,6 +111,12 @@ def test_push_then_pull_into_a_fresh_clone_reproduces_the_run(tiny_project, s3_s
         assert load_metrics(clone, name).model_dump_json() == load_metrics(tiny_project, name).model_dump_json()
     for name in PLOT_TABLES:
         assert load_plot_table(clone, name).equals(load_plot_table(tiny_project, name))
+
+    # the early-exit tab's too: the runs and the forced answers, still no hidden states
+    sh("dvc", "pull", "analysis", "generate", "forced_answers", cwd=clone, env=credentials)
+    pulled, pushed = load_early_exit(clone), load_early_exit(tiny_project)
+    assert pulled.runs.equals(pushed.runs) and pulled.forced.equals(pushed.forced)
+    assert not (clone / lock_out(clone, "trace")["path"]).exists()
 
     sh("dvc", "pull", cwd=clone, env=credentials)
 
