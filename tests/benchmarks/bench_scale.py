@@ -14,9 +14,9 @@ Any size works, e.g. ``--runs 1000 --positions 2 --layers 4 --hidden 2560`` for 
    width), labelled as an estimate.
 2. **The stages at full size.** Writes a synthetic project into ``--workdir`` (params.yaml with paths there; runs,
    semantic entropy, questions, and the hidden states written chunk by chunk into one ``.npy`` shard per position,
-   never whole in memory) and runs each stage as ``python -m stages.<name>`` in a fresh process, so each peak RSS is that stage's
-   own (``os.wait4``'s ``ru_maxrss``). Prints one JSON line per stage: wall seconds, peak RSS; then whether
-   train_probes chose the planted locations.
+   never whole in memory) and runs each stage as ``python -m stages.<name>`` in a fresh process, so each peak RSS
+   is that stage's own (``os.wait4``'s ``ru_maxrss``). Prints one JSON line per stage: wall seconds, peak RSS;
+   then whether train_probes chose the planted locations.
 
 The synthetic states: every (position, layer) is noise N(0, 1) plus a per-question vector (0.5 N(0, 1)), so
 runs of one question are alike, as with a real model. Correct runs are shifted by ``--strength`` along a random
@@ -188,13 +188,14 @@ def write_project(workdir: Path, args, overrides: dict) -> dict[str, tuple[str, 
             "text": ["<think>step by step</think> \\boxed{1}"] * n,
             "think_start_index": pd.array(np.zeros(n, int), dtype="Int64"),
             "think_end_index": pd.array(think_end, dtype="Int64"), "think_missing": False, "truncated": False,
-            "answer": "1", "token_logprobs": [[-0.1] * 40] * n, "token_entropies": [[0.5] * 40] * n,
+            "answer": "1", "answer_source": "boxed", "token_logprobs": [[-0.1] * 40] * n,
+            "token_entropies": [[0.5] * 40] * n,
             "sequence_loglik": -4.0, "mean_token_entropy": runs["mean_token_entropy"], "n_generated": 40,
             "correct": runs["correct"]})
         entropy = pd.DataFrame({
             "question_id": runs["question_id"], "run_id": runs["run_id"], "cluster_id": 0, "n_clusters": 1,
             "semantic_entropy": runs["semantic_entropy"], "semantic_entropy_weighted": runs["semantic_entropy"],
-            "naive_entropy": 1.0})
+            "naive_entropy": 1.0, "num_semantic_sets": 1, "eigv": 0.0, "degree": 0.0, "eccentricity": 0.0})
         questions = runs.drop_duplicates("question_id")
         for directory, frame in ((params.paths.runs, run_table), (params.paths.semantic_entropy, entropy)):
             Path(directory).mkdir(parents=True, exist_ok=True)
