@@ -63,6 +63,7 @@ class HiddenStates:
         """One (runs, layers, hidden) array per position, in meta.positions order."""
         self.paths = list(paths) if paths is not None else [None] * len(shards)
         """The shard files (None for in-memory shards)."""
+        self._read: set[int] = set()  # shards read since the last release_pages (madvise on the rest costs time)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -86,13 +87,19 @@ class HiddenStates:
     def __getitem__(self, key):
         rows, position, layers, features = _four(key)
         if isinstance(position, (int, np.integer)):
-            # a length-1 positions axis (a view, nothing read) makes the shard index like the 4-d array would
-            return self.shards[operator.index(position)][:, np.newaxis][rows, 0, layers, features]
+            shard = range(len(self.shards))[operator.index(position)]
+            self._read.add(shard)
+            if all(isinstance(k, (int, np.integer, slice)) for k in (layers, features)):
+                return self.shards[shard][rows, layers, features]  # what the probes ask: numpy's result as it is
+            # an index array after the position: a length-1 positions axis (a view, nothing read) makes the shard
+            # index as the 4-d array would (numpy moves the broadcast axes first when they are not adjacent)
+            return self.shards[shard][:, np.newaxis][rows, 0, layers, features]
         if not isinstance(position, slice) or not all(isinstance(k, (int, np.integer, slice))
                                                       for k in (layers, features)):
             raise IndexError("HiddenStates: index positions by int or slice (with a slice, layers and features by "
                              "int or slice)")
         selected = range(len(self.shards))[position]
+        self._read.update(selected)
         parts = [self.shards[i][:, np.newaxis][rows, :, layers, features] for i in selected]
         if not parts:
             return self.shards[0][:, np.newaxis][rows, 0:0, layers, features]
@@ -117,8 +124,10 @@ class HiddenStates:
                 shard.flush()
 
     def release_pages(self) -> None:
-        for shard in self.shards:
-            release_mapped_pages(shard)
+        """Release the mapped pages of the shards read since the last call (``release_mapped_pages``)."""
+        for shard in sorted(self._read):
+            release_mapped_pages(self.shards[shard])
+        self._read.clear()
 
 
 def _four(key) -> tuple:
@@ -129,8 +138,8 @@ def _four(key) -> tuple:
 
 
 def release_mapped_pages(hidden) -> None:
-    """Drop the pages of a memory-mapped ``hidden`` array (or of every shard of a ``HiddenStates``) from this
-    process's resident set.
+    """Drop the pages of a memory-mapped ``hidden`` array (or of the shards a ``HiddenStates`` has read since its
+    last release) from this process's resident set.
 
     Reading every (position, layer) of a memory-mapped array touches all of it, and touched file pages count in
     the process's memory until unmapped: 5.7 GB at Qwen3-4B shapes. ``madvise(MADV_DONTNEED)`` on the read-only
