@@ -149,8 +149,9 @@ def test_a_new_traced_position_pushes_only_its_shards(tiny_project, s3_server):
 
 
 def lock_out(project: Path, stage: str) -> dict:
-    """The (single) `outs` entry of ``stage`` in ``project``'s dvc.lock."""
-    [out] = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]["outs"]
+    """The directory output of ``stage`` in ``project``'s dvc.lock (its cost record, also listed, left out)."""
+    outs = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]["outs"]
+    [out] = [out for out in outs if out["md5"].endswith(".dir")]
     return out
 
 
