@@ -1,30 +1,19 @@
 """Stage trace: one teacher-forced pass per run; hidden states at the chosen positions and layers.
 
-Run with ``python -m stages.trace``. Reads the runs and the model; writes ``{paths.hidden}/`` (the arrays, their
-index and ``HiddenMeta``, see stages/lib/schema.py; each array is checked against its meta before the directory is
-renamed into place) and its cost record. The tracing itself is stages/lib/tracing.py."""
+Run with ``python -m stages.trace``. Reads the runs and the model; writes ``{paths.hidden}/`` (one shard per dataset
+and position, their index and ``HiddenMeta``, see stages/lib/hidden.py; each shard is checked against the meta
+before the directory is renamed into place) and its cost record. The tracing itself is stages/lib/tracing.py."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import numpy as np
-from numpy.lib.format import open_memmap
-
-from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_model, write_table
+from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs
+from stages.lib.hidden import create_hidden, finish_hidden
 from stages.lib.models import load_config, load_model
 from stages.lib.params import load_params
-from stages.lib.schema import (
-    DATASETS,
-    HIDDEN_INDEX_COLUMNS,
-    RUN_COLUMNS,
-    RUN_KEY,
-    HiddenMeta,
-    hidden_files,
-    require_finite_hidden,
-    validate_hidden,
-)
+from stages.lib.schema import DATASETS, RUN_COLUMNS, RUN_KEY, HiddenMeta
 from stages.lib.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)
@@ -50,23 +39,16 @@ def main() -> None:
         cost.update(sequences=0, tokens_processed=0, forward_passes=0)
         for dataset in DATASETS:
             runs = read_table(Path(params.paths.runs) / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
-            array_path, index_path, meta_path = hidden_files(out_dir, dataset)
-            shape = (len(runs), len(positions), len(layers), model.config.hidden_size)
-            out = open_memmap(array_path, mode="w+", dtype=np.float16, shape=shape)
-            index, passes = trace_runs(traced, runs, positions, layers, params.trace.batch_size, pad_id, out,
-                                       backend=params.trace.backend, max_batch_tokens=params.trace.max_batch_tokens)
-            out.flush()
-            del out
             meta = HiddenMeta(positions=list(positions), layers=layers, hidden_size=model.config.hidden_size,
                               dtype="float16", model=params.model.name, model_revision=params.model.revision)
-            # the array as written, checked against its meta and index before the directory is renamed into place
-            written = np.load(array_path, mmap_mode="r")
-            validate_hidden(written, index, meta, array_path)
-            require_finite_hidden(written, index, array_path)
-            del written
-            write_table(index, index_path, HIDDEN_INDEX_COLUMNS, RUN_KEY)
-            write_model(meta, meta_path)
-            log.info("%s: hidden states %s -> %s", dataset, shape, array_path)
+            out = create_hidden(out_dir, dataset, len(runs), meta)  # (runs, positions, layers, hidden), sharded
+            index, passes = trace_runs(traced, runs, positions, layers, params.trace.batch_size, pad_id, out,
+                                       backend=params.trace.backend, max_batch_tokens=params.trace.max_batch_tokens)
+            # each shard as written, checked against the meta and index before the directory is renamed into place
+            finish_hidden(out, out_dir, dataset, index, meta)
+            del out
+            log.info("%s: hidden states %s -> %s/%s/ (one shard per position)", dataset,
+                     (len(runs), len(positions), len(layers), meta.hidden_size), out_dir, dataset)
             cost["sequences"] += len(runs)
             cost["tokens_processed"] += int(index["sequence_length"].sum())
             cost["forward_passes"] += passes

@@ -17,7 +17,7 @@ from stages.lib import models
 from stages.lib.common import read_table
 from stages.lib.errors import UserError
 from stages.lib.questions import QuestionSourceError, jsonl_questions
-from stages.lib.schema import RUN_COLUMNS, SchemaError, hidden_files
+from stages.lib.schema import RUN_COLUMNS, SchemaError, hidden_files, hidden_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_a_truncated_parquet_is_named_with_the_command_that_restores_it(tmp_path
 def test_a_truncated_hidden_state_array_is_named_with_the_command_that_restores_it(tmp_path):
     params = make_params(tmp_path)
     write_fixture(params, n_id=10, n_ood=4)
-    array_path = hidden_files(params.paths.hidden, "id")[0]
+    array_path = hidden_shard(hidden_files(params.paths.hidden, "id")[0], "slt")
     truncate(array_path)
     with pytest.raises(SchemaError) as error:
         dataset_lib.load_dataset(params, "id")

@@ -25,7 +25,8 @@ import yaml
 from dvc_project import ENV, make_project
 
 from stages.lib import arithmetic
-from stages.lib.schema import EVALUATE_FILE, hidden_files
+from stages.lib.hidden import open_hidden
+from stages.lib.schema import EVALUATE_FILE
 
 REAL_LM = os.environ.get("SEP_REAL_LM", "")
 
@@ -84,9 +85,8 @@ def test_pipeline_on_a_real_gguf_model(tmp_path):
     assert len(runs) == N_QUESTIONS * RUNS
     assert runs["think_missing"].all(), "SmolLM2 has no </think> token, so every run should be think_missing"
 
-    array_path, index_path, meta_path = hidden_files(Path(project, paths["hidden"]), "id")
-    hidden, index = np.load(array_path, mmap_mode="r"), pd.read_parquet(index_path)
-    positions = json.loads(meta_path.read_text())["positions"]
+    hidden, index, meta = open_hidden(Path(project, paths["hidden"]), "id")
+    positions = meta.positions
     assert index["think_end_fallback"].all()
     np.testing.assert_array_equal(hidden[:, positions.index("think_end")], hidden[:, positions.index("slt")])
 

@@ -18,6 +18,7 @@ import yaml
 from stages import cost_ratio, evaluate, stability, train_probes
 from stages.lib import dataset as dataset_lib
 from stages.lib import registry, selection
+from stages.lib.hidden import write_hidden
 from stages.lib.params import parse_params
 from stages.lib.probe_store import load_location_probes, load_probes
 from stages.lib.probes import SingleClassError
@@ -34,7 +35,6 @@ from stages.lib.schema import (
     CostRecord,
     HiddenMeta,
     SchemaError,
-    hidden_files,
     validate_frame,
 )
 
@@ -109,12 +109,9 @@ def write_fixture(params, n_id=60, n_ood=20, edit_id=None):
         for directory, frame in ((params.paths.runs, runs), (params.paths.semantic_entropy, entropy)):
             Path(directory).mkdir(parents=True, exist_ok=True)
             frame.to_parquet(Path(directory) / f"{dataset}.parquet", index=False)
-        array_path, index_path, meta_path = hidden_files(params.paths.hidden, dataset)
-        array_path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(array_path, hidden)
-        index.to_parquet(index_path, index=False)
-        meta_path.write_text(HiddenMeta(positions=POSITIONS, layers=LAYERS, hidden_size=HIDDEN_SIZE, dtype="float16",
-                                        model="synthetic").to_json())
+        write_hidden(params.paths.hidden, dataset, hidden, index,
+                     HiddenMeta(positions=POSITIONS, layers=LAYERS, hidden_size=HIDDEN_SIZE, dtype="float16",
+                                model="synthetic"))
 
 
 def test_questions_are_split_not_runs():

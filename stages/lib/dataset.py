@@ -12,17 +12,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib.common import load_npy, read_parquet, read_table
+from stages.lib.common import read_table
+from stages.lib.hidden import HiddenStates, open_hidden
 from stages.lib.params import Params
 from stages.lib.schema import (
     RUN_COLUMNS,
     RUN_KEY,
     SE_COLUMNS,
     SE_KEY,
-    HiddenMeta,
     SchemaError,
     hidden_files,
-    validate_hidden,
 )
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,9 @@ class DatasetRuns:
 
     runs: pd.DataFrame
     """One row per run, sorted by (question_id, run_id): RUN_FIELDS, SE_FIELDS and ``hidden_row``."""
-    hidden: np.ndarray
-    """(rows, positions, layers, hidden) float16, memory-mapped; row ``runs.hidden_row`` belongs to a run."""
+    hidden: HiddenStates
+    """(rows, positions, layers, hidden) float16, one memory-mapped shard per position; row ``runs.hidden_row``
+    belongs to a run."""
     positions: tuple[str, ...]
     layers: tuple[int, ...]
 
@@ -58,15 +58,9 @@ def load_dataset(params: Params, dataset: str) -> DatasetRuns:
     se_path = Path(params.paths.semantic_entropy) / f"{dataset}.parquet"
     runs = read_table(runs_path, RUN_COLUMNS, RUN_KEY, names=RUN_FIELDS)
     entropy = read_table(se_path, SE_COLUMNS, SE_KEY, names=SE_FIELDS)
-    array_path, index_path, meta_path = hidden_files(params.paths.hidden, dataset)
-    for path in (array_path, index_path, meta_path):
-        if not path.exists():
-            raise SchemaError(f"{path}: not found; run the trace stage (`dvc repro trace`)")
-    hidden = load_npy(array_path)
-    index = read_parquet(index_path)
-    meta = HiddenMeta.read(meta_path, writer="trace")
-    validate_hidden(hidden, index, meta, array_path)
-    log.info("read %s: shape %s (runs, positions, layers, hidden)", array_path, hidden.shape)
+    shard_dir, index_path, _ = hidden_files(params.paths.hidden, dataset)
+    hidden, index, meta = open_hidden(params.paths.hidden, dataset)
+    log.info("read %s/: shape %s (runs, positions, layers, hidden), one shard per position", shard_dir, hidden.shape)
 
     joined = runs.merge(entropy, on=list(RUN_KEY), how="outer", indicator=True, validate="one_to_one")
     _require_same_runs(joined, runs_path, se_path)

@@ -25,7 +25,6 @@ with the estimator through ``get_params``, ``clone`` and the probe files, so a s
 from __future__ import annotations
 
 import logging
-import mmap
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from stages.lib.common import progress_bar
 from stages.lib.errors import UserError
+from stages.lib.hidden import release_mapped_pages
 from stages.lib.metrics import auroc, single_class_reason, spearman
 
 log = logging.getLogger(__name__)
@@ -515,23 +515,11 @@ THRESHOLD_FUNCTIONS = {"best_split": best_split_threshold, "median": median_thre
 
 
 # ---- one probe per (position, layer) ------------------------------------------------------------------
-def release_mapped_pages(hidden) -> None:
-    """Drop the pages of a memory-mapped ``hidden`` array from this process's resident set.
-
-    Reading every (position, layer) of a memory-mapped array touches all of it, and touched file pages count in
-    the process's memory until unmapped: 5.7 GB at Qwen3-4B shapes. ``madvise(MADV_DONTNEED)`` on the read-only
-    mapping returns them; the data stays in the OS page cache, so the next read is a cheap page fault, not a
-    disk read. A no-op for an in-memory array (or where the OS has no madvise).
-    """
-    mapping = getattr(hidden, "base", None)
-    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
-
-
 def location_features(hidden, rows, position_index: int, layer_index: int) -> np.ndarray:
     """Hidden states of ``rows`` at one (position, layer) as float32, shape (len(rows), hidden).
 
-    ``hidden`` is the (runs, positions, layers, hidden) float16 array, usually memory-mapped: only the
+    ``hidden`` is the (runs, positions, layers, hidden) float16 array, usually the memory-mapped shards of
+    ``hidden.HiddenStates`` (or one ``np.ndarray``): only the
     requested slice is read, and its pages are released after (``release_mapped_pages``), so memory stays at
     one location's features however many are read.
     """

@@ -264,8 +264,9 @@ def prefix_fraction(position: str) -> float | None:
     return int(match.group(1)) / 100 if match else None
 
 
-# ---- hidden states: artifacts/hidden/{id,ood}.npy + {id,ood}_index.parquet + {id,ood}_meta.json --------
-# The array is float16, shape (runs, positions, layers, hidden); row i belongs to index row i.
+# ---- hidden states: artifacts/hidden/{id,ood}/{position}.npy + {id,ood}_index.parquet + {id,ood}_meta.json ----
+# One float16 shard per position, shape (runs, layers, hidden); seen together (stages/lib/hidden.py) they are the
+# (runs, positions, layers, hidden) array; row i belongs to index row i.
 HIDDEN_INDEX_COLUMNS = (
     Column("row", "int"),
     Column("question_id", "str"),
@@ -276,16 +277,22 @@ HIDDEN_INDEX_COLUMNS = (
 
 
 def hidden_files(directory: str | Path, dataset: str) -> tuple[Path, Path, Path]:
-    """(array .npy, index .parquet, meta .json) for one dataset's hidden states."""
+    """(shard directory, index .parquet, meta .json) for one dataset's hidden states; the shards are
+    ``hidden_shard(shard directory, position)``."""
     directory = Path(directory)
-    return directory / f"{dataset}.npy", directory / f"{dataset}_index.parquet", directory / f"{dataset}_meta.json"
+    return directory / dataset, directory / f"{dataset}_index.parquet", directory / f"{dataset}_meta.json"
+
+
+def hidden_shard(shard_dir: str | Path, position: str) -> Path:
+    """The (runs, layers, hidden) float16 ``.npy`` shard of one position."""
+    return Path(shard_dir) / f"{position}.npy"
 
 
 class HiddenMeta(Contract):
     """``{dataset}_meta.json``: what the axes of the hidden-state array are (written by the trace stage)."""
 
     positions: list[str] = Field(min_length=1)
-    """Axis 1: the traced positions (tbg, think_<p>, think_end, slt), in trace.positions order."""
+    """Axis 1: the traced positions (tbg, think_<p>, think_end, slt), in trace.positions order; one shard each."""
     layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     """Axis 2: hidden-state indices (0 = embedding output)."""
     hidden_size: int = Field(gt=0)
@@ -316,6 +323,17 @@ def validate_hidden(array: np.ndarray, index: pd.DataFrame, meta: HiddenMeta, so
                           f"{expected}")
     if array.dtype != np.dtype(meta.dtype):
         raise SchemaError(f"{source}: array dtype {array.dtype}; expected {meta.dtype}")
+
+
+def validate_hidden_shard(array: np.ndarray, index: pd.DataFrame, meta: HiddenMeta, source: str | Path,
+                          position: str) -> None:
+    """One position's shard must be float16 of shape (index rows, meta layers, meta hidden_size)."""
+    expected = (len(index), len(meta.layers), meta.hidden_size)
+    if array.shape != expected:
+        raise SchemaError(f"{source}: position `{position}`: array shape {array.shape}; expected (runs, layers, "
+                          f"hidden) = {expected}")
+    if array.dtype != np.dtype(meta.dtype):
+        raise SchemaError(f"{source}: position `{position}`: array dtype {array.dtype}; expected {meta.dtype}")
 
 
 def require_finite_hidden(array: np.ndarray, index: pd.DataFrame, source: str | Path, chunk_rows: int = 1024) -> None:

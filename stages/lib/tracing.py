@@ -1,8 +1,9 @@
 """Tracing: replay each run teacher-forced and keep the hidden states at the informative positions.
 
-Run: ``python -m stages.trace`` (reads ``{paths.runs}``; writes ``{paths.hidden}/{id,ood}.npy`` float16
-memory-mapped arrays of shape (runs, positions, layers, hidden) with ``{id,ood}_index.parquet`` mapping
-row -> (question_id, run_id) and ``{id,ood}_meta.json`` naming the positions and layers).
+Run: ``python -m stages.trace`` (reads ``{paths.runs}``; writes ``{paths.hidden}/{id,ood}/{position}.npy``
+float16 memory-mapped shards of shape (runs, layers, hidden), seen together as (runs, positions, layers, hidden)
+through stages/lib/hidden.py, with ``{id,ood}_index.parquet`` mapping row -> (question_id, run_id) and
+``{id,ood}_meta.json`` naming the positions and layers).
 
 Positions (``trace.positions``):
 - ``tbg``: the last prompt token, before anything is generated;
@@ -231,9 +232,10 @@ HIDDEN_STATE_READERS = {"hf": hidden_at_positions, "nnsight": hidden_at_position
 
 
 def trace_runs(model, runs: pd.DataFrame, positions: tuple[str, ...], layers: list[int], batch_size: int,
-               pad_id: int, out: np.ndarray, progress: bool = True, backend: str = "hf",
+               pad_id: int, out, progress: bool = True, backend: str = "hf",
                max_batch_tokens: int | None = None) -> tuple[pd.DataFrame, int]:
-    """Fill ``out`` (runs, positions, layers, hidden) row by row in the order of ``runs``.
+    """Fill ``out`` (runs, positions, layers, hidden; an array or ``hidden.HiddenStates``) row by row in the order
+    of ``runs``.
 
     Returns the index frame and the number of forward passes. Runs are batched longest first, at most
     ``batch_size`` runs and ``max_batch_tokens`` padded tokens per pass (``plan_batches``).

@@ -13,10 +13,10 @@ Any size works, e.g. ``--runs 1000 --positions 2 --layers 4 --hidden 2560`` for 
    location, times locations, times (train runs)^1 (lbfgs and ridge both grow about linearly in rows at a fixed
    width), labelled as an estimate.
 2. **The stages at full size.** Writes a synthetic project into ``--workdir`` (params.yaml with paths there; runs,
-   semantic entropy, questions, and the hidden arrays written chunk by chunk into ``.npy`` files, never whole in
-   memory) and runs each stage as ``python -m stages.<name>`` in a fresh process, so each peak RSS is that stage's
-   own (``os.wait4``'s ``ru_maxrss``). Prints one JSON line per stage: wall seconds, peak RSS; then whether
-   train_probes chose the planted locations.
+   semantic entropy, questions, and the hidden states written chunk by chunk into one ``.npy`` shard per position,
+   never whole in memory) and runs each stage as ``python -m stages.<name>`` in a fresh process, so each peak RSS
+   is that stage's own (``os.wait4``'s ``ru_maxrss``). Prints one JSON line per stage: wall seconds, peak RSS;
+   then whether train_probes chose the planted locations.
 
 The synthetic states: every (position, layer) is noise N(0, 1) plus a per-question vector (0.5 N(0, 1)), so
 runs of one question are alike, as with a real model. Correct runs are shifted by ``--strength`` along a random
@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT))
 from stages.lib import selection  # noqa: E402
 from stages.lib.dataset import attach_splits, split_questions  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
-from stages.lib.schema import HiddenMeta, hidden_files  # noqa: E402
+from stages.lib.hidden import create_hidden, finish_hidden  # noqa: E402
+from stages.lib.schema import HiddenMeta  # noqa: E402
 
 RUNS_PER_QUESTION = 10
 TRACE_POSITIONS = ["tbg", "think_25", "think_50", "think_75", "think_end", "slt"]
@@ -187,13 +188,14 @@ def write_project(workdir: Path, args, overrides: dict) -> dict[str, tuple[str, 
             "text": ["<think>step by step</think> \\boxed{1}"] * n,
             "think_start_index": pd.array(np.zeros(n, int), dtype="Int64"),
             "think_end_index": pd.array(think_end, dtype="Int64"), "think_missing": False, "truncated": False,
-            "answer": "1", "answer_source": "boxed", "token_logprobs": [[-0.1] * 40] * n, "token_entropies": [[0.5] * 40] * n,
+            "answer": "1", "answer_source": "boxed", "token_logprobs": [[-0.1] * 40] * n,
+            "token_entropies": [[0.5] * 40] * n,
             "sequence_loglik": -4.0, "mean_token_entropy": runs["mean_token_entropy"], "n_generated": 40,
             "correct": runs["correct"]})
         entropy = pd.DataFrame({
             "question_id": runs["question_id"], "run_id": runs["run_id"], "cluster_id": 0, "n_clusters": 1,
             "semantic_entropy": runs["semantic_entropy"], "semantic_entropy_weighted": runs["semantic_entropy"],
-            "naive_entropy": 1.0, "num_semantic_sets": 1, "eigv": 1.0, "degree": 0.0, "eccentricity": 0.0})
+            "naive_entropy": 1.0, "num_semantic_sets": 1, "eigv": 0.0, "degree": 0.0, "eccentricity": 0.0})
         questions = runs.drop_duplicates("question_id")
         for directory, frame in ((params.paths.runs, run_table), (params.paths.semantic_entropy, entropy)):
             Path(directory).mkdir(parents=True, exist_ok=True)
@@ -203,18 +205,16 @@ def write_project(workdir: Path, args, overrides: dict) -> dict[str, tuple[str, 
             for question_id in questions["question_id"]:
                 out.write(json.dumps({"question_id": question_id, "dataset": dataset, "question": "1?",
                                       "gold": "1"}) + "\n")
-        array_path, index_path, meta_path = hidden_files(params.paths.hidden, dataset)
-        array_path.parent.mkdir(parents=True, exist_ok=True)
-        array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16,
-                                          shape=(n, len(positions), args.layers, args.hidden))
+        meta = HiddenMeta(positions=positions, layers=list(range(args.layers)), hidden_size=args.hidden,
+                          dtype="float16", model="synthetic")
+        array = create_hidden(params.paths.hidden, dataset, n, meta)  # one memory-mapped shard per position
         for start, block in hidden_chunks(runs, se_z, positions, args.layers, args.hidden, args.strength, seed):
-            array[start:start + len(block)] = block
-        array.flush()
+            array[np.arange(start, start + len(block))] = block
+        finish_hidden(array, params.paths.hidden, dataset,
+                      pd.DataFrame({"row": np.arange(n), "question_id": runs["question_id"],
+                                    "run_id": runs["run_id"], "sequence_length": 43, "think_end_fallback": False}),
+                      meta)
         del array
-        pd.DataFrame({"row": np.arange(n), "question_id": runs["question_id"], "run_id": runs["run_id"],
-                      "sequence_length": 43, "think_end_fallback": False}).to_parquet(index_path, index=False)
-        meta_path.write_text(HiddenMeta(positions=positions, layers=list(range(args.layers)),
-                                        hidden_size=args.hidden, dtype="float16", model="synthetic").to_json())
     return planted_locations(positions, args.layers)
 
 
@@ -279,7 +279,7 @@ def main() -> None:
         started = time.perf_counter()
         planted = write_project(workdir, args, overrides)
         print(json.dumps({"stage": "write synthetic project", "wall_s": round(time.perf_counter() - started, 1),
-                          "hidden_gb": round(sum(p.stat().st_size for p in (workdir / "hidden").glob("*.npy"))
+                          "hidden_gb": round(sum(p.stat().st_size for p in (workdir / "hidden").glob("*/*.npy"))
                                              / 2**30, 2)}), flush=True)
         for stage in args.stages:
             result = run_stage(workdir, stage)
