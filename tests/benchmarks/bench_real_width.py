@@ -245,13 +245,14 @@ def main() -> None:
     parser.add_argument("--source", default="arithmetic", help="data.source: `arithmetic` or `jsonl:<path>`")
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="trace.max_batch_tokens")
     parser.add_argument("--screen-locations", type=int, default=3, help="probes.screen_locations")
-    parser.add_argument("--cv-folds", type=int, default=2, help="probes.cv_folds (few train questions here)")
+    parser.add_argument("--cv-folds", type=int, default=3,
+                        help="probes.cv_folds: 2 leaves a fold with one high_se class at 5 train questions")
     parser.add_argument("--seed", type=int, default=0, help="the model's random weights")
     parser.add_argument("--skip-early-exit", action="store_true", help="leave out forced_answers and early_exit")
     parser.add_argument("--skip-lm-head-estimate", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("--start-at", choices=STAGES, default=None,
-                        help="rerun from this stage in an existing --workdir (its model and earlier outputs kept)")
+                        help="rerun from this stage in an existing --workdir: its params.yaml rules, not the size flags")
     args = parser.parse_args()
     if args.start_at and not (args.workdir and (args.workdir / "params.yaml").exists()):
         parser.error("--start-at needs the --workdir of an earlier run")
