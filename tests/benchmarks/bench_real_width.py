@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--skip-lm-head-estimate", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("--start-at", choices=STAGES, default=None,
-                        help="rerun from this stage in an existing --workdir: its params.yaml rules, not the size flags")
+                        help="rerun from this stage in an existing --workdir: its params.yaml, not the flags")
     args = parser.parse_args()
     if args.start_at and not (args.workdir and (args.workdir / "params.yaml").exists()):
         parser.error("--start-at needs the --workdir of an earlier run")
