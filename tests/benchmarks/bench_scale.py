@@ -9,9 +9,9 @@ Any size works, e.g. ``--runs 1000 --positions 2 --layers 4 --hidden 2560`` for 
    ``--baseline-layers`` x ``--hidden``, in memory) ``selection.train`` runs three times: with the exhaustive
    search (C cross-validated at every location, float64: the method before screening, ``probes.screen_locations:
    0``), with screening (``--screen-locations``, ``--screen-method``, float32) and with the other screen method.
-   Prints the wall times, their ratios, and whether each found the planted locations; and extrapolates the exhaustive search to the full size by its measured seconds per
-   location, times locations, times (train runs)^1 (lbfgs and ridge both grow about linearly in rows at a fixed
-   width), labelled as an estimate.
+   Prints the wall times, their ratios, and whether each found the planted locations; and extrapolates the
+   exhaustive search to the full size by its measured seconds per location, times locations, times (train
+   runs)^1 (lbfgs and ridge both grow about linearly in rows at a fixed width), labelled as an estimate.
 2. **The stages at full size.** Writes a synthetic project into ``--workdir`` (params.yaml with paths there; runs,
    semantic entropy, questions, and the hidden states written chunk by chunk into one ``.npy`` shard per position,
    never whole in memory) and runs each stage as ``python -m stages.<name>`` in a fresh process, so each peak RSS
@@ -283,10 +283,12 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         started = time.perf_counter()
-        planted = write_project(workdir, args, overrides)
+        planted = write_project(workdir, args, {**overrides, "toy.steps": 20})
         print(json.dumps({"stage": "write synthetic project", "wall_s": round(time.perf_counter() - started, 1),
                           "hidden_gb": round(sum(p.stat().st_size for p in (workdir / "hidden").glob("*/*.npy"))
                                              / 2**30, 2)}), flush=True)
+        # the toy tokenizer (a barely trained toy model): analysis decodes the runs' tokens with the model's tokenizer
+        print(json.dumps({"setup": run_stage(workdir, "toy_model")}), flush=True)
         for stage in args.stages:
             result = run_stage(workdir, stage)
             print(json.dumps(result), flush=True)
