@@ -1063,9 +1063,10 @@ class ResultsView(pn.viewable.Viewer):
             for plot, section in sections:
                 try:
                     figure = await asyncio.to_thread(self._render, plot, settings)
-                except Exception:
+                except Exception as error:  # noqa: BLE001 - one plot failing must not leave the others unstarted
                     log.exception("drawing %s", plot.title)
-                    raise
+                    section[1] = notice(f"{plot.title}: could not be drawn ({type(error).__name__}: {error})")
+                    continue
                 section[1] = figure if isinstance(figure, pn.viewable.Viewable) else _panel_grid(
                     [pn.pane.Bokeh(model, sizing_mode="stretch_width") for model in figure], plot.columns)
 
