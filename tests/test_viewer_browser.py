@@ -39,6 +39,9 @@ PLOT_ROWS_JS = """() => {
   const count = (data) => {
     const get = (key) => data instanceof Map ? data.get(key) : data[key];
     const keys = data instanceof Map ? [...data.keys()] : Object.keys(data);
+    if (keys.includes("accuracy") && keys.includes("n_runs")) {  // the Questions tab: one point per question
+      rows.question_points = (rows.question_points || 0) + get("n_runs").length; return;
+    }
     if (!keys.includes("runs") || keys.includes("run_id")) return;
     const plot = keys.includes("umap_x") ? "umap" : "scatter";
     const kind = keys.includes("ring") ? "_selected" : "_points";
@@ -381,7 +384,7 @@ def test_legends_have_swatches_and_redraws_replace_figures(server, browser, anal
         _wait_for_rows(page, scatter_points=total, umap_points=total)
         expected = [["correct", OUTCOME_COLOURS["correct"]], ["incorrect", OUTCOME_COLOURS["incorrect"]]]
         assert page.evaluate(LEGENDS_JS) == [expected, expected]
-        assert page.evaluate(FIGURES_JS) == 3  # the two run plots and the questions' scatter
+        assert page.evaluate(FIGURES_JS) == 2  # the two run plots (the questions' scatter has its own tab)
         for probe in ("SE probe", "accuracy probe", "SE probe"):
             page.get_by_role("button", name=probe, exact=True).click()
             page.wait_for_timeout(600)
@@ -389,7 +392,14 @@ def test_legends_have_swatches_and_redraws_replace_figures(server, browser, anal
         page.locator("select").nth(1).select_option(label="semantic entropy")  # the UMAP's "colour by"
         page.wait_for_timeout(800)
         _wait_for_rows(page, scatter_points=total, umap_points=total)
-        assert page.evaluate(FIGURES_JS) == 3
+        assert page.evaluate(FIGURES_JS) == 2
+        # the Questions tab: one point per question of the runs in view, drawn only once the tab is shown
+        questions = analysis.groupby(["dataset", "question_id"]).ngroups
+        page.locator(".bk-tab", has_text="Questions").click()
+        _wait_for_rows(page, question_points=questions)
+        page.get_by_role("button", name="incorrect", exact=True).click()
+        _wait_for_rows(page, question_points=analysis.loc[~analysis["correct"]].groupby(
+            ["dataset", "question_id"]).ngroups)
     finally:
         page.close()
 

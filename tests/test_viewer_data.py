@@ -515,7 +515,7 @@ def test_plots_draw_points_then_datashader_above_the_threshold(store, view_name)
                             store.table[y].max()))
     assert 0 < len(store.selected) < 50
     layers = view.layers()
-    ringed = layers.get(4).dframe()
+    ringed = layers.get(3).dframe()
     assert ringed["runs"].sum() == len(store.selected)
     # selected runs keep their outcome's colour; every other marker is dimmed
     assert (ringed["fill"] == ringed["outcome"].map(views.OUTCOME_COLOURS)).all()
@@ -529,6 +529,20 @@ def test_plots_draw_points_then_datashader_above_the_threshold(store, view_name)
     assert _layer_rows(_render(view), x, ringed=False) == 0
 
 
+def test_runs_coloured_by_a_value_rasterise_on_the_colour_bar(store):
+    """Above the threshold the UMAP coloured by SE is datashader's image, shaded linearly over the colour bar's range
+    (eq_hist, the default, refuses a fixed range: this view raised before)."""
+    from viewer import views
+
+    view = views.UmapExplorer(store=store, colour_by="semantic_entropy", rasterize_above=10)
+    figure = _render(view)
+    assert _layer_rows(figure, "semantic_entropy", ringed=False) == 0 and max(_painted_pixels(figure)) > 20
+    pixels = view.layers().get(0)
+    colours = {tuple(int(pixels.dimension_values(channel, flat=False)[row, column]) for channel in "RGB")
+               for row, column in np.argwhere(pixels.dimension_values("A", flat=False) > 0)}
+    assert len(colours) > 3  # several SE values, several colours
+
+
 def test_stacked_runs_are_one_marker_with_a_count(tmp_path):
     from viewer import views
 
@@ -539,7 +553,7 @@ def test_stacked_runs_are_one_marker_with_a_count(tmp_path):
     layers = views.UmapExplorer(store=store).layers()
     markers = pd.concat([layers.get(1).dframe(), layers.get(2).dframe()])
     assert len(markers) == len(table) - 3 and markers["runs"].sum() == len(table)
-    assert layers.get(5).dframe()["stack"].tolist() == ["×4"]  # the label of the only stack
+    assert layers.get(4).dframe()["stack"].tolist() == ["×4"]  # the label of the only stack
 
 
 def test_rebuilding_a_plot_replaces_its_figure(store):

@@ -73,14 +73,17 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
             pn.Row(MarginEntropyScatter(store=store), UmapExplorer(store=store), sizing_mode="stretch_width"),
             pn.pane.HTML("<h4>Selection</h4>"), SelectionTable(store=store),
             pn.pane.HTML("<h4>Question</h4>"), QuestionDetails(store=store),
-            pn.pane.HTML("<h4>Run</h4>"), RunDrillDown(store=store, root=Path(root)), QuestionScatter(store=store),
+            pn.pane.HTML("<h4>Run</h4>"), RunDrillDown(store=store, root=Path(root)),
             sizing_mode="stretch_width")),
+        # Its own tab: one point per question is 10k points with their texts at 100k runs, which the Runs tab
+        # would build on every page and redraw on every filter change (a dynamic tab draws only while shown).
+        ("Questions", QuestionScatter(store=store)),
         ("Results", ResultsView(root=Path(root))),
         ("Experiments", experiments),
         ("Early exit", pn.Column(sizing_mode="stretch_width")),
         dynamic=True, sizing_mode="stretch_width")
     # `dvc exp show` takes seconds, the forced answers a few: read each only once someone opens its tab.
-    experiments_tab, early_exit_tab = 2, 3
+    experiments_tab, early_exit_tab = 3, 4
 
     def on_tab(event) -> None:
         if event.new == experiments_tab:

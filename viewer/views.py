@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datashader as ds
+import datashader.transfer_functions as tf
 import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401 - registers HoloViews' Bokeh renderer (what hv.extension does)
 import numpy as np
@@ -26,7 +27,6 @@ import param
 from bokeh.models import TeeHead
 from bokeh.models.widgets.tables import NumberFormatter
 from bokeh.palettes import Category20, Viridis256
-from holoviews.operation.datashader import datashade, dynspread
 
 from stages.lib import registry
 from stages.lib.schema import (
@@ -64,6 +64,7 @@ from viewer.data import (
     se_regression_table,
     stability_table,
     question_summary,
+    stack_codes,
     stack_runs,
     sweeps,
     varying_params,
@@ -72,6 +73,10 @@ log = logging.getLogger(__name__)
 
 # What `hv.extension("bokeh")` does outside a notebook: the Bokeh backend current, so that `hv.opts.<Element>` exist.
 hv.Store.set_current_backend("bokeh")
+# Canvas, not WebGL (HoloViews' default): a plot draws at most RASTERIZE_ABOVE markers, which canvas draws at once,
+# and each WebGL glyph costs a blit of the whole canvas per redraw (~0.3 s of a page's first draw in headless
+# Chromium; tests/benchmarks/bench_viewer.py).
+hv.Store.renderers["bokeh"].webgl = False
 
 OUTCOME_COLOURS = {"correct": "#2b83ba", "incorrect": "#d7301f"}
 SELECTED_COLOUR = "#111111"
@@ -198,9 +203,9 @@ class LinkedPoints(pn.viewable.Viewer):
     # -- one frame of the plot: a function of the store's frames and the viewport --
     def layers(self, x_range=None, y_range=None, **_) -> hv.Overlay:
         """What the plot draws for the store's frames and the viewport (None: the whole table's extent), always
-        the same six layers, empty where unused: the dimmed raster of every run in view, the stacks of every run
-        (one layer per outcome, for the legend, or one coloured by value), the raster of the selected runs, their
-        stacks (ringed), and the ``×k`` labels."""
+        the same five layers, empty where unused: datashader's image (every run in view, dimmed under the selected
+        ones while a selection is drawn), the stacks of every run (one layer per outcome, for the legend, or one
+        coloured by value), the selection's stacks (ringed), and the ``×k`` labels."""
         x, y = self.axes()
         colour = self.colour()
         xlim, ylim = self.limits()
@@ -208,44 +213,43 @@ class LinkedPoints(pn.viewable.Viewer):
         frame = self.store.filtered
         inside = (frame[x].between(*x_range) & frame[y].between(*y_range)).to_numpy()
         in_view = frame if inside.all() else frame[inside]
-        chosen = in_view.index.isin(self.store.selected.index)
         anything_selected = len(self.store.selected) > 0
-        stacks = stack_runs(in_view, x, y)
-        selected = in_view[chosen]
-        selected_stacks = stack_runs(selected, x, y)
-        base_raster = len(stacks) > self.rasterize_above
-        selected_raster = len(selected_stacks) > self.rasterize_above
+        selected = in_view[in_view.index.isin(self.store.selected.index)] if anything_selected else in_view.iloc[:0]
+        # Count the spots first: above the threshold the runs are pixels, and their stacks are never built.
+        codes, spots = stack_codes(in_view, x, y)
+        selected_codes, selected_spots = stack_codes(selected, x, y)
+        base_raster, selected_raster = spots > self.rasterize_above, selected_spots > self.rasterize_above
+        stacks = stack_runs(in_view.iloc[:0] if base_raster else in_view, x, y, None if base_raster else codes)
+        selected_stacks = stack_runs(selected.iloc[:0] if selected_raster else selected, x, y,
+                                     None if selected_raster else selected_codes)
         bounds = (x_range[0], y_range[0], x_range[1], y_range[1])
         alpha = DIMMED_ALPHA if anything_selected else POINT_ALPHA
 
-        base_image = self._shade(in_view, x_range, y_range, dimmed=anything_selected) if base_raster \
-            else _empty_rgb(bounds)
-        selected_image = self._shade(selected, x_range, y_range, dimmed=False) if selected_raster \
-            else _empty_rgb(bounds)
-        point_rows = stacks.iloc[:0] if base_raster else stacks
-        ring_rows = selected_stacks.iloc[:0] if selected_raster else selected_stacks
+        images = [self._shade(in_view, x_range, y_range, dimmed=anything_selected)] if base_raster else []
+        if selected_raster:
+            images.append(self._shade(selected, x_range, y_range, dimmed=False))
+        # tf.stack only for two images: importing its compositing compiles numba ufuncs (~2.5 s once per process)
+        raster = _rgb(images[0] if len(images) == 1 else tf.stack(*images), bounds) if images else _empty_rgb(bounds)
         hover = {"tools": ["hover", "box_select", "lasso_select"], "hover_tooltips": self._tooltips()}
         style = {"selection_alpha": "alpha", "nonselection_alpha": "alpha", "line_color": None}  # Bokeh's own
         # selection state (its box and lasso tools mark the glyphs they cover) restyles nothing: the store's is drawn
         if colour == "outcome":
-            runs = [self._points(point_rows[point_rows["outcome"] == outcome], alpha, label=outcome).opts(
+            runs = [self._points(stacks[stacks["outcome"] == outcome], alpha, label=outcome).opts(
                         color=OUTCOME_COLOURS[outcome], alpha="alpha", size=POINT_SIZE, **style, **hover)
                     for outcome in OUTCOMES]
         else:
             low, high = _padded_range(self.store.table[colour])
-            runs = [self._points(point_rows, alpha).opts(
+            runs = [self._points(stacks, alpha).opts(
                 color=colour, cmap=VIRIDIS, clim=(low, high), colorbar=True, alpha="alpha", size=POINT_SIZE,
                 colorbar_opts={"title": LABELS.get(colour, colour)}, **style, **hover)]
-        ringed = self._points(ring_rows, 1.0, ringed=True).opts(
+        ringed = self._points(selected_stacks, 1.0, ringed=True).opts(
             color="fill", alpha=1.0, size=POINT_SIZE + 3, line_color=SELECTED_COLOUR, line_width=1.5,
             selection_alpha=1.0, nonselection_alpha=1.0, show_legend=False, **hover)
-        labels = stacks[stacks["runs"] > 1] if not base_raster else stacks.iloc[:0]
-        if anything_selected and not selected_raster:
-            labels = selected_stacks[selected_stacks["runs"] > 1]
-        counts = hv.Labels(labels, [x, y], "stack").opts(
+        labels = selected_stacks if anything_selected and not selected_raster else stacks
+        counts = hv.Labels(labels[labels["runs"] > 1], [x, y], "stack").opts(
             text_font_size="8pt", text_color="#333333", xoffset=_offset(x_range), yoffset=_offset(y_range),
             text_align="left", text_baseline="bottom")
-        return hv.Overlay([base_image, *runs, selected_image, ringed, counts])
+        return hv.Overlay([raster, *runs, ringed, counts])
 
     def _points(self, stacks: pd.DataFrame, alpha: float, label: str = "", ringed: bool = False) -> hv.Points:
         """The stacks as HoloViews points; ``ringed`` marks the selection's layer (its ``ring`` column)."""
@@ -253,26 +257,30 @@ class LinkedPoints(pn.viewable.Viewer):
         fill = (stacks["outcome"].map(OUTCOME_COLOURS).astype(object) if self.colour() == "outcome"
                 else pd.Series(_value_colours(stacks[self.colour()], self.store.table[self.colour()]),
                                index=stacks.index, dtype=object))
-        data = stacks.assign(alpha=alpha, fill=fill, outcome=stacks["outcome"].astype(str))
+        data = stacks[[x, y, *[column for column in self._vdims() if column in stacks.columns and
+                               column not in (x, y)]]].assign(alpha=alpha, fill=fill,
+                                                               outcome=stacks["outcome"].astype(str))
         if ringed:
             data = data.assign(ring=True)
         return hv.Points(data, [x, y], self._vdims() + (["ring"] if ringed else []), label=label)
 
-    def _shade(self, runs: pd.DataFrame, x_range, y_range, dimmed: bool) -> hv.RGB:
+    def _shade(self, runs: pd.DataFrame, x_range, y_range, dimmed: bool) -> tf.Image:
         """datashader's image of ``runs`` over the viewport: counts by outcome (colours mixed by count) or the mean
-        of the colour column, each run grown up to 3 px by ``dynspread`` so sparse runs stay visible."""
+        of the colour column, each run grown up to 3 px by ``dynspread`` so sparse runs stay visible. (datashader
+        itself, not HoloViews' ``datashade`` operation: the same canvas, shading and spreading in 3 ms instead of
+        ~35 ms at 100k runs, as the operation copies the frame into an element and computes its ranges first.)"""
         x, y = self.axes()
         colour = self.colour()
-        points = hv.Points(runs, [x, y], [colour])
+        canvas = ds.Canvas(plot_width=RASTER_SHAPE[0], plot_height=RASTER_SHAPE[1], x_range=x_range, y_range=y_range)
         shading = {"alpha": 70, "min_alpha": 40} if dimmed else {"alpha": 255, "min_alpha": 160}
         if colour == "outcome":
-            aggregated = {"aggregator": ds.count_cat("outcome"), "color_key": OUTCOME_COLOURS}
+            image = tf.shade(canvas.points(runs, x, y, ds.count_cat("outcome")), color_key=OUTCOME_COLOURS,
+                             **shading)
         else:
-            aggregated = {"aggregator": ds.mean(colour), "cmap": VIRIDIS,
-                          "clims": _padded_range(self.store.table[colour])}
-        image = datashade(points, x_range=x_range, y_range=y_range, width=RASTER_SHAPE[0], height=RASTER_SHAPE[1],
-                          dynamic=False, **aggregated, **shading)
-        return dynspread(image, max_px=3, threshold=0.5, dynamic=False).opts(show_legend=False)
+            # linear over the colour bar's range, so pixels and markers read off the same bar
+            image = tf.shade(canvas.points(runs, x, y, ds.mean(colour)), cmap=VIRIDIS, how="linear",
+                             span=_padded_range(self.store.table[colour]), **shading)
+        return tf.dynspread(image, max_px=3, threshold=0.5)
 
     # -- wiring --
     def _dynamic_map(self) -> hv.DynamicMap:
@@ -281,13 +289,13 @@ class LinkedPoints(pn.viewable.Viewer):
         if self._revisions is not None:
             self._revisions.unwatch()  # the figure this replaces stops following the store
         revisions = self._revisions = hv.streams.Params(self.store, ["filtered_revision", "selected_revision"])
-        self._viewport = hv.streams.RangeXY()
+        self._viewport = hv.streams.RangeXY(x_range=xlim, y_range=ylim)
         plot = hv.DynamicMap(self.layers, streams=[self._viewport, revisions])
         hv.streams.BoundsXY(source=plot).add_subscriber(self._on_box)
         hv.streams.Lasso(source=plot).add_subscriber(self._on_lasso)
         hv.streams.Tap(source=plot).add_subscriber(self._on_tap)
         return plot.opts(
-            hv.opts.Overlay(title=self.title, xlim=xlim, ylim=ylim, responsive=True, height=PLOT_HEIGHT,
+            hv.opts.Overlay(title=self.title, padding=0, responsive=True, height=PLOT_HEIGHT,
                             xlabel=LABELS.get(x, x), ylabel=LABELS.get(y, y), legend_position="top_right",
                             active_tools=["box_select", "wheel_zoom"],
                             toolbar="right", show_grid=False))
@@ -336,6 +344,13 @@ class LinkedPoints(pn.viewable.Viewer):
 
 def _empty_rgb(bounds) -> hv.RGB:
     return hv.RGB(np.zeros((1, 1, 4), dtype=np.uint8), bounds=bounds).opts(show_legend=False)
+
+
+def _rgb(image: tf.Image, bounds) -> hv.RGB:
+    """A datashader image as a HoloViews RGBA element over ``bounds`` (its rows run bottom-up, an RGB's top-down)."""
+    pixels = image.to_numpy()
+    rgba = np.ascontiguousarray(pixels[::-1]).view(np.uint8).reshape(*pixels.shape, 4)
+    return hv.RGB(rgba, bounds=bounds, vdims=list("RGBA")).opts(show_legend=False)
 
 
 def _offset(span: tuple[float, float]) -> float:
@@ -396,13 +411,17 @@ class QuestionScatter(pn.viewable.Viewer):
     def __panel__(self):
         revisions = hv.streams.Params(self.store, ["filtered_revision"])
         plot = hv.DynamicMap(self.points, streams=[revisions])
-        return pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=320, css_classes=["question-scatter"])
+        hint = pn.pane.HTML("One point per question of the runs in view (the sidebar's filters): its semantic "
+                            "entropy against the share of its runs that are correct. Hover names the question.",
+                            sizing_mode="stretch_width", styles={"color": "#555", "font-size": "0.85em"})
+        return pn.Column(hint, pn.pane.HoloViews(plot, sizing_mode="stretch_width", height=420,
+                                                 css_classes=["question-scatter"]), sizing_mode="stretch_width")
 
     def points(self, **_) -> hv.Points:
         summary = question_summary(self.store.filtered)
         return hv.Points(summary, ["accuracy", "semantic_entropy"],
                          ["question_id", "dataset", "split", "question", "n_runs"]).opts(
-            color="#555555", alpha=0.6, size=6, tools=["hover"], responsive=True, height=320,
+            color="#555555", alpha=0.6, size=6, tools=["hover"], responsive=True, height=420,
             title="Questions: semantic entropy vs accuracy", xlabel="accuracy (share of the question's runs correct)",
             ylabel=LABELS["semantic_entropy"], xlim=(-0.05, 1.05), show_grid=True,
             hover_tooltips=[("question", "@{question_id} (@{dataset}, @{split})"), ("text", "@{question}"),
