@@ -2,7 +2,7 @@
 
 Serves ``viewer.app.create_app(root)`` (``root``: the project whose artifacts to show, default this checkout) on
 127.0.0.1 in this process, opens it in Debian's headless Chromium through Playwright, and writes
-``viewer-runs.png`` (a box selection in the UMAP, one question open), ``viewer-results.png`` and
+``viewer-runs.png`` (a box selection in the UMAP, one question open), ``viewer-questions.png``, ``viewer-results.png`` and
 ``viewer-experiments.png`` into ``--out``. docs/viewer.md links them. The server is always stopped.
 """
 
@@ -54,6 +54,10 @@ def take(root: Path, out: Path) -> list[Path]:
                 page.wait_for_timeout(1500)
                 _select_and_open(page)
                 written.append(_shot(page, out / "viewer-runs.png"))
+                page.locator(".bk-tab", has_text="Questions").click()
+                page.locator(".question-scatter canvas").first.wait_for(timeout=TIMEOUT_MS)
+                page.wait_for_timeout(1500)
+                written.append(_shot(page, out / "viewer-questions.png"))
                 page.locator(".bk-tab", has_text="Results").click()
                 page.locator(".metrics-table .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
                 page.locator(".results-loading").first.wait_for(state="detached", timeout=TIMEOUT_MS)

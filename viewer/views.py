@@ -977,6 +977,7 @@ class ResultPlot:
     caption: str
     draw: Callable[[pd.DataFrame, EvaluateSettings | None], object]
     columns: int = 2  # panels of the drawn Layout side by side, sharing the page's width
+    tab: str = ""  # its tab's label (default: the title)
 
 
 
@@ -993,25 +994,26 @@ def _panel_grid(panes: list, columns: int) -> pn.GridBox:
                       css_classes=["result-plot"])
 
 
-RESULT_PLOTS = (
-    ResultPlot(AUROC_BY_LAYER_FILE, "AUROC per layer and position",
-               "A probe fitted on train at each (position, layer), scored for its own label (accuracy probe: correct; "
-               "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer, columns=3),
-    ResultPlot(EARLY_WARNING_FILE, "Early warning: AUROC against the share of the reasoning seen",
-               "Each probe at every traced position, on the layer chosen on val for that position, scored for its own "
-               "label with a 95% bootstrap CI; higher further left = the uncertainty shows earlier.",
-               draw_early_warning),
-    ResultPlot(ROC_FILE, "ROC curves", "", draw_roc),
+RESULT_PLOTS = (  # in tab order: the headline curves first
+    ResultPlot(ROC_FILE, "ROC curves", "", draw_roc, tab="ROC"),
     ResultPlot(RISK_COVERAGE_FILE, "Risk-coverage curves",
                "Answer only the runs a score finds least uncertain: the error rate of those answered (lower is "
                "better) against the share answered. AURAC / AURC / PRR in the table above summarise these curves.",
-               draw_risk_coverage),
+               draw_risk_coverage, tab="Risk-coverage"),
+    ResultPlot(EARLY_WARNING_FILE, "Early warning: AUROC against the share of the reasoning seen",
+               "Each probe at every traced position, on the layer chosen on val for that position, scored for its own "
+               "label with a 95% bootstrap CI; higher further left = the uncertainty shows earlier.",
+               draw_early_warning, tab="Early warning"),
+    ResultPlot(AUROC_BY_LAYER_FILE, "AUROC per layer and position",
+               "A probe fitted on train at each (position, layer), scored for its own label (accuracy probe: correct; "
+               "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer, columns=3,
+               tab="AUROC per layer"),
     ResultPlot(RELIABILITY_FILE, "Reliability of the accuracy probes' P(correct)",
                "Per bin of predicted P(correct): observed accuracy against mean prediction; on the dotted diagonal "
-               "when calibrated (ECE and Brier in the calibration table above).", draw_reliability),
+               "when calibrated (ECE and Brier in the calibration table above).", draw_reliability, tab="Reliability"),
     ResultPlot(STABILITY_PLOT_FILE, "AUROC across seeds (stability stage)",
                "Each point is one seed's split of the questions with the probes refitted; bar: min-max, dash: mean.",
-               draw_stability),
+               draw_stability, tab="Seeds"),
 )
 
 
@@ -1030,7 +1032,7 @@ def _subheading(title: str, caption: str = "") -> pn.pane.HTML:
 
 class ResultsView(pn.viewable.Viewer):
     """evaluate's numbers (AUROC/AUPRC with CIs and the selective-prediction areas per score, calibration, the
-    SE regression probe), stability's spread over seeds and cost_ratio's sentence, then one section per entry of
+    SE regression probe), stability's spread over seeds and cost_ratio's sentence, then one tab per entry of
     ``plots``. Each file missing (older runs lack the newer ones) is a notice in its own section only."""
 
     root = param.ClassSelector(class_=Path)
@@ -1063,14 +1065,18 @@ class ResultsView(pn.viewable.Viewer):
                              pn.pane.HTML(f"<i>Drawing {html.escape(plot.title)}...</i>"),
                              css_classes=["results-loading"])
             sections.append(pn.Column(heading, waiting, sizing_mode="stretch_width"))
-        parts += sections
-        self._draw_later(list(zip(self.plots, sections)), settings)
+        # One tab per plot, drawn by the browser only while shown: 18 Bokeh figures on one page cost the browser
+        # ~8 s of layout and paint on 2 cores (Bokeh reads every colour from the page's CSS), a tab's 2-8 a second.
+        tabs = pn.Tabs(*[(plot.tab or plot.title, section) for plot, section in zip(self.plots, sections)],
+                       dynamic=True, sizing_mode="stretch_width", css_classes=["result-plots"])
+        parts += [pn.pane.HTML("<h4>Plots</h4>", sizing_mode="stretch_width"), tabs]
+        self._draw_later(list(zip(self.plots, sections)), settings, tabs)
         return pn.Column(*parts, sizing_mode="stretch_width")
 
-    def _draw_later(self, sections: list, settings: EvaluateSettings | None) -> None:
+    def _draw_later(self, sections: list, settings: EvaluateSettings | None, tabs: pn.Tabs | None = None) -> None:
         """Fill each section with its figure: in a worker thread (HoloViews renders the Bokeh figure there, so
-        neither this page nor any other session's waits on the event loop), one section at a time as each is
-        ready; without a server (a script or a test), right away."""
+        neither this page nor any other session's waits on the event loop), one section at a time, the shown tab's
+        first (a click on another tab moves it to the front); without a server (a script or a test), right away."""
         if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
             for plot, section in sections:
                 section[1] = self.draw(plot, settings)
@@ -1079,7 +1085,11 @@ class ResultsView(pn.viewable.Viewer):
         async def fill() -> None:
             import asyncio
 
-            for plot, section in sections:
+            waiting = list(range(len(sections)))
+            while waiting:
+                index = tabs.active if tabs is not None and tabs.active in waiting else waiting[0]
+                waiting.remove(index)
+                plot, section = sections[index]
                 try:
                     figure = await asyncio.to_thread(self._render, plot, settings)
                 except Exception as error:  # noqa: BLE001 - one plot failing must not leave the others unstarted

@@ -9,14 +9,17 @@ serves with ``panel serve --warm``) and measures, in one fresh browser page per 
   pays the imports and the read; with ``--warm``, after loading the run and rendering one page for nobody); with
   ``--warm``, split into the launcher's phases
   (``panel serve`` start-up, the viewer's imports, its warm-up, the first ``create_app``, the rest of the page);
-- first render: ``page.goto`` until both plots have drawn (Bokeh document idle, both plots holding data), split
-  into the page's HTML arriving (the server builds the session, and without ``--warm`` imports the viewer and reads
+- first render (the server's first page) and first render on the running server (the median of ``--pages`` more
+  pages, each a new browser page, so its scripts are fetched again): ``page.goto`` until both plots have drawn
+  (Bokeh document idle, both plots holding data), split into the page's HTML arriving (the server builds the session, and without ``--warm`` imports the viewer and reads
   the run first), the scripts loaded (``load`` event) and the rest (websocket, Bokeh building and drawing the
   views);
 - filter change: click "incorrect" / "all" in the sidebar until the last plot data source changed in the page
   (measured in the browser: a requestAnimationFrame loop timestamps every change of the plots' data);
 - server memory: RSS of the server process after the filter changes (psutil), and the bytes the page downloaded;
-- Results: a click on the tab until its tables show, and until every plot section has drawn (RSS again after).
+- Results: a click on the tab until its tables show and until the first plot tab has drawn; then each other plot
+  tab, clicked as soon as the one before has drawn, until its figures show (median and slowest), and the total until
+  every plot tab has been seen (RSS again after).
 
 ``--compare DIR`` also serves the ``viewer`` package found in DIR (e.g. a copy of an earlier version), alternating
 the two start by start in the same run, so that a machine shared with other work slows both alike; it prints both
@@ -104,9 +107,10 @@ FIGURE_TITLES_JS = """() => { const titles = []; const seen = new Set();
     if (view.frame && view.model.title) titles.push(view.model.title.text);
     for (const child of (view.child_views ?? [])) walk(child); };
   for (const root of Bokeh.index.roots) walk(root); return titles; }"""
-# The last figure of each Results section (they are drawn in this order, one by one).
-RESULT_TITLES = ("ROC, ood (positive: incorrect run)", "Early warning, ood", "Risk-coverage, ood", "Reliability, ood",
-                 "AUROC over seeds, ood")
+# Results' plot tabs (the first shown at once) and the title of the last figure each draws.
+RESULT_TABS = {"ROC": "ROC, ood (positive: incorrect run)", "Risk-coverage": "Risk-coverage, ood",
+               "Early warning": "Early warning, ood", "AUROC per layer": "SE probe @ slt",
+               "Reliability": "Reliability, ood", "Seeds": "AUROC over seeds, ood"}
 
 PAGE_TIMES_JS = """() => {
   const nav = performance.getEntriesByType("navigation")[0];
@@ -161,6 +165,10 @@ def first_page_phases(server: ViewerServer) -> dict[str, float]:
             "    create_app + page build": first["create_app"] - first["warm_up"]}
 
 
+def wait_for_figure(page, title: str) -> None:
+    page.wait_for_function(f"() => ({FIGURE_TITLES_JS})().includes({title!r})", timeout=2 * TIMEOUT_MS)
+
+
 def open_page(browser, url: str):
     """A new browser page at ``url``; returns it, the seconds until both plots have drawn, and PAGE_TIMES_JS."""
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -210,9 +218,23 @@ def one_start(browser, root: Path, code_root: Path, warm: bool, changes: int, to
         page.locator(".bk-tab", has_text="Results").click()
         page.locator(".metrics-table .tabulator-row").first.wait_for(timeout=TIMEOUT_MS)
         results["Results tables s"] = time.perf_counter() - start
-        page.wait_for_function(f"() => {{ const shown = ({FIGURE_TITLES_JS})(); return {list(RESULT_TITLES)!r}"
-                               ".every(title => shown.includes(title)); }", timeout=2 * TIMEOUT_MS)
-        results["Results plots s"] = time.perf_counter() - start
+        tabs = iter(RESULT_TABS.items())
+        _, title = next(tabs)
+        wait_for_figure(page, title)
+        results["Results first plot tab s"] = time.perf_counter() - start
+        if page.locator(".result-plots").count():
+            switches = []
+            for tab, title in tabs:  # each other tab, clicked as soon as the one before has drawn
+                clicked = time.perf_counter()
+                page.locator(".result-plots").get_by_text(tab, exact=True).click()
+                wait_for_figure(page, title)
+                switches.append(time.perf_counter() - clicked)
+            results["Results: another plot tab (median) s"] = statistics.median(switches)
+            results["Results: slowest other plot tab s"] = max(switches)
+        else:  # a version drawing every plot on one page (before the plot tabs)
+            for _, title in tabs:
+                wait_for_figure(page, title)
+        results["Results: every plot seen s"] = time.perf_counter() - start
         results["server RSS after Results MiB"] = psutil.Process(server.process.pid).memory_info().rss / 2**20
         page.close()
     return results
