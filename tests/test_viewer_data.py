@@ -282,7 +282,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     assert len(_panes(complete, pn.GridBox)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
     texts = " ".join(_texts(complete))
     assert "SE costs 125x a probe evaluation" in texts and "AURAC higher is better" in texts
-    tables = {tuple(table.css_classes): table.value for table in _panes(complete, pn.widgets.Tabulator)}
+    tables = {tuple(table.css_classes): table.object for table in _panes(complete, pn.pane.DataFrame)}
     assert len(tables[("calibration-table",)]) == 4
     assert len(tables[("stability-table",)]) == len(registry.stable_scores())
 

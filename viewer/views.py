@@ -1021,9 +1021,18 @@ def _split_name(split: str) -> str:
     return "OOD" if split == "ood" else split
 
 
-def _small_table(frame: pd.DataFrame, css_class: str) -> pn.widgets.Tabulator:
-    return pn.widgets.Tabulator(frame, disabled=True, show_index=False, selectable=False, layout="fit_data_table",
-                                sizing_mode="stretch_width", css_classes=[css_class])
+def _small_table(frame: pd.DataFrame, css_class: str) -> pn.pane.DataFrame:
+    """A few rows as a static HTML table (pandas escapes every cell). Not a Tabulator: each one measures its data
+    again on every layout of the page, most of the browser's ~1.2 s in Tabulator while Results opens."""
+    return pn.pane.DataFrame(frame, index=False, escape=True, sizing_mode="stretch_width", css_classes=[css_class],
+                             stylesheets=[SMALL_TABLE_CSS])
+
+
+SMALL_TABLE_CSS = """
+table.dataframe { border-collapse: collapse; font-size: 0.85em; }
+table.dataframe th, table.dataframe td { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: left; }
+table.dataframe thead th { background: #f4f4f4; }
+"""
 
 
 def _subheading(title: str, caption: str = "") -> pn.pane.HTML:
