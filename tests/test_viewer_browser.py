@@ -264,7 +264,7 @@ def test_served_viewer_in_chromium(server, browser, analysis):
         assert first_score.inner_text() == "se_range_probe"  # the synthetic run's best test AUROC
         assert first_score.evaluate("cell => getComputedStyle(cell).fontWeight") in ("700", "bold")
         score_cells = ".tabulator-cell[tabulator-field='score']"
-        assert page.locator(".other-labels-table td", has_text="se_probe_high_se").count() == 1
+        assert page.locator(".other-labels-table tbody td:first-child", has_text="se_probe_high_se").count() == 1
         assert page.locator(f".metrics-table {score_cells}", has_text="se_probe_high_se").count() == 0
         assert page.get_by_role("button", name="CSV: scores.csv").count() == 1
         assert page.locator(".metrics-table .tabulator-col", has_text="ΔAUROC vs semantic_entropy").count() == 2
