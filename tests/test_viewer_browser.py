@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from viewer_support import (
+    RESULT_TABS,
     IMG_ANSWER,
     SCRIPT_ANSWER,
     ViewerServer,
@@ -57,11 +58,6 @@ PLOT_ROWS_JS = """() => {
   for (const root of Bokeh.index.roots) walk(root);
   return rows;
 }"""
-
-# Results' plot tabs and the title of the last figure each draws.
-RESULT_TABS = {"ROC": "ROC, ood (positive: incorrect run)", "Risk-coverage": "Risk-coverage, ood",
-               "Early warning": "Early warning, ood", "AUROC per layer": "SE probe @ slt",
-               "Reliability": "Reliability, ood", "Seeds": "AUROC over seeds, ood"}
 
 # The plot frames (inside the axes) in page coordinates, by plot title.
 FRAMES_JS = """() => {

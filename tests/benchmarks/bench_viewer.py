@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from viewer_support import ViewerServer, launch_chromium, synthetic_analysis, write_viewer_project  # noqa: E402
+from viewer_support import RESULT_TABS, ViewerServer, launch_chromium, synthetic_analysis, write_viewer_project  # noqa: E402
 
 TIMEOUT_MS = 60_000
 PLOT_TITLES = ("Probe margin vs entropy", "UMAP of hidden states")
@@ -107,10 +107,6 @@ FIGURE_TITLES_JS = """() => { const titles = []; const seen = new Set();
     if (view.frame && view.model.title) titles.push(view.model.title.text);
     for (const child of (view.child_views ?? [])) walk(child); };
   for (const root of Bokeh.index.roots) walk(root); return titles; }"""
-# Results' plot tabs (the first shown at once) and the title of the last figure each draws.
-RESULT_TABS = {"ROC": "ROC, ood (positive: incorrect run)", "Risk-coverage": "Risk-coverage, ood",
-               "Early warning": "Early warning, ood", "AUROC per layer": "SE probe @ slt",
-               "Reliability": "Reliability, ood", "Seeds": "AUROC over seeds, ood"}
 
 PAGE_TIMES_JS = """() => {
   const nav = performance.getEntriesByType("navigation")[0];
