@@ -769,7 +769,7 @@ def test_redraws_leave_no_old_models_in_the_document(tmp_path):
     with pn.io.server.set_curdoc(doc):
         doc.add_root(page.get_root(doc))
         rounds = []
-        for round_ in range(6):
+        for round_ in range(3):
             for correctness, probe, question in (("incorrect", "se", 1), ("correct", "accuracy", 2), ("all", "se", 3)):
                 store.param.update(correctness=correctness, probe=probe)
                 store.open_question("id", f"id-0000{question + round_ % 2}")
