@@ -20,6 +20,7 @@ import datashader as ds
 import datashader.transfer_functions as tf
 import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401 - registers HoloViews' Bokeh renderer (what hv.extension does)
+import hvplot.pandas  # noqa: F401 - DataFrame.hvplot: the question scatter and the Results curves
 import numpy as np
 import pandas as pd
 import panel as pn
@@ -419,9 +420,10 @@ class QuestionScatter(pn.viewable.Viewer):
 
     def points(self, **_) -> hv.Points:
         summary = question_summary(self.store.filtered)
-        return hv.Points(summary, ["accuracy", "semantic_entropy"],
-                         ["question_id", "dataset", "split", "question", "n_runs"]).opts(
-            color="#555555", alpha=0.6, size=6, tools=["hover"], responsive=True, height=420,
+        return summary.hvplot.points(
+            x="accuracy", y="semantic_entropy", hover_cols=["question_id", "dataset", "split", "question", "n_runs"],
+            color="#555555", alpha=0.6, size=6, responsive=True, height=420).opts(
+            tools=["hover"],
             title="Questions: semantic entropy vs accuracy", xlabel="accuracy (share of the question's runs correct)",
             ylabel=LABELS["semantic_entropy"], xlim=(-0.05, 1.05), show_grid=True,
             hover_tooltips=[("question", "@{question_id} (@{dataset}, @{split})"), ("text", "@{question}"),
@@ -817,8 +819,8 @@ def draw_roc(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv.Layou
     plots, colours = [], _score_colours(frame["score"].unique())
     for split in ("test", "ood"):
         part = frame[frame["split"] == split]
-        curves = [hv.Curve(rows, "fpr", "tpr", label=f"{label} (AUROC {_area(rows):.3f})").opts(
-                      color=colours[label.split(" = ")[0]])
+        curves = [rows.hvplot.line(x="fpr", y="tpr", label=f"{label} (AUROC {_area(rows):.3f})",
+                                   color=colours[label.split(" = ")[0]], responsive=True)
                   for label, rows in merge_identical_curves(part, "score", "fpr", "tpr")]
         diagonal = hv.Curve([(0, 0), (1, 1)], "fpr", "tpr").opts(color="#bbbbbb", line_dash="dotted")
         plots.append(hv.Overlay([diagonal, *curves]).opts(
@@ -904,8 +906,9 @@ def draw_risk_coverage(frame: pd.DataFrame, settings: EvaluateSettings | None) -
     parts = _split_parts(frame, RISK_COVERAGE_FILE)
     plots = []
     for index, (split, part) in enumerate(parts):
-        curves = [hv.Curve(part[part["score"] == score].sort_values("coverage"), "coverage", "risk", label=score)
-                  .opts(interpolation="steps-pre", color=colours[score], tools=["hover"])
+        curves = [part[part["score"] == score].sort_values("coverage").hvplot.step(
+                      x="coverage", y="risk", where="pre", label=score, color=colours[score], hover=True,
+                      responsive=True)
                   for score in part["score"].unique()]
         # Eleven scores: one legend, right of the last panel, where it hides no curve.
         last = index == len(parts) - 1

@@ -11,9 +11,9 @@ serves with ``panel serve --warm``) and measures, in one fresh browser page per 
   (``panel serve`` start-up, the viewer's imports, its warm-up, the first ``create_app``, the rest of the page);
 - first render (the server's first page) and first render on the running server (the median of ``--pages`` more
   pages, each a new browser page, so its scripts are fetched again): ``page.goto`` until both plots have drawn
-  (Bokeh document idle, both plots holding data), split into the page's HTML arriving (the server builds the session, and without ``--warm`` imports the viewer and reads
-  the run first), the scripts loaded (``load`` event) and the rest (websocket, Bokeh building and drawing the
-  views);
+  (Bokeh document idle, both plots holding data), split into the page's HTML arriving (the server builds the
+  session, and without ``--warm`` imports the viewer and reads the run first), the scripts loaded (``load`` event)
+  and the rest (websocket, Bokeh building and drawing the views);
 - filter change: click "incorrect" / "all" in the sidebar until the last plot data source changed in the page
   (measured in the browser: a requestAnimationFrame loop timestamps every change of the plots' data);
 - server memory: RSS of the server process after the filter changes (psutil), and the bytes the page downloaded;
