@@ -3,8 +3,8 @@
 Serves ``viewer.app.create_app(root)`` (``root``: the project whose artifacts to show, default this checkout) on
 127.0.0.1 in this process, opens it in Debian's headless Chromium through Playwright, and writes
 ``viewer-runs.png`` (a box selection in the UMAP, one question open), ``viewer-questions.png``,
-``viewer-results.png`` and ``viewer-experiments.png`` into ``--out``. docs/viewer.md links
-them. The server is always stopped.
+``viewer-results.png`` and ``viewer-experiments.png`` into ``--out``. docs/viewer.md links them. The server
+is always stopped.
 """
 
 from __future__ import annotations

@@ -422,10 +422,9 @@ class QuestionScatter(pn.viewable.Viewer):
         summary = question_summary(self.store.filtered)
         return summary.hvplot.points(
             x="accuracy", y="semantic_entropy", hover_cols=["question_id", "dataset", "split", "question", "n_runs"],
-            color="#555555", alpha=0.6, size=6, responsive=True, height=420).opts(
-            tools=["hover"],
+            color="#555555", alpha=0.6, size=6, responsive=True, height=420, grid=True, xlim=(-0.05, 1.05),
             title="Questions: semantic entropy vs accuracy", xlabel="accuracy (share of the question's runs correct)",
-            ylabel=LABELS["semantic_entropy"], xlim=(-0.05, 1.05), show_grid=True,
+            ylabel=LABELS["semantic_entropy"],
             hover_tooltips=[("question", "@{question_id} (@{dataset}, @{split})"), ("text", "@{question}"),
                             ("runs in view", "@{n_runs}"), ("accuracy", "@{accuracy}{0.00}"),
                             ("SE", "@{semantic_entropy}{0.000}")])
