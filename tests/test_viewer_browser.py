@@ -266,7 +266,7 @@ def test_served_viewer_in_chromium(server, browser, analysis):
         assert page.get_by_role("button", name="CSV: scores.csv").count() == 1
         assert page.locator(".metrics-table .tabulator-col", has_text="ΔAUROC vs semantic_entropy").count() == 2
         assert page.locator(".cost-ratio", has_text="SE costs 125x a probe evaluation").count() == 1
-        # one tab per plot, each drawn in a worker thread: slower than the tables on a busy machine
+        # one tab per plot, each drawn when first shown: slower than the tables on a busy machine
         for tab, title in RESULT_TABS.items():
             page.locator(".result-plots").get_by_text(tab, exact=True).click()
             page.wait_for_function(f"() => [{title!r}, {title.replace('ood', 'test')!r}]"
@@ -453,7 +453,7 @@ def test_selection_table_sorts_the_whole_selection_and_downloads_it(server, brow
 
 def test_results_never_block_another_session(server, browser, analysis):
     """While one page opens Results (tables at once, each plot behind a spinner saying what it draws, figures
-    rendered in a worker thread), a filter click in a second page still answers promptly."""
+    rendered a panel at a time on the event loop), a filter click in a second page still answers promptly."""
     import time
 
     first = browser.new_page(viewport={"width": 1280, "height": 900})

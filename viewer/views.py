@@ -1089,31 +1089,33 @@ class ResultsView(pn.viewable.Viewer):
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     def _draw_later(self, sections: list, settings: EvaluateSettings | None, tabs: pn.Tabs | None = None) -> None:
-        """Fill each section with its figure, one section at a time, the shown tab's first (a click on another tab
-        moves it to the front); without a server (a script or a test), right away.
+        """Fill the shown tab's section with its figure, and each other one when its tab is first shown; without a
+        server (a script or a test), every section right away.
 
         Only reading a plot's table runs in a worker thread. HoloViews builds and renders each panel on the event
         loop, which other sessions get back between panels: rendering also updates process-wide state (HoloViews
         turns Bokeh's property validation, one switch for the whole process, off and back on around each update),
-        so a figure drawn in a thread while another session's plot updated could leave validation off for good and
-        break every later page (issue 28)."""
+        so figures drawn in threads (two sessions opening Results) could leave validation off for good and break
+        every later page (issue 28). Drawing only what is shown keeps that work on the loop small."""
         doc = pn.state.curdoc
-        if doc is None or doc.session_context is None:
+        if doc is None or doc.session_context is None or tabs is None:
             for plot, section in sections:
                 section[1] = self.draw(plot, settings)
             return
         # Panel's own HoloViews pane renders this way: a server-mode renderer, the figure owned by this session's
         # document (which cleans it up when the session ends).
         renderer = hv.renderer("bokeh").instance(mode="server")
+        started: set[int] = set()
 
-        async def fill() -> None:
-            import asyncio
+        def fill(index: int) -> None:
+            if index in started or index not in range(len(sections)):
+                return
+            started.add(index)
+            plot, section = sections[index]
 
-            waiting = list(range(len(sections)))
-            while waiting:
-                index = tabs.active if tabs is not None and tabs.active in waiting else waiting[0]
-                waiting.remove(index)
-                plot, section = sections[index]
+            async def draw() -> None:
+                import asyncio
+
                 try:
                     table = await asyncio.to_thread(load_plot_table, self.root, plot.table)
                     panels = result_panels(plot.draw(table, settings))
@@ -1123,15 +1125,18 @@ class ResultsView(pn.viewable.Viewer):
                         figures.append(renderer.get_plot(panel, doc=doc).state)
                 except (MissingArtifact, NothingToDraw) as missing:
                     section[1] = notice(str(missing))
-                    continue
-                except Exception as error:  # noqa: BLE001 - one plot failing must not leave the others unstarted
+                    return
+                except Exception as error:  # noqa: BLE001 - say so in its section, not only in the log
                     log.exception("drawing %s", plot.title)
                     section[1] = notice(f"{plot.title}: could not be drawn ({type(error).__name__}: {error})")
-                    continue
+                    return
                 section[1] = _panel_grid([pn.pane.Bokeh(figure, sizing_mode="stretch_width") for figure in figures],
                                          plot.columns)
 
-        pn.state.execute(fill)
+            pn.state.execute(draw)
+
+        tabs.param.watch(lambda event: fill(event.new), "active")
+        fill(tabs.active)
 
     def draw(self, plot: ResultPlot, settings: EvaluateSettings | None):
         """The HoloViews pane of ``plot``, or a notice when its table is missing or holds nothing to draw."""
