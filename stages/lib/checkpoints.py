@@ -115,14 +115,21 @@ class GenerationCheckpoints:
         path = self._path(dataset, call)
         if not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as saved:
-            lengths = saved["lengths"]
-            bounds = np.r_[0, np.cumsum(lengths)]
-            runs = [SampledRun(generated_ids=saved["generated_ids"][a:b].tolist(),
-                               token_logprobs=saved["token_logprobs"][a:b],
-                               token_entropies=saved["token_entropies"][a:b],
-                               stop_entropy=float(saved["stop_entropy"][i]), truncated=bool(saved["truncated"][i]))
-                    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                lengths = saved["lengths"]
+                bounds = np.r_[0, np.cumsum(lengths)]
+                runs = [SampledRun(generated_ids=saved["generated_ids"][a:b].tolist(),
+                                   token_logprobs=saved["token_logprobs"][a:b],
+                                   token_entropies=saved["token_entropies"][a:b],
+                                   stop_entropy=float(saved["stop_entropy"][i]),
+                                   truncated=bool(saved["truncated"][i]))
+                        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        except Exception as error:  # zipfile, numpy and key errors alike: a checkpoint is scratch, never trusted
+            log.warning("%s: corrupt generation checkpoint (%s); removed, and its call is sampled again", path,
+                        " ".join(str(error).split())[:200])
+            path.unlink(missing_ok=True)
+            return None
         self.resumed += 1
         return runs
 

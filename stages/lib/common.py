@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -45,6 +46,13 @@ def run_stage(main: Callable[[], Any], doc: str | None) -> None:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"error: {os.strerror(error.errno).lower()}{where}; free some space and rerun (the previous outputs "
+              f"are left as they were)", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -325,7 +333,7 @@ def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ..
 def corrupt_file_error(path: str | Path, kind: str, error: Exception) -> SchemaError:
     """The one-line error for a truncated or damaged output file, with the command that restores it."""
     reason = " ".join(str(error).split())
-    return SchemaError(f"{path}: truncated or corrupt {kind} ({reason}); restore it with `dvc checkout {path}` "
+    return SchemaError(f"{path}: truncated or corrupt {kind} ({reason}); restore it with `dvc checkout --force {path}` "
                        f"(or rerun the stage that writes it)")
 
 
