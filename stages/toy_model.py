@@ -16,7 +16,8 @@ import torch
 
 from stages.lib import arithmetic
 from stages.lib.common import content_sha256, cost_record, run_stage, setup_logging, stage_outputs
-from stages.lib.params import is_local_model, load_params
+from stages.lib.errors import UserError
+from stages.lib.params import MODELS_DIR, inside, is_local_model, load_params
 from stages.lib.toy import (
     VALIDATION_QUESTIONS,
     build_model,
@@ -35,6 +36,11 @@ def main() -> None:
     setup_logging()
     params = load_params()
     if params.model.name != "toy":
+        if (is_local_model(params.model.name) or inside(params.model.name, MODELS_DIR)) \
+                and not Path(params.model.name).exists():
+            raise UserError(f"params.yaml: `model.name` = {params.model.name!r}: no such file or directory; copy the "
+                            f"model there and `dvc add` it (the trained toy model in {params.paths.toy_model} is left "
+                            f"as it is)")
         with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:
             cost["skipped"] = "model.name is not toy"
             local = is_local_model(params.model.name) and Path(params.model.name).exists()

@@ -188,3 +188,58 @@ def test_real_solutions_as_reasoning_traces(path, solution, gold_of):
         assert answered.source == "boxed" and is_correct(answered.answer, gold)
         cut = extract_answer("<think>" + row[solution][: int(0.9 * len(row[solution]))])
         assert cut == ExtractedAnswer("", "truncated_in_think")
+
+
+# ---- grades never depend on load (issue 23, item 2) -----------------------------------------------------------
+PATHOLOGICAL = [  # (answer, gold, correct): golds that are slow, huge or unstable for sympy
+    ("7", r"\infty^{\infty^{\infty}}", False),  # graded correct 4 times in one loaded run, 0 in another
+    (r"\infty", r"\infty^{\infty^{\infty}}", True),
+    (r"\frac{\pi^2}{6}", r"\sum_{n=1}^{\infty} \frac{1}{n^2}", True),  # 4 s to verify idle: past 5 s under load
+    ("7", "9^{9^{9}}", False),  # 369 million digits: undecided, equal only to itself
+    ("9^{9^{9}}", "9^{9^{9}}", True),
+    ("7", r"1000!!", False),
+    (r"(0, \infty)", r"(0,\infty)", True),
+]
+
+
+@pytest.mark.parametrize("answer, gold, correct", PATHOLOGICAL)
+def test_pathological_golds_are_graded_by_content_alone(answer, gold, correct):
+    assert is_correct(answer, gold) is correct
+
+
+LOADED_GRADING = '''
+import os, sys, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU, shared with the spinners below
+spinners = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            pass
+        os._exit(0)
+    spinners.append(pid)
+try:
+    from stages.lib.answers import is_correct
+    start = time.perf_counter()
+    print(is_correct(sys.argv[1], sys.argv[2]), round(time.perf_counter() - start, 1))
+finally:
+    for pid in spinners:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+'''
+
+
+def test_a_grade_does_not_depend_on_load():
+    """The slowest correct pair, graded while three busy processes share its one CPU: math-verify's 5 s timeout
+    used to expire and grade it wrong; with no timeout in the decision it is right, only slower."""
+    import subprocess
+    import sys
+
+    answer, gold, correct = PATHOLOGICAL[2]
+    result = subprocess.run([sys.executable, "-c", LOADED_GRADING, answer, gold], capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).resolve().parents[1],
+                            env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    graded, seconds = result.stdout.split()
+    assert graded == str(correct), f"graded {graded} after {seconds} s under load"

@@ -128,7 +128,8 @@ GROUPS = ["paths", "toy", "model", "data", "sampling", "sampling.vllm", "semanti
 def test_an_unknown_key_is_named_with_the_known_ones(group):
     dotted = f"{group}.temprature" if group else "temprature"
     message = error_line(with_value(dotted, 0.7))
-    assert message.startswith(f"params.yaml: unknown key `{dotted}` (known: ")
+    assert message.startswith(f"params.yaml: unknown key `{dotted}` (")
+    assert "known: " in message
     target = RAW
     for part in (group or "").split(".") if group else []:
         target = target[part]
@@ -144,6 +145,21 @@ def test_a_missing_key_is_named(dotted):
         target = target[group]
     del target[key]
     assert error_line(raw) == f"params.yaml: missing key `{dotted}`"
+
+
+@pytest.mark.parametrize("dotted, typo", [("sampling.temp", "temprature"), ("model.name", "nmae"),
+                                          ("semantic_entropy.nli_model", "nli_modle"), ("seed", "sede"),
+                                          ("sampling.vllm.dtype", "dtpye")])
+def test_a_misspelt_key_names_the_typo_and_its_closest_valid_key(dotted, typo):
+    """A misspelt key also leaves the right one missing; the typo is what to report, with the key it resembles."""
+    raw = copy.deepcopy(RAW)
+    *groups, key = dotted.split(".")
+    target = raw
+    for group in groups:
+        target = target[group]
+    target[typo] = target.pop(key)
+    wrong = ".".join([*groups, typo])
+    assert error_line(raw).startswith(f"params.yaml: unknown key `{wrong}` (did you mean `{dotted}`? known: ")
 
 
 def test_not_a_mapping_and_not_yaml_are_one_line_errors(tmp_path):

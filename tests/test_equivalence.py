@@ -13,6 +13,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 
+from stages.lib.errors import UserError
 from stages.lib.entropy import cluster_answers
 from stages.lib.equivalence import (
     NLI_LABELS,
@@ -306,7 +307,7 @@ def test_classifier_without_mnli_labels_names_the_model(tmp_path):
     directory = save_tiny_nli_model(tmp_path / "no_labels", id2label={0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"})
     with pytest.raises(ValueError, match="no_labels.*has no"):
         NliClassifier(str(directory))
-    with pytest.raises(OSError, match="nli_model=.*local directory"):
+    with pytest.raises(UserError, match=r"^params.yaml: `semantic_entropy.nli_model` = '.*missing_dir': no such "):
         NliClassifier(str(tmp_path / "missing_dir"))
 
 

@@ -6,17 +6,20 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from test_train_evaluate import make_params, write_fixture
 
-from stages import generate, trace
+from stages import generate, toy_model, trace
 from stages.lib import dataset as dataset_lib
 from stages.lib import models
-from stages.lib.common import read_table
+from stages.lib.checkpoints import GenerationCheckpoints
+from stages.lib.common import read_table, run_stage, stage_outputs
 from stages.lib.errors import UserError
 from stages.lib.questions import QuestionSourceError, jsonl_questions
+from stages.lib.runs import SampledRun
 from stages.lib.schema import RUN_COLUMNS, SchemaError, hidden_files, hidden_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +43,7 @@ def test_a_truncated_parquet_is_named_with_the_command_that_restores_it(tmp_path
     with pytest.raises(SchemaError) as error:
         read_table(path, RUN_COLUMNS)
     assert one_line(error).startswith(f"{path}: truncated or corrupt parquet file (")
-    assert f"restore it with `dvc checkout {path}`" in str(error.value)
+    assert f"restore it with `dvc checkout --force {path}`" in str(error.value)
 
 
 def test_a_truncated_hidden_state_array_is_named_with_the_command_that_restores_it(tmp_path):
@@ -52,7 +55,7 @@ def test_a_truncated_hidden_state_array_is_named_with_the_command_that_restores_
         dataset_lib.load_dataset(params, "id")
     message = one_line(error)
     assert message.startswith(f"{array_path}: truncated or corrupt .npy array (mmap length is greater than file size)")
-    assert f"`dvc checkout {array_path}`" in message
+    assert f"`dvc checkout --force {array_path}`" in message
 
 
 def test_non_utf8_bytes_in_a_question_file_name_the_line(tmp_path):
@@ -133,3 +136,100 @@ def test_models_require_prompts_fit_by_hand():
     with pytest.raises(UserError, match=r"^q.jsonl: question 'c' is 12 prompt tokens, \+ sampling.max_new_tokens 2 "
                                         r"= 14 > the model's 12 positions \(2 question\(s\) too long\)"):
         models.require_prompts_fit([11, 3, 12], ["a", "b", "c"], 2, 12, "q.jsonl")
+
+
+# ---- issue 23, item 7: every fault is one line naming the key or file -----------------------------------------
+def test_nan_in_a_hidden_state_file_names_the_file_and_row(tmp_path):
+    params = make_params(tmp_path)
+    write_fixture(params, n_id=10, n_ood=4)
+    array_path = hidden_shard(hidden_files(params.paths.hidden, "id")[0], "slt")
+    array = np.load(array_path)
+    array[3, 0, 5] = np.nan
+    np.save(array_path, array)
+    with pytest.raises(SchemaError) as error:
+        dataset_lib.load_dataset(params, "id")
+    assert one_line(error).startswith(f"{array_path}: non-finite hidden state in row 3 (question_id=")
+
+
+def test_a_corrupt_generate_checkpoint_is_named_removed_and_resampled(tmp_path, caplog):
+    run = SampledRun(generated_ids=[5, 6], token_logprobs=[-0.5, -0.25], token_entropies=[1.0, 0.5],
+                     stop_entropy=0.1, truncated=False)
+    checkpoints = GenerationCheckpoints("key", root=tmp_path)
+    checkpoints.save("id", 0, [run])
+    checkpoints.save("id", 1, [run])
+    path = checkpoints.directory / "id-000000.npz"
+    truncate(path)
+    assert checkpoints.load("id", 0) is None  # sampled again, not a traceback
+    assert not path.exists()
+    assert f"{path}: corrupt generation checkpoint (" in caplog.text
+    assert checkpoints.load("id", 1)[0].generated_ids == [5, 6]
+
+
+def test_disk_full_is_one_line_and_leaves_the_previous_outputs(tmp_path, capsys, monkeypatch):
+    """A real ENOSPC from the kernel (/dev/full) inside a stage run: one line, status 2, no traceback."""
+    monkeypatch.setattr("sys.argv", ["stage"])
+    previous = tmp_path / "out.json"
+    previous.write_text("old")
+
+    def main():
+        with stage_outputs() as outputs:
+            outputs.path(previous).write_text("new")
+            with open("/dev/full", "w") as full:
+                full.write("x" * 100_000)
+                full.flush()
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(main, None)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message == "error: no space left on device; free some space and rerun (the previous outputs are left as " \
+                      "they were)"
+    assert previous.read_text() == "old"
+
+
+def test_a_missing_local_model_stops_toy_model_and_keeps_the_trained_toy(tmp_path, monkeypatch):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["model"]["name"] = "data/models/not-there"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    toy = tmp_path / raw["paths"]["toy_model"]
+    toy.mkdir(parents=True)
+    (toy / "config.json").write_text("{}")  # the trained toy
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as error:
+        toy_model.main()
+    assert one_line(error).startswith("params.yaml: `model.name` = 'data/models/not-there': no such file or "
+                                      "directory")
+    assert sorted(p.name for p in toy.iterdir()) == ["config.json"]
+
+
+def test_an_unknown_nli_model_hub_id_is_one_line_at_once():
+    """The Hub is unreachable here: one metadata request, not transformers' 50 s of retries."""
+    from stages.lib.equivalence import NliClassifier
+
+    with pytest.raises(UserError) as error:
+        NliClassifier("nobody-here/no-such-nli-model")
+    assert one_line(error).startswith("params.yaml: `semantic_entropy.nli_model` = 'nobody-here/no-such-nli-model': ")
+
+
+def test_the_printed_recovery_command_restores_a_corrupt_output(tmp_path):
+    """`dvc checkout <path>` fails in DVC 3.67 on a modified file; the command the error prints must work."""
+    import re
+    import subprocess
+
+    from dvc_project import ENV, sh
+
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh("dvc", "init", "-q", cwd=tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    frame = pd.DataFrame({"question_id": ["q"] * 500, "run_id": range(500)})
+    frame.to_parquet(out / "id.parquet")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    outs:\n      - out:\n"
+                                       "          persist: true\n")
+    sh("dvc", "commit", "-f", "-q", "s", cwd=tmp_path)
+    truncate(out / "id.parquet")
+    with pytest.raises(SchemaError) as error:
+        read_table(out / "id.parquet", RUN_COLUMNS)
+    command = re.search(r"restore it with `([^`]+)`", one_line(error)).group(1)
+    subprocess.run(command, shell=True, cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=300)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "id.parquet"), frame)

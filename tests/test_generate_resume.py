@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,35 @@ def test_the_key_changes_with_params_questions_and_model(tiny_lm_dir, tmp_path, 
     with questions[0].open("a") as out:
         out.write(json.dumps({"question_id": "new", "dataset": "id", "question": "1+1", "gold": "2"}) + "\n")
     assert generation_key(parse_params(raw), questions) != key
+
+
+def test_a_checkpoint_of_other_code_is_discarded_on_resume(tiny_lm_dir, tmp_path, monkeypatch):
+    """A checkpoint written, then a code dep of generate edited (the entropy computation in sampling_hf.py): the
+    resume gets a new key and deletes the old checkpoint unread, so no run mixes two versions of the code. An edit
+    of a file generate does not import keeps the key (and the hours of finished calls)."""
+    raw = make_project(tmp_path / "project", tiny_lm_dir)
+    monkeypatch.chdir(tmp_path / "project")
+    code = tmp_path / "code"  # a copy of the repository's code, to edit
+    shutil.copytree(ROOT / "stages", code / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", code / "dvc.yaml")
+    params, questions = parse_params(raw), [Path("questions/id.jsonl"), Path("questions/ood.jsonl")]
+    key = generation_key(params, questions, code_root=code)
+    assert key == generation_key(params, questions, code_root=code)
+    run = SampledRun(generated_ids=[5, 6], token_logprobs=[-0.5, -0.25], token_entropies=[1.0, 0.5],
+                     stop_entropy=0.1, truncated=False)
+    GenerationCheckpoints(key).save("id", 0, [run])
+
+    with (code / "stages/lib/evaluation.py").open("a") as out:  # not a dep of generate
+        out.write("# an edit elsewhere\n")
+    assert generation_key(params, questions, code_root=code) == key
+    assert GenerationCheckpoints(key).load("id", 0)[0].generated_ids == [5, 6]
+
+    sampling = code / "stages/lib/sampling_hf.py"
+    sampling.write_text(sampling.read_text().replace("entropy", "entropy ", 1))
+    resumed_key = generation_key(params, questions, code_root=code)
+    assert resumed_key != key
+    resumed = GenerationCheckpoints(resumed_key)
+    assert resumed.load("id", 0) is None and not (CHECKPOINT_ROOT / key).exists()
 
 
 def test_stale_checkpoints_are_deleted_and_never_read(tmp_path):

@@ -167,7 +167,7 @@ def test_a_killed_conversion_leaves_no_cache_entry(tiny_gguf, tmp_path, monkeypa
 
 
 def test_a_missing_gguf_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model.name='.*nowhere.gguf': GGUF file not found"):
+    with pytest.raises(models.ModelNotAvailableError, match=r"model.name='.*nowhere.gguf': GGUF file not found"):
         models.load_model(str(tmp_path / "nowhere.gguf"), toy_model_dir="unused")
 
 

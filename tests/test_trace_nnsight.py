@@ -13,6 +13,7 @@ import yaml
 from conftest import tiny_qwen3
 from test_trace_hooks import BUDGET, MODELS, POSITIONS, edge_case_runs, reference_hidden_at_positions
 
+from stages.lib.errors import UserError
 from stages.lib.models import TORCH_DTYPES, load_model, resolve_device
 from stages.lib.params import ParamsError, parse_params
 from stages.lib.toy import build_tokenizer
@@ -199,7 +200,7 @@ def test_auto_resolves_to_cuda_only_when_cuda_is_there():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_asking_for_cuda_without_it_says_so():
-    with pytest.raises(RuntimeError, match=r"`model.device` = 'cuda:0', but CUDA is not available"):
+    with pytest.raises(UserError, match=r"`model.device` = 'cuda:0', but CUDA is not available"):
         resolve_device("cuda:0")
 
 

@@ -7,24 +7,48 @@ Pure helpers, no I/O:
 - ``answers_equivalent(a, b)``: do two sampled answers mean the same mathematical object? (semantic clustering)
 - ``is_correct(answer, gold)``: does a sampled answer match the reference answer? (the ``correct`` label)
 
-math-verify guards each parse and comparison with a ``signal.alarm`` timeout (math-verify 0.9 raises
-``ValueError`` when that is used outside the main thread). These helpers keep the timeout, because sympy can
-hang on adversarial model output, so they must be called from the main thread: no thread pools. A
-process pool is fine (each worker has its own main thread). math-verify's own switch,
-``parsing_timeout=None`` / ``timeout_seconds=None``, would make them thread-safe but unguarded.
+Grades never depend on how busy the machine is. math-verify's own guards are ``signal.alarm`` timeouts (5 s a
+parse or comparison by default) whose expiry silently means "not equal": under load a slow but correct comparison
+(``\\sum_{n=1}^{\\infty} \\frac{1}{n^2}`` against ``\\frac{\\pi^2}{6}`` takes 4 s here idle) was graded wrong,
+and an alarm that lands inside sympy (whose ``except Exception`` blocks do not catch math-verify's
+``TimeoutException``, but whose caches it can leave half-written) made later answers of the same process compare
+differently. So both timeouts are off, and what they guarded against is screened deterministically instead:
+
+- an answer whose evaluation would build a number of more than ``MAX_DIGITS`` digits (``9^{9^{9}}``, a power tower;
+  a huge factorial) is *undecided*: equal only to the identical string, with a warning naming it (``undecided``);
+- an expression holding an infinity is evaluated first (``oo**(oo**oo)`` is ``oo``), since sympy's simplification of
+  unevaluated infinite powers differs from one process to the next (``\\infty^{\\infty^{\\infty}}`` against ``7``
+  was equal in some processes);
+- a backstop alarm of ``BACKSTOP_SECONDS`` stops the stage with one line naming the pair (``GradingStuck``) rather than
+  grading it: load can then fail a run, loudly, but never change a grade.
+
+The backstop uses ``signal.alarm``, so these helpers must be called from the main thread: no thread pools (a
+process pool is fine; each worker has its own main thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import math
 import re
+import signal
 from dataclasses import dataclass
+from typing import Iterator
 
+import sympy
 from math_verify import parse, verify
 
-# Seconds before math-verify gives up on one parse or one comparison (and treats it as a failure).
-PARSE_TIMEOUT_SECONDS = 5
-VERIFY_TIMEOUT_SECONDS = 5
+from stages.lib.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAX_DIGITS = 1_000_000
+"""An answer whose evaluation builds a number of more digits than this is undecided (10^{100000} verifies in 0.2 s;
+9^{9^{9}}, 369 million digits, never finishes)."""
+BACKSTOP_SECONDS = 600
+"""A parse or comparison still running after this long stops the stage (``GradingStuck``); it is never a grade."""
 
 THINK_START_TAG = "<think>"
 THINK_END_TAG = "</think>"
@@ -151,7 +175,68 @@ def parse_answer(answer: str) -> tuple:
     answer = answer.strip()
     if not answer:
         return ()
-    return tuple(parse(f"${answer}$", parsing_timeout=PARSE_TIMEOUT_SECONDS))
+    with backstop(answer):
+        parsed = parse(f"${answer}$", parsing_timeout=None)
+    if any(isinstance(item, sympy.Basic) and _log10_size(item) > MAX_DIGITS for item in parsed):
+        log.warning("math-verify: %r would evaluate to a number of more than %d digits; undecided (equal only to "
+                    "the same string)", answer, MAX_DIGITS)
+        return ()
+    return tuple(_evaluate_infinities(item) for item in parsed)
+
+
+class GradingStuck(UserError):
+    """A parse or comparison of math-verify ran past ``BACKSTOP_SECONDS``."""
+
+
+class _Backstop(BaseException):  # not an Exception: sympy's and math-verify's ``except Exception`` let it through
+    pass
+
+
+@contextlib.contextmanager
+def backstop(*what: str) -> Iterator[None]:
+    """Stop the stage (GradingStuck) if the block runs past BACKSTOP_SECONDS; never turn that into a grade."""
+    def expire(signum, frame):
+        raise _Backstop()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(BACKSTOP_SECONDS)
+    try:
+        yield
+    except _Backstop:
+        raise GradingStuck(f"math-verify ran over {BACKSTOP_SECONDS} s on {' against '.join(map(repr, what))}; "
+                           f"grades never depend on a timeout, so the stage stops (remove or fix that answer)"
+                           ) from None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _log10_size(expr: sympy.Basic) -> float:
+    """An upper bound on log10 of the largest number evaluating ``expr`` builds (powers and factorials of numbers
+    only; 0 for anything else), without evaluating it."""
+    def size(node: sympy.Basic) -> float:
+        if isinstance(node, sympy.Rational):
+            return math.log10(max(abs(int(node.p)), abs(int(node.q)), 1))
+        if isinstance(node, sympy.Float):
+            return abs(float(sympy.log(abs(node), 10))) if node != 0 else 0.0
+        if isinstance(node, sympy.Pow):
+            base, exponent = size(node.base), size(node.exp)
+            return math.inf if exponent > 15 else base * 10 ** exponent
+        if isinstance(node, (sympy.factorial, sympy.factorial2)):
+            n = size(node.args[0])
+            return math.inf if n > 15 else 10 ** n * n
+        return max((size(arg) for arg in node.args), default=0.0)
+
+    return size(expr)
+
+
+def _evaluate_infinities(item):
+    """``item`` with its infinities evaluated (``oo**(oo**oo)`` -> ``oo``); sets, intervals, relations as given."""
+    infinities = (sympy.S.Infinity, sympy.S.NegativeInfinity, sympy.S.ComplexInfinity)
+    if isinstance(item, sympy.Expr) and item.has(*infinities):
+        with contextlib.suppress(Exception):
+            return item.doit()
+    return item
 
 
 @functools.lru_cache(maxsize=65536)
@@ -195,4 +280,5 @@ def is_correct(answer: str, gold: str) -> bool:
 
 
 def _verify(gold: tuple, prediction: tuple) -> bool:
-    return bool(verify(list(gold), list(prediction), timeout_seconds=VERIFY_TIMEOUT_SECONDS))
+    with backstop(str(gold[-1]), str(prediction[-1])):
+        return bool(verify(list(gold), list(prediction), timeout_seconds=None))

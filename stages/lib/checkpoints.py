@@ -7,9 +7,11 @@ and a resumed stage writes exactly the records of an uninterrupted one.
 
 Where: ``.dvc/tmp/generate-checkpoints/<key>/`` under the repository root (DVC's own scratch directory: ignored by
 git, not a DVC output, never pushed). ``key`` hashes everything that decides the samples: the params that
-generate declares in dvc.yaml (seed, model, the sampling keys), each dataset's question file, and the model's
+generate declares in dvc.yaml (seed, model, the sampling keys), each dataset's question file, the model's
 identity (for a local directory its config and the size and mtime of its weight files; for a Hub id its name
-and revision). Any change gives a new key, and the directories of other keys are deleted at start, so a stale
+and revision) and the code: the bytes of every code dep dvc.yaml lists for the generate stage (its module and the
+library it imports), so a run resumed after an edit of, say, the entropy computation never mixes the records of two
+versions of the code. Any change gives a new key, and the directories of other keys are deleted at start, so a stale
 checkpoint is never read. The stage deletes its checkpoints once its outputs are in place.
 
 Files: ``<dataset>-<call>.npz``, one per finished call, written to a temporary name and renamed (a kill never
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import yaml
 
 from stages.lib.params import Params
 from stages.lib.runs import SampledRun
@@ -35,6 +38,21 @@ from stages.lib.runs import SampledRun
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ROOT = Path(".dvc") / "tmp" / "generate-checkpoints"
+CODE_ROOT = Path(__file__).resolve().parents[2]
+"""The repository holding the ``stages`` package and dvc.yaml: where the code this process runs lives."""
+
+
+def code_fingerprint(stage: str, root: str | Path = CODE_ROOT) -> dict[str, str]:
+    """sha256 of each code dep (``stages/...``) dvc.yaml lists for ``stage`` under ``root``: the same files whose
+    change makes DVC rerun the stage. Without a dvc.yaml entry (the package used outside its repository), every
+    ``stages/**/*.py`` counts, which can only discard checkpoints too often, never keep a stale one."""
+    root = Path(root)
+    dvc_yaml = root / "dvc.yaml"
+    stages = yaml.safe_load(dvc_yaml.read_text()).get("stages", {}) if dvc_yaml.is_file() else {}
+    deps = [dep for dep in stages.get(stage, {}).get("deps", []) if isinstance(dep, str) and dep.startswith("stages/")]
+    files = sorted(deps) or sorted(path.relative_to(root).as_posix() for path in (root / "stages").rglob("*.py"))
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() if (root / name).is_file() else "(missing)"
+            for name in files}
 
 
 def model_fingerprint(model_path: str, revision: str | None) -> dict[str, Any]:
@@ -61,12 +79,13 @@ def checkpoint_key(decisive_params: Mapping[str, Any], question_files: list[Path
     return digest.hexdigest()[:16]
 
 
-def generation_key(params: Params, question_files: list[Path]) -> str:
-    """The checkpoint key of a generate run with ``params`` over ``question_files``."""
+def generation_key(params: Params, question_files: list[Path], code_root: str | Path = CODE_ROOT) -> str:
+    """The checkpoint key of a generate run with ``params`` over ``question_files``, by the code under
+    ``code_root``."""
     name = params.model.name
     model_path = str(params.paths.toy_model) if name == "toy" else name
     decisive = {"seed": params.seed, "model": params.model.model_dump(mode="json"),
-                "sampling": params.sampling.model_dump(mode="json")}
+                "sampling": params.sampling.model_dump(mode="json"), "code": code_fingerprint("generate", code_root)}
     return checkpoint_key(decisive, question_files, model_fingerprint(model_path, params.model.revision))
 
 
@@ -81,7 +100,8 @@ class GenerationCheckpoints:
             for stale in self.root.iterdir():
                 if stale != self.directory:
                     shutil.rmtree(stale, ignore_errors=True)
-                    log.info("removed stale generation checkpoints %s (params, questions or model changed)", stale)
+                    log.info("removed stale generation checkpoints %s (params, questions, model or code changed)",
+                             stale)
         self.directory.mkdir(parents=True, exist_ok=True)
         finished = sorted(self.directory.glob("*.npz"))
         if finished:
@@ -95,14 +115,21 @@ class GenerationCheckpoints:
         path = self._path(dataset, call)
         if not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as saved:
-            lengths = saved["lengths"]
-            bounds = np.r_[0, np.cumsum(lengths)]
-            runs = [SampledRun(generated_ids=saved["generated_ids"][a:b].tolist(),
-                               token_logprobs=saved["token_logprobs"][a:b],
-                               token_entropies=saved["token_entropies"][a:b],
-                               stop_entropy=float(saved["stop_entropy"][i]), truncated=bool(saved["truncated"][i]))
-                    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                lengths = saved["lengths"]
+                bounds = np.r_[0, np.cumsum(lengths)]
+                runs = [SampledRun(generated_ids=saved["generated_ids"][a:b].tolist(),
+                                   token_logprobs=saved["token_logprobs"][a:b],
+                                   token_entropies=saved["token_entropies"][a:b],
+                                   stop_entropy=float(saved["stop_entropy"][i]),
+                                   truncated=bool(saved["truncated"][i]))
+                        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        except Exception as error:  # zipfile, numpy and key errors alike: a checkpoint is scratch, never trusted
+            log.warning("%s: corrupt generation checkpoint (%s); removed, and its call is sampled again", path,
+                        " ".join(str(error).split())[:200])
+            path.unlink(missing_ok=True)
+            return None
         self.resumed += 1
         return runs
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import select
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -38,10 +42,92 @@ def run_stage(main: Callable[[], Any], doc: str | None) -> None:
     stage_cli(doc)
     try:
         setup_logging()
+        die_with_dvc()
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"error: {os.strerror(error.errno).lower()}{where}; free some space and rerun (the previous outputs "
+              f"are left as they were)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class DvcGone(UserError):
+    """The ``dvc`` process that started this stage has ended (killed, timed out, cancelled): the stage must not
+    replace outputs that dvc.lock will never record."""
+
+
+_dvc_process: tuple[int, str] | None = None  # (pid, start time) of the dvc process running this stage
+
+
+def die_with_dvc() -> None:
+    """When DVC runs this stage (it sets ``DVC_STAGE``), stop the stage as soon as that ``dvc`` process ends.
+
+    ``kill <dvc pid>``, ``timeout`` and a CI cancel signal dvc alone; without this the stage ran on and replaced its
+    outputs minutes later, with dvc.lock not updated. The dvc process is the nearest ancestor started without
+    ``DVC_STAGE`` in its environment (DVC may run the command through ``$SHELL -c``, so it need not be the parent;
+    the parent-death signal ``PR_SET_PDEATHSIG`` would watch the shell, so it is not used). A daemon thread waits
+    on a pidfd of it (Linux >= 5.3; a 1 s ``kill(pid, 0)`` poll elsewhere) and sends this process SIGTERM; and
+    ``stage_outputs`` checks it again just before its renames (``require_dvc_alive``), so even a stage that ignores
+    SIGTERM leaves the previous outputs as they were. Outside DVC, or off Linux, this does nothing.
+    """
+    global _dvc_process
+    stage = os.environ.get("DVC_STAGE")
+    if stage is None or not Path("/proc/self/stat").exists():
+        return
+    pid = os.getppid()
+    for _ in range(16):  # bounded: a shell or two lie between dvc and the stage at most
+        environ = _proc_read(pid, "environ").split(b"\0")
+        if f"DVC_STAGE={stage}".encode() not in environ or pid <= 1:
+            break
+        pid = int(_proc_stat(pid)[1])
+    stat = _proc_stat(pid)
+    _dvc_process = (pid, stat[19] if len(stat) > 19 else "")
+    require_dvc_alive()
+    threading.Thread(target=_terminate_when_gone, args=(pid,), name="die-with-dvc", daemon=True).start()
+
+
+def require_dvc_alive() -> None:
+    """Raise DvcGone when the dvc process that started this stage has ended (see ``die_with_dvc``)."""
+    if _dvc_process is None:
+        return
+    pid, started = _dvc_process
+    stat = _proc_stat(pid) if pid > 1 else []
+    if not stat or stat[19] != started or stat[0] in ("Z", "X"):
+        raise DvcGone(f"the dvc process ({pid}) that started this stage has ended; the previous outputs are left "
+                      f"as they were (run `dvc repro` again)")
+
+
+def _terminate_when_gone(pid: int) -> None:
+    try:
+        descriptor = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (an old kernel): poll
+        while True:
+            try:
+                require_dvc_alive()
+            except DvcGone:
+                break
+            time.sleep(1.0)
+    else:
+        select.select([descriptor], [], [])  # readable once the process has exited
+    log.error("the dvc process (%d) that started this stage has ended: stopping the stage", pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _proc_read(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name: [state, ppid, ...]; index 19 is the start time."""
+    return _proc_read(pid, "stat").decode().rpartition(")")[2].split()
 
 
 LOG_LEVEL_VARIABLE = "SEP_LOG_LEVEL"
@@ -115,6 +201,7 @@ class StageOutputs:
         return tmp
 
     def _commit(self) -> None:
+        require_dvc_alive()  # no output replaced for a dvc that can no longer record it in dvc.lock
         missing = [str(final) for final, tmp in self._pending.items() if not (tmp.exists() or tmp.is_symlink())]
         if missing:
             raise RuntimeError(f"stage_outputs: the stage asked for but never wrote {', '.join(missing)}")
@@ -246,7 +333,7 @@ def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ..
 def corrupt_file_error(path: str | Path, kind: str, error: Exception) -> SchemaError:
     """The one-line error for a truncated or damaged output file, with the command that restores it."""
     reason = " ".join(str(error).split())
-    return SchemaError(f"{path}: truncated or corrupt {kind} ({reason}); restore it with `dvc checkout {path}` "
+    return SchemaError(f"{path}: truncated or corrupt {kind} ({reason}); restore it with `dvc checkout --force {path}` "
                        f"(or rerun the stage that writes it)")
 
 

@@ -39,9 +39,13 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from scipy.sparse import csr_matrix
+from huggingface_hub import is_offline_mode
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from scipy.sparse.csgraph import connected_components
 
+from stages.lib import hub
 from stages.lib.answers import answers_equivalent, parse_answer
+from stages.lib.errors import UserError
 from stages.lib.extras import require
 
 log = logging.getLogger(__name__)
@@ -185,6 +189,35 @@ def connected_clusters(adjacency: np.ndarray) -> np.ndarray:
 
 # ---- NLI -----------------------------------------------------------------------------------------------
 
+def nli_model_source(model_name: str) -> dict:
+    """The ``from_pretrained`` keywords for ``semantic_entropy.nli_model``, after checking fast that it exists: a
+    local directory, or a Hub repo id the Hub knows (one metadata request, no retries) or the local cache holds.
+    Anything else is one UserError naming the key, in seconds rather than transformers' 50 s of retries."""
+    if Path(model_name).expanduser().exists():
+        return {}
+    key = f"params.yaml: `semantic_entropy.nli_model` = {model_name!r}"
+    try:
+        validate_repo_id(model_name)
+    except HFValidationError:
+        raise UserError(f"{key}: no such local directory, and not a Hugging Face repo id (`org/name`)") from None
+    cached = hub.cached_file(model_name, "config.json") is not None
+    if is_offline_mode():
+        if not cached:
+            raise UserError(f"{key}: HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache; download it where the "
+                            f"Hub is reachable or set a local directory")
+        return {"local_files_only": True}
+    try:
+        reason = hub.unreachable_reason(model_name)
+    except hub.HubRepoError as error:
+        raise UserError(f"{key}: {error}") from None
+    if reason is None:
+        return {}
+    if not cached:
+        raise UserError(f"{key}: the Hugging Face Hub did not answer ({reason}) and it is not in the local cache; "
+                        f"download it where the Hub is reachable, or set a local directory")
+    return {"local_files_only": True}
+
+
 def nli_equivalent(forward: str, backward: str, strict_entailment: bool) -> bool:
     """Bidirectional NLI decision from the labels of a -> b (``forward``) and b -> a (``backward``).
 
@@ -210,8 +243,8 @@ def nli_label_indices(id2label: dict, model_name: str) -> dict[str, int]:
     index_of = {str(name).strip().lower(): int(index) for index, name in id2label.items()}
     missing = [label for label in NLI_LABELS if label not in index_of]
     if missing:
-        raise ValueError(f"NLI model {model_name!r}: config.id2label = {dict(id2label)} has no {missing} label; "
-                         f"expected an MNLI sequence classifier with labels {NLI_LABELS} (any case)")
+        raise UserError(f"semantic_entropy.nli_model {model_name!r}: config.id2label = {dict(id2label)} has no "
+                        f"{missing} label; expected an MNLI sequence classifier with labels {NLI_LABELS} (any case)")
     return {label: index_of[label] for label in NLI_LABELS}
 
 
@@ -227,14 +260,15 @@ class NliClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.torch = torch
+        kwargs = nli_model_source(model_name)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_name)
-        except OSError as error:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name, **kwargs)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_name, **kwargs)
+        except (OSError, ValueError) as error:
             where = "a local directory" if Path(model_name).exists() else \
                 "a Hugging Face repo id (needs the Hub or its local cache; give a local directory offline)"
-            raise OSError(f"semantic_entropy.nli_model={model_name!r}: could not load it as {where}: {error}") \
-                from error
+            raise UserError(f"params.yaml: `semantic_entropy.nli_model` = {model_name!r}: could not load it as "
+                            f"{where}: {' '.join(str(error).split())}") from None
         self.model.to(device).eval()
         self.device = device
         label_indices = nli_label_indices(self.model.config.id2label, model_name)

@@ -208,9 +208,11 @@ def open_hidden(directory: str | Path, dataset: str) -> tuple[HiddenStates, pd.D
         path = hidden_shard(shard_dir, position)
         if not path.exists():
             raise SchemaError(f"{path}: not found: the hidden states at position `{position}` that {meta_path} "
-                              f"lists; restore them with `dvc checkout {Path(directory)}` or rerun `dvc repro trace`")
+                              f"lists; restore them with `dvc checkout --force {Path(directory)}` or rerun "
+                              f"`dvc repro trace`")
         shard = load_npy(path)
         validate_hidden_shard(shard, index, meta, path, position)
+        require_finite_hidden(shard, index, path)  # a damaged file: one line naming it, not a NaN inside a fit
         shards.append(shard)
         paths.append(path)
     hidden = HiddenStates(shards, paths)

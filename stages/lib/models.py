@@ -96,8 +96,8 @@ def converted_gguf(gguf_file: str | Path, cache_root: str | Path | None = None) 
     """
     gguf_file = Path(gguf_file).expanduser()
     if not gguf_file.is_file():
-        raise FileNotFoundError(f"model.name={str(gguf_file)!r}: GGUF file not found (a name ending in .gguf must "
-                                f"be a local file)")
+        raise ModelNotAvailableError(f"model.name={str(gguf_file)!r}: GGUF file not found (a name ending in .gguf must "
+                                     f"be a local file)")
     cache_root = Path(cache_root) if cache_root is not None else gguf_cache_root()
     digest = file_sha256(gguf_file)
     directory = cache_root / digest
@@ -234,7 +234,8 @@ def load_model(name: str, toy_model_dir: str | Path, device: str = "cpu", dtype:
                                                      **source.from_pretrained_kwargs())
     except OSError as error:
         where = "a local directory" if Path(source.path).exists() else "a Hugging Face repo id"
-        raise OSError(f"model.name={name!r}: could not load {source.path!r} as {where}: {error}") from error
+        raise ModelNotAvailableError(f"model.name={name!r}: could not load {source.path!r} as {where}: "
+                                     f"{' '.join(str(error).split())}") from None
     model.eval()
     placement = sorted(set(map(str, getattr(model, "hf_device_map", {}).values()))) or [str(model.device)]
     log.info("loaded %s: %d parameters, %d layers, %s on %s", source.path, model.num_parameters(),
@@ -271,11 +272,11 @@ def resolve_device(device: str) -> str:
         return resolved
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"params.yaml: `model.device` = {device!r}, but CUDA is not available to torch "
+            raise UserError(f"params.yaml: `model.device` = {device!r}, but CUDA is not available to torch "
                                f"{torch.__version__} here; use `cpu` or `auto`")
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise RuntimeError(f"params.yaml: `model.device` = {device!r}, but this machine has "
+            raise UserError(f"params.yaml: `model.device` = {device!r}, but this machine has "
                                f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 

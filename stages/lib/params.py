@@ -12,13 +12,16 @@ the command line prints it and exits with status 2 (``stages.lib.common.run_stag
 """
 
 import dataclasses
+import difflib
 import re
+import subprocess
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from stages.lib.errors import UserError
@@ -162,6 +165,73 @@ class Paths(Group):
     """The viewer's one-row-per-run table."""
     forced_answers: str
     """Answers forced at prefixes of each run's reasoning (stage forced_answers), one table per dataset."""
+
+    @model_validator(mode="after")
+    def _apart(self, info: ValidationInfo) -> "Paths":
+        """No two outputs overlap (a stage replaces its directory whole, so a path holding another output would
+        delete it); with the project root in the validation context (``load_params``), every path also stays
+        inside the project and away from its sources and the user's data (``check_output_path``)."""
+        root = (info.context or {}).get("root")
+        given = {key: Path(getattr(self, key)) for key in type(self).model_fields}
+        if root is not None:
+            for key, path in given.items():
+                check_output_path(key, path, Path(root), whole=key not in FILE_OUTPUT_DIRS)
+        values = {key: (Path(root) / path).resolve() for key, path in given.items()} if root is not None else given
+        for key, path in values.items():
+            for other, other_path in values.items():
+                if other == key:
+                    continue
+                if path == other_path:
+                    raise invalid(key, f"a path different from `paths.{other}` (two outputs in one place)")
+                if other_path.is_relative_to(path):
+                    raise invalid(key, f"a path that does not contain `paths.{other}` ({given[other]}): the stage "
+                                       f"replaces its directory whole")
+        return self
+
+
+FILE_OUTPUT_DIRS = ("metrics", "plots")
+"""``paths.*`` keys whose directory several stages write single files into; every other one is replaced whole."""
+USER_DIRS = (SOURCES_DIR, MODELS_DIR, ".git", ".dvc")
+"""What no output may be, lie in or contain: the user's question files and models, git's and DVC's own state."""
+
+
+def check_output_path(key: str, path: Path, root: Path, whole: bool) -> None:
+    """Refuse ``paths.<key>`` = ``path`` unless it is a new or stage-owned directory inside the project ``root``.
+
+    Inside: relative to ``root`` (or absolute within it) after resolving ``..`` and links, and not ``root`` itself.
+    Apart: not one of ``USER_DIRS``, inside one or containing one. For a directory the stage replaces ``whole``:
+    holding no file that git tracks or sees as a user's (untracked and not ignored), so ``docs`` or a folder of
+    notes is refused, while an output (listed in DVC's .gitignore files) or a new directory passes. Outside a git
+    work tree that last check is skipped.
+    """
+    resolved_root = root.resolve()
+    resolved = (root / path).resolve()
+    if resolved == resolved_root or not resolved.is_relative_to(resolved_root):
+        raise invalid(key, f"a directory inside the project {resolved_root} (a relative path such as data/<name> or "
+                           f"artifacts/<name>)")
+    relative = resolved.relative_to(resolved_root)
+    for user_dir in map(Path, USER_DIRS):
+        if relative.is_relative_to(user_dir) or user_dir.is_relative_to(relative):
+            raise invalid(key, f"a path apart from {user_dir}/ (the project's own or the user's files, which a stage "
+                               f"would delete)")
+    if whole and resolved.exists():
+        seen = git_visible_files(resolved_root, relative)
+        if seen:
+            raise invalid(key, f"a new directory or a stage's own output, but {relative} holds {len(seen)} file(s) "
+                               f"git tracks or does not ignore (e.g. {seen[0]}), which the stage would delete")
+
+
+def git_visible_files(root: Path, relative: Path) -> list[str]:
+    """Files under ``root/relative`` that git tracks or lists as untracked and not ignored; [] outside a git work tree
+    (or without git)."""
+    try:
+        listed = subprocess.run(["git", "-C", str(root), "ls-files", "--cached", "--others", "--exclude-standard",
+                                 "-z", "--", str(relative)], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listed.returncode != 0:  # not a git work tree
+        return []
+    return sorted(name for name in listed.stdout.decode(errors="replace").split("\0") if name)
 
 
 class ToyParams(Group):
@@ -486,14 +556,23 @@ class Params(Group):
 
 # ---- loading, and pydantic's errors as one line ---------------------------------------------------------------
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Build and validate Params from the parsed params.yaml mapping; ParamsError names the first bad key."""
+def parse_params(raw: Any, source: str = "params.yaml", root: str | Path | None = None) -> Params:
+    """Build and validate Params from the parsed params.yaml mapping; ParamsError names the first bad key.
+
+    ``root``: the project directory the stages run in; given, every ``paths.*`` must be a new or stage-owned
+    directory inside it (``check_output_path``). ``load_params`` passes the params file's directory."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: the top level must be a mapping of groups, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"root": root})
     except ValidationError as error:
-        raise ParamsError(one_line(error.errors()[0], raw, source)) from None
+        raise ParamsError(one_line(first_error(error.errors()), raw, source)) from None
+
+
+def first_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: an unknown key before anything else, since a misspelt key (``sampling.temprature``)
+    also makes the right one (``sampling.temp``) missing, and the typo is what the user must fix."""
+    return next((error for error in errors if error["type"] == "extra_forbidden"), errors[0])
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -508,7 +587,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         reason = getattr(error, "problem", None) or str(error)
         raise ParamsError(f"{where}: not valid YAML ({' '.join(reason.split())})") from None
-    return parse_params(raw, str(path))
+    return parse_params(raw, str(path), root=path.resolve().parent)
 
 
 def one_line(error: dict[str, Any], raw: dict, source: str) -> str:
@@ -527,7 +606,10 @@ def one_line(error: dict[str, Any], raw: dict, source: str) -> str:
             break
         group = _group(field.annotation)
     if error["type"] == "extra_forbidden":
-        return f"{source}: unknown key `{'.'.join(keys)}` (known: {', '.join(group.model_fields)})"
+        known = list(group.model_fields)
+        close = difflib.get_close_matches(keys[-1], known, n=1, cutoff=0.5)
+        hint = f"did you mean `{'.'.join([*keys[:-1], close[0]])}`? " if close else ""
+        return f"{source}: unknown key `{'.'.join(keys)}` ({hint}known: {', '.join(known)})"
     if error["type"] == "missing":
         return f"{source}: missing key `{'.'.join(keys)}`"
     expected = None
