@@ -1,15 +1,15 @@
 """The same bytes on every x86 CPU: pin what the numeric libraries would otherwise choose by CPU, and describe the
 machine a stage ran on (its cost record).
 
-torch's own kernels (ATen), MKL (torch's float matmuls), oneDNN, OpenBLAS (numpy's and scipy's: probe fitting) and
-numpy's own loops each pick a kernel by the CPU's instruction set when they load, and split work by its core count.
-A float sum done 16 lanes at a time instead of 8, with a fused multiply-add, or over another number of threads rounds
-differently: an AVX2-only EPYC trained another toy model than this AVX-512 one, and every number downstream moved
-(issue 23). ``pin_cpu_kernels`` sets each library's own switch to the AVX2 level, which every x86 CPU since 2013
-(Intel Haswell, AMD Zen) has, and a fixed thread count whatever the number of cores. It must run before those
-libraries load: ``stages/__init__.py`` calls it, so ``python -m stages.<name>`` (what dvc.yaml runs) is pinned
-with no shell set-up, and the values override the caller's. A CPU without AVX2 and FMA gets slower kernels that round
-differently; its cost records say so (``aten_capability`` is not AVX2).
+torch's own kernels (ATen), MKL (torch's float matmuls), oneDNN, OpenBLAS (numpy's and scipy's: probe fitting),
+numpy's own loops and numba (UMAP) each pick a kernel by the CPU's instruction set when they load (or compile for
+it), and split work by its core count. A float sum done 16 lanes at a time instead of 8, with a fused multiply-add,
+or over another number of threads rounds differently: an AVX2-only EPYC trained another toy model than this AVX-512
+one, and every number downstream moved (issue 23). ``pin_cpu_kernels`` sets each library's own switch to the AVX2
+level, which every x86 CPU since 2013 (Intel Haswell, AMD Zen) has, and a fixed thread count whatever the number of
+cores. It must run before those libraries load: ``stages/__init__.py`` calls it, so ``python -m stages.<name>``
+(what dvc.yaml runs) is pinned with no shell set-up, and the values override the caller's. A CPU without AVX2 and
+FMA gets slower kernels that round differently; its cost records say so (``aten_capability`` is not AVX2).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ PINNED_ENVIRONMENT = {
     "OPENBLAS_CORETYPE": "Haswell",  # numpy's and scipy's OpenBLAS (DYNAMIC_ARCH builds): the AVX2 kernels
     # numpy's AVX-512 loops (its exp/log/sum differ in the last bit from the AVX2 ones); unknown names are ignored
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR AVX512F AVX512_SKX",
+    "NUMBA_CPU_NAME": "haswell",  # numba (UMAP in analysis) compiles for this CPU, not the host: AVX2 code
     "OMP_NUM_THREADS": str(THREADS),  # torch's intra-op pool and scikit-learn's OpenMP loops
     "MKL_NUM_THREADS": str(THREADS),
     "OPENBLAS_NUM_THREADS": str(THREADS),
