@@ -87,3 +87,20 @@ def test_every_output_persists_so_a_failed_run_deletes_nothing(stage):
         for entry in STAGES[stage].get(kind, []):
             path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
             assert (options or {}).get("persist") is True, f"dvc.yaml stage `{stage}`: {kind} `{path}` lacks persist"
+
+
+def test_the_committed_lock_was_made_by_the_committed_code():
+    """README's numbers come from dvc.lock's run: every code dep (`.py`) and param each stage's lock entry records
+    must be what the commit holds, so a fresh clone's `dvc status` shows no stage changed by code or params.
+    Hashes only (DVC's own dependency check), no stage runs and no data read."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    stale = []
+    with Repo(str(REPO)) as repo:
+        for stage in repo.index.stages:
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency) or dep.def_path.endswith(".py"):
+                    stale += [f"{stage.addressing}: {path} {change}" for path, change in dep.status().items()]
+    assert stale == [], ("dvc.lock was not written by this code and params.yaml (rerun `dvc repro` and commit "
+                         "dvc.lock with the outputs): " + "; ".join(stale))

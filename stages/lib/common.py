@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from stages.lib.cpu import machine_record
 from stages.lib.errors import UserError
 from stages.lib.schema import COST_COUNTERS, COST_DIR, Column, Contract, CostRecord, SchemaError, validate_frame
 
@@ -356,8 +357,9 @@ def load_npy(path: str | Path, mmap_mode: str | None = "r") -> np.ndarray:
 
 @contextlib.contextmanager
 def cost_record(metrics_dir: str | Path, stage: str, outputs: StageOutputs | None = None) -> Iterator[dict]:
-    """Time a stage and write ``<metrics_dir>/cost/<stage>.json`` (CostRecord) with wall seconds and the counters
-    it adds; with ``outputs`` (``stage_outputs``) the record is one of the stage's set of outputs, written with them.
+    """Time a stage and write ``<metrics_dir>/cost/<stage>.json`` (CostRecord) with wall seconds, the counters
+    it adds and the machine it ran on (CPU, pinned kernel switches, library versions); with ``outputs``
+    (``stage_outputs``) the record is one of the stage's set of outputs, written with them.
 
     The stage fills the yielded dict (tokens generated, forward passes, equivalence checks ...) with numbers and
     strings (numpy scalars are stored as Python ones); a stage listed in COST_COUNTERS must fill those counters.
@@ -367,7 +369,8 @@ def cost_record(metrics_dir: str | Path, stage: str, outputs: StageOutputs | Non
     yield counters
     path = Path(metrics_dir) / COST_DIR / f"{stage}.json"
     record = CostRecord(stage=stage, wall_seconds=round(time.perf_counter() - start, 3),
-                        counters={name: _python_scalar(value) for name, value in counters.items()})
+                        counters={name: _python_scalar(value) for name, value in counters.items()},
+                        machine=machine_record())
     if stage in COST_COUNTERS:
         COST_COUNTERS[stage].parse(record.counters, f"{path} (as written by the {stage} stage)")
     write_model(record, path if outputs is None else outputs.path(path))
