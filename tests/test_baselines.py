@@ -190,3 +190,35 @@ def test_registry_scores_the_new_baselines_from_the_runs_columns_by_hand():
         "negative_min_answer_logprob": [-math.log(0.25), -math.log(0.3)], "num_semantic_sets": [3, 1],
         "eigv": [2.5, 1.0], "degree": [0.6, 0.0], "eccentricity": [1.4, 0.0]})
     assert all(registry.BY_NAME[name].label == "incorrect" for name in names)
+
+
+# ---- exact ties: measures equal up to rounding rank as ties (stages.lib.metrics.exact_ties) --------------------
+
+
+def test_union_of_cliques_ranks_eigv_eccentricity_and_num_semantic_sets_alike():
+    # EigV = C and Ecc = sqrt(C - 1) exactly for C cliques, but the eigen-solver's rounding depends on the cluster
+    # sizes and the row order; once stored as scores, all three must give the same AUROC whatever those are.
+    from stages.lib.evaluation import score_runs
+    from stages.lib.metrics import auroc
+    from stages.lib.registry import BY_NAME
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for question in range(300):
+        n_clusters = int(rng.integers(1, 5))
+        sizes = rng.multinomial(10 - n_clusters, np.ones(n_clusters) / n_clusters) + 1  # K = 10, every size >= 1
+        adjacency = cliques(sizes.tolist())
+        order = rng.permutation(10)
+        measures = graph_measures(adjacency[np.ix_(order, order)])
+        for run in range(2):
+            rows.append({"question_id": f"q{question}", "correct": bool(rng.random() < 0.7 - 0.15 * n_clusters),
+                         **measures})
+    runs = pd.DataFrame(rows)
+    raw_eigv = runs["eigv"].to_numpy()
+    assert np.any(raw_eigv != np.round(raw_eigv)), "the solver should leave rounding noise for this test to bite"
+    entries = [BY_NAME[name] for name in ("num_semantic_sets", "eigv", "eccentricity")]
+    scores = score_runs(runs, None, None, None, {}, entries)
+    incorrect = ~runs["correct"].to_numpy(bool)
+    values = [auroc(incorrect, scores[entry.name].to_numpy()) for entry in entries]
+    assert values[1] == pytest.approx(values[0], abs=1e-12)
+    assert values[2] == pytest.approx(values[0], abs=1e-12)

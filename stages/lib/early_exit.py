@@ -33,7 +33,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, cross_val_score
 
 from stages.lib.answers import answers_equivalent
-from stages.lib.metrics import auroc, single_class_reason
+from stages.lib.metrics import auroc, exact_ties, single_class_reason
 from stages.lib.params import ProbeParams
 from stages.lib.probes import LogisticProbe, SingleClassError, fit_probe, probe_features
 from stages.lib.schema import SchemaError, StoppingProbeChoice
@@ -150,7 +150,12 @@ def rule_scores(name: str, outcomes: PrefixOutcomes, probe_p_correct: np.ndarray
     """(n, m) float: the score a rule compares with tau at each prefix (higher = more ready to stop).
 
     A forced answer with no tokens has no confidence: its trial_confidence and answer_entropy scores are -inf.
+    Values equal up to rounding are made equal (``metrics.exact_ties``), so a threshold never splits them.
     """
+    return exact_ties(_raw_rule_scores(name, outcomes, probe_p_correct))
+
+
+def _raw_rule_scores(name: str, outcomes: PrefixOutcomes, probe_p_correct: np.ndarray | None) -> np.ndarray:
     n, m = outcomes.forced_correct.shape
     if name == "probe":
         if probe_p_correct is None or probe_p_correct.shape != (n, m):
