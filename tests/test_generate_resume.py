@@ -97,7 +97,7 @@ def test_the_key_changes_with_params_questions_and_model(tiny_lm_dir, tmp_path, 
 
 def test_stale_checkpoints_are_deleted_and_never_read(tmp_path):
     run = SampledRun(generated_ids=[5, 6], token_logprobs=[-0.5, -0.25], token_entropies=[1.0, 0.5],
-                     stop_entropy=0.1, truncated=False)
+                     stop_entropy=0.1, truncated=False, token_topk_logprob_mean=[-2.0, -1.5])
     old = GenerationCheckpoints("old", root=tmp_path)
     old.save("id", 0, [run])
     assert GenerationCheckpoints("old", root=tmp_path).load("id", 0)[0].generated_ids == [5, 6]

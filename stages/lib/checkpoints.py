@@ -96,11 +96,15 @@ class GenerationCheckpoints:
         if not path.is_file():
             return None
         with np.load(path, allow_pickle=False) as saved:
+            if "token_topk_logprob_mean" not in saved.files:  # written before the top-k means were recorded
+                log.info("checkpoint %s predates token_topk_logprob_mean; sampling its call again", path.name)
+                return None
             lengths = saved["lengths"]
             bounds = np.r_[0, np.cumsum(lengths)]
             runs = [SampledRun(generated_ids=saved["generated_ids"][a:b].tolist(),
                                token_logprobs=saved["token_logprobs"][a:b],
                                token_entropies=saved["token_entropies"][a:b],
+                               token_topk_logprob_mean=saved["token_topk_logprob_mean"][a:b],
                                stop_entropy=float(saved["stop_entropy"][i]), truncated=bool(saved["truncated"][i]))
                     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
         self.resumed += 1
@@ -116,6 +120,8 @@ class GenerationCheckpoints:
                      generated_ids=np.array([t for run in runs for t in run.generated_ids], dtype=np.int64),
                      token_logprobs=np.concatenate([np.asarray(run.token_logprobs) for run in runs] or [[]]),
                      token_entropies=np.concatenate([np.asarray(run.token_entropies) for run in runs] or [[]]),
+                     token_topk_logprob_mean=np.concatenate([np.asarray(run.token_topk_logprob_mean, np.float32)
+                                                             for run in runs] or [[]]),
                      stop_entropy=np.array([run.stop_entropy for run in runs], dtype=np.float64),
                      truncated=np.array([run.truncated for run in runs], dtype=bool))
             out.flush()

@@ -225,6 +225,8 @@ RUN_COLUMNS = (
     Column("token_logprobs", "list", doc="log p(chosen token) under the model's untempered distribution"),
     Column("token_entropies", "list", doc="entropy (nats) of the model's untempered next-token distribution "
                                           "(vLLM backend: a lower bound from the top-N log-probs)"),
+    Column("token_topk_logprob_mean", "list", doc="mean of the top-k (runs.TOP_LOGPROBS) untempered log-probs at "
+                                                  "each generated token; minus it is DeepConf's token confidence"),
     Column("sequence_loglik", "float", doc="sum of token_logprobs"),
     Column("mean_token_entropy", "float", doc="mean token entropy over the think span (all tokens if none)"),
     Column("n_generated", "int"),
@@ -246,6 +248,8 @@ SE_COLUMNS = (
     Column("eigv", "float", doc="sum of max(0, 1 - eigenvalue) of the graph's normalised Laplacian (EigValLaplacian)"),
     Column("degree", "float", doc="1 - sum of the adjacency / K^2 (DegMat)"),
     Column("eccentricity", "float", doc="norm of the centred spectral embedding, eigenvalues < 0.9 (Eccentricity)"),
+    Column("kernel_language_entropy", "float", doc="von Neumann entropy of the graph's heat kernel, t = 0.3 (KLE, "
+                                                   "nats)"),
 )
 SE_KEY = RUN_KEY
 
