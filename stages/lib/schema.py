@@ -945,7 +945,19 @@ EARLY_EXIT_PARETO_COLUMNS = (
     Column("loss", "float", doc="share of runs right with full reasoning and wrong under the rule"),
     Column("chosen", "bool", doc="the operating point calibrated on val"),
 )
+EARLY_EXIT_GUARANTEE_COLUMNS = (
+    Column("rule", "str", doc="a stopping rule of stages.lib.early_exit.RULES"),
+    Column("split", "str", doc="test (the redrawn in-distribution test questions) or ood"),
+    Column("epsilon", "float", doc="the risk level the rule was recalibrated for"),
+    Column("delta", "float", doc="the allowed chance of exceeding it"),
+    Column("loss_mean", "float", doc="realised loss, mean over the redraws"),
+    Column("loss_q95", "float", doc="realised loss, 95th percentile over the redraws"),
+    Column("exceedance", "float", doc="share of redraws whose realised loss exceeds epsilon (promised <= delta on "
+                                      "test)"),
+    Column("think_tokens_saved_mean", "float", doc="share of the reasoning tokens not generated, mean over redraws"),
+)
 EARLY_EXIT_FILE = "early_exit.json"  # in paths.metrics; EarlyExitReport
+EARLY_EXIT_GUARANTEE_FILE = "early_exit_guarantee.csv"  # in paths.plots; EARLY_EXIT_GUARANTEE_COLUMNS
 EARLY_EXIT_PARETO_FILE = "early_exit_pareto.csv"  # in paths.plots; EARLY_EXIT_PARETO_COLUMNS
 
 
@@ -992,6 +1004,41 @@ class EarlyExitOutcome(Contract):
     """Share of runs stopped before the end of their reasoning."""
 
 
+class EarlyExitRedrawSplit(Contract):
+    """A rule recalibrated on each redraw of the calibration questions: its realised loss on one split's questions,
+    over the draws."""
+
+    exceedance: float
+    """Share of draws whose realised (question-level) loss exceeds epsilon: Learn-then-Test promises <= delta on
+    test; on OOD nothing is promised."""
+    exceedance_ci_low: float
+    exceedance_ci_high: float
+    """Clopper-Pearson interval of the exceedance (scipy.stats.binomtest), at ``settings.confidence``."""
+    loss_mean: float
+    loss_q05: float
+    loss_median: float
+    loss_q95: float
+    think_tokens_saved_mean: float
+    think_tokens_saved_q05: float
+    think_tokens_saved_median: float
+    think_tokens_saved_q95: float
+
+
+class EarlyExitRedraws(Contract):
+    """The guarantee observed: val and test questions pooled, split again at random ``n_draws`` times into as many
+    calibration questions as val has and test questions (the rest), the rule recalibrated on each."""
+
+    n_draws: int
+    n_calibration_questions: int
+    n_test_questions: int
+    never_stops: float
+    """Share of draws where no candidate was certified (the rule thinks to the end: no loss, no saving)."""
+    within_delta: bool
+    """The test exceedance is consistent with the promise: its interval's lower end is <= delta."""
+    splits: dict[str, EarlyExitRedrawSplit]
+    """test and, when there are OOD questions, ood (the same calibrated tau applied to every OOD question)."""
+
+
 class EarlyExitRule(Contract):
     """A stopping rule: its threshold chosen on val by Learn-then-Test, and what it does on test and OOD."""
 
@@ -1006,6 +1053,8 @@ class EarlyExitRule(Contract):
     candidates_rejected: int
     splits: dict[str, EarlyExitOutcome]
     """test and ood."""
+    redraws: EarlyExitRedraws | None = None
+    """The guarantee checked over redraws of the calibration questions (null in files written before it was)."""
 
 
 class EarlyExitSettings(Contract):
@@ -1019,6 +1068,10 @@ class EarlyExitSettings(Contract):
     n_calibration_questions: int
     bootstrap: int
     confidence: float
+    redraws: int | None = None
+    """Redraws of the calibration questions (``EarlyExitRedraws``); null in files written before they were."""
+    epsilon_grid: list[float] | None = None
+    """The risk levels of the guarantee plot (early_exit_guarantee.csv)."""
 
 
 class EarlyExitReport(Contract):
