@@ -305,6 +305,11 @@ def test_vectorised_p_values_equal_the_scalar_ones():
     expected = [[hoeffding_bentkus_p_value(r, 100, 0.1) for r in row] for row in risks]
     np.testing.assert_allclose(hoeffding_bentkus_p_values(risks, 100, 0.1), expected, rtol=1e-12)
     assert np.all(hoeffding_bentkus_p_values(risks, 0, 0.1) == 1.0)
+    # the fixed-sequence walk of test_fixed_sequence_stops_at_the_first_non_rejection, and one that rejects nothing
+    # (column c = never stop) and one that rejects all (the least conservative candidate)
+    choices = learn_then_test_choices(np.array([[0.0, 0.02, 0.04, 0.08, 0.0], [0.2, 0.0, 0.0, 0.0, 0.0],
+                                                [0.0, 0.0, 0.0, 0.0, 0.0]]), 100, 0.1, 0.1)
+    np.testing.assert_array_equal(choices, [2, 5, 4])
 
 
 def test_each_redraw_recalibrates_exactly_as_calibrate_does():
