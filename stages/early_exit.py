@@ -2,8 +2,9 @@
 
 Run with ``python -m stages.early_exit``. Reads the runs, hidden states and question splits (train_probes'
 splits.parquet) and the forced answers; writes ``{paths.metrics}/early_exit.json`` (``schema.EarlyExitReport``),
-``{paths.plots}/early_exit_pareto.csv`` (accuracy against tokens over tau, per rule and split) and its cost
-record. The method (Learn-then-Test, named in docs/early_exit.md) is stages/lib/early_exit.py.
+``{paths.plots}/early_exit_pareto.csv`` (accuracy against tokens over tau, per rule and split),
+``{paths.plots}/early_exit_guarantee.csv`` (realised loss against epsilon over redraws of the calibration questions)
+and its cost record. The method (Learn-then-Test, named in docs/early_exit.md) is stages/lib/early_exit.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from stages.lib.forced_answers import require_traced_prefixes
 from stages.lib.params import Params, load_params
 from stages.lib.schema import (
     EARLY_EXIT_FILE,
+    EARLY_EXIT_GUARANTEE_COLUMNS,
+    EARLY_EXIT_GUARANTEE_FILE,
     EARLY_EXIT_PARETO_COLUMNS,
     EARLY_EXIT_PARETO_FILE,
     FORCED_ANSWER_COLUMNS,
@@ -69,19 +72,24 @@ def run(params: Params) -> EarlyExitReport:
                                                              positions, layers) for probe in probes])
                      for split in runs}
         choices = stopping_probe_choices(probes, outcomes, p_correct)
-        rules, pareto = evaluate_rules(outcomes, p_correct, settings.epsilon, settings.delta, settings.tau_grid,
-                                       params.evaluate.bootstrap, params.evaluate.confidence, params.seed)
+        rules, pareto, guarantee = evaluate_rules(
+            outcomes, p_correct, settings.epsilon, settings.delta, settings.tau_grid, params.evaluate.bootstrap,
+            params.evaluate.confidence, params.seed, n_draws=settings.redraws,
+            epsilon_grid=tuple(settings.epsilon_grid))
         report = EarlyExitReport.model_validate({
             "settings": EarlyExitSettings(
                 method=METHOD, loss=LOSS, epsilon=settings.epsilon, delta=settings.delta, prefixes=list(prefixes),
                 answer_prefix=settings.answer_prefix, calibration_split=CALIBRATION_SPLIT,
                 n_calibration_questions=int(runs[CALIBRATION_SPLIT]["question_id"].nunique()),
-                bootstrap=params.evaluate.bootstrap, confidence=params.evaluate.confidence),
+                bootstrap=params.evaluate.bootstrap, confidence=params.evaluate.confidence,
+                redraws=settings.redraws, epsilon_grid=list(settings.epsilon_grid)),
             "stopping_probes": choices, "rules": rules})
         write_model(report, outputs.path(Path(params.paths.metrics) / EARLY_EXIT_FILE))
         write_csv(pareto, outputs.path(Path(params.paths.plots) / EARLY_EXIT_PARETO_FILE), EARLY_EXIT_PARETO_COLUMNS)
+        write_csv(guarantee, outputs.path(Path(params.paths.plots) / EARLY_EXIT_GUARANTEE_FILE),
+                  EARLY_EXIT_GUARANTEE_COLUMNS)
         cost.update(runs=int(sum(len(r) for r in runs.values())), stopping_probes=len(probes),
-                    pareto_rows=len(pareto))
+                    pareto_rows=len(pareto), redraws=settings.redraws)
     return report
 
 

@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from scipy.linalg import eigh
 
 from stages.lib.answers import answers_equivalent
-from stages.lib.baselines import length_normalised_negative_loglik, negative_min_answer_logprob, think_length
+from stages.lib.baselines import (
+    bottom_group_confidence,
+    deepconf_span,
+    length_normalised_negative_loglik,
+    lowest_group_confidence,
+    negative_min_answer_logprob,
+    tail_confidence,
+    think_length,
+)
 from stages.lib.entropy import (
     cluster_answers,
     degree_per_run,
@@ -22,6 +30,7 @@ from stages.lib.entropy import (
     eccentricity_uncertainty,
     eigenvalue_sum_uncertainty,
     graph_measures,
+    kernel_language_entropy,
     normalised_laplacian,
     number_of_semantic_sets,
 )
@@ -75,6 +84,7 @@ PATH = np.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=bool)  # 1 ~ 2 ~ 3, 1 !
 def test_graph_measures_of_cliques_by_hand():
     # clusters of sizes 2, 1, 1 (K = 4): 3 sets; EigV = C = 3; Deg = 1 - (4 + 1 + 1) / 16; Ecc = sqrt(C - 1)
     measures = graph_measures(cliques([2, 1, 1]))
+    assert measures.pop("kernel_language_entropy") == pytest.approx(kernel_language_entropy(cliques([2, 1, 1])))
     assert measures == pytest.approx({"num_semantic_sets": 3, "eigv": 3, "degree": 0.625,
                                       "eccentricity": math.sqrt(2)})
     # per run: 1 - D_jj / K = 1 - 2/4, 1 - 1/4; embedding rows v = (1/sqrt2, 0, 0) x2, (0, 1, 0), (0, 0, 1) with mean
@@ -83,10 +93,12 @@ def test_graph_measures_of_cliques_by_hand():
     np.testing.assert_allclose(eccentricity_per_run(cliques([2, 1, 1])), [0.5, 0.5, math.sqrt(3) / 2,
                                                                           math.sqrt(3) / 2])
     # agreement and its opposite
-    assert graph_measures(cliques([5])) == pytest.approx({"num_semantic_sets": 1, "eigv": 1, "degree": 0,
-                                                          "eccentricity": 0}, abs=1e-12)
+    agree = graph_measures(cliques([5]))
+    assert agree.pop("kernel_language_entropy") > 0  # the heat kernel keeps some of each answer's identity
+    assert agree == pytest.approx({"num_semantic_sets": 1, "eigv": 1, "degree": 0, "eccentricity": 0}, abs=1e-12)
     assert graph_measures(cliques([1] * 4)) == pytest.approx({"num_semantic_sets": 4, "eigv": 4, "degree": 0.75,
-                                                              "eccentricity": math.sqrt(3)})
+                                                              "eccentricity": math.sqrt(3),
+                                                              "kernel_language_entropy": math.log(4)})
 
 
 def test_graph_measures_of_a_non_transitive_path_by_hand():
@@ -190,3 +202,99 @@ def test_registry_scores_the_new_baselines_from_the_runs_columns_by_hand():
         "negative_min_answer_logprob": [-math.log(0.25), -math.log(0.3)], "num_semantic_sets": [3, 1],
         "eigv": [2.5, 1.0], "degree": [0.6, 0.0], "eccentricity": [1.4, 0.0]})
     assert all(registry.BY_NAME[name].label == "incorrect" for name in names)
+
+
+# ---- exact ties: measures equal up to rounding rank as ties (stages.lib.metrics.exact_ties) --------------------
+
+
+def test_union_of_cliques_ranks_eigv_eccentricity_and_num_semantic_sets_alike():
+    # EigV = C and Ecc = sqrt(C - 1) exactly for C cliques, but the eigen-solver's rounding depends on the cluster
+    # sizes and the row order; once stored as scores, all three must give the same AUROC whatever those are.
+    from stages.lib.evaluation import score_runs
+    from stages.lib.metrics import auroc
+    from stages.lib.registry import BY_NAME
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for question in range(300):
+        n_clusters = int(rng.integers(1, 5))
+        sizes = rng.multinomial(10 - n_clusters, np.ones(n_clusters) / n_clusters) + 1  # K = 10, every size >= 1
+        adjacency = cliques(sizes.tolist())
+        order = rng.permutation(10)
+        measures = graph_measures(adjacency[np.ix_(order, order)])
+        for run in range(2):
+            rows.append({"question_id": f"q{question}", "correct": bool(rng.random() < 0.7 - 0.15 * n_clusters),
+                         **measures})
+    runs = pd.DataFrame(rows)
+    raw_eigv = runs["eigv"].to_numpy()
+    assert np.any(raw_eigv != np.round(raw_eigv)), "the solver should leave rounding noise for this test to bite"
+    entries = [BY_NAME[name] for name in ("num_semantic_sets", "eigv", "eccentricity")]
+    scores = score_runs(runs, None, None, None, {}, entries)
+    incorrect = ~runs["correct"].to_numpy(bool)
+    values = [auroc(incorrect, scores[entry.name].to_numpy()) for entry in entries]
+    assert values[1] == pytest.approx(values[0], abs=1e-12)
+    assert values[2] == pytest.approx(values[0], abs=1e-12)
+
+
+# ---- kernel language entropy (Nikitin et al. 2024) -------------------------------------------------------------
+
+
+def binary_entropy(p: float) -> float:
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def test_kernel_language_entropy_by_hand():
+    # two answers that agree: L = [[1, -1], [-1, 1]], exp(-0.3 L) has eigenvalues 1 and e^-0.6 with equal diagonals,
+    # so rho's eigenvalues are (1, e^-0.6) / (1 + e^-0.6)
+    assert kernel_language_entropy(cliques([2])) == pytest.approx(binary_entropy(1 / (1 + math.exp(-0.6))))
+    # all answers differ: L = 0, rho = I / K, log K (SE's maximum)
+    assert kernel_language_entropy(cliques([1, 1, 1])) == pytest.approx(math.log(3))
+    # one clique of 5: eigenvalue 1 / (1 + 4 e^-1.5) once and e^-1.5 / (1 + 4 e^-1.5) four times
+    small = math.exp(-1.5) / (1 + 4 * math.exp(-1.5))
+    expected = -(1 - 4 * small) * math.log(1 - 4 * small) - 4 * small * math.log(small)
+    assert kernel_language_entropy(cliques([5])) == pytest.approx(expected)
+    # sizes (2, 1, 1): the pair's normalised block [[1, a], [a, 1]] / 4 with a = tanh(0.3), singletons 1 / 4 each
+    a = math.tanh(0.3)
+    eigenvalues = [(1 + a) / 4, (1 - a) / 4, 0.25, 0.25]
+    assert kernel_language_entropy(cliques([2, 1, 1])) == pytest.approx(-sum(x * math.log(x) for x in eigenvalues))
+    # a soft (NLI-probability) edge of 0.5: L has eigenvalues 0 and 1, so rho's are (1, e^-0.3) / (1 + e^-0.3)
+    assert kernel_language_entropy(np.array([[1.0, 0.5], [0.5, 1.0]])) == pytest.approx(
+        binary_entropy(1 / (1 + math.exp(-0.3))))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.randoms(use_true_random=False))
+def test_kernel_language_entropy_is_permutation_invariant_and_bounded(sizes, random):
+    adjacency = cliques(sizes)
+    order = list(range(len(adjacency)))
+    random.shuffle(order)
+    value = kernel_language_entropy(adjacency)
+    assert kernel_language_entropy(adjacency[np.ix_(order, order)]) == pytest.approx(value, abs=1e-12)
+    assert 0 <= value <= math.log(len(adjacency)) + 1e-12
+    assert (value > 0) == (len(adjacency) > 1)
+
+
+# ---- DeepConf token confidence (Fu et al. 2025) ------------------------------------------------------------------
+
+
+def test_deepconf_confidences_by_hand():
+    # 16 tokens whose top-k log-prob mean is -1, ..., -16: confidences 1..16; window = tail = 16 / 8 = 2 tokens;
+    # groups are 1.5, 2.5, ..., 15.5 (15 of them): lowest 1.5, bottom 10% = mean of the lowest ceil(1.5) = 2 groups
+    # = 2.0, tail = mean(15, 16) = 15.5. A run with no tokens has confidence 0.
+    runs = [-np.arange(1.0, 17.0), np.array([-3.0, -1.0]), np.array([])]
+    np.testing.assert_allclose(lowest_group_confidence(runs), [1.5, 1.0, 0.0])
+    np.testing.assert_allclose(bottom_group_confidence(runs), [2.0, 1.0, 0.0])
+    np.testing.assert_allclose(tail_confidence(runs), [15.5, 1.0, 0.0])
+    assert deepconf_span(100_000, 2048) == 2048 and deepconf_span(3, 2048) == 1
+
+
+def test_deepconf_scores_flag_the_less_confident_run():
+    from stages.lib.evaluation import score_runs
+    from stages.lib.registry import BY_NAME
+
+    runs = pd.DataFrame({"token_topk_logprob_mean": [np.full(8, -6.0), np.full(8, -2.0)]})  # confident, unsure
+    entries = [BY_NAME[name] for name in ("deepconf_lowest_group", "deepconf_bottom_10", "deepconf_tail")]
+    scores = score_runs(runs, None, None, None, {}, entries)
+    for entry in entries:
+        assert entry.orientation == "lower"
+        assert scores[entry.name].tolist() == [-6.0, -2.0]  # higher = more likely incorrect

@@ -18,11 +18,17 @@ from stages.lib.early_exit import (
     PrefixOutcomes,
     apply_rule,
     calibrate,
+    calibration_draws,
+    evaluate_rules,
     fixed_sequence_test,
     hoeffding_bentkus_p_value,
+    hoeffding_bentkus_p_values,
+    learn_then_test_choices,
     outcome_report,
     pareto_rows,
     question_losses,
+    question_table,
+    redraw_outcomes,
     rule_scores,
     stop_index,
     tau_candidates,
@@ -291,6 +297,88 @@ def test_the_guarantee_holds_on_simulated_data_at_the_stated_rate():
         violations += tau is not None and true_risk[tau] > epsilon
     assert stopped > trials / 4, "the test needs calibrations that do stop"
     assert violations / trials <= delta + 3 * math.sqrt(delta * (1 - delta) / trials)
+
+
+# ---- the guarantee observed over redraws ---------------------------------------------------------------------------
+def test_vectorised_p_values_equal_the_scalar_ones():
+    risks = np.array([[0.0, 0.02, 0.04], [0.08, 0.1, 0.3]])
+    expected = [[hoeffding_bentkus_p_value(r, 100, 0.1) for r in row] for row in risks]
+    np.testing.assert_allclose(hoeffding_bentkus_p_values(risks, 100, 0.1), expected, rtol=1e-12)
+    assert np.all(hoeffding_bentkus_p_values(risks, 0, 0.1) == 1.0)
+    # the fixed-sequence walk of test_fixed_sequence_stops_at_the_first_non_rejection, and one that rejects nothing
+    # (column c = never stop) and one that rejects all (the least conservative candidate)
+    choices = learn_then_test_choices(np.array([[0.0, 0.02, 0.04, 0.08, 0.0], [0.2, 0.0, 0.0, 0.0, 0.0],
+                                                [0.0, 0.0, 0.0, 0.0, 0.0]]), 100, 0.1, 0.1)
+    np.testing.assert_array_equal(choices, [2, 5, 4])
+
+
+def test_each_redraw_recalibrates_exactly_as_calibrate_does():
+    """The vectorised redraws: for every draw, the tau ``calibrate`` picks on that draw's calibration questions, and
+    the question-level loss and savings of its test questions, by the slow path."""
+    rng = np.random.default_rng(5)
+    n_questions, runs_per_question, m = 40, 2, 3
+    question_id = np.repeat([f"q{i:02d}" for i in range(n_questions)], runs_per_question)
+    data = outcomes(rng.random((len(question_id), m)) < 0.85, rng.random(len(question_id)) < 0.9,
+                    question_id=question_id, reasoning_tokens=rng.integers(50, 150, len(question_id)))
+    scores = rng.random((len(question_id), m))
+    candidates = tau_candidates(scores, 15)
+    table = question_table(data, scores, candidates, False)
+    draws = calibration_draws(n_questions, 25, 30, np.random.default_rng(0))
+    assert np.all(draws.sum(axis=1) == 25)
+    observed = redraw_outcomes(table, None, draws, epsilon=0.2, delta=0.2)
+    questions = np.unique(question_id)
+    for draw in range(len(draws)):
+        calibration_runs = np.isin(question_id, questions[draws[draw]])
+        expected = calibrate(data.subset(calibration_runs), scores[calibration_runs], candidates, False, 0.2, 0.2)
+        chosen = observed["chosen"][draw]
+        assert (None if chosen == len(candidates) else candidates[chosen]) == expected.tau
+        test = data.subset(~calibration_runs)
+        run = apply_rule(test, scores[~calibration_runs], expected.tau, False)
+        assert observed["test_loss"][draw] == pytest.approx(question_losses(run.loss, test.question_id).mean())
+        assert observed["test_saved"][draw] == pytest.approx(run.think_saved.sum() / test.reasoning_tokens.sum())
+
+
+def test_the_redraws_observe_the_guarantee_and_its_absence():
+    """Calibration and test drawn from one population: the test loss exceeds epsilon in at most about a delta
+    share of the redraws. The same tau on a harder (OOD) population exceeds it far more often, and the report says
+    so rather than hiding it."""
+    rng = np.random.default_rng(1)
+    runs_per_question, m = 3, 3
+
+    def population(n_questions, shift, prefix):
+        difficulty = np.repeat(rng.random(n_questions), runs_per_question)
+        score = np.clip(1 - difficulty[:, None] + rng.normal(0, 0.25, (len(difficulty), m))
+                        + np.linspace(0, 0.3, m), 0, 1)
+        forced = rng.random((len(difficulty), m)) < score - shift  # OOD: the same scores, more wrong answers
+        ids = np.repeat([f"{prefix}{i:04d}" for i in range(n_questions)], runs_per_question)
+        return outcomes(forced, np.ones(len(difficulty), dtype=bool), question_id=ids), score
+
+    splits, p_correct = {}, {}
+    for split, n_questions, shift in (("train", 200, 0.0), ("val", 150, 0.0), ("test", 150, 0.0),
+                                      ("ood", 200, 0.4)):
+        splits[split], p_correct[split] = population(n_questions, shift, split)
+    rules, _, guarantee = evaluate_rules(splits, p_correct, 0.1, 0.2, 30, 20, 0.95, 0, n_draws=400,
+                                         epsilon_grid=(0.05, 0.2))
+    redraws = rules["probe"]["redraws"]
+    assert redraws["n_draws"] == 400 and redraws["n_calibration_questions"] == 150
+    assert redraws["n_test_questions"] == 150 and redraws["never_stops"] < 0.5
+    test, ood = redraws["splits"]["test"], redraws["splits"]["ood"]
+    assert test["exceedance_ci_low"] <= test["exceedance"] <= test["exceedance_ci_high"]
+    assert test["exceedance"] <= 0.2 and redraws["within_delta"]
+    assert ood["exceedance"] > 0.9 and ood["loss_mean"] > 2 * test["loss_mean"]
+    assert 0 < test["think_tokens_saved_mean"] < 1
+    assert set(rules) >= {"probe", "probe_give_up"} and rules["probe_give_up"]["redraws"] is not None
+    probe_rows = guarantee[(guarantee["rule"] == "probe") & (guarantee["split"] == "test")]
+    assert probe_rows["epsilon"].tolist() == [0.05, 0.1, 0.2]
+    assert np.all(probe_rows["loss_mean"].to_numpy() <= probe_rows["epsilon"].to_numpy())
+
+
+def test_the_give_up_rule_stops_where_success_looks_unlikely():
+    data = outcomes([[False, False, True], [True, True, True]], [True, True])
+    p_correct = np.array([[0.1, 0.05, 0.9], [0.8, 0.9, 0.95]])
+    scores = rule_scores("probe_give_up", data, p_correct)
+    np.testing.assert_allclose(scores, -p_correct)
+    np.testing.assert_array_equal(stop_index(scores, -0.2), [0, 3])  # P <= 0.2: the first run gives up at once
 
 
 def test_outcome_report_and_pareto_rows():

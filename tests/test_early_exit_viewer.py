@@ -45,7 +45,7 @@ def project(tmp_path_factory) -> Path:
               for split in ("train", "val", "test", "ood")}
     probe_p = {split: np.clip(data.forced_correct + rng.normal(0, 0.3, (60, 3)), 0, 1)
                for split, data in splits.items()}
-    rules, pareto = evaluate_rules(splits, probe_p, 0.2, 0.2, 10, 20, 0.9, 0)
+    rules, pareto, _ = evaluate_rules(splits, probe_p, 0.2, 0.2, 10, 20, 0.9, 0, n_draws=50)
     report = EarlyExitReport.model_validate({
         "settings": EarlyExitSettings(method="Learn-then-Test", loss="harm", epsilon=0.2, delta=0.2,
                                       prefixes=[25, 50, 75], answer_prefix="\\boxed{", calibration_split="val",

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -127,7 +128,7 @@ def test_a_checkpoint_of_other_code_is_discarded_on_resume(tiny_lm_dir, tmp_path
 
 def test_stale_checkpoints_are_deleted_and_never_read(tmp_path):
     run = SampledRun(generated_ids=[5, 6], token_logprobs=[-0.5, -0.25], token_entropies=[1.0, 0.5],
-                     stop_entropy=0.1, truncated=False)
+                     stop_entropy=0.1, truncated=False, token_topk_logprob_mean=[-2.0, -1.5])
     old = GenerationCheckpoints("old", root=tmp_path)
     old.save("id", 0, [run])
     assert GenerationCheckpoints("old", root=tmp_path).load("id", 0)[0].generated_ids == [5, 6]
@@ -174,3 +175,16 @@ def test_a_failed_vllm_generate_resumes_from_its_finished_calls(tiny_lm_dir, tmp
     generate.main()
     assert len(FakeLLM.instances[0].received) == calls_per_dataset - 2  # the two finished calls were read back
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "runs" / "id.parquet"), uninterrupted)
+
+
+def test_a_checkpoint_from_before_the_top_k_means_is_sampled_again(tmp_path):
+    checkpoints = GenerationCheckpoints("key", root=tmp_path)
+    np.savez(checkpoints.directory / "id-000000.npz", lengths=np.array([2]), generated_ids=np.array([5, 6]),
+             token_logprobs=np.array([-0.5, -0.25], np.float32), token_entropies=np.array([1.0, 0.5], np.float32),
+             stop_entropy=np.array([0.1]), truncated=np.array([False]))
+    assert checkpoints.load("id", 0) is None
+    run = SampledRun(generated_ids=[5, 6], token_logprobs=np.array([-0.5, -0.25], np.float32),
+                     token_entropies=np.array([1.0, 0.5], np.float32), stop_entropy=0.1, truncated=False,
+                     token_topk_logprob_mean=np.array([-2.0, -1.5], np.float32))
+    checkpoints.save("id", 0, [run])
+    np.testing.assert_array_equal(checkpoints.load("id", 0)[0].token_topk_logprob_mean, [-2.0, -1.5])

@@ -9,7 +9,8 @@ import torch
 
 from stages.lib.models import ThinkTokens, load_model, prompt_ids, think_tokens
 from stages.lib.params import SamplingParams, VllmParams
-from stages.lib.runs import SampledRun, build_run_records, mean_think_entropy, prompt_opens_think, think_span
+from stages.lib.runs import (TOP_LOGPROBS, SampledRun, build_run_records, mean_think_entropy, prompt_opens_think,
+                              think_span)
 from stages.lib.sampling_hf import eos_and_pad, sample_runs
 from stages.lib.schema import RUN_COLUMNS, RUN_KEY, prefix_fraction, validate_frame
 from stages.lib.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
@@ -34,7 +35,7 @@ def lm(tiny_lm_dir):
     return model, tokenizer
 
 
-def unbatched_logprobs(model, prompt: list[int], generated: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def unbatched_logprobs(model, prompt: list[int], generated: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Teacher-forced log p(token) and entropy at each generated position, one sequence, no padding."""
     ids = torch.tensor([prompt + generated])
     with torch.no_grad():
@@ -42,7 +43,8 @@ def unbatched_logprobs(model, prompt: list[int], generated: list[int]) -> tuple[
     logprobs = torch.log_softmax(logits.float(), -1)
     chosen = logprobs.gather(1, torch.tensor(generated)[:, None]).squeeze(1)
     entropy = torch.special.entr(logprobs.exp()).sum(-1)
-    return chosen.numpy(), entropy.numpy()
+    topk_mean = logprobs.topk(min(TOP_LOGPROBS, logprobs.shape[-1]), dim=-1).values.mean(-1)
+    return chosen.numpy(), entropy.numpy(), topk_mean.numpy()
 
 
 def test_recorded_logprobs_match_an_unbatched_teacher_forced_pass(lm):
@@ -58,9 +60,10 @@ def test_recorded_logprobs_match_an_unbatched_teacher_forced_pass(lm):
         for run in question_runs:
             if not run.generated_ids:
                 continue
-            chosen, entropy = unbatched_logprobs(model, prompt, run.generated_ids)
+            chosen, entropy, topk_mean = unbatched_logprobs(model, prompt, run.generated_ids)
             np.testing.assert_allclose(run.token_logprobs, chosen, atol=2e-4)
             np.testing.assert_allclose(run.token_entropies, entropy, atol=2e-4)
+            np.testing.assert_allclose(run.token_topk_logprob_mean, topk_mean, atol=2e-4)
             checked += 1
     assert checked >= 6
 
@@ -118,7 +121,7 @@ def test_run_records_follow_the_schema_and_judge_answers(lm):
 
     def run(ids, truncated):
         return SampledRun(ids, np.full(len(ids), -0.5, np.float32), np.full(len(ids), 0.25, np.float32),
-                          float("nan") if truncated else 0.1, truncated)
+                          float("nan") if truncated else 0.1, truncated, np.full(len(ids), -3.0, np.float32))
 
     frame = build_run_records(questions, [[1, 2]], [[run(right, False), run(wrong, True)]], tokenizer, think)
     validate_frame(frame, RUN_COLUMNS, "records", RUN_KEY)

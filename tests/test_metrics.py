@@ -12,6 +12,7 @@ from stages.lib.metrics import (
     auprc,
     auroc,
     bootstrap_ci,
+    exact_ties,
     paired_difference,
     permutation_p_value,
     roc_curve_table,
@@ -64,6 +65,20 @@ def test_rejects_bad_inputs():
         auroc([True, False], [0.1])
     with pytest.raises(ValueError, match="0/1"):
         auroc([2, 0], [0.1, 0.2])
+
+
+def test_exact_ties_merges_rounding_not_values():
+    values = [2.0000000000000013, 2.0, 1.9999999999999998, 3.0, np.inf, 2.5, -np.inf]
+    assert exact_ties(values).tolist() == [1.9999999999999998] * 3 + [3.0, np.inf, 2.5, -np.inf]
+    assert auroc([True, False, True, False], exact_ties([1 + 4e-16, 1.0, 1 + 4e-16, 1.0])) == 0.5
+    # order-independent, idempotent, and values apart by more than rounding stay apart
+    rng = np.random.default_rng(0)
+    noisy = np.repeat([0.1, 0.5, 7.0], 4) * (1 + rng.uniform(-1e-15, 1e-15, 12))
+    order = rng.permutation(12)
+    np.testing.assert_array_equal(exact_ties(noisy)[order], exact_ties(noisy[order]))
+    assert len(np.unique(exact_ties(noisy))) == 3
+    np.testing.assert_array_equal(exact_ties(exact_ties(noisy)), exact_ties(noisy))
+    assert len(np.unique(exact_ties([0.5, 0.5 + 1e-6]))) == 2
 
 
 def test_roc_curve_table_by_hand():

@@ -192,6 +192,7 @@ def test_registry_keeps_the_outputs_names_and_order():
         "accuracy_probe", "se_probe", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy",
         "mean_token_entropy", "entropy_baseline", "negative_sequence_loglik", "length_normalised_negative_loglik",
         "think_length", "negative_min_answer_logprob", "num_semantic_sets", "eigv", "degree", "eccentricity",
+        "kernel_language_entropy", "deepconf_lowest_group", "deepconf_bottom_10", "deepconf_tail",
         "se_regression_probe", "accuracy_range_probe", "se_range_probe", "se_probe_high_se"]
     assert [probe.file for probe in registry.probes()] == [
         "accuracy_probe", "se_probe", "entropy_baseline", "se_regression_probe",

@@ -251,6 +251,7 @@ def make_runs(dataset: str, answers_by_question: dict[str, list[str]]) -> pd.Dat
                 "think_missing": False, "truncated": answer == "", "answer": answer,
                 "answer_source": "boxed" if answer else "truncated_in_think",
                 "token_logprobs": token_logprobs, "token_entropies": [0.5] * len(token_logprobs),
+                "token_topk_logprob_mean": [-2.0] * len(token_logprobs),
                 "sequence_loglik": float(sum(token_logprobs)), "mean_token_entropy": 0.5,
                 "n_generated": len(token_logprobs), "correct": answer == "14",
             })

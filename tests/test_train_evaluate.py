@@ -76,12 +76,14 @@ def make_dataset(n_questions: int, dataset: str, seed: int):
     })
     runs["token_logprobs"] = [rng.normal(-0.5, 0.2, length) - 1.0 * (not is_correct) * (np.arange(length) > 7)
                               for length, is_correct in zip(runs["n_generated"], correct)]
+    runs["token_topk_logprob_mean"] = [logprobs - 2.0 for logprobs in runs["token_logprobs"]]
     entropy = pd.DataFrame({
         "question_id": question_id, "run_id": runs["run_id"], "cluster_id": rng.integers(0, 2, n_runs),
         "n_clusters": 2, "semantic_entropy": semantic_entropy,
         "semantic_entropy_weighted": semantic_entropy + rng.normal(0, 0.05, n_runs),
         "naive_entropy": rng.normal(1, 0.2, n_runs),
         "num_semantic_sets": 2, "eigv": 2.0 + rng.normal(0, 0.1, n_runs), "degree": 0.5, "eccentricity": 1.0,
+        "kernel_language_entropy": 0.6 + 0.2 * semantic_entropy,
     })
     hidden = rng.normal(0, 1, (n_runs, len(POSITIONS), len(LAYERS), HIDDEN_SIZE))
     hidden[:, 1, 2, 0] += 3.0 * correct        # (think_end, layer 2) knows correctness

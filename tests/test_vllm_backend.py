@@ -313,6 +313,10 @@ def test_a_completion_that_stopped_at_eos():
                                                                      + rest * math.log(rest))], rtol=1e-6)
     assert run.stop_entropy == pytest.approx(-(0.6 * math.log(0.6) + 0.4 * math.log(0.4)))
     assert run.token_logprobs.dtype == run.token_entropies.dtype == np.float32
+    # the mean of the (here all) returned log-probs at each kept step
+    np.testing.assert_allclose(run.token_topk_logprob_mean, [math.log(0.5), (math.log(0.9) + math.log(0.05)) / 2],
+                               rtol=1e-6)
+    assert run.token_topk_logprob_mean.dtype == np.float32
 
 
 def test_a_completion_cut_by_max_tokens_is_truncated():
@@ -371,7 +375,7 @@ def test_greedy_records_equal_the_hf_backend_when_n_covers_the_vocabulary(lm, fa
     hf, vllm = both_frames(lm, fake_llm, top_n=len(lm[1]))
     validate_frame(vllm, RUN_COLUMNS, "vllm records", RUN_KEY)
     assert list(vllm.columns) == list(hf.columns) and vllm.dtypes.equals(hf.dtypes)
-    floats = ["token_logprobs", "token_entropies", "sequence_loglik", "mean_token_entropy"]
+    floats = ["token_logprobs", "token_entropies", "token_topk_logprob_mean", "sequence_loglik", "mean_token_entropy"]
     pd.testing.assert_frame_equal(vllm.drop(columns=floats), hf.drop(columns=floats))
     for column in floats:
         np.testing.assert_allclose(np.hstack(vllm[column]), np.hstack(hf[column]), atol=2e-4)
@@ -497,7 +501,7 @@ def test_the_stage_writes_the_hf_records_through_a_stand_in_engine(project, monk
     assert cost["generate_calls"] == 2 and cost["sequences"] == (len(QUESTIONS) + 1) * 2
 
     hf = project.run(monkeypatch, backend="hf")
-    floats = ["token_logprobs", "token_entropies", "sequence_loglik", "mean_token_entropy"]
+    floats = ["token_logprobs", "token_entropies", "token_topk_logprob_mean", "sequence_loglik", "mean_token_entropy"]
     pd.testing.assert_frame_equal(vllm.drop(columns=floats), hf.drop(columns=floats))
     for column in floats:
         np.testing.assert_allclose(np.hstack(vllm[column]), np.hstack(hf[column]), atol=2e-4)

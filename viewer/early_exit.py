@@ -35,7 +35,7 @@ from stages.lib.schema import (
 )
 
 RULE_COLOURS = {"probe": "#1b9e77", "fixed_budget": "#7570b3", "trial_confidence": "#d95f02",
-                "consistency": "#e7298a", "answer_entropy": "#66a61e"}
+                "consistency": "#e7298a", "answer_entropy": "#66a61e", "probe_give_up": "#e6ab02"}
 FORCED_COLUMNS_SHOWN = ["prefix", "reasoning_kept", "reasoning_tokens", "answer", "correct", "mean_logprob",
                         "mean_entropy", "tokens_used"]
 

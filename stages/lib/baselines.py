@@ -15,6 +15,7 @@ Notation: a run has T = ``n_generated`` tokens t = 0..T-1 (EOS excluded), ``thin
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -83,3 +84,63 @@ def negative_min_answer_logprob(token_logprobs: Sequence[np.ndarray], think_end_
         if len(answer):
             scores[run] = -float(answer.min())
     return scores
+
+
+# ---- DeepConf (Fu, Wang, Tian & Zhao 2025, "Deep Think with Confidence") --------------------------------------
+#
+# The token confidence of step t is C_t = -(1/k) sum_{j=1}^{k} log P_t(j), minus the mean of the k largest log-probs
+# of the next-token distribution (the runs table records their mean, ``token_topk_logprob_mean``, k = TOP_LOGPROBS):
+# high when the distribution is peaked. A group is a sliding window of w consecutive tokens (stride 1) and its
+# confidence the mean C_t over it. The paper's defaults are w = 2048 and a tail of 2048 tokens on traces of some 16k
+# tokens; here both are 2048 tokens or an eighth of the run, whichever is smaller (at least one token), so a toy
+# run of 40 tokens reads windows of 5. These functions return CONFIDENCES (higher = more likely right), as the
+# paper defines them; the registry scores them with orientation ``lower``. A run with no tokens has confidence 0,
+# below any real one (k > 1 log-probs cannot all be 0).
+
+DEEPCONF_WINDOW = 2048
+"""The paper's group (sliding window) size in tokens."""
+DEEPCONF_TAIL = 2048
+"""The paper's tail size in tokens."""
+DEEPCONF_RUN_FRACTION = 1 / 8
+"""Short runs: window and tail are at most this share of the run (2048 of the paper's ~16k-token traces)."""
+DEEPCONF_BOTTOM_FRACTION = 0.1
+"""Bottom-10% group confidence: the mean of the lowest tenth of the group confidences."""
+
+
+def deepconf_span(n_tokens: int, size: int) -> int:
+    """The window (or tail) length for a run of ``n_tokens``: min(size, ceil(n_tokens / 8)), at least 1."""
+    return int(max(1, min(size, math.ceil(n_tokens * DEEPCONF_RUN_FRACTION))))
+
+
+def group_confidences(token_confidence: np.ndarray, window: int) -> np.ndarray:
+    """(n - w + 1,) the mean token confidence over every window of ``window`` consecutive tokens (stride 1)."""
+    cumulative = np.r_[0.0, np.cumsum(np.asarray(token_confidence, dtype=np.float64))]
+    return (cumulative[window:] - cumulative[:-window]) / window
+
+
+def _per_run(token_topk_logprob_mean: Sequence[np.ndarray], aggregate) -> np.ndarray:
+    values = []
+    for means in token_topk_logprob_mean:
+        confidence = -np.asarray(means, dtype=np.float64)  # (T,) C_t
+        values.append(aggregate(confidence) if len(confidence) else 0.0)
+    return np.asarray(values, dtype=np.float64)
+
+
+def lowest_group_confidence(token_topk_logprob_mean: Sequence[np.ndarray]) -> np.ndarray:
+    """min over the run's sliding windows of the group confidence (DeepConf's C_least). n runs -> (n,)"""
+    return _per_run(token_topk_logprob_mean,
+                    lambda c: group_confidences(c, deepconf_span(len(c), DEEPCONF_WINDOW)).min())
+
+
+def bottom_group_confidence(token_topk_logprob_mean: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean of the lowest 10% of the run's group confidences (at least one group; DeepConf's C_bottom-10%).
+    n runs -> (n,)"""
+    def bottom(confidence: np.ndarray) -> float:
+        groups = np.sort(group_confidences(confidence, deepconf_span(len(confidence), DEEPCONF_WINDOW)))
+        return float(groups[:max(1, math.ceil(DEEPCONF_BOTTOM_FRACTION * len(groups)))].mean())
+    return _per_run(token_topk_logprob_mean, bottom)
+
+
+def tail_confidence(token_topk_logprob_mean: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean token confidence over the run's last tokens (DeepConf's C_tail). n runs -> (n,)"""
+    return _per_run(token_topk_logprob_mean, lambda c: c[-deepconf_span(len(c), DEEPCONF_TAIL):].mean())

@@ -122,6 +122,7 @@ class GenerationCheckpoints:
                 runs = [SampledRun(generated_ids=saved["generated_ids"][a:b].tolist(),
                                    token_logprobs=saved["token_logprobs"][a:b],
                                    token_entropies=saved["token_entropies"][a:b],
+                                   token_topk_logprob_mean=saved["token_topk_logprob_mean"][a:b],
                                    stop_entropy=float(saved["stop_entropy"][i]),
                                    truncated=bool(saved["truncated"][i]))
                         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
@@ -143,6 +144,8 @@ class GenerationCheckpoints:
                      generated_ids=np.array([t for run in runs for t in run.generated_ids], dtype=np.int64),
                      token_logprobs=np.concatenate([np.asarray(run.token_logprobs) for run in runs] or [[]]),
                      token_entropies=np.concatenate([np.asarray(run.token_entropies) for run in runs] or [[]]),
+                     token_topk_logprob_mean=np.concatenate([np.asarray(run.token_topk_logprob_mean, np.float32)
+                                                             for run in runs] or [[]]),
                      stop_entropy=np.array([run.stop_entropy for run in runs], dtype=np.float64),
                      truncated=np.array([run.truncated for run in runs], dtype=bool))
             out.flush()

@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 
 RUN_FIELDS = ("question_id", "run_id", "correct", "mean_token_entropy", "sequence_loglik", "n_generated",
-              "think_start_index", "think_end_index", "truncated", "answer_source", "token_logprobs")
+              "think_start_index", "think_end_index", "truncated", "answer_source", "token_logprobs",
+              "token_topk_logprob_mean")
 """The run columns every score can read (``registry.ScoreInputs``) and evaluate's answer-source counts."""
 
 SE_FIELDS = ("question_id", "run_id", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy", "cluster_id",
-             "num_semantic_sets", "eigv", "degree", "eccentricity")
+             "num_semantic_sets", "eigv", "degree", "eccentricity", "kernel_language_entropy")
 
 
 @dataclass(frozen=True)

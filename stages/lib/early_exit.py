@@ -28,15 +28,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binom
+from scipy.special import xlogy
+from scipy.stats import binom, binomtest
 from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, cross_val_score
 
 from stages.lib.answers import answers_equivalent
-from stages.lib.metrics import auroc, single_class_reason
+from stages.lib.metrics import auroc, exact_ties, single_class_reason
 from stages.lib.params import ProbeParams
 from stages.lib.probes import LogisticProbe, SingleClassError, fit_probe, probe_features
-from stages.lib.schema import SchemaError, StoppingProbeChoice
+from stages.lib.schema import EARLY_EXIT_GUARANTEE_COLUMNS, SchemaError, StoppingProbeChoice
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class PrefixOutcomes:
     def subset(self, mask: np.ndarray) -> "PrefixOutcomes":
         return PrefixOutcomes(**{name: (value if name == "prefixes" else value[mask])
                                  for name, value in self.__dict__.items()})
+
+
+def concatenate_outcomes(first: PrefixOutcomes, second: PrefixOutcomes) -> PrefixOutcomes:
+    """The runs of two splits (of disjoint questions, at the same prefixes) as one, ``first``'s rows first."""
+    return PrefixOutcomes(**{name: (value if name == "prefixes" else np.concatenate([value, getattr(second, name)]))
+                             for name, value in first.__dict__.items()})
 
 
 def prefix_outcomes(runs: pd.DataFrame, forced: pd.DataFrame, prefixes, source: str = "forced answers"
@@ -125,6 +132,8 @@ RULES = (
     Rule("trial_confidence", "DEER-style: the forced answer's mean token probability >= tau", True),
     Rule("consistency", "the forced answers of the last tau + 1 prefixes agree (tau = 1: two consecutive)", True),
     Rule("answer_entropy", "the forced answer's mean token entropy <= -tau (score: minus the entropy, nats)", True),
+    Rule("probe_give_up", "Conformal Thinking's lower threshold: give up at the first prefix where the stopping "
+         "probe's P(forced answer correct) <= -tau, answering with the forced answer there", False),
 )
 RULE_NAMES = tuple(rule.name for rule in RULES)
 
@@ -150,12 +159,19 @@ def rule_scores(name: str, outcomes: PrefixOutcomes, probe_p_correct: np.ndarray
     """(n, m) float: the score a rule compares with tau at each prefix (higher = more ready to stop).
 
     A forced answer with no tokens has no confidence: its trial_confidence and answer_entropy scores are -inf.
+    Values equal up to rounding are made equal (``metrics.exact_ties``), so a threshold never splits them.
     """
+    return exact_ties(_raw_rule_scores(name, outcomes, probe_p_correct))
+
+
+def _raw_rule_scores(name: str, outcomes: PrefixOutcomes, probe_p_correct: np.ndarray | None) -> np.ndarray:
     n, m = outcomes.forced_correct.shape
-    if name == "probe":
+    if name in ("probe", "probe_give_up"):
         if probe_p_correct is None or probe_p_correct.shape != (n, m):
-            raise ValueError(f"the probe rule needs P(correct) of shape {(n, m)}")
-        return np.asarray(probe_p_correct, dtype=np.float64)
+            raise ValueError(f"the {name} rule needs P(correct) of shape {(n, m)}")
+        p_correct = np.asarray(probe_p_correct, dtype=np.float64)
+        # giving up is stopping where success looks unlikely: the score is -P, so score >= tau means P <= -tau
+        return p_correct if name == "probe" else -p_correct
     if name == "fixed_budget":
         return np.broadcast_to(np.asarray(outcomes.prefixes, dtype=np.float64) / 100, (n, m)).copy()
     if name == "trial_confidence":
@@ -214,6 +230,17 @@ def tau_candidates(train_scores: np.ndarray, n_candidates: int) -> np.ndarray:
 
 
 # ---- Learn-then-Test -----------------------------------------------------------------------------------------
+def hoeffding_bentkus_p_values(risks: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """``hoeffding_bentkus_p_value`` of every entry of ``risks`` (any shape) at once, same shape."""
+    risks = np.asarray(risks, dtype=np.float64)
+    if n == 0:
+        return np.ones_like(risks)
+    a = np.minimum(risks, alpha)
+    h = xlogy(a, a / alpha) + xlogy(1 - a, (1 - a) / (1 - alpha))
+    bentkus = math.e * binom.cdf(np.ceil(n * risks - 1e-9), n, alpha)
+    return np.minimum(1.0, np.minimum(np.exp(-n * h), bentkus))
+
+
 def hoeffding_bentkus_p_value(risk: float, n: int, alpha: float) -> float:
     """p-value of H0: E[loss] > alpha from the mean ``risk`` of n independent losses in [0, 1] (Bates et al. 2021,
     the one Learn-then-Test uses):
@@ -446,14 +473,22 @@ LOSS = "1 if full reasoning is right and the early answer wrong; mean over a que
 
 
 def evaluate_rules(outcomes: dict[str, PrefixOutcomes], probe_p_correct: dict[str, np.ndarray], epsilon: float,
-                   delta: float, n_candidates: int, n_resamples: int, confidence: float, seed: int
-                   ) -> tuple[dict[str, dict], pd.DataFrame]:
-    """Every rule of RULES: candidate taus from train, tau by Learn-then-Test on val, outcomes on test and OOD.
+                   delta: float, n_candidates: int, n_resamples: int, confidence: float, seed: int, *,
+                   n_draws: int, epsilon_grid: tuple[float, ...] = ()
+                   ) -> tuple[dict[str, dict], pd.DataFrame, pd.DataFrame]:
+    """Every rule of RULES: candidate taus from train, tau by Learn-then-Test on val, outcomes on test and OOD, and
+    the guarantee observed over ``n_draws`` redraws of the calibration questions from val and test pooled (at
+    ``epsilon`` for early_exit.json, and at each of ``epsilon_grid`` for the guarantee plot; seeded by ``seed``).
 
     ``outcomes`` and ``probe_p_correct`` hold the splits train, val, test and ood. Returns (rule -> EarlyExitRule
-    fields, the Pareto rows of val, test and ood).
+    fields, the Pareto rows of val, test and ood, the EARLY_EXIT_GUARANTEE_COLUMNS rows).
     """
-    rules, frames = {}, []
+    pooled = concatenate_outcomes(outcomes[CALIBRATION_SPLIT], outcomes["test"])  # val and test questions
+    n_pooled = len(np.unique(pooled.question_id))
+    n_calibration = len(np.unique(outcomes[CALIBRATION_SPLIT].question_id))
+    draws = (calibration_draws(n_pooled, n_calibration, n_draws, np.random.default_rng([seed, 11]))
+             if n_draws and 0 < n_calibration < n_pooled else None)
+    rules, frames, guarantee_rows = {}, [], []
     for offset, spec in enumerate(RULES):
         scores = {split: rule_scores(spec.name, data, probe_p_correct.get(split)) for split, data in outcomes.items()}
         candidates = tau_candidates(scores["train"], n_candidates)
@@ -470,7 +505,132 @@ def evaluate_rules(outcomes: dict[str, PrefixOutcomes], probe_p_correct: dict[st
             if outcomes[split].n_runs:
                 frames.append(pareto_rows(spec.name, split, outcomes[split], scores[split], candidates,
                                           calibration.tau, spec.pays_trial_answers))
+        redraws = None
+        if draws is not None:
+            pool_table = question_table(pooled, np.concatenate([scores[CALIBRATION_SPLIT], scores["test"]]),
+                                        candidates, spec.pays_trial_answers)
+            ood_table = (question_table(outcomes["ood"], scores["ood"], candidates, spec.pays_trial_answers)
+                         if outcomes["ood"].n_runs else None)
+            observed = redraw_outcomes(pool_table, ood_table, draws, epsilon, delta)
+            by_split = redraw_report(observed, epsilon, confidence)
+            redraws = dict(n_draws=n_draws, n_calibration_questions=n_calibration,
+                           n_test_questions=n_pooled - n_calibration,
+                           never_stops=float(np.mean(observed["chosen"] == len(candidates))),
+                           within_delta=bool(by_split["test"]["exceedance_ci_low"] <= delta), splits=by_split)
+            log.info("%s over %d redraws: test loss > epsilon in %.3f of them (delta %g)", spec.name, n_draws,
+                     by_split["test"]["exceedance"], delta)
+            for level in sorted({*epsilon_grid, epsilon}):
+                at_level = observed if level == epsilon else redraw_outcomes(pool_table, ood_table, draws, level,
+                                                                             delta)
+                for split in ("test", "ood"):
+                    if f"{split}_loss" in at_level:
+                        losses = at_level[f"{split}_loss"]
+                        guarantee_rows.append(dict(
+                            rule=spec.name, split=split, epsilon=float(level), delta=float(delta),
+                            loss_mean=float(losses.mean()), loss_q95=float(np.quantile(losses, 0.95)),
+                            exceedance=float(np.mean(losses > level)),
+                            think_tokens_saved_mean=float(at_level[f"{split}_saved"].mean())))
         rules[spec.name] = dict(description=spec.description, tau=calibration.tau, val_risk=calibration.risk,
                                 val_p_value=calibration.p_value, candidates_tested=calibration.tested,
-                                candidates_rejected=calibration.rejected, splits=splits)
-    return rules, pd.concat(frames, ignore_index=True)
+                                candidates_rejected=calibration.rejected, splits=splits, redraws=redraws)
+    guarantee = pd.DataFrame(guarantee_rows, columns=[column.name for column in EARLY_EXIT_GUARANTEE_COLUMNS])
+    return rules, pd.concat(frames, ignore_index=True), guarantee
+
+
+# ---- the guarantee, observed: recalibrate on many redraws of the calibration questions -------------------------
+@dataclass(frozen=True)
+class QuestionTable:
+    """What a rule does to each question at every candidate tau and at "never stop" (the last column).
+
+    ``loss`` (q, c + 1) is each question's mean run loss (the calibration unit); ``think_saved`` (q, c + 1) and
+    ``reasoning`` (q,) are its reasoning tokens not generated and its reasoning tokens in all, summed over its runs.
+    """
+
+    loss: np.ndarray
+    think_saved: np.ndarray
+    reasoning: np.ndarray
+
+
+def question_table(outcomes: PrefixOutcomes, scores: np.ndarray, candidates: np.ndarray,
+                   pays_trial_answers: bool) -> QuestionTable:
+    """``QuestionTable`` of one split's runs, questions in sorted order (as ``question_losses``)."""
+    _, codes = np.unique(outcomes.question_id, return_inverse=True)
+    runs_per_question = np.bincount(codes)
+    loss, saved = [], []
+    for tau in [*map(float, candidates), None]:
+        run = apply_rule(outcomes, scores, tau, pays_trial_answers)
+        loss.append(np.bincount(codes, weights=run.loss, minlength=len(runs_per_question)) / runs_per_question)
+        saved.append(np.bincount(codes, weights=run.think_saved, minlength=len(runs_per_question)))
+    reasoning = np.bincount(codes, weights=outcomes.reasoning_tokens.astype(np.float64),
+                            minlength=len(runs_per_question))
+    return QuestionTable(np.column_stack(loss), np.column_stack(saved), reasoning)
+
+
+def learn_then_test_choices(risks: np.ndarray, n: int, epsilon: float, delta: float) -> np.ndarray:
+    """Fixed-sequence Learn-then-Test on many calibration sets at once: ``risks`` (B, c) are each set's empirical
+    risks at the c candidates (most conservative first) over n questions; returns (B,) the chosen candidate's column,
+    c where none was rejected (never stop). The same choice as ``calibrate`` makes for each set."""
+    not_rejected = hoeffding_bentkus_p_values(risks, n, epsilon) > delta  # (B, c)
+    rejected = np.where(not_rejected.any(axis=1), not_rejected.argmax(axis=1), risks.shape[1])
+    return np.where(rejected > 0, rejected - 1, risks.shape[1])
+
+
+def calibration_draws(n_questions: int, n_calibration: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, q) bool: each row a uniformly random set of ``n_calibration`` of the q questions (the rest are test)."""
+    ranks = rng.random((n_draws, n_questions)).argsort(axis=1).argsort(axis=1)
+    return ranks < n_calibration
+
+
+def _saved_share(think_saved: np.ndarray, reasoning: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(reasoning > 0, think_saved / np.where(reasoning > 0, reasoning, 1), 0.0)
+
+
+def redraw_outcomes(pool: QuestionTable, ood: QuestionTable | None, calibration: np.ndarray, epsilon: float,
+                    delta: float) -> dict[str, np.ndarray]:
+    """For every draw (row of ``calibration``, (B, q) over the pooled in-distribution questions): the tau Learn-then-
+    Test picks on its calibration questions, and the realised question-level loss and share of reasoning tokens
+    saved on its test questions and on the OOD questions (all of them, every draw). Returns (B,) arrays ``chosen``,
+    ``test_loss``, ``test_saved`` and, when ``ood`` has questions, ``ood_loss``, ``ood_saved``. No loop over draws:
+    every draw is a row of one matrix product."""
+    n_candidates = pool.loss.shape[1] - 1
+    calibration = np.asarray(calibration, dtype=np.float64)
+    test = 1.0 - calibration
+    n_calibration = int(calibration[0].sum())
+    risks = calibration @ pool.loss[:, :n_candidates] / n_calibration  # (B, c)
+    chosen = learn_then_test_choices(risks, n_calibration, epsilon, delta)  # (B,)
+    rows = np.arange(len(chosen))
+    result = {"chosen": chosen,
+              "test_loss": (test @ pool.loss)[rows, chosen] / test.sum(axis=1),
+              "test_saved": _saved_share((test @ pool.think_saved)[rows, chosen], test @ pool.reasoning)}
+    if ood is not None and len(ood.reasoning):
+        result["ood_loss"] = ood.loss.mean(axis=0)[chosen]
+        result["ood_saved"] = np.broadcast_to(_saved_share(ood.think_saved.sum(axis=0), ood.reasoning.sum()),
+                                              (len(chosen), n_candidates + 1))[rows, chosen]
+    return result
+
+
+def exceedance(losses: np.ndarray, epsilon: float, confidence: float) -> dict:
+    """How often a realised loss exceeds epsilon over the draws, with the Clopper-Pearson interval."""
+    exceeded = int(np.sum(losses > epsilon))
+    interval = binomtest(exceeded, len(losses)).proportion_ci(confidence_level=confidence, method="exact")
+    return dict(exceedance=exceeded / len(losses), exceedance_ci_low=float(interval.low),
+                exceedance_ci_high=float(interval.high))
+
+
+def _quantiles(values: np.ndarray, prefix: str) -> dict:
+    low, median, high = np.quantile(values, [0.05, 0.5, 0.95])
+    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_q05": float(low), f"{prefix}_median": float(median),
+            f"{prefix}_q95": float(high)}
+
+
+def redraw_report(draws: dict[str, np.ndarray], epsilon: float, confidence: float) -> dict:
+    """``schema.EarlyExitRedraws``' per-split fields from ``redraw_outcomes``: test and, when present, ood."""
+    report = {}
+    for split in ("test", "ood"):
+        if f"{split}_loss" not in draws:
+            continue
+        report[split] = dict(**exceedance(draws[f"{split}_loss"], epsilon, confidence),
+                             **_quantiles(draws[f"{split}_loss"], "loss"),
+                             **_quantiles(draws[f"{split}_saved"], "think_tokens_saved"))
+    return report

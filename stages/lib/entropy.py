@@ -253,13 +253,46 @@ def eccentricity_per_run(adjacency: np.ndarray,
     return np.linalg.norm(_centred_spectral_embedding(adjacency, eigenvalue_threshold), axis=1)
 
 
+KLE_HEAT_TIME = 0.3
+"""t of the heat kernel exp(-t L): the paper's default (lm-polygraph's ``KernelLanguageEntropy(t=0.3)``, "taken from
+the paper"; the authors' code offers 0.1..0.7 and defaults its function to 0.4)."""
+
+
+def kernel_language_entropy(adjacency: np.ndarray, heat_time: float = KLE_HEAT_TIME) -> float:
+    """KLE (Nikitin, Kossen, Gal & Marttinen, NeurIPS 2024): the von Neumann entropy of the semantic graph's heat
+    kernel, in nats.
+
+        L = D - W (the combinatorial Laplacian, D = diag(W 1)),  K_t = exp(-t L),
+        rho_ij = K_ij / sqrt(K_ii K_jj) / K  (unit trace, as the authors' ``vn_entropy``),
+        KLE = -tr(rho log rho) = -sum_i mu_i log mu_i over the eigenvalues mu_i of rho.
+
+    W may be weighted (symmetric, entries in [0, 1]: the NLI graph where a method gives probabilities); on the 0/1
+    equivalence graph, K answers that all agree give rho the eigenvalue 1 / (1 + (K - 1) e^{-tK}) once and
+    e^{-tK} / (1 + (K - 1) e^{-tK}) K - 1 times (so KLE > 0: the kernel keeps a little of each answer's own
+    identity), and K answers that all differ give log K, SE's maximum: like SE it grows with the number of
+    meanings, and it also weighs how large each meaning's clique is. The authors' optional
+    rescaling by log K is left out (K is the same for every question of a run).
+    """
+    from scipy.linalg import expm
+    from scipy.stats import entropy as shannon_entropy
+
+    similarity = _similarity(adjacency)
+    laplacian = np.diag(similarity.sum(axis=1)) - similarity
+    kernel = expm(-heat_time * laplacian)
+    inverse_sqrt_diagonal = 1.0 / np.sqrt(np.diag(kernel))
+    density = inverse_sqrt_diagonal[:, None] * kernel * inverse_sqrt_diagonal[None, :] / len(kernel)
+    eigenvalues = np.clip(np.linalg.eigvalsh(density), 0.0, None)  # PSD: negatives are rounding
+    return float(shannon_entropy(eigenvalues))
+
+
 def graph_measures(adjacency: np.ndarray) -> dict[str, float]:
     """The question-level measures of one (K, K) equivalence graph, by lm-polygraph's names: ``num_semantic_sets``,
-    ``eigv``, ``degree``, ``eccentricity`` (higher = less sure for all four)."""
+    ``eigv``, ``degree``, ``eccentricity``, ``kernel_language_entropy`` (higher = less sure for all five)."""
     return {"num_semantic_sets": float(number_of_semantic_sets(adjacency)),
             "eigv": eigenvalue_sum_uncertainty(adjacency),
             "degree": degree_uncertainty(adjacency),
-            "eccentricity": eccentricity_uncertainty(adjacency)}
+            "eccentricity": eccentricity_uncertainty(adjacency),
+            "kernel_language_entropy": kernel_language_entropy(adjacency)}
 
 
 def _clip_rounding(entropy: float) -> float:
@@ -303,6 +336,7 @@ def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str =
             "eigv": graph["eigv"],
             "degree": graph["degree"],
             "eccentricity": graph["eccentricity"],
+            "kernel_language_entropy": graph["kernel_language_entropy"],
         }, index=question_runs.index))
     table = pd.concat(question_frames).loc[runs.index].reset_index(drop=True)
     return table[[column.name for column in SE_COLUMNS]]

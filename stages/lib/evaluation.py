@@ -49,6 +49,7 @@ from stages.lib.metrics import (
     bootstrap_ci,
     brier_score,
     difference_from_resamples,
+    exact_ties,
     expected_calibration_error,
     interval_from_resamples,
     permutation_p_value,
@@ -132,13 +133,16 @@ class ScoreInputs:
 def score_runs(runs: pd.DataFrame, hidden, positions, layers, probes: Mapping[str, LinearProbe],
                entries: Sequence[registry.Score] | None = None) -> pd.DataFrame:
     """Every registry score (or those of ``entries``) for each run, higher = more likely its label, plus
-    ``<name>_p_correct`` for the calibrated ones; one row per row of ``runs`` (see ``ScoreInputs`` for the rest)."""
+    ``<name>_p_correct`` for the calibrated ones; one row per row of ``runs`` (see ``ScoreInputs`` for the rest).
+
+    Each score's values that are equal up to floating-point rounding are made exactly equal (``metrics.exact_ties``),
+    here where every score is produced, so every metric and paired difference downstream ranks them as ties."""
     entries = registry.SCORES if entries is None else entries
     inputs = ScoreInputs(runs, hidden, positions, layers, probes)
     columns = {}
     for entry in entries:
         values = entry.compute(inputs)
-        columns[entry.name] = values if entry.orientation == "higher" else -values
+        columns[entry.name] = exact_ties(values if entry.orientation == "higher" else -values)
     for entry in entries:
         if entry.calibrated:
             columns[entry.p_correct_column] = entry.p_correct(inputs)

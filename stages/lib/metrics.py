@@ -44,6 +44,45 @@ def _as_arrays(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     return labels, scores
 
 
+TIE_RTOL = 1e-9
+"""Scores closer than this (relative to their magnitude, ``TIE_ATOL`` near zero) are one value: ``exact_ties``."""
+TIE_ATOL = 1e-12
+
+
+def exact_ties(values, rtol: float = TIE_RTOL, atol: float = TIE_ATOL) -> np.ndarray:
+    """``values`` with every group of values equal up to floating-point rounding replaced by one value.
+
+    Sorted, two neighbours belong to one tie group when they differ by at most ``atol + rtol * max(|a|, |b|)``;
+    each group takes its smallest member's value. A score that is exactly constant on a set of runs but computed
+    through an eigen-solver or a sum in a different order (EigV = C and Eccentricity = sqrt(C - 1) for C cliques,
+    off by up to 4.4e-15 depending on the cluster sizes) would otherwise rank those runs in an order set by the
+    rounding, which every rank-based metric (AUROC, AUPRC, risk-coverage, PRR, the paired differences) and every
+    threshold rule reads as signal. The groups do not depend on the order of ``values``; non-finite values
+    (-inf for "no confidence", NaN) are kept as they are.
+
+    Parameters
+    ----------
+    values : (...) float
+    rtol, atol : float >= 0
+
+    Returns
+    -------
+    float64 array of the same shape.
+    """
+    values = np.array(values, dtype=np.float64)
+    flat = values.reshape(-1)
+    finite = np.flatnonzero(np.isfinite(flat))
+    if len(finite) < 2:
+        return values
+    order = finite[np.argsort(flat[finite], kind="mergesort")]
+    ordered = flat[order]
+    gap_allowed = atol + rtol * np.maximum(np.abs(ordered[1:]), np.abs(ordered[:-1]))
+    group = np.r_[0, np.cumsum(np.diff(ordered) > gap_allowed)]  # (n finite,) tie-group id, ascending
+    first_of_group = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
+    flat[order] = ordered[first_of_group][group]
+    return values
+
+
 def single_class_reason(labels, label_name: str = "label") -> str | None:
     """Why a ranking metric is undefined for ``labels`` (shape (n,)), or None when both classes occur.
 

@@ -533,6 +533,11 @@ class EarlyExitParams(Group):
     tau_grid: integer(2)
     """Candidate thresholds per rule: quantiles of the rule's scores on the train split (fixed before val is
     seen, as Learn-then-Test requires)."""
+    redraws: NonNegativeInt
+    """How often the val and test questions are pooled and split again into calibration and test questions, each
+    rule recalibrated on each draw, to observe how often its test loss exceeds epsilon (0: not checked)."""
+    epsilon_grid: sequence(number(gt=0, lt=1), "a non-empty list of risk levels in (0, 1)")
+    """Risk levels of the guarantee plot: each rule recalibrated at each over the same redraws."""
 
 
 class Params(Group):

@@ -131,6 +131,9 @@ class Score:
     """Among the AUROCs the viewer's Experiments tab compares across commits."""
     per_run: bool = False
     """Its probe's P(positive) and margin per run go in the analysis table, and the viewer offers the probe."""
+    compared_with: tuple[str, ...] = ()
+    """Entries it is compared with: evaluate reports AUROC(this) - AUROC(other) with a paired CI for each
+    (``PAIRED_COMPARISONS``)."""
 
     @property
     def calibrated(self) -> bool:
@@ -180,6 +183,11 @@ def negative_min_answer_logprob(inputs: ScoreInputs) -> np.ndarray:
                                                  inputs.values("think_end_index"))
 
 
+def _token_confidence(aggregate: Callable[[list], np.ndarray]) -> Callable[[ScoreInputs], np.ndarray]:
+    """A DeepConf confidence of each run from its per-token top-k log-prob means (higher = more confident)."""
+    return lambda inputs: aggregate(inputs.values("token_topk_logprob_mean").tolist())
+
+
 def entropy_baseline(inputs: ScoreInputs) -> np.ndarray:
     return 1 - inputs.feature_proba(ENTROPY_BASELINE.name)
 
@@ -187,6 +195,9 @@ def entropy_baseline(inputs: ScoreInputs) -> np.ndarray:
 def se_regression(inputs: ScoreInputs) -> np.ndarray:
     return inputs.decision(SE_REGRESSION.name)
 
+
+_NEW_SCORE_REFERENCES = ("semantic_entropy", "accuracy_probe")
+"""What a newly added score is compared with: semantic entropy and the accuracy probe (``Score.compared_with``)."""
 
 SCORES: tuple[Score, ...] = (
     Score("accuracy_probe", "incorrect", "hidden_state_probe", "accuracy probe",
@@ -227,6 +238,20 @@ SCORES: tuple[Score, ...] = (
     Score("eccentricity", "incorrect", "graph", "eccentricity (Ecc)",
           "spread of the graph's spectral embedding, eigenvalues < 0.9 (lm-polygraph Eccentricity)",
           _column("eccentricity")),
+    Score("kernel_language_entropy", "incorrect", "graph", "kernel language entropy (KLE)",
+          "von Neumann entropy of the heat kernel exp(-0.3 L) of the question's answer-equivalence graph "
+          "(Nikitin et al. 2024)", _column("kernel_language_entropy"), compared_with=_NEW_SCORE_REFERENCES),
+    Score("deepconf_lowest_group", "incorrect", "baseline", "DeepConf lowest group confidence",
+          "lowest sliding-window mean of the token confidence -mean(top-20 log-probs) over the run (Fu et al. "
+          "2025; window min(2048, n/8) tokens)", _token_confidence(baselines.lowest_group_confidence),
+          orientation="lower", compared_with=_NEW_SCORE_REFERENCES),
+    Score("deepconf_bottom_10", "incorrect", "baseline", "DeepConf bottom-10% group confidence",
+          "mean of the lowest 10% of the run's sliding-window token confidences (Fu et al. 2025)",
+          _token_confidence(baselines.bottom_group_confidence), orientation="lower",
+          compared_with=_NEW_SCORE_REFERENCES),
+    Score("deepconf_tail", "incorrect", "baseline", "DeepConf tail confidence",
+          "mean token confidence over the run's last min(2048, n/8) tokens (Fu et al. 2025)",
+          _token_confidence(baselines.tail_confidence), orientation="lower", compared_with=_NEW_SCORE_REFERENCES),
     Score("se_regression_probe", "incorrect", "hidden_state_probe", "SE regression probe",
           "semantic entropy predicted by the ridge SE probe", se_regression, probe=SE_REGRESSION),
     Score("accuracy_range_probe", "incorrect", "range_probe", "accuracy range probe",
@@ -254,10 +279,12 @@ PAIRED_COMPARISONS: tuple[tuple[str, str], ...] = (
     *((probe_score, baseline) for probe_score in _PROBE_SCORES for baseline in _ENTROPY_BASELINES),
     ("accuracy_probe", "se_probe"),
     *(("accuracy_probe", baseline) for baseline in _NEW_BASELINES if baseline not in _ENTROPY_BASELINES),
+    *((score.name, other) for score in SCORES for other in score.compared_with),
 )
 """(a, b) score pairs whose AUROC difference for flagging incorrect runs evaluate reports (evaluate.json
 ``paired_differences``): every probe against SE, weighted SE, naive entropy and both log-likelihoods; the accuracy
-probe against the SE probe; the other baselines against the accuracy probe. Both of a pair flag ``incorrect``."""
+probe against the SE probe; the other baselines against the accuracy probe; every entry against those of its
+``compared_with`` (the newer scores against SE and the accuracy probe). Both of a pair flag ``incorrect``."""
 
 
 # ---- views of the table ----------------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ class SampledRun:
     token_entropies: np.ndarray  # (n_generated,)
     stop_entropy: float  # entropy at the step that emitted EOS (nan when truncated)
     truncated: bool
+    token_topk_logprob_mean: np.ndarray  # (n_generated,) mean of the TOP_LOGPROBS largest untempered log-probs
+
+
+TOP_LOGPROBS = 20
+"""k of the top-k log-probs recorded per generated token (DeepConf's token confidence, Fu et al. 2025, is minus
+their mean; 20 is the most vLLM returns by default). The vllm backend takes them from the ``entropy_top_n`` it
+already requests, so it records the mean of the top min(k, N)."""
 
 
 def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[int, int | None]:
@@ -87,6 +94,7 @@ def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: l
                 "think_start_index": start, "think_end_index": end, "think_missing": end is None,
                 "truncated": run.truncated, "answer": answer, "answer_source": extracted.source,
                 "token_logprobs": run.token_logprobs, "token_entropies": run.token_entropies,
+                "token_topk_logprob_mean": np.asarray(run.token_topk_logprob_mean, dtype=np.float32),
                 "sequence_loglik": float(run.token_logprobs.sum()),
                 "mean_token_entropy": mean_think_entropy(run.token_entropies, start, end, run.stop_entropy),
                 "n_generated": len(run.generated_ids),

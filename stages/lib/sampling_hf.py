@@ -1,9 +1,9 @@
 """The transformers sampling backend: K runs per question, batched across questions.
 
-Each generate() call holds many questions x K runs, left-padded, never one question at a time. Per-token
-entropy and the chosen token's log-prob are recorded step by step by a logits processor that sees the
-model's raw logits (before temperature and top-p), so they describe the model, not the sampling knobs, and
-no (batch, steps, vocab) score tensor is ever kept."""
+Each generate() call holds many questions x K runs, left-padded, never one question at a time. Per-token entropy,
+the mean of the top-k log-probs (``runs.TOP_LOGPROBS``) and the chosen token's log-prob are recorded step by step
+by a logits processor that sees the model's raw logits (before temperature and top-p), so they describe the model,
+not the sampling knobs, and no (batch, steps, vocab) score tensor is ever kept."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from stages.lib.checkpoints import GenerationCheckpoints
 from stages.lib.common import progress_bar
 from stages.lib.models import pad_batch
 from stages.lib.params import SamplingParams
-from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
+from stages.lib.runs import TOP_LOGPROBS, SampledRun, cut_at_eos, stop_and_pad_ids
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class StepRecorder(LogitsProcessor):
 
     def __init__(self) -> None:
         self.entropies: list[torch.Tensor] = []  # per step: (batch,)
+        self.topk_means: list[torch.Tensor] = []  # per step: (batch,) mean of the top-k log-probs
         self.chosen_logprobs: list[torch.Tensor] = []  # per step: (batch,)
         self._previous_logprobs: torch.Tensor | None = None  # (batch, vocab)
 
@@ -44,15 +45,17 @@ class StepRecorder(LogitsProcessor):
             self._record_chosen(input_ids[:, -1])
         logprobs = torch.log_softmax(scores.float(), dim=-1)
         self.entropies.append(torch.special.entr(logprobs.exp()).sum(-1))
+        self.topk_means.append(logprobs.topk(min(TOP_LOGPROBS, logprobs.shape[-1]), dim=-1).values.mean(-1))
         self._previous_logprobs = logprobs
         return scores
 
-    def finish(self, last_tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Record the last step's choice; return (entropies, chosen_logprobs), each (batch, steps)."""
+    def finish(self, last_tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Record the last step's choice; return (entropies, chosen_logprobs, top-k means), each (batch, steps)."""
         self._record_chosen(last_tokens)
         entropies = torch.stack(self.entropies, 1).cpu().numpy()
         chosen = torch.stack(self.chosen_logprobs, 1).cpu().numpy()
-        return entropies, chosen
+        topk_means = torch.stack(self.topk_means, 1).cpu().numpy()
+        return entropies, chosen, topk_means
 
 
 @torch.no_grad()
@@ -72,7 +75,7 @@ def generate_batch(model, prompts: list[list[int]], eos_ids: set[int], pad_id: i
         eos_token_id=sorted(eos_ids), pad_token_id=pad_id, logits_processor=LogitsProcessorList([recorder]),
     ).cpu()
     generated = sequences[:, input_ids.shape[1]:]  # (batch, steps)
-    entropies, chosen_logprobs = recorder.finish(generated[:, -1].to(model.device))
+    entropies, chosen_logprobs, topk_means = recorder.finish(generated[:, -1].to(model.device))
     runs = []
     for row in range(len(prompts)):
         tokens = generated[row].tolist()
@@ -81,6 +84,7 @@ def generate_batch(model, prompts: list[list[int]], eos_ids: set[int], pad_id: i
             generated_ids=tokens[:n], token_logprobs=chosen_logprobs[row, :n].astype(np.float32),
             token_entropies=entropies[row, :n].astype(np.float32),
             stop_entropy=float("nan") if stop is None else float(entropies[row, stop]), truncated=stop is None,
+            token_topk_logprob_mean=topk_means[row, :n].astype(np.float32),
         ))
     return runs
 

@@ -35,6 +35,7 @@ vLLM is imported only when this backend runs: the module imports on any machine.
 from __future__ import annotations
 
 import atexit
+import heapq
 import importlib
 import logging
 import multiprocessing
@@ -51,7 +52,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from stages.lib.checkpoints import GenerationCheckpoints
 from stages.lib.models import model_source
 from stages.lib.params import Params, ParamsError, SamplingParams, VllmParams
-from stages.lib.runs import SampledRun, cut_at_eos, stop_and_pad_ids
+from stages.lib.runs import TOP_LOGPROBS, SampledRun, cut_at_eos, stop_and_pad_ids
 from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -200,16 +201,19 @@ def run_from_completion(completion, eos_ids: set[int]) -> SampledRun:
                          f"for {len(tokens)} tokens; the request must set `logprobs`")
     chosen = np.empty(len(tokens), dtype=np.float32)
     entropies = np.empty(len(tokens), dtype=np.float32)
+    topk_means = np.empty(len(tokens), dtype=np.float32)  # mean of the top min(TOP_LOGPROBS, N) log-probs
     for step, (token, step_logprobs) in enumerate(zip(tokens, steps)):
         if token not in step_logprobs:
             raise ValueError(f"vLLM completion {completion.index}, step {step}: the sampled token {token} has no "
                              "log-prob (vLLM always returns it alongside the top N)")
         chosen[step] = step_logprobs[token].logprob
         entropies[step] = top_n_entropy(step_logprobs)
+        # the N returned hold the true top N (the sampled token may be an extra N+1-th): their largest k
+        topk_means[step] = np.mean(heapq.nlargest(TOP_LOGPROBS, (entry.logprob for entry in step_logprobs.values())))
     n, stop = cut_at_eos(tokens, eos_ids)
     return SampledRun(
         generated_ids=tokens[:n], token_logprobs=chosen[:n], token_entropies=entropies[:n],
-        stop_entropy=float("nan") if stop is None else float(entropies[stop]),
+        stop_entropy=float("nan") if stop is None else float(entropies[stop]), token_topk_logprob_mean=topk_means[:n],
         truncated=stop is None and completion.finish_reason == "length",
     )
 

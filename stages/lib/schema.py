@@ -225,6 +225,8 @@ RUN_COLUMNS = (
     Column("token_logprobs", "list", doc="log p(chosen token) under the model's untempered distribution"),
     Column("token_entropies", "list", doc="entropy (nats) of the model's untempered next-token distribution "
                                           "(vLLM backend: a lower bound from the top-N log-probs)"),
+    Column("token_topk_logprob_mean", "list", doc="mean of the top-k (runs.TOP_LOGPROBS) untempered log-probs at "
+                                                  "each generated token; minus it is DeepConf's token confidence"),
     Column("sequence_loglik", "float", doc="sum of token_logprobs"),
     Column("mean_token_entropy", "float", doc="mean token entropy over the think span (all tokens if none)"),
     Column("n_generated", "int"),
@@ -246,6 +248,8 @@ SE_COLUMNS = (
     Column("eigv", "float", doc="sum of max(0, 1 - eigenvalue) of the graph's normalised Laplacian (EigValLaplacian)"),
     Column("degree", "float", doc="1 - sum of the adjacency / K^2 (DegMat)"),
     Column("eccentricity", "float", doc="norm of the centred spectral embedding, eigenvalues < 0.9 (Eccentricity)"),
+    Column("kernel_language_entropy", "float", doc="von Neumann entropy of the graph's heat kernel, t = 0.3 (KLE, "
+                                                   "nats)"),
 )
 SE_KEY = RUN_KEY
 
@@ -944,7 +948,19 @@ EARLY_EXIT_PARETO_COLUMNS = (
     Column("loss", "float", doc="share of runs right with full reasoning and wrong under the rule"),
     Column("chosen", "bool", doc="the operating point calibrated on val"),
 )
+EARLY_EXIT_GUARANTEE_COLUMNS = (
+    Column("rule", "str", doc="a stopping rule of stages.lib.early_exit.RULES"),
+    Column("split", "str", doc="test (the redrawn in-distribution test questions) or ood"),
+    Column("epsilon", "float", doc="the risk level the rule was recalibrated for"),
+    Column("delta", "float", doc="the allowed chance of exceeding it"),
+    Column("loss_mean", "float", doc="realised loss, mean over the redraws"),
+    Column("loss_q95", "float", doc="realised loss, 95th percentile over the redraws"),
+    Column("exceedance", "float", doc="share of redraws whose realised loss exceeds epsilon (promised <= delta on "
+                                      "test)"),
+    Column("think_tokens_saved_mean", "float", doc="share of the reasoning tokens not generated, mean over redraws"),
+)
 EARLY_EXIT_FILE = "early_exit.json"  # in paths.metrics; EarlyExitReport
+EARLY_EXIT_GUARANTEE_FILE = "early_exit_guarantee.csv"  # in paths.plots; EARLY_EXIT_GUARANTEE_COLUMNS
 EARLY_EXIT_PARETO_FILE = "early_exit_pareto.csv"  # in paths.plots; EARLY_EXIT_PARETO_COLUMNS
 
 
@@ -991,6 +1007,41 @@ class EarlyExitOutcome(Contract):
     """Share of runs stopped before the end of their reasoning."""
 
 
+class EarlyExitRedrawSplit(Contract):
+    """A rule recalibrated on each redraw of the calibration questions: its realised loss on one split's questions,
+    over the draws."""
+
+    exceedance: float
+    """Share of draws whose realised (question-level) loss exceeds epsilon: Learn-then-Test promises <= delta on
+    test; on OOD nothing is promised."""
+    exceedance_ci_low: float
+    exceedance_ci_high: float
+    """Clopper-Pearson interval of the exceedance (scipy.stats.binomtest), at ``settings.confidence``."""
+    loss_mean: float
+    loss_q05: float
+    loss_median: float
+    loss_q95: float
+    think_tokens_saved_mean: float
+    think_tokens_saved_q05: float
+    think_tokens_saved_median: float
+    think_tokens_saved_q95: float
+
+
+class EarlyExitRedraws(Contract):
+    """The guarantee observed: val and test questions pooled, split again at random ``n_draws`` times into as many
+    calibration questions as val has and test questions (the rest), the rule recalibrated on each."""
+
+    n_draws: int
+    n_calibration_questions: int
+    n_test_questions: int
+    never_stops: float
+    """Share of draws where no candidate was certified (the rule thinks to the end: no loss, no saving)."""
+    within_delta: bool
+    """The test exceedance is consistent with the promise: its interval's lower end is <= delta."""
+    splits: dict[str, EarlyExitRedrawSplit]
+    """test and, when there are OOD questions, ood (the same calibrated tau applied to every OOD question)."""
+
+
 class EarlyExitRule(Contract):
     """A stopping rule: its threshold chosen on val by Learn-then-Test, and what it does on test and OOD."""
 
@@ -1005,6 +1056,8 @@ class EarlyExitRule(Contract):
     candidates_rejected: int
     splits: dict[str, EarlyExitOutcome]
     """test and ood."""
+    redraws: EarlyExitRedraws | None = None
+    """The guarantee checked over redraws of the calibration questions (null in files written before it was)."""
 
 
 class EarlyExitSettings(Contract):
@@ -1018,6 +1071,10 @@ class EarlyExitSettings(Contract):
     n_calibration_questions: int
     bootstrap: int
     confidence: float
+    redraws: int | None = None
+    """Redraws of the calibration questions (``EarlyExitRedraws``); null in files written before they were."""
+    epsilon_grid: list[float] | None = None
+    """The risk levels of the guarantee plot (early_exit_guarantee.csv)."""
 
 
 class EarlyExitReport(Contract):

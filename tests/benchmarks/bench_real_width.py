@@ -199,7 +199,7 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
             question_runs.append(SampledRun(
                 generated_ids=planted, token_logprobs=np.asarray(row["token_logprobs"], np.float32),
                 token_entropies=np.asarray(row["token_entropies"], np.float32), stop_entropy=float("nan"),
-                truncated=False))
+                truncated=False, token_topk_logprob_mean=np.asarray(row["token_topk_logprob_mean"], np.float32)))
         sampled.append(question_runs)
     frame = build_run_records(questions, prompts, sampled, tokenizer, think)
     write_table(frame, path, RUN_COLUMNS, RUN_KEY)

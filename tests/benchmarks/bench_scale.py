@@ -195,13 +195,15 @@ def write_project(workdir: Path, args, overrides: dict) -> dict[str, tuple[str, 
             "think_start_index": pd.array(np.zeros(n, int), dtype="Int64"),
             "think_end_index": pd.array(think_end, dtype="Int64"), "think_missing": False, "truncated": False,
             "answer": "1", "answer_source": "boxed", "token_logprobs": [[-0.1] * 40] * n,
+            "token_topk_logprob_mean": [[-2.0] * 40] * n,
             "token_entropies": [[0.5] * 40] * n,
             "sequence_loglik": -4.0, "mean_token_entropy": runs["mean_token_entropy"], "n_generated": 40,
             "correct": runs["correct"]})
         entropy = pd.DataFrame({
             "question_id": runs["question_id"], "run_id": runs["run_id"], "cluster_id": 0, "n_clusters": 1,
             "semantic_entropy": runs["semantic_entropy"], "semantic_entropy_weighted": runs["semantic_entropy"],
-            "naive_entropy": 1.0, "num_semantic_sets": 1, "eigv": 0.0, "degree": 0.0, "eccentricity": 0.0})
+            "naive_entropy": 1.0, "num_semantic_sets": 1, "eigv": 0.0, "degree": 0.0, "eccentricity": 0.0,
+            "kernel_language_entropy": 0.1})
         questions = runs.drop_duplicates("question_id")
         for directory, frame in ((params.paths.runs, run_table), (params.paths.semantic_entropy, entropy)):
             Path(directory).mkdir(parents=True, exist_ok=True)
