@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dvc_project import tiny_project, tiny_run  # noqa: F401  (fixtures of the DVC end-to-end tests)
+from dvc_project import second_tiny_copy, tiny_project, tiny_run  # noqa: F401  (fixtures of the DVC end-to-end tests)
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
 from stages.lib.toy import build_tokenizer

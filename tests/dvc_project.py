@@ -2,15 +2,16 @@
 
 `make_project` copies what a user clones (stages/, dvc.yaml, params.yaml, .dvc/config, the plot templates
 in .dvc/plots/ and the README of data/sources/ and data/models/), shrinks params.yaml to TINY and commits. The
-`tiny_run` fixture runs `dvc repro` on it once per session and commits the result; `tiny_project` hands each test
-its own copy (git history, DVC cache and workspace), so tests can change it freely without running the pipeline
-again.
+`tiny_run` fixture runs `dvc repro` on it once per session and commits the result (and reproduces a second fresh
+copy at the same time for the reproducibility check, `second_tiny_copy`); `tiny_project` hands each test its own
+copy (git history, DVC cache and workspace), so tests can change it freely without running the pipeline again.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,20 @@ def ran_stages(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 
+def stages_a_param_reruns(key: str, project: Path = ROOT) -> list[str]:
+    """The stages `dvc repro` reruns when param ``key`` changes, in STAGES order: those that declare it (or a group
+    above it) and every stage downstream of them, in DVC's own graph of ``project``'s dvc.yaml."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        declaring = [stage for stage in graph for dependency in stage.params for entry in dependency.params
+                     if key == entry or key.startswith(f"{entry}.")]
+        reruns = {s.name for stage in declaring for s in {stage} | nx.ancestors(graph, stage)}
+    return [stage for stage in STAGES if stage in reruns]
+
+
 def copy_project(source: Path, destination: Path) -> Path:
     """A copy of a project with its git history, DVC cache and workspace (DVC's lock and temp files left out)."""
     shutil.copytree(source, destination, symlinks=True,
@@ -92,19 +107,64 @@ def copy_project(source: Path, destination: Path) -> Path:
 
 @dataclass(frozen=True)
 class TinyRun:
-    """The tiny pipeline after one `dvc repro`, committed as "default run"."""
+    """The tiny pipeline after one `dvc repro`, committed as "default run"; and ``second``, a second fresh copy
+    reproduced beside it when the session checks reproducibility (the ``second_tiny_copy`` fixture), with the
+    output of its `dvc repro` when that failed."""
 
     project: Path
     repro_stdout: str
+    second: Path | None = None
+    second_failure: str | None = None
+
+
+# Another machine, as far as one machine can play it: each library's CPU switch set below this CPU's instruction set
+# (and below the stages' own pins), one thread and one core. The stages pin their own values (stages/lib/cpu.py),
+# so none of this may change a byte; without the pins the toy model trains differently and every output moves.
+OTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
+             "OPENBLAS_CORETYPE": "Sandybridge", "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
+             "NUMBA_CPU_NAME": "generic", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def one_core() -> None:
+    """In the child before exec: run on one core only (what the stages' thread pools see as the machine)."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> TinyRun:
+def tiny_run(tmp_path_factory, request) -> TinyRun:
+    """`dvc repro` of the tiny configuration, once per session. When a collected test asks for ``second_tiny_copy``
+    (the reproducibility check), a second fresh copy is reproduced at the same time by a second `dvc repro`, as on
+    another CPU (``OTHER_CPU``, one core): the pipeline runs one stage process at a time, so on two cores the second
+    copy costs little more wall time."""
     project = make_project(tmp_path_factory.mktemp("tiny_run"))
-    first = sh("dvc", "repro", cwd=project)
+    second, background, failure = None, None, None
+    if any("second_tiny_copy" in item.fixturenames for item in request.session.items):
+        second = make_project(tmp_path_factory.mktemp("tiny_run_second"))
+        background = subprocess.Popen(["dvc", "repro"], cwd=second, env=ENV | OTHER_CPU, preexec_fn=one_core,
+                                      stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = sh("dvc", "repro", cwd=project)
+        if background is not None:
+            output = background.communicate(timeout=900)[0]
+            if background.returncode != 0:
+                failure = f"dvc repro of the second copy failed ({background.returncode}):\n{output}"
+    finally:
+        if background is not None and background.poll() is None:  # the first failed: stop the second, stages too
+            os.killpg(background.pid, signal.SIGKILL)
+            background.communicate()
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "default run", cwd=project)
-    return TinyRun(project, first.stdout)
+    return TinyRun(project, first.stdout, second, failure)
+
+
+@pytest.fixture(scope="session")
+def second_tiny_copy(tiny_run) -> Path:
+    """A second fresh copy of the tiny configuration, reproduced (not committed) beside ``tiny_run``."""
+    if tiny_run.second_failure:
+        pytest.fail(tiny_run.second_failure)
+    assert tiny_run.second is not None
+    return tiny_run.second
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -187,12 +189,45 @@ def test_every_field_has_a_docstring_and_the_models_are_frozen():
     assert copied.c_grid == (0.01,) and params.probes.c_grid == tuple(RAW["probes"]["c_grid"])
 
 
-@pytest.mark.parametrize("stage, dotted, value", [
-    ("questions", "data.n_questions", "500"), ("questions", "sampling.max_new_tokens", "96"),
-    ("questions", "sampling.vllm.temprature", 1), ("analysis", "analysis.umap_min_dist", "x"),
-    ("trace", "trace.batch_size", 2.5),
-])
-def test_a_stage_stops_at_start_with_the_one_line(tmp_path, stage, dotted, value):
+def run_stage_module(stage: str, directory: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """``python -m stages.<stage>`` in ``directory``, in this process (runpy runs the module's ``__main__`` block;
+    the imports are shared): its exit status and stderr. The root logger's level is restored."""
+    monkeypatch.chdir(directory)
+    monkeypatch.setattr(sys, "argv", [f"stages/{stage}.py"])
+    root = logging.getLogger()
+    level = root.level
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_module(f"stages.{stage}", run_name="__main__")
+    finally:
+        root.setLevel(level)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+# (stage, key, bad value, what its one line says)
+START_ERRORS = [
+    ("questions", "data.n_questions", "500", "`data.n_questions` = '500' is invalid"),
+    ("questions", "sampling.max_new_tokens", "96", "`sampling.max_new_tokens` = '96' is invalid"),
+    ("questions", "sampling.vllm.temprature", 1, "unknown key `sampling.vllm.temprature`"),
+    ("analysis", "analysis.umap_min_dist", "x", "`analysis.umap_min_dist` = 'x' is invalid"),
+    ("trace", "trace.batch_size", 2.5, "`trace.batch_size` = 2.5 is invalid"),
+    ("generate", "sampling.temp", -1, "`sampling.temp` = -1 is invalid"),
+]
+
+
+@pytest.mark.parametrize("stage, dotted, value, says", START_ERRORS)
+def test_a_stage_stops_at_start_with_the_one_line(tmp_path, monkeypatch, capsys, stage, dotted, value, says):
+    """In process; the next test runs one case as a real ``python -m`` process."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_value(dotted, value)))
+    code, stderr = run_stage_module(stage, tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: params.yaml: ") and says in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_a_stage_process_stops_at_start_with_one_line_and_no_traceback(tmp_path):
+    stage, dotted, value, says = START_ERRORS[0]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_value(dotted, value)))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True,
@@ -200,7 +235,7 @@ def test_a_stage_stops_at_start_with_the_one_line(tmp_path, stage, dotted, value
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: params.yaml: ") and f"`{dotted}`" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: params.yaml: ") and says in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
@@ -273,10 +308,12 @@ def test_one_log_level_setting_quiets_every_stage_log_line(tmp_path):
     assert (tmp_path / "data/questions/id.jsonl").is_file()
 
 
-def test_a_bad_log_level_is_one_line_naming_the_variable(tmp_path):
-    result = run_questions_stage(tmp_path, "LOUD")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: SEP_LOG_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR"
+def test_a_bad_log_level_is_one_line_naming_the_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEP_LOG_LEVEL", "LOUD")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    code, stderr = run_stage_module("questions", tmp_path, monkeypatch, capsys)
+    assert code == 2 and stderr == "error: SEP_LOG_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
 def test_progress_bars_follow_the_log_level(capsys):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dvc_project import STAGES as PIPELINE
+from dvc_project import stages_a_param_reruns
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -69,6 +71,15 @@ def test_only_generate_reads_sampling_knobs_beyond_k():
             extra = [entry for entry in spec.get("params", []) if covered(entry, ["sampling"])]
             allowed = ([], ["sampling.runs"]) + ((DECODING_KNOBS,) if stage == "forced_answers" else ())
             assert extra in allowed, f"dvc.yaml stage `{stage}` declares {extra}"
+
+
+def test_a_sampling_change_reruns_generate_and_everything_after_it():
+    """README's experiment, `dvc exp run -S sampling.temp=0.6`, reruns generate and every stage downstream of it and
+    reuses toy_model and questions, by DVC's graph of dvc.yaml (tests/test_pipeline_dvc.py runs an experiment on the
+    tiny pipeline and checks DVC reruns what this graph says)."""
+    assert PIPELINE[:2] == ["toy_model", "questions"]
+    assert stages_a_param_reruns("sampling.temp") == PIPELINE[2:]
+    assert stages_a_param_reruns("evaluate.confidence") == ["evaluate", "early_exit"]  # declared as a group, a key
 
 
 def test_dvc_stage_list_prints_the_descs():

@@ -1,9 +1,10 @@
 """`dvc repro` keeps what it has: a killed or failing run leaves every previous output in place, files named in
 params are deps, and the tiny configuration reproduces bit for bit in a second copy of the repository.
 
-The kill, bad-param and data-file tests run DVC up to trace on a small project over a tiny random LM (seconds of
-compute); the reproducibility check runs the tiny configuration of tests/dvc_project.py once more in a second copy
-and compares it with the session's `tiny_run` (shared with the other end-to-end tests).
+The kill, bad-param and data-file tests each get a copy of one small project over a tiny random LM, run up to trace
+once per module (seconds of compute); the reproducibility check compares the session's `tiny_run` (the tiny
+configuration of tests/dvc_project.py, shared with the other end-to-end tests) with a second fresh copy that the
+same fixture reproduces at the same time.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
-from dvc_project import ENV, make_project, ran_stages, sh
+from dvc_project import ENV, copy_project, make_project, ran_stages, sh
 
 OUTPUT_ROOTS = ("data", "artifacts")
 # Measured wall seconds differ from run to run: the cost records, and the ratio computed from them.
@@ -84,10 +86,24 @@ def repro_trace(project: Path) -> list[str]:
     return ran_stages(sh("dvc", "repro", "trace", cwd=project).stdout)
 
 
+@dataclass(frozen=True)
+class Traced:
+    """``small_project`` after one `dvc repro trace` (not committed), and the stages that run ran."""
+
+    project: Path
+    ran: list[str]
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory, tiny_lm_dir) -> Traced:
+    """One small project run up to trace for this module; each test works on its own copy (``copy_project``)."""
+    project = small_project(tmp_path_factory.mktemp("small") / "project", tiny_lm_dir)
+    return Traced(project, repro_trace(project))
+
+
 @pytest.mark.slow
-def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(tmp_path, tiny_lm_dir):
-    project = small_project(tmp_path / "project", tiny_lm_dir)
-    assert repro_trace(project) == ["toy_model", "questions", "generate", "trace"]
+def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(traced, tmp_path):
+    project = copy_project(traced.project, tmp_path / "project")
     before, lock_before = file_hashes(project), (project / "dvc.lock").read_text()
     set_params(project, **{"trace.batch_size": 1})  # reruns trace
     repro = subprocess.Popen(["dvc", "repro", "trace"], cwd=project, env=ENV, stdout=subprocess.PIPE,
@@ -115,9 +131,8 @@ def test_sigkill_mid_stage_keeps_every_previous_output_and_a_rerun_recovers(tmp_
 
 
 @pytest.mark.slow
-def test_a_bad_param_through_dvc_repro_single_stage_leaves_the_outputs(tmp_path, tiny_lm_dir):
-    project = small_project(tmp_path / "project", tiny_lm_dir)
-    repro_trace(project)
+def test_a_bad_param_through_dvc_repro_single_stage_leaves_the_outputs(traced, tmp_path):
+    project = copy_project(traced.project, tmp_path / "project")
     before = file_hashes(project)
     set_params(project, **{"data.n_questions": "500"})
     failed = sh("dvc", "repro", "-s", "questions", cwd=project, check=False)
@@ -129,13 +144,13 @@ def test_a_bad_param_through_dvc_repro_single_stage_leaves_the_outputs(tmp_path,
 
 
 @pytest.mark.slow
-def test_an_edited_question_file_or_local_model_reruns_exactly_what_reads_it(tmp_path, tiny_lm_dir):
+def test_an_edited_question_file_or_local_model_reruns_exactly_what_reads_it(traced, tmp_path):
     """Each edit reruns exactly the stages that read the edited file (up to trace: the rest only follows them)."""
-    project = small_project(tmp_path / "project", tiny_lm_dir)
+    project = copy_project(traced.project, tmp_path / "project")
     sources, model = project / "data/sources", project / "data/models/tiny"
     repro = partial(repro_trace, project)
-    assert repro() == ["toy_model", "questions", "generate", "trace"]
-    assert repro() == []
+    assert traced.ran == ["toy_model", "questions", "generate", "trace"]
+    assert repro() == []  # a copy (git history, DVC cache, workspace) is up to date
     write_questions(sources / "mine.jsonl", ["1+1", "3-1", "9-7"])  # a question edited in place
     assert repro() == ["questions", "generate", "trace"]
     assert json.loads((project / "data/questions/id.jsonl").read_text().splitlines()[2])["question"] == "9-7"
@@ -148,34 +163,17 @@ def test_an_edited_question_file_or_local_model_reruns_exactly_what_reads_it(tmp
     assert repro() == ["toy_model", "generate", "trace"]
 
 
-# Another machine, as far as one machine can play it: each library's CPU switch set below this CPU's instruction set
-# (and below the stages' own pins), one thread and one core. The stages pin their own values (stages/lib/cpu.py),
-# so none of this may change a byte; without the pins the toy model trains differently and every output moves.
-OTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
-             "OPENBLAS_CORETYPE": "Sandybridge", "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
-             "NUMBA_CPU_NAME": "generic", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-def one_core() -> None:
-    """In the child before exec: run on one core only (what the stages' thread pools see as the machine)."""
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-
-
 @pytest.mark.slow
-def test_a_second_copy_on_another_cpu_reproduces_every_output_hash(tiny_run, tmp_path):
-    """CI's reproducibility check: the tiny pipeline in a fresh copy, run as on another CPU (lower instruction set,
-    one core), gives the committed run's outputs bit for bit (the cost records, which hold measured seconds and the
-    machine, left out); both runs' cost records show the kernels the stages pinned."""
-    second = make_project(tmp_path / "second")
-    repro = subprocess.run(["dvc", "repro"], cwd=second, env=ENV | OTHER_CPU, preexec_fn=one_core,
-                           capture_output=True, text=True, timeout=1800, check=False)
-    assert repro.returncode == 0, f"dvc repro failed:\n{repro.stdout}\n{repro.stderr}"
-    first, again = locked_outputs(tiny_run.project), locked_outputs(second)
+def test_a_second_copy_on_another_cpu_reproduces_every_output_hash(tiny_run, second_tiny_copy):
+    """CI's reproducibility check: the tiny pipeline in a second fresh copy, reproduced beside the session's
+    `tiny_run` as on another CPU (lower instruction set, one thread, one core: `OTHER_CPU` in dvc_project), gives
+    the same outputs bit for bit (the cost records, which hold measured seconds and the machine, left out)."""
+    first, again = locked_outputs(tiny_run.project), locked_outputs(second_tiny_copy)
     assert set(first) == set(again)
     differ = sorted(path for path in first if first[path] != again[path] and not path.startswith(TIMED))
     assert differ == [], f"outputs that did not reproduce: {differ}"
     assert any(path.startswith(TIMED) for path in first)  # the timed files are outputs too, only not compared
-    for project in (tiny_run.project, second):
+    for project in (tiny_run.project, second_tiny_copy):
         machine = json.loads((project / "artifacts/metrics/cost/toy_model.json").read_text())["machine"]
         assert (machine["aten_capability"], machine["torch_threads"]) == ("AVX2", 2)
         assert "MKL_CBWR=AVX2 " in machine["pinned"] and machine["torch"] and machine["cpu_model"]
