@@ -101,3 +101,4 @@ def test_every_stage_refuses_a_bad_path_before_any_work(project, stage):
     with pytest.raises(ParamsError, match=r"^params.yaml: `paths.probes` = 'docs' is invalid; expected a new "):
         importlib.import_module(f"stages.{stage}").main()
     assert_kept(project)
+

@@ -13,6 +13,7 @@ the command line prints it and exits with status 2 (``stages.lib.common.run_stag
 
 import dataclasses
 import difflib
+import os
 import re
 import subprocess
 import typing
@@ -176,7 +177,8 @@ class Paths(Group):
         if root is not None:
             for key, path in given.items():
                 check_output_path(key, path, Path(root), whole=key not in FILE_OUTPUT_DIRS)
-        values = {key: (Path(root) / path).resolve() for key, path in given.items()} if root is not None else given
+        values = {key: Path(os.path.normpath(Path(root).absolute() / path)) for key, path in given.items()} \
+            if root is not None else given
         for key, path in values.items():
             for other, other_path in values.items():
                 if other == key:
@@ -198,18 +200,23 @@ USER_DIRS = (SOURCES_DIR, MODELS_DIR, ".git", ".dvc")
 def check_output_path(key: str, path: Path, root: Path, whole: bool) -> None:
     """Refuse ``paths.<key>`` = ``path`` unless it is a new or stage-owned directory inside the project ``root``.
 
-    Inside: relative to ``root`` (or absolute within it) after resolving ``..`` and links, and not ``root`` itself.
+    Inside: relative to ``root`` (or absolute within it) once ``..`` is resolved, and not ``root`` itself (a link
+    the user placed inside, ``data/runs -> /big/disk/runs``, is theirs to make: the stage replaces the link, never
+    what it points to).
     Apart: not one of ``USER_DIRS``, inside one or containing one. For a directory the stage replaces ``whole``:
     holding no file that git tracks or sees as a user's (untracked and not ignored), so ``docs`` or a folder of
     notes is refused, while an output (listed in DVC's .gitignore files) or a new directory passes. Outside a git
     work tree that last check is skipped.
     """
     resolved_root = root.resolve()
-    resolved = (root / path).resolve()
-    if resolved == resolved_root or not resolved.is_relative_to(resolved_root):
+    candidate = Path(os.path.normpath(root.absolute() / path))
+    inside_roots = [base for base in dict.fromkeys((root.absolute(), resolved_root))
+                    if candidate != base and candidate.is_relative_to(base)]
+    if not inside_roots:
         raise invalid(key, f"a directory inside the project {resolved_root} (a relative path such as data/<name> or "
                            f"artifacts/<name>)")
-    relative = resolved.relative_to(resolved_root)
+    relative = candidate.relative_to(inside_roots[0])
+    resolved = resolved_root / relative
     for user_dir in map(Path, USER_DIRS):
         if relative.is_relative_to(user_dir) or user_dir.is_relative_to(relative):
             raise invalid(key, f"a path apart from {user_dir}/ (the project's own or the user's files, which a stage "
