@@ -852,9 +852,9 @@ class CostRecord(Contract):
     stage: str
     wall_seconds: float
     counters: dict[str, int | float | str | bool | None]
-    machine: dict[str, str | int | None] | None = None
+    machine: dict[str, str | int | None] | None = Field(default=None, exclude_if=lambda machine: machine is None)
     """The CPU, its flags, the pinned kernel switches and the library versions (stages.lib.cpu.machine_record);
-    None in records written before it was added."""
+    absent from records written before it was added."""
     _flattened: ClassVar[tuple[str, ...]] = ("counters",)
 
 
