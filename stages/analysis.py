@@ -11,11 +11,11 @@ import logging
 
 import numpy as np
 
-from stages.lib.analysis import build
-from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs
+from stages.lib.evaluation.per_run import build
+from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs
 from stages.lib.params import load_params
 from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema import (
+from stages.lib.schema.tables import (
     ANALYSIS_FILE,
     ANALYSIS_KEY,
     LOCATION_SCORES_FILE,

@@ -3,7 +3,7 @@
 Run with ``python -m stages.early_exit``. Reads the runs, hidden states and question splits (train_probes'
 splits.parquet) and the forced answers; writes ``{paths.metrics}/early_exit.json`` (``schema.EarlyExitReport``),
 ``{paths.plots}/early_exit_pareto.csv`` (accuracy against tokens over tau, per rule and split) and its cost
-record. The method (Learn-then-Test, named in docs/early_exit.md) is stages/lib/early_exit.py.
+record. The method (Learn-then-Test, named in docs/early_exit.md) is stages/lib/early_exit/rules.py.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib.common import (cost_record, read_table, run_stage, setup_logging, stage_outputs, write_csv,
-                               write_model)
-from stages.lib.dataset import attach_splits, load_dataset, require_same_locations
-from stages.lib.early_exit import (
+from stages.lib.io.files import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_csv, write_model
+from stages.lib.probes.dataset import attach_splits, load_dataset, require_same_locations
+from stages.lib.early_exit.rules import (
     CALIBRATION_SPLIT,
     LOSS,
     METHOD,
@@ -25,9 +24,9 @@ from stages.lib.early_exit import (
     prefix_outcomes,
     stopping_probe_choices,
 )
-from stages.lib.forced_answers import require_traced_prefixes
+from stages.lib.early_exit.forced import require_traced_prefixes
 from stages.lib.params import Params, load_params
-from stages.lib.schema import (
+from stages.lib.schema.tables import (
     EARLY_EXIT_FILE,
     EARLY_EXIT_PARETO_COLUMNS,
     EARLY_EXIT_PARETO_FILE,

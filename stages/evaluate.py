@@ -2,7 +2,7 @@
 
 Run with ``python -m stages.evaluate``. Writes ``{paths.metrics}/evaluate.json`` (``schema.EvaluateReport``), the
 plot CSVs of ``{paths.plots}`` and its cost record; the scores are the registry's (stages/lib/registry.py) and the
-metrics are computed by stages/lib/evaluation.py."""
+metrics are computed by stages/lib/evaluation/scoring.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
-from stages.lib.dataset import DatasetRuns, attach_splits, load_dataset, require_same_locations
-from stages.lib.evaluation import (
+from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
+from stages.lib.probes.dataset import DatasetRuns, attach_splits, load_dataset, require_same_locations
+from stages.lib.evaluation.scoring import (
     auroc_by_layer,
     calibration,
     answer_extraction,
@@ -30,9 +30,9 @@ from stages.lib.evaluation import (
     split_metrics,
 )
 from stages.lib.params import Params, load_params
-from stages.lib.probe_store import load_location_probes, load_probes
-from stages.lib.questions import load_questions
-from stages.lib.schema import (
+from stages.lib.probes.store import load_location_probes, load_probes
+from stages.lib.questions.sources import load_questions
+from stages.lib.schema.tables import (
     AUROC_BY_LAYER_COLUMNS,
     AUROC_BY_LAYER_FILE,
     DIFFICULTY_COLUMNS,

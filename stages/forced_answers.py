@@ -2,7 +2,7 @@
 
 Run with ``python -m stages.forced_answers``. Reads the runs, the questions (gold answers) and the model; writes
 ``{paths.forced_answers}/{id,ood}.parquet`` (``schema.FORCED_ANSWER_COLUMNS``, one row per run and prefix) and
-its cost record. The cut, the forced sequence and the greedy decoding are stages/lib/forced_answers.py; the
+its cost record. The cut, the forced sequence and the greedy decoding are stages/lib/early_exit/forced.py; the
 stopping rules that use them are the early_exit stage. Decoding uses the generation backend
 (``sampling.backend``): transformers, or one vLLM engine.
 """
@@ -13,19 +13,19 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_table
-from stages.lib.forced_answers import force_answers, greedy_answers, greedy_answers_vllm, require_traced_prefixes
-from stages.lib.models import load_model, think_tokens
+from stages.lib.io.files import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_table
+from stages.lib.early_exit.forced import force_answers, greedy_answers, greedy_answers_vllm, require_traced_prefixes
+from stages.lib.models.loading import load_model, think_tokens
 from stages.lib.params import load_params
-from stages.lib.questions import load_questions
-from stages.lib.runs import stop_and_pad_ids
-from stages.lib.schema import DATASETS, FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, RUN_COLUMNS, RUN_KEY
+from stages.lib.questions.sources import load_questions
+from stages.lib.sampling.runs import stop_and_pad_ids
+from stages.lib.schema.tables import DATASETS, FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, RUN_COLUMNS, RUN_KEY
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    from stages.lib.sampling_vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
+    from stages.lib.sampling.vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
 
     setup_logging()
     params = load_params()

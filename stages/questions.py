@@ -2,15 +2,15 @@
 
 Run with ``python -m stages.questions`` (or ``dvc repro questions``). Reads ``seed``, ``data.*``, the chain ranges in
 ``toy.*`` and ``paths.questions``; writes ``{paths.questions}/id.jsonl`` and ``ood.jsonl`` (QUESTION_COLUMNS). The
-sources are described in stages/lib/questions.py."""
+sources are described in stages/lib/questions/sources.py."""
 
 from __future__ import annotations
 
 import logging
 
-from stages.lib.common import run_stage, setup_logging, stage_outputs
+from stages.lib.io.files import run_stage, setup_logging, stage_outputs
 from stages.lib.params import load_params
-from stages.lib.questions import build_dataset, write_questions
+from stages.lib.questions.sources import build_dataset, write_questions
 
 log = logging.getLogger(__name__)
 

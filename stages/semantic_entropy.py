@@ -2,20 +2,20 @@
 
 Run with ``python -m stages.semantic_entropy``. Reads ``{paths.runs}/{id,ood}.parquet`` (and the questions when the
 NLI judge reads them); writes ``{paths.semantic_entropy}/{id,ood}.parquet`` (SE_COLUMNS) and its cost record. The
-math lives in stages/lib/entropy.py, the equivalence methods in stages/lib/equivalence.py."""
+math lives in stages/lib/semantic/entropy.py, the equivalence methods in stages/lib/semantic/equivalence.py."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from stages.lib.answers import answers_equivalent
-from stages.lib.common import cost_record, read_table, run_stage, stage_outputs, write_table
-from stages.lib.entropy import CountingEquivalence, judge_clusterer, math_clusterer, semantic_entropy_table
-from stages.lib.equivalence import NO_ANSWER, build_judge
+from stages.lib.questions.answers import answers_equivalent
+from stages.lib.io.files import cost_record, read_table, run_stage, stage_outputs, write_table
+from stages.lib.semantic.entropy import CountingEquivalence, judge_clusterer, math_clusterer, semantic_entropy_table
+from stages.lib.semantic.equivalence import NO_ANSWER, build_judge
 from stages.lib.params import load_params
-from stages.lib.questions import load_questions
-from stages.lib.schema import DATASETS, RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, validate_frame
+from stages.lib.questions.sources import load_questions
+from stages.lib.schema.tables import DATASETS, RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, validate_frame
 
 log = logging.getLogger(__name__)
 

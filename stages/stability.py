@@ -1,23 +1,23 @@
 """Stage stability: refit every probe on several question splits; the spread of test and OOD AUROC.
 
 Run with ``python -m stages.stability``. Writes ``{paths.metrics}/stability.json`` (``schema.StabilityReport``),
-``{paths.plots}/stability.csv`` and its cost record (stages/lib/stability.py does the refitting)."""
+``{paths.plots}/stability.csv`` and its cost record (stages/lib/evaluation/seed_spread.py does the refitting)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
+from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
 from stages.lib.params import Params, load_params
-from stages.lib.schema import (
+from stages.lib.schema.tables import (
     STABILITY_COLUMNS,
     STABILITY_FILE,
     STABILITY_PLOT_FILE,
     StabilityReport,
     StabilitySettings,
 )
-from stages.lib.stability import seed_aurocs, summarise
+from stages.lib.evaluation.seed_spread import seed_aurocs, summarise
 
 log = logging.getLogger(__name__)
 

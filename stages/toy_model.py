@@ -1,7 +1,7 @@
 """Stage toy_model: train the embedded default LM (a tiny Qwen3 on arithmetic chains) and save it in HF format.
 
 Run with ``python -m stages.toy_model``; writes ``{paths.toy_model}`` and its cost record
-(training: stages/lib/toy.py). When ``model.name`` is not ``toy`` it trains nothing and writes a placeholder
+(training: stages/lib/models/toy.py). When ``model.name`` is not ``toy`` it trains nothing and writes a placeholder
 directory at once (``save_skipped``): a real run does not pay for the toy's training. For a local model (under
 data/models/, a dep of this stage) the placeholder holds the model's content hash, so that generate and trace, which
 depend on it, rerun exactly when the named model changes."""
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import arithmetic
-from stages.lib.common import content_sha256, cost_record, run_stage, setup_logging, stage_outputs
+from stages.lib.questions import arithmetic
+from stages.lib.io.files import content_sha256, cost_record, run_stage, setup_logging, stage_outputs
 from stages.lib.params import is_local_model, load_params
-from stages.lib.toy import (
+from stages.lib.models.toy import (
     VALIDATION_QUESTIONS,
     build_model,
     build_tokenizer,

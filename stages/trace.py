@@ -1,20 +1,20 @@
 """Stage trace: one teacher-forced pass per run; hidden states at the chosen positions and layers.
 
 Run with ``python -m stages.trace``. Reads the runs and the model; writes ``{paths.hidden}/`` (one shard per dataset
-and position, their index and ``HiddenMeta``, see stages/lib/hidden.py; each shard is checked against the meta
-before the directory is renamed into place) and its cost record. The tracing itself is stages/lib/tracing.py."""
+and position, their index and ``HiddenMeta``, see stages/lib/hidden/store.py; each shard is checked against the meta
+before the directory is renamed into place) and its cost record. The tracing itself is stages/lib/hidden/tracing.py."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs
-from stages.lib.hidden import create_hidden, finish_hidden
-from stages.lib.models import load_config, load_model
+from stages.lib.io.files import cost_record, read_table, run_stage, setup_logging, stage_outputs
+from stages.lib.hidden.store import create_hidden, finish_hidden
+from stages.lib.models.loading import load_config, load_model
 from stages.lib.params import load_params
-from stages.lib.schema import DATASETS, RUN_COLUMNS, RUN_KEY, HiddenMeta
-from stages.lib.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
+from stages.lib.schema.tables import DATASETS, RUN_COLUMNS, RUN_KEY, HiddenMeta
+from stages.lib.hidden.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ LIBRARY = "stages.lib"
 
 
 def module_file(module: str) -> Path | None:
-    """The file of a project module (``stages.lib.answers`` -> stages/lib/answers.py), None if not ours."""
+    """The file of a project module (``stages.lib.questions.answers`` -> stages/lib/questions/answers.py), None if not
+    ours."""
     base = ROOT.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():

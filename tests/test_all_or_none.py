@@ -1,4 +1,4 @@
-"""A stage writes all of its outputs or none (stages/lib/common.py ``stage_outputs``), and evaluate finishes on
+"""A stage writes all of its outputs or none (stages/lib/io/files.py ``stage_outputs``), and evaluate finishes on
 single-class splits with null metrics and well-typed, empty plot tables."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from test_train_evaluate import make_params, write_fixture
 
 from stages import evaluate, train_probes
-from stages.lib.common import cost_record, stage_outputs
-from stages.lib.schema import (
+from stages.lib.io.files import cost_record, stage_outputs
+from stages.lib.schema.tables import (
     AUROC_BY_LAYER_COLUMNS,
     EARLY_WARNING_COLUMNS,
     RELIABILITY_COLUMNS,

@@ -1,4 +1,5 @@
-"""Final-answer extraction and math-verify equivalence (stages/lib/answers.py), on hand cases and real datasets."""
+"""Final-answer extraction and math-verify equivalence (stages/lib/questions/answers.py), on hand cases and real
+datasets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.answers import (
+from stages.lib.questions.answers import (
     ANSWER_SOURCES,
     ExtractedAnswer,
     answers_equivalent,

@@ -45,7 +45,7 @@ def test_find_cycle_sees_a_cycle():
 
 def test_closure_follows_function_level_imports():
     # generate imports the vLLM backend inside main(): still a dep
-    assert "stages.lib.sampling_vllm" in closure("stages.generate", GRAPH)
+    assert "stages.lib.sampling.vllm" in closure("stages.generate", GRAPH)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

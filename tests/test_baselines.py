@@ -1,5 +1,7 @@
-"""Baseline scores beside the probes: per-run token baselines (stages/lib/baselines.py) and the graph measures of
-the K answers (stages/lib/entropy.py), on hand-computed cases and against lm-polygraph's estimators, transcribed."""
+"""Baseline scores beside the probes: per-run token baselines (stages/lib/evaluation/baselines.py) and the graph
+measures of
+the K answers (stages/lib/semantic/entropy.py), on hand-computed cases and against lm-polygraph's estimators,
+transcribed."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from scipy.linalg import eigh
 
-from stages.lib.answers import answers_equivalent
-from stages.lib.baselines import length_normalised_negative_loglik, negative_min_answer_logprob, think_length
-from stages.lib.entropy import (
+from stages.lib.questions.answers import answers_equivalent
+from stages.lib.evaluation.baselines import length_normalised_negative_loglik, negative_min_answer_logprob, think_length
+from stages.lib.semantic.entropy import (
     cluster_answers,
     degree_per_run,
     degree_uncertainty,
@@ -25,7 +27,7 @@ from stages.lib.entropy import (
     normalised_laplacian,
     number_of_semantic_sets,
 )
-from stages.lib.equivalence import answer_adjacency, pairwise_judge
+from stages.lib.semantic.equivalence import answer_adjacency, pairwise_judge
 
 # ---- per-run token baselines -------------------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ def test_graph_from_math_answers():
 
 def test_registry_scores_the_new_baselines_from_the_runs_columns_by_hand():
     from stages.lib import registry
-    from stages.lib.evaluation import score_runs
+    from stages.lib.evaluation.scoring import score_runs
 
     runs = pd.DataFrame({
         "hidden_row": [0, 1],

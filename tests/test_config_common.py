@@ -15,9 +15,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from stages.lib.common import atomic_path, cost_record, read_table, write_json, write_table
+from stages.lib.io.files import atomic_path, cost_record, read_table, write_json, write_table
 from stages.lib.params import Params, ParamsError, load_params, parse_params
-from stages.lib.schema import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
+from stages.lib.schema.tables import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -266,7 +266,7 @@ def test_a_bad_log_level_is_one_line_naming_the_variable(tmp_path):
 def test_progress_bars_follow_the_log_level(capsys):
     import logging
 
-    from stages.lib.common import progress_bar
+    from stages.lib.io.files import progress_bar
     root = logging.getLogger()
     previous = root.level
     try:

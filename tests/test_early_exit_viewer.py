@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from test_early_exit import outcomes
 
-from stages.lib.early_exit import evaluate_rules
-from stages.lib.schema import (
+from stages.lib.early_exit.rules import evaluate_rules
+from stages.lib.schema.tables import (
     EARLY_EXIT_PARETO_COLUMNS,
     FORCED_ANSWER_COLUMNS,
     EarlyExitReport,

@@ -12,12 +12,12 @@ import yaml
 from test_train_evaluate import make_params, write_fixture
 
 from stages import generate, trace
-from stages.lib import dataset as dataset_lib
-from stages.lib import models
-from stages.lib.common import read_table
+from stages.lib.probes import dataset as dataset_lib
+from stages.lib.models import loading as models
+from stages.lib.io.files import read_table
 from stages.lib.errors import UserError
-from stages.lib.questions import QuestionSourceError, jsonl_questions
-from stages.lib.schema import RUN_COLUMNS, SchemaError, hidden_files, hidden_shard
+from stages.lib.questions.sources import QuestionSourceError, jsonl_questions
+from stages.lib.schema.tables import RUN_COLUMNS, SchemaError, hidden_files, hidden_shard
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.lib.checkpoints import CHECKPOINT_ROOT, GenerationCheckpoints, generation_key
+from stages.lib.sampling.checkpoints import CHECKPOINT_ROOT, GenerationCheckpoints, generation_key
 from stages.lib.params import parse_params
-from stages.lib.questions import questions_frame, write_questions
-from stages.lib.runs import SampledRun
+from stages.lib.questions.sources import questions_frame, write_questions
+from stages.lib.sampling.runs import SampledRun
 
 ROOT = Path(__file__).resolve().parents[1]
 N_QUESTIONS = 20
@@ -112,7 +112,7 @@ def test_a_failed_vllm_generate_resumes_from_its_finished_calls(tiny_lm_dir, tmp
     from test_vllm_backend import FAKE_VLLM, FakeLLM
 
     from stages import generate
-    from stages.lib import sampling_vllm
+    from stages.lib.sampling import vllm as sampling_vllm
 
     raw = make_project(tmp_path, tiny_lm_dir)
     raw["sampling"].update(backend="vllm", temp=1.0, top_p=1.0, max_new_tokens=6)

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.lib.models import ThinkTokens, load_model, prompt_ids, think_tokens
+from stages.lib.models.loading import ThinkTokens, load_model, prompt_ids, think_tokens
 from stages.lib.params import SamplingParams, VllmParams
-from stages.lib.runs import SampledRun, build_run_records, mean_think_entropy, prompt_opens_think, think_span
-from stages.lib.sampling_hf import eos_and_pad, sample_runs
-from stages.lib.schema import RUN_COLUMNS, RUN_KEY, prefix_fraction, validate_frame
-from stages.lib.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
+from stages.lib.sampling.runs import SampledRun, build_run_records, mean_think_entropy, prompt_opens_think, think_span
+from stages.lib.sampling.hf import eos_and_pad, sample_runs
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, prefix_fraction, validate_frame
+from stages.lib.hidden.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
 
 QUESTIONS = ["1+2", "12+7-5+3", "3-1", "20+20-7"]
 
@@ -196,10 +196,10 @@ def test_batched_trace_equals_unbatched_forward_at_each_position(lm):
 
 
 def test_an_empty_question_set_writes_an_empty_valid_runs_table(tmp_path):
-    from stages.lib.common import read_table, write_table
-    from stages.lib.models import ThinkTokens
-    from stages.lib.runs import build_run_records
-    from stages.lib.schema import RUN_COLUMNS, RUN_KEY
+    from stages.lib.io.files import read_table, write_table
+    from stages.lib.models.loading import ThinkTokens
+    from stages.lib.sampling.runs import build_run_records
+    from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
 
     questions = pd.DataFrame(columns=["question_id", "dataset", "question", "gold"])
     frame = build_run_records(questions, [], [], tokenizer=None, think=ThinkTokens(None, None))

@@ -1,7 +1,7 @@
 """The Hugging Face Hub, offline or unreachable: models and ``hf:`` datasets fail fast, saying how to fix it.
 
-stages/lib/hub.py asks the Hub once through huggingface_hub (its session, timeout, ``HF_ENDPOINT`` and proxy
-variables); stages/lib/models.py turns the answer into "load from the Hub", "load the cached copy" or a one-line
+stages/lib/models/hub.py asks the Hub once through huggingface_hub (its session, timeout, ``HF_ENDPOINT`` and proxy
+variables); stages/lib/models/loading.py turns the answer into "load from the Hub", "load the cached copy" or a one-line
 error. huggingface_hub reads ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_HOME`` when it is imported and the proxy
 variables when its session opens, so every case runs in a fresh interpreter with its own environment. The Hub
 itself is never reached: a closed port on 127.0.0.1 stands for an unreachable Hub, and a small HTTP proxy on
@@ -25,8 +25,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from stages.lib import models
-from stages.lib.models import ModelSource
+from stages.lib.models import loading as models
+from stages.lib.models.loading import ModelSource
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING = "sep-tests/no-such-model"

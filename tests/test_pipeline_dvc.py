@@ -18,7 +18,7 @@ import yaml
 from dvc_project import ENV, ROOT, STAGES, ran_stages, sh
 
 from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema import ANALYSIS_KEY, validate_frame
+from stages.lib.schema.tables import ANALYSIS_KEY, validate_frame
 
 
 def sampling_params(exp_show_entry: dict) -> dict:
@@ -32,7 +32,7 @@ def check_location_scores_and_tokens(directory, table: pd.DataFrame) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from stages.lib.schema import TOKEN_COLUMNS, TOKEN_KEY, LocationScoresMeta, validate_location_scores
+    from stages.lib.schema.tables import TOKEN_COLUMNS, TOKEN_KEY, LocationScoresMeta, validate_location_scores
 
     meta = LocationScoresMeta.read(directory / "location_scores.json")
     scores = np.load(directory / "location_scores.npy", allow_pickle=False)

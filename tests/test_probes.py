@@ -19,9 +19,9 @@ from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from stages.lib.metrics import auroc
-from stages.lib.probe_store import load_location_probes, load_probe, save_location_probes, save_probe
-from stages.lib.probes import (
+from stages.lib.evaluation.metrics import auroc
+from stages.lib.probes.store import load_location_probes, load_probe, save_location_probes, save_probe
+from stages.lib.probes.linear import (
     LinearProbe,
     LogisticProbe,
     MeanDifferenceProbe,
@@ -36,8 +36,8 @@ from stages.lib.probes import (
     probe_score,
     score_location_probes,
 )
-from stages.lib.schema import SchemaError
-from stages.lib.selection import layer_ranges, select_layer_range
+from stages.lib.schema.tables import SchemaError
+from stages.lib.probes.selection import layer_ranges, select_layer_range
 
 
 def signal_data(n_questions=30, runs=4, dims=5, seed=0):

@@ -1,4 +1,4 @@
-"""The JSON hand-offs' models (stages/lib/schema.py) and the registry (stages/lib/registry.py).
+"""The JSON hand-offs' models (stages/lib/schema/) and the registry (stages/lib/registry.py).
 
 The committed metrics files are read through their models and written back: the bytes must not move, since
 evaluate.json, stability.json, cost_ratio.json and the cost records are DVC outputs whose hashes dvc.lock holds.
@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from stages.lib import registry
-from stages.lib.common import cost_record
-from stages.lib.schema import (
+from stages.lib.io.files import cost_record
+from stages.lib.schema.tables import (
     ANALYSIS_KEY,
     HIDDEN_INDEX_COLUMNS,
     CostRatio,
@@ -215,7 +215,7 @@ def test_labels_and_targets_by_hand():
 
 
 def test_a_lower_oriented_score_is_negated_so_higher_always_flags_the_label():
-    from stages.lib.evaluation import score_runs
+    from stages.lib.evaluation.scoring import score_runs
 
     runs = pd.DataFrame({"hidden_row": [0, 1, 2], "sequence_loglik": [-3.0, -1.0, -2.0]})
     loglik = registry.Score("sequence_loglik", "incorrect", "baseline", "sequence log-likelihood",

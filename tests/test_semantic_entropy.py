@@ -15,10 +15,10 @@ import yaml
 from hypothesis import given, settings
 
 from stages import semantic_entropy as stage
-from stages.lib.answers import answers_equivalent
-from stages.lib.common import read_table, write_table
-from stages.lib.entropy import math_clusterer
-from stages.lib.entropy import (
+from stages.lib.questions.answers import answers_equivalent
+from stages.lib.io.files import read_table, write_table
+from stages.lib.semantic.entropy import math_clusterer
+from stages.lib.semantic.entropy import (
     cluster_answers,
     discrete_semantic_entropy,
     length_normalised_loglik,
@@ -26,8 +26,13 @@ from stages.lib.entropy import (
     semantic_entropy_table,
     weighted_semantic_entropy,
 )
-from stages.lib.equivalence import answer_adjacency, connected_clusters, greedy_reference_clusters, pairwise_judge
-from stages.lib.schema import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
+from stages.lib.semantic.equivalence import (
+    answer_adjacency,
+    connected_clusters,
+    greedy_reference_clusters,
+    pairwise_judge,
+)
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -323,7 +328,7 @@ def test_stage_names_a_missing_runs_file(stage_dir):
     assert not (stage_dir / "out/semantic_entropy").exists()
 
 
-# ---- the stage with model-based equivalence (stages/lib/equivalence.py) ----------------------------------
+# ---- the stage with model-based equivalence (stages/lib/semantic/equivalence.py) ----------------------------------
 
 def write_stage_inputs(answers_by_question: dict[str, list[str]], questions: dict[str, str] | None = None) -> None:
     id_runs = make_runs("id", answers_by_question)
@@ -367,8 +372,8 @@ def tiny_nli_dir(tmp_path_factory):
 
 
 def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
-    from stages.lib.entropy import graph_measures
-    from stages.lib.equivalence import NliClassifier, NliJudge, answer_adjacency, greedy_reference_clusters
+    from stages.lib.semantic.entropy import graph_measures
+    from stages.lib.semantic.equivalence import NliClassifier, NliJudge, answer_adjacency, greedy_reference_clusters
 
     answers = {"q0": ["42", "forty two", "42", "24", ""], "q1": ["paris", "the capital of france", "paris"]}
     questions = {"q0": "x + 1", "q1": "the capital of france"}

@@ -16,14 +16,15 @@ import pytest
 import yaml
 
 from stages import cost_ratio, evaluate, stability, train_probes
-from stages.lib import dataset as dataset_lib
-from stages.lib import registry, selection
-from stages.lib.hidden import write_hidden
+from stages.lib.probes import dataset as dataset_lib
+from stages.lib import registry
+from stages.lib.probes import selection
+from stages.lib.hidden.store import write_hidden
 from stages.lib.params import parse_params
-from stages.lib.probe_store import load_location_probes, load_probes
-from stages.lib.probes import SingleClassError
-from stages.lib.questions import write_questions
-from stages.lib.schema import (
+from stages.lib.probes.store import load_location_probes, load_probes
+from stages.lib.probes.linear import SingleClassError
+from stages.lib.questions.sources import write_questions
+from stages.lib.schema.tables import (
     AUROC_BY_LAYER_COLUMNS,
     DIFFICULTY_COLUMNS,
     EARLY_WARNING_COLUMNS,
@@ -446,7 +447,7 @@ def test_a_new_score_is_one_registry_entry_and_one_function(tmp_path, monkeypatc
 
 
 def test_question_difficulty_and_answer_counts_by_hand():
-    from stages.lib.evaluation import answer_extraction, question_difficulty
+    from stages.lib.evaluation.scoring import answer_extraction, question_difficulty
 
     chains = pd.DataFrame({"question_id": ["a", "b"], "question": ["1+2", "3-1+4"], "level": pd.array([None, None],
                                                                                                     dtype="Int64")})

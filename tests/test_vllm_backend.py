@@ -28,15 +28,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-import stages.lib.sampling_vllm as vb
+import stages.lib.sampling.vllm as vb
 from conftest import link_local_model
 from stages import generate
-from stages.lib.common import read_table
-from stages.lib.models import load_model, prompt_ids, think_tokens
+from stages.lib.io.files import read_table
+from stages.lib.models.loading import load_model, prompt_ids, think_tokens
 from stages.lib.params import ParamsError, SamplingParams, VllmParams, parse_params
-from stages.lib.runs import build_run_records
-from stages.lib.sampling_hf import eos_and_pad, sample_runs
-from stages.lib.schema import RUN_COLUMNS, RUN_KEY, validate_frame
+from stages.lib.sampling.runs import build_run_records
+from stages.lib.sampling.hf import eos_and_pad, sample_runs
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = pd.DataFrame({"question_id": ["q0", "q1", "q2", "q3"], "dataset": ["id"] * 4,
@@ -404,7 +404,7 @@ def machine(monkeypatch):
 
 
 def test_auto_picks_vllm_only_with_cuda_and_an_importable_vllm_and_says_why(machine, caplog):
-    caplog.set_level(logging.INFO, logger="stages.lib.sampling_vllm")
+    caplog.set_level(logging.INFO, logger="stages.lib.sampling.vllm")
     assert vb.resolve_backend("auto") == "hf" and machine.checks == 0  # no CUDA: vLLM is not even imported
     assert "using hf, because torch sees no CUDA device" in caplog.text
     machine.cuda = True
@@ -431,7 +431,7 @@ def test_on_this_machine_vllm_is_reported_missing_and_never_imported_by_the_modu
         pytest.skip("vLLM and CUDA are both here")
     with pytest.raises(vb.BackendUnavailable, match="sampling.backend"):
         vb.resolve_backend("vllm")
-    script = "import sys, stages.lib.sampling_vllm, stages.generate; assert 'vllm' not in sys.modules"
+    script = "import sys, stages.lib.sampling.vllm, stages.generate; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120)
 
 

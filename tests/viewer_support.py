@@ -24,7 +24,7 @@ import yaml
 
 from stages.lib import registry
 from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema import (
+from stages.lib.schema.tables import (
     AUROC_BY_LAYER_COLUMNS,
     AUROC_BY_LAYER_FILE,
     COST_RATIO_FILE,

@@ -35,7 +35,7 @@ import yaml
 from stages.lib import registry
 from stages.lib.params import Paths
 from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema import (
+from stages.lib.schema.tables import (
     ANALYSIS_FILE,
     ANALYSIS_KEY,
     AUROC_BY_LAYER_COLUMNS,
@@ -83,7 +83,7 @@ PROBE_CHOICES = {score.display_name: probe.name for score, probe in registry.per
 ENTROPY_CHOICES = {score.display_name: score.name for score in registry.scores(kind="entropy")}
 OUTCOMES = ("correct", "incorrect")
 
-# The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/lib/schema.py); each is
+# The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/lib/schema/); each is
 # drawn by an entry of viewer.views.RESULT_PLOTS.
 PLOT_TABLES = {AUROC_BY_LAYER_FILE: AUROC_BY_LAYER_COLUMNS, ROC_FILE: ROC_COLUMNS,
                EARLY_WARNING_FILE: EARLY_WARNING_COLUMNS, RISK_COVERAGE_FILE: RISK_COVERAGE_COLUMNS,

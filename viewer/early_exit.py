@@ -21,7 +21,7 @@ import panel as pn
 import yaml
 
 from stages.lib.params import Paths
-from stages.lib.schema import (
+from stages.lib.schema.tables import (
     DATASETS,
     EARLY_EXIT_FILE,
     EARLY_EXIT_PARETO_COLUMNS,

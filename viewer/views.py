@@ -30,7 +30,7 @@ from bokeh.models.widgets.tables import NumberFormatter
 from bokeh.palettes import Category20, Viridis256
 
 from stages.lib import registry
-from stages.lib.schema import (
+from stages.lib.schema.tables import (
     AUROC_BY_LAYER_FILE,
     COST_RATIO_FILE,
     EARLY_WARNING_FILE,
@@ -1188,7 +1188,8 @@ class ResultsView(pn.viewable.Viewer):
             pn.Row(_csv_button(lambda: se_regression_table(metrics), "se_regression.csv")),
             _small_table(se_regression_table(metrics), "se-regression-table"),
             _subheading("Answer extraction",
-                        "Runs whose answer may be label noise, per split (stages/lib/answers.py; docs/design.md)."),
+                        "Runs whose answer may be label noise, per split "
+                        "(stages/lib/questions/answers.py; docs/design.md)."),
             pn.Row(_csv_button(lambda: answer_extraction_table(metrics), "answer_extraction.csv")),
             _small_table(answer_extraction_table(metrics), "answer-extraction-table"),
             sizing_mode="stretch_width")

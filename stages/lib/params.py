@@ -8,7 +8,7 @@ the YAML become tuples, and every model is frozen, so a loaded ``Params`` cannot
 
 A bad file raises ``ParamsError`` with one line that names the dotted key, the value given and what was expected,
 e.g. ``params.yaml: `sampling.temp` = -1 is invalid; expected a number >= 0 (0 means greedy)``; a stage run from
-the command line prints it and exits with status 2 (``stages.lib.common.run_stage``).
+the command line prints it and exits with status 2 (``stages.lib.io.files.run_stage``).
 """
 
 import dataclasses
@@ -48,7 +48,8 @@ MODELS_DIR = "data/models"
 """Where a local ``model.name`` (a directory or a .gguf file) lives: a dep of the toy_model stage, which records
 the named model's content hash in its output, so generate and trace rerun exactly when that model changes."""
 HUB_SOURCES = ("hf:gsm8k", "hf:math500")
-"""Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/lib/questions.py HUB_DATASETS)."""
+"""Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/lib/questions/sources.py
+HUB_DATASETS)."""
 
 
 class ParamsError(UserError):
@@ -217,7 +218,7 @@ class ModelParams(Group):
 
     name: text(r"^.+$", "`toy`, a Hugging Face repo id, a local directory or a local .gguf file")
     """``toy`` (the model trained by the toy_model stage), a Hugging Face repo id, a local directory, or a local
-    ``.gguf`` file (converted once to a cached safetensors copy; see stages/lib/models.py)."""
+    ``.gguf`` file (converted once to a cached safetensors copy; see stages/lib/models/loading.py)."""
     dtype: ModelDtype
     """Weights and activations for generate and trace: ``float32``, ``float16`` or ``bfloat16`` (half the memory;
     bfloat16 is the usual choice on a GPU). Hidden states are stored as float16 either way."""
@@ -284,7 +285,8 @@ class VllmParams(Group):
     """Weights and activations: ``auto`` (the checkpoint's own), ``bfloat16``, ``float16`` or ``float32``."""
     checkpoint_questions: NonNegativeInt
     """0: every question of a dataset in one ``llm.generate`` call (fastest; a killed run starts over). N: N
-    questions per call, each finished call checkpointed, so a killed run resumes (stages/lib/checkpoints.py); the
+    questions per call, each finished call checkpointed, so a killed run resumes (stages/lib/sampling/checkpoints.py);
+    the
     samples are the same either way (seeded per question), but each call's tail decodes below full concurrency."""
     entropy_top_n: PositiveInt
     """N: log-probs returned per step for the N most likely tokens. vLLM returns no full distribution, so

@@ -9,7 +9,8 @@ early_exit (the forced answers re-read every run's prefix three times).
 1. **The model** (no download): ``transformers.Qwen3Config`` with Qwen3-0.6B's shapes (``--hidden`` 1024,
    ``--layers`` 28, 16 query / 8 key-value heads of 128, MLP 3072, rope_theta 1e6, tied embeddings), random
    weights (``--seed``), saved with ``save_pretrained`` into the project's ``data/models/<name>/`` beside the toy
-   model's character-level tokenizer (stages/lib/toy.py: ``<think>``/``</think>`` are single tokens). The vocabulary
+   model's character-level tokenizer (stages/lib/models/toy.py: ``<think>``/``</think>`` are single tokens). The
+   vocabulary
    is that tokenizer's (about 100 tokens), not Qwen3's 151,936: the LM head of the real model is priced separately,
    as a measured estimate (``lm_head_estimate``: the (runs, 1024) x (1024, 151936) logits plus the log-softmax and
    entropy that generate's step recorder takes, timed for a few steps and scaled by the new tokens).
@@ -57,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scale import repo_params, run_stage  # noqa: E402
-from stages.lib.questions import load_questions  # noqa: E402
+from stages.lib.questions.sources import load_questions  # noqa: E402
 
 MODEL_NAME = "qwen3-0.6b-shaped-random"
 REAL_VOCAB = 151_936  # Qwen3's tokenizer
@@ -73,8 +74,8 @@ def build_model(directory: str, hidden: int, layers: int, seed: int) -> dict:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from stages.lib import toy
-    from stages.lib.models import THINK_END, THINK_START
+    from stages.lib.models import toy
+    from stages.lib.models.loading import THINK_END, THINK_START
 
     tokenizer = toy.build_tokenizer()
     config = Qwen3Config(
@@ -166,12 +167,12 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
     """Rewrite ``{paths.runs}/id.parquet`` so each run opens a think span, closes it and gives a planted answer."""
     from transformers import AutoTokenizer
 
-    from stages.lib.common import write_table
-    from stages.lib.dataset import split_questions
-    from stages.lib.models import THINK_END, think_tokens
+    from stages.lib.io.files import write_table
+    from stages.lib.probes.dataset import split_questions
+    from stages.lib.models.loading import THINK_END, think_tokens
     from stages.lib.params import parse_params
-    from stages.lib.runs import SampledRun, build_run_records
-    from stages.lib.schema import RUN_COLUMNS, RUN_KEY
+    from stages.lib.sampling.runs import SampledRun, build_run_records
+    from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
 
     params = parse_params(raw)
     tokenizer = AutoTokenizer.from_pretrained(workdir / params.model.name)
