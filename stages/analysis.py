@@ -24,9 +24,9 @@ from stages.lib.schema.tables import (
     TOKEN_KEY,
     TOKENS_FILE,
     TOKENS_ROW_GROUP_RUNS,
-    validate_frame,
     validate_location_scores,
 )
+from stages.lib.schema.machinery import validate_frame
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from stages.lib.io.files import run_stage, setup_logging, stage_outputs, write_model
 from stages.lib.evaluation.costs import cost_ratio, read_costs
 from stages.lib.params import Params, load_params
-from stages.lib.schema.tables import COST_RATIO_FILE, CostRatio
+from stages.lib.schema.reports import COST_RATIO_FILE, CostRatio
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from stages.lib.early_exit.rules import (
 )
 from stages.lib.early_exit.forced import require_traced_prefixes
 from stages.lib.params import Params, load_params
+from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport, EarlyExitSettings
 from stages.lib.schema.tables import (
-    EARLY_EXIT_FILE,
     EARLY_EXIT_PARETO_COLUMNS,
     EARLY_EXIT_PARETO_FILE,
     FORCED_ANSWER_COLUMNS,
@@ -35,8 +35,6 @@ from stages.lib.schema.tables import (
     SPLIT_COLUMNS,
     SPLIT_KEY,
     SPLITS_FILE,
-    EarlyExitReport,
-    EarlyExitSettings,
 )
 
 log = logging.getLogger(__name__)

@@ -39,17 +39,14 @@ from stages.lib.schema.tables import (
     DIFFICULTY_FILE,
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
-    EVALUATE_FILE,
     RELIABILITY_COLUMNS,
     RELIABILITY_FILE,
     RISK_COVERAGE_COLUMNS,
     RISK_COVERAGE_FILE,
     ROC_COLUMNS,
     ROC_FILE,
-    DifficultyRow,
-    EarlyWarningRow,
-    EvaluateReport,
 )
+from stages.lib.schema.reports import EVALUATE_FILE, DifficultyRow, EarlyWarningRow, EvaluateReport
 
 log = logging.getLogger(__name__)
 

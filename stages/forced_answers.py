@@ -19,7 +19,8 @@ from stages.lib.models.loading import load_model, think_tokens
 from stages.lib.params import load_params
 from stages.lib.questions.sources import load_questions
 from stages.lib.sampling.runs import stop_and_pad_ids
-from stages.lib.schema.tables import DATASETS, FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, RUN_COLUMNS, RUN_KEY
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, RUN_COLUMNS, RUN_KEY
 
 log = logging.getLogger(__name__)
 

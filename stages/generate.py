@@ -26,7 +26,8 @@ from stages.lib.params import load_params
 from stages.lib.questions.sources import load_questions
 from stages.lib.sampling.runs import build_run_records
 from stages.lib.sampling.hf import eos_and_pad, questions_per_call, sample_runs
-from stages.lib.schema.tables import DATASETS, RUN_COLUMNS, RUN_KEY
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from stages.lib.semantic.entropy import CountingEquivalence, judge_clusterer, ma
 from stages.lib.semantic.equivalence import NO_ANSWER, build_judge
 from stages.lib.params import load_params
 from stages.lib.questions.sources import load_questions
-from stages.lib.schema.tables import DATASETS, RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, validate_frame
+from stages.lib.schema.machinery import DATASETS, validate_frame
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY
 
 log = logging.getLogger(__name__)
 

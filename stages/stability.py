@@ -10,13 +10,8 @@ from pathlib import Path
 
 from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
 from stages.lib.params import Params, load_params
-from stages.lib.schema.tables import (
-    STABILITY_COLUMNS,
-    STABILITY_FILE,
-    STABILITY_PLOT_FILE,
-    StabilityReport,
-    StabilitySettings,
-)
+from stages.lib.schema.tables import STABILITY_COLUMNS, STABILITY_PLOT_FILE
+from stages.lib.schema.reports import STABILITY_FILE, StabilityReport, StabilitySettings
 from stages.lib.evaluation.seed_spread import seed_aurocs, summarise
 
 log = logging.getLogger(__name__)

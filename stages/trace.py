@@ -13,7 +13,8 @@ from stages.lib.io.files import cost_record, read_table, run_stage, setup_loggin
 from stages.lib.hidden.store import create_hidden, finish_hidden
 from stages.lib.models.loading import load_config, load_model
 from stages.lib.params import load_params
-from stages.lib.schema.tables import DATASETS, RUN_COLUMNS, RUN_KEY, HiddenMeta
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, HiddenMeta
 from stages.lib.hidden.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)

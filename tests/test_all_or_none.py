@@ -19,9 +19,9 @@ from stages.lib.schema.tables import (
     RELIABILITY_COLUMNS,
     RISK_COVERAGE_COLUMNS,
     ROC_COLUMNS,
-    EvaluateReport,
-    validate_frame,
 )
+from stages.lib.schema.reports import EvaluateReport
+from stages.lib.schema.machinery import validate_frame
 
 
 def previous_outputs(root: Path) -> dict[Path, str]:

@@ -85,7 +85,7 @@ def test_location_scores_of_screening_probes_are_their_projections_and_say_so():
     from stages.lib import registry
     from stages.lib.evaluation.per_run import location_meta, location_scores
     from stages.lib.probes.linear import MeanDifferenceProbe
-    from stages.lib.schema.tables import LayerChoice, Selection
+    from stages.lib.schema.reports import LayerChoice, Selection
 
     rng = np.random.default_rng(2)
     hidden = rng.normal(size=(30, 1, 2, 4)).astype(np.float16)
@@ -105,7 +105,8 @@ def test_location_scores_of_screening_probes_are_their_projections_and_say_so():
 
 def test_token_table_decodes_each_distinct_id_once_and_sorts_by_question():
     from stages.lib.evaluation.per_run import token_table
-    from stages.lib.schema.tables import TOKEN_COLUMNS, TOKEN_KEY, validate_frame
+    from stages.lib.schema.tables import TOKEN_COLUMNS, TOKEN_KEY
+    from stages.lib.schema.machinery import validate_frame
 
     calls = []
 

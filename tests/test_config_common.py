@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from stages.lib.io.files import atomic_path, cost_record, read_table, write_json, write_table
 from stages.lib.params import Params, ParamsError, load_params, parse_params
-from stages.lib.schema.tables import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
+from stages.lib.schema.tables import QUESTION_COLUMNS, QUESTION_KEY
+from stages.lib.schema.machinery import SchemaError, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -31,7 +31,8 @@ from stages.lib.errors import UserError
 from stages.lib.early_exit.forced import cut, force_answers, forced_sequence, greedy_answers, require_traced_prefixes
 from stages.lib.models.loading import prompt_ids, think_tokens
 from stages.lib.sampling.runs import stop_and_pad_ids
-from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, validate_frame
+from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY
+from stages.lib.schema.machinery import validate_frame
 from stages.lib.models.toy import build_tokenizer
 from stages.lib.hidden.tracing import token_positions
 
@@ -315,7 +316,7 @@ def test_prefix_outcomes_join_runs_and_forced_answers_and_name_a_missing_prefix(
                             "mean_logprob": -1.0, "mean_entropy": 0.5, "reasoning_tokens": 99}
                            for q in "ab" for p in (25, 50)])
     from stages.lib.early_exit.rules import prefix_outcomes
-    from stages.lib.schema.tables import SchemaError
+    from stages.lib.schema.machinery import SchemaError
     data = prefix_outcomes(runs, forced, (25, 50))
     assert list(data.question_id) == ["a", "b"] and list(data.full_correct) == [False, True]
     np.testing.assert_array_equal(data.forced_correct, [[False, True], [False, False]])

@@ -13,15 +13,9 @@ import pytest
 from test_early_exit import outcomes
 
 from stages.lib.early_exit.rules import evaluate_rules
-from stages.lib.schema.tables import (
-    EARLY_EXIT_PARETO_COLUMNS,
-    FORCED_ANSWER_COLUMNS,
-    EarlyExitReport,
-    EarlyExitSettings,
-    SchemaError,
-    StoppingProbeChoice,
-    validate_frame,
-)
+from stages.lib.schema.tables import EARLY_EXIT_PARETO_COLUMNS, FORCED_ANSWER_COLUMNS
+from stages.lib.schema.reports import EarlyExitReport, EarlyExitSettings, StoppingProbeChoice
+from stages.lib.schema.machinery import SchemaError, validate_frame
 from viewer.early_exit import early_exit_view, forced_answer_table, load_early_exit, operating_points, pareto_plot
 
 ROOT = Path(__file__).resolve().parents[1]

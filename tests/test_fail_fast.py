@@ -17,7 +17,8 @@ from stages.lib.models import loading as models
 from stages.lib.io.files import read_table
 from stages.lib.errors import UserError
 from stages.lib.questions.sources import QuestionSourceError, jsonl_questions
-from stages.lib.schema.tables import RUN_COLUMNS, SchemaError, hidden_files, hidden_shard
+from stages.lib.schema.tables import RUN_COLUMNS, hidden_files, hidden_shard
+from stages.lib.schema.machinery import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ from stages.lib.models.loading import ThinkTokens, load_model, prompt_ids, think
 from stages.lib.params import SamplingParams, VllmParams
 from stages.lib.sampling.runs import SampledRun, build_run_records, mean_think_entropy, prompt_opens_think, think_span
 from stages.lib.sampling.hf import eos_and_pad, sample_runs
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, prefix_fraction, validate_frame
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, prefix_fraction
+from stages.lib.schema.machinery import validate_frame
 from stages.lib.hidden.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
 
 QUESTIONS = ["1+2", "12+7-5+3", "3-1", "20+20-7"]

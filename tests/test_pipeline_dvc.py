@@ -18,7 +18,8 @@ import yaml
 from dvc_project import ENV, ROOT, STAGES, ran_stages, sh
 
 from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema.tables import ANALYSIS_KEY, validate_frame
+from stages.lib.schema.tables import ANALYSIS_KEY
+from stages.lib.schema.machinery import validate_frame
 
 
 def sampling_params(exp_show_entry: dict) -> dict:

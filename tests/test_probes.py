@@ -36,7 +36,7 @@ from stages.lib.probes.linear import (
     probe_score,
     score_location_probes,
 )
-from stages.lib.schema.tables import SchemaError
+from stages.lib.schema.machinery import SchemaError
 from stages.lib.probes.selection import layer_ranges, select_layer_range
 
 

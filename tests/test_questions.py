@@ -19,7 +19,7 @@ from stages.lib.questions.sources import (
     parse_source,
     question_from_record,
 )
-from stages.lib.schema.tables import SchemaError
+from stages.lib.schema.machinery import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")

@@ -18,19 +18,21 @@ from stages.lib.io.files import cost_record
 from stages.lib.schema.tables import (
     ANALYSIS_KEY,
     HIDDEN_INDEX_COLUMNS,
-    CostRatio,
-    CostRecord,
-    EvaluateReport,
     HiddenMeta,
-    IncorrectMetrics,
-    LabelMetrics,
-    RangeChoice,
-    SchemaError,
-    Selection,
-    StabilityReport,
     require_finite_hidden,
     validate_hidden,
 )
+from stages.lib.schema.reports import (
+    CostRatio,
+    CostRecord,
+    EvaluateReport,
+    IncorrectMetrics,
+    LabelMetrics,
+    RangeChoice,
+    Selection,
+    StabilityReport,
+)
+from stages.lib.schema.machinery import SchemaError
 
 METRICS = Path(__file__).resolve().parents[1] / "artifacts" / "metrics"
 COMMITTED = [(METRICS / "evaluate.json", EvaluateReport), (METRICS / "stability.json", StabilityReport),

@@ -32,7 +32,8 @@ from stages.lib.semantic.equivalence import (
     greedy_reference_clusters,
     pairwise_judge,
 )
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY
+from stages.lib.schema.machinery import SchemaError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -33,11 +33,10 @@ from stages.lib.schema.tables import (
     ROC_COLUMNS,
     SPLIT_COLUMNS,
     STABILITY_COLUMNS,
-    CostRecord,
     HiddenMeta,
-    SchemaError,
-    validate_frame,
 )
+from stages.lib.schema.reports import CostRecord
+from stages.lib.schema.machinery import SchemaError, validate_frame
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 POSITIONS = ["tbg", "think_end", "slt"]

@@ -32,16 +32,8 @@ from viewer_support import (
 )
 
 from stages.lib import registry
-from stages.lib.schema.tables import (
-    COST_RATIO_FILE,
-    EARLY_WARNING_FILE,
-    EVALUATE_FILE,
-    RELIABILITY_FILE,
-    ROC_FILE,
-    STABILITY_FILE,
-    STABILITY_PLOT_FILE,
-    StabilityReport,
-)
+from stages.lib.schema.reports import COST_RATIO_FILE, EVALUATE_FILE, STABILITY_FILE, StabilityReport
+from stages.lib.schema.tables import EARLY_WARNING_FILE, RELIABILITY_FILE, ROC_FILE, STABILITY_PLOT_FILE
 from viewer import data as viewer_data
 from viewer.data import (
     MissingArtifact,
@@ -161,7 +153,7 @@ def test_ranked_scores_sort_compare_and_keep_other_labels_apart(project):
 def test_paired_differences_are_read_in_both_orders_and_undefined_ones_left_out():
     from types import SimpleNamespace
 
-    from stages.lib.schema.tables import PairedDifferenceMetrics
+    from stages.lib.schema.reports import PairedDifferenceMetrics
 
     def entry(a, b, difference, low, high):
         return PairedDifferenceMetrics(a=a, b=b, label=f"{a} - {b}", split="test", difference=difference, ci_low=low,

@@ -36,7 +36,8 @@ from stages.lib.models.loading import load_model, prompt_ids, think_tokens
 from stages.lib.params import ParamsError, SamplingParams, VllmParams, parse_params
 from stages.lib.sampling.runs import build_run_records
 from stages.lib.sampling.hf import eos_and_pad, sample_runs
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, validate_frame
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
+from stages.lib.schema.machinery import validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = pd.DataFrame({"question_id": ["q0", "q1", "q2", "q3"], "dataset": ["id"] * 4,

@@ -27,10 +27,8 @@ from stages.lib.registry import ANALYSIS_COLUMNS
 from stages.lib.schema.tables import (
     AUROC_BY_LAYER_COLUMNS,
     AUROC_BY_LAYER_FILE,
-    COST_RATIO_FILE,
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
-    EVALUATE_FILE,
     LOCATION_SCORES_FILE,
     LOCATION_SCORES_META_FILE,
     RELIABILITY_COLUMNS,
@@ -40,19 +38,23 @@ from stages.lib.schema.tables import (
     ROC_COLUMNS,
     ROC_FILE,
     STABILITY_COLUMNS,
-    STABILITY_FILE,
     STABILITY_PLOT_FILE,
     TOKEN_COLUMNS,
     TOKEN_KEY,
     TOKENS_FILE,
     TOKENS_ROW_GROUP_RUNS,
-    CostRatio,
-    EvaluateReport,
     LocationScoresMeta,
-    StabilityReport,
-    validate_frame,
     validate_location_scores,
 )
+from stages.lib.schema.reports import (
+    COST_RATIO_FILE,
+    EVALUATE_FILE,
+    STABILITY_FILE,
+    CostRatio,
+    EvaluateReport,
+    StabilityReport,
+)
+from stages.lib.schema.machinery import validate_frame
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

@@ -19,7 +19,7 @@ import panel as pn
 
 import viewer
 from viewer.early_exit import early_exit_view
-from stages.lib.schema.tables import SchemaError
+from stages.lib.schema.machinery import SchemaError
 from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
 from viewer.views import (
     ExperimentsView,

@@ -40,10 +40,8 @@ from stages.lib.schema.tables import (
     ANALYSIS_KEY,
     AUROC_BY_LAYER_COLUMNS,
     AUROC_BY_LAYER_FILE,
-    COST_RATIO_FILE,
     EARLY_WARNING_COLUMNS,
     EARLY_WARNING_FILE,
-    EVALUATE_FILE,
     LOCATION_SCORES_FILE,
     LOCATION_SCORES_META_FILE,
     RELIABILITY_COLUMNS,
@@ -53,21 +51,23 @@ from stages.lib.schema.tables import (
     ROC_COLUMNS,
     ROC_FILE,
     STABILITY_COLUMNS,
-    STABILITY_FILE,
     STABILITY_PLOT_FILE,
     TOKEN_COLUMNS,
     TOKENS_FILE,
-    Contract,
+    LocationScoresMeta,
+    validate_location_scores,
+)
+from stages.lib.schema.reports import (
+    COST_RATIO_FILE,
+    EVALUATE_FILE,
+    STABILITY_FILE,
     CostRatio,
     EvaluateReport,
     IncorrectMetrics,
-    LocationScoresMeta,
-    SchemaError,
     StabilityReport,
     StabilitySpread,
-    validate_frame,
-    validate_location_scores,
 )
+from stages.lib.schema.machinery import Contract, SchemaError, validate_frame
 
 log = logging.getLogger(__name__)
 

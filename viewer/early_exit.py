@@ -21,16 +21,13 @@ import panel as pn
 import yaml
 
 from stages.lib.params import Paths
+from stages.lib.schema.machinery import DATASETS, SchemaError, validate_frame
+from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport
 from stages.lib.schema.tables import (
-    DATASETS,
-    EARLY_EXIT_FILE,
     EARLY_EXIT_PARETO_COLUMNS,
     EARLY_EXIT_PARETO_FILE,
     FORCED_ANSWER_COLUMNS,
     FORCED_ANSWER_KEY,
-    EarlyExitReport,
-    SchemaError,
-    validate_frame,
 )
 
 RULE_COLOURS = {"probe": "#1b9e77", "fixed_budget": "#7570b3", "trial_confidence": "#d95f02",

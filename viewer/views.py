@@ -32,13 +32,15 @@ from bokeh.palettes import Category20, Viridis256
 from stages.lib import registry
 from stages.lib.schema.tables import (
     AUROC_BY_LAYER_FILE,
-    COST_RATIO_FILE,
     EARLY_WARNING_FILE,
     RELIABILITY_FILE,
     RISK_COVERAGE_FILE,
     ROC_FILE,
-    STABILITY_FILE,
     STABILITY_PLOT_FILE,
+)
+from stages.lib.schema.reports import (
+    COST_RATIO_FILE,
+    STABILITY_FILE,
     CostRatio,
     EvaluateReport,
     EvaluateSettings,

@@ -31,7 +31,8 @@ from stages.lib.params import SamplingParams
 from stages.lib.sampling.runs import SampledRun
 from stages.lib.sampling.hf import generate_batch
 from stages.lib.sampling.vllm import sample_runs_vllm
-from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS, empty_frame
+from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS
+from stages.lib.schema.machinery import empty_frame
 from stages.lib.hidden.tracing import token_positions
 
 log = logging.getLogger(__name__)

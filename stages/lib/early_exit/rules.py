@@ -36,7 +36,8 @@ from stages.lib.questions.answers import answers_equivalent
 from stages.lib.evaluation.metrics import auroc, single_class_reason
 from stages.lib.params import ProbeParams
 from stages.lib.probes.linear import LogisticProbe, SingleClassError, fit_probe, probe_features
-from stages.lib.schema.tables import SchemaError, StoppingProbeChoice
+from stages.lib.schema.machinery import SchemaError
+from stages.lib.schema.reports import StoppingProbeChoice
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.schema.tables import (
+from stages.lib.schema.reports import (
     COST_COUNTERS,
     COST_DIR,
     CostRatio,

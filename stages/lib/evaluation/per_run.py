@@ -31,15 +31,9 @@ from stages.lib.probes.store import load_location_probes, load_probes
 from stages.lib.probes.linear import LinearProbe, LogisticProbe, location_features, probe_output
 from stages.lib.questions.sources import load_questions
 from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema.tables import (
-    DATASETS,
-    RUN_COLUMNS,
-    SE_COLUMNS,
-    TOKEN_COLUMNS,
-    ChosenLocation,
-    LocationScoresMeta,
-    Selection,
-)
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.tables import RUN_COLUMNS, SE_COLUMNS, TOKEN_COLUMNS, ChosenLocation, LocationScoresMeta
+from stages.lib.schema.reports import Selection
 
 log = logging.getLogger(__name__)
 

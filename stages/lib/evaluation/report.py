@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stages.lib import registry
 from stages.lib.errors import UserError
-from stages.lib.schema.tables import EVALUATE_FILE, EvaluateReport
+from stages.lib.schema.reports import EVALUATE_FILE, EvaluateReport
 
 REFERENCE_SCORE = "semantic_entropy"
 """The column of differences: each row's AUROC minus this score's, on the same runs."""

@@ -71,6 +71,9 @@ from stages.lib.schema.tables import (
     RELIABILITY_COLUMNS,
     RISK_COVERAGE_COLUMNS,
     ROC_COLUMNS,
+    prefix_fraction,
+)
+from stages.lib.schema.reports import (
     AnswerExtraction,
     CalibrationMetrics,
     EvaluateSettings,
@@ -82,9 +85,8 @@ from stages.lib.schema.tables import (
     ScoreMetrics,
     Selection,
     SplitSummary,
-    empty_frame,
-    prefix_fraction,
 )
+from stages.lib.schema.machinery import empty_frame
 from stages.lib.probes.selection import probe_labels
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from stages.lib.evaluation.scoring import score_runs
 from stages.lib.evaluation.metrics import auroc
 from stages.lib.params import Params
 from stages.lib.probes.linear import SingleClassError
-from stages.lib.schema.tables import STABILITY_COLUMNS, SkippedSeed, StabilitySpread
+from stages.lib.schema.tables import STABILITY_COLUMNS
+from stages.lib.schema.reports import SkippedSeed, StabilitySpread
 from stages.lib.probes.selection import train
 
 log = logging.getLogger(__name__)

@@ -34,13 +34,13 @@ from stages.lib.schema.tables import (
     HIDDEN_INDEX_COLUMNS,
     RUN_KEY,
     HiddenMeta,
-    SchemaError,
     hidden_files,
     hidden_shard,
     require_finite_hidden,
     validate_hidden,
     validate_hidden_shard,
 )
+from stages.lib.schema.machinery import SchemaError
 
 
 class HiddenStates:

@@ -20,7 +20,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages.lib.errors import UserError
-from stages.lib.schema.tables import COST_COUNTERS, COST_DIR, Column, Contract, CostRecord, SchemaError, validate_frame
+from stages.lib.schema.reports import COST_COUNTERS, COST_DIR, CostRecord
+from stages.lib.schema.machinery import Column, Contract, SchemaError, validate_frame
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import pandas as pd
 from stages.lib.io.files import read_table
 from stages.lib.hidden.store import HiddenStates, open_hidden
 from stages.lib.params import Params
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError, hidden_files
+from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, hidden_files
+from stages.lib.schema.machinery import SchemaError
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from stages.lib.probes.linear import (
     require_two_classes,
     score_location_probes,
 )
-from stages.lib.schema.tables import LayerChoice, PositionChoice, RangeCandidate, RangeChoice, Selection, ValScore
+from stages.lib.schema.reports import LayerChoice, PositionChoice, RangeCandidate, RangeChoice, Selection, ValScore
 
 log = logging.getLogger(__name__)
 

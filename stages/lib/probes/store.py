@@ -27,14 +27,12 @@ from stages.lib.schema.tables import (
     LOCATION_PROBES_FILE,
     PROBE_METADATA_SUFFIX,
     PROBE_WEIGHTS_SUFFIX,
-    SELECTION_FILE,
     SPLIT_COLUMNS,
     SPLIT_KEY,
     SPLITS_FILE,
-    SchemaError,
-    Selection,
-    validate_frame,
 )
+from stages.lib.schema.reports import SELECTION_FILE, Selection
+from stages.lib.schema.machinery import SchemaError, validate_frame
 from stages.lib.probes.selection import TrainedProbes
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,8 @@ from stages.lib.questions import arithmetic
 from stages.lib.models import hub
 from stages.lib.questions.answers import last_boxed_content
 from stages.lib.params import HUB_SOURCES
-from stages.lib.schema.tables import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
+from stages.lib.schema.tables import QUESTION_COLUMNS, QUESTION_KEY
+from stages.lib.schema.machinery import SchemaError, validate_frame
 from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)

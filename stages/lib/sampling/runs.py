@@ -11,7 +11,8 @@ import pandas as pd
 
 from stages.lib.questions.answers import extract_answer, is_correct
 from stages.lib.models.loading import ThinkTokens
-from stages.lib.schema.tables import RUN_COLUMNS, empty_frame
+from stages.lib.schema.tables import RUN_COLUMNS
+from stages.lib.schema.machinery import empty_frame
 
 log = logging.getLogger(__name__)
 
