@@ -1,8 +1,8 @@
 """Stage analysis: what the viewer reads, one row per run (entropies, probe scores, UMAP coordinates), each probe's
 score at every traced location, and every run's tokens with their entropies.
 
-Run with ``python -m stages.analysis``; writes in ``{paths.analysis}/``: ``analysis.parquet`` (ANALYSIS_COLUMNS),
-``location_scores.npy`` + ``location_scores.json`` (schema.LocationScoresMeta), ``tokens.parquet`` (TOKEN_COLUMNS),
+Run with ``python -m stages.analysis``; writes in ``{paths.analysis}/``: ``analysis.parquet`` (ANALYSIS.columns),
+``location_scores.npy`` + ``location_scores.json`` (schema.LocationScoresMeta), ``tokens.parquet`` (TOKENS.columns),
 and its cost record."""
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import numpy as np
 from stages.lib.evaluation.per_run import build
 from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs
 from stages.lib.params import load_params
-from stages.lib.registry import ANALYSIS_COLUMNS
+from stages.lib.registry import ANALYSIS
 from stages.lib.schema.tables import (
-    ANALYSIS_FILE,
     ANALYSIS_KEY,
     LOCATION_SCORES_FILE,
     LOCATION_SCORES_META_FILE,
-    TOKEN_COLUMNS,
-    TOKEN_KEY,
-    TOKENS_FILE,
+    TOKENS,
     TOKENS_ROW_GROUP_RUNS,
     validate_location_scores,
 )
@@ -36,18 +33,18 @@ def main() -> None:
     params = load_params()
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "analysis", outputs) as cost:
         built = build(params)
-        validate_frame(built.table, ANALYSIS_COLUMNS, "analysis table", ANALYSIS_KEY)
+        validate_frame(built.table, ANALYSIS.columns, "analysis table", ANALYSIS_KEY)
         validate_location_scores(built.location_scores, built.location_meta, "location scores")
-        validate_frame(built.tokens, TOKEN_COLUMNS, "tokens table", TOKEN_KEY)
+        validate_frame(built.tokens, TOKENS.columns, "tokens table", TOKENS.key)
         out_dir = outputs.path(params.paths.analysis)
         out_dir.mkdir()
-        built.table.to_parquet(out_dir / ANALYSIS_FILE, index=False)
+        built.table.to_parquet(out_dir / ANALYSIS.file, index=False)
         np.save(out_dir / LOCATION_SCORES_FILE, built.location_scores)
         (out_dir / LOCATION_SCORES_META_FILE).write_text(built.location_meta.to_json())
-        built.tokens.to_parquet(out_dir / TOKENS_FILE, index=False, row_group_size=TOKENS_ROW_GROUP_RUNS)
+        built.tokens.to_parquet(out_dir / TOKENS.file, index=False, row_group_size=TOKENS_ROW_GROUP_RUNS)
         log.info("wrote %s/%s: %d rows; %s: shape %s (runs, probes, positions, layers); %s: %d runs, %d tokens",
-                 params.paths.analysis, ANALYSIS_FILE, len(built.table), LOCATION_SCORES_FILE,
-                 built.location_scores.shape, TOKENS_FILE, len(built.tokens),
+                 params.paths.analysis, ANALYSIS.file, len(built.table), LOCATION_SCORES_FILE,
+                 built.location_scores.shape, TOKENS.file, len(built.tokens),
                  int(built.tokens["tokens"].map(len).sum()))
         cost["runs"] = len(built.table)
 

@@ -20,7 +20,7 @@ from stages.lib.params import load_params
 from stages.lib.questions.sources import load_questions
 from stages.lib.sampling.runs import stop_and_pad_ids
 from stages.lib.schema.machinery import DATASETS
-from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, RUN_COLUMNS, RUN_KEY
+from stages.lib.schema.tables import FORCED_ANSWERS, RUNS
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ def main() -> None:
         out_dir.mkdir()
         cost.update(backend=backend, sequences=0, tokens_generated=0, generate_calls=0)
         for dataset in DATASETS:
-            runs = read_table(Path(params.paths.runs) / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
+            runs = read_table(RUNS, RUNS.path(params.paths.runs, dataset))
             questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
             gold = questions.set_index("question_id")["gold"]
             frame, calls = force_answers(tokenizer, runs, gold, settings.prefixes, settings.answer_prefix, decode,
                                          think)
-            write_table(frame, out_dir / f"{dataset}.parquet", FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY)
+            write_table(frame, FORCED_ANSWERS, FORCED_ANSWERS.path(out_dir, dataset))
             if len(frame):
                 log.info("%s: forced-answer accuracy by prefix %s", dataset,
                          frame.groupby("prefix")["correct"].mean().round(3).to_dict())

@@ -27,7 +27,7 @@ from stages.lib.questions.sources import load_questions
 from stages.lib.sampling.runs import build_run_records
 from stages.lib.sampling.hf import eos_and_pad, questions_per_call, sample_runs
 from stages.lib.schema.machinery import DATASETS
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
+from stages.lib.schema.tables import RUNS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def main() -> None:
                 runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed, checkpoints=checkpoints,
                                    dataset=dataset)
             frame = build_run_records(questions, prompts, runs, tokenizer, think)
-            write_table(frame, out_dir / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
+            write_table(frame, RUNS, out_dir / f"{dataset}.parquet")
             if len(frame):
                 log.info("%s: %d runs, accuracy %.3f, think missing %.3f, truncated %.3f", dataset, len(frame),
                          frame["correct"].mean(), frame["think_missing"].mean(), frame["truncated"].mean())

@@ -1,7 +1,7 @@
 """Stage questions: build the in-distribution and out-of-distribution question sets.
 
 Run with ``python -m stages.questions`` (or ``dvc repro questions``). Reads ``seed``, ``data.*``, the chain ranges in
-``toy.*`` and ``paths.questions``; writes ``{paths.questions}/id.jsonl`` and ``ood.jsonl`` (QUESTION_COLUMNS). The
+``toy.*`` and ``paths.questions``; writes ``{paths.questions}/id.jsonl`` and ``ood.jsonl`` (QUESTIONS.columns). The
 sources are described in stages/lib/questions/sources.py."""
 
 from __future__ import annotations

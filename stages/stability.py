@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
+from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_table, write_model
 from stages.lib.params import Params, load_params
-from stages.lib.schema.tables import STABILITY_COLUMNS, STABILITY_PLOT_FILE
+from stages.lib.schema.tables import STABILITY_PLOT
 from stages.lib.schema.reports import STABILITY_FILE, StabilityReport, StabilitySettings
 from stages.lib.evaluation.seed_spread import seed_aurocs, summarise
 
@@ -25,7 +25,7 @@ def run(params: Params) -> StabilityReport:
             c_grid=list(params.stability.c_grid), layer_ranges="not searched (single layers)",
             positive_class="incorrect run"))
         write_model(report, outputs.path(Path(params.paths.metrics) / STABILITY_FILE))
-        write_csv(table, outputs.path(Path(params.paths.plots) / STABILITY_PLOT_FILE), STABILITY_COLUMNS)
+        write_table(table, STABILITY_PLOT, outputs.path(STABILITY_PLOT.path(params.paths.plots)))
         cost.update({"seeds": params.stability.seeds, "rows": len(table)})
     return report
 

@@ -7,14 +7,13 @@ before the directory is renamed into place) and its cost record. The tracing its
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from stages.lib.io.files import cost_record, read_table, run_stage, setup_logging, stage_outputs
 from stages.lib.hidden.store import create_hidden, finish_hidden
 from stages.lib.models.loading import load_config, load_model
 from stages.lib.params import load_params
 from stages.lib.schema.machinery import DATASETS
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, HiddenMeta
+from stages.lib.schema.tables import RUNS, HiddenMeta
 from stages.lib.hidden.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ def main() -> None:
         out_dir.mkdir()
         cost.update(sequences=0, tokens_processed=0, forward_passes=0)
         for dataset in DATASETS:
-            runs = read_table(Path(params.paths.runs) / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
+            runs = read_table(RUNS, RUNS.path(params.paths.runs, dataset))
             meta = HiddenMeta(positions=list(positions), layers=layers, hidden_size=model.config.hidden_size,
                               dtype="float16", model=params.model.name, model_revision=params.model.revision)
             out = create_hidden(out_dir, dataset, len(runs), meta)  # (runs, positions, layers, hidden), sharded

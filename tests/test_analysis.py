@@ -105,7 +105,7 @@ def test_location_scores_of_screening_probes_are_their_projections_and_say_so():
 
 def test_token_table_decodes_each_distinct_id_once_and_sorts_by_question():
     from stages.lib.evaluation.per_run import token_table
-    from stages.lib.schema.tables import TOKEN_COLUMNS, TOKEN_KEY
+    from stages.lib.schema.tables import TOKENS
     from stages.lib.schema.machinery import validate_frame
 
     calls = []
@@ -118,7 +118,7 @@ def test_token_table_decodes_each_distinct_id_once_and_sorts_by_question():
                          "generated_ids": [[5, 6], [6, 7, 5], []], "token_entropies": [[0.1, 0.2], [0.3, 0.4, 0.5], []],
                          "think_start_index": pd.array([0, 0, None], dtype="Int64"),
                          "think_end_index": pd.array([1, None, None], dtype="Int64")})
-    table = validate_frame(token_table(runs, decode), TOKEN_COLUMNS, "tokens", TOKEN_KEY)
+    table = validate_frame(token_table(runs, decode), TOKENS.columns, "tokens", TOKENS.key)
     assert calls == [[5, 6, 7]]
     assert list(zip(table["question_id"], table["run_id"])) == [("q1", 0), ("q1", 1), ("q2", 0)]
     assert [list(tokens) for tokens in table["tokens"]] == [[], ["<6>", "<7>", "<5>"], ["<5>", "<6>"]]

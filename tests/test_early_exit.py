@@ -31,7 +31,7 @@ from stages.lib.errors import UserError
 from stages.lib.early_exit.forced import cut, force_answers, forced_sequence, greedy_answers, require_traced_prefixes
 from stages.lib.models.loading import prompt_ids, think_tokens
 from stages.lib.sampling.runs import stop_and_pad_ids
-from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY
+from stages.lib.schema.tables import FORCED_ANSWERS
 from stages.lib.schema.machinery import validate_frame
 from stages.lib.models.toy import build_tokenizer
 from stages.lib.hidden.tracing import token_positions
@@ -137,7 +137,7 @@ def test_forced_answers_table_matches_the_schema_and_judges_against_gold(toy):
     decode = partial(greedy_answers, model, max_new_tokens=5, eos_ids=eos_ids, pad_id=pad_id, batch_size=3,
                      progress=False)
     frame, calls = force_answers(tokenizer, runs, gold, (25, 75), "\\boxed{", decode, think)
-    validate_frame(frame, FORCED_ANSWER_COLUMNS, "forced", FORCED_ANSWER_KEY)
+    validate_frame(frame, FORCED_ANSWERS.columns, "forced", FORCED_ANSWERS.key)
     assert calls == 2 and len(frame) == 4 and list(frame["prefix"]) == [25, 75, 25, 75]
     for row in frame.itertuples():
         assert row.answer_text == "</think>\\boxed{" + tokenizer.decode(list(row.answer_ids))

@@ -17,7 +17,7 @@ from stages.lib.models import loading as models
 from stages.lib.io.files import read_table
 from stages.lib.errors import UserError
 from stages.lib.questions.sources import QuestionSourceError, jsonl_questions
-from stages.lib.schema.tables import RUN_COLUMNS, hidden_files, hidden_shard
+from stages.lib.schema.tables import RUNS, hidden_files, hidden_shard
 from stages.lib.schema.machinery import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_a_truncated_parquet_is_named_with_the_command_that_restores_it(tmp_path
     pd.DataFrame({"question_id": ["q"] * 500, "run_id": range(500)}).to_parquet(path)
     truncate(path)
     with pytest.raises(SchemaError) as error:
-        read_table(path, RUN_COLUMNS)
+        read_table(RUNS, path)
     assert one_line(error).startswith(f"{path}: truncated or corrupt parquet file (")
     assert f"restore it with `dvc checkout {path}`" in str(error.value)
 

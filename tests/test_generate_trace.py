@@ -11,7 +11,7 @@ from stages.lib.models.loading import ThinkTokens, load_model, prompt_ids, think
 from stages.lib.params import SamplingParams, VllmParams
 from stages.lib.sampling.runs import SampledRun, build_run_records, mean_think_entropy, prompt_opens_think, think_span
 from stages.lib.sampling.hf import eos_and_pad, sample_runs
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, prefix_fraction
+from stages.lib.schema.tables import RUNS, prefix_fraction
 from stages.lib.schema.machinery import validate_frame
 from stages.lib.hidden.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
 
@@ -122,7 +122,7 @@ def test_run_records_follow_the_schema_and_judge_answers(lm):
                           float("nan") if truncated else 0.1, truncated)
 
     frame = build_run_records(questions, [[1, 2]], [[run(right, False), run(wrong, True)]], tokenizer, think)
-    validate_frame(frame, RUN_COLUMNS, "records", RUN_KEY)
+    validate_frame(frame, RUNS.columns, "records", RUNS.key)
     assert frame["correct"].tolist() == [True, False]
     assert frame["answer"].tolist() == ["3", ""]  # truncated while reasoning: no answer
     assert frame["answer_source"].tolist() == ["boxed", "truncated_in_think"]
@@ -200,9 +200,9 @@ def test_an_empty_question_set_writes_an_empty_valid_runs_table(tmp_path):
     from stages.lib.io.files import read_table, write_table
     from stages.lib.models.loading import ThinkTokens
     from stages.lib.sampling.runs import build_run_records
-    from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
+    from stages.lib.schema.tables import RUNS
 
     questions = pd.DataFrame(columns=["question_id", "dataset", "question", "gold"])
     frame = build_run_records(questions, [], [], tokenizer=None, think=ThinkTokens(None, None))
-    write_table(frame, tmp_path / "ood.parquet", RUN_COLUMNS, RUN_KEY)
-    assert len(read_table(tmp_path / "ood.parquet", RUN_COLUMNS, RUN_KEY)) == 0
+    write_table(frame, RUNS, tmp_path / "ood.parquet")
+    assert len(read_table(RUNS, tmp_path / "ood.parquet")) == 0

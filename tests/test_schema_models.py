@@ -15,13 +15,7 @@ import pytest
 
 from stages.lib import registry
 from stages.lib.io.files import cost_record
-from stages.lib.schema.tables import (
-    ANALYSIS_KEY,
-    HIDDEN_INDEX_COLUMNS,
-    HiddenMeta,
-    require_finite_hidden,
-    validate_hidden,
-)
+from stages.lib.schema.tables import ANALYSIS_KEY, HIDDEN_INDEX, HiddenMeta, require_finite_hidden, validate_hidden
 from stages.lib.schema.reports import (
     CostRatio,
     CostRecord,
@@ -139,7 +133,7 @@ def test_hidden_meta_and_the_array_it_describes():
         HiddenMeta.parse({**meta.model_dump(), "dtype": "float32"}, "meta.json")
     index = pd.DataFrame({"row": [0, 1], "question_id": ["a", "a"], "run_id": [0, 1], "sequence_length": [5, 6],
                           "think_end_fallback": [False, True]})
-    assert [c.name for c in HIDDEN_INDEX_COLUMNS] == list(index.columns)
+    assert [c.name for c in HIDDEN_INDEX.columns] == list(index.columns)
     array = np.zeros((2, 2, 2, 3), dtype=np.float16)
     validate_hidden(array, index, meta, "id.npy")
     with pytest.raises(SchemaError, match=r"id.npy: array shape \(2, 2, 3, 3\); expected .* \(2, 2, 2, 3\)"):

@@ -32,7 +32,7 @@ from stages.lib.semantic.equivalence import (
     greedy_reference_clusters,
     pairwise_judge,
 )
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY
+from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY
 from stages.lib.schema.machinery import SchemaError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -245,7 +245,7 @@ def test_on_integer_answers_the_clusters_are_the_greedy_ones(answers):
 # ---- the stage on a tiny runs table -----------------------------------------------------------------
 
 def make_runs(dataset: str, answers_by_question: dict[str, list[str]]) -> pd.DataFrame:
-    """A RUN_COLUMNS table with the given answers; token-level columns are small but consistent."""
+    """A RUNS.columns table with the given answers; token-level columns are small but consistent."""
     rows = []
     for question_id, answers in answers_by_question.items():
         for run_id, answer in enumerate(answers):
@@ -306,15 +306,15 @@ def stage_dir(tmp_path, monkeypatch):
 
 def test_stage_writes_schema_valid_tables_and_cost(stage_dir):
     id_runs = make_runs("id", ID_ANSWERS)
-    write_table(id_runs, "out/runs/id.parquet", RUN_COLUMNS, RUN_KEY)
-    write_table(id_runs.iloc[0:0], "out/runs/ood.parquet", RUN_COLUMNS, RUN_KEY)  # no OOD questions
+    write_table(id_runs, RUNS, "out/runs/id.parquet")
+    write_table(id_runs.iloc[0:0], RUNS, "out/runs/ood.parquet")  # no OOD questions
 
     stage.main()
 
-    id_table = read_table("out/semantic_entropy/id.parquet", SE_COLUMNS, SE_KEY)
-    ood_table = read_table("out/semantic_entropy/ood.parquet", SE_COLUMNS, SE_KEY)
+    id_table = read_table(SEMANTIC_ENTROPY, "out/semantic_entropy/id.parquet")
+    ood_table = read_table(SEMANTIC_ENTROPY, "out/semantic_entropy/ood.parquet")
     assert len(id_table) == len(id_runs) and len(ood_table) == 0
-    assert list(id_table.columns) == [column.name for column in SE_COLUMNS]
+    assert list(id_table.columns) == [column.name for column in SEMANTIC_ENTROPY.columns]
     assert sorted(path.name for path in (stage_dir / "out").iterdir()) == ["metrics", "runs", "semantic_entropy"]
 
     cost = json.loads((stage_dir / "out/metrics/cost/semantic_entropy.json").read_text())
@@ -333,8 +333,8 @@ def test_stage_names_a_missing_runs_file(stage_dir):
 
 def write_stage_inputs(answers_by_question: dict[str, list[str]], questions: dict[str, str] | None = None) -> None:
     id_runs = make_runs("id", answers_by_question)
-    write_table(id_runs, "out/runs/id.parquet", RUN_COLUMNS, RUN_KEY)
-    write_table(id_runs.iloc[0:0], "out/runs/ood.parquet", RUN_COLUMNS, RUN_KEY)
+    write_table(id_runs, RUNS, "out/runs/id.parquet")
+    write_table(id_runs.iloc[0:0], RUNS, "out/runs/ood.parquet")
     if questions is not None:
         Path("out/questions").mkdir(parents=True)
         Path("out/questions/id.jsonl").write_text("".join(
@@ -350,7 +350,7 @@ def set_semantic_entropy(stage_dir: Path, **values) -> None:
 
 
 def stage_outputs(stage_dir: Path) -> tuple[pd.DataFrame, dict]:
-    table = read_table("out/semantic_entropy/id.parquet", SE_COLUMNS, SE_KEY)
+    table = read_table(SEMANTIC_ENTROPY, "out/semantic_entropy/id.parquet")
     cost = json.loads((stage_dir / "out/metrics/cost/semantic_entropy.json").read_text())
     return table.set_index(["question_id", "run_id"]).sort_index(), cost
 

@@ -33,7 +33,7 @@ from viewer_support import (
 
 from stages.lib import registry
 from stages.lib.schema.reports import COST_RATIO_FILE, EVALUATE_FILE, STABILITY_FILE, StabilityReport
-from stages.lib.schema.tables import EARLY_WARNING_FILE, RELIABILITY_FILE, ROC_FILE, STABILITY_PLOT_FILE
+from stages.lib.schema.tables import EARLY_WARNING, RELIABILITY, ROC, STABILITY_PLOT
 from viewer import data as viewer_data
 from viewer.data import (
     MissingArtifact,
@@ -196,7 +196,7 @@ def test_calibration_and_se_regression_tables(project):
 def test_stability_table_summarises_the_seeds(project):
     table = stability_table(load_metrics(project, STABILITY_FILE))
     assert list(table["score"]) == [score.name for score in registry.stable_scores()]
-    seeds = load_plot_table(project, STABILITY_PLOT_FILE)  # the same run's per-seed values
+    seeds = load_plot_table(project, STABILITY_PLOT.file)  # the same run's per-seed values
     values = seeds.loc[(seeds["split"] == "ood") & (seeds["score"] == "naive_entropy"), "auroc"]
     row = table.set_index("score").loc["naive_entropy"]
     assert row["OOD AUROC"] == (f"{values.mean():.3f} ± {values.std(ddof=1):.3f} "
@@ -282,7 +282,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     # that does not match its schema (written before `calibration`). Each shows as a notice in its own section
     # naming what to rerun; everything else still draws (without evaluate.json's settings).
     root = write_viewer_project(tmp_path, analysis=None)
-    for name in (ROC_FILE, EARLY_WARNING_FILE):
+    for name in (ROC.file, EARLY_WARNING.file):
         (root / PATHS["plots"] / name).unlink()
     for name in (STABILITY_FILE, COST_RATIO_FILE):
         (root / PATHS["metrics"] / name).unlink()
@@ -291,7 +291,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     (root / PATHS["metrics"] / EVALUATE_FILE).write_text(json.dumps(older))
     sections = ResultsView(root=root)._content().objects
     texts = [" ".join(_texts(section)) for section in sections]
-    for name in (ROC_FILE, EARLY_WARNING_FILE, STABILITY_FILE, COST_RATIO_FILE):
+    for name in (ROC.file, EARLY_WARNING.file, STABILITY_FILE, COST_RATIO_FILE):
         holding = [text for text in texts if f"`{name}`" in text]
         assert len(holding) == 1 and "dvc repro" in holding[0], name  # the missing file, in its section only
     schema_notice = [text for text in texts if "evaluate.json: missing field `calibration`" in text]
@@ -302,7 +302,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
 def test_early_warning_keeps_slt_apart_and_null_rows_become_a_notice(project, tmp_path):
     from viewer.views import AFTER_ANSWER_X, NothingToDraw, ResultsView, draw_early_warning
 
-    frame = load_plot_table(project, EARLY_WARNING_FILE)
+    frame = load_plot_table(project, EARLY_WARNING.file)
     test_panel = draw_early_warning(frame, {}).values()[0]
     lines = [element for element in test_panel.values() if type(element) is hv.Curve]
     assert {line.label for line in lines} == {"accuracy probe", "SE probe"}
@@ -317,15 +317,15 @@ def test_early_warning_keeps_slt_apart_and_null_rows_become_a_notice(project, tm
         draw_early_warning(frame.assign(auroc=np.nan), {})
     root = write_viewer_project(tmp_path, analysis=None)
     synthetic_early_warning().assign(auroc=None, auroc_ci_low=None, auroc_ci_high=None).to_csv(
-        root / PATHS["plots"] / EARLY_WARNING_FILE, index=False)
+        root / PATHS["plots"] / EARLY_WARNING.file, index=False)
     texts = [" ".join(_texts(section)) for section in ResultsView(root=root)._content().objects]
-    assert sum(f"`{EARLY_WARNING_FILE}` has no rows with values" in text for text in texts) == 1
+    assert sum(f"`{EARLY_WARNING.file}` has no rows with values" in text for text in texts) == 1
 
 
 def test_reliability_skips_empty_bins_and_stability_bars_span_the_seeds(project):
     from viewer.views import draw_reliability, draw_stability
 
-    reliability = load_plot_table(project, RELIABILITY_FILE)
+    reliability = load_plot_table(project, RELIABILITY.file)
     assert (reliability["n"] == 0).any() and reliability["observed_frequency"].isna().any()
     panel = draw_reliability(reliability, {}).values()[0]
     curves = [element.dframe() for element in panel.values() if type(element) is hv.Curve and element.label]
@@ -333,7 +333,7 @@ def test_reliability_skips_empty_bins_and_stability_bars_span_the_seeds(project)
     assert [len(curve) for curve in curves] == [len(test_rows[test_rows["probe"] == probe])
                                                for probe in ("accuracy_probe", "accuracy_range_probe")]
 
-    seeds = load_plot_table(project, STABILITY_PLOT_FILE)
+    seeds = load_plot_table(project, STABILITY_PLOT.file)
     ood_panel = draw_stability(seeds, {}).values()[1]
     bars = next(element.dframe() for element in ood_panel.values() if isinstance(element, hv.ErrorBars))
     values = seeds[seeds["split"] == "ood"].groupby("score")["auroc"]

@@ -36,7 +36,7 @@ from stages.lib.models.loading import load_model, prompt_ids, think_tokens
 from stages.lib.params import ParamsError, SamplingParams, VllmParams, parse_params
 from stages.lib.sampling.runs import build_run_records
 from stages.lib.sampling.hf import eos_and_pad, sample_runs
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
+from stages.lib.schema.tables import RUNS
 from stages.lib.schema.machinery import validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,7 +370,7 @@ def both_frames(lm, fake_llm, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_greedy_records_equal_the_hf_backend_when_n_covers_the_vocabulary(lm, fake_llm):
     hf, vllm = both_frames(lm, fake_llm, top_n=len(lm[1]))
-    validate_frame(vllm, RUN_COLUMNS, "vllm records", RUN_KEY)
+    validate_frame(vllm, RUNS.columns, "vllm records", RUNS.key)
     assert list(vllm.columns) == list(hf.columns) and vllm.dtypes.equals(hf.dtypes)
     floats = ["token_logprobs", "token_entropies", "sequence_loglik", "mean_token_entropy"]
     pd.testing.assert_frame_equal(vllm.drop(columns=floats), hf.drop(columns=floats))
@@ -467,7 +467,7 @@ class Project:
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         monkeypatch.chdir(self.root)
         generate.main()
-        return read_table(self.root / runs_dir / "id.parquet", RUN_COLUMNS, RUN_KEY)
+        return read_table(RUNS, self.root / runs_dir / "id.parquet")
 
 
 @pytest.fixture

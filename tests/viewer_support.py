@@ -1,7 +1,7 @@
 """Helpers shared by the viewer tests and tests/benchmarks/bench_viewer.py (not a test module).
 
 ``write_viewer_project`` lays out a project directory the viewer can read (params.yaml with `paths:`, a synthetic
-analysis.parquet matching ANALYSIS_COLUMNS, evaluate.json, stability.json, cost_ratio.json and every plots CSV,
+analysis.parquet matching ANALYSIS.columns, evaluate.json, stability.json, cost_ratio.json and every plots CSV,
 each checked against its schema columns); ``ViewerServer`` serves
 ``viewer.app.create_app(root)`` for it in a subprocess on 127.0.0.1 and always stops it; ``launch_chromium``
 starts Debian's headless Chromium through Playwright.
@@ -23,25 +23,17 @@ import pandas as pd
 import yaml
 
 from stages.lib import registry
-from stages.lib.registry import ANALYSIS_COLUMNS
+from stages.lib.registry import ANALYSIS
 from stages.lib.schema.tables import (
-    AUROC_BY_LAYER_COLUMNS,
-    AUROC_BY_LAYER_FILE,
-    EARLY_WARNING_COLUMNS,
-    EARLY_WARNING_FILE,
+    AUROC_BY_LAYER,
+    EARLY_WARNING,
     LOCATION_SCORES_FILE,
     LOCATION_SCORES_META_FILE,
-    RELIABILITY_COLUMNS,
-    RELIABILITY_FILE,
-    RISK_COVERAGE_COLUMNS,
-    RISK_COVERAGE_FILE,
-    ROC_COLUMNS,
-    ROC_FILE,
-    STABILITY_COLUMNS,
-    STABILITY_PLOT_FILE,
-    TOKEN_COLUMNS,
-    TOKEN_KEY,
-    TOKENS_FILE,
+    RELIABILITY,
+    RISK_COVERAGE,
+    ROC,
+    STABILITY_PLOT,
+    TOKENS,
     TOKENS_ROW_GROUP_RUNS,
     LocationScoresMeta,
     validate_location_scores,
@@ -126,7 +118,7 @@ def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int 
             })
     frame = pd.DataFrame(rows)
     frame["think_length"] = frame["think_length"].astype("Int64")
-    return validate_frame(frame, ANALYSIS_COLUMNS, "synthetic analysis")
+    return validate_frame(frame, ANALYSIS.columns, "synthetic analysis")
 
 
 TRACED_LAYERS = (0, 1, 2, 3)
@@ -176,8 +168,8 @@ def synthetic_tokens(analysis: pd.DataFrame, long_run: int = 0) -> pd.DataFrame:
         entropies = np.abs(rng.normal(0.3, 0.2, size=len(pieces))) + np.linspace(0, 1.5, len(pieces))
         rows.append({"dataset": run.dataset, "question_id": run.question_id, "run_id": run.run_id, "tokens": pieces,
                      "token_entropies": entropies.astype(np.float32), "think_start_index": 0, "think_end_index": end})
-    frame = pd.DataFrame(rows, columns=[column.name for column in TOKEN_COLUMNS])
-    return validate_frame(frame, TOKEN_COLUMNS, TOKENS_FILE, TOKEN_KEY)
+    frame = pd.DataFrame(rows, columns=[column.name for column in TOKENS.columns])
+    return validate_frame(frame, TOKENS.columns, TOKENS.file, TOKENS.key)
 
 
 def synthetic_early_warning() -> pd.DataFrame:
@@ -189,8 +181,8 @@ def synthetic_early_warning() -> pd.DataFrame:
                 auroc = 0.55 + 0.3 * (1.0 if fraction is None else fraction) - (0.05 if split == "ood" else 0.0)
                 rows.append({"probe": probe, "position": position, "fraction": fraction, "layer": 2, "split": split,
                              "auroc": auroc, "auroc_ci_low": auroc - 0.08, "auroc_ci_high": min(1.0, auroc + 0.08)})
-    frame = pd.DataFrame(rows, columns=[column.name for column in EARLY_WARNING_COLUMNS])
-    return validate_frame(frame, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE)
+    frame = pd.DataFrame(rows, columns=[column.name for column in EARLY_WARNING.columns])
+    return validate_frame(frame, EARLY_WARNING.columns, EARLY_WARNING.file)
 
 
 def synthetic_metrics() -> EvaluateReport:
@@ -252,7 +244,7 @@ def synthetic_stability(seeds: int = 4) -> tuple[StabilityReport, pd.DataFrame]:
                            "auroc": 0.6 + 0.03 * i + rng.normal(0, 0.02)}
                           for seed in range(seeds) for split in ("test", "ood")
                           for i, score in enumerate(registry.stable_scores())],
-                         columns=[column.name for column in STABILITY_COLUMNS])
+                         columns=[column.name for column in STABILITY_PLOT.columns])
     splits: dict = {}
     for (split, score), group in frame.groupby(["split", "score"], sort=False):
         values = group["auroc"].to_numpy(float)
@@ -263,7 +255,7 @@ def synthetic_stability(seeds: int = 4) -> tuple[StabilityReport, pd.DataFrame]:
         "splits": splits, "skipped_seeds": [],
         "settings": {"seeds": list(range(seeds)), "c_grid": [0.01], "layer_ranges": "not searched (single layers)",
                      "positive_class": "incorrect run"}})
-    return report, validate_frame(frame, STABILITY_COLUMNS, STABILITY_PLOT_FILE)
+    return report, validate_frame(frame, STABILITY_PLOT.columns, STABILITY_PLOT.file)
 
 
 def synthetic_cost_ratio() -> CostRatio:
@@ -294,11 +286,11 @@ def synthetic_plots(layers: int = 3) -> dict[str, pd.DataFrame]:
          "mean_predicted": np.nan if b == 4 else (edges[b] + edges[b + 1]) / 2,
          "observed_frequency": np.nan if b == 4 else min(1.0, (edges[b] + edges[b + 1]) / 2 * (1.1 - 0.1 * i))}
         for i, probe in enumerate(CALIBRATED) for split in ("test", "ood") for b in range(10)])
-    tables = {AUROC_BY_LAYER_FILE: (by_layer, AUROC_BY_LAYER_COLUMNS), ROC_FILE: (roc, ROC_COLUMNS),
-              EARLY_WARNING_FILE: (synthetic_early_warning(), EARLY_WARNING_COLUMNS),
-              RISK_COVERAGE_FILE: (risk_coverage, RISK_COVERAGE_COLUMNS),
-              RELIABILITY_FILE: (reliability, RELIABILITY_COLUMNS),
-              STABILITY_PLOT_FILE: (synthetic_stability()[1], STABILITY_COLUMNS)}
+    tables = {AUROC_BY_LAYER.file: (by_layer, AUROC_BY_LAYER.columns), ROC.file: (roc, ROC.columns),
+              EARLY_WARNING.file: (synthetic_early_warning(), EARLY_WARNING.columns),
+              RISK_COVERAGE.file: (risk_coverage, RISK_COVERAGE.columns),
+              RELIABILITY.file: (reliability, RELIABILITY.columns),
+              STABILITY_PLOT.file: (synthetic_stability()[1], STABILITY_PLOT.columns)}
     return {name: validate_frame(frame, columns, name) for name, (frame, columns) in tables.items()}
 
 
@@ -316,7 +308,7 @@ def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metri
         scores, meta = synthetic_location_scores(analysis)
         np.save(directory / LOCATION_SCORES_FILE, scores)
         (directory / LOCATION_SCORES_META_FILE).write_text(meta.to_json())
-        synthetic_tokens(analysis, long_run).to_parquet(directory / TOKENS_FILE, index=False,
+        synthetic_tokens(analysis, long_run).to_parquet(directory / TOKENS.file, index=False,
                                                         row_group_size=TOKENS_ROW_GROUP_RUNS)
     if metrics:
         metrics_dir, plots_dir = root / PATHS["metrics"], root / PATHS["plots"]

@@ -7,7 +7,7 @@ project), and no path comes from a URL, a widget or an environment variable.
 
 ``RunStore`` holds the filters and the frames derived from them (Panel's structure_data_store pattern):
 
-    table     every run (ANALYSIS_COLUMNS + ``outcome``), shared read-only by all sessions
+    table     every run (ANALYSIS.columns + ``outcome``), shared read-only by all sessions
     filtered  the runs passing the sidebar filters            -> both plots, the count
     selected  the filtered runs inside the last box or lasso selection -> both plots' ring, the selection table
     question_runs  all K runs of the chosen question (unfiltered), for the question details
@@ -34,26 +34,18 @@ import yaml
 
 from stages.lib import registry
 from stages.lib.params import Paths
-from stages.lib.registry import ANALYSIS_COLUMNS
+from stages.lib.registry import ANALYSIS
 from stages.lib.schema.tables import (
-    ANALYSIS_FILE,
     ANALYSIS_KEY,
-    AUROC_BY_LAYER_COLUMNS,
-    AUROC_BY_LAYER_FILE,
-    EARLY_WARNING_COLUMNS,
-    EARLY_WARNING_FILE,
+    AUROC_BY_LAYER,
+    EARLY_WARNING,
     LOCATION_SCORES_FILE,
     LOCATION_SCORES_META_FILE,
-    RELIABILITY_COLUMNS,
-    RELIABILITY_FILE,
-    RISK_COVERAGE_COLUMNS,
-    RISK_COVERAGE_FILE,
-    ROC_COLUMNS,
-    ROC_FILE,
-    STABILITY_COLUMNS,
-    STABILITY_PLOT_FILE,
-    TOKEN_COLUMNS,
-    TOKENS_FILE,
+    RELIABILITY,
+    RISK_COVERAGE,
+    ROC,
+    STABILITY_PLOT,
+    TOKENS,
     LocationScoresMeta,
     validate_location_scores,
 )
@@ -85,9 +77,9 @@ OUTCOMES = ("correct", "incorrect")
 
 # The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/lib/schema/); each is
 # drawn by an entry of viewer.views.RESULT_PLOTS.
-PLOT_TABLES = {AUROC_BY_LAYER_FILE: AUROC_BY_LAYER_COLUMNS, ROC_FILE: ROC_COLUMNS,
-               EARLY_WARNING_FILE: EARLY_WARNING_COLUMNS, RISK_COVERAGE_FILE: RISK_COVERAGE_COLUMNS,
-               RELIABILITY_FILE: RELIABILITY_COLUMNS, STABILITY_PLOT_FILE: STABILITY_COLUMNS}
+PLOT_TABLES = {AUROC_BY_LAYER.file: AUROC_BY_LAYER.columns, ROC.file: ROC.columns,
+               EARLY_WARNING.file: EARLY_WARNING.columns, RISK_COVERAGE.file: RISK_COVERAGE.columns,
+               RELIABILITY.file: RELIABILITY.columns, STABILITY_PLOT.file: STABILITY_PLOT.columns}
 # The JSON files of `paths.metrics` the viewer reads (evaluate's, stability's and cost_ratio's), each read through its
 # schema model; file name -> (model, the stage that writes it).
 METRICS_FILES: dict[str, tuple[type[Contract], str]] = {EVALUATE_FILE: (EvaluateReport, "evaluate"),
@@ -163,7 +155,7 @@ def run_files(root: str | Path) -> RunFiles:
                                   "the project's own artifacts.")
         return path
 
-    return RunFiles(root=root, analysis=inside(paths.analysis, ANALYSIS_FILE),
+    return RunFiles(root=root, analysis=inside(paths.analysis, ANALYSIS.file),
                     metrics=inside(paths.metrics, EVALUATE_FILE), plots=inside(paths.plots, ""))
 
 
@@ -185,7 +177,7 @@ def _read_analysis(path: str, modified_ns: int) -> pd.DataFrame:
     except Exception as error:  # noqa: BLE001 - a half-synced or foreign file: say so instead of a traceback
         raise MissingArtifact(f"Cannot read {path} ({error}). {HOW_TO_GET_A_RUN}") from None
     try:
-        validate_frame(frame, ANALYSIS_COLUMNS, path, key=ANALYSIS_KEY)
+        validate_frame(frame, ANALYSIS.columns, path, key=ANALYSIS_KEY)
     except SchemaError as error:
         raise MissingArtifact(f"{error}. Rerun `dvc repro analysis` to rebuild it.") from None
     frame = frame.reset_index(drop=True)
@@ -198,7 +190,7 @@ def _read_analysis(path: str, modified_ns: int) -> pd.DataFrame:
 
 
 def load_analysis(root: str | Path) -> pd.DataFrame:
-    """Every run of the project at ``root`` (ANALYSIS_COLUMNS plus ``outcome``), cached until the file changes.
+    """Every run of the project at ``root`` (ANALYSIS.columns plus ``outcome``), cached until the file changes.
 
     The frame is shared by all sessions: treat it as read-only.
     """
@@ -248,7 +240,7 @@ def _read_question_tokens(path: str, modified_ns: int, dataset: str, question_id
         # Row-group statistics skip every group without this question: one question's rows are read, not the file.
         wanted = [("dataset", "==", dataset), ("question_id", "==", question_id)]
         frame = pq.read_table(path, filters=wanted).to_pandas()
-        return validate_frame(frame, TOKEN_COLUMNS, path)
+        return validate_frame(frame, TOKENS.columns, path)
     except SchemaError as error:
         raise MissingArtifact(f"{error}. Rerun `dvc repro analysis` to rebuild it.") from None
     except (OSError, ValueError) as error:
@@ -256,8 +248,8 @@ def _read_question_tokens(path: str, modified_ns: int, dataset: str, question_id
 
 
 def load_question_tokens(root: str | Path, dataset: str, question_id: str) -> pd.DataFrame:
-    """tokens.parquet's rows of one question (TOKEN_COLUMNS): each run's token pieces and their entropies."""
-    path = run_files(root).analysis_file(TOKENS_FILE)
+    """tokens.parquet's rows of one question (TOKENS.columns): each run's token pieces and their entropies."""
+    path = run_files(root).analysis_file(TOKENS.file)
     return _read_question_tokens(str(path), _modified(path), str(dataset), str(question_id))
 
 
@@ -772,7 +764,7 @@ class RunStore(param.Parameterized):
     Filtering never copies more than the rows in view; ``table`` is shared and never modified.
     """
 
-    table = param.DataFrame(precedence=-1, doc="Every run: ANALYSIS_COLUMNS plus `outcome`.")
+    table = param.DataFrame(precedence=-1, doc="Every run: ANALYSIS.columns plus `outcome`.")
 
     datasets = param.ListSelector(default=["id", "ood"], objects=DATASET_CHOICES, doc="Question sets in view.")
     splits = param.ListSelector(default=list(SPLIT_ORDER), objects=list(SPLIT_ORDER), doc="Question splits in view.")

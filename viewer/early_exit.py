@@ -23,12 +23,7 @@ import yaml
 from stages.lib.params import Paths
 from stages.lib.schema.machinery import DATASETS, SchemaError, validate_frame
 from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport
-from stages.lib.schema.tables import (
-    EARLY_EXIT_PARETO_COLUMNS,
-    EARLY_EXIT_PARETO_FILE,
-    FORCED_ANSWER_COLUMNS,
-    FORCED_ANSWER_KEY,
-)
+from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
 
 RULE_COLOURS = {"probe": "#1b9e77", "fixed_budget": "#7570b3", "trial_confidence": "#d95f02",
                 "consistency": "#e7298a", "answer_entropy": "#66a61e"}
@@ -39,8 +34,8 @@ FORCED_COLUMNS_SHOWN = ["prefix", "reasoning_kept", "reasoning_tokens", "answer"
 @dataclass(frozen=True)
 class EarlyExitData:
     report: EarlyExitReport
-    pareto: pd.DataFrame  # EARLY_EXIT_PARETO_COLUMNS
-    forced: pd.DataFrame  # FORCED_ANSWER_COLUMNS of both datasets
+    pareto: pd.DataFrame  # EARLY_EXIT_PARETO.columns
+    forced: pd.DataFrame  # FORCED_ANSWERS.columns of both datasets
     runs: pd.DataFrame  # question_id, run_id, dataset, text, answer, correct, n_generated
 
 
@@ -49,16 +44,16 @@ def load_early_exit(root: str | Path) -> EarlyExitData:
     root = Path(root)
     paths = Paths(**yaml.safe_load((root / "params.yaml").read_text())["paths"])
     report = EarlyExitReport.read(root / paths.metrics / EARLY_EXIT_FILE, writer="early_exit")
-    pareto_path = root / paths.plots / EARLY_EXIT_PARETO_FILE
+    pareto_path = root / paths.plots / EARLY_EXIT_PARETO.file
     if not pareto_path.exists():
         raise SchemaError(f"{pareto_path}: not found; run the early_exit stage (`dvc repro early_exit`)")
-    pareto = validate_frame(pd.read_csv(pareto_path), EARLY_EXIT_PARETO_COLUMNS, pareto_path)
+    pareto = validate_frame(pd.read_csv(pareto_path), EARLY_EXIT_PARETO.columns, pareto_path)
     forced, runs = [], []
     for dataset in DATASETS:
         path = root / paths.forced_answers / f"{dataset}.parquet"
         if not path.exists():
             raise SchemaError(f"{path}: not found; run the forced_answers stage (`dvc repro forced_answers`)")
-        forced.append(validate_frame(pd.read_parquet(path), FORCED_ANSWER_COLUMNS, path, FORCED_ANSWER_KEY))
+        forced.append(validate_frame(pd.read_parquet(path), FORCED_ANSWERS.columns, path, FORCED_ANSWERS.key))
         runs.append(pd.read_parquet(root / paths.runs / f"{dataset}.parquet",
                                     columns=["question_id", "run_id", "dataset", "text", "answer", "correct",
                                              "n_generated"]))

@@ -30,14 +30,7 @@ from bokeh.models.widgets.tables import NumberFormatter
 from bokeh.palettes import Category20, Viridis256
 
 from stages.lib import registry
-from stages.lib.schema.tables import (
-    AUROC_BY_LAYER_FILE,
-    EARLY_WARNING_FILE,
-    RELIABILITY_FILE,
-    RISK_COVERAGE_FILE,
-    ROC_FILE,
-    STABILITY_PLOT_FILE,
-)
+from stages.lib.schema.tables import AUROC_BY_LAYER, EARLY_WARNING, RELIABILITY, RISK_COVERAGE, ROC, STABILITY_PLOT
 from stages.lib.schema.reports import (
     COST_RATIO_FILE,
     STABILITY_FILE,
@@ -878,7 +871,7 @@ def draw_early_warning(frame: pd.DataFrame, settings: EvaluateSettings | None) -
     hover = ["auroc", "position", "layer", "auroc_ci_low", "auroc_ci_high"]
     low = min(0.4, float(frame["auroc_ci_low"].min(skipna=True)) - 0.02) if frame["auroc_ci_low"].notna().any() else 0.4
     plots = []
-    for split, part in _split_parts(frame, EARLY_WARNING_FILE):
+    for split, part in _split_parts(frame, EARLY_WARNING.file):
         layers = [hv.HLine(0.5).opts(color="#bbbbbb", line_dash="dotted", line_width=1)]
         for offset, probe in zip((-0.008, 0.008), part["probe"].unique()):
             rows = part[part["probe"] == probe].sort_values("x").assign(x=lambda rows: rows["x"] + offset)
@@ -904,7 +897,7 @@ def draw_risk_coverage(frame: pd.DataFrame, settings: EvaluateSettings | None) -
     """One panel per split: risk (error rate of the answered runs) against coverage (share answered, least
     uncertain first), a step line per score; lower is better, and every line ends at the split's error rate."""
     colours = _score_colours(frame["score"].unique())
-    parts = _split_parts(frame, RISK_COVERAGE_FILE)
+    parts = _split_parts(frame, RISK_COVERAGE.file)
     plots = []
     for index, (split, part) in enumerate(parts):
         curves = [part[part["score"] == score].sort_values("coverage").hvplot.step(
@@ -925,7 +918,7 @@ def draw_reliability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> 
     bins left out; hover for the count); a calibrated probe lies on the diagonal."""
     frame = frame[frame["n"] > 0].dropna(subset=["mean_predicted", "observed_frequency"])
     plots = []
-    for split, part in _split_parts(frame, RELIABILITY_FILE):
+    for split, part in _split_parts(frame, RELIABILITY.file):
         layers = [hv.Curve([(0, 0), (1, 1)], "mean_predicted", "observed_frequency").opts(
             color="#bbbbbb", line_dash="dotted")]
         for probe in part["probe"].unique():
@@ -948,7 +941,7 @@ def draw_stability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv
     mean (dash)."""
     frame = frame.dropna(subset=["auroc"])
     plots = []
-    for split, part in _split_parts(frame, STABILITY_PLOT_FILE):
+    for split, part in _split_parts(frame, STABILITY_PLOT.file):
         summary = (part.groupby("score", sort=False)["auroc"].agg(["mean", "min", "max"]).reset_index()
                    .assign(neg=lambda rows: rows["mean"] - rows["min"], pos=lambda rows: rows["max"] - rows["mean"]))
         colour = SPLIT_COLOURS.get(split, "black")
@@ -999,23 +992,23 @@ def _panel_grid(panes: list, columns: int) -> pn.GridBox:
 
 
 RESULT_PLOTS = (  # in tab order: the headline curves first
-    ResultPlot(ROC_FILE, "ROC curves", "", draw_roc, tab="ROC"),
-    ResultPlot(RISK_COVERAGE_FILE, "Risk-coverage curves",
+    ResultPlot(ROC.file, "ROC curves", "", draw_roc, tab="ROC"),
+    ResultPlot(RISK_COVERAGE.file, "Risk-coverage curves",
                "Answer only the runs a score finds least uncertain: the error rate of those answered (lower is "
                "better) against the share answered. AURAC / AURC / PRR in the table above summarise these curves.",
                draw_risk_coverage, tab="Risk-coverage"),
-    ResultPlot(EARLY_WARNING_FILE, "Early warning: AUROC against the share of the reasoning seen",
+    ResultPlot(EARLY_WARNING.file, "Early warning: AUROC against the share of the reasoning seen",
                "Each probe at every traced position, on the layer chosen on val for that position, scored for its own "
                "label with a 95% bootstrap CI; higher further left = the uncertainty shows earlier.",
                draw_early_warning, tab="Early warning"),
-    ResultPlot(AUROC_BY_LAYER_FILE, "AUROC per layer and position",
+    ResultPlot(AUROC_BY_LAYER.file, "AUROC per layer and position",
                "A probe fitted on train at each (position, layer), scored for its own label (accuracy probe: correct; "
                "SE probe: high SE); dashed: the location chosen on val.", draw_auroc_by_layer, columns=3,
                tab="AUROC per layer"),
-    ResultPlot(RELIABILITY_FILE, "Reliability of the accuracy probes' P(correct)",
+    ResultPlot(RELIABILITY.file, "Reliability of the accuracy probes' P(correct)",
                "Per bin of predicted P(correct): observed accuracy against mean prediction; on the dotted diagonal "
                "when calibrated (ECE and Brier in the calibration table above).", draw_reliability, tab="Reliability"),
-    ResultPlot(STABILITY_PLOT_FILE, "AUROC across seeds (stability stage)",
+    ResultPlot(STABILITY_PLOT.file, "AUROC across seeds (stability stage)",
                "Each point is one seed's split of the questions with the probes refitted; bar: min-max, dash: mean.",
                draw_stability, tab="Seeds"),
 )

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.evaluation import baselines
-from stages.lib.schema.tables import analysis_columns
+from stages.lib.schema.tables import analysis_table
 
 Label = Literal["incorrect", "high_se"]
 """What a high score flags: the run is incorrect, or its question has high semantic entropy (SE above the
@@ -314,7 +314,7 @@ def binary_targets() -> tuple[str, ...]:
     return tuple(name for name, target in TARGETS.items() if target.binary)
 
 
-ANALYSIS_COLUMNS = analysis_columns([(probe.name, score.display_name, TARGETS[probe.target].display_name)
-                                     for score, probe in per_run_probes()])
-"""The analysis table's columns (``schema.analysis_columns`` for the per-run probes): what analysis writes and the
-viewer reads."""
+ANALYSIS = analysis_table([(probe.name, score.display_name, TARGETS[probe.target].display_name)
+                           for score, probe in per_run_probes()])
+"""The analysis table (``schema.tables.analysis_table`` for the per-run probes): what analysis writes and the viewer
+reads."""

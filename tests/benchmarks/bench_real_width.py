@@ -172,7 +172,7 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
     from stages.lib.models.loading import THINK_END, think_tokens
     from stages.lib.params import parse_params
     from stages.lib.sampling.runs import SampledRun, build_run_records
-    from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY
+    from stages.lib.schema.tables import RUNS
 
     params = parse_params(raw)
     tokenizer = AutoTokenizer.from_pretrained(workdir / params.model.name)
@@ -203,7 +203,7 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
                 truncated=False))
         sampled.append(question_runs)
     frame = build_run_records(questions, prompts, sampled, tokenizer, think)
-    write_table(frame, path, RUN_COLUMNS, RUN_KEY)
+    write_table(frame, RUNS, path)
     return {"planted": "labels", "runs": len(frame), "accuracy": round(float(frame["correct"].mean()), 3),
             "kinds": pd.Series(kind_of).value_counts().to_dict(),
             "n_generated_min_max": [int(frame["n_generated"].min()), int(frame["n_generated"].max())],

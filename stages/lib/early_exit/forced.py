@@ -31,7 +31,7 @@ from stages.lib.params import SamplingParams
 from stages.lib.sampling.runs import SampledRun
 from stages.lib.sampling.hf import generate_batch
 from stages.lib.sampling.vllm import sample_runs_vllm
-from stages.lib.schema.tables import FORCED_ANSWER_COLUMNS
+from stages.lib.schema.tables import FORCED_ANSWERS
 from stages.lib.schema.machinery import empty_frame
 from stages.lib.hidden.tracing import token_positions
 
@@ -93,7 +93,7 @@ def greedy_answers(model, sequences: list[list[int]], max_new_tokens: int, eos_i
 def plan_forced(runs: pd.DataFrame, prefixes, think: ThinkTokens, answer_prefix_ids: list[int]) -> pd.DataFrame:
     """One row per (run, prefix): the cut and the forced sequence (column ``sequence``), in (run, prefix) order.
 
-    ``runs`` has RUN_COLUMNS. Needs a single ``</think>`` token to close the reasoning with.
+    ``runs`` has RUNS.columns. Needs a single ``</think>`` token to close the reasoning with.
     """
     if think.end_id is None:
         raise UserError("forced answers: the tokenizer has no single </think> token to close the reasoning with")
@@ -115,13 +115,13 @@ def plan_forced(runs: pd.DataFrame, prefixes, think: ThinkTokens, answer_prefix_
 
 def forced_records(plan: pd.DataFrame, answers: list[SampledRun], gold: pd.Series, tokenizer, think: ThinkTokens,
                    answer_prefix_ids: list[int]) -> pd.DataFrame:
-    """FORCED_ANSWER_COLUMNS rows from ``plan_forced``'s plan and its greedy answers (same order).
+    """FORCED_ANSWERS.columns rows from ``plan_forced``'s plan and its greedy answers (same order).
 
     The answer is extracted (``extract_answer``) from ``</think>`` + answer prefix + decoded answer and judged
     against ``gold`` (question_id -> gold) with ``is_correct``, as generation judges a run.
     """
     if not len(plan):
-        return empty_frame(FORCED_ANSWER_COLUMNS)
+        return empty_frame(FORCED_ANSWERS.columns)
     rows = []
     for planned, answer in zip(plan.itertuples(index=False), answers):
         text = tokenizer.decode([think.end_id, *answer_prefix_ids, *answer.generated_ids], skip_special_tokens=False)
@@ -139,7 +139,7 @@ def forced_records(plan: pd.DataFrame, answers: list[SampledRun], gold: pd.Serie
             "answer_tokens": n, "truncated": answer.truncated,
             "tokens_used": planned.generated_kept + 1 + len(answer_prefix_ids) + n,
         })
-    return pd.DataFrame(rows, columns=[c.name for c in FORCED_ANSWER_COLUMNS])
+    return pd.DataFrame(rows, columns=[c.name for c in FORCED_ANSWERS.columns])
 
 
 def greedy_answers_vllm(generator, sequences: list[list[int]], max_new_tokens: int,
@@ -160,10 +160,10 @@ Decoder = Callable[[list[list[int]]], tuple[list[SampledRun], int]]
 
 def force_answers(tokenizer, runs: pd.DataFrame, gold: pd.Series, prefixes, answer_prefix: str, decode: Decoder,
                   think: ThinkTokens) -> tuple[pd.DataFrame, int]:
-    """Every run's forced answer at every prefix: (FORCED_ANSWER_COLUMNS frame, generate() calls)."""
+    """Every run's forced answer at every prefix: (FORCED_ANSWERS.columns frame, generate() calls)."""
     answer_prefix_ids = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     plan = plan_forced(runs, prefixes, think, answer_prefix_ids)
     if not len(plan):
-        return empty_frame(FORCED_ANSWER_COLUMNS), 0
+        return empty_frame(FORCED_ANSWERS.columns), 0
     answers, calls = decode(list(plan["sequence"]))
     return forced_records(plan, answers, gold, tokenizer, think, answer_prefix_ids), calls

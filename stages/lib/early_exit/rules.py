@@ -338,7 +338,7 @@ def outcome_report(outcomes: PrefixOutcomes, run: RunOutcome, epsilon: float, n_
 
 def pareto_rows(rule_name: str, split: str, outcomes: PrefixOutcomes, scores: np.ndarray, candidates: np.ndarray,
                 chosen: float | None, pays_trial_answers: bool) -> pd.DataFrame:
-    """EARLY_EXIT_PARETO_COLUMNS: the rule at "never stop" and at every candidate tau, on one split."""
+    """EARLY_EXIT_PARETO.columns: the rule at "never stop" and at every candidate tau, on one split."""
     rows = []
     for tau in [None, *map(float, candidates)]:
         run = apply_rule(outcomes, scores, tau, pays_trial_answers)

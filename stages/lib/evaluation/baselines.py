@@ -1,6 +1,6 @@
 """Per-run uncertainty baselines from the runs table alone (no probe, no clustering), for the score registry.
 
-Each function takes RUN_COLUMNS arrays for n runs and returns a (n,) float array, higher = less sure (more likely
+Each function takes RUNS.columns arrays for n runs and returns a (n,) float array, higher = less sure (more likely
 incorrect), so the registry scores them with orientation +1 beside the probes. Pure: no I/O.
 
 - ``length_normalised_negative_loglik``: -log p(s) / T, the mean token surprisal. The raw sum (the registry's

@@ -2,8 +2,8 @@
 single-layer probe's score at every traced location, and every run's tokens with their entropies.
 
 Used by the stage ``python -m stages.analysis``, which writes in ``{paths.analysis}/``: ``analysis.parquet``
-(ANALYSIS_COLUMNS), ``location_scores.npy`` + ``.json`` (``schema.LocationScoresMeta``: (runs, probes, positions,
-layers) float32, rows aligned with analysis.parquet's) and ``tokens.parquet`` (TOKEN_COLUMNS, sorted by question in
+(ANALYSIS.columns), ``location_scores.npy`` + ``.json`` (``schema.LocationScoresMeta``: (runs, probes, positions,
+layers) float32, rows aligned with analysis.parquet's) and ``tokens.parquet`` (TOKENS.columns, sorted by question in
 small row groups, so the viewer reads one question's tokens without the rest).
 
 Probe probabilities and margins (one pair of columns per ``registry.per_run_probes()``) come from the probes
@@ -30,9 +30,9 @@ from stages.lib.params import AnalysisParams, Params
 from stages.lib.probes.store import load_location_probes, load_probes
 from stages.lib.probes.linear import LinearProbe, LogisticProbe, location_features, probe_output
 from stages.lib.questions.sources import load_questions
-from stages.lib.registry import ANALYSIS_COLUMNS
+from stages.lib.registry import ANALYSIS
 from stages.lib.schema.machinery import DATASETS
-from stages.lib.schema.tables import RUN_COLUMNS, SE_COLUMNS, TOKEN_COLUMNS, ChosenLocation, LocationScoresMeta
+from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY, TOKENS, ChosenLocation, LocationScoresMeta
 from stages.lib.schema.reports import Selection
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,12 @@ RUN_TOKEN_FIELDS = ("question_id", "run_id", "dataset", "generated_ids", "token_
 @dataclass(frozen=True)
 class AnalysisOutputs:
     table: pd.DataFrame
-    """ANALYSIS_COLUMNS, one row per run."""
+    """ANALYSIS.columns, one row per run."""
     location_scores: np.ndarray
     """(runs, probes, positions, layers) float32, rows aligned with ``table``'s."""
     location_meta: LocationScoresMeta
     tokens: pd.DataFrame
-    """TOKEN_COLUMNS, sorted by (dataset, question_id, run_id)."""
+    """TOKENS.columns, sorted by (dataset, question_id, run_id)."""
 
 
 def think_length(start: pd.Series, end: pd.Series, n_generated: pd.Series) -> pd.Series:
@@ -113,7 +113,7 @@ def location_meta(selection: Selection, probes: tuple[registry.Probe, ...], posi
 
 
 def token_table(runs: pd.DataFrame, decode: Callable[[list[int]], list[str]]) -> pd.DataFrame:
-    """TOKEN_COLUMNS for ``runs`` (RUN_TOKEN_FIELDS): each generated token as its own text piece, sorted by
+    """TOKENS.columns for ``runs`` (RUN_TOKEN_FIELDS): each generated token as its own text piece, sorted by
     (dataset, question_id, run_id).
 
     ``decode`` maps a list of distinct token ids to their pieces (one tokenizer call for the whole vocabulary in
@@ -137,7 +137,7 @@ def token_table(runs: pd.DataFrame, decode: Callable[[list[int]], list[str]]) ->
         "tokens": [list(flat[start:end]) for start, end in zip(bounds[:-1], bounds[1:])],
         "token_entropies": [np.asarray(values, dtype=np.float32) for values in runs["token_entropies"]],
         "think_start_index": runs["think_start_index"], "think_end_index": runs["think_end_index"],
-    })[[column.name for column in TOKEN_COLUMNS]]
+    })[[column.name for column in TOKENS.columns]]
 
 
 def tokenizer_decoder(params: Params) -> Callable[[list[int]], list[str]]:
@@ -183,9 +183,9 @@ def build(params: Params) -> AnalysisOutputs:
         if not len(data.runs):
             continue
         runs_path = Path(params.paths.runs) / f"{dataset}.parquet"
-        text = read_table(runs_path, RUN_COLUMNS, names=RUN_TEXT_FIELDS)
-        tokens.append(token_table(read_table(runs_path, RUN_COLUMNS, names=RUN_TOKEN_FIELDS), decode))
-        clusters = read_table(Path(params.paths.semantic_entropy) / f"{dataset}.parquet", SE_COLUMNS)
+        text = read_table(RUNS, runs_path, names=RUN_TEXT_FIELDS)
+        tokens.append(token_table(read_table(RUNS, runs_path, names=RUN_TOKEN_FIELDS), decode))
+        clusters = read_table(SEMANTIC_ENTROPY, SEMANTIC_ENTROPY.path(params.paths.semantic_entropy, dataset))
         questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
         frame = (data.runs
                  .merge(text, on=["question_id", "run_id"], validate="one_to_one")
@@ -214,7 +214,7 @@ def build(params: Params) -> AnalysisOutputs:
     table["high_se"] = registry.LABELS["high_se"](table, selection.high_se_threshold)
     table["think_length"] = think_length(table["think_start_index"], table["think_end_index"], table["n_generated"])
     all_scores = np.concatenate(scores)
-    return AnalysisOutputs(table=table[[c.name for c in ANALYSIS_COLUMNS]], location_scores=all_scores,
+    return AnalysisOutputs(table=table[[c.name for c in ANALYSIS.columns]], location_scores=all_scores,
                            location_meta=location_meta(selection, layer_probes, *axes, n_runs=len(all_scores),
                                                        location_probes=location_probes),
                            tokens=pd.concat(tokens, ignore_index=True))

@@ -65,12 +65,12 @@ from stages.lib.evaluation.metrics import (
 from stages.lib.params import EvaluateParams
 from stages.lib.probes.linear import LinearProbe, probe_features, probe_output, score_location_probes
 from stages.lib.schema.tables import (
-    AUROC_BY_LAYER_COLUMNS,
-    DIFFICULTY_COLUMNS,
-    EARLY_WARNING_COLUMNS,
-    RELIABILITY_COLUMNS,
-    RISK_COVERAGE_COLUMNS,
-    ROC_COLUMNS,
+    AUROC_BY_LAYER,
+    DIFFICULTY,
+    EARLY_WARNING,
+    RELIABILITY,
+    RISK_COVERAGE,
+    ROC,
     prefix_fraction,
 )
 from stages.lib.schema.reports import (
@@ -286,12 +286,12 @@ def question_difficulty(questions: pd.DataFrame) -> tuple[str, pd.Series] | None
 
 def difficulty_table(runs: pd.DataFrame, scores: pd.DataFrame, difficulty: tuple[str, pd.Series] | None, split: str,
                      settings: EvaluateParams, seed: int) -> pd.DataFrame:
-    """DIFFICULTY_COLUMNS rows: per difficulty bucket of the split's runs, the accuracy and every headline score's
+    """DIFFICULTY.columns rows: per difficulty bucket of the split's runs, the accuracy and every headline score's
     AUROC for flagging incorrect runs with a question-bootstrap CI (null AUROC in a single-class bucket). No rows
     without a difficulty or runs."""
-    columns = [c.name for c in DIFFICULTY_COLUMNS]
+    columns = [c.name for c in DIFFICULTY.columns]
     if difficulty is None or runs.empty:
-        return empty_frame(DIFFICULTY_COLUMNS)
+        return empty_frame(DIFFICULTY.columns)
     kind, by_question = difficulty
     bucket = runs["question_id"].map(by_question)
     headline = [entry for entry in registry.scores(label="incorrect") if entry.headline]
@@ -313,7 +313,7 @@ def difficulty_table(runs: pd.DataFrame, scores: pd.DataFrame, difficulty: tuple
                          "auroc_ci_low": interval.low if interval else None,
                          "auroc_ci_high": interval.high if interval else None})
     if not rows:
-        return empty_frame(DIFFICULTY_COLUMNS)
+        return empty_frame(DIFFICULTY.columns)
     # float even when every bucket is single-class (all AUROCs null)
     return pd.DataFrame.from_records(rows, columns=columns).astype(
         {"auroc": float, "auroc_ci_low": float, "auroc_ci_high": float})
@@ -331,7 +331,7 @@ def selective_metrics(correct, uncertainty) -> dict[str, float | None]:
 def calibration(correct, scores: pd.DataFrame, split: str,
                 n_bins: int) -> tuple[dict[str, CalibrationMetrics], pd.DataFrame]:
     """ECE and Brier score of each calibrated registry score's P(correct) on one split, and its reliability rows
-    (RELIABILITY_COLUMNS); nulls and no rows for an empty split."""
+    (RELIABILITY.columns); nulls and no rows for an empty split."""
     summary, frames = {}, []
     for entry in registry.calibrated():
         p_correct = scores[entry.p_correct_column].to_numpy(float)
@@ -341,8 +341,8 @@ def calibration(correct, scores: pd.DataFrame, split: str,
             brier=None if empty else brier_score(correct, p_correct), n_bins=n_bins, n_runs=int(len(p_correct)))
         if len(p_correct):
             frames.append(reliability_table(correct, p_correct, n_bins).assign(probe=entry.name, split=split))
-    columns = [c.name for c in RELIABILITY_COLUMNS]
-    return summary, (pd.concat(frames, ignore_index=True)[columns] if frames else empty_frame(RELIABILITY_COLUMNS))
+    columns = [c.name for c in RELIABILITY.columns]
+    return summary, (pd.concat(frames, ignore_index=True)[columns] if frames else empty_frame(RELIABILITY.columns))
 
 
 def regression_metrics(runs: pd.DataFrame, scores: pd.DataFrame) -> RegressionMetrics:
@@ -380,7 +380,7 @@ def evaluate_settings(settings: EvaluateParams, selection: Selection,
 def early_warning(selection: Selection, location_probes, datasets: Mapping[str, tuple[pd.DataFrame, Any]],
                   positions, layers, high_se_threshold: float, settings: EvaluateParams,
                   seed: int) -> pd.DataFrame:
-    """EARLY_WARNING_COLUMNS rows: at each traced position, the probe at the layer chosen on val for that
+    """EARLY_WARNING.columns rows: at each traced position, the probe at the layer chosen on val for that
     position (selection.json ``by_position``), scored for its own label on each split with a bootstrap CI.
 
     Only the probes of a class label (accuracy, se); ``fraction`` is the share of the reasoning seen at the position.
@@ -406,31 +406,31 @@ def early_warning(selection: Selection, location_probes, datasets: Mapping[str, 
                 record.update(auroc=auroc(labels, decision), auroc_ci_low=interval.low, auroc_ci_high=interval.high)
             rows.append(record)
     # the schema's dtypes: a column of None (a single-class split) is then float NaN, not object
-    return pd.DataFrame.from_records(rows, columns=[c.name for c in EARLY_WARNING_COLUMNS]).astype(
-        empty_frame(EARLY_WARNING_COLUMNS).dtypes.to_dict())
+    return pd.DataFrame.from_records(rows, columns=[c.name for c in EARLY_WARNING.columns]).astype(
+        empty_frame(EARLY_WARNING.columns).dtypes.to_dict())
 
 
 def risk_coverage_table(correct, scores: pd.DataFrame, split: str) -> pd.DataFrame:
-    """RISK_COVERAGE_COLUMNS rows for every registry score of incorrect runs on one split (none for an empty
+    """RISK_COVERAGE.columns rows for every registry score of incorrect runs on one split (none for an empty
     split)."""
     if len(correct) == 0:
-        return empty_frame(RISK_COVERAGE_COLUMNS)
+        return empty_frame(RISK_COVERAGE.columns)
     frames = [risk_coverage_curve(correct, scores[entry.name].to_numpy(float)).assign(score=entry.name, split=split)
               for entry in registry.scores(label="incorrect")]
-    return pd.concat(frames, ignore_index=True)[[c.name for c in RISK_COVERAGE_COLUMNS]]
+    return pd.concat(frames, ignore_index=True)[[c.name for c in RISK_COVERAGE.columns]]
 
 
 def roc_table(labels, scores: pd.DataFrame, split: str) -> pd.DataFrame:
-    """ROC_COLUMNS rows (score, split, fpr, tpr) for every registry score of incorrect runs; empty for a
+    """ROC.columns rows (score, split, fpr, tpr) for every registry score of incorrect runs; empty for a
     single-class split."""
     frames = [roc_curve_table(labels, scores[entry.name].to_numpy(float)).assign(score=entry.name, split=split)
               for entry in registry.scores(label="incorrect")]
-    return pd.concat(frames, ignore_index=True)[[c.name for c in ROC_COLUMNS]]
+    return pd.concat(frames, ignore_index=True)[[c.name for c in ROC.columns]]
 
 
 def auroc_by_layer(location_probes, datasets: Mapping[str, tuple[pd.DataFrame, Any]], positions, layers,
                    high_se_threshold: float) -> pd.DataFrame:
-    """AUROC_BY_LAYER_COLUMNS rows: each train-fitted (probe, position, layer) scored on each split.
+    """AUROC_BY_LAYER.columns rows: each train-fitted (probe, position, layer) scored on each split.
 
     ``datasets`` maps split -> (its runs, the hidden array their hidden_row indexes); empty splits are skipped.
     Only the single-layer probes of a class label (accuracy: correct; SE: high_se), each for its training label.
@@ -445,7 +445,7 @@ def auroc_by_layer(location_probes, datasets: Mapping[str, tuple[pd.DataFrame, A
         table = score_location_probes(location_probes, hidden, runs["hidden_row"].to_numpy(), positions, layers,
                                       {name: labels[name] for name in registry.binary_targets()})
         frames.append(table.assign(probe=table["label"].map(probe_of_label), split=split, auroc=table["score"]))
-    return pd.concat(frames, ignore_index=True)[[c.name for c in AUROC_BY_LAYER_COLUMNS]]
+    return pd.concat(frames, ignore_index=True)[[c.name for c in AUROC_BY_LAYER.columns]]
 
 
 def concat_rows(frames: list[pd.DataFrame], columns) -> pd.DataFrame:

@@ -15,7 +15,7 @@ searched, so the range probes (which would equal the single-layer ones) are left
 
 Writes ``{paths.metrics}/stability.json`` (``schema.StabilityReport``: per split and score, mean, standard
 deviation, min and max of AUROC over the seeds, and each seed's value) and ``{paths.plots}/stability.csv``
-(STABILITY_COLUMNS, one row per seed, split and score); cost in ``{paths.metrics}/cost/stability.json``.
+(STABILITY_PLOT.columns, one row per seed, split and score); cost in ``{paths.metrics}/cost/stability.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from stages.lib.evaluation.scoring import score_runs
 from stages.lib.evaluation.metrics import auroc
 from stages.lib.params import Params
 from stages.lib.probes.linear import SingleClassError
-from stages.lib.schema.tables import STABILITY_COLUMNS
+from stages.lib.schema.tables import STABILITY_PLOT
 from stages.lib.schema.reports import SkippedSeed, StabilitySpread
 from stages.lib.probes.selection import train
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[SkippedSeed]]:
-    """STABILITY_COLUMNS rows: AUROC for flagging incorrect runs of every score, per seed and split; and the
+    """STABILITY_PLOT.columns rows: AUROC for flagging incorrect runs of every score, per seed and split; and the
     seeds skipped because their split left a train or val label with one class (small question sets)."""
     id_data, ood_data = load_dataset(params, "id"), load_dataset(params, "ood")
     require_same_locations(id_data, ood_data)
@@ -71,7 +71,7 @@ def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[SkippedSeed]]:
     if not rows:
         raise SingleClassError(f"stability: every one of the {params.stability.seeds} seeds gave a split with a "
                                f"single-class label; first: {skipped[0].reason}")
-    return pd.DataFrame.from_records(rows, columns=[c.name for c in STABILITY_COLUMNS]), skipped
+    return pd.DataFrame.from_records(rows, columns=[c.name for c in STABILITY_PLOT.columns]), skipped
 
 
 def summarise(table: pd.DataFrame) -> dict[str, dict[str, StabilitySpread]]:

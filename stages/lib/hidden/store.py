@@ -3,7 +3,7 @@
 Layout (``schema.hidden_files``)::
 
     {paths.hidden}/{dataset}/{position}.npy    (runs, layers, hidden) float16, one per trace.positions entry
-    {paths.hidden}/{dataset}_index.parquet     row -> (question_id, run_id)   (HIDDEN_INDEX_COLUMNS)
+    {paths.hidden}/{dataset}_index.parquet     row -> (question_id, run_id)   (HIDDEN_INDEX.columns)
     {paths.hidden}/{dataset}_meta.json         positions, layers, hidden size (HiddenMeta)
 
 Why shards: DVC hashes, caches and pushes each file of a directory output on its own, so a changed shard is all
@@ -31,8 +31,7 @@ from numpy.lib.format import open_memmap
 
 from stages.lib.io.files import load_npy, read_parquet, write_model, write_table
 from stages.lib.schema.tables import (
-    HIDDEN_INDEX_COLUMNS,
-    RUN_KEY,
+    HIDDEN_INDEX,
     HiddenMeta,
     hidden_files,
     hidden_shard,
@@ -179,7 +178,7 @@ def finish_hidden(hidden: HiddenStates, directory: str | Path, dataset: str, ind
         validate_hidden_shard(written, index, meta, path, position)
         require_finite_hidden(written, index, path)
         del written
-    write_table(index, index_path, HIDDEN_INDEX_COLUMNS, RUN_KEY)
+    write_table(index, HIDDEN_INDEX, index_path)
     write_model(meta, meta_path)
 
 

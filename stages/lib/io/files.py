@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from stages.lib.errors import UserError
 from stages.lib.schema.reports import COST_COUNTERS, COST_DIR, CostRecord
-from stages.lib.schema.machinery import Column, Contract, SchemaError, validate_frame
+from stages.lib.schema.machinery import Contract, SchemaError, Table, validate_frame
 
 log = logging.getLogger(__name__)
 
@@ -219,27 +219,30 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def write_table(frame: pd.DataFrame, path: str | Path, columns: tuple[Column, ...], key: tuple[str, ...] = ()) -> None:
-    """Validate ``frame`` against its schema, then write it as parquet atomically."""
-    validate_frame(frame, columns, path, key)
+def write_table(frame: pd.DataFrame, table: Table, path: str | Path) -> None:
+    """Validate ``frame`` against ``table`` (columns and key), then write it atomically at ``path`` (usually
+    ``table.path(directory, dataset)``): parquet, or CSV where the file name ends in ``.csv``."""
+    validate_frame(frame, table.columns, path, table.key)
     with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        if Path(path).suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
     log.info("wrote %s: %d rows x %d columns", path, len(frame), frame.shape[1])
 
 
-def read_table(path: str | Path, columns: tuple[Column, ...], key: tuple[str, ...] = (),
-               names: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Read a parquet hand-off and validate it; name the file and the stage that writes it when absent.
+def read_table(table: Table, path: str | Path, names: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Read a parquet hand-off and validate it against ``table``; name the file and the stage that writes it when
+    absent.
 
     ``names`` reads (and validates) only those columns: runs carry token lists most readers do not need.
     """
     path = Path(path)
     if not path.exists():
         raise SchemaError(f"{path}: not found; run the stage that writes it (`dvc repro`)")
-    if names is not None:
-        columns = tuple(c for c in columns if c.name in names)
+    columns = table.columns if names is None else tuple(c for c in table.columns if c.name in names)
     frame = read_parquet(path, columns=None if names is None else list(names))
-    validate_frame(frame, columns, path, key)
+    validate_frame(frame, columns, path, table.key)
     log.info("read %s: %d rows", path, len(frame))
     return frame
 
@@ -295,9 +298,3 @@ def _python_scalar(value: Any) -> Any:
         return None if isinstance(value, float) and np.isnan(value) else value
     return value
 
-
-def write_csv(frame: pd.DataFrame, path: Path, columns) -> None:
-    validate_frame(frame, columns, path)
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    log.info("wrote %s: %d rows", path, len(frame))

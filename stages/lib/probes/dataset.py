@@ -15,7 +15,7 @@ import pandas as pd
 from stages.lib.io.files import read_table
 from stages.lib.hidden.store import HiddenStates, open_hidden
 from stages.lib.params import Params
-from stages.lib.schema.tables import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, hidden_files
+from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY, hidden_files
 from stages.lib.schema.machinery import SchemaError
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,17 @@ def load_dataset(params: Params, dataset: str) -> DatasetRuns:
     """
     runs_path = Path(params.paths.runs) / f"{dataset}.parquet"
     se_path = Path(params.paths.semantic_entropy) / f"{dataset}.parquet"
-    runs = read_table(runs_path, RUN_COLUMNS, RUN_KEY, names=RUN_FIELDS)
-    entropy = read_table(se_path, SE_COLUMNS, SE_KEY, names=SE_FIELDS)
+    runs = read_table(RUNS, runs_path, names=RUN_FIELDS)
+    entropy = read_table(SEMANTIC_ENTROPY, se_path, names=SE_FIELDS)
     shard_dir, index_path, _ = hidden_files(params.paths.hidden, dataset)
     hidden, index, meta = open_hidden(params.paths.hidden, dataset)
     log.info("read %s/: shape %s (runs, positions, layers, hidden), one shard per position", shard_dir, hidden.shape)
 
-    joined = runs.merge(entropy, on=list(RUN_KEY), how="outer", indicator=True, validate="one_to_one")
+    joined = runs.merge(entropy, on=list(RUNS.key), how="outer", indicator=True, validate="one_to_one")
     _require_same_runs(joined, runs_path, se_path)
     joined = joined.drop(columns="_merge").merge(
         index[["question_id", "run_id", "row"]].rename(columns={"row": "hidden_row"}),
-        on=list(RUN_KEY), how="left", validate="one_to_one")
+        on=list(RUNS.key), how="left", validate="one_to_one")
     missing = joined["hidden_row"].isna()
     if missing.any():
         first = joined.loc[missing].iloc[0]
@@ -68,7 +68,7 @@ def load_dataset(params: Params, dataset: str) -> DatasetRuns:
                           f"question_id={first.question_id!r} run_id={first.run_id}; rerun the trace stage")
     joined["hidden_row"] = joined["hidden_row"].astype(np.int64)
     joined["correct"] = joined["correct"].astype(bool)
-    joined = joined.sort_values(list(RUN_KEY), kind="mergesort").reset_index(drop=True)
+    joined = joined.sort_values(list(RUNS.key), kind="mergesort").reset_index(drop=True)
     return DatasetRuns(joined, hidden, tuple(meta.positions), tuple(meta.layers))
 
 
@@ -92,7 +92,7 @@ def split_questions(id_question_ids, ood_question_ids, train_fraction: float, va
                     seed: int) -> pd.DataFrame:
     """Assign each question a split: id questions to train / val / test at random, ood questions to ``ood``.
 
-    Returns a frame with SPLIT_COLUMNS (question_id, dataset, split), one row per question. The shuffle
+    Returns a frame with QUESTION_SPLITS.columns (question_id, dataset, split), one row per question. The shuffle
     starts from sorted ids, so the split depends only on the set of questions and the seed.
     Raises ValueError when a split would be empty.
     """

@@ -23,14 +23,7 @@ import pandas as pd
 from stages.lib import registry
 from stages.lib.io.files import atomic_path, read_table
 from stages.lib.probes.linear import WEIGHT_NAMES, LinearProbe
-from stages.lib.schema.tables import (
-    LOCATION_PROBES_FILE,
-    PROBE_METADATA_SUFFIX,
-    PROBE_WEIGHTS_SUFFIX,
-    SPLIT_COLUMNS,
-    SPLIT_KEY,
-    SPLITS_FILE,
-)
+from stages.lib.schema.tables import LOCATION_PROBES_FILE, PROBE_METADATA_SUFFIX, PROBE_WEIGHTS_SUFFIX, QUESTION_SPLITS
 from stages.lib.schema.reports import SELECTION_FILE, Selection
 from stages.lib.schema.machinery import SchemaError, validate_frame
 from stages.lib.probes.selection import TrainedProbes
@@ -44,15 +37,15 @@ LOCATION_FORMAT_VERSION = 1
 # ---- the directory ---------------------------------------------------------------------------------------
 def write_probes(directory: str | Path, splits: pd.DataFrame, trained: TrainedProbes) -> None:
     """Write the whole probes directory atomically: a killed stage leaves the previous one intact."""
-    validate_frame(splits, SPLIT_COLUMNS, f"{directory}/{SPLITS_FILE}", SPLIT_KEY)
+    validate_frame(splits, QUESTION_SPLITS.columns, f"{directory}/{QUESTION_SPLITS.file}", QUESTION_SPLITS.key)
     with atomic_path(directory) as tmp:
         tmp.mkdir()
-        splits.to_parquet(tmp / SPLITS_FILE, index=False)
+        splits.to_parquet(tmp / QUESTION_SPLITS.file, index=False)
         for probe in registry.probes():
             save_probe(trained.probes[probe.name], tmp, probe.file)
         save_location_probes(trained.location_probes, tmp)
         (tmp / SELECTION_FILE).write_text(trained.selection.to_json())
-    log.info("wrote %s: %s, %d probes (%s), %d location probes (%s), %s", directory, SPLITS_FILE,
+    log.info("wrote %s: %s, %d probes (%s), %d location probes (%s), %s", directory, QUESTION_SPLITS.file,
              len(registry.probes()), ", ".join(p.file for p in registry.probes()), len(trained.location_probes),
              LOCATION_PROBES_FILE, SELECTION_FILE)
 
@@ -62,7 +55,7 @@ def load_probes(directory: str | Path) -> tuple[dict[str, LinearProbe], Selectio
     directory = Path(directory)
     probes = {probe.name: load_probe(directory, probe.file) for probe in registry.probes()}
     selection = Selection.read(directory / SELECTION_FILE, writer="train_probes")
-    splits = read_table(directory / SPLITS_FILE, SPLIT_COLUMNS, SPLIT_KEY)
+    splits = read_table(QUESTION_SPLITS, QUESTION_SPLITS.path(directory))
     return probes, selection, splits
 
 

@@ -47,13 +47,13 @@ from stages.lib.questions import arithmetic
 from stages.lib.models import hub
 from stages.lib.questions.answers import last_boxed_content
 from stages.lib.params import HUB_SOURCES
-from stages.lib.schema.tables import QUESTION_COLUMNS, QUESTION_KEY
+from stages.lib.schema.tables import QUESTIONS
 from stages.lib.schema.machinery import SchemaError, validate_frame
 from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
-QUESTION_FIELDS = [c.name for c in QUESTION_COLUMNS]
+QUESTION_FIELDS = [c.name for c in QUESTIONS.columns]
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _JSON_TYPES = {list: "array", dict: "object", bool: "boolean"}
 # Independent random streams under params.seed; stream 0 belongs to the toy model's training chains.
@@ -252,14 +252,14 @@ def arithmetic_questions(dataset: str, n: int, seed: int, min_terms: int, max_te
 
 def questions_frame(rows: list[tuple[str, str, str]], dataset: str, source: str,
                     levels: list[int | None] | None = None) -> pd.DataFrame:
-    """A QUESTION_COLUMNS frame for one dataset, validated (unique question ids) against the schema; ``levels``
+    """A QUESTIONS.columns frame for one dataset, validated (unique question ids) against the schema; ``levels``
     (one per row, None = none) fills ``level``."""
     frame = pd.DataFrame(
         {"question_id": [r[0] for r in rows], "dataset": [dataset] * len(rows),
          "question": [r[1] for r in rows], "gold": [r[2] for r in rows]},
         columns=QUESTION_FIELDS, dtype=object)
     frame["level"] = _levels(levels if levels is not None else [None] * len(rows))
-    return validate_frame(frame, QUESTION_COLUMNS, source, key=QUESTION_KEY)
+    return validate_frame(frame, QUESTIONS.columns, source, key=QUESTIONS.key)
 
 
 def _levels(values) -> pd.arrays.IntegerArray:
@@ -278,14 +278,14 @@ def write_questions(frame: pd.DataFrame, path: Path) -> None:
 
 
 def load_questions(path: str | Path) -> pd.DataFrame:
-    """Read one ``{id,ood}.jsonl`` written by this stage and validate it against QUESTION_COLUMNS."""
+    """Read one ``{id,ood}.jsonl`` written by this stage and validate it against QUESTIONS.columns."""
     path = Path(path)
     if not path.is_file():
         raise SchemaError(f"{path}: not found; run the questions stage (`dvc repro questions`)")
     records = [record for _, record in read_jsonl_records(path)]
     frame = pd.DataFrame(records, columns=QUESTION_FIELDS, dtype=object)
     frame["level"] = _levels(frame["level"])
-    validate_frame(frame, QUESTION_COLUMNS, path, key=QUESTION_KEY)
+    validate_frame(frame, QUESTIONS.columns, path, key=QUESTIONS.key)
     log.info("read %s: %d questions", path, len(frame))
     return frame
 

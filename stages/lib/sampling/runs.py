@@ -1,5 +1,5 @@
 """Run records shared by every sampling backend: the SampledRun each backend returns, the think span, and the
-RUN_COLUMNS rows built from them (decoded text, extracted answer and how it was found, correctness)."""
+RUNS.columns rows built from them (decoded text, extracted answer and how it was found, correctness)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 
 from stages.lib.questions.answers import extract_answer, is_correct
 from stages.lib.models.loading import ThinkTokens
-from stages.lib.schema.tables import RUN_COLUMNS
+from stages.lib.schema.tables import RUNS
 from stages.lib.schema.machinery import empty_frame
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def mean_think_entropy(entropies: np.ndarray, start: int | None, end: int | None
 
 def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: list[list[SampledRun]],
                       tokenizer, think: ThinkTokens) -> pd.DataFrame:
-    """One RUN_COLUMNS row per (question, run): decode, find the think span, extract and judge the answer.
+    """One RUNS.columns row per (question, run): decode, find the think span, extract and judge the answer.
 
     The answer follows ``stages.lib.questions.answers.extract_answer``: nothing from inside the reasoning, so a run that
     stopped while still thinking has answer '' (and is incorrect). Each row also carries ``answer_source`` (one of
@@ -94,8 +94,8 @@ def build_run_records(questions: pd.DataFrame, prompts: list[list[int]], runs: l
                 "correct": bool(answer) and is_correct(answer, question["gold"]),
             })
     if not rows:  # e.g. data.ood_source: none; typed, so it validates and writes like any other table
-        return empty_frame(RUN_COLUMNS)
-    frame = pd.DataFrame(rows, columns=[c.name for c in RUN_COLUMNS])  # only the schema's columns are kept
+        return empty_frame(RUNS.columns)
+    frame = pd.DataFrame(rows, columns=[c.name for c in RUNS.columns])  # only the schema's columns are kept
     for column in ("think_start_index", "think_end_index"):
         frame[column] = frame[column].astype("Int64")
     return frame

@@ -42,6 +42,22 @@ class Column:
     doc: str = ""
 
 
+@dataclass(frozen=True)
+class Table:
+    """One table handed between stages: its name, its file inside a ``paths:`` directory (``{dataset}`` stands for
+    ``id`` or ``ood`` where each dataset has its own), its columns and its key (the columns naming a row; () none).
+    Read and write it with ``stages.lib.io.files.read_table`` / ``write_table``, which validate it."""
+
+    name: str
+    file: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...] = ()
+
+    def path(self, directory: str | Path, dataset: str = "") -> Path:
+        """The table's file in ``directory`` (for ``dataset``, where the file name holds one)."""
+        return Path(directory) / self.file.format(dataset=dataset)
+
+
 def _kind_ok(series: pd.Series, kind: str) -> bool:
     values = series.dropna()
     if kind == "str":

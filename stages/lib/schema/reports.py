@@ -193,7 +193,7 @@ class EvaluateSettings(Contract):
 
 
 class EarlyWarningRow(Contract):
-    """EARLY_WARNING_COLUMNS as a JSON record."""
+    """EARLY_WARNING.columns as a JSON record."""
 
     probe: str
     position: str

@@ -14,22 +14,21 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from stages.lib.schema.machinery import Column, Contract, SchemaError, validate_frame
+from stages.lib.schema.machinery import Column, Contract, SchemaError, Table, validate_frame
 
 
 # ---- questions: data/questions/{id,ood}.jsonl -------------------------------------------------------
-QUESTION_COLUMNS = (
+QUESTIONS = Table("questions", "{dataset}.jsonl", key=("question_id",), columns=(
     Column("question_id", "str"),
     Column("dataset", "str", doc="`id` or `ood`"),
     Column("question", "str", doc="the text shown to the model (before any chat template)"),
     Column("gold", "str", doc="the reference final answer"),
     Column("level", "int", nullable=True, doc="MATH's difficulty level (1-5) when the source gives one; absent "
                                               "from the file otherwise"),
-)
-QUESTION_KEY = ("question_id",)
+))
 
 # ---- runs: data/runs/{id,ood}.parquet, one row per sampled run --------------------------------------
-RUN_COLUMNS = (
+RUNS = Table("runs", "{dataset}.parquet", key=("question_id", "run_id"), columns=(
     Column("question_id", "str"),
     Column("run_id", "int"),
     Column("dataset", "str"),
@@ -51,11 +50,10 @@ RUN_COLUMNS = (
     Column("mean_token_entropy", "float", doc="mean token entropy over the think span (all tokens if none)"),
     Column("n_generated", "int"),
     Column("correct", "bool", doc="math-verify equivalence of answer and gold"),
-)
-RUN_KEY = ("question_id", "run_id")
+))
 
 # ---- semantic entropy: data/semantic_entropy/{id,ood}.parquet, one row per run ------------------------
-SE_COLUMNS = (
+SEMANTIC_ENTROPY = Table("semantic_entropy", "{dataset}.parquet", key=("question_id", "run_id"), columns=(
     Column("question_id", "str"),
     Column("run_id", "int"),
     Column("cluster_id", "int", doc="semantic cluster of this run's answer within its question (0-based)"),
@@ -69,8 +67,7 @@ SE_COLUMNS = (
     Column("eigv", "float", doc="sum of max(0, 1 - eigenvalue) of the graph's normalised Laplacian (EigValLaplacian)"),
     Column("degree", "float", doc="1 - sum of the adjacency / K^2 (DegMat)"),
     Column("eccentricity", "float", doc="norm of the centred spectral embedding, eigenvalues < 0.9 (Eccentricity)"),
-)
-SE_KEY = RUN_KEY
+))
 
 # ---- trace positions: tbg, think_<p> (early warning), think_end, slt ---------------------------------------
 PREFIX_PATTERN = re.compile(r"think_([1-9][0-9]?)")  # early-warning positions think_1 .. think_99
@@ -90,13 +87,13 @@ def prefix_fraction(position: str) -> float | None:
 # ---- hidden states: artifacts/hidden/{id,ood}/{position}.npy + {id,ood}_index.parquet + {id,ood}_meta.json ----
 # One float16 shard per position, shape (runs, layers, hidden); seen together (stages/lib/hidden/store.py) they are the
 # (runs, positions, layers, hidden) array; row i belongs to index row i.
-HIDDEN_INDEX_COLUMNS = (
+HIDDEN_INDEX = Table("hidden_index", "{dataset}_index.parquet", key=("question_id", "run_id"), columns=(
     Column("row", "int"),
     Column("question_id", "str"),
     Column("run_id", "int"),
     Column("sequence_length", "int", doc="prompt + generated tokens fed to the teacher-forced pass"),
     Column("think_end_fallback", "bool", doc="no </think>: the think_end position holds the slt vector"),
-)
+))
 
 
 def hidden_files(directory: str | Path, dataset: str) -> tuple[Path, Path, Path]:
@@ -138,8 +135,8 @@ class HiddenMeta(Contract):
 
 def validate_hidden(array: np.ndarray, index: pd.DataFrame, meta: HiddenMeta, source: str | Path) -> None:
     """The array must be float16 of shape (index rows, meta positions, meta layers, meta hidden_size); the index
-    must match HIDDEN_INDEX_COLUMNS with a unique run key. Called before the trace stage's rename and on every read."""
-    validate_frame(index, HIDDEN_INDEX_COLUMNS, source, key=RUN_KEY)
+    must match HIDDEN_INDEX.columns with a unique run key. Called before the trace stage's rename and on every read."""
+    validate_frame(index, HIDDEN_INDEX.columns, source, key=RUNS.key)
     expected = (len(index), len(meta.positions), len(meta.layers), meta.hidden_size)
     if array.shape != expected:
         raise SchemaError(f"{source}: array shape {array.shape}; expected (runs, positions, layers, hidden) = "
@@ -172,12 +169,11 @@ def require_finite_hidden(array: np.ndarray, index: pd.DataFrame, source: str | 
 
 
 # ---- splits: artifacts/probes/splits.parquet, one row per question -----------------------------------
-SPLIT_COLUMNS = (
+QUESTION_SPLITS = Table("splits", "splits.parquet", key=("dataset", "question_id"), columns=(
     Column("question_id", "str"),
     Column("dataset", "str"),
     Column("split", "str", doc="train / val / test for in-distribution questions, ood for the OOD set"),
-)
-SPLIT_KEY = ("dataset", "question_id")
+))
 
 # ---- analysis: artifacts/analysis/analysis.parquet, one row per run -----------------------------------
 # The columns are ``analysis_columns(...)`` of the registry's per-run probes: ``stages.lib.registry.ANALYSIS_COLUMNS``.
@@ -205,24 +201,23 @@ ANALYSIS_TAIL_COLUMNS = (
     Column("umap_y", "float"),
     Column("think_length", "int", nullable=True, doc="tokens between <think> and </think>"),
     Column("truncated", "bool"),
-    Column("answer_source", "str", doc="how the answer was found (RUN_COLUMNS); all but `boxed` are flagged"),
+    Column("answer_source", "str", doc="how the answer was found (RUNS.columns); all but `boxed` are flagged"),
 )
-ANALYSIS_KEY = ("dataset", "question_id", "run_id")
+ANALYSIS_KEY = ("dataset", "question_id", "run_id")  # analysis.parquet (registry.ANALYSIS) and tokens.parquet
 
 
 # ---- analysis: artifacts/analysis/tokens.parquet, one row per run, sorted by (dataset, question_id, run_id) -------
 # The generated tokens of each run as text pieces with their entropies, for the viewer's drill-down. Written in small
 # row groups, so a reader filtering on question_id (pyarrow's ``filters``) reads only that question's groups.
-TOKEN_COLUMNS = (
+TOKENS = Table("tokens", "tokens.parquet", key=ANALYSIS_KEY, columns=(
     Column("dataset", "str"),
     Column("question_id", "str"),
     Column("run_id", "int"),
     Column("tokens", "list", doc="the generated tokens, each decoded alone (special tokens kept), in order"),
-    Column("token_entropies", "list", doc="RUN_COLUMNS token_entropies (nats), one per token"),
-    Column("think_start_index", "int", nullable=True, doc="index of <think> in tokens (RUN_COLUMNS)"),
-    Column("think_end_index", "int", nullable=True, doc="index of </think> in tokens (RUN_COLUMNS)"),
-)
-TOKEN_KEY = ANALYSIS_KEY
+    Column("token_entropies", "list", doc="RUNS.columns token_entropies (nats), one per token"),
+    Column("think_start_index", "int", nullable=True, doc="index of <think> in tokens (RUNS.columns)"),
+    Column("think_end_index", "int", nullable=True, doc="index of </think> in tokens (RUNS.columns)"),
+))
 TOKENS_ROW_GROUP_RUNS = 256  # runs per parquet row group of tokens.parquet
 
 
@@ -273,14 +268,15 @@ def validate_location_scores(array: np.ndarray, meta: LocationScoresMeta, source
         raise SchemaError(f"{source}: array dtype {array.dtype}; expected float32")
 
 
-def analysis_columns(probes: Sequence[tuple[str, str, str]]) -> tuple[Column, ...]:
-    """The analysis table's columns: the run's own, then ``<probe>_probe_prob`` (P(positive class)) and
-    ``<probe>_probe_margin`` (decision function / ||w||: signed distance to the boundary) for each
-    (probe name, display name, positive class) of ``probes``, then high_se, the UMAP coordinates and the rest."""
+def analysis_table(probes: Sequence[tuple[str, str, str]]) -> Table:
+    """analysis.parquet, one row per run (in paths.analysis): the run's own columns, then ``<probe>_probe_prob``
+    (P(positive class)) and ``<probe>_probe_margin`` (decision function / ||w||: signed distance to the boundary) for
+    each (probe name, display name, positive class) of ``probes``, then high_se, the UMAP coordinates and the rest."""
     per_probe = tuple(column for name, display, positive in probes for column in (
         Column(f"{name}_probe_prob", "float", doc=f"P({positive}) from the {display}"),
         Column(f"{name}_probe_margin", "float", doc=f"the {display}'s margin (+ = predicts {positive})")))
-    return ANALYSIS_RUN_COLUMNS + per_probe + ANALYSIS_TAIL_COLUMNS
+    return Table("analysis", "analysis.parquet", ANALYSIS_RUN_COLUMNS + per_probe + ANALYSIS_TAIL_COLUMNS,
+                 key=ANALYSIS_KEY)
 
 
 # ---- probes: artifacts/probes/ (written by train_probes, read by evaluate and analysis) ------------------
@@ -288,26 +284,25 @@ def analysis_columns(probes: Sequence[tuple[str, str, str]]) -> tuple[Column, ..
 # named by its ``file`` stem: ``<stem>.json`` (kind, params with its location, chosen C, CV scores) and
 # ``<stem>.npz`` (float64 weights, read without pickle).
 PROBE_METADATA_SUFFIX, PROBE_WEIGHTS_SUFFIX = ".json", ".npz"
-SPLITS_FILE = "splits.parquet"  # SPLIT_COLUMNS
 # stem: every (label, position, layer) probe fitted on train; a .json list of metadata + one .npz of stacked weights
 LOCATION_PROBES_FILE = "location_probes"
 
 # ---- plots: artifacts/plots/*.csv (written by evaluate) ----------------------------------------------
-AUROC_BY_LAYER_COLUMNS = (
+AUROC_BY_LAYER = Table("auroc_by_layer", "auroc_by_layer.csv", columns=(
     Column("probe", "str", doc="`accuracy` (label: correct) or `se` (label: high_se)"),
     Column("position", "str"),
     Column("layer", "int", doc="hidden-state index (0 = embedding output)"),
     Column("split", "str", doc="val, test or ood"),
     Column("auroc", "float", nullable=True, doc="probe fitted on train, scored for its own label; null if one class"),
-)
-ROC_COLUMNS = (
+))
+ROC = Table("roc", "roc.csv", columns=(
     Column("score", "str", doc="a score of stages.lib.registry.SCORES flagging incorrect runs (the positive class)"),
     Column("split", "str", doc="test or ood"),
     Column("fpr", "float"),
     Column("tpr", "float"),
-)
+))
 
-EARLY_WARNING_COLUMNS = (
+EARLY_WARNING = Table("early_warning", "early_warning.csv", columns=(
     Column("probe", "str", doc="`accuracy` (label: correct) or `se` (label: high_se)"),
     Column("position", "str"),
     Column("fraction", "float", nullable=True, doc="share of the reasoning seen (tbg 0, think_<p> p/100, "
@@ -317,14 +312,14 @@ EARLY_WARNING_COLUMNS = (
     Column("auroc", "float", nullable=True, doc="for the probe's own label; null if one class"),
     Column("auroc_ci_low", "float", nullable=True),
     Column("auroc_ci_high", "float", nullable=True),
-)
-RISK_COVERAGE_COLUMNS = (
+))
+RISK_COVERAGE = Table("risk_coverage", "risk_coverage.csv", columns=(
     Column("score", "str", doc="a registry score flagging incorrect runs; runs kept from the lowest score up"),
     Column("split", "str", doc="test or ood"),
     Column("coverage", "float", doc="fraction of runs kept"),
     Column("risk", "float", doc="error rate of the kept runs"),
-)
-RELIABILITY_COLUMNS = (
+))
+RELIABILITY = Table("reliability", "reliability.csv", columns=(
     Column("probe", "str", doc="a calibrated registry score (accuracy_probe, accuracy_range_probe): its P(correct)"),
     Column("split", "str", doc="test or ood"),
     Column("bin", "int"),
@@ -333,9 +328,9 @@ RELIABILITY_COLUMNS = (
     Column("n", "int"),
     Column("mean_predicted", "float", nullable=True, doc="mean P(correct) in the bin; null if empty"),
     Column("observed_frequency", "float", nullable=True, doc="fraction correct in the bin; null if empty"),
-)
+))
 
-DIFFICULTY_COLUMNS = (
+DIFFICULTY = Table("auroc_by_difficulty", "auroc_by_difficulty.csv", columns=(
     Column("split", "str", doc="test or ood"),
     Column("difficulty", "str", doc="`level` (MATH) or `n_terms` (arithmetic chain length)"),
     Column("value", "int", doc="the level or the number of terms"),
@@ -346,30 +341,21 @@ DIFFICULTY_COLUMNS = (
     Column("auroc", "float", nullable=True, doc="null if the bucket has one class"),
     Column("auroc_ci_low", "float", nullable=True),
     Column("auroc_ci_high", "float", nullable=True),
-)
+))
 
-STABILITY_COLUMNS = (
+STABILITY_PLOT = Table("stability", "stability.csv", columns=(
     Column("seed", "int", doc="seed of the question split and the probe fits"),
     Column("split", "str", doc="test or ood"),
     Column("score", "str", doc="a score of stages.lib.registry.stable_scores()"),
     Column("auroc", "float", nullable=True, doc="for flagging incorrect runs; null if one class"),
-)
+))
 
 # ---- file names inside the `paths:` directories, shared by the stages that write them and the viewer ----
-ANALYSIS_FILE = "analysis.parquet"  # in paths.analysis; ANALYSIS_COLUMNS
-TOKENS_FILE = "tokens.parquet"  # in paths.analysis; TOKEN_COLUMNS
 LOCATION_SCORES_FILE = "location_scores.npy"  # in paths.analysis; LocationScoresMeta
 LOCATION_SCORES_META_FILE = "location_scores.json"  # in paths.analysis; LocationScoresMeta
-AUROC_BY_LAYER_FILE = "auroc_by_layer.csv"  # in paths.plots; AUROC_BY_LAYER_COLUMNS
-ROC_FILE = "roc.csv"  # in paths.plots; ROC_COLUMNS
-EARLY_WARNING_FILE = "early_warning.csv"  # in paths.plots; EARLY_WARNING_COLUMNS
-RISK_COVERAGE_FILE = "risk_coverage.csv"  # in paths.plots; RISK_COVERAGE_COLUMNS
-RELIABILITY_FILE = "reliability.csv"  # in paths.plots; RELIABILITY_COLUMNS
-DIFFICULTY_FILE = "auroc_by_difficulty.csv"  # in paths.plots; DIFFICULTY_COLUMNS
-STABILITY_PLOT_FILE = "stability.csv"  # in paths.plots; STABILITY_COLUMNS
 
 # ---- early exit: forced answers at reasoning prefixes and the calibrated stopping rules -----------------------
-FORCED_ANSWER_COLUMNS = (
+FORCED_ANSWERS = Table("forced_answers", "{dataset}.parquet", key=("question_id", "run_id", "prefix"), columns=(
     Column("question_id", "str"),
     Column("run_id", "int"),
     Column("dataset", "str"),
@@ -389,10 +375,9 @@ FORCED_ANSWER_COLUMNS = (
     Column("truncated", "bool", doc="the answer hit early_exit.max_answer_tokens before EOS"),
     Column("tokens_used", "int", doc="generated tokens a run stopped here costs: generated_kept + </think> + "
                                      "answer prefix + answer_tokens"),
-)
-FORCED_ANSWER_KEY = ("question_id", "run_id", "prefix")
+))
 
-EARLY_EXIT_PARETO_COLUMNS = (
+EARLY_EXIT_PARETO = Table("early_exit_pareto", "early_exit_pareto.csv", columns=(
     Column("rule", "str", doc="a stopping rule of stages.lib.early_exit.rules.RULES"),
     Column("split", "str", doc="val, test or ood"),
     Column("tau", "float", nullable=True, doc="the threshold (null: never stop, think to the end)"),
@@ -401,5 +386,4 @@ EARLY_EXIT_PARETO_COLUMNS = (
     Column("think_tokens_saved", "float", doc="share of the reasoning tokens not generated"),
     Column("loss", "float", doc="share of runs right with full reasoning and wrong under the rule"),
     Column("chosen", "bool", doc="the operating point calibrated on val"),
-)
-EARLY_EXIT_PARETO_FILE = "early_exit_pareto.csv"  # in paths.plots; EARLY_EXIT_PARETO_COLUMNS
+))

@@ -2,8 +2,8 @@
 
 Used by the stage ``python -m stages.semantic_entropy`` (or ``dvc repro semantic_entropy``).
 
-Reads ``{paths.runs}/{id,ood}.parquet`` (schema RUN_COLUMNS; the ood table may be empty) and writes
-``{paths.semantic_entropy}/{id,ood}.parquet`` (schema SE_COLUMNS, one row per run; the question-level values
+Reads ``{paths.runs}/{id,ood}.parquet`` (schema.tables.RUNS; the ood table may be empty) and writes
+``{paths.semantic_entropy}/{id,ood}.parquet`` (SEMANTIC_ENTROPY, one row per run; the question-level values
 are repeated on each of its runs), plus ``{paths.metrics}/cost/semantic_entropy.json`` (wall seconds, the
 number of equivalence checks and, for a model method, its forward passes).
 
@@ -48,7 +48,7 @@ from stages.lib.semantic.equivalence import (
     greedy_reference_clusters,
     pairwise_judge,
 )
-from stages.lib.schema.tables import SE_COLUMNS
+from stages.lib.schema.tables import SEMANTIC_ENTROPY
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def _clip_rounding(entropy: float) -> float:
 # ---- one table: runs -> semantic entropy rows (no I/O) -----------------------------------------------
 
 def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str = "runs") -> pd.DataFrame:
-    """One SE_COLUMNS row per run of ``runs`` (RUN_COLUMNS), in the same row order.
+    """One SEMANTIC_ENTROPY.columns row per run of ``runs`` (RUNS.columns), in the same row order.
 
     Each question's runs are taken in ``run_id`` order and ``cluster(question_id, answers)`` gives their cluster
     ids, so ids follow the order in which runs first gave each meaning, and their equivalence graph, whose
@@ -309,12 +309,12 @@ def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str =
             "eccentricity": graph["eccentricity"],
         }, index=question_runs.index))
     table = pd.concat(question_frames).loc[runs.index].reset_index(drop=True)
-    return table[[column.name for column in SE_COLUMNS]]
+    return table[[column.name for column in SEMANTIC_ENTROPY.columns]]
 
 
 def _empty_se_table() -> pd.DataFrame:
     dtypes = {"str": object, "int": np.int64, "float": np.float64, "bool": bool}
-    return pd.DataFrame({column.name: pd.Series([], dtype=dtypes[column.kind]) for column in SE_COLUMNS})
+    return pd.DataFrame({column.name: pd.Series([], dtype=dtypes[column.kind]) for column in SEMANTIC_ENTROPY.columns})
 
 
 class CountingEquivalence:
