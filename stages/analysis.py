@@ -12,8 +12,8 @@ import logging
 import numpy as np
 
 from stages.lib.evaluation.per_run import build
-from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs
-from stages.lib.params import load_params
+from stages.lib.io.files import cost_record, run_stage, stage_outputs
+from stages.lib.params import Params, load_params
 from stages.lib.registry import ANALYSIS
 from stages.lib.schema.tables import (
     ANALYSIS_KEY,
@@ -28,9 +28,7 @@ from stages.lib.schema.machinery import validate_frame
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    setup_logging()
-    params = load_params()
+def run(params: Params) -> dict:
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "analysis", outputs) as cost:
         built = build(params)
         validate_frame(built.table, ANALYSIS.columns, "analysis table", ANALYSIS_KEY)
@@ -47,6 +45,11 @@ def main() -> None:
                  built.location_scores.shape, TOKENS.file, len(built.tokens),
                  int(built.tokens["tokens"].map(len).sum()))
         cost["runs"] = len(built.table)
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib.io.files import (cost_record, read_table, run_stage, setup_logging, stage_outputs, write_model,
+from stages.lib.io.files import (cost_record, read_table, run_stage, stage_outputs, write_model,
                                  write_table)
 from stages.lib.probes.dataset import attach_splits, load_dataset, require_same_locations
 from stages.lib.early_exit.rules import (
@@ -76,7 +76,6 @@ def run(params: Params) -> EarlyExitReport:
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

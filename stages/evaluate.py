@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_model, write_table
+from stages.lib.io.files import cost_record, run_stage, stage_outputs, write_model, write_table
 from stages.lib.probes.dataset import DatasetRuns, attach_splits, load_dataset, require_same_locations
 from stages.lib.evaluation.scoring import (
     auroc_by_layer,
@@ -102,7 +102,6 @@ def run(params: Params) -> EvaluateReport:
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

@@ -13,10 +13,10 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from stages.lib.io.files import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_table
+from stages.lib.io.files import cost_record, read_table, run_stage, stage_outputs, write_table
 from stages.lib.early_exit.forced import force_answers, greedy_answers, greedy_answers_vllm, require_traced_prefixes
 from stages.lib.models.loading import load_model, think_tokens
-from stages.lib.params import load_params
+from stages.lib.params import Params, load_params
 from stages.lib.questions.sources import load_questions
 from stages.lib.sampling.runs import stop_and_pad_ids
 from stages.lib.schema.machinery import DATASETS
@@ -25,11 +25,9 @@ from stages.lib.schema.tables import FORCED_ANSWERS, RUNS
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
+def run(params: Params) -> dict:
     from stages.lib.sampling.vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
 
-    setup_logging()
-    params = load_params()
     settings = params.early_exit
     require_traced_prefixes(settings.prefixes, params.trace.positions)
     backend = resolve_backend(params.sampling.backend)
@@ -61,6 +59,11 @@ def main() -> None:
             cost["sequences"] += len(frame)
             cost["tokens_generated"] += int(frame["answer_tokens"].sum())
             cost["generate_calls"] += calls
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ import logging
 from pathlib import Path
 
 from stages.lib.sampling.checkpoints import GenerationCheckpoints, generation_key
-from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_table
+from stages.lib.io.files import cost_record, run_stage, stage_outputs, write_table
 from stages.lib.models.loading import format_prompt, load_model, prompt_ids, require_prompts_fit, think_tokens
-from stages.lib.params import load_params
+from stages.lib.params import Params, load_params
 from stages.lib.questions.sources import load_questions
 from stages.lib.sampling.runs import build_run_records
 from stages.lib.sampling.hf import eos_and_pad, questions_per_call, sample_runs
@@ -32,11 +32,9 @@ from stages.lib.schema.tables import RUNS
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
+def run(params: Params) -> dict:
     from stages.lib.sampling.vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
 
-    setup_logging()
-    params = load_params()
     backend = resolve_backend(params.sampling.backend)
     if backend == "vllm":
         vllm = VllmGenerator.open(params)
@@ -82,6 +80,11 @@ def main() -> None:
                                        else -(-len(prompts) // questions_per_call(params.sampling)))
         cost["calls_resumed"] = checkpoints.resumed
     checkpoints.remove()  # the outputs are in place: nothing left to resume
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from stages.lib.questions.answers import answers_equivalent
 from stages.lib.io.files import cost_record, read_table, run_stage, stage_outputs, write_table
 from stages.lib.semantic.entropy import CountingEquivalence, judge_clusterer, math_clusterer, semantic_entropy_table
 from stages.lib.semantic.equivalence import NO_ANSWER, build_judge
-from stages.lib.params import load_params
+from stages.lib.params import Params, load_params
 from stages.lib.questions.sources import load_questions
 from stages.lib.schema.machinery import DATASETS, validate_frame
 from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY
@@ -22,9 +22,8 @@ from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
+def run(params: Params) -> dict:
     """Load runs -> cluster and compute entropies -> validate -> write the output directory atomically."""
-    params = load_params()
     runs_dir, output_dir = Path(params.paths.runs), Path(params.paths.semantic_entropy)
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "semantic_entropy", outputs) as cost:
         runs_by_dataset = {dataset: read_table(RUNS, RUNS.path(runs_dir, dataset))
@@ -74,6 +73,11 @@ def main() -> None:
             log.info("%s: %s", method, {"equivalence_checks": cost["equivalence_checks"], **counts})
         cost["questions"] = int(sum(runs["question_id"].nunique() for runs in runs_by_dataset.values()))
         cost["runs"] = int(sum(len(runs) for runs in runs_by_dataset.values()))
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

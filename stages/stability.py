@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs, write_table, write_model
+from stages.lib.io.files import cost_record, run_stage, stage_outputs, write_table, write_model
 from stages.lib.params import Params, load_params
 from stages.lib.schema.tables import STABILITY_PLOT
 from stages.lib.schema.reports import STABILITY_FILE, StabilityReport, StabilitySettings
@@ -31,7 +31,6 @@ def run(params: Params) -> StabilityReport:
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from stages.lib.questions import arithmetic
-from stages.lib.io.files import content_sha256, cost_record, run_stage, setup_logging, stage_outputs
-from stages.lib.params import is_local_model, load_params
+from stages.lib.io.files import content_sha256, cost_record, run_stage, stage_outputs
+from stages.lib.params import Params, is_local_model, load_params
 from stages.lib.models.toy import (
     VALIDATION_QUESTIONS,
     build_model,
@@ -31,9 +31,7 @@ from stages.lib.models.toy import (
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    setup_logging()
-    params = load_params()
+def run(params: Params) -> dict:
     if params.model.name != "toy":
         with stage_outputs() as outputs, cost_record(params.paths.metrics, "toy_model", outputs) as cost:
             cost["skipped"] = "model.name is not toy"
@@ -62,6 +60,11 @@ def main() -> None:
         save(directory, model, tokenizer, toy, params.seed)
         check_round_trip(directory, model, tokenizer)
         log.info("wrote %s", params.paths.toy_model)
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

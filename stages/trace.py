@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from stages.lib.io.files import cost_record, read_table, run_stage, setup_logging, stage_outputs
+from stages.lib.io.files import cost_record, read_table, run_stage, stage_outputs
 from stages.lib.hidden.store import create_hidden, finish_hidden
 from stages.lib.models.loading import load_config, load_model
-from stages.lib.params import load_params
+from stages.lib.params import Params, load_params
 from stages.lib.schema.machinery import DATASETS
 from stages.lib.schema.tables import RUNS, HiddenMeta
 from stages.lib.hidden.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
@@ -19,9 +19,7 @@ from stages.lib.hidden.tracing import nnsight_model, require_nnsight, resolve_la
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    setup_logging()
-    params = load_params()
+def run(params: Params) -> dict:
     if params.trace.backend == "nnsight":
         require_nnsight()  # before the model loads: a missing extra fails in a second, not after minutes
     # trace.layers checked before the weights load
@@ -52,6 +50,11 @@ def main() -> None:
             cost["sequences"] += len(runs)
             cost["tokens_processed"] += int(index["sequence_length"].sum())
             cost["forward_passes"] += passes
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.lib.io.files import cost_record, run_stage, setup_logging, stage_outputs
+from stages.lib.io.files import cost_record, run_stage, stage_outputs
 from stages.lib.probes.dataset import attach_splits, load_dataset, require_same_locations, split_questions
 from stages.lib.params import Params, load_params
 from stages.lib.probes.store import write_probes
@@ -33,7 +33,6 @@ def run(params: Params) -> TrainedProbes:
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

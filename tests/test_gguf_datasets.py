@@ -242,7 +242,7 @@ def test_an_unreachable_hub_fails_at_once_with_a_clear_message():
 
 def test_offline_mode_error_from_datasets_is_translated(tmp_path):
     """With HF_HUB_OFFLINE=1 and an empty cache the real ``datasets`` call fails, and the stage says why."""
-    script = ("from stages.lib import questions\n"
+    script = ("from stages.lib.questions import sources as questions\n"
               "try:\n"
               "    questions.build_dataset('ood', 'hf:math500', 5, 0, None)\n"
               "except questions.QuestionSourceError as error:\n"

@@ -52,7 +52,7 @@ def run_python(script: str, tmp_path: Path, cwd: Path | None = None, **env: str)
     return result
 
 
-LOAD = ("from stages.lib import models\n"
+LOAD = ("from stages.lib.models import loading as models\n"
         "try:\n"
         "    model, _ = models.load_model({name!r}, 'unused')\n"
         "    print('LOADED', type(model).__name__)\n"
@@ -87,7 +87,7 @@ def test_the_generate_stage_prints_the_one_line_error_and_exits_2(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = run_python("from stages.lib.common import run_stage\nfrom stages import generate\n"
+    result = run_python("from stages.lib.io.files import run_stage\nfrom stages import generate\n"
                         "run_stage(generate.main, generate.__doc__)\n", tmp_path, cwd=project, HF_HUB_OFFLINE="1")
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -179,7 +179,7 @@ def proxy():
 
 def test_the_reachability_check_goes_through_the_proxy(proxy, tmp_path):
     """hub.invalid does not resolve: only a check that honours HTTP_PROXY (as the downloads do) can reach it."""
-    script = ("from stages.lib import hub, questions\n"
+    script = ("from stages.lib.models import hub\nfrom stages.lib.questions import sources as questions\n"
               "print('MODEL', hub.unreachable_reason('sep-tests/tiny'))\n"
               "print('DATASET', questions.hub_unreachable_reason(questions.HUB_DATASETS['hf:gsm8k']))\n"
               "try:\n"
@@ -200,6 +200,6 @@ def test_the_reachability_check_goes_through_the_proxy(proxy, tmp_path):
 
 
 def test_without_the_proxy_the_same_check_reports_the_hub_unreachable(tmp_path):
-    result = run_python("from stages.lib import hub\nprint(hub.unreachable_reason('sep-tests/tiny'))\n", tmp_path,
-                        HF_ENDPOINT="http://hub.invalid")
+    result = run_python("from stages.lib.models import hub\nprint(hub.unreachable_reason('sep-tests/tiny'))\n",
+                        tmp_path, HF_ENDPOINT="http://hub.invalid")
     assert result.returncode == 0 and result.stdout.strip() not in ("", "None"), result.stderr[-2000:]
