@@ -95,3 +95,20 @@ def test_editing_any_module_makes_dvc_status_name_exactly_its_importers(tiny_pro
                    if any(relative in entry.get("changed deps", {}) for entry in entries if isinstance(entry, dict))}
         assert changed == expected, f"{where}: dvc status names {sorted(changed)}; expected {sorted(expected)}"
         assert set(status) == expected, f"{where}: dvc status reports {sorted(status)}"
+
+
+def test_no_library_module_is_named_like_a_stage():
+    """``stages/analysis.py`` beside a ``stages/lib/.../analysis.py`` makes every reader ask which one runs."""
+    twins = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages" / "lib").rglob("*.py") if p.stem in STAGES)
+    assert not twins, f"library modules named like a stage: {twins}; name them by what they hold"
+
+
+def test_design_md_layout_is_the_library_tree():
+    """docs/design.md's Layout block lists every hub module and concept package of stages/lib/ with its docstring's
+    first line, in the order `python tests/code_deps.py --layout` prints them (so the floor plan cannot go stale)."""
+    from code_deps import library_layout
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text[text.index("## Layout"):].split("```")[1]
+    documented = [line for line in block.splitlines() if line.startswith("stages/lib/")]
+    assert documented == library_layout(), "docs/design.md Layout: paste `python tests/code_deps.py --layout`"

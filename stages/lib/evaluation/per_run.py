@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 
 from stages.lib.evaluation import baselines
 from stages.lib import registry
-from stages.lib.io.files import progress_bar, read_table
-from stages.lib.probes.dataset import DatasetRuns, load_dataset
-from stages.lib.params import AnalysisParams, Params
-from stages.lib.probes.store import load_location_probes, load_probes
+from stages.lib.io.files import progress_bar
+from stages.lib.probes.dataset import DatasetRuns
+from stages.lib.params import AnalysisParams
 from stages.lib.probes.linear import LinearProbe, LogisticProbe, location_features, probe_output
-from stages.lib.questions.sources import load_questions
 from stages.lib.registry import ANALYSIS
-from stages.lib.schema.machinery import DATASETS
-from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY, TOKENS, ChosenLocation, LocationScoresMeta
+from stages.lib.schema.tables import TOKENS, ChosenLocation, LocationScoresMeta
 from stages.lib.schema.reports import Selection
+
+if TYPE_CHECKING:
+    from stages.lib.models.loading import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,22 @@ UMAP_PROBE = registry.ACCURACY  # the embedding is of the hidden states at this 
 RUN_TEXT_FIELDS = ("question_id", "run_id", "dataset", "text", "answer")  # beside dataset.RUN_FIELDS
 RUN_TOKEN_FIELDS = ("question_id", "run_id", "dataset", "generated_ids", "token_entropies", "think_start_index",
                     "think_end_index")
+
+
+@dataclass(frozen=True)
+class DatasetInputs:
+    """What the analysis reads of one dataset (the stage reads it): its runs joined with their hidden states, the
+    runs' text and token columns, the SE clusters and the questions."""
+
+    data: DatasetRuns
+    text: pd.DataFrame
+    """RUNS, RUN_TEXT_FIELDS only."""
+    token_runs: pd.DataFrame
+    """RUNS, RUN_TOKEN_FIELDS only."""
+    clusters: pd.DataFrame
+    """SEMANTIC_ENTROPY."""
+    questions: pd.DataFrame
+    """QUESTIONS."""
 
 
 @dataclass(frozen=True)
@@ -140,14 +155,11 @@ def token_table(runs: pd.DataFrame, decode: Callable[[list[int]], list[str]]) ->
     })[[column.name for column in TOKENS.columns]]
 
 
-def tokenizer_decoder(params: Params) -> Callable[[list[int]], list[str]]:
+def tokenizer_decoder(source: ModelSource) -> Callable[[list[int]], list[str]]:
     """``decode`` for ``token_table``: the model's tokenizer (never its weights), each id decoded alone with the
     special tokens kept."""
     from transformers import AutoTokenizer  # imported here: the rest of the stage does not need transformers
 
-    from stages.lib.models.loading import model_source
-
-    source = model_source(params.model.name, params.paths.toy_model, params.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
     return lambda ids: tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
                                               clean_up_tokenization_spaces=False)
@@ -170,23 +182,18 @@ def umap_coordinates(train_features: np.ndarray, all_features: np.ndarray, param
     return reducer.transform(all_features).astype(np.float64)
 
 
-def build(params: Params) -> AnalysisOutputs:
-    probes, selection, splits = load_probes(params.paths.probes)
-    location_probes = load_location_probes(params.paths.probes)
+def build(inputs: dict[str, DatasetInputs], probes: Mapping[str, LinearProbe], selection: Selection,
+          splits: pd.DataFrame, location_probes: Mapping[tuple[str, str, int], LinearProbe],
+          decode: Callable[[list[int]], list[str]], settings: AnalysisParams, seed: int) -> AnalysisOutputs:
+    """The analysis outputs from what the stage read: ``inputs`` per dataset (datasets without runs left out), the
+    probes, selection and splits of train_probes, the location probes and the tokenizer's ``decode``."""
     layer_probes = registry.layer_probes()
-    decode = tokenizer_decoder(params)
     umap_probe = probes[UMAP_PROBE.name]
 
     frames, features, scores, tokens, axes = [], [], [], [], None
-    for dataset in progress_bar(DATASETS, desc="analysis"):
-        data = load_dataset(params, dataset)
-        if not len(data.runs):
-            continue
-        runs_path = Path(params.paths.runs) / f"{dataset}.parquet"
-        text = read_table(RUNS, runs_path, names=RUN_TEXT_FIELDS)
-        tokens.append(token_table(read_table(RUNS, runs_path, names=RUN_TOKEN_FIELDS), decode))
-        clusters = read_table(SEMANTIC_ENTROPY, SEMANTIC_ENTROPY.path(params.paths.semantic_entropy, dataset))
-        questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
+    for dataset, loaded in progress_bar(inputs.items(), desc="analysis"):
+        data, text, clusters, questions = loaded.data, loaded.text, loaded.clusters, loaded.questions
+        tokens.append(token_table(loaded.token_runs, decode))
         frame = (data.runs
                  .merge(text, on=["question_id", "run_id"], validate="one_to_one")
                  .merge(clusters[["question_id", "run_id", "n_clusters"]], on=["question_id", "run_id"])
@@ -209,7 +216,7 @@ def build(params: Params) -> AnalysisOutputs:
     table = pd.concat(frames, ignore_index=True)
     all_features = np.concatenate(features)
     coordinates = umap_coordinates(all_features[(table["split"] == "train").to_numpy()], all_features,
-                                   params.analysis, params.seed)
+                                   settings, seed)
     table["umap_x"], table["umap_y"] = coordinates[:, 0], coordinates[:, 1]
     table["high_se"] = registry.LABELS["high_se"](table, selection.high_se_threshold)
     table["think_length"] = think_length(table["think_start_index"], table["think_end_index"], table["n_generated"])

@@ -27,10 +27,10 @@ import pandas as pd
 
 from stages.lib import registry
 from stages.lib.io.files import progress_bar
-from stages.lib.probes.dataset import attach_splits, load_dataset, require_same_locations, split_questions
+from stages.lib.probes.dataset import DatasetRuns, attach_splits, split_questions
 from stages.lib.evaluation.scoring import score_runs
 from stages.lib.evaluation.metrics import auroc
-from stages.lib.params import Params
+from stages.lib.params import ProbeParams
 from stages.lib.probes.linear import SingleClassError
 from stages.lib.schema.tables import STABILITY_PLOT
 from stages.lib.schema.reports import SkippedSeed, StabilitySpread
@@ -39,14 +39,13 @@ from stages.lib.probes.selection import train
 log = logging.getLogger(__name__)
 
 
-def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[SkippedSeed]]:
-    """STABILITY_PLOT.columns rows: AUROC for flagging incorrect runs of every score, per seed and split; and the
-    seeds skipped because their split left a train or val label with one class (small question sets)."""
-    id_data, ood_data = load_dataset(params, "id"), load_dataset(params, "ood")
-    require_same_locations(id_data, ood_data)
-    probe_params = params.probes.model_copy(update={"c_grid": params.stability.c_grid, "max_layer_range": 1})
+def seed_aurocs(id_data: DatasetRuns, ood_data: DatasetRuns, probe_params: ProbeParams,
+                seeds: range) -> tuple[pd.DataFrame, list[SkippedSeed]]:
+    """STABILITY_PLOT rows: AUROC for flagging incorrect runs of every score, per seed and split, each seed's split
+    drawn afresh and every probe refitted with ``probe_params``; and the seeds skipped because their split left a
+    train or val label with one class (small question sets)."""
     rows, skipped = [], []
-    for seed in progress_bar(range(params.seed, params.seed + params.stability.seeds), desc="stability (re-splits)"):
+    for seed in progress_bar(seeds, desc="stability (re-splits)"):
         splits = split_questions(id_data.runs["question_id"], ood_data.runs["question_id"],
                                  probe_params.train_fraction, probe_params.val_fraction, seed)
         runs = attach_splits(id_data.runs, splits, "id")
@@ -69,7 +68,7 @@ def seed_aurocs(params: Params) -> tuple[pd.DataFrame, list[SkippedSeed]]:
             rows.extend(seed_rows)
             log.info("seed %d, %s: accuracy probe AUROC %s", seed, split, seed_rows[0]["auroc"])
     if not rows:
-        raise SingleClassError(f"stability: every one of the {params.stability.seeds} seeds gave a split with a "
+        raise SingleClassError(f"stability: every one of the {len(seeds)} seeds gave a split with a "
                                f"single-class label; first: {skipped[0].reason}")
     return pd.DataFrame.from_records(rows, columns=[c.name for c in STABILITY_PLOT.columns]), skipped
 
