@@ -44,22 +44,24 @@ from stages.lib.questions.answers import LAST_NUMBER_FALLBACK, NO_ANSWER_FOUND, 
 from stages.lib.io.files import progress_bar
 from stages.lib.evaluation.metrics import (
     auprc,
-    aurac,
-    aurc,
     auroc,
     bootstrap_ci,
-    brier_score,
     difference_from_resamples,
-    expected_calibration_error,
     interval_from_resamples,
     permutation_p_value,
-    prediction_rejection_ratio,
     question_resamples,
-    reliability_table,
     resampled_metric,
-    risk_coverage_curve,
     roc_curve_table,
     single_class_reason,
+)
+from stages.lib.evaluation.selective import (
+    aurac,
+    aurc,
+    brier_score,
+    expected_calibration_error,
+    prediction_rejection_ratio,
+    reliability_table,
+    risk_coverage_curve,
     spearman,
 )
 from stages.lib.params import EvaluateParams

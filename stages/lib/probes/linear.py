@@ -42,7 +42,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from stages.lib.io.files import progress_bar
 from stages.lib.errors import UserError
 from stages.lib.hidden.store import release_mapped_pages
-from stages.lib.evaluation.metrics import auroc, single_class_reason, spearman
+from stages.lib.evaluation.metrics import auroc, single_class_reason
+from stages.lib.evaluation.selective import spearman
 
 log = logging.getLogger(__name__)
 
