@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
+from scipy.stats import spearmanr
 
 from stages.lib.evaluation.metrics import _as_arrays, single_class_reason
 
@@ -310,10 +310,7 @@ def expected_calibration_error(labels, probabilities, n_bins: int = 10) -> float
 
 
 def spearman(x, y) -> float | None:
-    """Spearman rank correlation: the Pearson correlation of the mid-ranks of ``x`` and ``y`` (ties averaged).
-
-    rho = sum_i (r_i - mean r)(s_i - mean s) / sqrt(sum_i (r_i - mean r)^2 sum_i (s_i - mean s)^2), which is
-    1 - 6 sum_i d_i^2 / (n (n^2 - 1)) when there are no ties. Matches ``scipy.stats.spearmanr``.
+    """Spearman rank correlation (``scipy.stats.spearmanr``: the Pearson correlation of the mid-ranks, ties averaged).
 
     Parameters
     ----------
@@ -321,7 +318,7 @@ def spearman(x, y) -> float | None:
 
     Returns
     -------
-    float in [-1, 1], or None when n < 2 or either input is constant.
+    float in [-1, 1], or None when n < 2 or either input is constant (where scipy returns NaN).
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -332,7 +329,4 @@ def spearman(x, y) -> float | None:
                          "non-finite values")
     if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return None
-    x_ranks = rankdata(x) - (len(x) + 1) / 2  # centred mid-ranks
-    y_ranks = rankdata(y) - (len(y) + 1) / 2
-    rho = np.sum(x_ranks * y_ranks) / np.sqrt(np.sum(x_ranks ** 2) * np.sum(y_ranks ** 2))
-    return float(np.clip(rho, -1.0, 1.0))
+    return float(np.clip(spearmanr(x, y).statistic, -1.0, 1.0))
