@@ -16,7 +16,8 @@ from test_probes import resident_kib
 
 from stages import generate, trace
 from stages.lib.hidden.store import HiddenStates, create_hidden, finish_hidden, open_hidden, write_hidden
-from stages.lib.probes.linear import LogisticProbe, location_features, probe_features, release_mapped_pages
+from stages.lib.probes.linear import LogisticProbe
+from stages.lib.probes.fitting import location_features, probe_features, release_mapped_pages
 from stages.lib.questions.sources import questions_frame, write_questions
 from stages.lib.schema.tables import HiddenMeta, hidden_files, hidden_shard
 from stages.lib.schema.machinery import SchemaError

@@ -27,9 +27,11 @@ from stages.lib.probes.linear import (
     MeanDifferenceProbe,
     RidgeProbe,
     SingleClassError,
+    held_out_score,
+)
+from stages.lib.probes.fitting import (
     best_split_threshold,
     fit_location_probes,
-    held_out_score,
     location_features,
     median_threshold,
     probe_features,

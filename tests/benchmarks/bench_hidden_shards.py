@@ -22,7 +22,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from stages.lib.hidden.store import open_hidden, write_hidden  # noqa: E402
-from stages.lib.probes.linear import LogisticProbe, location_features, probe_features  # noqa: E402
+from stages.lib.probes.linear import LogisticProbe  # noqa: E402
+from stages.lib.probes.fitting import location_features, probe_features
 from stages.lib.schema.tables import HiddenMeta  # noqa: E402
 
 

@@ -35,7 +35,8 @@ from sklearn.model_selection import GroupKFold, cross_val_score
 from stages.lib.questions.answers import answers_equivalent
 from stages.lib.evaluation.metrics import auroc, single_class_reason
 from stages.lib.params import ProbeParams
-from stages.lib.probes.linear import LogisticProbe, SingleClassError, fit_probe, probe_features
+from stages.lib.probes.linear import LogisticProbe, SingleClassError
+from stages.lib.probes.fitting import fit_probe, probe_features
 from stages.lib.schema.machinery import SchemaError
 from stages.lib.schema.reports import StoppingProbeChoice
 

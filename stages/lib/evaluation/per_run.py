@@ -26,7 +26,8 @@ from stages.lib import registry
 from stages.lib.io.files import progress_bar
 from stages.lib.probes.dataset import DatasetRuns
 from stages.lib.params import AnalysisParams
-from stages.lib.probes.linear import LinearProbe, LogisticProbe, location_features, probe_output
+from stages.lib.probes.linear import LinearProbe, LogisticProbe, probe_output
+from stages.lib.probes.fitting import location_features
 from stages.lib.registry import ANALYSIS
 from stages.lib.schema.tables import TOKENS, ChosenLocation, LocationScoresMeta
 from stages.lib.schema.reports import Selection

@@ -65,7 +65,8 @@ from stages.lib.evaluation.selective import (
     spearman,
 )
 from stages.lib.params import EvaluateParams
-from stages.lib.probes.linear import LinearProbe, probe_features, probe_output, score_location_probes
+from stages.lib.probes.linear import LinearProbe, probe_output
+from stages.lib.probes.fitting import probe_features, score_location_probes
 from stages.lib.schema.tables import (
     AUROC_BY_LAYER,
     DIFFICULTY,

@@ -40,17 +40,15 @@ import pandas as pd
 
 from stages.lib import registry
 from stages.lib.params import ProbeParams
-from stages.lib.probes.linear import (
+from stages.lib.probes.fitting import (
     THRESHOLD_FUNCTIONS,
-    LinearProbe,
-    LogisticProbe,
     fit_location_probes,
     fit_probe,
     probe_features,
     probe_score,
-    require_two_classes,
     score_location_probes,
 )
+from stages.lib.probes.linear import LinearProbe, LogisticProbe, require_two_classes
 from stages.lib.schema.reports import LayerChoice, PositionChoice, RangeCandidate, RangeChoice, Selection, ValScore
 
 log = logging.getLogger(__name__)
