@@ -1,7 +1,7 @@
 """Stage forced_answers: every run's answer forced at prefixes of its reasoning (``early_exit.prefixes``).
 
 Run with ``python -m stages.forced_answers``. Reads the runs, the questions (gold answers) and the model; writes
-``{paths.forced_answers}/{id,ood}.parquet`` (``schema.FORCED_ANSWER_COLUMNS``, one row per run and prefix) and
+``{paths.forced_answers}/{id,ood}.parquet`` (``schema.FORCED_ANSWERS.columns``, one row per run and prefix) and
 its cost record. The cut, the forced sequence and the greedy decoding are stages/lib/early_exit/forced.py; the
 stopping rules that use them are the early_exit stage. Decoding uses the generation backend
 (``sampling.backend``): transformers, or one vLLM engine.

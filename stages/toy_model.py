@@ -16,7 +16,8 @@ import torch
 
 from stages.lib.questions import arithmetic
 from stages.lib.io.files import content_sha256, cost_record, run_stage, stage_outputs
-from stages.lib.params import Params, is_local_model, load_params
+from stages.lib.params import Params, load_params
+from stages.lib.param_fields import is_local_model
 from stages.lib.models.toy import (
     VALIDATION_QUESTIONS,
     build_model,

@@ -178,7 +178,7 @@ def test_registry_entries_are_consistent():
             assert registry.probe(probe.range_of) in registry.layer_probes()
             assert registry.probe(probe.range_of).target == probe.target
     assert len({probe.file for probe in registry.probes()}) == len(registry.probes())
-    entropy_columns = {column.name for column in registry.ANALYSIS_COLUMNS}
+    entropy_columns = {column.name for column in registry.ANALYSIS.columns}
     assert all(score.name in entropy_columns for score in registry.scores(kind="entropy"))  # the viewer's y axes
 
 
@@ -194,12 +194,12 @@ def test_registry_keeps_the_outputs_names_and_order():
         "accuracy_range_probe", "se_range_probe"]
     assert [(probe.name, probe.target) for probe in registry.layer_probes()] == [
         ("accuracy", "correct"), ("se", "high_se"), ("se_regression", "semantic_entropy")]
-    assert [column.name for column in registry.ANALYSIS_COLUMNS] == [
+    assert [column.name for column in registry.ANALYSIS.columns] == [
         "question_id", "run_id", "dataset", "split", "question", "gold", "text", "answer", "cluster_id", "n_clusters",
         "correct", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy", "mean_token_entropy",
         "sequence_loglik", "accuracy_probe_prob", "accuracy_probe_margin", "se_probe_prob", "se_probe_margin",
         "high_se", "umap_x", "umap_y", "think_length", "truncated", "answer_source"]
-    assert set(ANALYSIS_KEY) <= {column.name for column in registry.ANALYSIS_COLUMNS}
+    assert set(ANALYSIS_KEY) <= {column.name for column in registry.ANALYSIS.columns}
 
 
 def test_labels_and_targets_by_hand():

@@ -3,7 +3,7 @@
 Used by the stage ``python -m stages.questions`` (or ``dvc repro questions``). Reads ``seed``, ``data.*``, the chain
 ranges in ``toy.*`` (``min_terms``, ``max_terms``, ``max_operand``, ``ood_max_terms``, ``ood_max_operand``) and
 ``paths.questions``; writes ``{paths.questions}/id.jsonl`` and ``{paths.questions}/ood.jsonl``, one JSON object
-per line with the columns of ``stages.lib.schema.tables.QUESTION_COLUMNS`` (question_id, dataset, question, gold, and
+per line with the columns of ``stages.lib.schema.tables.QUESTIONS.columns`` (question_id, dataset, question, gold, and
 ``level`` only for questions whose source gives one: MATH's ``level``, 1-5 or ``"Level 3"``).
 
 Sources (``data.source`` for in-distribution, ``data.ood_source`` for out-of-distribution):

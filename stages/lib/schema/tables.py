@@ -176,7 +176,7 @@ QUESTION_SPLITS = Table("splits", "splits.parquet", key=("dataset", "question_id
 ))
 
 # ---- analysis: artifacts/analysis/analysis.parquet, one row per run -----------------------------------
-# The columns are ``analysis_columns(...)`` of the registry's per-run probes: ``stages.lib.registry.ANALYSIS_COLUMNS``.
+# The table is ``analysis_table(...)`` of the registry's per-run probes: ``stages.lib.registry.ANALYSIS.columns``.
 ANALYSIS_RUN_COLUMNS = (
     Column("question_id", "str"),
     Column("run_id", "int"),
