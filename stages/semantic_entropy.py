@@ -16,7 +16,7 @@ from stages.lib.semantic.entropy import CountingEquivalence, judge_clusterer, ma
 from stages.lib.semantic.equivalence import NO_ANSWER, build_judge
 from stages.lib.params import Params, load_params
 from stages.lib.questions.sources import load_questions
-from stages.lib.schema.machinery import DATASETS, validate_frame
+from stages.lib.schema.machinery import DATASETS, SchemaError, validate_frame
 from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def run(params: Params) -> dict:
         runs_by_dataset = {dataset: read_table(RUNS, RUNS.path(runs_dir, dataset))
                            for dataset in DATASETS}
         if runs_by_dataset["id"].empty:
-            raise ValueError(f"{runs_dir / 'id.parquet'}: no rows; the in-distribution runs must not be empty")
+            raise SchemaError(f"{RUNS.path(runs_dir, 'id')}: no rows; the in-distribution runs must not be empty")
 
         method = params.semantic_entropy.method
         equivalent, judge = None, None

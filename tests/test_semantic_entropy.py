@@ -15,6 +15,7 @@ import yaml
 from hypothesis import given, settings
 
 from stages import semantic_entropy as stage
+from stages.lib.errors import UserError
 from stages.lib.questions.answers import answers_equivalent
 from stages.lib.io.files import read_table, write_table
 from stages.lib.semantic.entropy import math_clusterer
@@ -290,7 +291,7 @@ def test_semantic_entropy_table_values_and_row_order():
 
 
 def test_semantic_entropy_table_rejects_a_single_run_question():
-    with pytest.raises(ValueError, match="q0"):
+    with pytest.raises(UserError, match="q0"):
         semantic_entropy_table(make_runs("id", {"q0": ["1"]}), math_clusterer())
 
 
@@ -405,7 +406,7 @@ def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
     # a question missing from the questions file is named
     Path("out/questions/id.jsonl").write_text(json.dumps(
         {"question_id": "q0", "dataset": "id", "question": "x + 1", "gold": "14"}) + "\n")
-    with pytest.raises(ValueError, match="'q1'.*prepend_question"):
+    with pytest.raises(UserError, match="'q1'.*prepend_question"):
         stage.main()
 
 

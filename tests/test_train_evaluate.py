@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from stages import cost_ratio, evaluate, stability, train_probes
+from stages.lib.errors import UserError
 from stages.lib.probes import dataset as dataset_lib
 from stages.lib import registry
 from stages.lib.probes import selection
@@ -123,7 +124,7 @@ def test_questions_are_split_not_runs():
     pd.testing.assert_frame_equal(splits, again)  # depends on the set of questions and the seed only
     other_seed = dataset_lib.split_questions([f"q{i}" for i in range(50)], [], 0.6, 0.2, seed=1)
     assert set(other_seed.query("split == 'train'").question_id) != set(splits.query("split == 'train'").question_id)
-    with pytest.raises(ValueError, match="empty `val` split"):
+    with pytest.raises(UserError, match="empty `val` split"):
         dataset_lib.split_questions(["a", "b", "c"], [], 0.6, 0.1, seed=0)
 
 

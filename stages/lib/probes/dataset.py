@@ -16,6 +16,7 @@ from stages.lib.io.files import read_table
 from stages.lib.hidden.store import HiddenStates, open_hidden
 from stages.lib.params import Params
 from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY, hidden_files
+from stages.lib.errors import UserError
 from stages.lib.schema.machinery import SchemaError
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def split_questions(id_question_ids, ood_question_ids, train_fraction: float, va
     sizes = {"train": n_train, "val": n_val, "test": len(shuffled) - n_train - n_val}
     empty = [name for name, size in sizes.items() if size <= 0]
     if empty:
-        raise ValueError(f"{len(shuffled)} in-distribution questions give an empty `{empty[0]}` split with "
+        raise UserError(f"{len(shuffled)} in-distribution questions give an empty `{empty[0]}` split with "
                          f"probes.train_fraction={train_fraction}, probes.val_fraction={val_fraction}")
     split = np.repeat(["train", "val", "test"], [sizes["train"], sizes["val"], sizes["test"]])
     ood_questions = sorted(set(ood_question_ids))

@@ -48,6 +48,8 @@ from stages.lib.semantic.equivalence import (
     greedy_reference_clusters,
     pairwise_judge,
 )
+from stages.lib.errors import UserError
+from stages.lib.schema.machinery import SchemaError
 from stages.lib.schema.tables import SEMANTIC_ENTROPY
 
 log = logging.getLogger(__name__)
@@ -288,7 +290,7 @@ def semantic_entropy_table(runs: pd.DataFrame, cluster: Clusterer, source: str =
     for question_id, question_runs in progress_bar(grouped, total=grouped.ngroups,
                                                    desc=f"semantic entropy {source}", enabled=grouped.ngroups >= 50):
         if len(question_runs) < 2:
-            raise ValueError(f"{source}: question {question_id!r} has {len(question_runs)} run; semantic "
+            raise SchemaError(f"{source}: question {question_id!r} has {len(question_runs)} run; semantic "
                              "entropy needs >= 2 (sampling.runs)")
         question_runs = question_runs.sort_values("run_id")
         cluster_ids, adjacency = cluster(question_id, question_runs["answer"].tolist())
@@ -351,7 +353,7 @@ def judge_clusterer(judge: PairJudge, question_text: dict[str, str] | None = Non
         question = ""
         if judge.uses_question:
             if question_text is None or question_id not in question_text:
-                raise ValueError(f"question {question_id!r}: its text is needed (semantic_entropy.prepend_question)"
+                raise UserError(f"question {question_id!r}: its text is needed (semantic_entropy.prepend_question)"
                                  " but it is not in the questions files")
             question = question_text[question_id]
         def judge_pairs(pairs):
