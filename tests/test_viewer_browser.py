@@ -20,6 +20,7 @@ from viewer_support import (
     ViewerServer,
     launch_chromium,
     synthetic_analysis,
+    write_early_exit_outputs,
     write_viewer_project,
 )
 
@@ -163,11 +164,11 @@ def _count(page) -> tuple[int, int]:
     return in_view, selected
 
 
-def _wait_for_rows(page, **expected):
+def _wait_for_rows(page, timeout_ms: float = TIMEOUT_MS, **expected):
     try:
         page.wait_for_function(f"() => {{ const rows = ({PLOT_ROWS_JS})(); const want = {expected!r};"
                                " return Object.entries(want).every(([k, v]) => (rows[k] || 0) === v); }",
-                               timeout=TIMEOUT_MS)
+                               timeout=timeout_ms)
     except sync_api.TimeoutError:
         raise AssertionError(f"plots show {page.evaluate(PLOT_ROWS_JS)}, expected {expected}") from None
 
@@ -481,6 +482,93 @@ def test_results_never_block_another_session(server, browser, analysis):
     finally:
         first.close()
         second.close()
+
+
+SESSION_ROUNDS = 3
+
+
+def _dvc_queries(pid: int) -> int:
+    """How many `dvc exp show` processes the process ``pid`` has running."""
+    import psutil
+
+    count = 0
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.Error:  # ended meanwhile
+            continue
+        count += "dvc" in command and "exp" in command and "show" in command
+    return count
+
+
+def test_sessions_never_break_the_server(tmp_path, browser, analysis):
+    """Issue 28: two sessions opening Results and Early exit at once while a third changes filters, several times,
+    leave the server serving: a NEW page still renders every run, and the server's log holds no error. (Results drew
+    its figures in a worker thread per session; HoloViews turns Bokeh's property validation, one switch for the
+    whole process, off and back on around updates, so two overlapping threads left it off, and every later page
+    failed in create_app with "'str' object has no attribute 'update'".) Then Experiments' Refresh, clicked 8 times
+    in a row, runs one `dvc exp show` at a time. Its own server, so that its log is read whole."""
+    import re
+    import time
+
+    root = write_viewer_project(tmp_path / "project", analysis)
+    write_early_exit_outputs(root, analysis)
+    total = len(analysis)
+    shown = {"incorrect": int((~analysis["correct"]).sum()), "correct": int(analysis["correct"].sum()), "all": total}
+    first_figure = next(iter(RESULT_TABS.values()))
+
+    def open_page(url):
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        pages.append(page)
+        page.goto(url, timeout=TIMEOUT_MS)
+        page.wait_for_selector("div.run-count", timeout=TIMEOUT_MS)
+        return page
+
+    def filter_all_ways(page):
+        for name, runs in shown.items():
+            page.get_by_role("button", name=name, exact=True).click()
+            _wait_for_rows(page, scatter_points=runs, umap_points=runs, timeout_ms=3 * TIMEOUT_MS)
+
+    failure, queries, pages = None, [], []
+    with ViewerServer(root, warm=True, ready_timeout_s=120) as running:
+        try:
+            filterer = open_page(running.url)
+            _wait_for_rows(filterer, scatter_points=total, umap_points=total)
+            for _ in range(SESSION_ROUNDS):
+                openers = [open_page(running.url) for _ in range(2)]
+                for opener in openers:
+                    opener.locator(".bk-tab", has_text="Results").click()
+                filter_all_ways(filterer)  # while the openers' Results draw their figures
+                for opener in openers:
+                    opener.locator(".bk-tab", has_text="Early exit").click()
+                filter_all_ways(filterer)
+                for opener in openers:
+                    opener.wait_for_function("() => 'Early exit, test: accuracy against tokens' in "
+                                             f"({FRAMES_JS})()", timeout=TIMEOUT_MS)
+                    opener.locator(".bk-tab", has_text="Results").click()
+                    opener.wait_for_function(f"() => {first_figure!r} in ({FRAMES_JS})()", timeout=TIMEOUT_MS)
+            fresh = open_page(running.url)
+            _wait_for_rows(fresh, scatter_points=total, umap_points=total)
+
+            fresh.locator(".bk-tab", has_text="Experiments").click()
+            for _ in range(8):
+                fresh.get_by_role("button", name="Refresh").click(force=True)  # force: also while disabled
+            for _ in range(30):
+                queries.append(_dvc_queries(running.process.pid))
+                time.sleep(0.1)
+            fresh.locator(".experiments-message").wait_for(timeout=TIMEOUT_MS)
+        except (AssertionError, sync_api.Error) as error:
+            failure = error
+        finally:
+            for page in pages:
+                page.close()
+    # Not: the viewer's note that `dvc exp show` failed (this project is no DVC repository), and tornado's
+    # complaints about a page that closed while the server wrote to it.
+    errors = [line for line in running.log.splitlines()
+              if re.search(r"\w+Error\b|Error running|ERROR|Exception", line)
+              and not re.search(r"experiments: |StreamClosedError|WebSocketClosedError", line)]
+    assert failure is None and errors == [], f"{failure}\nthe server logged:\n" + "\n".join(errors[:20])
+    assert queries and max(queries) <= 1, f"`dvc exp show` processes at once: {queries}"
 
 
 @pytest.mark.parametrize("value, opens", [("id-00003", True), ("id-99999", False),

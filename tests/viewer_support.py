@@ -294,6 +294,71 @@ def synthetic_plots(layers: int = 3) -> dict[str, pd.DataFrame]:
     return {name: validate_frame(frame, columns, name) for name, (frame, columns) in tables.items()}
 
 
+def write_early_exit_outputs(root: Path, analysis: pd.DataFrame, prefixes: tuple[int, ...] = (25, 50, 75),
+                             text_chars: int = 200) -> None:
+    """What the Early exit tab reads, for the runs of ``analysis``: early_exit.json and its Pareto CSV (from
+    stages.lib.early_exit.rules.evaluate_rules on forced answers that get right more often the more reasoning is kept),
+    forced_answers/{id,ood}.parquet and runs/{id,ood}.parquet (each run's text ``text_chars`` long)."""
+    from stages.lib.early_exit.rules import PrefixOutcomes, evaluate_rules
+    from stages.lib.schema import (
+        EARLY_EXIT_FILE,
+        EARLY_EXIT_PARETO,
+        FORCED_ANSWERS,
+        EarlyExitReport,
+        EarlyExitSettings,
+        StoppingProbeChoice,
+    )
+    rng = np.random.default_rng(7)
+    share = np.asarray(prefixes) / 100
+    forced_correct = (rng.random((len(analysis), len(prefixes))) < share) & analysis["correct"].to_numpy()[:, None]
+    reasoning = analysis["think_length"].to_numpy(int) * 10
+    kept = np.round(np.outer(reasoning, share)).astype(int)
+    outcomes, probe_p = {}, {}
+    for split in ("train", "val", "test", "ood"):
+        rows = (analysis["split"] == split).to_numpy()
+        n = int(rows.sum())
+        outcomes[split] = PrefixOutcomes(
+            question_id=analysis["question_id"].to_numpy()[rows], run_id=analysis["run_id"].to_numpy()[rows],
+            prefixes=prefixes, forced_correct=forced_correct[rows], forced_answer=np.full((n, len(prefixes)), "1",
+                                                                                          dtype=object),
+            forced_tokens=kept[rows] + 6, trial_tokens=np.full((n, len(prefixes)), 5), reasoning_kept=kept[rows],
+            mean_logprob=np.full((n, len(prefixes)), -0.1), mean_entropy=np.full((n, len(prefixes)), 0.5),
+            reasoning_tokens=reasoning[rows], full_correct=analysis["correct"].to_numpy()[rows],
+            full_tokens=reasoning[rows] + 10)
+        probe_p[split] = np.clip(forced_correct[rows] + rng.normal(0, 0.3, (n, len(prefixes))), 0, 1)
+    rules, pareto = evaluate_rules(outcomes, probe_p, 0.2, 0.2, 10, 20, 0.9, 0)
+    report = EarlyExitReport.model_validate({
+        "settings": EarlyExitSettings(method="Learn-then-Test", loss="harm", epsilon=0.2, delta=0.2,
+                                      prefixes=list(prefixes), answer_prefix="\\boxed{", calibration_split="val",
+                                      n_calibration_questions=int((analysis["split"] == "val").sum()), bootstrap=20,
+                                      confidence=0.9),
+        "stopping_probes": {f"think_{p}": StoppingProbeChoice(position=f"think_{p}", layer=1, C=1.0,
+                                                              train_cv_auroc=0.7, val_auroc=0.6, train_accuracy=0.3,
+                                                              constant=False) for p in prefixes},
+        "rules": rules})
+    for key in ("metrics", "plots", "forced_answers", "runs"):
+        (root / PATHS[key]).mkdir(parents=True, exist_ok=True)
+    (root / PATHS["metrics"] / EARLY_EXIT_FILE).write_text(report.to_json())
+    validate_frame(pareto, EARLY_EXIT_PARETO.columns, EARLY_EXIT_PARETO.file).to_csv(
+        root / PATHS["plots"] / EARLY_EXIT_PARETO.file, index=False)
+    for dataset, runs in analysis.groupby("dataset"):
+        index = np.flatnonzero((analysis["dataset"] == dataset).to_numpy())
+        forced = pd.DataFrame([
+            {"question_id": run.question_id, "run_id": run.run_id, "dataset": dataset, "prefix": prefix,
+             "position": f"think_{prefix}", "reasoning_tokens": reasoning[i], "reasoning_kept": kept[i, j],
+             "generated_kept": kept[i, j] + 1, "answer_ids": np.array([5, 6], dtype=np.int32),
+             "answer_text": f"</think>\\boxed{{{run.answer}}}", "answer": run.answer, "answer_source": "boxed",
+             "correct": bool(forced_correct[i, j]), "mean_logprob": -0.5, "mean_entropy": 0.3, "answer_tokens": 2,
+             "truncated": False, "tokens_used": kept[i, j] + 10}
+            for i, run in zip(index, runs.itertuples()) for j, prefix in enumerate(prefixes)],
+            columns=[column.name for column in FORCED_ANSWERS.columns])
+        forced.to_parquet(root / PATHS["forced_answers"] / f"{dataset}.parquet", index=False)
+        runs.assign(text=[(run.text * (text_chars // len(run.text) + 1))[:text_chars] for run in runs.itertuples()],
+                    n_generated=reasoning[index] + 10)[
+            ["question_id", "run_id", "dataset", "text", "answer", "correct", "n_generated"]].to_parquet(
+            root / PATHS["runs"] / f"{dataset}.parquet", index=False)
+
+
 def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metrics: bool = True,
                          long_run: int = 0) -> Path:
     """A project directory at ``root`` with what the viewer reads; ``analysis=None`` leaves the run out (and its

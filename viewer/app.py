@@ -18,8 +18,8 @@ from pathlib import Path
 import panel as pn
 
 import viewer
-from viewer.early_exit import early_exit_view
-from stages.lib.schema.machinery import SchemaError
+from viewer.early_exit import early_exit_layout, early_exit_view, load_early_exit
+from stages.lib.schema import SchemaError
 from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
 from viewer.views import (
     ExperimentsView,
@@ -89,7 +89,7 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
         if event.new == experiments_tab:
             experiments.load_once()
         elif event.new == early_exit_tab and not tabs[early_exit_tab].objects:
-            tabs[early_exit_tab].append(early_exit_section(Path(root)))
+            show_early_exit(tabs[early_exit_tab], Path(root))
     tabs.param.watch(on_tab, "active")
     template.sidebar.append(FilterPanel(store=store))
     template.main.append(tabs)
@@ -101,7 +101,38 @@ def early_exit_section(root: Path) -> pn.viewable.Viewable:
     try:
         return early_exit_view(root)
     except (SchemaError, FileNotFoundError) as missing:
-        return notice(f"No early-exit results to show. {missing}")
+        return _no_early_exit(missing)
+
+
+def _no_early_exit(missing: Exception) -> pn.viewable.Viewable:
+    return notice(f"No early-exit results to show. {missing}")
+
+
+def show_early_exit(holder: pn.Column, root: Path) -> None:
+    """Fill ``holder`` with the early-exit tab without making other sessions wait: the files (every run's forced
+    answers) are read in a worker thread, the widgets and the Pareto figure built on the event loop (HoloViews and
+    Bokeh objects are never built off it: issue 28); without a server, right away."""
+    doc = pn.state.curdoc
+    if doc is None or doc.session_context is None:
+        holder.append(early_exit_section(root))
+        return
+    holder.append(pn.indicators.LoadingSpinner(value=True, size=30, name="Reading the early-exit results..."))
+
+    async def fill() -> None:
+        import asyncio
+
+        try:
+            data = await asyncio.to_thread(load_early_exit, root)
+        except (SchemaError, FileNotFoundError) as missing:
+            holder.objects = [_no_early_exit(missing)]
+            return
+        except Exception as error:  # noqa: BLE001 - say so on the page rather than spin forever
+            log.exception("reading the early-exit results")
+            holder.objects = [notice(f"Early exit: could not be read ({type(error).__name__}: {error})")]
+            return
+        holder.objects = [early_exit_layout(data)]
+
+    pn.state.execute(fill)
 
 
 def warm_up(root: Path = PROJECT_ROOT) -> None:

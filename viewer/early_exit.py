@@ -1,11 +1,12 @@
 """The early-exit view: the Pareto curve (accuracy against tokens over tau, per stopping rule) with the operating
 point calibrated on val, and for a chosen run the answer forced at each prefix of its reasoning.
 
-Self-contained, for the lead to wire into the app: ``early_exit_view(root)`` returns a Panel layout built only
+Self-contained: ``early_exit_view(root)`` returns a Panel layout built only
 from what the forced_answers and early_exit stages wrote (``{paths.metrics}/early_exit.json``,
 ``{paths.plots}/early_exit_pareto.csv``, ``{paths.forced_answers}/{id,ood}.parquet``) and the runs table, found
 through ``<root>/params.yaml`` ``paths:``; nothing is recomputed. ``load_early_exit``, ``pareto_plot`` and
-``forced_answer_table`` are the pure parts, tested with plain pytest.
+``forced_answer_table`` are the pure parts, tested with plain pytest; the app reads the files with ``load_early_exit``
+in a worker thread and builds the layout (``early_exit_layout``) on the event loop.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ import panel as pn
 import yaml
 
 from stages.lib.params import Paths
-from stages.lib.schema.machinery import DATASETS, SchemaError, validate_frame
-from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport
-from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
+from stages.lib.schema import (
+    DATASETS,
+    EARLY_EXIT_FILE,
+    EARLY_EXIT_PARETO,
+    FORCED_ANSWERS,
+    EarlyExitReport,
+    SchemaError,
+    validate_frame,
+)
 
 RULE_COLOURS = {"probe": "#1b9e77", "fixed_budget": "#7570b3", "trial_confidence": "#d95f02",
                 "consistency": "#e7298a", "answer_entropy": "#66a61e"}
@@ -36,7 +43,7 @@ class EarlyExitData:
     report: EarlyExitReport
     pareto: pd.DataFrame  # EARLY_EXIT_PARETO.columns
     forced: pd.DataFrame  # FORCED_ANSWERS.columns of both datasets
-    runs: pd.DataFrame  # question_id, run_id, dataset, text, answer, correct, n_generated
+    runs: pd.DataFrame  # question_id, run_id, dataset, answer, correct, n_generated
 
 
 def load_early_exit(root: str | Path) -> EarlyExitData:
@@ -55,8 +62,8 @@ def load_early_exit(root: str | Path) -> EarlyExitData:
             raise SchemaError(f"{path}: not found; run the forced_answers stage (`dvc repro forced_answers`)")
         forced.append(validate_frame(pd.read_parquet(path), FORCED_ANSWERS.columns, path, FORCED_ANSWERS.key))
         runs.append(pd.read_parquet(root / paths.runs / f"{dataset}.parquet",
-                                    columns=["question_id", "run_id", "dataset", "text", "answer", "correct",
-                                             "n_generated"]))
+                                    columns=["question_id", "run_id", "dataset", "answer", "correct",
+                                             "n_generated"]))  # not `text`: every run's reasoning, unused here
     return EarlyExitData(report, pareto, pd.concat(forced, ignore_index=True), pd.concat(runs, ignore_index=True))
 
 
@@ -119,9 +126,13 @@ def run_summary(runs: pd.DataFrame, dataset: str, question_id: str, run_id: int)
 
 
 def early_exit_view(root: str | Path) -> pn.viewable.Viewable:
+    """The page section for the project at ``root`` (``early_exit_layout`` of ``load_early_exit``)."""
+    return early_exit_layout(load_early_exit(root))
+
+
+def early_exit_layout(data: EarlyExitData) -> pn.viewable.Viewable:
     """The page section: split and rule pickers, the Pareto curve, the operating points, and a run picker with
     that run's forced answers at each prefix."""
-    data = load_early_exit(root)
     splits = [s for s in ("test", "ood", "val") if (data.pareto["split"] == s).any()]
     split = pn.widgets.Select(label="split", options=splits, value=splits[0])
     rules = pn.widgets.MultiChoice(label="rules", options=list(data.report.rules), value=list(data.report.rules))

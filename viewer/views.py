@@ -42,6 +42,7 @@ from stages.lib.schema.reports import (
 from viewer.data import (
     DATASET_CHOICES,
     ENTROPY_CHOICES,
+    Experiments,
     OUTCOMES,
     SELECTIVE_LEGEND,
     MissingArtifact,
@@ -1032,6 +1033,9 @@ table.dataframe thead th { background: #f4f4f4; }
 """
 
 
+PAUSE_S = 0.01  # between two steps of drawing Results' figures on the event loop, for other sessions' events
+
+
 def _subheading(title: str, caption: str = "") -> pn.pane.HTML:
     return pn.pane.HTML(f"<h4>{html.escape(title)}</h4>{html.escape(caption)}", sizing_mode="stretch_width")
 
@@ -1080,13 +1084,22 @@ class ResultsView(pn.viewable.Viewer):
         return pn.Column(*parts, sizing_mode="stretch_width")
 
     def _draw_later(self, sections: list, settings: EvaluateSettings | None, tabs: pn.Tabs | None = None) -> None:
-        """Fill each section with its figure: in a worker thread (HoloViews renders the Bokeh figure there, so
-        neither this page nor any other session's waits on the event loop), one section at a time, the shown tab's
-        first (a click on another tab moves it to the front); without a server (a script or a test), right away."""
-        if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
+        """Fill each section with its figure, one section at a time, the shown tab's first (a click on another tab
+        moves it to the front); without a server (a script or a test), right away.
+
+        Only reading a plot's table runs in a worker thread. HoloViews builds and renders each panel on the event
+        loop, which other sessions get back between panels: rendering also updates process-wide state (HoloViews
+        turns Bokeh's property validation, one switch for the whole process, off and back on around each update),
+        so a figure drawn in a thread while another session's plot updated could leave validation off for good and
+        break every later page (issue 28)."""
+        doc = pn.state.curdoc
+        if doc is None or doc.session_context is None:
             for plot, section in sections:
                 section[1] = self.draw(plot, settings)
             return
+        # Panel's own HoloViews pane renders this way: a server-mode renderer, the figure owned by this session's
+        # document (which cleans it up when the session ends).
+        renderer = hv.renderer("bokeh").instance(mode="server")
 
         async def fill() -> None:
             import asyncio
@@ -1097,13 +1110,21 @@ class ResultsView(pn.viewable.Viewer):
                 waiting.remove(index)
                 plot, section = sections[index]
                 try:
-                    figure = await asyncio.to_thread(self._render, plot, settings)
+                    table = await asyncio.to_thread(load_plot_table, self.root, plot.table)
+                    panels = result_panels(plot.draw(table, settings))
+                    figures = []
+                    for panel in panels:
+                        await asyncio.sleep(PAUSE_S)  # other sessions' events run between two steps
+                        figures.append(renderer.get_plot(panel, doc=doc).state)
+                except (MissingArtifact, NothingToDraw) as missing:
+                    section[1] = notice(str(missing))
+                    continue
                 except Exception as error:  # noqa: BLE001 - one plot failing must not leave the others unstarted
                     log.exception("drawing %s", plot.title)
                     section[1] = notice(f"{plot.title}: could not be drawn ({type(error).__name__}: {error})")
                     continue
-                section[1] = figure if isinstance(figure, pn.viewable.Viewable) else _panel_grid(
-                    [pn.pane.Bokeh(model, sizing_mode="stretch_width") for model in figure], plot.columns)
+                section[1] = _panel_grid([pn.pane.Bokeh(figure, sizing_mode="stretch_width") for figure in figures],
+                                         plot.columns)
 
         pn.state.execute(fill)
 
@@ -1113,14 +1134,6 @@ class ResultsView(pn.viewable.Viewer):
             return _panel_grid([pn.pane.HoloViews(panel, sizing_mode="stretch_width") for panel in
                                 result_panels(plot.draw(load_plot_table(self.root, plot.table), settings))],
                                plot.columns)
-        except (MissingArtifact, NothingToDraw) as missing:
-            return notice(str(missing))
-
-    def _render(self, plot: ResultPlot, settings: EvaluateSettings | None):
-        """``plot``'s panels rendered to Bokeh models (no document yet: safe off the event loop), or a notice."""
-        try:
-            return [hv.render(panel, backend="bokeh") for panel in
-                    result_panels(plot.draw(load_plot_table(self.root, plot.table), settings))]
         except (MissingArtifact, NothingToDraw) as missing:
             return notice(str(missing))
 
@@ -1207,12 +1220,18 @@ def _csv_button(frame: Callable[[], pd.DataFrame], filename: str) -> pn.widgets.
 
 # ---- experiments ----------------------------------------------------------------------------------------------
 
+# The `dvc exp show` running for each project, on the event loop: a session asking while one runs waits for that
+# one's answer rather than starting another.
+_DVC_QUERIES: dict = {}
+
 
 class ExperimentsView(pn.viewable.Viewer):
     """Headline metrics across commits and DVC experiments (`dvc exp show --json`), and a sweep plot.
 
     DVC is asked only when ``load()`` is called (the app calls it when the tab is first opened), in a worker
-    thread, so neither the first page load nor other sessions wait for it.
+    thread, so neither the first page load nor other sessions wait for it; the table and plot are built on the
+    event loop when the answer arrives. One query at a time: Refresh is disabled (and ignored) while this view's
+    query runs, and sessions asking while another session's query runs share its answer (``_DVC_QUERIES``).
     """
 
     root = param.ClassSelector(class_=Path)
@@ -1230,28 +1249,40 @@ class ExperimentsView(pn.viewable.Viewer):
             self.load()
 
     def load(self) -> None:
-        """(Re)read the experiments in the background and show them when they arrive."""
+        """(Re)read the experiments in the background and show them when they arrive; nothing while a read runs."""
+        if self._refresh.disabled:
+            return
         self._started = True
         self._body.objects = [pn.indicators.LoadingSpinner(value=True, size=30, name="Asking DVC...")]
         if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
-            self._show()  # no server (a script or a test): just do it
+            self._body.objects = self._render(self._query())  # no server (a script or a test): just do it
         else:
+            self._refresh.disabled = True
             pn.state.execute(self._show_async)
 
     async def _show_async(self) -> None:
         import asyncio
 
-        # `dvc exp show` takes seconds: off the event loop, so the page and other sessions stay responsive.
-        self._body.objects = await asyncio.to_thread(self._render)
-
-    def _show(self) -> None:
-        self._body.objects = self._render()
-
-    def _render(self) -> list:
         try:
-            experiments = load_experiments(self.root)
+            # `dvc exp show` takes seconds: off the event loop, so the page and other sessions stay responsive.
+            query = _DVC_QUERIES.get(self.root)
+            if query is None:
+                query = _DVC_QUERIES[self.root] = asyncio.ensure_future(asyncio.to_thread(self._query))
+                query.add_done_callback(lambda done: _DVC_QUERIES.pop(self.root, None)
+                                        if _DVC_QUERIES.get(self.root) is done else None)
+            self._body.objects = self._render(await asyncio.shield(query))
+        finally:
+            self._refresh.disabled = False
+
+    def _query(self) -> Experiments | MissingArtifact:
+        try:
+            return load_experiments(self.root)
         except MissingArtifact as missing:
-            return [notice(str(missing))]
+            return missing
+
+    def _render(self, experiments: Experiments | MissingArtifact) -> list:
+        if isinstance(experiments, MissingArtifact):
+            return [notice(str(experiments))]
         table = experiments.table
         params = varying_params(table) if experiments.from_dvc else []
         metrics = headline_metric_columns(table)
