@@ -19,7 +19,7 @@ import panel as pn
 
 import viewer
 from viewer.early_exit import early_exit_layout, early_exit_view, load_early_exit
-from stages.lib.schema import SchemaError
+from stages.lib.schema.machinery import SchemaError
 from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
 from viewer.views import (
     ExperimentsView,

@@ -22,15 +22,9 @@ import panel as pn
 import yaml
 
 from stages.lib.params import Paths
-from stages.lib.schema import (
-    DATASETS,
-    EARLY_EXIT_FILE,
-    EARLY_EXIT_PARETO,
-    FORCED_ANSWERS,
-    EarlyExitReport,
-    SchemaError,
-    validate_frame,
-)
+from stages.lib.schema.machinery import DATASETS, SchemaError, validate_frame
+from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport
+from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
 
 RULE_COLOURS = {"probe": "#1b9e77", "fixed_budget": "#7570b3", "trial_confidence": "#d95f02",
                 "consistency": "#e7298a", "answer_entropy": "#66a61e"}
