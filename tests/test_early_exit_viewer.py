@@ -1,4 +1,4 @@
-"""viewer/early_exit.py on a small project written through the schema: loading, the Pareto plot with its
+"""viewer/views/early_exit.py on a small project written through the schema: loading, the Pareto plot with its
 operating points, a run's forced answers in prefix order, and the assembled view."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from stages.lib.early_exit.rules import evaluate_rules
 from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
 from stages.lib.schema.reports import EarlyExitReport, EarlyExitSettings, StoppingProbeChoice
 from stages.lib.schema.machinery import SchemaError, validate_frame
-from viewer.early_exit import early_exit_view, forced_answer_table, load_early_exit, operating_points, pareto_plot
+from viewer.views.early_exit import early_exit_view, forced_answer_table, load_early_exit, operating_points, pareto_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_the_app_tab_says_what_to_run_when_the_stages_have_not_run(tmp_path):
 def test_the_run_summary_escapes_model_text(project):
     import html as html_module
 
-    from viewer.early_exit import run_summary
+    from viewer.views.early_exit import run_summary
     runs = load_early_exit(project).runs.copy()
     runs.loc[0, "answer"] = '<img src=x onerror="alert(1)">'
     summary = run_summary(runs, runs.loc[0, "dataset"], runs.loc[0, "question_id"], int(runs.loc[0, "run_id"]))

@@ -300,14 +300,8 @@ def write_early_exit_outputs(root: Path, analysis: pd.DataFrame, prefixes: tuple
     stages.lib.early_exit.rules.evaluate_rules on forced answers that get right more often the more reasoning is kept),
     forced_answers/{id,ood}.parquet and runs/{id,ood}.parquet (each run's text ``text_chars`` long)."""
     from stages.lib.early_exit.rules import PrefixOutcomes, evaluate_rules
-    from stages.lib.schema import (
-        EARLY_EXIT_FILE,
-        EARLY_EXIT_PARETO,
-        FORCED_ANSWERS,
-        EarlyExitReport,
-        EarlyExitSettings,
-        StoppingProbeChoice,
-    )
+    from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport, EarlyExitSettings, StoppingProbeChoice
+    from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
     rng = np.random.default_rng(7)
     share = np.asarray(prefixes) / 100
     forced_correct = (rng.random((len(analysis), len(prefixes))) < share) & analysis["correct"].to_numpy()[:, None]
@@ -387,7 +381,7 @@ def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metri
     return root
 
 
-# Results' plot tabs (the first shown at once; viewer.views.RESULT_PLOTS' order) and the title of the last figure
+# Results' plot tabs (the first shown at once; viewer.views.results.RESULT_PLOTS' order) and the title of the last figure
 # each draws.
 RESULT_TABS = {"ROC": "ROC, ood (positive: incorrect run)", "Risk-coverage": "Risk-coverage, ood",
                "Early warning": "Early warning, ood", "AUROC per layer": "SE probe @ slt",

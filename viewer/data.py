@@ -76,7 +76,7 @@ ENTROPY_CHOICES = {score.display_name: score.name for score in registry.scores(k
 OUTCOMES = ("correct", "incorrect")
 
 # The CSVs of `paths.plots` the viewer reads (file name -> schema columns, both from stages/lib/schema/); each is
-# drawn by an entry of viewer.views.RESULT_PLOTS.
+# drawn by an entry of viewer.views.results.RESULT_PLOTS.
 PLOT_TABLES = {AUROC_BY_LAYER.file: AUROC_BY_LAYER.columns, ROC.file: ROC.columns,
                EARLY_WARNING.file: EARLY_WARNING.columns, RISK_COVERAGE.file: RISK_COVERAGE.columns,
                RELIABILITY.file: RELIABILITY.columns, STABILITY_PLOT.file: STABILITY_PLOT.columns}
