@@ -381,8 +381,8 @@ def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metri
     return root
 
 
-# Results' plot tabs (the first shown at once; viewer.views.results.RESULT_PLOTS' order) and the title of the last figure
-# each draws.
+# Results' plot tabs (the first shown at once; viewer.views.results.RESULT_PLOTS' order) and the title of the last
+# figure each draws.
 RESULT_TABS = {"ROC": "ROC, ood (positive: incorrect run)", "Risk-coverage": "Risk-coverage, ood",
                "Early warning": "Early warning, ood", "AUROC per layer": "SE probe @ slt",
                "Reliability": "Reliability, ood", "Seeds": "AUROC over seeds, ood"}
