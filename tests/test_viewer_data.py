@@ -493,7 +493,7 @@ def _painted_pixels(figure) -> list[int]:
 
 @pytest.mark.parametrize("view_name", ["MarginEntropyScatter", "UmapExplorer"])
 def test_plots_draw_points_then_datashader_above_the_threshold(store, view_name):
-    from viewer.views import results as views
+    from viewer.views import points as views
 
     view = getattr(views, view_name)(store=store)
     x, y = view.axes()
@@ -524,7 +524,7 @@ def test_plots_draw_points_then_datashader_above_the_threshold(store, view_name)
 def test_runs_coloured_by_a_value_rasterise_on_the_colour_bar(store):
     """Above the threshold the UMAP coloured by SE is datashader's image, shaded linearly over the colour bar's range
     (eq_hist, the default, refuses a fixed range: this view raised before)."""
-    from viewer.views import results as views
+    from viewer.views import points as views
 
     view = views.UmapExplorer(store=store, colour_by="semantic_entropy", rasterize_above=10)
     figure = _render(view)
@@ -536,7 +536,7 @@ def test_runs_coloured_by_a_value_rasterise_on_the_colour_bar(store):
 
 
 def test_stacked_runs_are_one_marker_with_a_count(tmp_path):
-    from viewer.views import results as views
+    from viewer.views import points as views
 
     table = synthetic_analysis(6, 4, seed=1, script_question=False)
     table.loc[[1, 2, 3], ["umap_x", "umap_y"]] = table.loc[0, ["umap_x", "umap_y"]].to_numpy()  # 4 runs on a spot
@@ -550,7 +550,7 @@ def test_stacked_runs_are_one_marker_with_a_count(tmp_path):
 
 def test_rebuilding_a_plot_replaces_its_figure(store):
     """A new probe or colour swaps the pane's DynamicMap, and the replaced one stops following the store."""
-    from viewer.views import results as views
+    from viewer.views import points as views
 
     view = views.UmapExplorer(store=store)
     first = view._pane.object
@@ -566,7 +566,7 @@ def test_rebuilding_a_plot_replaces_its_figure(store):
 
 
 def test_views_follow_probe_and_colour_choices(store):
-    from viewer.views import results as views
+    from viewer.views import points as views
 
     scatter, umap = views.MarginEntropyScatter(store=store), views.UmapExplorer(store=store)
     assert scatter.axes() == ("accuracy_probe_margin", "semantic_entropy")
@@ -581,7 +581,7 @@ def test_views_follow_probe_and_colour_choices(store):
 
 
 def test_escaped_html_never_passes_markup():
-    from viewer.views.results import escaped_html
+    from viewer.views.common import escaped_html
 
     assert escaped_html(SCRIPT_ANSWER, "pre", "x") == '<pre class="x">&lt;script&gt;alert(1)&lt;/script&gt;</pre>'
 
@@ -683,7 +683,7 @@ def test_question_link_accepts_only_ids_of_the_run(table):
 
 def test_question_summary_is_one_row_per_question(store, table):
     from viewer.data import question_summary
-    from viewer.views.results import QuestionScatter
+    from viewer.views.questions import QuestionScatter
 
     summary = question_summary(store.filtered)
     assert len(summary) == table.groupby(["dataset", "question_id"]).ngroups and summary["n_runs"].sum() == len(table)
@@ -729,7 +729,7 @@ def test_sweeps_never_join_points_of_different_commits():
     """One sweep per baseline commit, over the parameter its experiments change, sorted by it; the plot's curves
     of one sweep hold only that baseline's points."""
     from viewer.data import sweeps
-    from viewer.views.results import ExperimentsView
+    from viewer.views.experiments import ExperimentsView
 
     frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
     found = {sweep.baseline: sweep for sweep in sweeps(frame)}
@@ -751,7 +751,9 @@ def test_redraws_leave_no_old_models_in_the_document(tmp_path):
     from bokeh.document import Document
     from bokeh.plotting import figure as Figure
 
-    from viewer.views.results import MarginEntropyScatter, QuestionDetails, QuestionScatter, RunDrillDown, UmapExplorer
+    from viewer.views.points import MarginEntropyScatter, UmapExplorer
+    from viewer.views.questions import QuestionDetails, QuestionScatter
+    from viewer.views.runs import RunDrillDown
 
     root = write_viewer_project(tmp_path / "project", synthetic_analysis(30, 5, seed=1))
     store = RunStore(load_analysis(root))

@@ -21,18 +21,12 @@ import viewer
 from viewer.views.early_exit import early_exit_layout, early_exit_view, load_early_exit
 from stages.lib.schema.machinery import SchemaError
 from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
-from viewer.views.results import (
-    ExperimentsView,
-    FilterPanel,
-    MarginEntropyScatter,
-    QuestionDetails,
-    QuestionScatter,
-    ResultsView,
-    RunDrillDown,
-    SelectionTable,
-    UmapExplorer,
-    notice,
-)
+from viewer.views.experiments import ExperimentsView
+from viewer.views.runs import FilterPanel, RunDrillDown, SelectionTable
+from viewer.views.points import MarginEntropyScatter, UmapExplorer
+from viewer.views.questions import QuestionDetails, QuestionScatter
+from viewer.views.results import ResultsView
+from viewer.views.common import notice
 
 log = logging.getLogger(__name__)
 
