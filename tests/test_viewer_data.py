@@ -34,26 +34,11 @@ from viewer_support import (
 from stages.lib import registry
 from stages.lib.schema.reports import COST_RATIO_FILE, EVALUATE_FILE, STABILITY_FILE, StabilityReport
 from stages.lib.schema.tables import EARLY_WARNING, RELIABILITY, ROC, STABILITY_PLOT
-from viewer import data as viewer_data
-from viewer.data import (
-    MissingArtifact,
-    RunStore,
-    calibration_table,
-    cost_ratio_text,
-    headline_metric_columns,
-    load_analysis,
-    load_experiments,
-    load_metrics,
-    load_plot_table,
-    metrics_table,
-    parse_exp_show,
-    points_in_polygon,
-    run_files,
-    se_regression_table,
-    stability_table,
-    stack_runs,
-    varying_params,
-)
+from viewer import loaders, tables
+from viewer.loaders import MissingArtifact, load_analysis, load_metrics, load_plot_table, run_files
+from viewer.data import RunStore, points_in_polygon, stack_runs
+from viewer.tables import calibration_table, cost_ratio_text, metrics_table, se_regression_table, stability_table
+from viewer.experiments import headline_metric_columns, load_experiments, parse_exp_show, varying_params
 
 EXP_SHOW_SAMPLE = Path(__file__).parent / "data" / "dvc_exp_show.json"
 METRICS_FILE = "artifacts/metrics/evaluate.json"
@@ -117,7 +102,7 @@ def test_loader_rereads_a_rewritten_file(tmp_path, table):
 
 
 def test_metrics_table_formats_value_and_ci(project):
-    frame = metrics_table(viewer_data.load_metrics(project))
+    frame = metrics_table(loaders.load_metrics(project))
     first = frame.iloc[0]
     assert first["score"] == "accuracy_probe"
     assert first["test AUROC (CI)"] == "0.600 (0.550-0.650)"
@@ -132,8 +117,8 @@ def test_metrics_table_formats_value_and_ci(project):
 
 
 def test_ranked_scores_sort_compare_and_keep_other_labels_apart(project):
-    metrics = viewer_data.load_metrics(project)
-    ranked, other = viewer_data.ranked_scores(metrics, "semantic_entropy")
+    metrics = loaders.load_metrics(project)
+    ranked, other = tables.ranked_scores(metrics, "semantic_entropy")
     aurocs = [float(value.split()[0]) for value in ranked["test AUROC (CI)"]]
     assert aurocs == sorted(aurocs, reverse=True) and len(ranked) == len(registry.scores(label="incorrect"))
     assert list(other["score"]) == [score.name for score in registry.SCORES if score.label != "incorrect"]
@@ -160,7 +145,7 @@ def test_paired_differences_are_read_in_both_orders_and_undefined_ones_left_out(
                                        ci_high=high, p_value=0.2, bootstrap_resamples_used=100, note=None)
     report = SimpleNamespace(paired_differences=[entry("se_probe", "semantic_entropy", 0.05, 0.01, 0.09),
                                                  entry("accuracy_probe", "se_probe", None, None, None)])
-    found = viewer_data.paired_differences(report)
+    found = tables.paired_differences(report)
     assert found[("test", "se_probe", "semantic_entropy")] == (0.05, 0.01, 0.09)
     assert found[("test", "semantic_entropy", "se_probe")] == (-0.05, -0.09, -0.01)
     assert len(found) == 2
@@ -266,10 +251,10 @@ def _panes(viewable, kind) -> list:
 def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path):
     from viewer.views.results import RESULT_PLOTS, ResultsView
 
-    assert {plot.table for plot in RESULT_PLOTS} == set(viewer_data.PLOT_TABLES)
+    assert {plot.table for plot in RESULT_PLOTS} == set(loaders.PLOT_TABLES)
     hv.extension("bokeh")
     for plot in RESULT_PLOTS:  # every registered plot draws its table to Bokeh
-        hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project).settings))
+        hv.render(plot.draw(load_plot_table(project, plot.table), loaders.load_metrics(project).settings))
     complete = ResultsView(root=project)._content()
     assert len(_panes(complete, pn.GridBox)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
     texts = " ".join(_texts(complete))
@@ -703,9 +688,9 @@ def test_roc_legend_shows_each_curve_auroc():
 
 
 def test_answer_extraction_counts_are_a_table_per_split(project):
-    from viewer.data import answer_extraction_table
+    from viewer.tables import answer_extraction_table
 
-    table = answer_extraction_table(viewer_data.load_metrics(project))
+    table = answer_extraction_table(loaders.load_metrics(project))
     assert list(table["split"]) == ["train", "val", "test", "OOD"]
     assert table.set_index("split").loc["test", "last-number fallback"] == 2  # tests/viewer_support.py's counts
     assert table.set_index("split").loc["OOD", "stopped inside the think span (no answer, wrong)"] == 5
@@ -714,7 +699,7 @@ def test_answer_extraction_counts_are_a_table_per_split(project):
 def test_experiments_change_against_their_own_baseline():
     """Real `dvc exp show` output (two commits, each with experiments): each experiment's metric minus its own
     baseline commit's (the sample's stage wrote auroc = 0.7 + temp / 10)."""
-    from viewer.data import change_against_baseline
+    from viewer.experiments import change_against_baseline
 
     frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
     metric = "metric:test.accuracy_probe.auroc"
@@ -728,7 +713,7 @@ def test_experiments_change_against_their_own_baseline():
 def test_sweeps_never_join_points_of_different_commits():
     """One sweep per baseline commit, over the parameter its experiments change, sorted by it; the plot's curves
     of one sweep hold only that baseline's points."""
-    from viewer.data import sweeps
+    from viewer.experiments import sweeps
     from viewer.views.experiments import ExperimentsView
 
     frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
@@ -780,7 +765,7 @@ def test_redraws_leave_no_old_models_in_the_document(tmp_path):
 def test_store_drills_into_a_run_and_finds_the_run_nearest_a_click(store, project):
     """Opening a question drills into its first run; open_run opens another run's question too; nearest_run picks
     the filtered run within the tolerance of a click, else none; the loaders read that run's row and question."""
-    from viewer.data import load_location_scores, load_question_tokens
+    from viewer.loaders import load_location_scores, load_question_tokens
 
     store.open_question("id", "id-00003")
     assert store.run == int(store.question_runs.index[0])
@@ -800,5 +785,5 @@ def test_store_drills_into_a_run_and_finds_the_run_nearest_a_click(store, projec
         == pytest.approx(0.5 + (run["accuracy_probe_prob"] - 0.5) * (2 / 3) * 0.8333, abs=1e-3)  # viewer_support
     tokens = load_question_tokens(project, "ood", "ood-00029")
     assert set(tokens["question_id"]) == {"ood-00029"} and len(tokens) == 4
-    with pytest.raises(viewer_data.MissingArtifact, match="120 runs but analysis.parquet has 4"):
+    with pytest.raises(loaders.MissingArtifact, match="120 runs but analysis.parquet has 4"):
         load_location_scores(project, 0, 4)

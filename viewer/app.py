@@ -20,7 +20,8 @@ import panel as pn
 import viewer
 from viewer.views.early_exit import early_exit_layout, early_exit_view, load_early_exit
 from stages.lib.schema.machinery import SchemaError
-from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
+from viewer.loaders import MissingArtifact, load_analysis
+from viewer.data import RunStore, question_from_link
 from viewer.views.experiments import ExperimentsView
 from viewer.views.runs import FilterPanel, RunDrillDown, SelectionTable
 from viewer.views.points import MarginEntropyScatter, UmapExplorer

@@ -30,7 +30,7 @@ early_exit (the forced answers re-read every run's prefix three times).
 4. **The stages** run as ``python -m stages.<name>`` in a fresh process with ``cwd`` the project (bench_scale's
    ``run_stage``: peak RSS is the process's own ``VmHWM``, since ``ru_maxrss`` from ``os.wait4`` carries the
    parent's high-water mark across exec). One JSON line per stage: wall seconds, peak RSS, exit status, log file.
-5. **The viewer**: the analysis table loaded by ``viewer.data.load_analysis`` (as the app does): its size on disk
+5. **The viewer**: the analysis table loaded by ``viewer.loaders.load_analysis`` (as the app does): its size on disk
    and in memory, each column's share, whether any column holds per-token lists, and the think texts' lengths.
 
 Asserts nothing (machines are shared). Prints the machine's load average at the start and the end.
@@ -213,7 +213,7 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
 
 # ---- 5. the viewer's loader ------------------------------------------------------------------------------
 def viewer_load(workdir: Path) -> dict:
-    from viewer.data import load_analysis, run_files
+    from viewer.loaders import load_analysis, run_files
 
     path = run_files(workdir).analysis
     started = time.perf_counter()

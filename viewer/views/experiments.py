@@ -10,15 +10,15 @@ import hvplot.pandas  # noqa: F401 - DataFrame.hvplot: the question scatter and 
 import pandas as pd
 import panel as pn
 import param
-from viewer.data import (
+from viewer.experiments import (
     Experiments,
-    MissingArtifact,
     change_against_baseline,
     headline_metric_columns,
     load_experiments,
     sweeps,
     varying_params,
 )
+from viewer.loaders import MissingArtifact
 from viewer.views.common import NUMBER, notice
 
 log = logging.getLogger(__name__)

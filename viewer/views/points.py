@@ -12,13 +12,8 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
-from viewer.data import (
-    ENTROPY_CHOICES,
-    OUTCOMES,
-    RunStore,
-    stack_codes,
-    stack_runs,
-)
+from viewer.loaders import ENTROPY_CHOICES, OUTCOMES
+from viewer.data import RunStore, stack_codes, stack_runs
 from viewer.views.common import (
     DIMMED_ALPHA,
     LABELS,

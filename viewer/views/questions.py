@@ -10,11 +10,8 @@ import hvplot.pandas  # noqa: F401 - DataFrame.hvplot: the question scatter and 
 import pandas as pd
 import panel as pn
 import param
-from viewer.data import (
-    DATASET_CHOICES,
-    RunStore,
-    question_summary,
-)
+from viewer.loaders import DATASET_CHOICES
+from viewer.data import RunStore, question_summary
 from viewer.views.common import LABELS, NUMBER, PROBE_COLUMNS, escaped_html
 
 log = logging.getLogger(__name__)

@@ -27,18 +27,16 @@ from stages.lib.schema.reports import (
     EvaluateSettings,
     StabilityReport,
 )
-from viewer.data import (
+from viewer.tables import (
     SELECTIVE_LEGEND,
-    MissingArtifact,
     answer_extraction_table,
     calibration_table,
     cost_ratio_text,
-    load_metrics,
-    load_plot_table,
     ranked_scores,
     se_regression_table,
     stability_table,
 )
+from viewer.loaders import MissingArtifact, load_metrics, load_plot_table
 from viewer.views.common import notice
 
 log = logging.getLogger(__name__)
@@ -237,14 +235,14 @@ def draw_stability(frame: pd.DataFrame, settings: EvaluateSettings | None) -> hv
 class ResultPlot:
     """One section of the Results tab: a CSV of ``paths.plots`` drawn by a function.
 
-    To show another CSV that `evaluate` writes: add its name and schema columns to ``viewer.data.PLOT_TABLES``, write
+    To show another CSV that `evaluate` writes: add its name and schema columns to ``viewer.loaders.PLOT_TABLES``, write
     ``draw(frame, settings)`` (the validated table, evaluate.json's ``settings`` or None when evaluate.json is
     missing; return any HoloViews object) and
     add an entry to ``RESULT_PLOTS``. A missing or malformed file, or a ``draw`` raising ``NothingToDraw`` (no
     rows to draw), shows as a notice in its section only.
     """
 
-    table: str  # a key of viewer.data.PLOT_TABLES
+    table: str  # a key of viewer.loaders.PLOT_TABLES
     title: str
     caption: str
     draw: Callable[[pd.DataFrame, EvaluateSettings | None], object]

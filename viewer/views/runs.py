@@ -13,12 +13,8 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
-from viewer.data import (
-    MissingArtifact,
-    RunStore,
-    load_location_scores,
-    load_question_tokens,
-)
+from viewer.loaders import MissingArtifact, load_location_scores, load_question_tokens
+from viewer.data import RunStore
 from viewer.views.common import (
     HELD_OUT,
     IN_SAMPLE,
