@@ -43,6 +43,9 @@ from stages.lib.schema.reports import (
 )
 from stages.lib.schema.machinery import Contract, SchemaError, validate_frame
 
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport
+from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS, RUNS
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,8 @@ class RunFiles:
     analysis: Path
     metrics: Path
     plots: Path  # the directory of evaluate's CSVs (PLOT_TABLES)
+    forced_answers: Path  # the directory of the forced_answers stage's tables
+    runs: Path  # the directory of the runs tables
 
     def analysis_file(self, name: str) -> Path:
         """A file the analysis stage writes beside analysis.parquet (location scores, tokens)."""
@@ -146,7 +151,8 @@ def run_files(root: str | Path) -> RunFiles:
         return path
 
     return RunFiles(root=root, analysis=inside(paths.analysis, ANALYSIS.file),
-                    metrics=inside(paths.metrics, EVALUATE_FILE), plots=inside(paths.plots, ""))
+                    metrics=inside(paths.metrics, EVALUATE_FILE), plots=inside(paths.plots, ""),
+                    forced_answers=inside(paths.forced_answers, ""), runs=inside(paths.runs, ""))
 
 
 def _modified(path: Path) -> int:
@@ -283,3 +289,33 @@ def load_plot_table(root: str | Path, name: str) -> pd.DataFrame:
     ``roc.csv``: score, split, fpr, tpr."""
     path = run_files(root).plot_table(name)
     return _read_plot_table(str(path), _modified(path), name)
+
+
+# ---- the early-exit outputs (the Early exit tab) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class EarlyExitData:
+    report: EarlyExitReport
+    pareto: pd.DataFrame  # EARLY_EXIT_PARETO.columns
+    forced: pd.DataFrame  # FORCED_ANSWERS.columns of both datasets
+    runs: pd.DataFrame  # question_id, run_id, dataset, answer, correct, n_generated
+
+
+def load_early_exit(root: str | Path) -> EarlyExitData:
+    """Read the early-exit outputs of the project at ``root`` (SchemaError naming the file when one is missing)."""
+    files = run_files(root)  # every path checked to lie inside the project
+    report = EarlyExitReport.read(files.metrics.parent / EARLY_EXIT_FILE, writer="early_exit")
+    pareto_path = files.plots / EARLY_EXIT_PARETO.file
+    if not pareto_path.exists():
+        raise SchemaError(f"{pareto_path}: not found; run the early_exit stage (`dvc repro early_exit`)")
+    pareto = validate_frame(pd.read_csv(pareto_path), EARLY_EXIT_PARETO.columns, pareto_path)
+    forced, runs = [], []
+    for dataset in DATASETS:
+        path = FORCED_ANSWERS.path(files.forced_answers, dataset)
+        if not path.exists():
+            raise SchemaError(f"{path}: not found; run the forced_answers stage (`dvc repro forced_answers`)")
+        forced.append(validate_frame(pd.read_parquet(path), FORCED_ANSWERS.columns, path, FORCED_ANSWERS.key))
+        runs.append(pd.read_parquet(RUNS.path(files.runs, dataset),
+                                    columns=["question_id", "run_id", "dataset", "answer", "correct",
+                                             "n_generated"]))  # not `text`: every run's reasoning, unused here
+    return EarlyExitData(report, pareto, pd.concat(forced, ignore_index=True), pd.concat(runs, ignore_index=True))

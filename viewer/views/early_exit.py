@@ -1,64 +1,31 @@
 """The early-exit view: the Pareto curve (accuracy against tokens over tau, per stopping rule) with the operating
 point calibrated on val, and for a chosen run the answer forced at each prefix of its reasoning.
 
-Self-contained: ``early_exit_view(root)`` returns a Panel layout built only
-from what the forced_answers and early_exit stages wrote (``{paths.metrics}/early_exit.json``,
-``{paths.plots}/early_exit_pareto.csv``, ``{paths.forced_answers}/{id,ood}.parquet``) and the runs table, found
-through ``<root>/params.yaml`` ``paths:``; nothing is recomputed. ``load_early_exit``, ``pareto_plot`` and
-``forced_answer_table`` are the pure parts, tested with plain pytest; the app reads the files with ``load_early_exit``
-in a worker thread and builds the layout (``early_exit_layout``) on the event loop.
+The app's Early exit tab: ``early_exit_view(root)`` returns a Panel layout built only from what the forced_answers
+and early_exit stages wrote (``{paths.metrics}/early_exit.json``, ``{paths.plots}/early_exit_pareto.csv``,
+``{paths.forced_answers}/{id,ood}.parquet``) and the runs table, read by ``viewer.loaders.load_early_exit`` (every path
+inside the project); nothing is recomputed. ``pareto_plot`` and ``forced_answer_table`` are the pure parts, tested with
+plain pytest; the app reads the files with ``load_early_exit`` in a worker thread and builds the layout
+(``early_exit_layout``) on the event loop.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
 from pathlib import Path
 
 import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401  (registers the Bokeh renderer, as hv.extension does, without output)
 import pandas as pd
 import panel as pn
-import yaml
 
-from stages.lib.params import Paths
-from stages.lib.schema.machinery import DATASETS, SchemaError, validate_frame
-from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport
-from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
+from stages.lib.schema.reports import EarlyExitReport
+from viewer.loaders import EarlyExitData, load_early_exit
 
 RULE_COLOURS = {"probe": "#1b9e77", "fixed_budget": "#7570b3", "trial_confidence": "#d95f02",
                 "consistency": "#e7298a", "answer_entropy": "#66a61e"}
 FORCED_COLUMNS_SHOWN = ["prefix", "reasoning_kept", "reasoning_tokens", "answer", "correct", "mean_logprob",
                         "mean_entropy", "tokens_used"]
-
-
-@dataclass(frozen=True)
-class EarlyExitData:
-    report: EarlyExitReport
-    pareto: pd.DataFrame  # EARLY_EXIT_PARETO.columns
-    forced: pd.DataFrame  # FORCED_ANSWERS.columns of both datasets
-    runs: pd.DataFrame  # question_id, run_id, dataset, answer, correct, n_generated
-
-
-def load_early_exit(root: str | Path) -> EarlyExitData:
-    """Read the early-exit outputs of the project at ``root`` (SchemaError naming the file when one is missing)."""
-    root = Path(root)
-    paths = Paths(**yaml.safe_load((root / "params.yaml").read_text())["paths"])
-    report = EarlyExitReport.read(root / paths.metrics / EARLY_EXIT_FILE, writer="early_exit")
-    pareto_path = root / paths.plots / EARLY_EXIT_PARETO.file
-    if not pareto_path.exists():
-        raise SchemaError(f"{pareto_path}: not found; run the early_exit stage (`dvc repro early_exit`)")
-    pareto = validate_frame(pd.read_csv(pareto_path), EARLY_EXIT_PARETO.columns, pareto_path)
-    forced, runs = [], []
-    for dataset in DATASETS:
-        path = root / paths.forced_answers / f"{dataset}.parquet"
-        if not path.exists():
-            raise SchemaError(f"{path}: not found; run the forced_answers stage (`dvc repro forced_answers`)")
-        forced.append(validate_frame(pd.read_parquet(path), FORCED_ANSWERS.columns, path, FORCED_ANSWERS.key))
-        runs.append(pd.read_parquet(root / paths.runs / f"{dataset}.parquet",
-                                    columns=["question_id", "run_id", "dataset", "answer", "correct",
-                                             "n_generated"]))  # not `text`: every run's reasoning, unused here
-    return EarlyExitData(report, pareto, pd.concat(forced, ignore_index=True), pd.concat(runs, ignore_index=True))
 
 
 def pareto_plot(pareto: pd.DataFrame, split: str, rules: list[str] | None = None) -> hv.Overlay:
