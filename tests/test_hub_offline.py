@@ -1,6 +1,6 @@
 """The Hugging Face Hub, offline or unreachable: models and ``hf:`` datasets fail fast, saying how to fix it.
 
-stages/lib/models/hub.py asks the Hub once through huggingface_hub (its session, timeout, ``HF_ENDPOINT`` and proxy
+stages/lib/hub.py asks the Hub once through huggingface_hub (its session, timeout, ``HF_ENDPOINT`` and proxy
 variables); stages/lib/models/loading.py turns the answer into "load from the Hub", "load the cached copy" or a one-line
 error. huggingface_hub reads ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_HOME`` when it is imported and the proxy
 variables when its session opens, so every case runs in a fresh interpreter with its own environment. The Hub
@@ -179,7 +179,7 @@ def proxy():
 
 def test_the_reachability_check_goes_through_the_proxy(proxy, tmp_path):
     """hub.invalid does not resolve: only a check that honours HTTP_PROXY (as the downloads do) can reach it."""
-    script = ("from stages.lib.models import hub\nfrom stages.lib.questions import sources as questions\n"
+    script = ("from stages.lib import hub\nfrom stages.lib.questions import sources as questions\n"
               "print('MODEL', hub.unreachable_reason('sep-tests/tiny'))\n"
               "print('DATASET', questions.hub_unreachable_reason(questions.HUB_DATASETS['hf:gsm8k']))\n"
               "try:\n"
@@ -200,6 +200,6 @@ def test_the_reachability_check_goes_through_the_proxy(proxy, tmp_path):
 
 
 def test_without_the_proxy_the_same_check_reports_the_hub_unreachable(tmp_path):
-    result = run_python("from stages.lib.models import hub\nprint(hub.unreachable_reason('sep-tests/tiny'))\n",
+    result = run_python("from stages.lib import hub\nprint(hub.unreachable_reason('sep-tests/tiny'))\n",
                         tmp_path, HF_ENDPOINT="http://hub.invalid")
     assert result.returncode == 0 and result.stdout.strip() not in ("", "None"), result.stderr[-2000:]

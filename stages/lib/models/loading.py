@@ -5,7 +5,7 @@ Shared by the generation and trace stages so both see exactly the same model, pr
 ``.gguf`` file; nothing here assumes the Hub is reachable, and a failed load says which of these it tried.
 
 A repo id is checked before anything loads (``model_source``): under ``HF_HUB_OFFLINE=1`` it must be in the
-Hugging Face cache; otherwise the Hub is asked once (stages/lib/models/hub.py) and, when it does not answer, a cached
+Hugging Face cache; otherwise the Hub is asked once (stages/lib/hub.py) and, when it does not answer, a cached
 copy
 is loaded without asking again, and no cached copy is a one-line error saying how to get one (``hf download``, or a
 local directory) instead of transformers' ~50 s of retries.
@@ -36,7 +36,7 @@ from huggingface_hub import constants, is_offline_mode
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from stages.lib.models import hub
+from stages.lib import hub
 from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)

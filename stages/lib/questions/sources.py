@@ -27,7 +27,7 @@ training
   the first ``n`` rows loaded with ``datasets`` (from its cache under ``HF_HUB_OFFLINE=1``), parsed exactly as the
   JSONL formats above (row ``i`` counts as line ``i``), so a local copy read as ``jsonl:<path>`` gives the same
   questions. When the Hub cannot be reached the stage fails at once (one metadata request through huggingface_hub,
-  stages/lib/models/hub.py, so ``HTTPS_PROXY`` applies), naming the dataset and suggesting a local copy, instead of
+  stages/lib/hub.py, so ``HTTPS_PROXY`` applies), naming the dataset and suggesting a local copy, instead of
   waiting through the ``datasets`` client's retries.
 - ``none`` (out of distribution only): an empty ood.jsonl.
 """
@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from stages.lib.questions import arithmetic
-from stages.lib.models import hub
+from stages.lib import hub
 from stages.lib.questions.answers import last_boxed_content
 from stages.lib.params import HUB_SOURCES
 from stages.lib.schema.tables import QUESTIONS
@@ -205,7 +205,7 @@ def hub_unreachable_error(spec: str, dataset: HubDataset, reason: str) -> Questi
 def hub_unreachable_reason(dataset: HubDataset, endpoint: str | None = None,
                            revision: str | None = None) -> str | None:
     """Why the Hub did not answer a metadata request for ``dataset`` (huggingface_hub's session and timeout, so
-    ``HF_ENDPOINT`` and the proxy variables apply); None when it did. See stages/lib/models/hub.py."""
+    ``HF_ENDPOINT`` and the proxy variables apply); None when it did. See stages/lib/hub.py."""
     return hub.unreachable_reason(dataset.repo_id, repo_type="dataset", revision=revision, endpoint=endpoint)
 
 
