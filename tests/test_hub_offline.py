@@ -123,7 +123,7 @@ def test_a_cached_copy_loads_without_asking_again(tiny_lm_dir, tmp_path, offline
     repo_id = "sep-tests/tiny-cached"
     cache_copy(tiny_lm_dir, tmp_path / "hf", repo_id)
     env = {"HF_HUB_OFFLINE": "1"} if offline else {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
-    script = ("import torch\nfrom stages.lib import models\n"
+    script = ("import torch\nfrom stages.lib.models import loading as models\n"
               f"model, tokenizer = models.load_model({repo_id!r}, 'unused')\n"
               "ids = torch.tensor([tokenizer('12+7-5')['input_ids']])\n"
               "print('LOGITS', model(ids).logits[0, -1, :4].tolist())\n")
