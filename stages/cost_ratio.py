@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.common import run_stage, setup_logging, stage_outputs, write_model
-from stages.lib.costs import cost_ratio, read_costs
+from stages.lib.io.files import run_stage, stage_outputs, write_model
+from stages.lib.evaluation.costs import cost_ratio, read_costs
 from stages.lib.params import Params, load_params
-from stages.lib.schema import COST_RATIO_FILE, CostRatio
+from stages.lib.schema.reports import COST_RATIO_FILE, CostRatio
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ def run(params: Params) -> CostRatio:
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

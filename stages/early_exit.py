@@ -4,7 +4,7 @@ Run with ``python -m stages.early_exit``. Reads the runs, hidden states and ques
 splits.parquet) and the forced answers; writes ``{paths.metrics}/early_exit.json`` (``schema.EarlyExitReport``),
 ``{paths.plots}/early_exit_pareto.csv`` (accuracy against tokens over tau, per rule and split),
 ``{paths.plots}/early_exit_guarantee.csv`` (realised loss against epsilon over redraws of the calibration questions)
-and its cost record. The method (Learn-then-Test, named in docs/early_exit.md) is stages/lib/early_exit.py.
+and its cost record. The method (Learn-then-Test, named in docs/early_exit.md) is stages/lib/early_exit/rules.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib.common import (cost_record, read_table, run_stage, setup_logging, stage_outputs, write_csv,
-                               write_model)
-from stages.lib.dataset import attach_splits, load_dataset, require_same_locations
-from stages.lib.early_exit import (
+from stages.lib.io.files import (cost_record, read_table, run_stage, stage_outputs, write_model,
+                                 write_table)
+from stages.lib.probes.dataset import attach_splits, load_dataset, require_same_locations
+from stages.lib.early_exit.rules import (
     CALIBRATION_SPLIT,
     LOSS,
     METHOD,
@@ -26,22 +26,10 @@ from stages.lib.early_exit import (
     prefix_outcomes,
     stopping_probe_choices,
 )
-from stages.lib.forced_answers import require_traced_prefixes
+from stages.lib.early_exit.forced import require_traced_prefixes
 from stages.lib.params import Params, load_params
-from stages.lib.schema import (
-    EARLY_EXIT_FILE,
-    EARLY_EXIT_GUARANTEE_COLUMNS,
-    EARLY_EXIT_GUARANTEE_FILE,
-    EARLY_EXIT_PARETO_COLUMNS,
-    EARLY_EXIT_PARETO_FILE,
-    FORCED_ANSWER_COLUMNS,
-    FORCED_ANSWER_KEY,
-    SPLIT_COLUMNS,
-    SPLIT_KEY,
-    SPLITS_FILE,
-    EarlyExitReport,
-    EarlyExitSettings,
-)
+from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport, EarlyExitSettings
+from stages.lib.schema.tables import EARLY_EXIT_GUARANTEE, EARLY_EXIT_PARETO, FORCED_ANSWERS, QUESTION_SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +38,14 @@ def run(params: Params) -> EarlyExitReport:
     settings, prefixes = params.early_exit, params.early_exit.prefixes
     require_traced_prefixes(prefixes, params.trace.positions)
     with stage_outputs() as outputs, cost_record(params.paths.metrics, "early_exit", outputs) as cost:
-        splits = read_table(Path(params.paths.probes) / SPLITS_FILE, SPLIT_COLUMNS, SPLIT_KEY)
+        splits = read_table(QUESTION_SPLITS, QUESTION_SPLITS.path(params.paths.probes))
         data = {dataset: load_dataset(params, dataset) for dataset in ("id", "ood")}
         require_same_locations(data["id"], data["ood"])
         positions, layers = data["id"].positions, data["id"].layers
         runs, hidden, outcomes = {}, {}, {}
         for dataset, loaded in data.items():
             path = Path(params.paths.forced_answers) / f"{dataset}.parquet"
-            forced = read_table(path, FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY)
+            forced = read_table(FORCED_ANSWERS, path)
             with_splits = attach_splits(loaded.runs, splits, dataset)
             for split in (("train", "val", "test") if dataset == "id" else ("ood",)):
                 runs[split] = with_splits[with_splits["split"] == split].sort_values(["question_id", "run_id"])
@@ -85,16 +73,14 @@ def run(params: Params) -> EarlyExitReport:
                 redraws=settings.redraws, epsilon_grid=list(settings.epsilon_grid)),
             "stopping_probes": choices, "rules": rules})
         write_model(report, outputs.path(Path(params.paths.metrics) / EARLY_EXIT_FILE))
-        write_csv(pareto, outputs.path(Path(params.paths.plots) / EARLY_EXIT_PARETO_FILE), EARLY_EXIT_PARETO_COLUMNS)
-        write_csv(guarantee, outputs.path(Path(params.paths.plots) / EARLY_EXIT_GUARANTEE_FILE),
-                  EARLY_EXIT_GUARANTEE_COLUMNS)
+        write_table(pareto, EARLY_EXIT_PARETO, outputs.path(EARLY_EXIT_PARETO.path(params.paths.plots)))
+        write_table(guarantee, EARLY_EXIT_GUARANTEE, outputs.path(EARLY_EXIT_GUARANTEE.path(params.paths.plots)))
         cost.update(runs=int(sum(len(r) for r in runs.values())), stopping_probes=len(probes),
                     pareto_rows=len(pareto), redraws=settings.redraws)
     return report
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

@@ -2,7 +2,7 @@
 
 Run with ``python -m stages.evaluate``. Writes ``{paths.metrics}/evaluate.json`` (``schema.EvaluateReport``), the
 plot CSVs of ``{paths.plots}`` and its cost record; the scores are the registry's (stages/lib/registry.py) and the
-metrics are computed by stages/lib/evaluation.py."""
+metrics are computed by stages/lib/evaluation/scoring.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_csv, write_model
-from stages.lib.dataset import DatasetRuns, attach_splits, load_dataset, require_same_locations
-from stages.lib.evaluation import (
+from stages.lib.io.files import cost_record, run_stage, stage_outputs, write_model, write_table
+from stages.lib.probes.dataset import DatasetRuns, attach_splits, load_dataset, require_same_locations
+from stages.lib.evaluation.scoring import (
     auroc_by_layer,
     calibration,
     answer_extraction,
@@ -30,26 +30,10 @@ from stages.lib.evaluation import (
     split_metrics,
 )
 from stages.lib.params import Params, load_params
-from stages.lib.probe_store import load_location_probes, load_probes
-from stages.lib.questions import load_questions
-from stages.lib.schema import (
-    AUROC_BY_LAYER_COLUMNS,
-    AUROC_BY_LAYER_FILE,
-    DIFFICULTY_COLUMNS,
-    DIFFICULTY_FILE,
-    EARLY_WARNING_COLUMNS,
-    EARLY_WARNING_FILE,
-    EVALUATE_FILE,
-    RELIABILITY_COLUMNS,
-    RELIABILITY_FILE,
-    RISK_COVERAGE_COLUMNS,
-    RISK_COVERAGE_FILE,
-    ROC_COLUMNS,
-    ROC_FILE,
-    DifficultyRow,
-    EarlyWarningRow,
-    EvaluateReport,
-)
+from stages.lib.probes.store import load_location_probes, load_probes
+from stages.lib.questions.sources import load_questions
+from stages.lib.schema.tables import AUROC_BY_LAYER, DIFFICULTY, EARLY_WARNING, RELIABILITY, RISK_COVERAGE, ROC
+from stages.lib.schema.reports import EVALUATE_FILE, DifficultyRow, EarlyWarningRow, EvaluateReport
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +77,7 @@ def run(params: Params) -> EvaluateReport:
         roc = pd.concat(roc_frames, ignore_index=True)
         warning = early_warning(selection, location_probes, evaluated, id_data.positions, id_data.layers,
                                 high_se_threshold, params.evaluate, params.seed)
-        by_difficulty = concat_rows(difficulty_frames, DIFFICULTY_COLUMNS)
+        by_difficulty = concat_rows(difficulty_frames, DIFFICULTY.columns)
         report = EvaluateReport(
             splits=by_split, paired_differences=paired, answer_extraction=extraction,
             by_difficulty=[DifficultyRow(**row) for row in by_difficulty.replace({np.nan: None}).to_dict("records")],
@@ -103,14 +87,14 @@ def run(params: Params) -> EvaluateReport:
 
         plots = Path(params.paths.plots)
         write_model(report, outputs.path(Path(params.paths.metrics) / EVALUATE_FILE))
-        write_csv(by_layer, outputs.path(plots / AUROC_BY_LAYER_FILE), AUROC_BY_LAYER_COLUMNS)
-        write_csv(roc, outputs.path(plots / ROC_FILE), ROC_COLUMNS)
-        write_csv(warning, outputs.path(plots / EARLY_WARNING_FILE), EARLY_WARNING_COLUMNS)
-        write_csv(concat_rows(risk_frames, RISK_COVERAGE_COLUMNS), outputs.path(plots / RISK_COVERAGE_FILE),
-                  RISK_COVERAGE_COLUMNS)
-        write_csv(by_difficulty, outputs.path(plots / DIFFICULTY_FILE), DIFFICULTY_COLUMNS)
-        write_csv(concat_rows(reliability_frames, RELIABILITY_COLUMNS), outputs.path(plots / RELIABILITY_FILE),
-                  RELIABILITY_COLUMNS)
+        write_table(by_layer, AUROC_BY_LAYER, outputs.path(AUROC_BY_LAYER.path(plots)))
+        write_table(roc, ROC, outputs.path(ROC.path(plots)))
+        write_table(warning, EARLY_WARNING, outputs.path(EARLY_WARNING.path(plots)))
+        write_table(concat_rows(risk_frames, RISK_COVERAGE.columns), RISK_COVERAGE,
+                    outputs.path(RISK_COVERAGE.path(plots)))
+        write_table(by_difficulty, DIFFICULTY, outputs.path(DIFFICULTY.path(plots)))
+        write_table(concat_rows(reliability_frames, RELIABILITY.columns), RELIABILITY,
+                    outputs.path(RELIABILITY.path(plots)))
         cost.update({"location_probes_scored": len(location_probes),
                      "runs_scored": int(sum(len(runs) for runs, _ in evaluated.values())),
                      "bootstrap_resamples": params.evaluate.bootstrap, "permutations": params.evaluate.permutations})
@@ -118,7 +102,6 @@ def run(params: Params) -> EvaluateReport:
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

@@ -1,8 +1,8 @@
 """Stage forced_answers: every run's answer forced at prefixes of its reasoning (``early_exit.prefixes``).
 
 Run with ``python -m stages.forced_answers``. Reads the runs, the questions (gold answers) and the model; writes
-``{paths.forced_answers}/{id,ood}.parquet`` (``schema.FORCED_ANSWER_COLUMNS``, one row per run and prefix) and
-its cost record. The cut, the forced sequence and the greedy decoding are stages/lib/forced_answers.py; the
+``{paths.forced_answers}/{id,ood}.parquet`` (``schema.FORCED_ANSWERS.columns``, one row per run and prefix) and
+its cost record. The cut, the forced sequence and the greedy decoding are stages/lib/early_exit/forced.py; the
 stopping rules that use them are the early_exit stage. Decoding uses the generation backend
 (``sampling.backend``): transformers, or one vLLM engine.
 """
@@ -13,22 +13,21 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs, write_table
-from stages.lib.forced_answers import force_answers, greedy_answers, greedy_answers_vllm, require_traced_prefixes
-from stages.lib.models import load_model, think_tokens
-from stages.lib.params import load_params
-from stages.lib.questions import load_questions
-from stages.lib.runs import stop_and_pad_ids
-from stages.lib.schema import DATASETS, FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, RUN_COLUMNS, RUN_KEY
+from stages.lib.io.files import cost_record, read_table, run_stage, stage_outputs, write_table
+from stages.lib.early_exit.forced import force_answers, greedy_answers, greedy_answers_vllm, require_traced_prefixes
+from stages.lib.models.loading import load_model, think_tokens
+from stages.lib.params import Params, load_params
+from stages.lib.questions.sources import load_questions
+from stages.lib.sampling.runs import stop_and_pad_ids
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.tables import FORCED_ANSWERS, RUNS
 
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    from stages.lib.sampling_vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
+def run(params: Params) -> dict:
+    from stages.lib.sampling.vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
 
-    setup_logging()
-    params = load_params()
     settings = params.early_exit
     require_traced_prefixes(settings.prefixes, params.trace.positions)
     backend = resolve_backend(params.sampling.backend)
@@ -48,18 +47,23 @@ def main() -> None:
         out_dir.mkdir()
         cost.update(backend=backend, sequences=0, tokens_generated=0, generate_calls=0)
         for dataset in DATASETS:
-            runs = read_table(Path(params.paths.runs) / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
+            runs = read_table(RUNS, RUNS.path(params.paths.runs, dataset))
             questions = load_questions(Path(params.paths.questions) / f"{dataset}.jsonl")
             gold = questions.set_index("question_id")["gold"]
             frame, calls = force_answers(tokenizer, runs, gold, settings.prefixes, settings.answer_prefix, decode,
                                          think)
-            write_table(frame, out_dir / f"{dataset}.parquet", FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY)
+            write_table(frame, FORCED_ANSWERS, FORCED_ANSWERS.path(out_dir, dataset))
             if len(frame):
                 log.info("%s: forced-answer accuracy by prefix %s", dataset,
                          frame.groupby("prefix")["correct"].mean().round(3).to_dict())
             cost["sequences"] += len(frame)
             cost["tokens_generated"] += int(frame["answer_tokens"].sum())
             cost["generate_calls"] += calls
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

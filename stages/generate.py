@@ -8,10 +8,10 @@ model's raw logits (before temperature and top-p), so they describe the model, n
 no (batch, steps, vocab) score tensor is ever kept.
 
 ``sampling.backend: vllm`` (or ``auto`` on a CUDA host with vLLM installed) samples with vLLM instead
-(stages/lib/sampling_vllm.py); both backends return SampledRun lists, so ``build_run_records`` writes the same schema.
+(stages/lib/sampling/vllm.py); both backends return SampledRun lists, so ``build_run_records`` writes the same schema.
 
 A killed run resumes: the hf backend saves each finished generate() call under ``.dvc/tmp/generate-checkpoints/``
-and a rerun with the same params, questions and model reads them back (stages/lib/checkpoints.py).
+and a rerun with the same params, questions and model reads them back (stages/lib/sampling/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -19,23 +19,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.lib.checkpoints import GenerationCheckpoints, generation_key
-from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs, write_table
-from stages.lib.models import format_prompt, load_model, prompt_ids, require_prompts_fit, think_tokens
-from stages.lib.params import load_params
-from stages.lib.questions import load_questions
-from stages.lib.runs import build_run_records
-from stages.lib.sampling_hf import eos_and_pad, questions_per_call, sample_runs
-from stages.lib.schema import DATASETS, RUN_COLUMNS, RUN_KEY
+from stages.lib.sampling.checkpoints import GenerationCheckpoints, generation_key
+from stages.lib.io.files import cost_record, run_stage, stage_outputs, write_table
+from stages.lib.models.loading import format_prompt, load_model, prompt_ids, require_prompts_fit, think_tokens
+from stages.lib.params import Params, load_params
+from stages.lib.questions.sources import load_questions
+from stages.lib.sampling.runs import build_run_records
+from stages.lib.sampling.hf import eos_and_pad, questions_per_call, sample_runs
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.tables import RUNS
 
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    from stages.lib.sampling_vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
+def run(params: Params) -> dict:
+    from stages.lib.sampling.vllm import VllmGenerator, resolve_backend  # vLLM itself is imported only when used
 
-    setup_logging()
-    params = load_params()
     backend = resolve_backend(params.sampling.backend)
     if backend == "vllm":
         vllm = VllmGenerator.open(params)
@@ -71,7 +70,7 @@ def main() -> None:
                 runs = sample_runs(model, prompts, params.sampling, eos_ids, pad_id, seed, checkpoints=checkpoints,
                                    dataset=dataset)
             frame = build_run_records(questions, prompts, runs, tokenizer, think)
-            write_table(frame, out_dir / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
+            write_table(frame, RUNS, out_dir / f"{dataset}.parquet")
             if len(frame):
                 log.info("%s: %d runs, accuracy %.3f, think missing %.3f, truncated %.3f", dataset, len(frame),
                          frame["correct"].mean(), frame["think_missing"].mean(), frame["truncated"].mean())
@@ -81,6 +80,11 @@ def main() -> None:
                                        else -(-len(prompts) // questions_per_call(params.sampling)))
         cost["calls_resumed"] = checkpoints.resumed
     checkpoints.remove()  # the outputs are in place: nothing left to resume
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

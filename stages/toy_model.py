@@ -1,7 +1,7 @@
 """Stage toy_model: train the embedded default LM (a tiny Qwen3 on arithmetic chains) and save it in HF format.
 
 Run with ``python -m stages.toy_model``; writes ``{paths.toy_model}`` and its cost record
-(training: stages/lib/toy.py). When ``model.name`` is not ``toy`` it trains nothing and writes a placeholder
+(training: stages/lib/models/toy.py). When ``model.name`` is not ``toy`` it trains nothing and writes a placeholder
 directory at once (``save_skipped``): a real run does not pay for the toy's training. For a local model (under
 data/models/, a dep of this stage) the placeholder holds the model's content hash, so that generate and trace, which
 depend on it, rerun exactly when the named model changes."""
@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.lib import arithmetic
-from stages.lib.common import content_sha256, cost_record, run_stage, setup_logging, stage_outputs
+from stages.lib.questions import arithmetic
+from stages.lib.io.files import content_sha256, cost_record, run_stage, stage_outputs
 from stages.lib.errors import UserError
-from stages.lib.params import MODELS_DIR, inside, is_local_model, load_params
-from stages.lib.toy import (
+from stages.lib.params import MODELS_DIR, Params, load_params
+from stages.lib.param_fields import inside, is_local_model
+from stages.lib.models.toy import (
     VALIDATION_QUESTIONS,
     build_model,
     build_tokenizer,
@@ -32,9 +33,7 @@ from stages.lib.toy import (
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    setup_logging()
-    params = load_params()
+def run(params: Params) -> dict:
     if params.model.name != "toy":
         if (is_local_model(params.model.name) or inside(params.model.name, MODELS_DIR)) \
                 and not Path(params.model.name).exists():
@@ -48,7 +47,7 @@ def main() -> None:
                          content_sha256(params.model.name) if local else None)
         log.info("model.name=%r is not `toy`: nothing trained; wrote the placeholder %s", params.model.name,
                  params.paths.toy_model)
-        return
+        return cost
     toy = params.toy
     torch.manual_seed(params.seed)
     rng = np.random.default_rng([params.seed, 0])  # stream 0: training chains; questions use other streams
@@ -68,6 +67,11 @@ def main() -> None:
         save(directory, model, tokenizer, toy, params.seed)
         check_round_trip(directory, model, tokenizer)
         log.info("wrote %s", params.paths.toy_model)
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

@@ -1,27 +1,25 @@
 """Stage trace: one teacher-forced pass per run; hidden states at the chosen positions and layers.
 
 Run with ``python -m stages.trace``. Reads the runs and the model; writes ``{paths.hidden}/`` (one shard per dataset
-and position, their index and ``HiddenMeta``, see stages/lib/hidden.py; each shard is checked against the meta
-before the directory is renamed into place) and its cost record. The tracing itself is stages/lib/tracing.py."""
+and position, their index and ``HiddenMeta``, see stages/lib/hidden/store.py; each shard is checked against the meta
+before the directory is renamed into place) and its cost record. The tracing itself is stages/lib/hidden/tracing.py."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from stages.lib.common import cost_record, read_table, run_stage, setup_logging, stage_outputs
-from stages.lib.hidden import create_hidden, finish_hidden
-from stages.lib.models import load_config, load_model
-from stages.lib.params import load_params
-from stages.lib.schema import DATASETS, RUN_COLUMNS, RUN_KEY, HiddenMeta
-from stages.lib.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
+from stages.lib.io.files import cost_record, read_table, run_stage, stage_outputs
+from stages.lib.hidden.store import create_hidden, finish_hidden
+from stages.lib.models.loading import load_config, load_model
+from stages.lib.params import Params, load_params
+from stages.lib.schema.machinery import DATASETS
+from stages.lib.schema.tables import RUNS, HiddenMeta
+from stages.lib.hidden.tracing import nnsight_model, require_nnsight, resolve_layers, trace_runs
 
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
-    setup_logging()
-    params = load_params()
+def run(params: Params) -> dict:
     if params.trace.backend == "nnsight":
         require_nnsight()  # before the model loads: a missing extra fails in a second, not after minutes
     # trace.layers checked before the weights load
@@ -38,7 +36,7 @@ def main() -> None:
         out_dir.mkdir()
         cost.update(sequences=0, tokens_processed=0, forward_passes=0)
         for dataset in DATASETS:
-            runs = read_table(Path(params.paths.runs) / f"{dataset}.parquet", RUN_COLUMNS, RUN_KEY)
+            runs = read_table(RUNS, RUNS.path(params.paths.runs, dataset))
             meta = HiddenMeta(positions=list(positions), layers=layers, hidden_size=model.config.hidden_size,
                               dtype="float16", model=params.model.name, model_revision=params.model.revision)
             out = create_hidden(out_dir, dataset, len(runs), meta)  # (runs, positions, layers, hidden), sharded
@@ -52,6 +50,11 @@ def main() -> None:
             cost["sequences"] += len(runs)
             cost["tokens_processed"] += int(index["sequence_length"].sum())
             cost["forward_passes"] += passes
+    return cost
+
+
+def main() -> None:
+    run(load_params())
 
 
 if __name__ == "__main__":

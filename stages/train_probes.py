@@ -2,17 +2,17 @@
 
 Run with ``python -m stages.train_probes``. Reads the runs, semantic entropy and hidden states; writes
 ``{paths.probes}/`` atomically (splits, probes, location probes, selection.json) and its cost record. How probes are
-fitted and their locations chosen on val (never test) is stages/lib/selection.py."""
+fitted and their locations chosen on val (never test) is stages/lib/probes/selection.py."""
 
 from __future__ import annotations
 
 import logging
 
-from stages.lib.common import cost_record, run_stage, setup_logging, stage_outputs
-from stages.lib.dataset import attach_splits, load_dataset, require_same_locations, split_questions
+from stages.lib.io.files import cost_record, run_stage, stage_outputs
+from stages.lib.probes.dataset import attach_splits, load_dataset, require_same_locations, split_questions
 from stages.lib.params import Params, load_params
-from stages.lib.probe_store import write_probes
-from stages.lib.selection import TrainedProbes, train
+from stages.lib.probes.store import write_probes
+from stages.lib.probes.selection import TrainedProbes, train
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ def run(params: Params) -> TrainedProbes:
 
 
 def main() -> None:
-    setup_logging()
     run(load_params())
 
 

@@ -2,7 +2,8 @@
 
 ``python tests/code_deps.py`` prints, per stage of dvc.yaml, the code deps it must list (its own module, every
 library module it imports directly or transitively, and the package ``__init__`` files that run on import);
-``python tests/code_deps.py --write`` rewrites those entries of dvc.yaml in place (data deps and comments kept).
+``python tests/code_deps.py --write`` rewrites those entries of dvc.yaml in place (data deps and comments kept);
+``python tests/code_deps.py --layout`` prints the library's lines of docs/design.md's Layout section.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ LIBRARY = "stages.lib"
 
 
 def module_file(module: str) -> Path | None:
-    """The file of a project module (``stages.lib.answers`` -> stages/lib/answers.py), None if not ours."""
+    """The file of a project module (``stages.lib.questions.answers`` -> stages/lib/questions/answers.py), None if not
+    ours."""
     base = ROOT.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -123,7 +125,20 @@ def rewrite_code_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> str:
     return "".join(out)
 
 
+def library_layout() -> list[str]:
+    """docs/design.md's Layout lines for the library: each hub module at the root of stages/lib/, then each concept
+    package, with the first line of its docstring (a package's is its ``__init__.py``)."""
+    library = ROOT / "stages" / "lib"
+    entries = [(path.name, path) for path in sorted(library.glob("*.py")) if path.name != "__init__.py"]
+    entries += [(f"{path.parent.name}/", path) for path in sorted(library.glob("*/__init__.py"))]
+    return [f"stages/lib/{name:<13} {ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]}"
+            for name, path in entries]
+
+
 if __name__ == "__main__":
+    if "--layout" in sys.argv[1:]:
+        print("\n".join(library_layout()))
+        sys.exit()
     if "--write" in sys.argv[1:]:
         (ROOT / "dvc.yaml").write_text(rewrite_code_deps())
     graph = import_graph()

@@ -10,7 +10,7 @@ import torch
 from dvc_project import second_tiny_copy, tiny_project, tiny_run  # noqa: F401  (fixtures of the DVC end-to-end tests)
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-from stages.lib.toy import build_tokenizer
+from stages.lib.models.toy import build_tokenizer
 
 
 def tiny_qwen3(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32) -> Qwen3ForCausalLM:

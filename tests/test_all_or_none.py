@@ -1,4 +1,4 @@
-"""A stage writes all of its outputs or none (stages/lib/common.py ``stage_outputs``), and evaluate finishes on
+"""A stage writes all of its outputs or none (stages/lib/io/files.py ``stage_outputs``), and evaluate finishes on
 single-class splits with null metrics and well-typed, empty plot tables."""
 
 from __future__ import annotations
@@ -12,16 +12,10 @@ import pytest
 from test_train_evaluate import make_params, write_fixture
 
 from stages import evaluate, train_probes
-from stages.lib.common import cost_record, stage_outputs
-from stages.lib.schema import (
-    AUROC_BY_LAYER_COLUMNS,
-    EARLY_WARNING_COLUMNS,
-    RELIABILITY_COLUMNS,
-    RISK_COVERAGE_COLUMNS,
-    ROC_COLUMNS,
-    EvaluateReport,
-    validate_frame,
-)
+from stages.lib.io.files import cost_record, stage_outputs
+from stages.lib.schema.tables import AUROC_BY_LAYER, EARLY_WARNING, RELIABILITY, RISK_COVERAGE, ROC
+from stages.lib.schema.reports import EvaluateReport
+from stages.lib.schema.machinery import validate_frame
 
 
 def previous_outputs(root: Path) -> dict[Path, str]:
@@ -82,9 +76,9 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path):
 
 
 # ---- evaluate with one class in every evaluated split --------------------------------------------------------
-PLOTS = {"auroc_by_layer.csv": AUROC_BY_LAYER_COLUMNS, "roc.csv": ROC_COLUMNS,
-         "early_warning.csv": EARLY_WARNING_COLUMNS, "risk_coverage.csv": RISK_COVERAGE_COLUMNS,
-         "reliability.csv": RELIABILITY_COLUMNS}
+PLOTS = {"auroc_by_layer.csv": AUROC_BY_LAYER.columns, "roc.csv": ROC.columns,
+         "early_warning.csv": EARLY_WARNING.columns, "risk_coverage.csv": RISK_COVERAGE.columns,
+         "reliability.csv": RELIABILITY.columns}
 
 
 def test_evaluate_with_every_test_and_ood_run_wrong_writes_null_metrics_and_typed_plots(tmp_path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from stages.lib.analysis import probe_scores, think_length, umap_coordinates
-from stages.lib.dataset import DatasetRuns
+from stages.lib.evaluation.per_run import probe_scores, think_length, umap_coordinates
+from stages.lib.probes.dataset import DatasetRuns
 from stages.lib.params import AnalysisParams
-from stages.lib.probes import LogisticProbe
+from stages.lib.probes.linear import LogisticProbe
 
 
 def test_think_length_counts_tokens_strictly_inside_the_span():
@@ -51,8 +51,8 @@ def test_location_scores_hold_each_probe_at_every_location():
     """Every (position, layer) cell is the location probe of that probe's target there, applied to the run's hidden
     state at that cell; a location without a fitted probe is NaN."""
     from stages.lib import registry
-    from stages.lib.analysis import location_scores
-    from stages.lib.probes import RidgeProbe
+    from stages.lib.evaluation.per_run import location_scores
+    from stages.lib.probes.linear import RidgeProbe
 
     rng = np.random.default_rng(1)
     hidden = rng.normal(size=(30, 2, 3, 4)).astype(np.float16)  # (rows, positions, layers, hidden)
@@ -83,9 +83,9 @@ def test_location_scores_of_screening_probes_are_their_projections_and_say_so():
     """After probes.screen_method: mean_difference the location probes are difference-in-means directions: the
     cells hold their projections (no probability), and the meta names them as such."""
     from stages.lib import registry
-    from stages.lib.analysis import location_meta, location_scores
-    from stages.lib.probes import MeanDifferenceProbe
-    from stages.lib.schema import LayerChoice, Selection
+    from stages.lib.evaluation.per_run import location_meta, location_scores
+    from stages.lib.probes.linear import MeanDifferenceProbe
+    from stages.lib.schema.reports import LayerChoice, Selection
 
     rng = np.random.default_rng(2)
     hidden = rng.normal(size=(30, 1, 2, 4)).astype(np.float16)
@@ -104,8 +104,9 @@ def test_location_scores_of_screening_probes_are_their_projections_and_say_so():
 
 
 def test_token_table_decodes_each_distinct_id_once_and_sorts_by_question():
-    from stages.lib.analysis import token_table
-    from stages.lib.schema import TOKEN_COLUMNS, TOKEN_KEY, validate_frame
+    from stages.lib.evaluation.per_run import token_table
+    from stages.lib.schema.tables import TOKENS
+    from stages.lib.schema.machinery import validate_frame
 
     calls = []
 
@@ -117,7 +118,7 @@ def test_token_table_decodes_each_distinct_id_once_and_sorts_by_question():
                          "generated_ids": [[5, 6], [6, 7, 5], []], "token_entropies": [[0.1, 0.2], [0.3, 0.4, 0.5], []],
                          "think_start_index": pd.array([0, 0, None], dtype="Int64"),
                          "think_end_index": pd.array([1, None, None], dtype="Int64")})
-    table = validate_frame(token_table(runs, decode), TOKEN_COLUMNS, "tokens", TOKEN_KEY)
+    table = validate_frame(token_table(runs, decode), TOKENS.columns, "tokens", TOKENS.key)
     assert calls == [[5, 6, 7]]
     assert list(zip(table["question_id"], table["run_id"])) == [("q1", 0), ("q1", 1), ("q2", 0)]
     assert [list(tokens) for tokens in table["tokens"]] == [[], ["<6>", "<7>", "<5>"], ["<5>", "<6>"]]

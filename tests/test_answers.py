@@ -1,4 +1,5 @@
-"""Final-answer extraction and math-verify equivalence (stages/lib/answers.py), on hand cases and real datasets."""
+"""Final-answer extraction and math-verify equivalence (stages/lib/questions/answers.py), on hand cases and real
+datasets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.answers import (
+from stages.lib.questions.answers import (
     ANSWER_SOURCES,
     ExtractedAnswer,
     answers_equivalent,
@@ -220,7 +221,7 @@ for _ in range(3):
         os._exit(0)
     spinners.append(pid)
 try:
-    from stages.lib.answers import is_correct
+    from stages.lib.questions.answers import is_correct
     start = time.perf_counter()
     print(is_correct(sys.argv[1], sys.argv[2]), round(time.perf_counter() - start, 1))
 finally:

@@ -45,7 +45,7 @@ def test_find_cycle_sees_a_cycle():
 
 def test_closure_follows_function_level_imports():
     # generate imports the vLLM backend inside main(): still a dep
-    assert "stages.lib.sampling_vllm" in closure("stages.generate", GRAPH)
+    assert "stages.lib.sampling.vllm" in closure("stages.generate", GRAPH)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -98,3 +98,20 @@ def test_editing_any_module_makes_dvc_status_name_exactly_its_importers(tiny_pro
         expected = {stage for stage, module in STAGES.items() if relative in required_code_deps(module, GRAPH)}
         changed = {stage for stage, paths in reported.items() if relative in paths}
         assert changed == expected, f"editing {relative}: dvc status names {sorted(changed)}, not {sorted(expected)}"
+
+
+def test_no_library_module_is_named_like_a_stage():
+    """``stages/analysis.py`` beside a ``stages/lib/.../analysis.py`` makes every reader ask which one runs."""
+    twins = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages" / "lib").rglob("*.py") if p.stem in STAGES)
+    assert not twins, f"library modules named like a stage: {twins}; name them by what they hold"
+
+
+def test_design_md_layout_is_the_library_tree():
+    """docs/design.md's Layout block lists every hub module and concept package of stages/lib/ with its docstring's
+    first line, in the order `python tests/code_deps.py --layout` prints them (so the floor plan cannot go stale)."""
+    from code_deps import library_layout
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text[text.index("## Layout"):].split("```")[1]
+    documented = [line for line in block.splitlines() if line.startswith("stages/lib/")]
+    assert documented == library_layout(), "docs/design.md Layout: paste `python tests/code_deps.py --layout`"

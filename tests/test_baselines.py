@@ -1,5 +1,7 @@
-"""Baseline scores beside the probes: per-run token baselines (stages/lib/baselines.py) and the graph measures of
-the K answers (stages/lib/entropy.py), on hand-computed cases and against lm-polygraph's estimators, transcribed."""
+"""Baseline scores beside the probes: per-run token baselines (stages/lib/evaluation/baselines.py) and the graph
+measures of
+the K answers (stages/lib/semantic/entropy.py), on hand-computed cases and against lm-polygraph's estimators,
+transcribed."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from scipy.linalg import eigh
 
-from stages.lib.answers import answers_equivalent
-from stages.lib.baselines import (
+from stages.lib.questions.answers import answers_equivalent
+from stages.lib.evaluation.baselines import (
     bottom_group_confidence,
     deepconf_span,
     length_normalised_negative_loglik,
@@ -22,7 +24,7 @@ from stages.lib.baselines import (
     tail_confidence,
     think_length,
 )
-from stages.lib.entropy import (
+from stages.lib.semantic.entropy import (
     cluster_answers,
     degree_per_run,
     degree_uncertainty,
@@ -34,7 +36,7 @@ from stages.lib.entropy import (
     normalised_laplacian,
     number_of_semantic_sets,
 )
-from stages.lib.equivalence import answer_adjacency, pairwise_judge
+from stages.lib.semantic.equivalence import answer_adjacency, pairwise_judge
 
 # ---- per-run token baselines -------------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ def test_graph_from_math_answers():
 
 def test_registry_scores_the_new_baselines_from_the_runs_columns_by_hand():
     from stages.lib import registry
-    from stages.lib.evaluation import score_runs
+    from stages.lib.evaluation.scoring import score_runs
 
     runs = pd.DataFrame({
         "hidden_row": [0, 1],
@@ -204,14 +206,14 @@ def test_registry_scores_the_new_baselines_from_the_runs_columns_by_hand():
     assert all(registry.BY_NAME[name].label == "incorrect" for name in names)
 
 
-# ---- exact ties: measures equal up to rounding rank as ties (stages.lib.metrics.exact_ties) --------------------
+# ---- exact ties: measures equal up to rounding rank as ties (stages.lib.evaluation.metrics.exact_ties) -------------
 
 
 def test_union_of_cliques_ranks_eigv_eccentricity_and_num_semantic_sets_alike():
     # EigV = C and Ecc = sqrt(C - 1) exactly for C cliques, but the eigen-solver's rounding depends on the cluster
     # sizes and the row order; once stored as scores, all three must give the same AUROC whatever those are.
-    from stages.lib.evaluation import score_runs
-    from stages.lib.metrics import auroc
+    from stages.lib.evaluation.scoring import score_runs
+    from stages.lib.evaluation.metrics import auroc
     from stages.lib.registry import BY_NAME
 
     rng = np.random.default_rng(3)
@@ -289,7 +291,7 @@ def test_deepconf_confidences_by_hand():
 
 
 def test_deepconf_scores_flag_the_less_confident_run():
-    from stages.lib.evaluation import score_runs
+    from stages.lib.evaluation.scoring import score_runs
     from stages.lib.registry import BY_NAME
 
     runs = pd.DataFrame({"token_topk_logprob_mean": [np.full(8, -6.0), np.full(8, -2.0)]})  # confident, unsure

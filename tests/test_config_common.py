@@ -17,9 +17,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from stages.lib.common import atomic_path, cost_record, read_table, write_json, write_table
+from stages.lib.io.files import atomic_path, cost_record, read_table, write_json, write_table
 from stages.lib.params import Params, ParamsError, load_params, parse_params
-from stages.lib.schema import QUESTION_COLUMNS, QUESTION_KEY, SchemaError, validate_frame
+from stages.lib.schema.tables import QUESTIONS
+from stages.lib.schema.machinery import SchemaError, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -279,16 +280,16 @@ def test_cost_record_is_written_only_when_the_stage_succeeds(tmp_path):
 def test_tables_are_validated_on_write_and_read(tmp_path):
     good = pd.DataFrame({"question_id": ["a", "b"], "dataset": ["id", "id"], "question": ["1+1", "2+2"],
                          "gold": ["2", "4"], "level": pd.array([None, 3], dtype="Int64")})
-    write_table(good, tmp_path / "q.parquet", QUESTION_COLUMNS, QUESTION_KEY)
-    assert read_table(tmp_path / "q.parquet", QUESTION_COLUMNS, QUESTION_KEY).equals(good)
+    write_table(good, QUESTIONS, tmp_path / "q.parquet")
+    assert read_table(QUESTIONS, tmp_path / "q.parquet").equals(good)
     with pytest.raises(SchemaError, match="missing column `gold`"):
-        write_table(good.drop(columns="gold"), tmp_path / "bad.parquet", QUESTION_COLUMNS)
+        write_table(good.drop(columns="gold"), QUESTIONS, tmp_path / "bad.parquet")
     with pytest.raises(SchemaError, match=r"duplicate key \('a',\)"):
-        validate_frame(pd.concat([good, good.iloc[:1]]), QUESTION_COLUMNS, "q", QUESTION_KEY)
+        validate_frame(pd.concat([good, good.iloc[:1]]), QUESTIONS.columns, "q", QUESTIONS.key)
     with pytest.raises(SchemaError, match="column `question` has a null at row 1"):
-        validate_frame(good.assign(question=["x", None]), QUESTION_COLUMNS, "q")
+        validate_frame(good.assign(question=["x", None]), QUESTIONS.columns, "q")
     with pytest.raises(SchemaError, match="missing.parquet: not found"):
-        read_table(tmp_path / "missing.parquet", QUESTION_COLUMNS)
+        read_table(QUESTIONS, tmp_path / "missing.parquet")
     assert not (tmp_path / "bad.parquet").exists()
 
 
@@ -319,7 +320,7 @@ def test_a_bad_log_level_is_one_line_naming_the_variable(tmp_path, monkeypatch, 
 def test_progress_bars_follow_the_log_level(capsys):
     import logging
 
-    from stages.lib.common import progress_bar
+    from stages.lib.io.files import progress_bar
     root = logging.getLogger()
     previous = root.level
     try:

@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_qwen3
 from scipy.stats import binom
 
-from stages.lib.answers import is_correct
-from stages.lib.early_exit import (
+from stages.lib.questions.answers import is_correct
+from stages.lib.early_exit.rules import (
     PrefixOutcomes,
     apply_rule,
     calibrate,
@@ -34,12 +34,13 @@ from stages.lib.early_exit import (
     tau_candidates,
 )
 from stages.lib.errors import UserError
-from stages.lib.forced_answers import cut, force_answers, forced_sequence, greedy_answers, require_traced_prefixes
-from stages.lib.models import prompt_ids, think_tokens
-from stages.lib.runs import stop_and_pad_ids
-from stages.lib.schema import FORCED_ANSWER_COLUMNS, FORCED_ANSWER_KEY, validate_frame
-from stages.lib.toy import build_tokenizer
-from stages.lib.tracing import token_positions
+from stages.lib.early_exit.forced import cut, force_answers, forced_sequence, greedy_answers, require_traced_prefixes
+from stages.lib.models.loading import prompt_ids, think_tokens
+from stages.lib.sampling.runs import stop_and_pad_ids
+from stages.lib.schema.tables import FORCED_ANSWERS
+from stages.lib.schema.machinery import validate_frame
+from stages.lib.models.toy import build_tokenizer
+from stages.lib.hidden.tracing import token_positions
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def test_forced_answers_table_matches_the_schema_and_judges_against_gold(toy):
     decode = partial(greedy_answers, model, max_new_tokens=5, eos_ids=eos_ids, pad_id=pad_id, batch_size=3,
                      progress=False)
     frame, calls = force_answers(tokenizer, runs, gold, (25, 75), "\\boxed{", decode, think)
-    validate_frame(frame, FORCED_ANSWER_COLUMNS, "forced", FORCED_ANSWER_KEY)
+    validate_frame(frame, FORCED_ANSWERS.columns, "forced", FORCED_ANSWERS.key)
     assert calls == 2 and len(frame) == 4 and list(frame["prefix"]) == [25, 75, 25, 75]
     for row in frame.itertuples():
         assert row.answer_text == "</think>\\boxed{" + tokenizer.decode(list(row.answer_ids))
@@ -402,8 +403,8 @@ def test_prefix_outcomes_join_runs_and_forced_answers_and_name_a_missing_prefix(
                             "answer": f"{q}{p}", "tokens_used": p, "generated_kept": p - 10, "reasoning_kept": p - 11,
                             "mean_logprob": -1.0, "mean_entropy": 0.5, "reasoning_tokens": 99}
                            for q in "ab" for p in (25, 50)])
-    from stages.lib.early_exit import prefix_outcomes
-    from stages.lib.schema import SchemaError
+    from stages.lib.early_exit.rules import prefix_outcomes
+    from stages.lib.schema.machinery import SchemaError
     data = prefix_outcomes(runs, forced, (25, 50))
     assert list(data.question_id) == ["a", "b"] and list(data.full_correct) == [False, True]
     np.testing.assert_array_equal(data.forced_correct, [[False, True], [False, False]])
@@ -421,9 +422,9 @@ def test_the_vllm_path_gives_the_same_forced_answers_as_transformers(tiny_lm_dir
     """Through the vLLM stand-in of tests/test_vllm_backend.py (the real tiny model behind vLLM's interface)."""
     from test_vllm_backend import FakeLLM, FakeSamplingParams, sampling
 
-    from stages.lib import sampling_vllm
-    from stages.lib.forced_answers import greedy_answers_vllm
-    from stages.lib.models import load_model
+    from stages.lib.sampling import vllm as sampling_vllm
+    from stages.lib.early_exit.forced import greedy_answers_vllm
+    from stages.lib.models.loading import load_model
 
     model, tokenizer = load_model(str(tiny_lm_dir), toy_model_dir="unused")
     eos_ids, pad_id = stop_and_pad_ids(model.generation_config, tokenizer)

@@ -1,4 +1,4 @@
-"""viewer/early_exit.py on a small project written through the schema: loading, the Pareto plot with its
+"""viewer/views/early_exit.py on a small project written through the schema: loading, the Pareto plot with its
 operating points, a run's forced answers in prefix order, and the assembled view."""
 
 from __future__ import annotations
@@ -12,17 +12,11 @@ import pandas as pd
 import pytest
 from test_early_exit import outcomes
 
-from stages.lib.early_exit import evaluate_rules
-from stages.lib.schema import (
-    EARLY_EXIT_PARETO_COLUMNS,
-    FORCED_ANSWER_COLUMNS,
-    EarlyExitReport,
-    EarlyExitSettings,
-    SchemaError,
-    StoppingProbeChoice,
-    validate_frame,
-)
-from viewer.early_exit import early_exit_view, forced_answer_table, load_early_exit, operating_points, pareto_plot
+from stages.lib.early_exit.rules import evaluate_rules
+from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
+from stages.lib.schema.reports import EarlyExitReport, EarlyExitSettings, StoppingProbeChoice
+from stages.lib.schema.machinery import SchemaError, validate_frame
+from viewer.views.early_exit import early_exit_view, forced_answer_table, load_early_exit, operating_points, pareto_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +50,13 @@ def project(tmp_path_factory) -> Path:
     (root / "artifacts/metrics").mkdir(parents=True)
     (root / "artifacts/plots").mkdir(parents=True)
     (root / "artifacts/metrics/early_exit.json").write_text(report.to_json())
-    validate_frame(pareto, EARLY_EXIT_PARETO_COLUMNS, "pareto")
+    validate_frame(pareto, EARLY_EXIT_PARETO.columns, "pareto")
     pareto.to_csv(root / "artifacts/plots/early_exit_pareto.csv", index=False)
     for directory in ("data/forced_answers", "data/runs"):
         (root / directory).mkdir(parents=True)
     for dataset in ("id", "ood"):
         forced = pd.DataFrame(forced_rows(dataset, "q1", 0) + forced_rows(dataset, "q1", 1),
-                              columns=[c.name for c in FORCED_ANSWER_COLUMNS])
+                              columns=[c.name for c in FORCED_ANSWERS.columns])
         forced.to_parquet(root / f"data/forced_answers/{dataset}.parquet", index=False)
         pd.DataFrame({"question_id": ["q1", "q1"], "run_id": [0, 1], "dataset": [dataset] * 2, "text": ["a", "b"],
                       "answer": ["75", "3"], "correct": [True, False], "n_generated": [30, 31]}).to_parquet(
@@ -117,7 +111,7 @@ def test_the_app_tab_says_what_to_run_when_the_stages_have_not_run(tmp_path):
 def test_the_run_summary_escapes_model_text(project):
     import html as html_module
 
-    from viewer.early_exit import run_summary
+    from viewer.views.early_exit import run_summary
     runs = load_early_exit(project).runs.copy()
     runs.loc[0, "answer"] = '<img src=x onerror="alert(1)">'
     summary = run_summary(runs, runs.loc[0, "dataset"], runs.loc[0, "question_id"], int(runs.loc[0, "run_id"]))

@@ -1,4 +1,5 @@
-"""Model-based semantic equivalence (stages/lib/equivalence.py): the greedy clustering against entailment oracles and
+"""Model-based semantic equivalence (stages/lib/semantic/equivalence.py): the greedy clustering against entailment
+oracles and
 Farquhar et al.'s reference algorithm, the NLI mechanics on a tiny random DeBERTa-v2 classifier built here, and
 cosine equivalence with the packaged all-MiniLM-L6-v2 model. Nothing downloads."""
 
@@ -14,8 +15,8 @@ import yaml
 from hypothesis import given, settings
 
 from stages.lib.errors import UserError
-from stages.lib.entropy import cluster_answers
-from stages.lib.equivalence import (
+from stages.lib.semantic.entropy import cluster_answers
+from stages.lib.semantic.equivalence import (
     NLI_LABELS,
     CosineJudge,
     MathOrTextJudge,

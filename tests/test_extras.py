@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import equivalence, extras, tracing
+from stages.lib.semantic import equivalence
+from stages.lib import extras
+from stages.lib.hidden import tracing
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,14 +13,15 @@ import yaml
 from test_train_evaluate import make_params, write_fixture
 
 from stages import generate, toy_model, trace
-from stages.lib import dataset as dataset_lib
-from stages.lib import models
-from stages.lib.checkpoints import GenerationCheckpoints
-from stages.lib.common import read_table, run_stage, stage_outputs
+from stages.lib.probes import dataset as dataset_lib
+from stages.lib.models import loading as models
+from stages.lib.sampling.checkpoints import GenerationCheckpoints
+from stages.lib.io.files import read_table, run_stage, stage_outputs
 from stages.lib.errors import UserError
-from stages.lib.questions import QuestionSourceError, jsonl_questions
-from stages.lib.runs import SampledRun
-from stages.lib.schema import RUN_COLUMNS, SchemaError, hidden_files, hidden_shard
+from stages.lib.questions.sources import QuestionSourceError, jsonl_questions
+from stages.lib.sampling.runs import SampledRun
+from stages.lib.schema.tables import RUNS, hidden_files, hidden_shard
+from stages.lib.schema.machinery import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def test_a_truncated_parquet_is_named_with_the_command_that_restores_it(tmp_path
     pd.DataFrame({"question_id": ["q"] * 500, "run_id": range(500)}).to_parquet(path)
     truncate(path)
     with pytest.raises(SchemaError) as error:
-        read_table(path, RUN_COLUMNS)
+        read_table(RUNS, path)
     assert one_line(error).startswith(f"{path}: truncated or corrupt parquet file (")
     assert f"restore it with `dvc checkout --force {path}`" in str(error.value)
 
@@ -204,7 +205,7 @@ def test_a_missing_local_model_stops_toy_model_and_keeps_the_trained_toy(tmp_pat
 
 def test_an_unknown_nli_model_hub_id_is_one_line_at_once():
     """The Hub is unreachable here: one metadata request, not transformers' 50 s of retries."""
-    from stages.lib.equivalence import NliClassifier
+    from stages.lib.semantic.equivalence import NliClassifier
 
     with pytest.raises(UserError) as error:
         NliClassifier("nobody-here/no-such-nli-model")
@@ -229,7 +230,7 @@ def test_the_printed_recovery_command_restores_a_corrupt_output(tmp_path):
     sh("dvc", "commit", "-f", "-q", "s", cwd=tmp_path)
     truncate(out / "id.parquet")
     with pytest.raises(SchemaError) as error:
-        read_table(out / "id.parquet", RUN_COLUMNS)
+        read_table(RUNS, out / "id.parquet")
     command = re.search(r"restore it with `([^`]+)`", one_line(error)).group(1)
     subprocess.run(command, shell=True, cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=300)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "id.parquet"), frame)

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.lib.checkpoints import CHECKPOINT_ROOT, GenerationCheckpoints, generation_key
+from stages.lib.sampling.checkpoints import CHECKPOINT_ROOT, GenerationCheckpoints, generation_key
 from stages.lib.params import parse_params
-from stages.lib.questions import questions_frame, write_questions
-from stages.lib.runs import SampledRun
+from stages.lib.questions.sources import questions_frame, write_questions
+from stages.lib.sampling.runs import SampledRun
 
 ROOT = Path(__file__).resolve().parents[1]
 N_QUESTIONS = 20
@@ -113,12 +113,12 @@ def test_a_checkpoint_of_other_code_is_discarded_on_resume(tiny_lm_dir, tmp_path
                      stop_entropy=0.1, truncated=False)
     GenerationCheckpoints(key).save("id", 0, [run])
 
-    with (code / "stages/lib/evaluation.py").open("a") as out:  # not a dep of generate
+    with (code / "stages/lib/evaluation/scoring.py").open("a") as out:  # not a dep of generate
         out.write("# an edit elsewhere\n")
     assert generation_key(params, questions, code_root=code) == key
     assert GenerationCheckpoints(key).load("id", 0)[0].generated_ids == [5, 6]
 
-    sampling = code / "stages/lib/sampling_hf.py"
+    sampling = code / "stages/lib/sampling/hf.py"
     sampling.write_text(sampling.read_text().replace("entropy", "entropy ", 1))
     resumed_key = generation_key(params, questions, code_root=code)
     assert resumed_key != key
@@ -143,7 +143,7 @@ def test_a_failed_vllm_generate_resumes_from_its_finished_calls(tiny_lm_dir, tmp
     from test_vllm_backend import FAKE_VLLM, FakeLLM
 
     from stages import generate
-    from stages.lib import sampling_vllm
+    from stages.lib.sampling import vllm as sampling_vllm
 
     raw = make_project(tmp_path, tiny_lm_dir)
     raw["sampling"].update(backend="vllm", temp=1.0, top_p=1.0, max_new_tokens=6)

@@ -7,13 +7,20 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.lib.models import ThinkTokens, load_model, prompt_ids, think_tokens
+from stages.lib.models.loading import ThinkTokens, load_model, prompt_ids, think_tokens
 from stages.lib.params import SamplingParams, VllmParams
-from stages.lib.runs import (TOP_LOGPROBS, SampledRun, build_run_records, mean_think_entropy, prompt_opens_think,
-                              think_span)
-from stages.lib.sampling_hf import eos_and_pad, sample_runs
-from stages.lib.schema import RUN_COLUMNS, RUN_KEY, prefix_fraction, validate_frame
-from stages.lib.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
+from stages.lib.sampling.runs import (
+    TOP_LOGPROBS,
+    SampledRun,
+    build_run_records,
+    mean_think_entropy,
+    prompt_opens_think,
+    think_span,
+)
+from stages.lib.sampling.hf import eos_and_pad, sample_runs
+from stages.lib.schema.tables import RUNS, prefix_fraction
+from stages.lib.schema.machinery import validate_frame
+from stages.lib.hidden.tracing import hidden_at_positions, resolve_layers, token_positions, trace_runs
 
 QUESTIONS = ["1+2", "12+7-5+3", "3-1", "20+20-7"]
 
@@ -124,7 +131,7 @@ def test_run_records_follow_the_schema_and_judge_answers(lm):
                           float("nan") if truncated else 0.1, truncated, np.full(len(ids), -3.0, np.float32))
 
     frame = build_run_records(questions, [[1, 2]], [[run(right, False), run(wrong, True)]], tokenizer, think)
-    validate_frame(frame, RUN_COLUMNS, "records", RUN_KEY)
+    validate_frame(frame, RUNS.columns, "records", RUNS.key)
     assert frame["correct"].tolist() == [True, False]
     assert frame["answer"].tolist() == ["3", ""]  # truncated while reasoning: no answer
     assert frame["answer_source"].tolist() == ["boxed", "truncated_in_think"]
@@ -199,12 +206,12 @@ def test_batched_trace_equals_unbatched_forward_at_each_position(lm):
 
 
 def test_an_empty_question_set_writes_an_empty_valid_runs_table(tmp_path):
-    from stages.lib.common import read_table, write_table
-    from stages.lib.models import ThinkTokens
-    from stages.lib.runs import build_run_records
-    from stages.lib.schema import RUN_COLUMNS, RUN_KEY
+    from stages.lib.io.files import read_table, write_table
+    from stages.lib.models.loading import ThinkTokens
+    from stages.lib.sampling.runs import build_run_records
+    from stages.lib.schema.tables import RUNS
 
     questions = pd.DataFrame(columns=["question_id", "dataset", "question", "gold"])
     frame = build_run_records(questions, [], [], tokenizer=None, think=ThinkTokens(None, None))
-    write_table(frame, tmp_path / "ood.parquet", RUN_COLUMNS, RUN_KEY)
-    assert len(read_table(tmp_path / "ood.parquet", RUN_COLUMNS, RUN_KEY)) == 0
+    write_table(frame, RUNS, tmp_path / "ood.parquet")
+    assert len(read_table(RUNS, tmp_path / "ood.parquet")) == 0

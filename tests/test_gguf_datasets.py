@@ -1,4 +1,4 @@
-"""GGUF checkpoints (stages/lib/models.py) and the ``hf:`` question sources (stages/lib/questions.py).
+"""GGUF checkpoints (stages/lib/models/loading.py) and the ``hf:`` question sources (stages/lib/questions/sources.py).
 
 The GGUF file is written here with the ``gguf`` package from the tiny random Qwen3 of conftest.py, so nothing is
 downloaded; the real ``datasets`` client is called against the Hub, which these machines cannot reach.
@@ -21,10 +21,11 @@ import yaml
 from conftest import tiny_qwen3
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.lib import models, questions
+from stages.lib.models import loading as models
+from stages.lib.questions import sources as questions
 from stages.lib.params import HUB_SOURCES, ParamsError, parse_params
-from stages.lib.questions import HubDataset, QuestionSourceError, hub_rows_questions, jsonl_questions
-from stages.lib.toy import build_tokenizer
+from stages.lib.questions.sources import HubDataset, QuestionSourceError, hub_rows_questions, jsonl_questions
+from stages.lib.models.toy import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")
@@ -86,7 +87,7 @@ def tiny_gguf(tmp_path_factory):
 
 @pytest.fixture
 def conversions(monkeypatch) -> list[Path]:
-    """Every GGUF file that stages.lib.models converts during the test (the real conversion still runs)."""
+    """Every GGUF file that stages.lib.models.loading converts during the test (the real conversion still runs)."""
     converted: list[Path] = []
     real_convert = models.convert_gguf
 
@@ -110,7 +111,7 @@ def logits(model, input_ids: list[int]) -> torch.Tensor:
 def test_a_gguf_file_is_converted_once_and_then_reused(tiny_gguf, tmp_path, conversions, caplog):
     path, _, _ = tiny_gguf
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="stages.lib.models"):
+    with caplog.at_level(logging.INFO, logger="stages.lib.models.loading"):
         first = models.converted_gguf(path, cache)
     assert conversions == [path]
     assert first == cache / models.file_sha256(path)
@@ -121,7 +122,7 @@ def test_a_gguf_file_is_converted_once_and_then_reused(tiny_gguf, tmp_path, conv
     assert "converting to safetensors" in caplog.text
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="stages.lib.models"):
+    with caplog.at_level(logging.INFO, logger="stages.lib.models.loading"):
         again = models.converted_gguf(path, cache)
         renamed = models.converted_gguf(shutil.copy(path, tmp_path / "renamed.gguf"), cache)
     assert again == renamed == first
@@ -241,7 +242,7 @@ def test_an_unreachable_hub_fails_at_once_with_a_clear_message():
 
 def test_offline_mode_error_from_datasets_is_translated(tmp_path):
     """With HF_HUB_OFFLINE=1 and an empty cache the real ``datasets`` call fails, and the stage says why."""
-    script = ("from stages.lib import questions\n"
+    script = ("from stages.lib.questions import sources as questions\n"
               "try:\n"
               "    questions.build_dataset('ood', 'hf:math500', 5, 0, None)\n"
               "except questions.QuestionSourceError as error:\n"

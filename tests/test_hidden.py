@@ -1,4 +1,4 @@
-"""The sharded hidden-state store (stages/lib/hidden.py): the reader indexes like the 4-d array it replaces, each
+"""The sharded hidden-state store (stages/lib/hidden/store.py): the reader indexes like the 4-d array it replaces, each
 shard is checked with a one-line error, mapped pages are released, and the trace stage writes shards that stay
 byte-identical when a position is added (so DVC stores and moves only the new one)."""
 
@@ -15,10 +15,12 @@ from conftest import link_local_model
 from test_probes import resident_kib
 
 from stages import generate, trace
-from stages.lib.hidden import HiddenStates, create_hidden, finish_hidden, open_hidden, write_hidden
-from stages.lib.probes import LogisticProbe, location_features, probe_features, release_mapped_pages
-from stages.lib.questions import questions_frame, write_questions
-from stages.lib.schema import HiddenMeta, SchemaError, hidden_files, hidden_shard
+from stages.lib.hidden.store import HiddenStates, create_hidden, finish_hidden, open_hidden, write_hidden
+from stages.lib.probes.linear import LogisticProbe
+from stages.lib.probes.fitting import location_features, probe_features, release_mapped_pages
+from stages.lib.questions.sources import questions_frame, write_questions
+from stages.lib.schema.tables import HiddenMeta, hidden_files, hidden_shard
+from stages.lib.schema.machinery import SchemaError
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = ["tbg", "think_end", "slt"]

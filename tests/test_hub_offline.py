@@ -1,7 +1,7 @@
 """The Hugging Face Hub, offline or unreachable: models and ``hf:`` datasets fail fast, saying how to fix it.
 
 stages/lib/hub.py asks the Hub once through huggingface_hub (its session, timeout, ``HF_ENDPOINT`` and proxy
-variables); stages/lib/models.py turns the answer into "load from the Hub", "load the cached copy" or a one-line
+variables); stages/lib/models/loading.py turns the answer into "load from the Hub", "load the cached copy" or a one-line
 error. huggingface_hub reads ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_HOME`` when it is imported and the proxy
 variables when its session opens, so every case runs in a fresh interpreter with its own environment. The Hub
 itself is never reached: a closed port on 127.0.0.1 stands for an unreachable Hub, and a small HTTP proxy on
@@ -25,8 +25,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from stages.lib import models
-from stages.lib.models import ModelSource
+from stages.lib.models import loading as models
+from stages.lib.models.loading import ModelSource
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING = "sep-tests/no-such-model"
@@ -52,7 +52,7 @@ def run_python(script: str, tmp_path: Path, cwd: Path | None = None, **env: str)
     return result
 
 
-LOAD = ("from stages.lib import models\n"
+LOAD = ("from stages.lib.models import loading as models\n"
         "try:\n"
         "    model, _ = models.load_model({name!r}, 'unused')\n"
         "    print('LOADED', type(model).__name__)\n"
@@ -87,7 +87,7 @@ def test_the_generate_stage_prints_the_one_line_error_and_exits_2(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = run_python("from stages.lib.common import run_stage\nfrom stages import generate\n"
+    result = run_python("from stages.lib.io.files import run_stage\nfrom stages import generate\n"
                         "run_stage(generate.main, generate.__doc__)\n", tmp_path, cwd=project, HF_HUB_OFFLINE="1")
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -123,7 +123,7 @@ def test_a_cached_copy_loads_without_asking_again(tiny_lm_dir, tmp_path, offline
     repo_id = "sep-tests/tiny-cached"
     cache_copy(tiny_lm_dir, tmp_path / "hf", repo_id)
     env = {"HF_HUB_OFFLINE": "1"} if offline else {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
-    script = ("import torch\nfrom stages.lib import models\n"
+    script = ("import torch\nfrom stages.lib.models import loading as models\n"
               f"model, tokenizer = models.load_model({repo_id!r}, 'unused')\n"
               "ids = torch.tensor([tokenizer('12+7-5')['input_ids']])\n"
               "print('LOGITS', model(ids).logits[0, -1, :4].tolist())\n")
@@ -179,7 +179,7 @@ def proxy():
 
 def test_the_reachability_check_goes_through_the_proxy(proxy, tmp_path):
     """hub.invalid does not resolve: only a check that honours HTTP_PROXY (as the downloads do) can reach it."""
-    script = ("from stages.lib import hub, questions\n"
+    script = ("from stages.lib import hub\nfrom stages.lib.questions import sources as questions\n"
               "print('MODEL', hub.unreachable_reason('sep-tests/tiny'))\n"
               "print('DATASET', questions.hub_unreachable_reason(questions.HUB_DATASETS['hf:gsm8k']))\n"
               "try:\n"
@@ -200,6 +200,6 @@ def test_the_reachability_check_goes_through_the_proxy(proxy, tmp_path):
 
 
 def test_without_the_proxy_the_same_check_reports_the_hub_unreachable(tmp_path):
-    result = run_python("from stages.lib import hub\nprint(hub.unreachable_reason('sep-tests/tiny'))\n", tmp_path,
-                        HF_ENDPOINT="http://hub.invalid")
+    result = run_python("from stages.lib import hub\nprint(hub.unreachable_reason('sep-tests/tiny'))\n",
+                        tmp_path, HF_ENDPOINT="http://hub.invalid")
     assert result.returncode == 0 and result.stdout.strip() not in ("", "None"), result.stderr[-2000:]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from stages.lib.metrics import (
+from stages.lib.evaluation.metrics import (
     auprc,
     auroc,
     bootstrap_ci,

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
-from stages.lib.metrics import (
+from stages.lib.evaluation.selective import (
     aurac,
     aurac_all_n,
     aurc,

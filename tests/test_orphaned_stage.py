@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE = '''
 import os, time
 from pathlib import Path
-from stages.lib.common import run_stage, stage_outputs
+from stages.lib.io.files import run_stage, stage_outputs
 
 def main():
     with stage_outputs() as outputs:

@@ -18,8 +18,9 @@ import pytest
 import yaml
 from dvc_project import STAGES, ran_stages, sh, stages_a_param_reruns
 
-from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema import ANALYSIS_KEY, validate_frame
+from stages.lib.registry import ANALYSIS
+from stages.lib.schema.tables import ANALYSIS_KEY
+from stages.lib.schema.machinery import validate_frame
 
 
 def sampling_params(exp_show_entry: dict) -> dict:
@@ -37,7 +38,7 @@ def check_location_scores_and_tokens(directory, table: pd.DataFrame) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from stages.lib.schema import TOKEN_COLUMNS, TOKEN_KEY, LocationScoresMeta, validate_location_scores
+    from stages.lib.schema.tables import TOKENS, LocationScoresMeta, validate_location_scores
 
     meta = LocationScoresMeta.read(directory / "location_scores.json")
     scores = np.load(directory / "location_scores.npy", allow_pickle=False)
@@ -47,7 +48,7 @@ def check_location_scores_and_tokens(directory, table: pd.DataFrame) -> None:
         if f"{probe}_probe_prob" in table:
             at_chosen = scores[:, index, meta.positions.index(chosen.position), meta.layers.index(chosen.layer)]
             np.testing.assert_allclose(at_chosen, table[f"{probe}_probe_prob"], atol=1e-6)
-    tokens = validate_frame(pd.read_parquet(directory / "tokens.parquet"), TOKEN_COLUMNS, "tokens", TOKEN_KEY)
+    tokens = validate_frame(pd.read_parquet(directory / "tokens.parquet"), TOKENS.columns, "tokens", TOKENS.key)
     assert len(tokens) == len(table)
     assert (tokens["tokens"].map(len) == tokens["token_entropies"].map(len)).all()
     assert list(zip(tokens["dataset"], tokens["question_id"])) == sorted(zip(tokens["dataset"], tokens["question_id"]))
@@ -61,7 +62,7 @@ def test_dvc_repro_exp_run_and_metrics_diff(tiny_run, tiny_project):
     project = tiny_project
 
     table = pd.read_parquet(project / "artifacts/analysis/analysis.parquet")
-    validate_frame(table, ANALYSIS_COLUMNS, "analysis.parquet", ANALYSIS_KEY)
+    validate_frame(table, ANALYSIS.columns, "analysis.parquet", ANALYSIS_KEY)
     assert set(table["split"]) == {"train", "val", "test", "ood"}
     assert len(table) == (40 + 12) * 4
     check_location_scores_and_tokens(project / "artifacts/analysis", table)

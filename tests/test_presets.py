@@ -14,11 +14,11 @@ from dvc.utils.hydra import apply_overrides
 
 from conftest import link_local_model
 from stages import generate, trace
-from stages.lib.models import format_prompt, prompt_ids
+from stages.lib.models.loading import format_prompt, prompt_ids
 from stages.lib.params import load_params, parse_params
 from stages.lib.presets import PresetError, apply_preset, main, read_preset, set_flags
-from stages.lib.questions import write_questions, questions_frame
-from stages.lib.schema import HiddenMeta, hidden_files
+from stages.lib.questions.sources import write_questions, questions_frame
+from stages.lib.schema.tables import HiddenMeta, hidden_files
 from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_format_prompt_interprets_only_the_placeholder():
 
 
 def test_top_k_and_template_reach_the_samplers():
-    from stages.lib.sampling_vllm import engine_kwargs, request_kwargs
+    from stages.lib.sampling.vllm import engine_kwargs, request_kwargs
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["sampling"]["top_k"] = 20
@@ -118,8 +118,8 @@ def test_revision_template_and_top_k_reach_generate_and_trace(tiny_lm_dir, tmp_p
 def test_hf_top_k_one_samples_the_greedy_runs(tiny_lm_dir):
     """top-k = 1 leaves one token to sample from: the sampled runs at T = 1 are the greedy runs; without top-k
     they are not (so the parameter reaches model.generate)."""
-    from stages.lib.models import load_model
-    from stages.lib.sampling_hf import eos_and_pad, sample_runs
+    from stages.lib.models.loading import load_model
+    from stages.lib.sampling.hf import eos_and_pad, sample_runs
 
     model, tokenizer = load_model(str(tiny_lm_dir), toy_model_dir="unused")
     eos_ids, pad_id = eos_and_pad(model, tokenizer)

@@ -19,25 +19,27 @@ from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from stages.lib.metrics import auroc
-from stages.lib.probe_store import load_location_probes, load_probe, save_location_probes, save_probe
-from stages.lib.probes import (
+from stages.lib.evaluation.metrics import auroc
+from stages.lib.probes.store import load_location_probes, load_probe, save_location_probes, save_probe
+from stages.lib.probes.linear import (
     LinearProbe,
     LogisticProbe,
     MeanDifferenceProbe,
     RidgeProbe,
     SingleClassError,
+    held_out_score,
+)
+from stages.lib.probes.fitting import (
     best_split_threshold,
     fit_location_probes,
-    held_out_score,
     location_features,
     median_threshold,
     probe_features,
     probe_score,
     score_location_probes,
 )
-from stages.lib.schema import SchemaError
-from stages.lib.selection import layer_ranges, select_layer_range
+from stages.lib.schema.machinery import SchemaError
+from stages.lib.probes.selection import layer_ranges, select_layer_range
 
 
 def signal_data(n_questions=30, runs=4, dims=5, seed=0):

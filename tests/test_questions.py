@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from stages import questions as questions_stage
-from stages.lib import arithmetic, questions
-from stages.lib.questions import (
+from stages.lib.questions import arithmetic, sources as questions
+from stages.lib.questions.sources import (
     QuestionSourceError,
     arithmetic_questions,
     gsm8k_gold,
@@ -19,7 +19,7 @@ from stages.lib.questions import (
     parse_source,
     question_from_record,
 )
-from stages.lib.schema import SchemaError
+from stages.lib.schema.machinery import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")

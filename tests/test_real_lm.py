@@ -24,9 +24,9 @@ import pytest
 import yaml
 from dvc_project import ENV, make_project
 
-from stages.lib import arithmetic
-from stages.lib.hidden import open_hidden
-from stages.lib.schema import EVALUATE_FILE
+from stages.lib.questions import arithmetic
+from stages.lib.hidden.store import open_hidden
+from stages.lib.schema.reports import EVALUATE_FILE
 
 REAL_LM = os.environ.get("SEP_REAL_LM", "")
 

@@ -21,8 +21,8 @@ import yaml
 from dvc_project import ENV, ROOT, ran_stages, sh
 from s3_server import anonymous_status, start_seaweedfs
 
-from viewer.data import METRICS_FILES, PLOT_TABLES, load_analysis, load_metrics, load_plot_table
-from viewer.early_exit import load_early_exit
+from viewer.loaders import METRICS_FILES, PLOT_TABLES, load_analysis, load_metrics, load_plot_table
+from viewer.views.early_exit import load_early_exit
 
 
 def dvc_config(project: Path, key: str) -> str:

@@ -1,4 +1,5 @@
-"""The README headline table rendered from evaluate.json (stages/lib/report.py), on a small synthetic report."""
+"""The README headline table rendered from evaluate.json (stages/lib/evaluation/report.py), on a small synthetic
+report."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.lib.report import headline_table
+from stages.lib.evaluation.report import headline_table
 from tests.viewer_support import synthetic_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,10 +52,10 @@ def test_headline_table_rows_on_request_and_missing_scores_skipped():
 def test_command_line_prints_the_table_and_names_a_missing_file(tmp_path):
     path = tmp_path / "evaluate.json"
     path.write_text(small_report().to_json())
-    done = subprocess.run([sys.executable, "-m", "stages.lib.report", str(path)], cwd=REPO, capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "stages.lib.evaluation.report", str(path)], cwd=REPO,
+                          capture_output=True, text=True, check=True)
     assert done.stdout == headline_table(small_report()) + "\n"
-    missing = subprocess.run([sys.executable, "-m", "stages.lib.report", str(tmp_path / "none.json")], cwd=REPO,
-                             capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, "-m", "stages.lib.evaluation.report", str(tmp_path / "none.json")],
+                             cwd=REPO, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.strip().endswith("not found; run the evaluate stage "
                                                                        "(`dvc repro evaluate`)")

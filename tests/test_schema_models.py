@@ -1,4 +1,4 @@
-"""The JSON hand-offs' models (stages/lib/schema.py) and the registry (stages/lib/registry.py).
+"""The JSON hand-offs' models (stages/lib/schema/) and the registry (stages/lib/registry.py).
 
 The committed metrics files are read through their models and written back: the bytes must not move, since
 evaluate.json, stability.json, cost_ratio.json and the cost records are DVC outputs whose hashes dvc.lock holds.
@@ -14,23 +14,19 @@ import pandas as pd
 import pytest
 
 from stages.lib import registry
-from stages.lib.common import cost_record
-from stages.lib.schema import (
-    ANALYSIS_KEY,
-    HIDDEN_INDEX_COLUMNS,
+from stages.lib.io.files import cost_record
+from stages.lib.schema.tables import ANALYSIS_KEY, HIDDEN_INDEX, HiddenMeta, require_finite_hidden, validate_hidden
+from stages.lib.schema.reports import (
     CostRatio,
     CostRecord,
     EvaluateReport,
-    HiddenMeta,
     IncorrectMetrics,
     LabelMetrics,
     RangeChoice,
-    SchemaError,
     Selection,
     StabilityReport,
-    require_finite_hidden,
-    validate_hidden,
 )
+from stages.lib.schema.machinery import SchemaError
 
 METRICS = Path(__file__).resolve().parents[1] / "artifacts" / "metrics"
 COMMITTED = [(METRICS / "evaluate.json", EvaluateReport), (METRICS / "stability.json", StabilityReport),
@@ -137,7 +133,7 @@ def test_hidden_meta_and_the_array_it_describes():
         HiddenMeta.parse({**meta.model_dump(), "dtype": "float32"}, "meta.json")
     index = pd.DataFrame({"row": [0, 1], "question_id": ["a", "a"], "run_id": [0, 1], "sequence_length": [5, 6],
                           "think_end_fallback": [False, True]})
-    assert [c.name for c in HIDDEN_INDEX_COLUMNS] == list(index.columns)
+    assert [c.name for c in HIDDEN_INDEX.columns] == list(index.columns)
     array = np.zeros((2, 2, 2, 3), dtype=np.float16)
     validate_hidden(array, index, meta, "id.npy")
     with pytest.raises(SchemaError, match=r"id.npy: array shape \(2, 2, 3, 3\); expected .* \(2, 2, 2, 3\)"):
@@ -182,7 +178,7 @@ def test_registry_entries_are_consistent():
             assert registry.probe(probe.range_of) in registry.layer_probes()
             assert registry.probe(probe.range_of).target == probe.target
     assert len({probe.file for probe in registry.probes()}) == len(registry.probes())
-    entropy_columns = {column.name for column in registry.ANALYSIS_COLUMNS}
+    entropy_columns = {column.name for column in registry.ANALYSIS.columns}
     assert all(score.name in entropy_columns for score in registry.scores(kind="entropy"))  # the viewer's y axes
 
 
@@ -199,12 +195,12 @@ def test_registry_keeps_the_outputs_names_and_order():
         "accuracy_range_probe", "se_range_probe"]
     assert [(probe.name, probe.target) for probe in registry.layer_probes()] == [
         ("accuracy", "correct"), ("se", "high_se"), ("se_regression", "semantic_entropy")]
-    assert [column.name for column in registry.ANALYSIS_COLUMNS] == [
+    assert [column.name for column in registry.ANALYSIS.columns] == [
         "question_id", "run_id", "dataset", "split", "question", "gold", "text", "answer", "cluster_id", "n_clusters",
         "correct", "semantic_entropy", "semantic_entropy_weighted", "naive_entropy", "mean_token_entropy",
         "sequence_loglik", "accuracy_probe_prob", "accuracy_probe_margin", "se_probe_prob", "se_probe_margin",
         "high_se", "umap_x", "umap_y", "think_length", "truncated", "answer_source"]
-    assert set(ANALYSIS_KEY) <= {column.name for column in registry.ANALYSIS_COLUMNS}
+    assert set(ANALYSIS_KEY) <= {column.name for column in registry.ANALYSIS.columns}
 
 
 def test_labels_and_targets_by_hand():
@@ -216,7 +212,7 @@ def test_labels_and_targets_by_hand():
 
 
 def test_a_lower_oriented_score_is_negated_so_higher_always_flags_the_label():
-    from stages.lib.evaluation import score_runs
+    from stages.lib.evaluation.scoring import score_runs
 
     runs = pd.DataFrame({"hidden_row": [0, 1, 2], "sequence_loglik": [-3.0, -1.0, -2.0]})
     loglik = registry.Score("sequence_loglik", "incorrect", "baseline", "sequence log-likelihood",

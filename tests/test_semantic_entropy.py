@@ -15,10 +15,11 @@ import yaml
 from hypothesis import given, settings
 
 from stages import semantic_entropy as stage
-from stages.lib.answers import answers_equivalent
-from stages.lib.common import read_table, write_table
-from stages.lib.entropy import math_clusterer
-from stages.lib.entropy import (
+from stages.lib.errors import UserError
+from stages.lib.questions.answers import answers_equivalent
+from stages.lib.io.files import read_table, write_table
+from stages.lib.semantic.entropy import math_clusterer
+from stages.lib.semantic.entropy import (
     cluster_answers,
     discrete_semantic_entropy,
     length_normalised_loglik,
@@ -26,8 +27,14 @@ from stages.lib.entropy import (
     semantic_entropy_table,
     weighted_semantic_entropy,
 )
-from stages.lib.equivalence import answer_adjacency, connected_clusters, greedy_reference_clusters, pairwise_judge
-from stages.lib.schema import RUN_COLUMNS, RUN_KEY, SE_COLUMNS, SE_KEY, SchemaError
+from stages.lib.semantic.equivalence import (
+    answer_adjacency,
+    connected_clusters,
+    greedy_reference_clusters,
+    pairwise_judge,
+)
+from stages.lib.schema.tables import RUNS, SEMANTIC_ENTROPY
+from stages.lib.schema.machinery import SchemaError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -239,7 +246,7 @@ def test_on_integer_answers_the_clusters_are_the_greedy_ones(answers):
 # ---- the stage on a tiny runs table -----------------------------------------------------------------
 
 def make_runs(dataset: str, answers_by_question: dict[str, list[str]]) -> pd.DataFrame:
-    """A RUN_COLUMNS table with the given answers; token-level columns are small but consistent."""
+    """A RUNS.columns table with the given answers; token-level columns are small but consistent."""
     rows = []
     for question_id, answers in answers_by_question.items():
         for run_id, answer in enumerate(answers):
@@ -285,7 +292,7 @@ def test_semantic_entropy_table_values_and_row_order():
 
 
 def test_semantic_entropy_table_rejects_a_single_run_question():
-    with pytest.raises(ValueError, match="q0"):
+    with pytest.raises(UserError, match="q0"):
         semantic_entropy_table(make_runs("id", {"q0": ["1"]}), math_clusterer())
 
 
@@ -301,15 +308,15 @@ def stage_dir(tmp_path, monkeypatch):
 
 def test_stage_writes_schema_valid_tables_and_cost(stage_dir):
     id_runs = make_runs("id", ID_ANSWERS)
-    write_table(id_runs, "out/runs/id.parquet", RUN_COLUMNS, RUN_KEY)
-    write_table(id_runs.iloc[0:0], "out/runs/ood.parquet", RUN_COLUMNS, RUN_KEY)  # no OOD questions
+    write_table(id_runs, RUNS, "out/runs/id.parquet")
+    write_table(id_runs.iloc[0:0], RUNS, "out/runs/ood.parquet")  # no OOD questions
 
     stage.main()
 
-    id_table = read_table("out/semantic_entropy/id.parquet", SE_COLUMNS, SE_KEY)
-    ood_table = read_table("out/semantic_entropy/ood.parquet", SE_COLUMNS, SE_KEY)
+    id_table = read_table(SEMANTIC_ENTROPY, "out/semantic_entropy/id.parquet")
+    ood_table = read_table(SEMANTIC_ENTROPY, "out/semantic_entropy/ood.parquet")
     assert len(id_table) == len(id_runs) and len(ood_table) == 0
-    assert list(id_table.columns) == [column.name for column in SE_COLUMNS]
+    assert list(id_table.columns) == [column.name for column in SEMANTIC_ENTROPY.columns]
     assert sorted(path.name for path in (stage_dir / "out").iterdir()) == ["metrics", "runs", "semantic_entropy"]
 
     cost = json.loads((stage_dir / "out/metrics/cost/semantic_entropy.json").read_text())
@@ -324,12 +331,12 @@ def test_stage_names_a_missing_runs_file(stage_dir):
     assert not (stage_dir / "out/semantic_entropy").exists()
 
 
-# ---- the stage with model-based equivalence (stages/lib/equivalence.py) ----------------------------------
+# ---- the stage with model-based equivalence (stages/lib/semantic/equivalence.py) ----------------------------------
 
 def write_stage_inputs(answers_by_question: dict[str, list[str]], questions: dict[str, str] | None = None) -> None:
     id_runs = make_runs("id", answers_by_question)
-    write_table(id_runs, "out/runs/id.parquet", RUN_COLUMNS, RUN_KEY)
-    write_table(id_runs.iloc[0:0], "out/runs/ood.parquet", RUN_COLUMNS, RUN_KEY)
+    write_table(id_runs, RUNS, "out/runs/id.parquet")
+    write_table(id_runs.iloc[0:0], RUNS, "out/runs/ood.parquet")
     if questions is not None:
         Path("out/questions").mkdir(parents=True)
         Path("out/questions/id.jsonl").write_text("".join(
@@ -345,7 +352,7 @@ def set_semantic_entropy(stage_dir: Path, **values) -> None:
 
 
 def stage_outputs(stage_dir: Path) -> tuple[pd.DataFrame, dict]:
-    table = read_table("out/semantic_entropy/id.parquet", SE_COLUMNS, SE_KEY)
+    table = read_table(SEMANTIC_ENTROPY, "out/semantic_entropy/id.parquet")
     cost = json.loads((stage_dir / "out/metrics/cost/semantic_entropy.json").read_text())
     return table.set_index(["question_id", "run_id"]).sort_index(), cost
 
@@ -368,8 +375,8 @@ def tiny_nli_dir(tmp_path_factory):
 
 
 def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
-    from stages.lib.entropy import graph_measures
-    from stages.lib.equivalence import NliClassifier, NliJudge, answer_adjacency, greedy_reference_clusters
+    from stages.lib.semantic.entropy import graph_measures
+    from stages.lib.semantic.equivalence import NliClassifier, NliJudge, answer_adjacency, greedy_reference_clusters
 
     answers = {"q0": ["42", "forty two", "42", "24", ""], "q1": ["paris", "the capital of france", "paris"]}
     questions = {"q0": "x + 1", "q1": "the capital of france"}
@@ -400,7 +407,7 @@ def test_nli_method_with_the_question_prepended(stage_dir, tiny_nli_dir):
     # a question missing from the questions file is named
     Path("out/questions/id.jsonl").write_text(json.dumps(
         {"question_id": "q0", "dataset": "id", "question": "x + 1", "gold": "14"}) + "\n")
-    with pytest.raises(ValueError, match="'q1'.*prepend_question"):
+    with pytest.raises(UserError, match="'q1'.*prepend_question"):
         stage.main()
 
 

@@ -1,4 +1,5 @@
-"""Tests for stages/lib/arithmetic.py and stages/lib/toy.py: the task, the tokenizer, and a tiny trained model."""
+"""Tests for stages/lib/questions/arithmetic.py and stages/lib/models/toy.py: the task, the tokenizer, and a tiny
+trained model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import toy_model
-from stages.lib import arithmetic, toy
+from stages.lib.questions import arithmetic
+from stages.lib.models import toy
 from stages.lib.params import ToyParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +219,7 @@ def test_stage_main_writes_the_model_and_its_cost_record(tmp_path, monkeypatch):
 
 def test_stage_main_trains_nothing_for_a_real_model(tmp_path, monkeypatch):
     """model.name is a real model: a placeholder directory and a cost record, no training, no weights."""
-    from stages.lib import models
+    from stages.lib.models import loading as models
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["model"]["name"] = "Qwen/Qwen3-0.6B"

@@ -14,9 +14,9 @@ from conftest import tiny_qwen3
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from stages.lib.errors import UserError
-from stages.lib.models import think_tokens
-from stages.lib.toy import build_tokenizer
-from stages.lib.tracing import (
+from stages.lib.models.loading import think_tokens
+from stages.lib.models.toy import build_tokenizer
+from stages.lib.hidden.tracing import (
     UnsupportedArchitecture,
     decoder_modules,
     hidden_at_positions,

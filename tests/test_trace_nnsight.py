@@ -14,10 +14,10 @@ from conftest import tiny_qwen3
 from test_trace_hooks import BUDGET, MODELS, POSITIONS, edge_case_runs, reference_hidden_at_positions
 
 from stages.lib.errors import UserError
-from stages.lib.models import TORCH_DTYPES, load_model, resolve_device
+from stages.lib.models.loading import TORCH_DTYPES, load_model, resolve_device
 from stages.lib.params import ParamsError, parse_params
-from stages.lib.toy import build_tokenizer
-from stages.lib.tracing import (
+from stages.lib.models.toy import build_tokenizer
+from stages.lib.hidden.tracing import (
     decoder_modules,
     hidden_at_positions,
     hidden_at_positions_nnsight,

@@ -16,27 +16,28 @@ import pytest
 import yaml
 
 from stages import cost_ratio, evaluate, stability, train_probes
-from stages.lib import dataset as dataset_lib
-from stages.lib import registry, selection
-from stages.lib.hidden import write_hidden
+from stages.lib.errors import UserError
+from stages.lib.probes import dataset as dataset_lib
+from stages.lib import registry
+from stages.lib.probes import selection
+from stages.lib.hidden.store import write_hidden
 from stages.lib.params import parse_params
-from stages.lib.probe_store import load_location_probes, load_probes
-from stages.lib.probes import SingleClassError
-from stages.lib.questions import write_questions
-from stages.lib.schema import (
-    AUROC_BY_LAYER_COLUMNS,
-    DIFFICULTY_COLUMNS,
-    EARLY_WARNING_COLUMNS,
-    RELIABILITY_COLUMNS,
-    RISK_COVERAGE_COLUMNS,
-    ROC_COLUMNS,
-    SPLIT_COLUMNS,
-    STABILITY_COLUMNS,
-    CostRecord,
+from stages.lib.probes.store import load_location_probes, load_probes
+from stages.lib.probes.linear import SingleClassError
+from stages.lib.questions.sources import write_questions
+from stages.lib.schema.tables import (
+    AUROC_BY_LAYER,
+    DIFFICULTY,
+    EARLY_WARNING,
+    RELIABILITY,
+    RISK_COVERAGE,
+    ROC,
+    QUESTION_SPLITS,
+    STABILITY_PLOT,
     HiddenMeta,
-    SchemaError,
-    validate_frame,
 )
+from stages.lib.schema.reports import CostRecord
+from stages.lib.schema.machinery import SchemaError, validate_frame
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 POSITIONS = ["tbg", "think_end", "slt"]
@@ -118,14 +119,14 @@ def write_fixture(params, n_id=60, n_ood=20, edit_id=None):
 
 def test_questions_are_split_not_runs():
     splits = dataset_lib.split_questions([f"q{i}" for i in range(50)] * 3, ["o1", "o2"], 0.6, 0.2, seed=0)
-    validate_frame(splits, SPLIT_COLUMNS, "splits")
+    validate_frame(splits, QUESTION_SPLITS.columns, "splits")
     assert splits["question_id"].is_unique
     assert splits["split"].value_counts().to_dict() == {"train": 30, "val": 10, "test": 10, "ood": 2}
     again = dataset_lib.split_questions([f"q{i}" for i in reversed(range(50))], ["o2", "o1"], 0.6, 0.2, seed=0)
     pd.testing.assert_frame_equal(splits, again)  # depends on the set of questions and the seed only
     other_seed = dataset_lib.split_questions([f"q{i}" for i in range(50)], [], 0.6, 0.2, seed=1)
     assert set(other_seed.query("split == 'train'").question_id) != set(splits.query("split == 'train'").question_id)
-    with pytest.raises(ValueError, match="empty `val` split"):
+    with pytest.raises(UserError, match="empty `val` split"):
         dataset_lib.split_questions(["a", "b", "c"], [], 0.6, 0.1, seed=0)
 
 
@@ -229,7 +230,7 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
         "ood": 20 * RUNS_PER_QUESTION}
     assert written["answer_extraction"]["test"]["n_truncated_in_think"] == 0
     by_difficulty = pd.read_csv(Path(params.paths.plots) / "auroc_by_difficulty.csv")
-    validate_frame(by_difficulty, DIFFICULTY_COLUMNS, "auroc_by_difficulty.csv")
+    validate_frame(by_difficulty, DIFFICULTY.columns, "auroc_by_difficulty.csv")
     assert len(by_difficulty) == len(written["by_difficulty"]) and set(by_difficulty["value"]) == {2, 3, 4}
     assert set(by_difficulty["difficulty"]) == {"n_terms"}
     assert set(by_difficulty["score"]) == {score.name for score in registry.SCORES if score.headline}
@@ -261,7 +262,7 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert written["settings"]["accuracy_probe"] == {"position": "think_end", "layer": 2, "layer_end": None}
 
     by_layer = pd.read_csv(Path(params.paths.plots) / "auroc_by_layer.csv")
-    validate_frame(by_layer, AUROC_BY_LAYER_COLUMNS, "auroc_by_layer.csv")
+    validate_frame(by_layer, AUROC_BY_LAYER.columns, "auroc_by_layer.csv")
     assert len(by_layer) == 2 * len(POSITIONS) * len(LAYERS) * 3
     assert set(by_layer["split"]) == {"val", "test", "ood"} and set(by_layer["probe"]) == {"accuracy", "se"}
     # the per-layer probes are the ones train_probes selected from: same val AUROC
@@ -270,21 +271,21 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert chosen["auroc"].item() == pytest.approx(selection["accuracy_probe"]["val_score"])
 
     warning = pd.read_csv(Path(params.paths.plots) / "early_warning.csv")
-    validate_frame(warning, EARLY_WARNING_COLUMNS, "early_warning.csv")
+    validate_frame(warning, EARLY_WARNING.columns, "early_warning.csv")
     assert len(warning) == 2 * len(POSITIONS) * 2  # accuracy and SE probes x positions x (test, ood)
     think_end = warning.query("probe == 'accuracy' and position == 'think_end' and split == 'test'").iloc[0]
     assert think_end["fraction"] == 1.0 and think_end["layer"] == 2 and think_end["auroc"] > 0.8
     assert warning.query("position == 'slt'")["fraction"].isna().all()
     risk = pd.read_csv(Path(params.paths.plots) / "risk_coverage.csv")
-    validate_frame(risk, RISK_COVERAGE_COLUMNS, "risk_coverage.csv")
+    validate_frame(risk, RISK_COVERAGE.columns, "risk_coverage.csv")
     incorrect_scores = {score.name for score in registry.scores(label="incorrect")}
     assert set(risk["score"]) == incorrect_scores and risk["coverage"].max() == 1.0
     reliability = pd.read_csv(Path(params.paths.plots) / "reliability.csv")
-    validate_frame(reliability, RELIABILITY_COLUMNS, "reliability.csv")
+    validate_frame(reliability, RELIABILITY.columns, "reliability.csv")
     assert len(reliability) == 2 * 2 * params.evaluate.calibration_bins  # 2 probes x (test, ood) x bins
 
     roc = pd.read_csv(Path(params.paths.plots) / "roc.csv")
-    validate_frame(roc, ROC_COLUMNS, "roc.csv")
+    validate_frame(roc, ROC.columns, "roc.csv")
     assert set(roc["score"]) == incorrect_scores and set(roc["split"]) == {"test", "ood"}
     assert (Path(params.paths.metrics) / "cost" / "evaluate.json").exists()
 
@@ -360,7 +361,7 @@ def test_stability_refits_on_each_seed_and_reports_the_spread(tmp_path):
     write_fixture(params)
     report = stability.run(params)
     table = pd.read_csv(Path(params.paths.plots) / "stability.csv")
-    validate_frame(table, STABILITY_COLUMNS, "stability.csv")
+    validate_frame(table, STABILITY_PLOT.columns, "stability.csv")
     assert sorted(set(table["seed"])) == [params.seed, params.seed + 1, params.seed + 2]
     assert len(table) == 3 * 2 * len(registry.stable_scores())  # seeds x (test, ood) x scores
     assert "accuracy_range_probe" not in set(table["score"]) and "se_probe_high_se" not in set(table["score"])
@@ -448,7 +449,7 @@ def test_a_new_score_is_one_registry_entry_and_one_function(tmp_path, monkeypatc
 
 
 def test_question_difficulty_and_answer_counts_by_hand():
-    from stages.lib.evaluation import answer_extraction, question_difficulty
+    from stages.lib.evaluation.scoring import answer_extraction, question_difficulty
 
     chains = pd.DataFrame({"question_id": ["a", "b"], "question": ["1+2", "3-1+4"], "level": pd.array([None, None],
                                                                                                     dtype="Int64")})

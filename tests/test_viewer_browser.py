@@ -375,7 +375,7 @@ LEGENDS_JS = """() => [...Bokeh.documents[0].all_models].filter(m => m.construct
 def test_legends_have_swatches_and_redraws_replace_figures(server, browser, analysis):
     """Both run plots carry a legend whose entries draw a marker in the outcome's colour; changing the probe and
     the UMAP's colouring several times leaves the same three figures on the page (no replaced one stays)."""
-    from viewer.views import OUTCOME_COLOURS
+    from viewer.views.common import OUTCOME_COLOURS
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     try:

@@ -32,36 +32,13 @@ from viewer_support import (
 )
 
 from stages.lib import registry
-from stages.lib.schema import (
-    COST_RATIO_FILE,
-    EARLY_WARNING_FILE,
-    EVALUATE_FILE,
-    RELIABILITY_FILE,
-    ROC_FILE,
-    STABILITY_FILE,
-    STABILITY_PLOT_FILE,
-    StabilityReport,
-)
-from viewer import data as viewer_data
-from viewer.data import (
-    MissingArtifact,
-    RunStore,
-    calibration_table,
-    cost_ratio_text,
-    headline_metric_columns,
-    load_analysis,
-    load_experiments,
-    load_metrics,
-    load_plot_table,
-    metrics_table,
-    parse_exp_show,
-    points_in_polygon,
-    run_files,
-    se_regression_table,
-    stability_table,
-    stack_runs,
-    varying_params,
-)
+from stages.lib.schema.reports import COST_RATIO_FILE, EVALUATE_FILE, STABILITY_FILE, StabilityReport
+from stages.lib.schema.tables import EARLY_WARNING, RELIABILITY, ROC, STABILITY_PLOT
+from viewer import loaders, tables
+from viewer.loaders import MissingArtifact, load_analysis, load_metrics, load_plot_table, run_files
+from viewer.data import RunStore, points_in_polygon, stack_runs
+from viewer.tables import calibration_table, cost_ratio_text, metrics_table, se_regression_table, stability_table
+from viewer.experiments import headline_metric_columns, load_experiments, parse_exp_show, varying_params
 
 EXP_SHOW_SAMPLE = Path(__file__).parent / "data" / "dvc_exp_show.json"
 METRICS_FILE = "artifacts/metrics/evaluate.json"
@@ -125,7 +102,7 @@ def test_loader_rereads_a_rewritten_file(tmp_path, table):
 
 
 def test_metrics_table_formats_value_and_ci(project):
-    frame = metrics_table(viewer_data.load_metrics(project))
+    frame = metrics_table(loaders.load_metrics(project))
     first = frame.iloc[0]
     assert first["score"] == "accuracy_probe"
     assert first["test AUROC (CI)"] == "0.600 (0.550-0.650)"
@@ -140,8 +117,8 @@ def test_metrics_table_formats_value_and_ci(project):
 
 
 def test_ranked_scores_sort_compare_and_keep_other_labels_apart(project):
-    metrics = viewer_data.load_metrics(project)
-    ranked, other = viewer_data.ranked_scores(metrics, "semantic_entropy")
+    metrics = loaders.load_metrics(project)
+    ranked, other = tables.ranked_scores(metrics, "semantic_entropy")
     aurocs = [float(value.split()[0]) for value in ranked["test AUROC (CI)"]]
     assert aurocs == sorted(aurocs, reverse=True) and len(ranked) == len(registry.scores(label="incorrect"))
     assert list(other["score"]) == [score.name for score in registry.SCORES if score.label != "incorrect"]
@@ -161,21 +138,21 @@ def test_ranked_scores_sort_compare_and_keep_other_labels_apart(project):
 def test_paired_differences_are_read_in_both_orders_and_undefined_ones_left_out():
     from types import SimpleNamespace
 
-    from stages.lib.schema import PairedDifferenceMetrics
+    from stages.lib.schema.reports import PairedDifferenceMetrics
 
     def entry(a, b, difference, low, high):
         return PairedDifferenceMetrics(a=a, b=b, label=f"{a} - {b}", split="test", difference=difference, ci_low=low,
                                        ci_high=high, p_value=0.2, bootstrap_resamples_used=100, note=None)
     report = SimpleNamespace(paired_differences=[entry("se_probe", "semantic_entropy", 0.05, 0.01, 0.09),
                                                  entry("accuracy_probe", "se_probe", None, None, None)])
-    found = viewer_data.paired_differences(report)
+    found = tables.paired_differences(report)
     assert found[("test", "se_probe", "semantic_entropy")] == (0.05, 0.01, 0.09)
     assert found[("test", "semantic_entropy", "se_probe")] == (-0.05, -0.09, -0.01)
     assert len(found) == 2
 
 
 def test_identical_roc_curves_are_merged():
-    from viewer.views import merge_identical_curves
+    from viewer.views.results import merge_identical_curves
 
     part = pd.DataFrame({"score": ["a", "a", "b", "b", "c", "c"], "fpr": [0, 1, 0, 1, 0, 1],
                          "tpr": [0, 1, 0, 1, 0.5, 1]})
@@ -204,7 +181,7 @@ def test_calibration_and_se_regression_tables(project):
 def test_stability_table_summarises_the_seeds(project):
     table = stability_table(load_metrics(project, STABILITY_FILE))
     assert list(table["score"]) == [score.name for score in registry.stable_scores()]
-    seeds = load_plot_table(project, STABILITY_PLOT_FILE)  # the same run's per-seed values
+    seeds = load_plot_table(project, STABILITY_PLOT.file)  # the same run's per-seed values
     values = seeds.loc[(seeds["split"] == "ood") & (seeds["score"] == "naive_entropy"), "auroc"]
     row = table.set_index("score").loc["naive_entropy"]
     assert row["OOD AUROC"] == (f"{values.mean():.3f} ± {values.std(ddof=1):.3f} "
@@ -272,12 +249,12 @@ def _panes(viewable, kind) -> list:
 
 
 def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path):
-    from viewer.views import RESULT_PLOTS, ResultsView
+    from viewer.views.results import RESULT_PLOTS, ResultsView
 
-    assert {plot.table for plot in RESULT_PLOTS} == set(viewer_data.PLOT_TABLES)
+    assert {plot.table for plot in RESULT_PLOTS} == set(loaders.PLOT_TABLES)
     hv.extension("bokeh")
     for plot in RESULT_PLOTS:  # every registered plot draws its table to Bokeh
-        hv.render(plot.draw(load_plot_table(project, plot.table), viewer_data.load_metrics(project).settings))
+        hv.render(plot.draw(load_plot_table(project, plot.table), loaders.load_metrics(project).settings))
     complete = ResultsView(root=project)._content()
     assert len(_panes(complete, pn.GridBox)) == len(RESULT_PLOTS) and not _panes(complete, pn.pane.Alert)
     texts = " ".join(_texts(complete))
@@ -290,7 +267,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     # that does not match its schema (written before `calibration`). Each shows as a notice in its own section
     # naming what to rerun; everything else still draws (without evaluate.json's settings).
     root = write_viewer_project(tmp_path, analysis=None)
-    for name in (ROC_FILE, EARLY_WARNING_FILE):
+    for name in (ROC.file, EARLY_WARNING.file):
         (root / PATHS["plots"] / name).unlink()
     for name in (STABILITY_FILE, COST_RATIO_FILE):
         (root / PATHS["metrics"] / name).unlink()
@@ -299,7 +276,7 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
     (root / PATHS["metrics"] / EVALUATE_FILE).write_text(json.dumps(older))
     sections = ResultsView(root=root)._content().objects
     texts = [" ".join(_texts(section)) for section in sections]
-    for name in (ROC_FILE, EARLY_WARNING_FILE, STABILITY_FILE, COST_RATIO_FILE):
+    for name in (ROC.file, EARLY_WARNING.file, STABILITY_FILE, COST_RATIO_FILE):
         holding = [text for text in texts if f"`{name}`" in text]
         assert len(holding) == 1 and "dvc repro" in holding[0], name  # the missing file, in its section only
     schema_notice = [text for text in texts if "evaluate.json: missing field `calibration`" in text]
@@ -308,9 +285,9 @@ def test_results_draw_every_plot_table_and_say_what_is_missing(project, tmp_path
 
 
 def test_early_warning_keeps_slt_apart_and_null_rows_become_a_notice(project, tmp_path):
-    from viewer.views import AFTER_ANSWER_X, NothingToDraw, ResultsView, draw_early_warning
+    from viewer.views.results import AFTER_ANSWER_X, NothingToDraw, ResultsView, draw_early_warning
 
-    frame = load_plot_table(project, EARLY_WARNING_FILE)
+    frame = load_plot_table(project, EARLY_WARNING.file)
     test_panel = draw_early_warning(frame, {}).values()[0]
     lines = [element for element in test_panel.values() if type(element) is hv.Curve]
     assert {line.label for line in lines} == {"accuracy probe", "SE probe"}
@@ -325,15 +302,15 @@ def test_early_warning_keeps_slt_apart_and_null_rows_become_a_notice(project, tm
         draw_early_warning(frame.assign(auroc=np.nan), {})
     root = write_viewer_project(tmp_path, analysis=None)
     synthetic_early_warning().assign(auroc=None, auroc_ci_low=None, auroc_ci_high=None).to_csv(
-        root / PATHS["plots"] / EARLY_WARNING_FILE, index=False)
+        root / PATHS["plots"] / EARLY_WARNING.file, index=False)
     texts = [" ".join(_texts(section)) for section in ResultsView(root=root)._content().objects]
-    assert sum(f"`{EARLY_WARNING_FILE}` has no rows with values" in text for text in texts) == 1
+    assert sum(f"`{EARLY_WARNING.file}` has no rows with values" in text for text in texts) == 1
 
 
 def test_reliability_skips_empty_bins_and_stability_bars_span_the_seeds(project):
-    from viewer.views import draw_reliability, draw_stability
+    from viewer.views.results import draw_reliability, draw_stability
 
-    reliability = load_plot_table(project, RELIABILITY_FILE)
+    reliability = load_plot_table(project, RELIABILITY.file)
     assert (reliability["n"] == 0).any() and reliability["observed_frequency"].isna().any()
     panel = draw_reliability(reliability, {}).values()[0]
     curves = [element.dframe() for element in panel.values() if type(element) is hv.Curve and element.label]
@@ -341,7 +318,7 @@ def test_reliability_skips_empty_bins_and_stability_bars_span_the_seeds(project)
     assert [len(curve) for curve in curves] == [len(test_rows[test_rows["probe"] == probe])
                                                for probe in ("accuracy_probe", "accuracy_range_probe")]
 
-    seeds = load_plot_table(project, STABILITY_PLOT_FILE)
+    seeds = load_plot_table(project, STABILITY_PLOT.file)
     ood_panel = draw_stability(seeds, {}).values()[1]
     bars = next(element.dframe() for element in ood_panel.values() if isinstance(element, hv.ErrorBars))
     values = seeds[seeds["split"] == "ood"].groupby("score")["auroc"]
@@ -501,7 +478,7 @@ def _painted_pixels(figure) -> list[int]:
 
 @pytest.mark.parametrize("view_name", ["MarginEntropyScatter", "UmapExplorer"])
 def test_plots_draw_points_then_datashader_above_the_threshold(store, view_name):
-    from viewer import views
+    from viewer.views import points as views
 
     view = getattr(views, view_name)(store=store)
     x, y = view.axes()
@@ -532,7 +509,7 @@ def test_plots_draw_points_then_datashader_above_the_threshold(store, view_name)
 def test_runs_coloured_by_a_value_rasterise_on_the_colour_bar(store):
     """Above the threshold the UMAP coloured by SE is datashader's image, shaded linearly over the colour bar's range
     (eq_hist, the default, refuses a fixed range: this view raised before)."""
-    from viewer import views
+    from viewer.views import points as views
 
     view = views.UmapExplorer(store=store, colour_by="semantic_entropy", rasterize_above=10)
     figure = _render(view)
@@ -544,7 +521,7 @@ def test_runs_coloured_by_a_value_rasterise_on_the_colour_bar(store):
 
 
 def test_stacked_runs_are_one_marker_with_a_count(tmp_path):
-    from viewer import views
+    from viewer.views import points as views
 
     table = synthetic_analysis(6, 4, seed=1, script_question=False)
     table.loc[[1, 2, 3], ["umap_x", "umap_y"]] = table.loc[0, ["umap_x", "umap_y"]].to_numpy()  # 4 runs on a spot
@@ -558,7 +535,7 @@ def test_stacked_runs_are_one_marker_with_a_count(tmp_path):
 
 def test_rebuilding_a_plot_replaces_its_figure(store):
     """A new probe or colour swaps the pane's DynamicMap, and the replaced one stops following the store."""
-    from viewer import views
+    from viewer.views import points as views
 
     view = views.UmapExplorer(store=store)
     first = view._pane.object
@@ -574,7 +551,7 @@ def test_rebuilding_a_plot_replaces_its_figure(store):
 
 
 def test_views_follow_probe_and_colour_choices(store):
-    from viewer import views
+    from viewer.views import points as views
 
     scatter, umap = views.MarginEntropyScatter(store=store), views.UmapExplorer(store=store)
     assert scatter.axes() == ("accuracy_probe_margin", "semantic_entropy")
@@ -589,7 +566,7 @@ def test_views_follow_probe_and_colour_choices(store):
 
 
 def test_escaped_html_never_passes_markup():
-    from viewer.views import escaped_html
+    from viewer.views.common import escaped_html
 
     assert escaped_html(SCRIPT_ANSWER, "pre", "x") == '<pre class="x">&lt;script&gt;alert(1)&lt;/script&gt;</pre>'
 
@@ -691,7 +668,7 @@ def test_question_link_accepts_only_ids_of_the_run(table):
 
 def test_question_summary_is_one_row_per_question(store, table):
     from viewer.data import question_summary
-    from viewer.views import QuestionScatter
+    from viewer.views.questions import QuestionScatter
 
     summary = question_summary(store.filtered)
     assert len(summary) == table.groupby(["dataset", "question_id"]).ngroups and summary["n_runs"].sum() == len(table)
@@ -704,16 +681,16 @@ def test_question_summary_is_one_row_per_question(store, table):
 
 
 def test_roc_legend_shows_each_curve_auroc():
-    from viewer.views import _area
+    from viewer.views.results import _area
 
     assert _area(pd.DataFrame({"fpr": [0, 0, 1], "tpr": [0, 1, 1]})) == pytest.approx(1.0)
     assert _area(pd.DataFrame({"fpr": [0, 1], "tpr": [0, 1]})) == pytest.approx(0.5)
 
 
 def test_answer_extraction_counts_are_a_table_per_split(project):
-    from viewer.data import answer_extraction_table
+    from viewer.tables import answer_extraction_table
 
-    table = answer_extraction_table(viewer_data.load_metrics(project))
+    table = answer_extraction_table(loaders.load_metrics(project))
     assert list(table["split"]) == ["train", "val", "test", "OOD"]
     assert table.set_index("split").loc["test", "last-number fallback"] == 2  # tests/viewer_support.py's counts
     assert table.set_index("split").loc["OOD", "stopped inside the think span (no answer, wrong)"] == 5
@@ -722,7 +699,7 @@ def test_answer_extraction_counts_are_a_table_per_split(project):
 def test_experiments_change_against_their_own_baseline():
     """Real `dvc exp show` output (two commits, each with experiments): each experiment's metric minus its own
     baseline commit's (the sample's stage wrote auroc = 0.7 + temp / 10)."""
-    from viewer.data import change_against_baseline
+    from viewer.experiments import change_against_baseline
 
     frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
     metric = "metric:test.accuracy_probe.auroc"
@@ -736,8 +713,8 @@ def test_experiments_change_against_their_own_baseline():
 def test_sweeps_never_join_points_of_different_commits():
     """One sweep per baseline commit, over the parameter its experiments change, sorted by it; the plot's curves
     of one sweep hold only that baseline's points."""
-    from viewer.data import sweeps
-    from viewer.views import ExperimentsView
+    from viewer.experiments import sweeps
+    from viewer.views.experiments import ExperimentsView
 
     frame = parse_exp_show(json.loads(EXP_SHOW_SAMPLE.read_text()), METRICS_FILE)
     found = {sweep.baseline: sweep for sweep in sweeps(frame)}
@@ -759,7 +736,9 @@ def test_redraws_leave_no_old_models_in_the_document(tmp_path):
     from bokeh.document import Document
     from bokeh.plotting import figure as Figure
 
-    from viewer.views import MarginEntropyScatter, QuestionDetails, QuestionScatter, RunDrillDown, UmapExplorer
+    from viewer.views.points import MarginEntropyScatter, UmapExplorer
+    from viewer.views.questions import QuestionDetails, QuestionScatter
+    from viewer.views.runs import RunDrillDown
 
     root = write_viewer_project(tmp_path / "project", synthetic_analysis(30, 5, seed=1))
     store = RunStore(load_analysis(root))
@@ -786,7 +765,7 @@ def test_redraws_leave_no_old_models_in_the_document(tmp_path):
 def test_store_drills_into_a_run_and_finds_the_run_nearest_a_click(store, project):
     """Opening a question drills into its first run; open_run opens another run's question too; nearest_run picks
     the filtered run within the tolerance of a click, else none; the loaders read that run's row and question."""
-    from viewer.data import load_location_scores, load_question_tokens
+    from viewer.loaders import load_location_scores, load_question_tokens
 
     store.open_question("id", "id-00003")
     assert store.run == int(store.question_runs.index[0])
@@ -806,5 +785,5 @@ def test_store_drills_into_a_run_and_finds_the_run_nearest_a_click(store, projec
         == pytest.approx(0.5 + (run["accuracy_probe_prob"] - 0.5) * (2 / 3) * 0.8333, abs=1e-3)  # viewer_support
     tokens = load_question_tokens(project, "ood", "ood-00029")
     assert set(tokens["question_id"]) == {"ood-00029"} and len(tokens) == 4
-    with pytest.raises(viewer_data.MissingArtifact, match="120 runs but analysis.parquet has 4"):
+    with pytest.raises(loaders.MissingArtifact, match="120 runs but analysis.parquet has 4"):
         load_location_scores(project, 0, 4)

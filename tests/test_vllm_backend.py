@@ -28,15 +28,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-import stages.lib.sampling_vllm as vb
+import stages.lib.sampling.vllm as vb
 from conftest import link_local_model
 from stages import generate
-from stages.lib.common import read_table
-from stages.lib.models import load_model, prompt_ids, think_tokens
+from stages.lib.io.files import read_table
+from stages.lib.models.loading import load_model, prompt_ids, think_tokens
 from stages.lib.params import ParamsError, SamplingParams, VllmParams, parse_params
-from stages.lib.runs import build_run_records
-from stages.lib.sampling_hf import eos_and_pad, sample_runs
-from stages.lib.schema import RUN_COLUMNS, RUN_KEY, validate_frame
+from stages.lib.sampling.runs import build_run_records
+from stages.lib.sampling.hf import eos_and_pad, sample_runs
+from stages.lib.schema.tables import RUNS
+from stages.lib.schema.machinery import validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = pd.DataFrame({"question_id": ["q0", "q1", "q2", "q3"], "dataset": ["id"] * 4,
@@ -373,7 +374,7 @@ def both_frames(lm, fake_llm, top_n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_greedy_records_equal_the_hf_backend_when_n_covers_the_vocabulary(lm, fake_llm):
     hf, vllm = both_frames(lm, fake_llm, top_n=len(lm[1]))
-    validate_frame(vllm, RUN_COLUMNS, "vllm records", RUN_KEY)
+    validate_frame(vllm, RUNS.columns, "vllm records", RUNS.key)
     assert list(vllm.columns) == list(hf.columns) and vllm.dtypes.equals(hf.dtypes)
     floats = ["token_logprobs", "token_entropies", "token_topk_logprob_mean", "sequence_loglik", "mean_token_entropy"]
     pd.testing.assert_frame_equal(vllm.drop(columns=floats), hf.drop(columns=floats))
@@ -408,7 +409,7 @@ def machine(monkeypatch):
 
 
 def test_auto_picks_vllm_only_with_cuda_and_an_importable_vllm_and_says_why(machine, caplog):
-    caplog.set_level(logging.INFO, logger="stages.lib.sampling_vllm")
+    caplog.set_level(logging.INFO, logger="stages.lib.sampling.vllm")
     assert vb.resolve_backend("auto") == "hf" and machine.checks == 0  # no CUDA: vLLM is not even imported
     assert "using hf, because torch sees no CUDA device" in caplog.text
     machine.cuda = True
@@ -435,7 +436,7 @@ def test_on_this_machine_vllm_is_reported_missing_and_never_imported_by_the_modu
         pytest.skip("vLLM and CUDA are both here")
     with pytest.raises(vb.BackendUnavailable, match="sampling.backend"):
         vb.resolve_backend("vllm")
-    script = "import sys, stages.lib.sampling_vllm, stages.generate; assert 'vllm' not in sys.modules"
+    script = "import sys, stages.lib.sampling.vllm, stages.generate; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=120)
 
 
@@ -470,7 +471,7 @@ class Project:
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         monkeypatch.chdir(self.root)
         generate.main()
-        return read_table(self.root / runs_dir / "id.parquet", RUN_COLUMNS, RUN_KEY)
+        return read_table(RUNS, self.root / runs_dir / "id.parquet")
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Helpers shared by the viewer tests and tests/benchmarks/bench_viewer.py (not a test module).
 
 ``write_viewer_project`` lays out a project directory the viewer can read (params.yaml with `paths:`, a synthetic
-analysis.parquet matching ANALYSIS_COLUMNS, evaluate.json, stability.json, cost_ratio.json and every plots CSV,
+analysis.parquet matching ANALYSIS.columns, evaluate.json, stability.json, cost_ratio.json and every plots CSV,
 each checked against its schema columns); ``ViewerServer`` serves
 ``viewer.app.create_app(root)`` for it in a subprocess on 127.0.0.1 and always stops it; ``launch_chromium``
 starts Debian's headless Chromium through Playwright.
@@ -23,36 +23,30 @@ import pandas as pd
 import yaml
 
 from stages.lib import registry
-from stages.lib.registry import ANALYSIS_COLUMNS
-from stages.lib.schema import (
-    AUROC_BY_LAYER_COLUMNS,
-    AUROC_BY_LAYER_FILE,
-    COST_RATIO_FILE,
-    EARLY_WARNING_COLUMNS,
-    EARLY_WARNING_FILE,
-    EVALUATE_FILE,
+from stages.lib.registry import ANALYSIS
+from stages.lib.schema.tables import (
+    AUROC_BY_LAYER,
+    EARLY_WARNING,
     LOCATION_SCORES_FILE,
     LOCATION_SCORES_META_FILE,
-    RELIABILITY_COLUMNS,
-    RELIABILITY_FILE,
-    RISK_COVERAGE_COLUMNS,
-    RISK_COVERAGE_FILE,
-    ROC_COLUMNS,
-    ROC_FILE,
-    STABILITY_COLUMNS,
-    STABILITY_FILE,
-    STABILITY_PLOT_FILE,
-    TOKEN_COLUMNS,
-    TOKEN_KEY,
-    TOKENS_FILE,
+    RELIABILITY,
+    RISK_COVERAGE,
+    ROC,
+    STABILITY_PLOT,
+    TOKENS,
     TOKENS_ROW_GROUP_RUNS,
-    CostRatio,
-    EvaluateReport,
     LocationScoresMeta,
-    StabilityReport,
-    validate_frame,
     validate_location_scores,
 )
+from stages.lib.schema.reports import (
+    COST_RATIO_FILE,
+    EVALUATE_FILE,
+    STABILITY_FILE,
+    CostRatio,
+    EvaluateReport,
+    StabilityReport,
+)
+from stages.lib.schema.machinery import validate_frame
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -124,7 +118,7 @@ def synthetic_analysis(n_questions: int, runs_per_question: int = 10, seed: int 
             })
     frame = pd.DataFrame(rows)
     frame["think_length"] = frame["think_length"].astype("Int64")
-    return validate_frame(frame, ANALYSIS_COLUMNS, "synthetic analysis")
+    return validate_frame(frame, ANALYSIS.columns, "synthetic analysis")
 
 
 TRACED_LAYERS = (0, 1, 2, 3)
@@ -174,8 +168,8 @@ def synthetic_tokens(analysis: pd.DataFrame, long_run: int = 0) -> pd.DataFrame:
         entropies = np.abs(rng.normal(0.3, 0.2, size=len(pieces))) + np.linspace(0, 1.5, len(pieces))
         rows.append({"dataset": run.dataset, "question_id": run.question_id, "run_id": run.run_id, "tokens": pieces,
                      "token_entropies": entropies.astype(np.float32), "think_start_index": 0, "think_end_index": end})
-    frame = pd.DataFrame(rows, columns=[column.name for column in TOKEN_COLUMNS])
-    return validate_frame(frame, TOKEN_COLUMNS, TOKENS_FILE, TOKEN_KEY)
+    frame = pd.DataFrame(rows, columns=[column.name for column in TOKENS.columns])
+    return validate_frame(frame, TOKENS.columns, TOKENS.file, TOKENS.key)
 
 
 def synthetic_early_warning() -> pd.DataFrame:
@@ -187,8 +181,8 @@ def synthetic_early_warning() -> pd.DataFrame:
                 auroc = 0.55 + 0.3 * (1.0 if fraction is None else fraction) - (0.05 if split == "ood" else 0.0)
                 rows.append({"probe": probe, "position": position, "fraction": fraction, "layer": 2, "split": split,
                              "auroc": auroc, "auroc_ci_low": auroc - 0.08, "auroc_ci_high": min(1.0, auroc + 0.08)})
-    frame = pd.DataFrame(rows, columns=[column.name for column in EARLY_WARNING_COLUMNS])
-    return validate_frame(frame, EARLY_WARNING_COLUMNS, EARLY_WARNING_FILE)
+    frame = pd.DataFrame(rows, columns=[column.name for column in EARLY_WARNING.columns])
+    return validate_frame(frame, EARLY_WARNING.columns, EARLY_WARNING.file)
 
 
 def synthetic_metrics() -> EvaluateReport:
@@ -250,7 +244,7 @@ def synthetic_stability(seeds: int = 4) -> tuple[StabilityReport, pd.DataFrame]:
                            "auroc": 0.6 + 0.03 * i + rng.normal(0, 0.02)}
                           for seed in range(seeds) for split in ("test", "ood")
                           for i, score in enumerate(registry.stable_scores())],
-                         columns=[column.name for column in STABILITY_COLUMNS])
+                         columns=[column.name for column in STABILITY_PLOT.columns])
     splits: dict = {}
     for (split, score), group in frame.groupby(["split", "score"], sort=False):
         values = group["auroc"].to_numpy(float)
@@ -261,7 +255,7 @@ def synthetic_stability(seeds: int = 4) -> tuple[StabilityReport, pd.DataFrame]:
         "splits": splits, "skipped_seeds": [],
         "settings": {"seeds": list(range(seeds)), "c_grid": [0.01], "layer_ranges": "not searched (single layers)",
                      "positive_class": "incorrect run"}})
-    return report, validate_frame(frame, STABILITY_COLUMNS, STABILITY_PLOT_FILE)
+    return report, validate_frame(frame, STABILITY_PLOT.columns, STABILITY_PLOT.file)
 
 
 def synthetic_cost_ratio() -> CostRatio:
@@ -292,22 +286,22 @@ def synthetic_plots(layers: int = 3) -> dict[str, pd.DataFrame]:
          "mean_predicted": np.nan if b == 4 else (edges[b] + edges[b + 1]) / 2,
          "observed_frequency": np.nan if b == 4 else min(1.0, (edges[b] + edges[b + 1]) / 2 * (1.1 - 0.1 * i))}
         for i, probe in enumerate(CALIBRATED) for split in ("test", "ood") for b in range(10)])
-    tables = {AUROC_BY_LAYER_FILE: (by_layer, AUROC_BY_LAYER_COLUMNS), ROC_FILE: (roc, ROC_COLUMNS),
-              EARLY_WARNING_FILE: (synthetic_early_warning(), EARLY_WARNING_COLUMNS),
-              RISK_COVERAGE_FILE: (risk_coverage, RISK_COVERAGE_COLUMNS),
-              RELIABILITY_FILE: (reliability, RELIABILITY_COLUMNS),
-              STABILITY_PLOT_FILE: (synthetic_stability()[1], STABILITY_COLUMNS)}
+    tables = {AUROC_BY_LAYER.file: (by_layer, AUROC_BY_LAYER.columns), ROC.file: (roc, ROC.columns),
+              EARLY_WARNING.file: (synthetic_early_warning(), EARLY_WARNING.columns),
+              RISK_COVERAGE.file: (risk_coverage, RISK_COVERAGE.columns),
+              RELIABILITY.file: (reliability, RELIABILITY.columns),
+              STABILITY_PLOT.file: (synthetic_stability()[1], STABILITY_PLOT.columns)}
     return {name: validate_frame(frame, columns, name) for name, (frame, columns) in tables.items()}
 
 
 def write_early_exit_outputs(root: Path, analysis: pd.DataFrame, prefixes: tuple[int, ...] = (25, 50, 75),
                              text_chars: int = 200) -> None:
     """What the Early exit tab reads, for the runs of ``analysis``: early_exit.json and its Pareto CSV (from
-    stages.lib.early_exit.evaluate_rules on forced answers that get right more often the more reasoning is kept),
+    stages.lib.early_exit.rules.evaluate_rules on forced answers that get right more often the more reasoning is kept),
     forced_answers/{id,ood}.parquet and runs/{id,ood}.parquet (each run's text ``text_chars`` long)."""
-    from stages.lib.early_exit import PrefixOutcomes, evaluate_rules
-    from stages.lib.schema import (EARLY_EXIT_FILE, EARLY_EXIT_PARETO_COLUMNS, EARLY_EXIT_PARETO_FILE,
-                                   FORCED_ANSWER_COLUMNS, EarlyExitReport, EarlyExitSettings, StoppingProbeChoice)
+    from stages.lib.early_exit.rules import PrefixOutcomes, evaluate_rules
+    from stages.lib.schema.reports import EARLY_EXIT_FILE, EarlyExitReport, EarlyExitSettings, StoppingProbeChoice
+    from stages.lib.schema.tables import EARLY_EXIT_PARETO, FORCED_ANSWERS
     rng = np.random.default_rng(7)
     share = np.asarray(prefixes) / 100
     forced_correct = (rng.random((len(analysis), len(prefixes))) < share) & analysis["correct"].to_numpy()[:, None]
@@ -339,8 +333,8 @@ def write_early_exit_outputs(root: Path, analysis: pd.DataFrame, prefixes: tuple
     for key in ("metrics", "plots", "forced_answers", "runs"):
         (root / PATHS[key]).mkdir(parents=True, exist_ok=True)
     (root / PATHS["metrics"] / EARLY_EXIT_FILE).write_text(report.to_json())
-    validate_frame(pareto, EARLY_EXIT_PARETO_COLUMNS, EARLY_EXIT_PARETO_FILE).to_csv(
-        root / PATHS["plots"] / EARLY_EXIT_PARETO_FILE, index=False)
+    validate_frame(pareto, EARLY_EXIT_PARETO.columns, EARLY_EXIT_PARETO.file).to_csv(
+        root / PATHS["plots"] / EARLY_EXIT_PARETO.file, index=False)
     for dataset, runs in analysis.groupby("dataset"):
         index = np.flatnonzero((analysis["dataset"] == dataset).to_numpy())
         forced = pd.DataFrame([
@@ -351,7 +345,7 @@ def write_early_exit_outputs(root: Path, analysis: pd.DataFrame, prefixes: tuple
              "correct": bool(forced_correct[i, j]), "mean_logprob": -0.5, "mean_entropy": 0.3, "answer_tokens": 2,
              "truncated": False, "tokens_used": kept[i, j] + 10}
             for i, run in zip(index, runs.itertuples()) for j, prefix in enumerate(prefixes)],
-            columns=[column.name for column in FORCED_ANSWER_COLUMNS])
+            columns=[column.name for column in FORCED_ANSWERS.columns])
         forced.to_parquet(root / PATHS["forced_answers"] / f"{dataset}.parquet", index=False)
         runs.assign(text=[(run.text * (text_chars // len(run.text) + 1))[:text_chars] for run in runs.itertuples()],
                     n_generated=reasoning[index] + 10)[
@@ -373,7 +367,7 @@ def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metri
         scores, meta = synthetic_location_scores(analysis)
         np.save(directory / LOCATION_SCORES_FILE, scores)
         (directory / LOCATION_SCORES_META_FILE).write_text(meta.to_json())
-        synthetic_tokens(analysis, long_run).to_parquet(directory / TOKENS_FILE, index=False,
+        synthetic_tokens(analysis, long_run).to_parquet(directory / TOKENS.file, index=False,
                                                         row_group_size=TOKENS_ROW_GROUP_RUNS)
     if metrics:
         metrics_dir, plots_dir = root / PATHS["metrics"], root / PATHS["plots"]
@@ -387,8 +381,8 @@ def write_viewer_project(root: Path, analysis: pd.DataFrame | None = None, metri
     return root
 
 
-# Results' plot tabs (the first shown at once; viewer.views.RESULT_PLOTS' order) and the title of the last figure
-# each draws.
+# Results' plot tabs (the first shown at once; viewer.views.results.RESULT_PLOTS' order) and the title of the last
+# figure each draws.
 RESULT_TABS = {"ROC": "ROC, ood (positive: incorrect run)", "Risk-coverage": "Risk-coverage, ood",
                "Early warning": "Early warning, ood", "AUROC per layer": "SE probe @ slt",
                "Reliability": "Reliability, ood", "Seeds": "AUROC over seeds, ood"}

@@ -7,7 +7,7 @@ has it and is ignored otherwise. Behind a proxy or in an iframe:
 `panel serve viewer/app.py --address 0.0.0.0 --port $PORT --allow-websocket-origin=<host:port>`.
 The `viewer` and `stages` packages it imports are the installed ones: `pip install -e ".[viewer]"` in this checkout
 (the log warns when the installed copy is another checkout's).
-This module only assembles the views (viewer/views.py) around one store (viewer/data.py).
+This module only assembles the views (viewer/views/) around one store (viewer/data.py).
 """
 
 from __future__ import annotations
@@ -18,21 +18,16 @@ from pathlib import Path
 import panel as pn
 
 import viewer
-from viewer.early_exit import early_exit_layout, early_exit_view, load_early_exit
-from stages.lib.schema import SchemaError
-from viewer.data import MissingArtifact, RunStore, load_analysis, question_from_link
-from viewer.views import (
-    ExperimentsView,
-    FilterPanel,
-    MarginEntropyScatter,
-    QuestionDetails,
-    QuestionScatter,
-    ResultsView,
-    RunDrillDown,
-    SelectionTable,
-    UmapExplorer,
-    notice,
-)
+from viewer.views.early_exit import early_exit_layout, early_exit_view, load_early_exit
+from stages.lib.schema.machinery import SchemaError
+from viewer.loaders import MissingArtifact, load_analysis
+from viewer.data import RunStore, question_from_link
+from viewer.views.experiments import ExperimentsView
+from viewer.views.runs import FilterPanel, RunDrillDown, SelectionTable
+from viewer.views.points import MarginEntropyScatter, UmapExplorer
+from viewer.views.questions import QuestionDetails, QuestionScatter
+from viewer.views.results import ResultsView
+from viewer.views.common import notice
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +92,7 @@ def create_app(root: Path = PROJECT_ROOT) -> pn.template.BootstrapTemplate:
 
 
 def early_exit_section(root: Path) -> pn.viewable.Viewable:
-    """The early-exit tab (viewer/early_exit.py), or what to run when its stages have not run."""
+    """The early-exit tab (viewer/views/early_exit.py), or what to run when its stages have not run."""
     try:
         return early_exit_view(root)
     except (SchemaError, FileNotFoundError) as missing:

@@ -2,7 +2,7 @@
 
 Only non-default options need them (``pyproject.toml`` ``[project.optional-dependencies]``): ``cosine``
 (sentence-transformers and its packaged all-MiniLM-L6-v2, for ``semantic_entropy.method: cosine``), ``nnsight``
-(for ``trace.backend: nnsight``) and ``gpu`` (vLLM, checked in stages/lib/sampling_vllm.py). The ``dev`` extra
+(for ``trace.backend: nnsight``) and ``gpu`` (vLLM, checked in stages/lib/sampling/vllm.py). The ``dev`` extra
 installs the first two, so the tests run every option.
 """
 

@@ -6,7 +6,8 @@ metadata instead (``HfApi.repo_info``: no retries, huggingface_hub's own ``HF_HU
 ``HF_ENDPOINT``, ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` and the user's token apply exactly as they do to the
 download that follows), and they honour ``HF_HUB_OFFLINE=1`` (``huggingface_hub.is_offline_mode``) by not asking.
 
-Used by stages/lib/models.py (models) and stages/lib/questions.py (datasets). Imports huggingface_hub only.
+Used by stages/lib/models/loading.py (models) and stages/lib/questions/sources.py (datasets). Imports huggingface_hub
+only.
 """
 
 from __future__ import annotations

@@ -8,10 +8,9 @@ the YAML become tuples, and every model is frozen, so a loaded ``Params`` cannot
 
 A bad file raises ``ParamsError`` with one line that names the dotted key, the value given and what was expected,
 e.g. ``params.yaml: `sampling.temp` = -1 is invalid; expected a number >= 0 (0 means greedy)``; a stage run from
-the command line prints it and exits with status 2 (``stages.lib.common.run_stage``).
+the command line prints it and exits with status 2 (``stages.lib.io.files.run_stage``).
 """
 
-import dataclasses
 import difflib
 import os
 import re
@@ -21,11 +20,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       model_validator)
-from pydantic_core import PydanticCustomError
 
 from stages.lib.errors import UserError
+from stages.lib.param_fields import (Expected, _distinct, integer, inside, invalid, is_local_model, number, sequence,
+                                     text)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -38,12 +38,6 @@ ThresholdMethod = Literal["best_split", "median"]
 FitDtype = Literal["float64", "float32"]
 ScreenMethod = Literal["mean_difference", "logistic"]
 
-GENERATION_BACKENDS = typing.get_args(GenerationBackend)
-VLLM_DTYPES = typing.get_args(VllmDtype)
-TRACE_BACKENDS = typing.get_args(TraceBackend)
-MODEL_DTYPES = typing.get_args(ModelDtype)
-SE_METHODS = typing.get_args(SemanticEntropyMethod)
-THRESHOLD_METHODS = typing.get_args(ThresholdMethod)
 TRACE_POSITIONS = ("tbg", "think_end", "slt")
 """Named trace positions; ``think_<p>`` (p in 1..99) names the last token of the first p% of the reasoning."""
 SOURCES_DIR = "data/sources"
@@ -52,79 +46,12 @@ MODELS_DIR = "data/models"
 """Where a local ``model.name`` (a directory or a .gguf file) lives: a dep of the toy_model stage, which records
 the named model's content hash in its output, so generate and trace rerun exactly when that model changes."""
 HUB_SOURCES = ("hf:gsm8k", "hf:math500")
-"""Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/lib/questions.py HUB_DATASETS)."""
+"""Question sources loaded from the Hugging Face Hub with ``datasets`` (stages/lib/questions/sources.py
+HUB_DATASETS)."""
 
 
 class ParamsError(UserError):
     """A parameter in params.yaml has a missing, unknown or invalid value."""
-
-
-# ---- the field types ------------------------------------------------------------------------------------------
-# Each constrained type carries the phrase an error message uses for it (``Expected``), so the message says
-# "an integer >= 1" rather than pydantic's "Input should be a valid integer".
-
-@dataclasses.dataclass(frozen=True)
-class Expected:
-    """``Annotated`` metadata: what a valid value of the field looks like, in the words of the error message."""
-
-    text: str
-
-
-def integer(minimum: int, note: str = "") -> Any:
-    """An int >= ``minimum``; floats, bools and strings are refused (the models are strict)."""
-    return Annotated[int, Field(ge=minimum), Expected(f"an integer >= {minimum}{note}")]
-
-
-def number(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           lt: float | None = None, note: str = "") -> Any:
-    """A finite float within the given bounds; a YAML int (``temp: 1``) is taken as a float, a bool is refused."""
-    low, high = (ge if ge is not None else gt), (le if le is not None else lt)
-    if low is not None and high is not None:  # an interval: "a fraction in (0, 1]"
-        kind = "fraction" if 0 <= low and high <= 1 else "number"
-        text = f"a {kind} in {'[' if ge is not None else '('}{low:g}, {high:g}{']' if le is not None else ')'}"
-    else:  # one bound: "a number >= 0"
-        text = " ".join(["a number", *(f"{op} {bound:g}" for op, bound in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
-                                       if bound is not None)])
-    return Annotated[float, Field(ge=ge, gt=gt, le=le, lt=lt, allow_inf_nan=False), Expected(text + note)]
-
-
-def text(pattern: str, expected: str) -> Any:
-    """A string matching the regular expression ``pattern`` (anchor it for a full match)."""
-    return Annotated[str, Field(pattern=pattern), Expected(expected)]
-
-
-def _tuple_from_list(value: Any) -> Any:
-    """YAML has lists; the frozen models hold tuples. Anything else goes on to the strict tuple check."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-def sequence(item: Any, expected: str) -> Any:
-    """A non-empty YAML list of ``item``, held as a tuple."""
-    return Annotated[tuple[item, ...], BeforeValidator(_tuple_from_list), Field(min_length=1), Expected(expected)]
-
-
-def _distinct(values: tuple) -> tuple:
-    if len(set(values)) != len(values):
-        raise ValueError("repeated entries")
-    return values
-
-
-def inside(path: str, folder: str) -> bool:
-    """``path`` is a relative path to something strictly inside ``folder`` (no ``..``, not absolute)."""
-    parts, folder_parts = Path(path).parts, Path(folder).parts
-    return not Path(path).is_absolute() and ".." not in parts and parts[:len(folder_parts)] == folder_parts \
-        and len(parts) > len(folder_parts)
-
-
-def is_local_model(name: str) -> bool:
-    """``model.name`` names a local directory or file rather than ``toy`` or a Hub repo id (``org/name``, which
-    starts with a letter or digit and is no path here)."""
-    return name != "toy" and (name.endswith(".gguf") or name.startswith(("/", ".", "~")) or Path(name).exists())
-
-
-def invalid(key: str, expected: str) -> PydanticCustomError:
-    """The error a cross-field check raises for ``key`` of its group (the message names the dotted key)."""
-    return PydanticCustomError("params_invalid", "`{key}`: expected {expected}", {"key": key, "expected": expected})
 
 
 PositiveInt = integer(1)
@@ -294,7 +221,7 @@ class ModelParams(Group):
 
     name: text(r"^.+$", "`toy`, a Hugging Face repo id, a local directory or a local .gguf file")
     """``toy`` (the model trained by the toy_model stage), a Hugging Face repo id, a local directory, or a local
-    ``.gguf`` file (converted once to a cached safetensors copy; see stages/lib/models.py)."""
+    ``.gguf`` file (converted once to a cached safetensors copy; see stages/lib/models/loading.py)."""
     dtype: ModelDtype
     """Weights and activations for generate and trace: ``float32``, ``float16`` or ``bfloat16`` (half the memory;
     bfloat16 is the usual choice on a GPU). Hidden states are stored as float16 either way."""
@@ -361,7 +288,8 @@ class VllmParams(Group):
     """Weights and activations: ``auto`` (the checkpoint's own), ``bfloat16``, ``float16`` or ``float32``."""
     checkpoint_questions: NonNegativeInt
     """0: every question of a dataset in one ``llm.generate`` call (fastest; a killed run starts over). N: N
-    questions per call, each finished call checkpointed, so a killed run resumes (stages/lib/checkpoints.py); the
+    questions per call, each finished call checkpointed, so a killed run resumes (stages/lib/sampling/checkpoints.py);
+    the
     samples are the same either way (seeded per question), but each call's tail decodes below full concurrency."""
     entropy_top_n: PositiveInt
     """N: log-probs returned per step for the N most likely tokens. vLLM returns no full distribution, so

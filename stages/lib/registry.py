@@ -8,7 +8,7 @@ stability refits those marked ``stability``, analysis writes a probability and a
 To add a score: write ``def my_score(inputs) -> (n,) array`` below (higher = more likely ``label``; ``inputs`` is
 evaluation's ``ScoreInputs``: the runs' columns, each probe's decision function at its selected location, a
 feature probe's P(positive)) and append a ``Score`` entry to ``SCORES``. A score that reads a new kind of probe also
-needs that probe fitted in ``stages.lib.selection.train``; a new hidden-state probe on an existing target needs
+needs that probe fitted in ``stages.lib.probes.selection.train``; a new hidden-state probe on an existing target needs
 only its ``Probe`` (fitted and selected like the others).
 
 This module imports no fitting code (scipy only when a score is computed), so the viewer iterates it cheaply; the
@@ -23,8 +23,8 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 import pandas as pd
 
-from stages.lib import baselines
-from stages.lib.schema import analysis_columns
+from stages.lib.evaluation import baselines
+from stages.lib.schema.tables import analysis_table
 
 Label = Literal["incorrect", "high_se"]
 """What a high score flags: the run is incorrect, or its question has high semantic entropy (SE above the
@@ -34,7 +34,7 @@ Kind = Literal["hidden_state_probe", "range_probe", "entropy", "graph", "baselin
 """hidden_state_probe: a linear probe at the (position, layer) chosen on val; range_probe: one over the best
 contiguous layer range at its single-layer probe's position; entropy: an entropy of the run or its question;
 graph: a measure of the question's equivalence graph over its K answers (lm-polygraph's, semantic_entropy stage);
-baseline: a cheap score from the run's own tokens and log-probabilities (stages.lib.baselines)."""
+baseline: a cheap score from the run's own tokens and log-probabilities (stages.lib.evaluation.baselines)."""
 
 
 # ---- targets: what the probes are fitted to predict ---------------------------------------------------------
@@ -90,7 +90,7 @@ ENTROPY_BASELINE = Probe("entropy_baseline", "correct", "entropy_baseline", feat
 
 # ---- scores ----------------------------------------------------------------------------------------------------
 class ScoreInputs(Protocol):
-    """What a score function reads (``stages.lib.evaluation.ScoreInputs`` implements it)."""
+    """What a score function reads (``stages.lib.evaluation.scoring.ScoreInputs`` implements it)."""
 
     def column(self, name: str) -> np.ndarray:
         """A float column of the runs, shape (n,)."""
@@ -341,7 +341,7 @@ def binary_targets() -> tuple[str, ...]:
     return tuple(name for name, target in TARGETS.items() if target.binary)
 
 
-ANALYSIS_COLUMNS = analysis_columns([(probe.name, score.display_name, TARGETS[probe.target].display_name)
-                                     for score, probe in per_run_probes()])
-"""The analysis table's columns (``schema.analysis_columns`` for the per-run probes): what analysis writes and the
-viewer reads."""
+ANALYSIS = analysis_table([(probe.name, score.display_name, TARGETS[probe.target].display_name)
+                           for score, probe in per_run_probes()])
+"""The analysis table (``schema.tables.analysis_table`` for the per-run probes): what analysis writes and the viewer
+reads."""

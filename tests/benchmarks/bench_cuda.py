@@ -38,11 +38,11 @@ from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.models import TORCH_DTYPES, resolve_device  # noqa: E402
+from stages.lib.models.loading import TORCH_DTYPES, resolve_device  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
-from stages.lib.sampling_hf import sample_runs  # noqa: E402
-from stages.lib.toy import build_tokenizer  # noqa: E402
-from stages.lib.tracing import nnsight_model, resolve_layers, trace_runs  # noqa: E402
+from stages.lib.sampling.hf import sample_runs  # noqa: E402
+from stages.lib.models.toy import build_tokenizer  # noqa: E402
+from stages.lib.hidden.tracing import nnsight_model, resolve_layers, trace_runs  # noqa: E402
 
 # Qwen3-0.6B's architecture (its config.json), with the ids its tokenizer gives <|endoftext|> and <|im_end|>.
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

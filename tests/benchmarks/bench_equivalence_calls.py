@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_equivalence import reference_semantic_ids  # noqa: E402
 
-from stages.lib.answers import answers_equivalent  # noqa: E402
-from stages.lib.equivalence import NliClassifier, NliJudge, greedy_reference_clusters, nli_equivalent  # noqa: E402
+from stages.lib.questions.answers import answers_equivalent  # noqa: E402
+from stages.lib.semantic.equivalence import NliClassifier, NliJudge, greedy_reference_clusters, nli_equivalent  # noqa: E402
 
 
 def oracle_classify(directed_pairs):

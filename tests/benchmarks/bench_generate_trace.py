@@ -23,11 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.arithmetic import make_questions  # noqa: E402
-from stages.lib.models import load_model, prompt_ids  # noqa: E402
+from stages.lib.questions.arithmetic import make_questions  # noqa: E402
+from stages.lib.models.loading import load_model, prompt_ids  # noqa: E402
 from stages.lib.params import load_params  # noqa: E402
-from stages.lib.sampling_hf import eos_and_pad, sample_runs  # noqa: E402
-from stages.lib.tracing import resolve_layers, trace_runs  # noqa: E402
+from stages.lib.sampling.hf import eos_and_pad, sample_runs  # noqa: E402
+from stages.lib.hidden.tracing import resolve_layers, trace_runs  # noqa: E402
 
 
 def median_time(function, repeats: int) -> tuple[float, object]:
@@ -45,7 +45,7 @@ def load(model_dir: Path):
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import tiny_qwen3  # a random model of the toy's size
 
-    from stages.lib.toy import build_tokenizer
+    from stages.lib.models.toy import build_tokenizer
     tokenizer = build_tokenizer()
     return tiny_qwen3(tokenizer, layers=4, hidden=128), tokenizer
 

@@ -1,4 +1,4 @@
-"""Reading probe features from the sharded hidden states (one .npy per position, stages/lib/hidden.py) against the
+"""Reading probe features from the sharded hidden states (one .npy per position, stages/lib/hidden/store.py) against the
 single (runs, positions, layers, hidden) .npy they replaced, in one process on the same values.
 
 ``python tests/benchmarks/bench_hidden_shards.py [--runs 2000 --positions 6 --layers 8 --hidden 1024]`` writes
@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from stages.lib.hidden import open_hidden, write_hidden  # noqa: E402
-from stages.lib.probes import LogisticProbe, location_features, probe_features  # noqa: E402
-from stages.lib.schema import HiddenMeta  # noqa: E402
+from stages.lib.hidden.store import open_hidden, write_hidden  # noqa: E402
+from stages.lib.probes.linear import LogisticProbe  # noqa: E402
+from stages.lib.probes.fitting import location_features, probe_features
+from stages.lib.schema.tables import HiddenMeta  # noqa: E402
 
 
 def resident_mb() -> float:

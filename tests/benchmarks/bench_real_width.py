@@ -9,7 +9,8 @@ early_exit (the forced answers re-read every run's prefix three times).
 1. **The model** (no download): ``transformers.Qwen3Config`` with Qwen3-0.6B's shapes (``--hidden`` 1024,
    ``--layers`` 28, 16 query / 8 key-value heads of 128, MLP 3072, rope_theta 1e6, tied embeddings), random
    weights (``--seed``), saved with ``save_pretrained`` into the project's ``data/models/<name>/`` beside the toy
-   model's character-level tokenizer (stages/lib/toy.py: ``<think>``/``</think>`` are single tokens). The vocabulary
+   model's character-level tokenizer (stages/lib/models/toy.py: ``<think>``/``</think>`` are single tokens). The
+   vocabulary
    is that tokenizer's (about 100 tokens), not Qwen3's 151,936: the LM head of the real model is priced separately,
    as a measured estimate (``lm_head_estimate``: the (runs, 1024) x (1024, 151936) logits plus the log-softmax and
    entropy that generate's step recorder takes, timed for a few steps and scaled by the new tokens).
@@ -29,7 +30,7 @@ early_exit (the forced answers re-read every run's prefix three times).
 4. **The stages** run as ``python -m stages.<name>`` in a fresh process with ``cwd`` the project (bench_scale's
    ``run_stage``: peak RSS is the process's own ``VmHWM``, since ``ru_maxrss`` from ``os.wait4`` carries the
    parent's high-water mark across exec). One JSON line per stage: wall seconds, peak RSS, exit status, log file.
-5. **The viewer**: the analysis table loaded by ``viewer.data.load_analysis`` (as the app does): its size on disk
+5. **The viewer**: the analysis table loaded by ``viewer.loaders.load_analysis`` (as the app does): its size on disk
    and in memory, each column's share, whether any column holds per-token lists, and the think texts' lengths.
 
 Asserts nothing (machines are shared). Prints the machine's load average at the start and the end.
@@ -57,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scale import repo_params, run_stage  # noqa: E402
-from stages.lib.questions import load_questions  # noqa: E402
+from stages.lib.questions.sources import load_questions  # noqa: E402
 
 MODEL_NAME = "qwen3-0.6b-shaped-random"
 REAL_VOCAB = 151_936  # Qwen3's tokenizer
@@ -73,8 +74,8 @@ def build_model(directory: str, hidden: int, layers: int, seed: int) -> dict:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from stages.lib import toy
-    from stages.lib.models import THINK_END, THINK_START
+    from stages.lib.models import toy
+    from stages.lib.models.loading import THINK_END, THINK_START
 
     tokenizer = toy.build_tokenizer()
     config = Qwen3Config(
@@ -166,12 +167,12 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
     """Rewrite ``{paths.runs}/id.parquet`` so each run opens a think span, closes it and gives a planted answer."""
     from transformers import AutoTokenizer
 
-    from stages.lib.common import write_table
-    from stages.lib.dataset import split_questions
-    from stages.lib.models import THINK_END, think_tokens
+    from stages.lib.io.files import write_table
+    from stages.lib.probes.dataset import split_questions
+    from stages.lib.models.loading import THINK_END, think_tokens
     from stages.lib.params import parse_params
-    from stages.lib.runs import SampledRun, build_run_records
-    from stages.lib.schema import RUN_COLUMNS, RUN_KEY
+    from stages.lib.sampling.runs import SampledRun, build_run_records
+    from stages.lib.schema.tables import RUNS
 
     params = parse_params(raw)
     tokenizer = AutoTokenizer.from_pretrained(workdir / params.model.name)
@@ -202,7 +203,7 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
                 truncated=False, token_topk_logprob_mean=np.asarray(row["token_topk_logprob_mean"], np.float32)))
         sampled.append(question_runs)
     frame = build_run_records(questions, prompts, sampled, tokenizer, think)
-    write_table(frame, path, RUN_COLUMNS, RUN_KEY)
+    write_table(frame, RUNS, path)
     return {"planted": "labels", "runs": len(frame), "accuracy": round(float(frame["correct"].mean()), 3),
             "kinds": pd.Series(kind_of).value_counts().to_dict(),
             "n_generated_min_max": [int(frame["n_generated"].min()), int(frame["n_generated"].max())],
@@ -212,7 +213,7 @@ def plant_labels(workdir: Path, raw: dict) -> dict:
 
 # ---- 5. the viewer's loader ------------------------------------------------------------------------------
 def viewer_load(workdir: Path) -> dict:
-    from viewer.data import load_analysis, run_files
+    from viewer.loaders import load_analysis, run_files
 
     path = run_files(workdir).analysis
     started = time.perf_counter()

@@ -45,11 +45,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stages.lib import selection  # noqa: E402
-from stages.lib.dataset import attach_splits, split_questions  # noqa: E402
+from stages.lib.probes import selection  # noqa: E402
+from stages.lib.probes.dataset import attach_splits, split_questions  # noqa: E402
 from stages.lib.params import parse_params  # noqa: E402
-from stages.lib.hidden import create_hidden, finish_hidden  # noqa: E402
-from stages.lib.schema import HiddenMeta  # noqa: E402
+from stages.lib.hidden.store import create_hidden, finish_hidden  # noqa: E402
+from stages.lib.schema.tables import HiddenMeta  # noqa: E402
 
 RUNS_PER_QUESTION = 10
 TRACE_POSITIONS = ["tbg", "think_25", "think_50", "think_75", "think_end", "slt"]

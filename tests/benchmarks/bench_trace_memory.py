@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stages.lib.tracing import hidden_at_positions  # noqa: E402
+from stages.lib.hidden.tracing import hidden_at_positions  # noqa: E402
 from test_trace_hooks import reference_hidden_at_positions  # noqa: E402  (the old path, kept as the test oracle)
 
 POSITIONS = 6

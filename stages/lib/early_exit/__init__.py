@@ -1,0 +1,1 @@
+"""Early exit: answers forced at prefixes of the reasoning, and stopping rules calibrated by Learn-then-Test."""

@@ -1,0 +1,1 @@
+"""Questions: the in-distribution and OOD sources, the toy arithmetic task, and answer extraction and checking."""

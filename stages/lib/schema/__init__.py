@@ -1,0 +1,1 @@
+"""Schema: the one definition of every hand-off between stages: tables (file, columns, key) and JSON reports."""
