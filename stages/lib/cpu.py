@@ -1,4 +1,6 @@
-"""The same bytes on every x86 CPU: pin what the numeric libraries would otherwise choose by CPU, and describe the
+"""The same bytes on every x86 CPU: the kernels numeric libraries pick by CPU, pinned, and the machine recorded.
+
+``pin_cpu_kernels`` pins what the numeric libraries would otherwise choose by CPU; ``machine_record`` describes the
 machine a stage ran on (its cost record).
 
 torch's own kernels (ATen), MKL (torch's float matmuls), oneDNN, OpenBLAS (numpy's and scipy's: probe fitting),

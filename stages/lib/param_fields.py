@@ -1,8 +1,11 @@
-"""The field types of params.yaml: constrained integers, numbers, text and lists, each carrying the phrase its
-one-line error uses (``Expected``), and the path checks a params field needs (``stages.lib.params`` builds the
-groups from them)."""
+"""The field types of params.yaml and the checks of its paths (``stages.lib.params`` builds the groups from them).
+
+Constrained integers, numbers, text and lists, each carrying the phrase its one-line error uses (``Expected``);
+where local models and question files live; and what a ``paths.*`` output directory may be."""
 
 import dataclasses
+import os
+import subprocess
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,3 +78,59 @@ def is_local_model(name: str) -> bool:
 def invalid(key: str, expected: str) -> PydanticCustomError:
     """The error a cross-field check raises for ``key`` of its group (the message names the dotted key)."""
     return PydanticCustomError("params_invalid", "`{key}`: expected {expected}", {"key": key, "expected": expected})
+
+
+SOURCES_DIR = "data/sources"
+"""Where a ``jsonl:<path>`` question file lives: a dep of the questions stage in dvc.yaml."""
+MODELS_DIR = "data/models"
+"""Where a local ``model.name`` (a directory or a .gguf file) lives: a dep of the toy_model stage, which records
+the named model's content hash in its output, so generate and trace rerun exactly when that model changes."""
+
+FILE_OUTPUT_DIRS = ("metrics", "plots")
+"""``paths.*`` keys whose directory several stages write single files into; every other one is replaced whole."""
+USER_DIRS = (SOURCES_DIR, MODELS_DIR, ".git", ".dvc")
+"""What no output may be, lie in or contain: the user's question files and models, git's and DVC's own state."""
+
+
+def check_output_path(key: str, path: Path, root: Path, whole: bool) -> None:
+    """Refuse ``paths.<key>`` = ``path`` unless it is a new or stage-owned directory inside the project ``root``.
+
+    Inside: relative to ``root`` (or absolute within it) once ``..`` is resolved, and not ``root`` itself (a link
+    the user placed inside, ``data/runs -> /big/disk/runs``, is theirs to make: the stage replaces the link, never
+    what it points to).
+    Apart: not one of ``USER_DIRS``, inside one or containing one. For a directory the stage replaces ``whole``:
+    holding no file that git tracks or sees as a user's (untracked and not ignored), so ``docs`` or a folder of
+    notes is refused, while an output (listed in DVC's .gitignore files) or a new directory passes. Outside a git
+    work tree that last check is skipped.
+    """
+    resolved_root = root.resolve()
+    candidate = Path(os.path.normpath(root.absolute() / path))
+    inside_roots = [base for base in dict.fromkeys((root.absolute(), resolved_root))
+                    if candidate != base and candidate.is_relative_to(base)]
+    if not inside_roots:
+        raise invalid(key, f"a directory inside the project {resolved_root} (a relative path such as data/<name> or "
+                           f"artifacts/<name>)")
+    relative = candidate.relative_to(inside_roots[0])
+    resolved = resolved_root / relative
+    for user_dir in map(Path, USER_DIRS):
+        if relative.is_relative_to(user_dir) or user_dir.is_relative_to(relative):
+            raise invalid(key, f"a path apart from {user_dir}/ (the project's own or the user's files, which a stage "
+                               f"would delete)")
+    if whole and resolved.exists():
+        seen = git_visible_files(resolved_root, relative)
+        if seen:
+            raise invalid(key, f"a new directory or a stage's own output, but {relative} holds {len(seen)} file(s) "
+                               f"git tracks or does not ignore (e.g. {seen[0]}), which the stage would delete")
+
+
+def git_visible_files(root: Path, relative: Path) -> list[str]:
+    """Files under ``root/relative`` that git tracks or lists as untracked and not ignored; [] outside a git work tree
+    (or without git)."""
+    try:
+        listed = subprocess.run(["git", "-C", str(root), "ls-files", "--cached", "--others", "--exclude-standard",
+                                 "-z", "--", str(relative)], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listed.returncode != 0:  # not a git work tree
+        return []
+    return sorted(name for name in listed.stdout.decode(errors="replace").split("\0") if name)
