@@ -220,7 +220,8 @@ def test_every_run_of_every_question_gets_its_own_reproducible_seed():
 
 
 def test_engine_kwargs_carry_the_knobs():
-    engine = VllmParams(gpu_memory_utilization=0.8, max_num_seqs=128, enforce_eager=False, tensor_parallel_size=2,
+    engine = VllmParams(gpu_memory_utilization=0.8, kv_cache_gib=None, max_num_seqs=128, enforce_eager=False,
+                        tensor_parallel_size=2,
                         data_parallel_size=1, max_model_len=4096, dtype="bfloat16", checkpoint_questions=0,
                         entropy_top_n=40)
     assert vb.engine_kwargs("Qwen/Qwen3-4B", engine, seed=3) == dict(
