@@ -17,8 +17,8 @@ import torch
 from stages.lib.questions import arithmetic
 from stages.lib.io.files import content_sha256, cost_record, run_stage, stage_outputs
 from stages.lib.errors import UserError
-from stages.lib.params import MODELS_DIR, Params, load_params
-from stages.lib.param_fields import inside, is_local_model
+from stages.lib.param_fields import MODELS_DIR, inside, is_local_model
+from stages.lib.params import Params, load_params
 from stages.lib.models.toy import (
     VALIDATION_QUESTIONS,
     build_model,

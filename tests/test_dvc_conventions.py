@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 VLLM_CAPACITY_KNOBS = {f"sampling.vllm.{key}" for key in
-                       ("gpu_memory_utilization", "max_num_seqs", "enforce_eager", "tensor_parallel_size",
-                        "data_parallel_size",
+                       ("gpu_memory_utilization", "kv_cache_gib", "max_num_seqs", "enforce_eager",
+                        "tensor_parallel_size", "data_parallel_size",
                         "checkpoint_questions")}  # questions per call: seeded per question, the samples do not move
 
 

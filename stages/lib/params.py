@@ -216,7 +216,11 @@ class VllmParams(Group):
     """Engine knobs of the vLLM backend (``sampling.vllm``); the hf backend ignores them."""
 
     gpu_memory_utilization: number(gt=0, le=1)
-    """Share of each GPU's memory vLLM may take for weights, activations and KV cache, in (0, 1]."""
+    """Share of each GPU's memory vLLM may take for weights, activations and KV cache, in (0, 1]; unused when
+    ``kv_cache_gib`` is set and on a CPU build of vLLM (there it would be a share of the whole machine's RAM)."""
+    kv_cache_gib: Annotated[number(gt=0) | None, Expected("null or a number of GiB > 0")]
+    """KV cache size in GiB (vLLM's ``kv_cache_memory_bytes``), in place of ``gpu_memory_utilization``'s sizing;
+    null: ``gpu_memory_utilization`` on CUDA, 4 GiB on a CPU build of vLLM."""
     max_num_seqs: PositiveInt
     """Most sequences decoded concurrently (vLLM's continuous batch)."""
     enforce_eager: bool
@@ -245,7 +249,8 @@ class SamplingParams(Group):
     """How the K runs per question are sampled (stage generate)."""
 
     backend: GenerationBackend
-    """``hf`` (transformers), ``vllm`` (needs the ``[gpu]`` extra and CUDA) or ``auto`` (vllm when both are there)."""
+    """``hf`` (transformers), ``vllm`` (the ``[gpu]`` extra and CUDA, or a CPU build of vLLM) or ``auto`` (vllm
+    with CUDA and vLLM, else hf)."""
     runs: integer(2, " (semantic entropy needs several answers per question)")
     """K: sampled answers per question (>= 2, or semantic entropy is undefined)."""
     temp: number(ge=0, note=" (0 means greedy)")

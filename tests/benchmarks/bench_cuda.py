@@ -7,7 +7,7 @@ The model has RANDOM weights in the shape of Qwen3-0.6B (config below; nothing i
 prompts are random token ids), in bfloat16 on CUDA by default. Random weights almost never emit EOS, so every
 run generates ``--max-new-tokens`` tokens; the table reports the tokens actually generated.
 
-- generation: the project's own ``stages.generate.sample_runs``, all questions x K runs batched
+- generation: the project's own ``stages.lib.sampling.hf.sample_runs``, all questions x K runs batched
   (``sampling.batch_size`` = questions x K, one generate() call), against one question (K runs) per call on
   ``--baseline-questions`` of them; tokens/s.
 - trace: the project's ``stages.trace.trace_runs`` over ``--trace-sequences`` runs of ``--trace-length``

