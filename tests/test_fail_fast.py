@@ -154,7 +154,7 @@ def test_nan_in_a_hidden_state_file_names_the_file_and_row(tmp_path):
 
 def test_a_corrupt_generate_checkpoint_is_named_removed_and_resampled(tmp_path, caplog):
     run = SampledRun(generated_ids=[5, 6], token_logprobs=[-0.5, -0.25], token_entropies=[1.0, 0.5],
-                     stop_entropy=0.1, truncated=False)
+                     stop_entropy=0.1, truncated=False, token_topk_logprob_mean=[-2.0, -1.5])
     checkpoints = GenerationCheckpoints("key", root=tmp_path)
     checkpoints.save("id", 0, [run])
     checkpoints.save("id", 1, [run])

@@ -110,7 +110,7 @@ def test_a_checkpoint_of_other_code_is_discarded_on_resume(tiny_lm_dir, tmp_path
     key = generation_key(params, questions, code_root=code)
     assert key == generation_key(params, questions, code_root=code)
     run = SampledRun(generated_ids=[5, 6], token_logprobs=[-0.5, -0.25], token_entropies=[1.0, 0.5],
-                     stop_entropy=0.1, truncated=False)
+                     stop_entropy=0.1, truncated=False, token_topk_logprob_mean=[-2.0, -1.5])
     GenerationCheckpoints(key).save("id", 0, [run])
 
     with (code / "stages/lib/evaluation/scoring.py").open("a") as out:  # not a dep of generate

@@ -320,7 +320,7 @@ def write_early_exit_outputs(root: Path, analysis: pd.DataFrame, prefixes: tuple
             reasoning_tokens=reasoning[rows], full_correct=analysis["correct"].to_numpy()[rows],
             full_tokens=reasoning[rows] + 10)
         probe_p[split] = np.clip(forced_correct[rows] + rng.normal(0, 0.3, (n, len(prefixes))), 0, 1)
-    rules, pareto = evaluate_rules(outcomes, probe_p, 0.2, 0.2, 10, 20, 0.9, 0)
+    rules, pareto, _ = evaluate_rules(outcomes, probe_p, 0.2, 0.2, 10, 20, 0.9, 0, n_draws=20)
     report = EarlyExitReport.model_validate({
         "settings": EarlyExitSettings(method="Learn-then-Test", loss="harm", epsilon=0.2, delta=0.2,
                                       prefixes=list(prefixes), answer_prefix="\\boxed{", calibration_split="val",

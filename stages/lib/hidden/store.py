@@ -212,6 +212,7 @@ def open_hidden(directory: str | Path, dataset: str) -> tuple[HiddenStates, pd.D
         shard = load_npy(path)
         validate_hidden_shard(shard, index, meta, path, position)
         require_finite_hidden(shard, index, path)  # a damaged file: one line naming it, not a NaN inside a fit
+        release_mapped_pages(shard)  # that read touched every page: return them (memory stays one location's)
         shards.append(shard)
         paths.append(path)
     hidden = HiddenStates(shards, paths)

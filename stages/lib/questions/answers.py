@@ -218,7 +218,7 @@ def _log10_size(expr: sympy.Basic) -> float:
         if isinstance(node, sympy.Rational):
             return math.log10(max(abs(int(node.p)), abs(int(node.q)), 1))
         if isinstance(node, sympy.Float):
-            return abs(float(sympy.log(abs(node), 10))) if node != 0 else 0.0
+            return 0.0 if node.is_zero else abs(float(sympy.log(abs(node), 10)))  # Float 0.0 != Integer 0
         if isinstance(node, sympy.Pow):
             base, exponent = size(node.base), size(node.exp)
             return math.inf if exponent > 15 else base * 10 ** exponent
