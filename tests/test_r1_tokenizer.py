@@ -76,7 +76,8 @@ def r1_prompts_and_runs(tokenizer) -> tuple[pd.DataFrame, list[list[int]], list[
         prompts.append(prompt + (tokenizer("<think>\n", add_special_tokens=False)["input_ids"] if opens_think else []))
         ids = tokenizer(generated, add_special_tokens=False)["input_ids"]
         runs.append([SampledRun(generated_ids=ids, token_logprobs=np.full(len(ids), -1.0, np.float32),
-                                token_entropies=np.ones(len(ids), np.float32), stop_entropy=0.5, truncated=False)])
+                                token_entropies=np.ones(len(ids), np.float32), stop_entropy=0.5, truncated=False,
+                                token_topk_logprob_mean=np.full(len(ids), -2.0, np.float32))])
     return questions, prompts, runs
 
 

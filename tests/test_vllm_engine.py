@@ -60,7 +60,6 @@ class Project:
         write_questions(questions_frame([(q, text, gold) for q, text, gold, _, _ in R1_RUNS], "ood", "jsonl:x"),
                         questions / "ood.jsonl")
         self.params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        self.params["paths"]["questions"] = str(questions)
         self.params["model"]["name"] = "data/models/tiny_r1"
         self.params["sampling"].update(backend="vllm", runs=3, temp=1.0, top_p=1.0, top_k=None, max_new_tokens=16,
                                        batch_size=64)
@@ -74,8 +73,10 @@ class Project:
             (directory / "data" / "models").mkdir(parents=True)
             (directory / "data" / "models" / "tiny_r1").symlink_to(self.model, target_is_directory=True)
             params = yaml.safe_load(yaml.safe_dump(self.params))
+            (directory / "questions").symlink_to(self.root / "questions", target_is_directory=True)
+            params["paths"]["questions"] = "questions"  # every paths.* lies inside the project (the stage's cwd)
             for key in ("runs", "metrics", "forced_answers"):
-                params["paths"][key] = str(directory / key)
+                params["paths"][key] = key
             params["paths"].update(paths)
             (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return directory
@@ -231,18 +232,17 @@ def test_forced_answers_on_the_real_engine_equal_the_hf_backend_on_sampled_and_r
     """forced_answers on the vLLM runs of the id questions and on the hand-written R1 runs (ood): greedy answers
     identical to transformers', token for token."""
     sampled, _ = vllm_run
-    runs = project.root / "forced_runs"
-    runs.mkdir()
-    write_table(runs_of(sampled, "id"), runs / "id.parquet", RUNS.columns, RUNS.key)
-    write_table(r1_run_records(AutoTokenizer.from_pretrained(project.model)), runs / "ood.parquet", RUNS.columns,
-                RUNS.key)
+    r1_runs = r1_run_records(AutoTokenizer.from_pretrained(project.model))
     frames = {}
     for backend in ("vllm", "hf"):
-        directory = project.directory(f"forced_{backend}", runs=str(runs))
+        directory = project.directory(f"forced_{backend}", runs="given_runs")
+        (directory / "given_runs").mkdir()
+        write_table(runs_of(sampled, "id"), RUNS, directory / "given_runs" / "id.parquet")
+        write_table(r1_runs, RUNS, directory / "given_runs" / "ood.parquet")
         project.set(directory, "sampling.backend", backend)
         run_stage(directory, "forced_answers")
-        frames[backend] = pd.concat([read_table(FORCED_ANSWERS, directory / "forced_answers" / f"{d}.parquet",
-                                                FORCED_ANSWERS.key) for d in ("id", "ood")])
+        frames[backend] = pd.concat([read_table(FORCED_ANSWERS, directory / "forced_answers" / f"{d}.parquet")
+                                     for d in ("id", "ood")])
     vllm, hf = frames["vllm"], frames["hf"]
     assert len(vllm) == 3 * (3 * N_ID + len(R1_RUNS))
     assert [list(a) for a in vllm["answer_ids"]] == [list(a) for a in hf["answer_ids"]]
