@@ -9,6 +9,7 @@ stopped, so pytest exits.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -259,7 +260,8 @@ def test_served_viewer_in_chromium(server, browser, analysis):
         first_score = page.locator(".metrics-table .tabulator-row").first.locator(
             ".tabulator-cell[tabulator-field='score']")
         assert first_score.inner_text() == "se_range_probe"  # the synthetic run's best test AUROC
-        assert first_score.evaluate("cell => getComputedStyle(cell).fontWeight") in ("700", "bold")
+        # Tabulator may redraw the row after it first shows (a detached cell has no computed style): expect retries
+        sync_api.expect(first_score).to_have_css("font-weight", re.compile(r"^(700|bold)$"), timeout=TIMEOUT_MS)
         score_cells = ".tabulator-cell[tabulator-field='score']"
         assert page.locator(".other-labels-table tbody td:first-child", has_text="se_probe_high_se").count() == 1
         assert page.locator(f".metrics-table {score_cells}", has_text="se_probe_high_se").count() == 0
